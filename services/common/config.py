@@ -1,0 +1,591 @@
+"""One YAML file per node (``shoal.yaml``), loaded into typed dataclasses.
+
+Key names follow Harper's ``harperdb-config.yaml`` where Harper has one (``rootPath``,
+``replication.hostname``, ``replication.routes``, ``operationsApi.network.port``,
+``logging.auditRetention``, ``tls.*``). The whole file is validated at once: every problem
+is reported together, each naming its dotted key and the bad value, and unknown keys are
+errors (a typo must not silently fall back to a default).
+
+Any key can be overridden from the environment: ``SHOAL_`` + the dotted key in upper case
+with dots as underscores, e.g. ``SHOAL_REPLICATION_HOSTNAME=server-one`` or
+``SHOAL_STORAGE_PORT=9926``. Values are parsed as YAML, so lists work too:
+``SHOAL_REPLICATION_ROUTES='[server-two, server-three]'``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_ADMIN_PORT = 9925
+DEFAULT_STORAGE_PORT = 9926
+DEFAULT_REPLICATION_PORT = 9932
+DEFAULT_REPLICATION_SECURE_PORT = 9933
+
+ENV_PREFIX = "SHOAL_"
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_$][A-Za-z0-9_$-]{0,249}$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error", "fatal", "notify")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``problems`` lists every problem found."""
+
+    def __init__(self, problems: list[str], source: str = "configuration") -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid {source}:\n{lines}")
+
+
+@dataclass(frozen=True)
+class Replicates:
+    """Controlled flow with one peer (Harper's ``replicates: {sends, receives}``)."""
+
+    sends: bool = True
+    receives: bool = True
+
+
+@dataclass(frozen=True)
+class Route:
+    """A peer this node dials."""
+
+    hostname: str
+    port: int | None = None
+    secure: bool | None = None
+    replicates: Replicates = field(default_factory=Replicates)
+    start_time: datetime | None = None
+    revoked_certificates: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """``logging.*``."""
+
+    level: str = "info"
+    format: str = "text"
+    audit_retention_s: float = 3 * 86400.0
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """``storage.*``: the storage service."""
+
+    port: int = DEFAULT_STORAGE_PORT
+    path: Path = Path("database")
+    sync_writes: bool = False
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_records_per_request: int = 100_000
+    max_concurrent_rpcs: int = 1000
+    max_sort_rows: int = 1_000_000
+    purge_interval_s: float = 3600.0
+
+
+@dataclass(frozen=True)
+class OperationsApiConfig:
+    """``operationsApi.*``: the admin service."""
+
+    port: int = DEFAULT_ADMIN_PORT
+
+
+@dataclass(frozen=True)
+class ReplicationConfig:
+    """``replication.*``: the replicator service."""
+
+    hostname: str
+    port: int = DEFAULT_REPLICATION_PORT
+    secure_port: int | None = DEFAULT_REPLICATION_SECURE_PORT
+    routes: tuple[Route, ...] = ()
+    databases: tuple[str, ...] | None = None  # None means every database ('*')
+    max_clock_skew_s: float = 60.0
+    enable_root_cas: bool = False
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """``tls.*``: certificate files (paths relative to rootPath)."""
+
+    certificate: Path | None = None
+    private_key: Path | None = None
+    certificate_authority: Path | None = None
+
+
+@dataclass(frozen=True)
+class AdminBootstrap:
+    """``admin.*``: the super user created at first start (or SHOAL_ADMIN_* env)."""
+
+    username: str = "admin"
+    password: str | None = None
+
+
+@dataclass(frozen=True)
+class TestingConfig:
+    """``testing.*``: knobs for fault tests; never set in production."""
+
+    clock_offset_ms: int = 0
+
+
+@dataclass(frozen=True)
+class ShoalConfig:
+    """A node's whole configuration."""
+
+    root_path: Path
+    host: str
+    replication: ReplicationConfig
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    operations_api: OperationsApiConfig = field(default_factory=OperationsApiConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    admin: AdminBootstrap = field(default_factory=AdminBootstrap)
+    testing: TestingConfig = field(default_factory=TestingConfig)
+    source: Path | None = None
+
+    @property
+    def node_name(self) -> str:
+        """This node's name (``replication.hostname``)."""
+        return self.replication.hostname
+
+    @property
+    def storage_path(self) -> Path:
+        """The RocksDB directory."""
+        return self.root_path / self.storage.path
+
+    @property
+    def keys_path(self) -> Path:
+        """Directory for secrets and private keys (mode 0700)."""
+        return self.root_path / "keys"
+
+    def local_address(self, port: int) -> str:
+        """``host:port`` where this node's own processes reach one of its services."""
+        host = self.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"{host}:{port}"
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number (seconds) or a string like ``100ms``, ``60s``, ``5m``, ``3d``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if match:
+            return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    raise ValueError("expected a duration such as 60, '500ms', '60s', '5m' or '3d'")
+
+
+class _Reader:
+    """Reads one mapping section, recording problems under dotted key names."""
+
+    def __init__(
+        self,
+        data: Mapping[str, Any],
+        path: str,
+        problems: list[str],
+        env: Mapping[str, str],
+    ) -> None:
+        self._data = data
+        self._path = path
+        self._problems = problems
+        self._env = env
+        self._seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self._path}.{name}" if self._path else name
+
+    def problem(self, name: str, value: object, why: str) -> None:
+        self._problems.append(f"{self.key(name)}: {why} (got {value!r})")
+
+    def raw(self, name: str) -> tuple[bool, Any]:
+        """(present, value), with the environment override taking precedence."""
+        self._seen.add(name)
+        env_name = ENV_PREFIX + self.key(name).replace(".", "_").upper()
+        if env_name in self._env:
+            try:
+                return True, yaml.safe_load(self._env[env_name])
+            except yaml.YAMLError as exc:
+                self._problems.append(f"{env_name}: not valid YAML ({exc})")
+                return False, None
+        if name in self._data:
+            return True, self._data[name]
+        return False, None
+
+    def string(self, name: str, default: str) -> str:
+        present, value = self.raw(name)
+        if not present or value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            self.problem(name, value, "expected a string")
+            return default
+        return str(value)
+
+    def optional_string(self, name: str) -> str | None:
+        present, value = self.raw(name)
+        if not present or value is None:
+            return None
+        if not isinstance(value, str | int):
+            self.problem(name, value, "expected a string")
+            return None
+        return str(value)
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        present, value = self.raw(name)
+        if not present or value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.problem(name, value, "expected a whole number")
+            return default
+        if not low <= value <= high:
+            self.problem(name, value, f"must be between {low} and {high}")
+            return default
+        return value
+
+    def port(self, name: str, default: int) -> int:
+        return self.integer(name, default, 1, 65535)
+
+    def boolean(self, name: str, default: bool) -> bool:
+        present, value = self.raw(name)
+        if not present or value is None:
+            return default
+        if not isinstance(value, bool):
+            self.problem(name, value, "expected true or false")
+            return default
+        return value
+
+    def duration(self, name: str, default: float) -> float:
+        present, value = self.raw(name)
+        if not present or value is None:
+            return default
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.problem(name, value, str(exc))
+            return default
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.string(name, default).lower()
+        if value not in choices:
+            self.problem(name, value, f"must be one of {', '.join(choices)}")
+            return default
+        return value
+
+    def section(self, name: str) -> _Reader:
+        present, value = self.raw(name)
+        if present and value is not None and not isinstance(value, Mapping):
+            self.problem(name, value, "expected a mapping")
+            value = {}
+        return _Reader(value or {}, self.key(name), self._problems, self._env)
+
+    def finish(self) -> None:
+        for name in sorted(set(self._data) - self._seen):
+            self._problems.append(f"{self.key(str(name))}: unknown key")
+
+
+def _valid_hostname(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    labels = name.rstrip(".").split(".")
+    return (
+        bool(name)
+        and len(name) <= 253
+        and all(
+            re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?", label)
+            for label in labels
+        )
+    )
+
+
+def _parse_url_route(text: str) -> tuple[str, int | None, bool | None]:
+    """``server``, ``server:9933``, ``shoal://server:9933``, ``wss://…`` → (host, port, secure)."""
+    secure: bool | None = None
+    rest = text
+    if "://" in text:
+        scheme, rest = text.split("://", 1)
+        scheme = scheme.lower()
+        if scheme in ("shoals", "wss", "https", "grpcs"):
+            secure = True
+        elif scheme in ("ws", "http", "grpc"):
+            secure = False
+        elif scheme != "shoal":
+            raise ValueError(f"unknown scheme {scheme!r}")
+        rest = rest.rstrip("/")
+    port: int | None = None
+    if rest.startswith("["):
+        host, _, tail = rest[1:].partition("]")
+        if tail.startswith(":"):
+            port = int(tail[1:])
+    elif rest.count(":") == 1:
+        host, port_text = rest.split(":")
+        port = int(port_text)
+    else:
+        host = rest
+    if not _valid_hostname(host):
+        raise ValueError(f"{host!r} is not a valid host name or address")
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"port {port} out of range")
+    return host, port, secure
+
+
+def _parse_time(value: object) -> datetime:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, str):
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    raise ValueError("expected an ISO 8601 time such as 2024-01-01T00:00:00Z")
+
+
+def _parse_route(reader: _Reader, index: int, item: object) -> Route | None:
+    name = f"routes[{index}]"
+    if isinstance(item, str):
+        try:
+            url_host, url_port, url_secure = _parse_url_route(item)
+        except ValueError as exc:
+            reader.problem(name, item, str(exc))
+            return None
+        return Route(hostname=url_host, port=url_port, secure=url_secure)
+    if not isinstance(item, Mapping):
+        reader.problem(name, item, "expected a host name, a URL or a mapping")
+        return None
+    sub = _Reader(item, reader.key(name), reader._problems, {})
+    host: str | None = sub.optional_string("hostname") or sub.optional_string("host")
+    url = sub.optional_string("url")
+    port: int | None = None
+    secure: bool | None = None
+    if url:
+        try:
+            host, port, secure = _parse_url_route(url)
+        except ValueError as exc:
+            sub.problem("url", url, str(exc))
+            return None
+    if not host:
+        reader.problem(name, item, "a route needs hostname (or host, or url)")
+        return None
+    if not _valid_hostname(host):
+        sub.problem("hostname", host, "not a valid host name or address")
+    present, _ = sub.raw("port")
+    if present:
+        port = sub.port("port", 0) or None
+    replicates = Replicates()
+    present, rep = sub.raw("replicates")
+    if present:
+        if isinstance(rep, bool):
+            replicates = Replicates(sends=rep, receives=rep)
+        elif isinstance(rep, Mapping):
+            rr = sub.section("replicates")
+            replicates = Replicates(
+                sends=rr.boolean("sends", True), receives=rr.boolean("receives", True)
+            )
+            rr.finish()
+        else:
+            sub.problem("replicates", rep, "expected true/false or {sends, receives}")
+    start_time: datetime | None = None
+    present, raw_start = sub.raw("startTime")
+    if present and raw_start is not None:
+        try:
+            start_time = _parse_time(raw_start)
+        except ValueError as exc:
+            sub.problem("startTime", raw_start, str(exc))
+    revoked: tuple[str, ...] = ()
+    present, raw_revoked = sub.raw("revokedCertificates")
+    if present and raw_revoked is not None:
+        if isinstance(raw_revoked, list) and all(isinstance(s, str | int) for s in raw_revoked):
+            revoked = tuple(str(s).upper() for s in raw_revoked)
+        else:
+            sub.problem("revokedCertificates", raw_revoked, "expected a list of serial numbers")
+    sub.finish()
+    return Route(
+        hostname=host,
+        port=port,
+        secure=secure,
+        replicates=replicates,
+        start_time=start_time,
+        revoked_certificates=revoked,
+    )
+
+
+def _parse_replication(reader: _Reader) -> ReplicationConfig:
+    hostname = reader.string("hostname", socket.gethostname())
+    if not _valid_hostname(hostname):
+        reader.problem("hostname", hostname, "not a valid host name or address")
+    port = reader.port("port", DEFAULT_REPLICATION_PORT)
+    present, raw_secure = reader.raw("securePort")
+    secure_port: int | None = DEFAULT_REPLICATION_SECURE_PORT
+    if present:
+        secure_port = None if raw_secure is None else reader.port("securePort", 0) or None
+    routes: list[Route] = []
+    present, raw_routes = reader.raw("routes")
+    if present and raw_routes is not None:
+        if not isinstance(raw_routes, list):
+            reader.problem("routes", raw_routes, "expected a list")
+        else:
+            for i, item in enumerate(raw_routes):
+                route = _parse_route(reader, i, item)
+                if route is not None:
+                    routes.append(route)
+    seen: set[str] = set()
+    for route in routes:
+        if route.hostname == hostname:
+            reader.problem("routes", route.hostname, "a route names this node itself")
+        if route.hostname in seen:
+            reader.problem("routes", route.hostname, "the same peer is listed twice")
+        seen.add(route.hostname)
+    databases: tuple[str, ...] | None = None
+    present, raw_dbs = reader.raw("databases")
+    if present and raw_dbs is not None and raw_dbs != "*":
+        if isinstance(raw_dbs, list) and all(
+            isinstance(d, str) and _NAME_RE.match(d) for d in raw_dbs
+        ):
+            databases = tuple(raw_dbs)
+        else:
+            reader.problem("databases", raw_dbs, "expected '*' or a list of database names")
+    config = ReplicationConfig(
+        hostname=hostname,
+        port=port,
+        secure_port=secure_port,
+        routes=tuple(routes),
+        databases=databases,
+        max_clock_skew_s=reader.duration("maxClockSkew", 60.0),
+        enable_root_cas=reader.boolean("enableRootCAs", False),
+    )
+    reader.finish()
+    return config
+
+
+def _optional_path(reader: _Reader, name: str) -> Path | None:
+    text = reader.optional_string(name)
+    return Path(text) if text else None
+
+
+def parse_config(
+    data: Mapping[str, Any],
+    *,
+    env: Mapping[str, str] | None = None,
+    base_dir: Path | None = None,
+    source: Path | None = None,
+) -> ShoalConfig:
+    """Validate a parsed YAML document (plus environment overrides) as a whole."""
+    environment = os.environ if env is None else env
+    problems: list[str] = []
+    top = _Reader(data, "", problems, environment)
+    root = Path(top.string("rootPath", "shoal-data")).expanduser()
+    if not root.is_absolute():
+        root = (base_dir or Path.cwd()) / root
+    host = top.string("host", "127.0.0.1")
+    if not _valid_hostname(host) and host not in ("0.0.0.0", "::"):
+        top.problem("host", host, "not a valid address to listen on")
+
+    lg = top.section("logging")
+    logging_config = LoggingConfig(
+        level=lg.choice("level", "info", _LOG_LEVELS),
+        format=lg.choice("format", "text", ("text", "json")),
+        audit_retention_s=lg.duration("auditRetention", 3 * 86400.0),
+    )
+    lg.finish()
+
+    st = top.section("storage")
+    storage = StorageConfig(
+        port=st.port("port", DEFAULT_STORAGE_PORT),
+        path=Path(st.string("path", "database")),
+        sync_writes=st.boolean("syncWrites", False),
+        max_message_bytes=st.integer("maxMessageBytes", 16 * 1024 * 1024, 1024 * 1024, 1 << 30),
+        max_records_per_request=st.integer("maxRecordsPerRequest", 100_000, 1, 10_000_000),
+        max_concurrent_rpcs=st.integer("maxConcurrentRpcs", 1000, 1, 100_000),
+        max_sort_rows=st.integer("maxSortRows", 1_000_000, 1, 1_000_000_000),
+        purge_interval_s=st.duration("purgeInterval", 3600.0),
+    )
+    st.finish()
+
+    ops = top.section("operationsApi")
+    net = ops.section("network")
+    operations_api = OperationsApiConfig(port=net.port("port", DEFAULT_ADMIN_PORT))
+    net.finish()
+    ops.finish()
+
+    replication = _parse_replication(top.section("replication"))
+
+    tl = top.section("tls")
+    tls = TlsConfig(
+        certificate=_optional_path(tl, "certificate"),
+        private_key=_optional_path(tl, "privateKey"),
+        certificate_authority=_optional_path(tl, "certificateAuthority"),
+    )
+    tl.finish()
+
+    ad = top.section("admin")
+    admin = AdminBootstrap(
+        username=ad.string("username", "admin"), password=ad.optional_string("password")
+    )
+    if not _NAME_RE.match(admin.username):
+        ad.problem("username", admin.username, "not a valid user name")
+    ad.finish()
+
+    te = top.section("testing")
+    testing = TestingConfig(
+        clock_offset_ms=te.integer("clockOffsetMs", 0, -(10**12), 10**12),
+    )
+    te.finish()
+
+    ports = {
+        "operationsApi.network.port": operations_api.port,
+        "storage.port": storage.port,
+        "replication.port": replication.port,
+    }
+    if replication.secure_port is not None:
+        ports["replication.securePort"] = replication.secure_port
+    by_port: dict[int, str] = {}
+    for key, port in ports.items():
+        if port in by_port:
+            problems.append(f"{key}: port {port} is already used by {by_port[port]}")
+        by_port[port] = key
+
+    top.finish()
+    if problems:
+        raise ConfigError(problems, str(source) if source else "configuration")
+    return ShoalConfig(
+        root_path=root,
+        host=host,
+        replication=replication,
+        storage=storage,
+        operations_api=operations_api,
+        logging=logging_config,
+        tls=tls,
+        admin=admin,
+        testing=testing,
+        source=source,
+    )
+
+
+def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> ShoalConfig:
+    """Load and validate ``shoal.yaml``; relative ``rootPath`` is relative to its folder."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read {file}: {exc.strerror}"], str(file)) from exc
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], str(file)) from exc
+    if not isinstance(data, Mapping):
+        raise ConfigError(["the file must hold a mapping of keys"], str(file))
+    return parse_config(data, env=env, base_dir=file.resolve().parent, source=file)

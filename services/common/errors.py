@@ -1,0 +1,143 @@
+"""Shoal's exception hierarchy and its one mapping to gRPC statuses.
+
+Domain code raises these; the server edge (``grpcserver``) turns them into a
+``google.rpc.Status`` carrying an ``ErrorInfo`` (domain ``shoal``, a stable reason and
+string metadata). Callers decide what to do from the type (``retriable``), never from
+the message text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+ERROR_DOMAIN = "shoal"
+
+
+class ShoalError(Exception):
+    """Base of every error Shoal reports to a caller."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    default_reason: str = "UNKNOWN"
+    retriable: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+    def to_status(self) -> grpc.Status:
+        """The rich gRPC status for this error (message plus ErrorInfo detail)."""
+        info = error_details_pb2.ErrorInfo(
+            reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata
+        )
+        detail = any_pb2.Any()
+        detail.Pack(info)
+        status = status_pb2.Status(code=self.code.value[0], message=self.message, details=[detail])
+        return rpc_status.to_status(status)
+
+
+class InvalidArgument(ShoalError):
+    """The request is malformed; retrying it unchanged fails the same way."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    default_reason = "INVALID_ARGUMENT"
+
+
+class NotFound(ShoalError):
+    """A named database, table, attribute, user or node does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    default_reason = "NOT_FOUND"
+
+
+class AlreadyExists(ShoalError):
+    """The thing to create exists already."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+    default_reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(ShoalError):
+    """The system is not in a state where the request can run (e.g. log truncated)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "FAILED_PRECONDITION"
+
+
+class PermissionDenied(ShoalError):
+    """The caller is authenticated but not allowed to do this."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    default_reason = "PERMISSION_DENIED"
+
+
+class Unauthenticated(ShoalError):
+    """Missing or wrong credentials. The message never says whether a user exists."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    default_reason = "UNAUTHENTICATED"
+
+
+class ResourceExhausted(ShoalError):
+    """A size or count limit was exceeded."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(ShoalError):
+    """A dependency is down or starting; retrying later may succeed."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    default_reason = "UNAVAILABLE"
+    retriable = True
+
+
+class Aborted(ShoalError):
+    """A conflict; retrying the whole operation may succeed."""
+
+    code = grpc.StatusCode.ABORTED
+    default_reason = "ABORTED"
+    retriable = True
+
+
+class DeadlineExceeded(ShoalError):
+    """The operation did not finish in time (it may still complete later)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_reason = "DEADLINE_EXCEEDED"
+    retriable = True
+
+
+class Internal(ShoalError):
+    """A bug or a broken invariant; the message says what."""
+
+    code = grpc.StatusCode.INTERNAL
+    default_reason = "INTERNAL"
+
+
+def error_reason(error: grpc.RpcError) -> str | None:
+    """The ErrorInfo reason of a received error, or None when it carries none."""
+    if not isinstance(error, grpc.Call):
+        return None
+    status = rpc_status.from_call(error)
+    if status is None:
+        return None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason
+    return None

@@ -1,0 +1,260 @@
+"""The gRPC server edge shared by every Shoal service.
+
+One interceptor does what every handler would otherwise repeat: authenticate the caller
+(setting ``auth.current_identity`` for the handler), turn ``ShoalError`` into a rich
+``google.rpc.Status``, and turn anything unexpected into INTERNAL with a log line. Health
+(``grpc.health.v1``) and reflection are added to every server and need no credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.auth import Identity, current_identity
+from services.common.errors import Internal, ShoalError, Unavailable
+
+log = logging.getLogger("shoal.grpc")
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+class Authenticator(Protocol):
+    """Maps call metadata to an identity, raising Unauthenticated."""
+
+    async def authenticate(self, metadata: tuple[tuple[str, str | bytes], ...]) -> Identity: ...
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    """Channel arguments for every Shoal server."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.max_ping_strikes", 0),
+        # Never share a port with another process: two nodes on one address must fail.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def channel_options(max_message_bytes: int = 16 * 1024 * 1024) -> list[tuple[str, Any]]:
+    """Channel arguments for every Shoal client channel (long-lived streams included)."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.enable_retries", 1),
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 5_000),
+    ]
+
+
+def _public_service(method: str) -> bool:
+    return method.startswith(("/grpc.health.v1.", "/grpc.reflection."))
+
+
+class ShoalInterceptor(grpc.aio.ServerInterceptor):
+    """Authentication and error mapping around every handler of Shoal's own services."""
+
+    def __init__(self, authenticator: Authenticator | None) -> None:
+        self._authenticator = authenticator
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or _public_service(method):
+            return handler
+        metadata = tuple(handler_call_details.invocation_metadata or ())
+        return _wrap(handler, method, metadata, self._authenticator)
+
+
+async def _enter(
+    metadata: tuple[tuple[str, str | bytes], ...],
+    authenticator: Authenticator | None,
+) -> None:
+    if authenticator is not None:
+        current_identity.set(await authenticator.authenticate(metadata))
+
+
+async def _fail(context: Ctx, method: str, exc: BaseException) -> None:
+    if isinstance(exc, ShoalError):
+        error = exc
+    else:
+        log.exception("unexpected error in %s", method, exc_info=exc)
+        error = Internal(f"internal error in {method}: {type(exc).__name__}: {exc}")
+    await context.abort_with_status(error.to_status())
+
+
+def _wrap(
+    handler: Any,
+    method: str,
+    metadata: tuple[tuple[str, str | bytes], ...],
+    authenticator: Authenticator | None,
+) -> Any:
+    passthrough = (grpc.aio.AbortError, asyncio.CancelledError)
+
+    if handler.unary_unary is not None:
+        inner_uu = handler.unary_unary
+
+        async def unary_unary(request: Any, context: Ctx) -> Any:
+            try:
+                await _enter(metadata, authenticator)
+                return await inner_uu(request, context)
+            except passthrough:
+                raise
+            except Exception as exc:
+                await _fail(context, method, exc)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary, handler.request_deserializer, handler.response_serializer
+        )
+
+    if handler.unary_stream is not None:
+        inner_us = handler.unary_stream
+
+        async def unary_stream(request: Any, context: Ctx) -> Any:
+            try:
+                await _enter(metadata, authenticator)
+                async for item in inner_us(request, context):
+                    yield item
+            except passthrough:
+                raise
+            except Exception as exc:
+                await _fail(context, method, exc)
+
+        return grpc.unary_stream_rpc_method_handler(
+            unary_stream, handler.request_deserializer, handler.response_serializer
+        )
+
+    if handler.stream_unary is not None:
+        inner_su = handler.stream_unary
+
+        async def stream_unary(requests: AsyncIterator[Any], context: Ctx) -> Any:
+            try:
+                await _enter(metadata, authenticator)
+                return await inner_su(requests, context)
+            except passthrough:
+                raise
+            except Exception as exc:
+                await _fail(context, method, exc)
+
+        return grpc.stream_unary_rpc_method_handler(
+            stream_unary, handler.request_deserializer, handler.response_serializer
+        )
+
+    inner_ss = handler.stream_stream
+    assert inner_ss is not None
+
+    async def stream_stream(requests: AsyncIterator[Any], context: Ctx) -> Any:
+        try:
+            await _enter(metadata, authenticator)
+            async for item in inner_ss(requests, context):
+                yield item
+        except passthrough:
+            raise
+        except Exception as exc:
+            await _fail(context, method, exc)
+
+    return grpc.stream_stream_rpc_method_handler(
+        stream_stream, handler.request_deserializer, handler.response_serializer
+    )
+
+
+@dataclass
+class ServerSpec:
+    """What one service process serves."""
+
+    name: str
+    address: str
+    service_names: list[str]
+    register: Callable[[grpc.aio.Server], None]
+    authenticator: Authenticator | None
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_concurrent_rpcs: int | None = None
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    grace_s: float = 10.0
+
+
+class RunningServer:
+    """A started server with its health servicer."""
+
+    def __init__(self, spec: ServerSpec, server: grpc.aio.Server, health_servicer: Any) -> None:
+        self.spec = spec
+        self.server = server
+        self.health = health_servicer
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *self.spec.service_names]:
+            await self.health.set(name, status)
+
+    async def stop(self) -> None:
+        await self.set_serving(False)
+        await self.server.stop(self.spec.grace_s)
+        for hook in self.spec.on_stop:
+            await hook()
+
+
+async def start_server(spec: ServerSpec) -> RunningServer:
+    """Build, bind and start a server; health reports SERVING once it listens."""
+    server = grpc.aio.server(
+        interceptors=[ShoalInterceptor(spec.authenticator)],
+        options=server_options(spec.max_message_bytes),
+        maximum_concurrent_rpcs=spec.max_concurrent_rpcs,
+    )
+    spec.register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*spec.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    try:
+        port = server.add_insecure_port(spec.address)
+    except RuntimeError as exc:
+        raise Unavailable(f"{spec.name} cannot listen on {spec.address}: {exc}") from exc
+    if port == 0:
+        raise Unavailable(f"{spec.name} cannot listen on {spec.address} (address in use?)")
+    await server.start()
+    running = RunningServer(spec, server, health_servicer)
+    await running.set_serving(True)
+    log.info("%s listening on %s", spec.name, spec.address)
+    return running
+
+
+async def serve_until_signalled(
+    running: RunningServer, extra_tasks: Iterable[asyncio.Task[Any]] = ()
+) -> None:
+    """Serve until SIGTERM/SIGINT, then stop gracefully (health first, then the server)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    waiters = [asyncio.create_task(stop.wait()), *extra_tasks]
+    done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for task in done:
+        if task is not waiters[0] and task.exception() is not None:
+            log.error("%s: background task failed: %r", running.spec.name, task.exception())
+    log.info("%s shutting down", running.spec.name)
+    await running.stop()
+    for task in waiters:
+        task.cancel()

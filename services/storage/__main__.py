@@ -1,0 +1,100 @@
+"""``python -m services.storage --config shoal.yaml``: run a node's storage service."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+
+from shoal.storage.v1 import storage_pb2, storage_pb2_grpc
+
+from services.common.config import ConfigError, ShoalConfig, load_config
+from services.common.errors import ShoalError
+from services.common.grpcserver import ServerSpec, serve_until_signalled, start_server
+from services.common.hlc import version_from_ms
+from services.common.logs import setup_logging
+from services.storage import log as txlog
+from services.storage.engine import Engine
+from services.storage.server import StorageServicer
+
+log = logging.getLogger("shoal.storage")
+SERVICE_NAME = storage_pb2.DESCRIPTOR.services_by_name["StorageService"].full_name
+
+
+async def _purge_loop(engine: Engine, config: ShoalConfig) -> None:
+    """Apply the log retention horizon (logging.auditRetention) periodically."""
+    while True:
+        await asyncio.sleep(config.storage.purge_interval_s)
+        cutoff_ms = engine.clock.physical_ms() - int(config.logging.audit_retention_s * 1000)
+        entries, tombstones = txlog.purge_before(engine, version_from_ms(cutoff_ms), "")
+        if entries or tombstones:
+            log.info("retention: removed %d log entries and %d tombstones", entries, tombstones)
+
+
+def open_engine(config: ShoalConfig) -> Engine:
+    """Open the data directory, translating RocksDB's lock error into plain words."""
+    try:
+        engine = Engine(config)
+    except Exception as exc:
+        if "lock" in str(exc).lower():
+            raise SystemExit(
+                f"storage: {config.storage_path} is already open in another process"
+                " (only one storage process may own a node's data)"
+            ) from exc
+        raise
+    engine.open()
+    return engine
+
+
+async def run(config: ShoalConfig) -> None:
+    engine = open_engine(config)
+    servicer = StorageServicer(engine)
+
+    async def close() -> None:
+        engine.close()
+
+    spec = ServerSpec(
+        name="storage",
+        address=f"{config.host}:{config.storage.port}",
+        service_names=[SERVICE_NAME],
+        register=lambda server: storage_pb2_grpc.add_StorageServiceServicer_to_server(
+            servicer, server
+        ),
+        authenticator=engine.users,
+        max_message_bytes=config.storage.max_message_bytes,
+        max_concurrent_rpcs=config.storage.max_concurrent_rpcs,
+        on_stop=[close],
+    )
+    try:
+        running = await start_server(spec)
+    except ShoalError:
+        engine.close()
+        raise
+    purge = asyncio.create_task(_purge_loop(engine, config))
+    await serve_until_signalled(running, [purge])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.storage", description=__doc__)
+    parser.add_argument("--config", required=True, help="path to shoal.yaml")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"storage: {exc}", file=sys.stderr)
+        return 2
+    setup_logging("storage", config.logging.level, config.logging.format)
+    try:
+        asyncio.run(run(config))
+    except ShoalError as exc:
+        print(f"storage: {exc.message}", file=sys.stderr)
+        return 1
+    with contextlib.suppress(Exception):
+        logging.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

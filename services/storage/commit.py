@@ -1,0 +1,452 @@
+"""Building one atomic RocksDB write: record states, index entries, the log entry,
+positions, counters, the clock and any schema change, all in a single WriteBatch.
+
+Two producers use it:
+  * a local transaction (``LocalTransaction``): operations from a client are validated,
+    combined per key (a transaction logs at most one write per record), merged at one
+    new version, and logged with this node as origin;
+  * remote transactions (Apply) and snapshot rows (MergeSnapshot), which merge states
+    written elsewhere, keeping their origin and version.
+
+Nothing here awaits: a batch is built and written in one synchronous step on the event
+loop, so no other write can interleave between reading a record and writing it back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from shoal.storage.v1 import types_pb2
+
+from services.common.errors import InvalidArgument, ResourceExhausted
+from services.storage import keys, merge
+from services.storage.merge import RecordState, Stamp
+from services.storage.schema import SCHEMA_PREFIX, Table
+
+if TYPE_CHECKING:
+    from services.storage.engine import Engine
+
+PUT = types_pb2.WRITE_KIND_PUT
+PATCH = types_pb2.WRITE_KIND_PATCH
+DELETE = types_pb2.WRITE_KIND_DELETE
+
+HLC_KEY = b"hlc"
+POSITION_PREFIX = b"pos/"
+HORIZON_PREFIX = b"hzn/"
+COUNT_PREFIX = b"count/"
+
+
+def position_key(prefix: bytes, database: str, origin: str) -> bytes:
+    """Meta key of a position or horizon."""
+    return prefix + database.encode() + b"\x00" + origin.encode()
+
+
+def index_values(value: Any) -> set[bytes]:
+    """Encoded index entries for an attribute value (each scalar element of an array)."""
+    if isinstance(value, list):
+        out: set[bytes] = set()
+        for item in value:
+            if not isinstance(item, dict | list):
+                out.add(keys.encode_value(item))
+        return out
+    if isinstance(value, dict):
+        return set()
+    return {keys.encode_value(value)}
+
+
+def apply_write(
+    state: RecordState | None, stamp: Stamp, kind: int, doc: dict[str, Any]
+) -> RecordState:
+    """Merge one write into a state (dispatch on kind)."""
+    if kind == PUT:
+        return merge.put(state, stamp, doc)
+    if kind == PATCH:
+        return merge.patch(state, stamp, doc)
+    return merge.delete(state, stamp)
+
+
+class BatchWriter:
+    """Accumulates one atomic write and the in-memory changes to install after it."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.store = engine.store
+        self.batch = self.store.batch()
+        self._h = self.store.handle
+        self.overlay: dict[bytes, RecordState | None] = {}
+        self.count_delta: dict[int, int] = {}
+        self.dirty_databases: set[str] = set()
+        self.positions: dict[tuple[str, str], int] = {}
+        self.horizons: dict[tuple[str, str], int] = {}
+        self.last_version = 0
+        self.empty = True
+
+    # -- records -------------------------------------------------------------------
+
+    def load(self, table: Table, encoded: list[bytes]) -> list[RecordState | None]:
+        """Current states of records (this batch's own changes first)."""
+        prefix = keys.table_prefix(table.table_id)
+        dkeys = [prefix + e for e in encoded]
+        missing = [k for k in dkeys if k not in self.overlay]
+        raw = self.store.multi_get("data", missing)
+        fetched = dict(zip(missing, raw, strict=True))
+        out: list[RecordState | None] = []
+        for k in dkeys:
+            if k in self.overlay:
+                out.append(self.overlay[k])
+            else:
+                value = fetched[k]
+                out.append(None if value is None else merge.decode_state(value))
+        return out
+
+    def set_state(
+        self, table: Table, encoded_pk: bytes, old: RecordState | None, new: RecordState
+    ) -> None:
+        """Store a record's new state with its index, tombstone and count effects."""
+        if new is old:
+            return
+        self.empty = False
+        dkey = keys.table_prefix(table.table_id) + encoded_pk
+        self.overlay[dkey] = new
+        self.batch.put(dkey, merge.encode_state(new), self._h["data"])
+        old_doc = old.doc if old is not None else {}
+        new_doc = new.doc
+        for attribute in table.indexed:
+            old_value = old_doc.get(attribute, _MISSING)
+            new_value = new_doc.get(attribute, _MISSING)
+            if old_value == new_value and type(old_value) is type(new_value):
+                continue
+            old_entries = index_values(old_value) if old_value is not _MISSING else set()
+            new_entries = index_values(new_value) if new_value is not _MISSING else set()
+            prefix = keys.index_prefix(table.table_id, attribute)
+            for entry in old_entries - new_entries:
+                self.batch.delete(prefix + entry + encoded_pk, self._h["index"])
+            for entry in new_entries - old_entries:
+                self.batch.put(prefix + entry + encoded_pk, b"", self._h["index"])
+        was = old is not None and old.visible
+        now = new.visible
+        if was != now:
+            self.count_delta[table.table_id] = self.count_delta.get(table.table_id, 0) + (
+                1 if now else -1
+            )
+        if new.deleted and (old is None or old.base != new.base):
+            self.batch.put(keys.u64(new.base[0]) + dkey, b"", self._h["tomb"])
+        if new_doc and not table.attributes.issuperset(new_doc):
+            table.attributes.update(new_doc)
+            self.dirty_databases.add(table.database)
+
+    # -- log and positions -----------------------------------------------------------
+
+    def log(
+        self, txn: types_pb2.Transaction, local_time: int, pk_encodings: Iterable[tuple[str, bytes]]
+    ) -> None:
+        """Append a transaction to the log with its secondary entries."""
+        self.empty = False
+        txn.local_time = local_time
+        lt = keys.u64(local_time)
+        self.batch.put(lt, txn.SerializeToString(), self._h["log"])
+        db = txn.database.encode()
+        self.batch.put(
+            db + b"\x00" + txn.origin.encode() + b"\x00" + keys.u64(txn.version),
+            lt,
+            self._h["logidx"],
+        )
+        logkey = self._h["logkey"]
+        for table_name, encoded in pk_encodings:
+            self.batch.put(db + b"\x00" + table_name.encode() + b"\x00" + encoded + lt, b"", logkey)
+        self.last_version = max(self.last_version, local_time, txn.version)
+
+    def set_position(self, database: str, origin: str, version: int) -> None:
+        key = (database, origin)
+        current = self.positions.get(key, self.engine.positions.get(key, 0))
+        if version > current:
+            self.positions[key] = version
+            self.batch.put(
+                position_key(POSITION_PREFIX, database, origin), keys.u64(version), self._h["meta"]
+            )
+            self.empty = False
+
+    def raise_horizon(self, database: str, origin: str, version: int) -> None:
+        key = (database, origin)
+        current = self.horizons.get(key, self.engine.horizons.get(key, 0))
+        if version > current:
+            self.horizons[key] = version
+            self.batch.put(
+                position_key(HORIZON_PREFIX, database, origin), keys.u64(version), self._h["meta"]
+            )
+            self.empty = False
+
+    def mark_schema(self, database: str) -> None:
+        self.dirty_databases.add(database)
+        self.empty = False
+
+    # -- commit ------------------------------------------------------------------------
+
+    def commit(self) -> bool:
+        """Write everything atomically; False when there was nothing to write."""
+        if self.empty:
+            return False
+        engine = self.engine
+        meta = self._h["meta"]
+        for table_id, delta in self.count_delta.items():
+            table_count = engine.counts.get(table_id, 0) + delta
+            self.batch.put(
+                COUNT_PREFIX + keys.table_prefix(table_id), keys.u64(max(0, table_count)), meta
+            )
+        for name in self.dirty_databases:
+            db = engine.catalog.databases.get(name)
+            if db is not None:
+                self.batch.put(SCHEMA_PREFIX + name.encode(), db.encode(), meta)
+        self.batch.put(b"next_table_id", keys.u64(engine.catalog.next_table_id), meta)
+        if self.last_version:
+            self.batch.put(HLC_KEY, keys.u64(max(self.last_version, engine.clock.last)), meta)
+        try:
+            self.store.write(self.batch)
+        except Exception:
+            engine.reload_catalog()
+            raise
+        for table_id, delta in self.count_delta.items():
+            engine.counts[table_id] = max(0, engine.counts.get(table_id, 0) + delta)
+        engine.positions.update(self.positions)
+        engine.horizons.update(self.horizons)
+        engine.notify_commit()
+        return True
+
+
+_MISSING: Any = object()
+
+
+@dataclass
+class _Pending:
+    """The combined effect of a transaction on one record."""
+
+    table: Table
+    encoded: bytes
+    pk: Any
+    old: RecordState | None
+    kind: int
+    operation: int
+    doc: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OperationResult:
+    """Keys written and skipped by one operation."""
+
+    written: list[Any] = field(default_factory=list)
+    skipped: list[Any] = field(default_factory=list)
+
+
+def parse_record(raw: bytes, table: Table, position: int) -> tuple[dict[str, Any], Any, bytes]:
+    """(doc, pk, encoded pk) of a JSON record; INVALID_ARGUMENT naming the record."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgument(f"record {position}: not valid JSON ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise InvalidArgument(f"record {position}: must be a JSON object")
+    if table.primary_key not in doc:
+        raise InvalidArgument(
+            f"record {position}: missing primary key attribute {table.primary_key!r}"
+        )
+    pk = doc[table.primary_key]
+    try:
+        encoded = keys.encode_key(pk)
+    except keys.InvalidKey as exc:
+        raise InvalidArgument(f"record {position}: invalid primary key {pk!r}: {exc}") from exc
+    for name in doc:
+        if not name or len(name) > 250 or "\x00" in name:
+            raise InvalidArgument(f"record {position}: invalid attribute name {name!r}")
+    return doc, pk, encoded
+
+
+def parse_id(raw: bytes, position: int) -> tuple[Any, bytes]:
+    """(pk, encoded pk) of a JSON scalar id; INVALID_ARGUMENT naming it."""
+    try:
+        pk = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgument(f"id {position}: not valid JSON ({exc})") from exc
+    try:
+        return pk, keys.encode_key(pk)
+    except keys.InvalidKey as exc:
+        raise InvalidArgument(f"id {position}: invalid primary key {pk!r}: {exc}") from exc
+
+
+class LocalTransaction:
+    """Operations of one client request, committed with one version and this node as origin.
+
+    Operations see earlier operations of the same transaction. Validation errors raise
+    before anything is written; ``commit`` writes everything or nothing.
+    """
+
+    def __init__(self, engine: Engine, database: str, user: str) -> None:
+        self.engine = engine
+        self.database = database
+        self.user = user
+        self.writer = BatchWriter(engine)
+        self._pending: dict[bytes, _Pending] = {}
+        self._order: list[bytes] = []
+        self._tables: dict[str, Table] = {}
+
+    def _current(self, table: Table, encoded: list[bytes]) -> list[RecordState | None]:
+        """Visible view: pre-transaction state with this transaction's writes applied."""
+        prefix = keys.table_prefix(table.table_id)
+        need = [e for e in encoded if prefix + e not in self._pending]
+        loaded = dict(zip(need, self.writer.load(table, need), strict=True))
+        out: list[RecordState | None] = []
+        for e in encoded:
+            pending = self._pending.get(prefix + e)
+            if pending is None:
+                out.append(loaded[e])
+            else:
+                out.append(apply_write(pending.old, _PROVISIONAL, pending.kind, pending.doc))
+        return out
+
+    def _record(
+        self,
+        table: Table,
+        encoded: bytes,
+        pk: Any,
+        kind: int,
+        operation: int,
+        doc: dict[str, Any],
+        old: RecordState | None,
+    ) -> None:
+        dkey = keys.table_prefix(table.table_id) + encoded
+        self._tables[table.name] = table
+        pending = self._pending.get(dkey)
+        if pending is None:
+            self._pending[dkey] = _Pending(table, encoded, pk, old, kind, operation, dict(doc))
+            self._order.append(dkey)
+            return
+        # Combine with this transaction's earlier write of the same record.
+        if kind == PATCH and pending.kind in (PUT, PATCH):
+            pending.doc.update(doc)
+        else:
+            pending.kind = kind
+            pending.doc = dict(doc)
+        pending.operation = operation
+
+    def _checked(
+        self, records: list[bytes], table: Table
+    ) -> list[tuple[dict[str, Any], Any, bytes]]:
+        limit = self.engine.config.storage.max_records_per_request
+        if len(records) > limit:
+            raise ResourceExhausted(
+                f"{len(records)} records in one request; the limit is {limit}"
+                " (storage.maxRecordsPerRequest)"
+            )
+        parsed = [parse_record(r, table, i) for i, r in enumerate(records)]
+        seen: set[bytes] = set()
+        for i, (_, pk, encoded) in enumerate(parsed):
+            if encoded in seen:
+                raise InvalidArgument(
+                    f"record {i}: primary key {pk!r} appears twice in the request"
+                )
+            seen.add(encoded)
+        return parsed
+
+    def insert(self, table: Table, records: list[bytes]) -> OperationResult:
+        parsed = self._checked(records, table)
+        result = OperationResult()
+        states = self._current(table, [p[2] for p in parsed])
+        for (doc, pk, encoded), state in zip(parsed, states, strict=True):
+            if state is not None and state.visible:
+                result.skipped.append(pk)
+                continue
+            self._record(table, encoded, pk, PUT, types_pb2.OPERATION_INSERT, doc, state)
+            result.written.append(pk)
+        return result
+
+    def update(self, table: Table, records: list[bytes]) -> OperationResult:
+        parsed = self._checked(records, table)
+        result = OperationResult()
+        states = self._current(table, [p[2] for p in parsed])
+        for (doc, pk, encoded), state in zip(parsed, states, strict=True):
+            if state is None or not state.visible:
+                result.skipped.append(pk)
+                continue
+            self._record(table, encoded, pk, PATCH, types_pb2.OPERATION_UPDATE, doc, state)
+            result.written.append(pk)
+        return result
+
+    def upsert(self, table: Table, records: list[bytes]) -> OperationResult:
+        parsed = self._checked(records, table)
+        result = OperationResult()
+        states = self._current(table, [p[2] for p in parsed])
+        for (doc, pk, encoded), state in zip(parsed, states, strict=True):
+            kind = PATCH if state is not None and state.visible else PUT
+            self._record(table, encoded, pk, kind, types_pb2.OPERATION_UPSERT, doc, state)
+            result.written.append(pk)
+        return result
+
+    def delete(self, table: Table, ids: list[bytes]) -> OperationResult:
+        if not ids:
+            raise InvalidArgument("no ids given")
+        parsed = [parse_id(raw, i) for i, raw in enumerate(ids)]
+        result = OperationResult()
+        states = self._current(table, [e for _, e in parsed])
+        seen: set[bytes] = set()
+        for (pk, encoded), state in zip(parsed, states, strict=True):
+            if encoded in seen or state is None or not state.visible:
+                result.skipped.append(pk)
+                continue
+            seen.add(encoded)
+            self._record(table, encoded, pk, DELETE, types_pb2.OPERATION_DELETE, {}, state)
+            result.written.append(pk)
+        return result
+
+    def commit(self, extra_schema: Iterable[Table] = ()) -> int:
+        """Write the transaction; returns its version (0 when it wrote nothing)."""
+        schema_tables = list(extra_schema)
+        if not self._pending and not schema_tables:
+            return 0
+        engine = self.engine
+        version = engine.clock.now()
+        stamp: Stamp = (version, engine.node_name)
+        txn = types_pb2.Transaction(
+            origin=engine.node_name, version=version, user=self.user, database=self.database
+        )
+        pk_entries: list[tuple[str, bytes]] = []
+        writes = txn.writes
+        for dkey in self._order:
+            p = self._pending[dkey]
+            new = apply_write(p.old, stamp, p.kind, p.doc)
+            self.writer.set_state(p.table, p.encoded, p.old, new)
+            prior = p.old.doc if p.old is not None and p.old.visible else None
+            writes.add(
+                table=p.table.name,
+                kind=p.kind,
+                operation=p.operation,
+                id=orjson.dumps(p.pk),
+                value=orjson.dumps(p.doc) if p.kind != DELETE else b"",
+                prior=orjson.dumps(prior) if prior is not None else b"",
+            )
+            pk_entries.append((p.table.name, p.encoded))
+        for table in {t.name: t for t in [*self._tables.values(), *schema_tables]}.values():
+            txn.tables.append(
+                table_schema(table, with_attributes=any(table is t for t in schema_tables))
+            )
+        self.writer.log(txn, version, pk_entries)
+        self.writer.set_position(self.database, engine.node_name, version)
+        self.writer.commit()
+        return version
+
+
+# A placeholder version newer than anything stored, used only to compute the visible
+# view of a record inside a transaction before its real version is assigned.
+_PROVISIONAL: Stamp = (1 << 64, "")
+
+
+def table_schema(table: Table, with_attributes: bool = False) -> types_pb2.TableSchema:
+    """The replicated form of a table's schema."""
+    return types_pb2.TableSchema(
+        name=table.name,
+        primary_key=table.primary_key,
+        indexed_attributes=table.indexed,
+        replicate=table.replicate,
+        attributes=sorted(table.attributes) if with_attributes else (),
+    )

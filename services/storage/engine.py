@@ -1,0 +1,569 @@
+"""The storage engine of one node: the open RocksDB, the catalog, the clock, positions,
+and every operation that changes data. Reads live in ``search.py``, ``log.py`` and
+``snapshot.py``; the gRPC edge in ``server.py``.
+
+All methods run on the service's event loop. Write methods are synchronous from the
+first read to the batch write, so writes never interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from shoal.storage.v1 import types_pb2
+
+from services.common.auth import load_or_create_node_secret
+from services.common.config import ShoalConfig
+from services.common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+from services.common.hlc import HybridClock, format_version, wall_clock_ms
+from services.storage import keys, merge
+from services.storage.commit import (
+    COUNT_PREFIX,
+    DELETE,
+    HLC_KEY,
+    HORIZON_PREFIX,
+    PATCH,
+    POSITION_PREFIX,
+    PUT,
+    BatchWriter,
+    LocalTransaction,
+    apply_write,
+    index_values,
+    parse_id,
+    table_schema,
+)
+from services.storage.db import Store
+from services.storage.schema import (
+    NEXT_TABLE_ID_KEY,
+    SCHEMA_PREFIX,
+    Catalog,
+    Database,
+    Table,
+    check_name,
+)
+from services.storage.users import UserStore
+
+log = logging.getLogger("shoal.storage")
+
+NODE_NAME_KEY = b"node_name"
+COPY_PREFIX = b"copy/"
+CHUNK = 10_000
+RESERVED_DATABASES = ("system",)
+
+
+@dataclass
+class ApplyResult:
+    """Outcome of applying remote transactions."""
+
+    applied: int = 0
+    skipped: int = 0
+    positions: dict[tuple[str, str], int] = field(default_factory=dict)
+
+
+@dataclass
+class CopyState:
+    """A copy into this node that has started and not completed."""
+
+    database: str
+    source: str
+    positions: dict[str, int]
+    rows: int = 0
+    merged_bytes: int = 0
+    estimated_rows: int = 0
+    last_table: str = ""
+    last_id: bytes = b""
+
+    def encode(self) -> bytes:
+        return orjson.dumps(
+            {
+                "source": self.source,
+                "positions": self.positions,
+                "rows": self.rows,
+                "bytes": self.merged_bytes,
+                "estimatedRows": self.estimated_rows,
+                "lastTable": self.last_table,
+                "lastId": self.last_id.decode(),
+            }
+        )
+
+    @staticmethod
+    def decode(database: str, raw: bytes) -> CopyState:
+        data = orjson.loads(raw)
+        return CopyState(
+            database=database,
+            source=data["source"],
+            positions={k: int(v) for k, v in data["positions"].items()},
+            rows=data["rows"],
+            merged_bytes=data["bytes"],
+            estimated_rows=data["estimatedRows"],
+            last_table=data["lastTable"],
+            last_id=data["lastId"].encode(),
+        )
+
+
+class Engine:
+    """A node's data: open it with ``open()``, close with ``close()``."""
+
+    def __init__(self, config: ShoalConfig) -> None:
+        self.config = config
+        self.node_name = config.node_name
+        self.store = Store(config.storage_path, config.storage.sync_writes)
+        self.catalog = Catalog()
+        self.counts: dict[int, int] = {}
+        self.positions: dict[tuple[str, str], int] = {}
+        self.horizons: dict[tuple[str, str], int] = {}
+        self.copies: dict[str, CopyState] = {}
+        self.clock = HybridClock(wall_clock_ms(config.testing.clock_offset_ms))
+        self._commit_event = asyncio.Event()
+        self.node_secret = load_or_create_node_secret(config.keys_path)
+        self.users = UserStore(self.store, self.node_name, self.node_secret)
+
+    # -- life cycle ------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Check the data belongs to this node and load catalog, positions and clock."""
+        meta = self.store.meta
+        owner = meta.get(NODE_NAME_KEY)
+        if owner is None:
+            meta.put(NODE_NAME_KEY, self.node_name.encode(), self.store.write_options)
+        elif owner.decode() != self.node_name:
+            raise FailedPrecondition(
+                f"the data in {self.store.path} belongs to node {owner.decode()!r}, but"
+                f" replication.hostname is {self.node_name!r}; a node's name cannot change",
+                reason="NODE_NAME_MISMATCH",
+            )
+        self.reload_catalog()
+        for prefix, target in ((POSITION_PREFIX, self.positions), (HORIZON_PREFIX, self.horizons)):
+            for key, value in self.store.scan("meta", prefix, keys.prefix_end(prefix)):
+                db_name, _, origin = key[len(prefix) :].partition(b"\x00")
+                target[(db_name.decode(), origin.decode())] = keys.read_u64(value)
+        for key, value in self.store.scan("meta", COPY_PREFIX, keys.prefix_end(COPY_PREFIX)):
+            database = key[len(COPY_PREFIX) :].decode()
+            self.copies[database] = CopyState.decode(database, value)
+        stored = meta.get(HLC_KEY)
+        last = keys.read_u64(stored) if stored else 0
+        self.clock = HybridClock(wall_clock_ms(self.config.testing.clock_offset_ms), last)
+        self.users.bootstrap(
+            self.config.admin.username, self.config.admin.password, self.config.keys_path
+        )
+        log.info(
+            "opened %s: %d databases, clock at %s",
+            self.store.path,
+            len(self.catalog.databases),
+            format_version(last),
+        )
+
+    def reload_catalog(self) -> None:
+        raw_next = self.store.meta.get(NEXT_TABLE_ID_KEY)
+        self.catalog.load(
+            self.store.scan("meta", SCHEMA_PREFIX, keys.prefix_end(SCHEMA_PREFIX)),
+            keys.read_u64(raw_next) if raw_next else 1,
+        )
+        self.counts = {}
+        for key, value in self.store.scan("meta", COUNT_PREFIX, keys.prefix_end(COUNT_PREFIX)):
+            self.counts[int.from_bytes(key[len(COUNT_PREFIX) :], "big")] = keys.read_u64(value)
+
+    def close(self) -> None:
+        self.store.flush()
+        self.store.close()
+
+    # -- commit notification ---------------------------------------------------------
+
+    def notify_commit(self) -> None:
+        """Wake every waiter of ``commit_event`` (Subscribe streams)."""
+        event = self._commit_event
+        self._commit_event = asyncio.Event()
+        event.set()
+
+    @property
+    def commit_event(self) -> asyncio.Event:
+        """An event set at the next commit. Take it *before* reading the log."""
+        return self._commit_event
+
+    # -- schema ----------------------------------------------------------------------
+
+    def _guard(self, database: str, internal: bool) -> None:
+        if database in RESERVED_DATABASES and not internal:
+            raise PermissionDenied(f"database {database!r} is reserved for Shoal itself")
+
+    def create_database(self, name: str, internal: bool = False) -> Database:
+        check_name("database", name)
+        self._guard(name, internal)
+        db = self.catalog.add_database(name)
+        writer = BatchWriter(self)
+        writer.mark_schema(name)
+        writer.commit()
+        return db
+
+    def drop_database(self, name: str, internal: bool = False) -> int:
+        self._guard(name, internal)
+        db = self.catalog.database(name)
+        dropped = 0
+        for table_name in list(db.tables):
+            dropped += self.drop_table(name, table_name, internal)
+        batch = self.store.batch()
+        batch.delete(SCHEMA_PREFIX + name.encode(), self.store.handle["meta"])
+        self.store.write(batch)
+        del self.catalog.databases[name]
+        return dropped
+
+    def create_table(
+        self,
+        database: str,
+        name: str,
+        primary_key: str,
+        indexed: Iterable[str],
+        replicate: bool,
+        user: str,
+        internal: bool = False,
+    ) -> Table:
+        check_name("database", database)
+        self._guard(database, internal)
+        table = self.catalog.add_table(database, name, primary_key or "id", indexed, replicate)
+        txn = LocalTransaction(self, database, user)
+        txn.writer.mark_schema(database)
+        try:
+            txn.commit(extra_schema=[table])
+        except Exception:
+            self.reload_catalog()
+            raise
+        return table
+
+    def drop_table(self, database: str, name: str, internal: bool = False) -> int:
+        self._guard(database, internal)
+        table = self.catalog.table(database, name)
+        prefix = keys.table_prefix(table.table_id)
+        end = keys.prefix_end(prefix)
+        assert end is not None
+        dropped = self.counts.get(table.table_id, 0)
+        batch = self.store.batch()
+        batch.delete_range(prefix, end, self.store.handle["data"])
+        batch.delete_range(prefix, end, self.store.handle["index"])
+        batch.delete(COUNT_PREFIX + prefix, self.store.handle["meta"])
+        db = self.catalog.database(database)
+        del db.tables[name]
+        batch.put(SCHEMA_PREFIX + database.encode(), db.encode(), self.store.handle["meta"])
+        try:
+            self.store.write(batch)
+        except Exception:
+            self.reload_catalog()
+            raise
+        self.counts.pop(table.table_id, None)
+        return dropped
+
+    def create_attribute(
+        self,
+        database: str,
+        table_name: str,
+        attribute: str,
+        indexed: bool,
+        user: str,
+        internal: bool = False,
+    ) -> tuple[Table, int]:
+        self._guard(database, internal)
+        table = self.catalog.table(database, table_name)
+        check_name("attribute", attribute)
+        exists = attribute in table.attributes
+        already_indexed = attribute in table.indexed or attribute == table.primary_key
+        if exists and (not indexed or already_indexed):
+            raise AlreadyExists(f"attribute {database}.{table_name}.{attribute} already exists")
+        table.attributes.add(attribute)
+        built = 0
+        if indexed and not already_indexed:
+            built = self._add_index(table, attribute)
+        txn = LocalTransaction(self, database, user)
+        txn.writer.mark_schema(database)
+        try:
+            txn.commit(extra_schema=[table])
+        except Exception:
+            self.reload_catalog()
+            raise
+        return table, built
+
+    def _add_index(self, table: Table, attribute: str) -> int:
+        """Declare an index and build it over existing records (chunked writes)."""
+        table.indexed = (*table.indexed, attribute)
+        writer = BatchWriter(self)
+        writer.mark_schema(table.database)
+        writer.commit()
+        prefix = keys.table_prefix(table.table_id)
+        iprefix = keys.index_prefix(table.table_id, attribute)
+        built = 0
+        batch = self.store.batch()
+        pending = 0
+        for key, value in self.store.scan("data", prefix, keys.prefix_end(prefix)):
+            state = merge.decode_state(value)
+            if attribute not in state.doc:
+                continue
+            encoded = key[len(prefix) :]
+            for entry in index_values(state.doc[attribute]):
+                batch.put(iprefix + entry + encoded, b"", self.store.handle["index"])
+            built += 1
+            pending += 1
+            if pending >= CHUNK:
+                self.store.write(batch)
+                batch = self.store.batch()
+                pending = 0
+        if pending:
+            self.store.write(batch)
+        return built
+
+    def drop_attribute(
+        self, database: str, table_name: str, attribute: str, internal: bool = False
+    ) -> int:
+        self._guard(database, internal)
+        table = self.catalog.table(database, table_name)
+        check_name("attribute", attribute)
+        if attribute == table.primary_key:
+            raise InvalidArgument(f"{attribute!r} is the primary key of {database}.{table_name}")
+        if attribute not in table.attributes:
+            raise NotFound(f"attribute {database}.{table_name}.{attribute} does not exist")
+        table.attributes.discard(attribute)
+        table.indexed = tuple(a for a in table.indexed if a != attribute)
+        handle = self.store.handle
+        iprefix = keys.index_prefix(table.table_id, attribute)
+        iend = keys.prefix_end(iprefix)
+        assert iend is not None
+        batch = self.store.batch()
+        batch.delete_range(iprefix, iend, handle["index"])
+        batch.put(
+            SCHEMA_PREFIX + database.encode(),
+            self.catalog.database(database).encode(),
+            handle["meta"],
+        )
+        self.store.write(batch)
+        prefix = keys.table_prefix(table.table_id)
+        updated = 0
+        batch = self.store.batch()
+        pending = 0
+        for key, value in self.store.scan("data", prefix, keys.prefix_end(prefix)):
+            state = merge.decode_state(value)
+            if attribute not in state.doc:
+                continue
+            state.doc.pop(attribute)
+            state.versions.pop(attribute, None)
+            batch.put(key, merge.encode_state(state), handle["data"])
+            updated += 1
+            pending += 1
+            if pending >= CHUNK:
+                self.store.write(batch)
+                batch = self.store.batch()
+                pending = 0
+        if pending:
+            self.store.write(batch)
+        return updated
+
+    # -- writes ----------------------------------------------------------------------
+
+    def transaction(self, database: str, user: str, internal: bool = False) -> LocalTransaction:
+        """Start a local transaction on an existing database."""
+        self._guard(database, internal)
+        self.catalog.database(database)
+        return LocalTransaction(self, database, user)
+
+    def _ensure_table(
+        self, writer: BatchWriter, database: str, schema: types_pb2.TableSchema
+    ) -> Table:
+        """The local table for a replicated schema, created or extended as needed."""
+        check_name("table", schema.name)
+        table = self.catalog.find_table(database, schema.name)
+        if table is None:
+            if database not in self.catalog.databases:
+                self.catalog.add_database(database)
+            table = self.catalog.add_table(
+                database,
+                schema.name,
+                schema.primary_key or "id",
+                schema.indexed_attributes,
+                schema.replicate,
+            )
+            table.attributes.update(schema.attributes)
+            writer.mark_schema(database)
+            return table
+        for attribute in schema.indexed_attributes:
+            if attribute not in table.indexed and attribute != table.primary_key:
+                check_name("attribute", attribute)
+                self._add_index(table, attribute)
+                writer.mark_schema(database)
+        if not table.attributes.issuperset(schema.attributes):
+            table.attributes.update(schema.attributes)
+            writer.mark_schema(database)
+        return table
+
+    def apply(
+        self, transactions: list[types_pb2.Transaction], max_clock_skew_ms: int
+    ) -> ApplyResult:
+        """Apply transactions committed elsewhere (see the Apply RPC contract)."""
+        for i, txn in enumerate(transactions):
+            if not txn.origin or not txn.database or txn.version == 0:
+                raise InvalidArgument(f"transaction {i}: origin, database and version are required")
+            check_name("database", txn.database)
+            for w in txn.writes:
+                if w.kind not in (PUT, PATCH, DELETE):
+                    raise InvalidArgument(f"transaction {i}: write kind {w.kind} is not valid")
+                check_name("table", w.table)
+            if max_clock_skew_ms:
+                ahead = self.clock.ahead_ms(txn.version)
+                if ahead > max_clock_skew_ms:
+                    raise FailedPrecondition(
+                        f"transaction {format_version(txn.version)} from {txn.origin} is"
+                        f" {ahead / 1000:.1f} s ahead of this node's clock (maxClockSkew"
+                        f" {max_clock_skew_ms / 1000:.0f} s); check the clock of {txn.origin}",
+                        reason="CLOCK_SKEW",
+                        metadata={"origin": txn.origin, "ahead_ms": str(ahead)},
+                    )
+        result = ApplyResult()
+        writer = BatchWriter(self)
+        try:
+            for txn in transactions:
+                key = (txn.database, txn.origin)
+                if txn.version <= writer.positions.get(key, self.positions.get(key, 0)):
+                    result.skipped += 1
+                    continue
+                self._apply_one(writer, txn)
+                result.applied += 1
+        except Exception:
+            self.reload_catalog()
+            raise
+        writer.commit()
+        for txn in transactions:
+            key = (txn.database, txn.origin)
+            result.positions[key] = self.positions.get(key, 0)
+        return result
+
+    def _apply_one(self, writer: BatchWriter, txn: types_pb2.Transaction) -> None:
+        database = txn.database
+        tables: dict[str, Table] = {}
+        for schema in txn.tables:
+            tables[schema.name] = self._ensure_table(writer, database, schema)
+        if not txn.writes and txn.tables:
+            writer.mark_schema(database)
+        by_table: dict[str, list[tuple[int, Any, bytes]]] = {}
+        for i, w in enumerate(txn.writes):
+            if w.table not in tables:
+                tables[w.table] = self.catalog.find_table(database, w.table) or self._ensure_table(
+                    writer,
+                    database,
+                    types_pb2.TableSchema(name=w.table, primary_key="id", replicate=True),
+                )
+            pk, encoded = parse_id(w.id, i)
+            by_table.setdefault(w.table, []).append((i, pk, encoded))
+        self.clock.observe(txn.version)
+        local_time = self.clock.now()
+        stamp = (txn.version, txn.origin)
+        pk_entries: list[tuple[str, bytes]] = []
+        writes = txn.writes
+        for table_name, items in by_table.items():
+            table = tables[table_name]
+            states = writer.load(table, [e for _, _, e in items])
+            for (i, _pk, encoded), old in zip(items, states, strict=True):
+                w = writes[i]
+                if w.kind == DELETE:
+                    doc: dict[str, Any] = {}
+                else:
+                    try:
+                        doc = orjson.loads(w.value)
+                    except orjson.JSONDecodeError as exc:
+                        raise InvalidArgument(
+                            f"write {i} of {txn.origin}: value is not JSON"
+                        ) from exc
+                    if not isinstance(doc, dict):
+                        raise InvalidArgument(f"write {i} of {txn.origin}: value is not an object")
+                new = apply_write(old, stamp, w.kind, doc)
+                writer.set_state(table, encoded, old, new)
+                w.prior = orjson.dumps(old.doc) if old is not None and old.visible else b""
+                pk_entries.append((table_name, encoded))
+        writer.log(txn, local_time, pk_entries)
+        writer.set_position(database, txn.origin, txn.version)
+
+    # -- copy (receive side of Snapshot) ------------------------------------------------
+
+    def merge_snapshot(
+        self,
+        source: str,
+        database: str,
+        positions: list[types_pb2.Position],
+        tables: list[types_pb2.TableSchema],
+        rows: list[types_pb2.SnapshotRow],
+        estimated_rows: int,
+        complete: bool,
+    ) -> CopyState:
+        """Merge copied rows and persist the copy's progress in the same write."""
+        check_name("database", database)
+        if not source:
+            raise InvalidArgument("source is required")
+        incoming = {p.origin: p.version for p in positions if p.database in ("", database)}
+        parsed: list[tuple[str, Any, bytes, merge.RecordState]] = []
+        max_version = 0
+        for i, row in enumerate(rows):
+            pk, encoded = parse_id(row.id, i)
+            try:
+                theirs = merge.decode_state(row.state)
+            except ValueError as exc:
+                raise InvalidArgument(f"row {i} ({row.table} {pk!r}): {exc}") from exc
+            max_version = max(max_version, theirs.newest()[0])
+            parsed.append((row.table, pk, encoded, theirs))
+        copy = self.copies.get(database)
+        if copy is None:
+            copy = CopyState(database, source, dict(incoming))
+        else:
+            copy.source = source
+            if incoming:
+                copy.positions = {
+                    o: min(v, incoming[o]) for o, v in copy.positions.items() if o in incoming
+                }
+        if estimated_rows:
+            copy.estimated_rows = estimated_rows
+        writer = BatchWriter(self)
+        try:
+            for schema in tables:
+                self._ensure_table(writer, database, schema)
+            for table_name, _pk, encoded, theirs in parsed:
+                table = self.catalog.find_table(database, table_name) or self._ensure_table(
+                    writer,
+                    database,
+                    types_pb2.TableSchema(name=table_name, primary_key="id", replicate=True),
+                )
+                [old] = writer.load(table, [encoded])
+                writer.set_state(table, encoded, old, merge.merge_states(old, theirs))
+        except Exception:
+            self.reload_catalog()
+            raise
+        if rows:
+            copy.rows += len(rows)
+            copy.merged_bytes += sum(len(r.state) for r in rows)
+            copy.last_table = rows[-1].table
+            copy.last_id = rows[-1].id
+        if max_version:
+            self.clock.observe(max_version)
+            writer.last_version = max(writer.last_version, self.clock.last)
+        handle = self.store.handle["meta"]
+        if complete:
+            for origin, version in copy.positions.items():
+                if version > self.positions.get((database, origin), 0):
+                    writer.set_position(database, origin, version)
+                    writer.raise_horizon(database, origin, version)
+            writer.batch.delete(COPY_PREFIX + database.encode(), handle)
+        else:
+            writer.batch.put(COPY_PREFIX + database.encode(), copy.encode(), handle)
+        writer.empty = False
+        writer.commit()
+        if complete:
+            self.copies.pop(database, None)
+        else:
+            self.copies[database] = copy
+        return copy
+
+    def schema_of(self, table: Table) -> types_pb2.TableSchema:
+        return table_schema(table, with_attributes=True)

@@ -1,0 +1,172 @@
+"""The merge: how a record's state absorbs a write. Pure functions, no I/O.
+
+A record's state is::
+
+    base      (version, origin) of the newest whole-record write (PUT or DELETE),
+              (0, "") when only PATCH writes were seen
+    deleted   whether that whole-record write was a DELETE
+    doc       the visible attributes
+    versions  {attribute: (version, origin)} for attributes written by PATCH after base
+
+Every write carries a version that is unique cluster-wide when paired with its origin,
+and (version, origin) pairs are compared as tuples: ties between equal versions break by
+origin name. The rules:
+
+    PUT(w, doc)    if w > base: base = w; doc = doc + attributes patched after w
+    DELETE(w)      if w > base: base = w, deleted; doc = attributes patched after w
+    PATCH(w, a)    if w > base: each attribute of a whose current version is older than w
+                   takes a's value and version w
+    (a write at or below base is superseded and changes nothing)
+
+The resulting state depends only on the set of writes seen, not their order, and seeing
+a write twice changes nothing; ``tests/unit/storage/test_merge.py`` checks both with
+hypothesis. A record is visible when ``doc`` is not empty (a PUT always carries the
+primary key). A DELETE with no later PATCH leaves a tombstone: empty doc, base kept.
+
+Stored encoding (also the Snapshot row format): the JSON array
+``[base_version, base_origin, deleted, doc, {attribute: [version, origin]}]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+Stamp = tuple[int, str]
+ZERO: Stamp = (0, "")
+
+
+@dataclass(slots=True)
+class RecordState:
+    """The mergeable state of one record (see the module docstring)."""
+
+    base: Stamp = ZERO
+    deleted: bool = False
+    doc: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, Stamp] = field(default_factory=dict)
+
+    @property
+    def visible(self) -> bool:
+        """True when the record exists for readers."""
+        return bool(self.doc)
+
+    def stamp_of(self, attribute: str) -> Stamp:
+        """The version that last wrote ``attribute`` (or deleted it)."""
+        return self.versions.get(attribute, self.base)
+
+    def newest(self) -> Stamp:
+        """The newest write this state reflects."""
+        return max([self.base, *self.versions.values()])
+
+
+def encode_state(state: RecordState) -> bytes:
+    """Stored form of a state."""
+    return orjson.dumps(
+        [
+            state.base[0],
+            state.base[1],
+            state.deleted,
+            state.doc,
+            {k: [v[0], v[1]] for k, v in state.versions.items()},
+        ]
+    )
+
+
+def decode_state(data: bytes) -> RecordState:
+    """Parse a stored state; raises ValueError when malformed."""
+    try:
+        raw = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"record state is not JSON: {exc}") from exc
+    if not (
+        isinstance(raw, list)
+        and len(raw) == 5
+        and isinstance(raw[0], int)
+        and not isinstance(raw[0], bool)
+        and isinstance(raw[1], str)
+        and isinstance(raw[2], bool)
+        and isinstance(raw[3], dict)
+        and isinstance(raw[4], dict)
+    ):
+        raise ValueError("record state must be [version, origin, deleted, doc, versions]")
+    versions: dict[str, Stamp] = {}
+    for name, stamp in raw[4].items():
+        if not (
+            isinstance(stamp, list)
+            and len(stamp) == 2
+            and isinstance(stamp[0], int)
+            and isinstance(stamp[1], str)
+        ):
+            raise ValueError(f"attribute version of {name!r} must be [version, origin]")
+        if name not in raw[3]:
+            raise ValueError(f"attribute version given for {name!r}, which has no value")
+        versions[name] = (stamp[0], stamp[1])
+    return RecordState((raw[0], raw[1]), raw[2], raw[3], versions)
+
+
+def put(state: RecordState | None, stamp: Stamp, doc: dict[str, Any]) -> RecordState:
+    """Merge a whole-record write."""
+    if state is None:
+        return RecordState(stamp, False, dict(doc), {})
+    if stamp <= state.base:
+        return state
+    new_doc = dict(doc)
+    newer = {k: v for k, v in state.versions.items() if v > stamp}
+    for name in newer:
+        new_doc[name] = state.doc[name]
+    return RecordState(stamp, False, new_doc, newer)
+
+
+def delete(state: RecordState | None, stamp: Stamp) -> RecordState:
+    """Merge a delete."""
+    if state is None:
+        return RecordState(stamp, True, {}, {})
+    if stamp <= state.base:
+        return state
+    newer = {k: v for k, v in state.versions.items() if v > stamp}
+    return RecordState(stamp, True, {k: state.doc[k] for k in newer}, newer)
+
+
+def patch(state: RecordState | None, stamp: Stamp, attributes: dict[str, Any]) -> RecordState:
+    """Merge a partial write."""
+    if state is None:
+        return RecordState(ZERO, False, dict(attributes), dict.fromkeys(attributes, stamp))
+    if stamp <= state.base:
+        return state
+    doc = state.doc
+    versions = state.versions
+    changed = False
+    for name, value in attributes.items():
+        if versions.get(name, state.base) < stamp:
+            if not changed:
+                doc = dict(doc)
+                versions = dict(versions)
+                changed = True
+            doc[name] = value
+            versions[name] = stamp
+    if not changed:
+        return state
+    return RecordState(state.base, state.deleted, doc, versions)
+
+
+def merge_states(mine: RecordState | None, theirs: RecordState) -> RecordState:
+    """Merge a whole state from another node (a Snapshot row) into ours.
+
+    Equivalent to replaying every write ``theirs`` reflects: its base write, then each
+    patched attribute as a PATCH at its own version.
+    """
+    if theirs.base != ZERO:
+        state = (
+            delete(mine, theirs.base)
+            if theirs.deleted
+            else put(
+                mine, theirs.base, {k: v for k, v in theirs.doc.items() if k not in theirs.versions}
+            )
+        )
+    else:
+        state = mine if mine is not None else RecordState()
+    for name, stamp in theirs.versions.items():
+        state = patch(state, stamp, {name: theirs.doc[name]})
+    return state

@@ -1,0 +1,164 @@
+"""The catalog: databases, tables and attributes of one node.
+
+Persisted in the ``meta`` column family, one JSON document per database under
+``schema/<database>``::
+
+    {"tables": {"dog": {"id": 7, "primaryKey": "id", "indexed": ["breed"],
+                        "replicate": true, "attributes": ["age", "breed", "id"]}}}
+
+Table ids are local to the node (allocated from ``meta:next_table_id``) and never leave
+it; other nodes know tables by name. The in-memory catalog is changed together with the
+write batch that persists it; if that write fails the catalog is reloaded from disk.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import orjson
+
+from services.common.errors import AlreadyExists, InvalidArgument, NotFound
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_$][A-Za-z0-9_$-]{0,249}$")
+SCHEMA_PREFIX = b"schema/"
+NEXT_TABLE_ID_KEY = b"next_table_id"
+
+
+def check_name(kind: str, name: str) -> str:
+    """Validate a database, table or attribute name (INVALID_ARGUMENT naming the problem)."""
+    if not name:
+        raise InvalidArgument(f"{kind} name is required")
+    if not NAME_PATTERN.match(name):
+        raise InvalidArgument(
+            f"invalid {kind} name {name!r}: use 1-250 characters from A-Z a-z 0-9 _ $ -"
+            " (not starting with -)"
+        )
+    return name
+
+
+@dataclass
+class Table:
+    """One table's schema."""
+
+    database: str
+    name: str
+    table_id: int
+    primary_key: str = "id"
+    indexed: tuple[str, ...] = ()
+    replicate: bool = True
+    attributes: set[str] = field(default_factory=set)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "id": self.table_id,
+            "primaryKey": self.primary_key,
+            "indexed": list(self.indexed),
+            "replicate": self.replicate,
+            "attributes": sorted(self.attributes),
+        }
+
+
+@dataclass
+class Database:
+    """One database: its tables by name."""
+
+    name: str
+    tables: dict[str, Table] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        return orjson.dumps({"tables": {n: t.to_json() for n, t in sorted(self.tables.items())}})
+
+
+class Catalog:
+    """All databases of the node, in memory, mirrored in the meta column family."""
+
+    def __init__(self) -> None:
+        self.databases: dict[str, Database] = {}
+        self.next_table_id = 1
+
+    def load(self, items: Iterable[tuple[bytes, bytes]], next_table_id: int) -> None:
+        """Rebuild from ``schema/*`` entries of the meta CF."""
+        self.databases = {}
+        self.next_table_id = next_table_id
+        for key, value in items:
+            name = key[len(SCHEMA_PREFIX) :].decode()
+            raw = orjson.loads(value)
+            db = Database(name)
+            for tname, t in raw["tables"].items():
+                db.tables[tname] = Table(
+                    database=name,
+                    name=tname,
+                    table_id=int(t["id"]),
+                    primary_key=t["primaryKey"],
+                    indexed=tuple(t["indexed"]),
+                    replicate=bool(t["replicate"]),
+                    attributes=set(t["attributes"]),
+                )
+            self.databases[name] = db
+
+    def database(self, name: str) -> Database:
+        db = self.databases.get(name)
+        if db is None:
+            check_name("database", name)
+            raise NotFound(f"database {name!r} does not exist", reason="DATABASE_NOT_FOUND")
+        return db
+
+    def table(self, database: str, name: str) -> Table:
+        db = self.database(database)
+        table = db.tables.get(name)
+        if table is None:
+            check_name("table", name)
+            raise NotFound(f"table {database}.{name} does not exist", reason="TABLE_NOT_FOUND")
+        return table
+
+    def find_table(self, database: str, name: str) -> Table | None:
+        db = self.databases.get(database)
+        return None if db is None else db.tables.get(name)
+
+    def add_database(self, name: str) -> Database:
+        check_name("database", name)
+        if name in self.databases:
+            raise AlreadyExists(f"database {name!r} already exists")
+        db = Database(name)
+        self.databases[name] = db
+        return db
+
+    def add_table(
+        self,
+        database: str,
+        name: str,
+        primary_key: str,
+        indexed: Iterable[str],
+        replicate: bool,
+    ) -> Table:
+        """Create a table (and its database when missing)."""
+        check_name("table", name)
+        check_name("primary key attribute", primary_key)
+        indexed_names = tuple(dict.fromkeys(check_name("attribute", a) for a in indexed))
+        db = self.databases.get(database) or self.add_database(database)
+        if name in db.tables:
+            raise AlreadyExists(f"table {database}.{name} already exists")
+        table = Table(
+            database=database,
+            name=name,
+            table_id=self.next_table_id,
+            primary_key=primary_key,
+            indexed=tuple(a for a in indexed_names if a != primary_key),
+            replicate=replicate,
+            attributes={primary_key, *indexed_names},
+        )
+        self.next_table_id += 1
+        db.tables[name] = table
+        return table
+
+    def tables(self) -> Iterator[Table]:
+        for db in self.databases.values():
+            yield from db.tables.values()
+
+    def table_by_id(self, table_id: int) -> Table | None:
+        for table in self.tables():
+            if table.table_id == table_id:
+                return table
+        return None

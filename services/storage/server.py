@@ -1,0 +1,562 @@
+"""The StorageService handlers. Each one validates, calls the engine, and builds the
+response; authentication and error mapping happen once, in ``common.grpcserver``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+import orjson
+from google.protobuf import timestamp_pb2
+from shoal.storage.v1 import storage_pb2 as pb
+from shoal.storage.v1 import storage_pb2_grpc, types_pb2
+
+from services.common.auth import Identity, identity
+from services.common.errors import InvalidArgument, PermissionDenied
+from services.common.hlc import version_from_ms
+from services.storage import commit, csvload, log, search, snapshot
+from services.storage.commit import OperationResult, parse_id
+from services.storage.engine import CopyState, Engine
+from services.storage.schema import Database, Table, check_name
+
+Msg = TypeVar("Msg")
+Ctx = grpc.aio.ServicerContext[Any, Any]
+CHUNK_RECORDS = 1000
+CHUNK_BYTES = 1024 * 1024
+
+
+def _ids(values: list[Any]) -> list[bytes]:
+    return [orjson.dumps(v) for v in values]
+
+
+def table_info(engine: Engine, table: Table) -> pb.TableInfo:
+    return pb.TableInfo(
+        database=table.database,
+        name=table.name,
+        primary_key=table.primary_key,
+        attributes=[
+            pb.AttributeInfo(name=a, indexed=a == table.primary_key or a in table.indexed)
+            for a in sorted(table.attributes)
+        ],
+        replicate=table.replicate,
+        record_count=engine.counts.get(table.table_id, 0),
+    )
+
+
+def database_info(engine: Engine, db: Database) -> pb.DatabaseInfo:
+    return pb.DatabaseInfo(
+        name=db.name, tables=[table_info(engine, t) for _, t in sorted(db.tables.items())]
+    )
+
+
+def copy_progress(copy: CopyState, complete: bool = False) -> pb.CopyProgress:
+    return pb.CopyProgress(
+        database=copy.database,
+        source=copy.source,
+        rows=copy.rows,
+        bytes=copy.merged_bytes,
+        estimated_rows=copy.estimated_rows,
+        last_key=types_pb2.SnapshotKey(table=copy.last_table, id=copy.last_id),
+        complete=complete,
+    )
+
+
+def _time_range(
+    start: timestamp_pb2.Timestamp, end: timestamp_pb2.Timestamp, has_start: bool, has_end: bool
+) -> tuple[int, int | None]:
+    lo = version_from_ms(start.ToMilliseconds()) if has_start else 0
+    hi = version_from_ms(end.ToMilliseconds()) if has_end else None
+    if hi is not None and hi < lo:
+        raise InvalidArgument("end_time is before start_time")
+    return lo, hi
+
+
+async def _chunked(
+    records: Iterator[bytes], make: Callable[[list[bytes]], Msg]
+) -> AsyncIterator[Msg]:
+    """Bounded response chunks, yielding to the event loop between them."""
+    chunk: list[bytes] = []
+    size = 0
+    for record in records:
+        chunk.append(record)
+        size += len(record)
+        if len(chunk) >= CHUNK_RECORDS or size >= CHUNK_BYTES:
+            yield make(chunk)
+            chunk = []
+            size = 0
+            await asyncio.sleep(0)
+    if chunk:
+        yield make(chunk)
+
+
+def _sort(keys: Any) -> list[tuple[str, bool]]:
+    out = []
+    for k in keys:
+        if not k.attribute:
+            raise InvalidArgument("a sort key needs an attribute")
+        out.append((k.attribute, k.descending))
+    return out
+
+
+class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
+    """gRPC handlers over one Engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @staticmethod
+    def _caller() -> Identity:
+        return identity()
+
+    def _internal(self) -> Identity:
+        who = identity()
+        if not who.internal:
+            raise PermissionDenied("this RPC is reserved for the node's own services")
+        return who
+
+    # -- schema ----------------------------------------------------------------------
+
+    async def CreateDatabase(
+        self, request: pb.CreateDatabaseRequest, context: Ctx
+    ) -> pb.CreateDatabaseResponse:
+        db = self.engine.create_database(request.database, self._caller().internal)
+        return pb.CreateDatabaseResponse(database=database_info(self.engine, db))
+
+    async def DropDatabase(
+        self, request: pb.DropDatabaseRequest, context: Ctx
+    ) -> pb.DropDatabaseResponse:
+        check_name("database", request.database)
+        dropped = self.engine.drop_database(request.database, self._caller().internal)
+        return pb.DropDatabaseResponse(dropped_records=dropped)
+
+    async def DescribeDatabase(
+        self, request: pb.DescribeDatabaseRequest, context: Ctx
+    ) -> pb.DescribeDatabaseResponse:
+        db = self.engine.catalog.database(request.database)
+        return pb.DescribeDatabaseResponse(database=database_info(self.engine, db))
+
+    async def CreateTable(
+        self, request: pb.CreateTableRequest, context: Ctx
+    ) -> pb.CreateTableResponse:
+        who = self._caller()
+        replicate = request.replicate if request.HasField("replicate") else True
+        table = self.engine.create_table(
+            request.database,
+            request.table,
+            request.primary_key,
+            list(request.indexed_attributes),
+            replicate,
+            who.name,
+            who.internal,
+        )
+        return pb.CreateTableResponse(table=table_info(self.engine, table))
+
+    async def DropTable(self, request: pb.DropTableRequest, context: Ctx) -> pb.DropTableResponse:
+        dropped = self.engine.drop_table(request.database, request.table, self._caller().internal)
+        return pb.DropTableResponse(dropped_records=dropped)
+
+    async def DescribeTable(
+        self, request: pb.DescribeTableRequest, context: Ctx
+    ) -> pb.DescribeTableResponse:
+        table = self.engine.catalog.table(request.database, request.table)
+        return pb.DescribeTableResponse(table=table_info(self.engine, table))
+
+    async def DescribeAll(
+        self, request: pb.DescribeAllRequest, context: Ctx
+    ) -> pb.DescribeAllResponse:
+        dbs = [
+            database_info(self.engine, db)
+            for _, db in sorted(self.engine.catalog.databases.items())
+        ]
+        return pb.DescribeAllResponse(databases=dbs)
+
+    async def CreateAttribute(
+        self, request: pb.CreateAttributeRequest, context: Ctx
+    ) -> pb.CreateAttributeResponse:
+        who = self._caller()
+        table, built = self.engine.create_attribute(
+            request.database,
+            request.table,
+            request.attribute,
+            request.indexed,
+            who.name,
+            who.internal,
+        )
+        return pb.CreateAttributeResponse(
+            table=table_info(self.engine, table), indexed_records=built
+        )
+
+    async def DropAttribute(
+        self, request: pb.DropAttributeRequest, context: Ctx
+    ) -> pb.DropAttributeResponse:
+        updated = self.engine.drop_attribute(
+            request.database, request.table, request.attribute, self._caller().internal
+        )
+        return pb.DropAttributeResponse(updated_records=updated)
+
+    # -- writes ----------------------------------------------------------------------
+
+    def _single(
+        self, database: str, table_name: str, op: str, payload: list[bytes]
+    ) -> tuple[OperationResult, int]:
+        who = self._caller()
+        check_name("database", database)
+        check_name("table", table_name)
+        if not payload:
+            raise InvalidArgument("no records given" if op != "delete" else "no ids given")
+        txn = self.engine.transaction(database, who.name, who.internal)
+        table = self.engine.catalog.table(database, table_name)
+        result = getattr(txn, op)(table, payload)
+        return result, txn.commit()
+
+    async def Insert(self, request: pb.InsertRequest, context: Ctx) -> pb.InsertResponse:
+        result, version = self._single(
+            request.database, request.table, "insert", list(request.records)
+        )
+        return pb.InsertResponse(
+            inserted_ids=_ids(result.written), skipped_ids=_ids(result.skipped), version=version
+        )
+
+    async def Update(self, request: pb.UpdateRequest, context: Ctx) -> pb.UpdateResponse:
+        result, version = self._single(
+            request.database, request.table, "update", list(request.records)
+        )
+        return pb.UpdateResponse(
+            updated_ids=_ids(result.written), skipped_ids=_ids(result.skipped), version=version
+        )
+
+    async def Upsert(self, request: pb.UpsertRequest, context: Ctx) -> pb.UpsertResponse:
+        result, version = self._single(
+            request.database, request.table, "upsert", list(request.records)
+        )
+        return pb.UpsertResponse(upserted_ids=_ids(result.written), version=version)
+
+    async def Delete(self, request: pb.DeleteRequest, context: Ctx) -> pb.DeleteResponse:
+        result, version = self._single(request.database, request.table, "delete", list(request.ids))
+        return pb.DeleteResponse(
+            deleted_ids=_ids(result.written), skipped_ids=_ids(result.skipped), version=version
+        )
+
+    async def Transact(self, request: pb.TransactRequest, context: Ctx) -> pb.TransactResponse:
+        who = self._caller()
+        check_name("database", request.database)
+        if not request.operations:
+            raise InvalidArgument("a transaction needs at least one operation")
+        txn = self.engine.transaction(request.database, who.name, who.internal)
+        results = []
+        for i, op in enumerate(request.operations):
+            try:
+                table = self.engine.catalog.table(request.database, op.table)
+                if op.operation == types_pb2.OPERATION_INSERT:
+                    result = txn.insert(table, list(op.records))
+                elif op.operation == types_pb2.OPERATION_UPDATE:
+                    result = txn.update(table, list(op.records))
+                elif op.operation == types_pb2.OPERATION_UPSERT:
+                    result = txn.upsert(table, list(op.records))
+                elif op.operation == types_pb2.OPERATION_DELETE:
+                    result = txn.delete(table, list(op.ids))
+                else:
+                    raise InvalidArgument("operation must be INSERT, UPDATE, UPSERT or DELETE")
+                if op.operation != types_pb2.OPERATION_DELETE and not op.records:
+                    raise InvalidArgument("no records given")
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"operation {i}: {exc.message}") from exc
+            results.append(
+                pb.TransactResult(
+                    written_ids=_ids(result.written), skipped_ids=_ids(result.skipped)
+                )
+            )
+        return pb.TransactResponse(results=results, version=txn.commit())
+
+    # -- reads -------------------------------------------------------------------------
+
+    async def SearchById(
+        self, request: pb.SearchByIdRequest, context: Ctx
+    ) -> AsyncIterator[pb.SearchByIdResponse]:
+        table = self.engine.catalog.table(request.database, request.table)
+        encoded = [parse_id(raw, i)[1] for i, raw in enumerate(request.ids)]
+        reader = search.Reader(self.engine, table)
+        attributes = list(request.get_attributes)
+        records = (
+            orjson.dumps(search.project(s.doc, attributes)) for _, s in reader.by_ids(encoded)
+        )
+        async for chunk in _chunked(records, lambda c: pb.SearchByIdResponse(records=c)):
+            yield chunk
+
+    async def SearchByValue(
+        self, request: pb.SearchByValueRequest, context: Ctx
+    ) -> AsyncIterator[pb.SearchByValueResponse]:
+        table = self.engine.catalog.table(request.database, request.table)
+        if not request.attribute:
+            raise InvalidArgument("attribute is required")
+        if not request.value:
+            raise InvalidArgument('value is required (a JSON value; "*" matches every record)')
+        try:
+            value = orjson.loads(request.value)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidArgument(f"value is not valid JSON: {exc}") from exc
+        condition = search.value_condition(request.attribute, value)
+        group = (
+            condition if isinstance(condition, search.Group) else search.Group(False, (condition,))
+        )
+        sort = _sort(request.sort)
+        reader = search.Reader(self.engine, table)
+        source = reader.plan(group, sort)
+        records = search.run(
+            self.engine,
+            source,
+            group,
+            sort,
+            request.offset,
+            request.limit,
+            list(request.get_attributes),
+        )
+        async for chunk in _chunked(records, lambda c: pb.SearchByValueResponse(records=c)):
+            yield chunk
+
+    async def SearchByConditions(
+        self, request: pb.SearchByConditionsRequest, context: Ctx
+    ) -> AsyncIterator[pb.SearchByConditionsResponse]:
+        table = self.engine.catalog.table(request.database, request.table)
+        group = search.parse_group(request.operator, request.conditions)
+        sort = _sort(request.sort)
+        reader = search.Reader(self.engine, table)
+        source = reader.plan(group, sort)
+        records = search.run(
+            self.engine,
+            source,
+            group,
+            sort,
+            request.offset,
+            request.limit,
+            list(request.get_attributes),
+        )
+        async for chunk in _chunked(records, lambda c: pb.SearchByConditionsResponse(records=c)):
+            yield chunk
+
+    # -- CSV -------------------------------------------------------------------------
+
+    async def LoadCsv(
+        self, request_iterator: AsyncIterator[pb.LoadCsvRequest], context: Ctx
+    ) -> pb.LoadCsvResponse:
+        who = self._caller()
+        iterator = aiter(request_iterator)
+        try:
+            first = await anext(iterator)
+        except StopAsyncIteration:
+            raise InvalidArgument("the stream is empty: send a header first") from None
+        if first.WhichOneof("part") != "header":
+            raise InvalidArgument("the first message must be the header")
+        header = first.header
+        table = self.engine.catalog.table(header.database, header.table)
+        operation = header.operation or types_pb2.OPERATION_INSERT
+        methods = {
+            types_pb2.OPERATION_INSERT: "insert",
+            types_pb2.OPERATION_UPDATE: "update",
+            types_pb2.OPERATION_UPSERT: "upsert",
+        }
+        if operation not in methods:
+            raise InvalidArgument("operation must be INSERT, UPDATE or UPSERT")
+        method = methods[operation]
+        parser = csvload.CsvParser()
+        response = pb.LoadCsvResponse()
+        pending: list[tuple[int, bytes]] = []
+        seen: set[bytes] = set()
+
+        def flush() -> None:
+            if not pending:
+                return
+            txn = self.engine.transaction(header.database, who.name, who.internal)
+            result = getattr(txn, method)(table, [record for _, record in pending])
+            txn.commit()
+            response.written += len(result.written)
+            response.skipped += len(result.skipped)
+            pending.clear()
+            seen.clear()
+
+        def take(rows: Iterator[tuple[int, bytes]]) -> None:
+            for line, record in rows:
+                response.rows += 1
+                try:
+                    _, _, encoded = commit.parse_record(record, table, line)
+                except InvalidArgument as exc:
+                    parser.row_failed(line, exc.message.split(": ", 1)[-1])
+                    continue
+                if encoded in seen:
+                    flush()
+                seen.add(encoded)
+                pending.append((line, record))
+                if len(pending) >= csvload.BATCH_ROWS:
+                    flush()
+
+        async for message in iterator:
+            if message.WhichOneof("part") != "chunk":
+                raise InvalidArgument("only one header is allowed, as the first message")
+            take(parser.feed(message.chunk))
+        take(parser.feed(b"", final=True))
+        if parser.header is None:
+            raise InvalidArgument("the CSV is empty: it needs a header row")
+        if table.primary_key not in parser.header:
+            raise InvalidArgument(f"the CSV has no {table.primary_key!r} column (the primary key)")
+        flush()
+        response.failed = parser.failed
+        response.errors.extend(pb.RowError(line=i.line, message=i.message) for i in parser.issues)
+        return response
+
+    # -- logs --------------------------------------------------------------------------
+
+    async def ReadTransactionLog(
+        self, request: pb.ReadTransactionLogRequest, context: Ctx
+    ) -> AsyncIterator[pb.ReadTransactionLogResponse]:
+        self.engine.catalog.database(request.database)
+        lo, hi = _time_range(
+            request.start_time,
+            request.end_time,
+            request.HasField("start_time"),
+            request.HasField("end_time"),
+        )
+        batch: list[types_pb2.Transaction] = []
+        for txn in log.read_transactions(
+            self.engine, request.database, request.table, lo, hi, request.limit
+        ):
+            batch.append(txn)
+            if len(batch) >= 500:
+                yield pb.ReadTransactionLogResponse(transactions=batch)
+                batch = []
+                await asyncio.sleep(0)
+        if batch:
+            yield pb.ReadTransactionLogResponse(transactions=batch)
+
+    async def ReadAuditLog(
+        self, request: pb.ReadAuditLogRequest, context: Ctx
+    ) -> AsyncIterator[pb.ReadAuditLogResponse]:
+        self.engine.catalog.table(request.database, request.table)
+        lo, hi = _time_range(
+            request.start_time,
+            request.end_time,
+            request.HasField("start_time"),
+            request.HasField("end_time"),
+        )
+        encoded = [parse_id(raw, i)[1] for i, raw in enumerate(request.ids)]
+        batch: list[types_pb2.Transaction] = []
+        for txn in log.read_audit(
+            self.engine,
+            request.database,
+            request.table,
+            encoded,
+            set(request.users),
+            lo,
+            hi,
+            request.limit,
+        ):
+            batch.append(txn)
+            if len(batch) >= 500:
+                yield pb.ReadAuditLogResponse(entries=batch)
+                batch = []
+                await asyncio.sleep(0)
+        if batch:
+            yield pb.ReadAuditLogResponse(entries=batch)
+
+    async def DeleteLogsBefore(
+        self, request: pb.DeleteLogsBeforeRequest, context: Ctx
+    ) -> pb.DeleteLogsBeforeResponse:
+        if request.database:
+            self.engine.catalog.database(request.database)
+        if not request.HasField("before"):
+            raise InvalidArgument("before is required")
+        ms = request.before.ToMilliseconds()
+        if ms > self.engine.clock.physical_ms():
+            raise InvalidArgument("before is in the future")
+        entries, tombstones = log.purge_before(self.engine, version_from_ms(ms), request.database)
+        return pb.DeleteLogsBeforeResponse(
+            deleted_transactions=entries, purged_tombstones=tombstones
+        )
+
+    # -- replication -------------------------------------------------------------------
+
+    async def Subscribe(
+        self, request: pb.SubscribeRequest, context: Ctx
+    ) -> AsyncIterator[pb.SubscribeResponse]:
+        self._internal()
+        spec = log.subscribe_spec(request)
+        batch: list[types_pb2.Transaction] = []
+        size = 0
+        async for txn in log.subscribe(self.engine, spec):
+            if txn is None:
+                yield pb.SubscribeResponse(
+                    transactions=batch, caught_up=True, node_time=self.engine.clock.peek()
+                )
+                batch = []
+                size = 0
+                continue
+            n = txn.ByteSize()
+            if batch and (len(batch) >= spec.max_transactions or size + n > spec.max_bytes):
+                yield pb.SubscribeResponse(transactions=batch, node_time=self.engine.clock.peek())
+                batch = []
+                size = 0
+            batch.append(txn)
+            size += n
+
+    async def Apply(self, request: pb.ApplyRequest, context: Ctx) -> pb.ApplyResponse:
+        self._internal()
+        result = self.engine.apply(list(request.transactions), request.max_clock_skew_ms)
+        return pb.ApplyResponse(
+            applied=result.applied,
+            skipped=result.skipped,
+            positions=[
+                types_pb2.Position(database=d, origin=o, version=v)
+                for (d, o), v in sorted(result.positions.items())
+            ],
+        )
+
+    async def Snapshot(
+        self, request: pb.SnapshotRequest, context: Ctx
+    ) -> AsyncIterator[pb.SnapshotResponse]:
+        self._internal()
+        plan = snapshot.plan_snapshot(self.engine, request)
+        yield plan.header
+        for rows in plan.batches:
+            yield pb.SnapshotResponse(rows=rows)
+
+    async def MergeSnapshot(
+        self, request: pb.MergeSnapshotRequest, context: Ctx
+    ) -> pb.MergeSnapshotResponse:
+        self._internal()
+        copy = self.engine.merge_snapshot(
+            request.source,
+            request.database,
+            list(request.positions),
+            list(request.tables),
+            list(request.rows),
+            request.estimated_rows,
+            request.complete,
+        )
+        return pb.MergeSnapshotResponse(progress=copy_progress(copy, request.complete))
+
+    async def GetPositions(
+        self, request: pb.GetPositionsRequest, context: Ctx
+    ) -> pb.GetPositionsResponse:
+        self._internal()
+        wanted = request.database
+
+        def pick(items: dict[tuple[str, str], int]) -> list[types_pb2.Position]:
+            return [
+                types_pb2.Position(database=d, origin=o, version=v)
+                for (d, o), v in sorted(items.items())
+                if not wanted or d == wanted
+            ]
+
+        return pb.GetPositionsResponse(
+            positions=pick(self.engine.positions),
+            horizons=pick(self.engine.horizons),
+            copies=[
+                copy_progress(c)
+                for d, c in sorted(self.engine.copies.items())
+                if not wanted or d == wanted
+            ],
+            node_name=self.engine.node_name,
+            node_time=self.engine.clock.peek(),
+        )

@@ -1,0 +1,1 @@
+"""Test harness: real Shoal processes on loopback addresses, waited on with deadlines."""
