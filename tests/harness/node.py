@@ -128,7 +128,8 @@ class Node:
 
     def health(self, service: str) -> bool:
         with grpc.insecure_channel(self.address_of(service)) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
+            stub: Any = health_pb2_grpc.HealthStub(channel)
+            reply = stub.Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=2
             )
             return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
