@@ -129,9 +129,7 @@ class Node:
     def health(self, service: str) -> bool:
         with grpc.insecure_channel(self.address_of(service)) as channel:
             stub: Any = health_pb2_grpc.HealthStub(channel)
-            reply = stub.Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=2
-            )
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
             return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
     def wait_ready(self, service: str, timeout: float = 30.0) -> None:
