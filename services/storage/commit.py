@@ -14,7 +14,7 @@ loop, so no other write can interleave between reading a record and writing it b
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +46,8 @@ def position_key(prefix: bytes, database: str, origin: str) -> bytes:
 
 def index_values(value: Any) -> set[bytes]:
     """Encoded index entries for an attribute value (each scalar element of an array)."""
+    if isinstance(value, str | int | float) or value is None:
+        return {keys.encode_value(value)}
     if isinstance(value, list):
         out: set[bytes] = set()
         for item in value:
@@ -76,6 +78,8 @@ class BatchWriter:
         self.store = engine.store
         self.batch = self.store.batch()
         self._h = self.store.handle
+        self._data = self._h["data"]
+        self._index = self._h["index"]
         self.overlay: dict[bytes, RecordState | None] = {}
         self.count_delta: dict[int, int] = {}
         self.dirty_databases: set[str] = set()
@@ -88,32 +92,62 @@ class BatchWriter:
 
     def load(self, table: Table, encoded: list[bytes]) -> list[RecordState | None]:
         """Current states of records (this batch's own changes first)."""
-        prefix = keys.table_prefix(table.table_id)
+        prefix = table.prefix
+        overlay = self.overlay
         dkeys = [prefix + e for e in encoded]
-        missing = [k for k in dkeys if k not in self.overlay]
+        missing = [k for k in dkeys if k not in overlay] if overlay else dkeys
         raw = self.store.multi_get("data", missing)
         fetched = dict(zip(missing, raw, strict=True))
+        decode = merge.decode_state
         out: list[RecordState | None] = []
         for k in dkeys:
-            if k in self.overlay:
-                out.append(self.overlay[k])
+            if k in overlay:
+                out.append(overlay[k])
             else:
                 value = fetched[k]
-                out.append(None if value is None else merge.decode_state(value))
+                out.append(None if value is None else decode(value))
         return out
 
     def set_state(
-        self, table: Table, encoded_pk: bytes, old: RecordState | None, new: RecordState
+        self,
+        table: Table,
+        encoded_pk: bytes,
+        old: RecordState | None,
+        new: RecordState,
+        encoded_state: bytes | None = None,
     ) -> None:
         """Store a record's new state with its index, tombstone and count effects."""
         if new is old:
             return
         self.empty = False
-        dkey = keys.table_prefix(table.table_id) + encoded_pk
+        dkey = table.prefix + encoded_pk
         self.overlay[dkey] = new
-        self.batch.put(dkey, merge.encode_state(new), self._h["data"])
-        old_doc = old.doc if old is not None else {}
+        put = self.batch.put
+        put(dkey, encoded_state or merge.encode_state(new), self._data)
         new_doc = new.doc
+        if old is None:
+            # A record this node never had: add index entries, no diff needed.
+            for attribute in table.indexed:
+                if attribute in new_doc:
+                    iprefix = table.index_prefix(attribute)
+                    for entry in index_values(new_doc[attribute]):
+                        put(iprefix + entry + encoded_pk, b"", self._index)
+            if new_doc:
+                self.count_delta[table.table_id] = self.count_delta.get(table.table_id, 0) + 1
+        else:
+            self._index_diff(table, encoded_pk, old.doc, new_doc)
+            if old.visible != new.visible:
+                delta = 1 if new.visible else -1
+                self.count_delta[table.table_id] = self.count_delta.get(table.table_id, 0) + delta
+        if new.deleted and (old is None or old.base != new.base):
+            put(keys.u64(new.base[0]) + dkey, b"", self._h["tomb"])
+        if new_doc and not table.attributes.issuperset(new_doc):
+            table.attributes.update(new_doc)
+            self.dirty_databases.add(table.database)
+
+    def _index_diff(
+        self, table: Table, encoded_pk: bytes, old_doc: dict[str, Any], new_doc: dict[str, Any]
+    ) -> None:
         for attribute in table.indexed:
             old_value = old_doc.get(attribute, _MISSING)
             new_value = new_doc.get(attribute, _MISSING)
@@ -121,22 +155,11 @@ class BatchWriter:
                 continue
             old_entries = index_values(old_value) if old_value is not _MISSING else set()
             new_entries = index_values(new_value) if new_value is not _MISSING else set()
-            prefix = keys.index_prefix(table.table_id, attribute)
+            iprefix = table.index_prefix(attribute)
             for entry in old_entries - new_entries:
-                self.batch.delete(prefix + entry + encoded_pk, self._h["index"])
+                self.batch.delete(iprefix + entry + encoded_pk, self._index)
             for entry in new_entries - old_entries:
-                self.batch.put(prefix + entry + encoded_pk, b"", self._h["index"])
-        was = old is not None and old.visible
-        now = new.visible
-        if was != now:
-            self.count_delta[table.table_id] = self.count_delta.get(table.table_id, 0) + (
-                1 if now else -1
-            )
-        if new.deleted and (old is None or old.base != new.base):
-            self.batch.put(keys.u64(new.base[0]) + dkey, b"", self._h["tomb"])
-        if new_doc and not table.attributes.issuperset(new_doc):
-            table.attributes.update(new_doc)
-            self.dirty_databases.add(table.database)
+                self.batch.put(iprefix + entry + encoded_pk, b"", self._index)
 
     # -- log and positions -----------------------------------------------------------
 
@@ -219,7 +242,7 @@ class BatchWriter:
 _MISSING: Any = object()
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     """The combined effect of a transaction on one record."""
 
@@ -229,7 +252,8 @@ class _Pending:
     old: RecordState | None
     kind: int
     operation: int
-    doc: dict[str, Any] = field(default_factory=dict)
+    doc: dict[str, Any]
+    raw: bytes | None  # the client's JSON when the write was not combined with another
 
 
 @dataclass
@@ -240,27 +264,28 @@ class OperationResult:
     skipped: list[Any] = field(default_factory=list)
 
 
-def parse_record(raw: bytes, table: Table, position: int) -> tuple[dict[str, Any], Any, bytes]:
-    """(doc, pk, encoded pk) of a JSON record; INVALID_ARGUMENT naming the record."""
+Parsed = tuple[dict[str, Any], Any, bytes, bytes]  # (doc, pk, encoded pk, raw JSON)
+
+
+def parse_record(raw: bytes, table: Table, position: int) -> Parsed:
+    """(doc, pk, encoded pk, raw) of a JSON record; INVALID_ARGUMENT naming the record."""
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidArgument(f"record {position}: not valid JSON ({exc})") from exc
-    if not isinstance(doc, dict):
+    if type(doc) is not dict:
         raise InvalidArgument(f"record {position}: must be a JSON object")
-    if table.primary_key not in doc:
+    try:
+        pk = doc[table.primary_key]
+    except KeyError:
         raise InvalidArgument(
             f"record {position}: missing primary key attribute {table.primary_key!r}"
-        )
-    pk = doc[table.primary_key]
+        ) from None
     try:
         encoded = keys.encode_key(pk)
     except keys.InvalidKey as exc:
         raise InvalidArgument(f"record {position}: invalid primary key {pk!r}: {exc}") from exc
-    for name in doc:
-        if not name or len(name) > 250 or "\x00" in name:
-            raise InvalidArgument(f"record {position}: invalid attribute name {name!r}")
-    return doc, pk, encoded
+    return doc, pk, encoded, raw
 
 
 def parse_id(raw: bytes, position: int) -> tuple[Any, bytes]:
@@ -288,12 +313,13 @@ class LocalTransaction:
         self.user = user
         self.writer = BatchWriter(engine)
         self._pending: dict[bytes, _Pending] = {}
-        self._order: list[bytes] = []
         self._tables: dict[str, Table] = {}
 
     def _current(self, table: Table, encoded: list[bytes]) -> list[RecordState | None]:
         """Visible view: pre-transaction state with this transaction's writes applied."""
-        prefix = keys.table_prefix(table.table_id)
+        if not self._pending:
+            return self.writer.load(table, encoded)
+        prefix = table.prefix
         need = [e for e in encoded if prefix + e not in self._pending]
         loaded = dict(zip(need, self.writer.load(table, need), strict=True))
         out: list[RecordState | None] = []
@@ -308,84 +334,83 @@ class LocalTransaction:
     def _record(
         self,
         table: Table,
-        encoded: bytes,
-        pk: Any,
+        item: Parsed,
         kind: int,
         operation: int,
-        doc: dict[str, Any],
         old: RecordState | None,
     ) -> None:
-        dkey = keys.table_prefix(table.table_id) + encoded
-        self._tables[table.name] = table
+        doc, pk, encoded, raw = item
+        dkey = table.prefix + encoded
         pending = self._pending.get(dkey)
         if pending is None:
-            self._pending[dkey] = _Pending(table, encoded, pk, old, kind, operation, dict(doc))
-            self._order.append(dkey)
+            self._pending[dkey] = _Pending(table, encoded, pk, old, kind, operation, doc, raw)
             return
         # Combine with this transaction's earlier write of the same record.
         if kind == PATCH and pending.kind in (PUT, PATCH):
-            pending.doc.update(doc)
+            pending.doc = {**pending.doc, **doc}
         else:
             pending.kind = kind
-            pending.doc = dict(doc)
+            pending.doc = doc
         pending.operation = operation
+        pending.raw = None
 
-    def _checked(
-        self, records: list[bytes], table: Table
-    ) -> list[tuple[dict[str, Any], Any, bytes]]:
+    def _checked(self, records: Sequence[bytes], table: Table) -> list[Parsed]:
         limit = self.engine.config.storage.max_records_per_request
         if len(records) > limit:
             raise ResourceExhausted(
                 f"{len(records)} records in one request; the limit is {limit}"
                 " (storage.maxRecordsPerRequest)"
             )
+        self._tables[table.name] = table
         parsed = [parse_record(r, table, i) for i, r in enumerate(records)]
-        seen: set[bytes] = set()
-        for i, (_, pk, encoded) in enumerate(parsed):
-            if encoded in seen:
-                raise InvalidArgument(
-                    f"record {i}: primary key {pk!r} appears twice in the request"
-                )
-            seen.add(encoded)
+        if len({p[2] for p in parsed}) != len(parsed):
+            seen: set[bytes] = set()
+            for i, (_, pk, encoded, _) in enumerate(parsed):
+                if encoded in seen:
+                    raise InvalidArgument(
+                        f"record {i}: primary key {pk!r} appears twice in the request"
+                    )
+                seen.add(encoded)
         return parsed
 
-    def insert(self, table: Table, records: list[bytes]) -> OperationResult:
+    def insert(self, table: Table, records: Sequence[bytes]) -> OperationResult:
         parsed = self._checked(records, table)
         result = OperationResult()
         states = self._current(table, [p[2] for p in parsed])
-        for (doc, pk, encoded), state in zip(parsed, states, strict=True):
+        for item, state in zip(parsed, states, strict=True):
             if state is not None and state.visible:
-                result.skipped.append(pk)
+                result.skipped.append(item[1])
                 continue
-            self._record(table, encoded, pk, PUT, types_pb2.OPERATION_INSERT, doc, state)
-            result.written.append(pk)
+            self._record(table, item, PUT, types_pb2.OPERATION_INSERT, state)
+            result.written.append(item[1])
         return result
 
-    def update(self, table: Table, records: list[bytes]) -> OperationResult:
+    def update(self, table: Table, records: Sequence[bytes]) -> OperationResult:
         parsed = self._checked(records, table)
         result = OperationResult()
         states = self._current(table, [p[2] for p in parsed])
-        for (doc, pk, encoded), state in zip(parsed, states, strict=True):
+        for item, state in zip(parsed, states, strict=True):
             if state is None or not state.visible:
-                result.skipped.append(pk)
+                result.skipped.append(item[1])
                 continue
-            self._record(table, encoded, pk, PATCH, types_pb2.OPERATION_UPDATE, doc, state)
-            result.written.append(pk)
+            self._record(table, item, PATCH, types_pb2.OPERATION_UPDATE, state)
+            result.written.append(item[1])
         return result
 
-    def upsert(self, table: Table, records: list[bytes]) -> OperationResult:
+    def upsert(self, table: Table, records: Sequence[bytes]) -> OperationResult:
         parsed = self._checked(records, table)
         result = OperationResult()
         states = self._current(table, [p[2] for p in parsed])
-        for (doc, pk, encoded), state in zip(parsed, states, strict=True):
+        for item, state in zip(parsed, states, strict=True):
             kind = PATCH if state is not None and state.visible else PUT
-            self._record(table, encoded, pk, kind, types_pb2.OPERATION_UPSERT, doc, state)
-            result.written.append(pk)
+            self._record(table, item, kind, types_pb2.OPERATION_UPSERT, state)
+            result.written.append(item[1])
         return result
 
-    def delete(self, table: Table, ids: list[bytes]) -> OperationResult:
+    def delete(self, table: Table, ids: Sequence[bytes]) -> OperationResult:
         if not ids:
             raise InvalidArgument("no ids given")
+        self._tables[table.name] = table
         parsed = [parse_id(raw, i) for i, raw in enumerate(ids)]
         result = OperationResult()
         states = self._current(table, [e for _, e in parsed])
@@ -395,7 +420,7 @@ class LocalTransaction:
                 result.skipped.append(pk)
                 continue
             seen.add(encoded)
-            self._record(table, encoded, pk, DELETE, types_pb2.OPERATION_DELETE, {}, state)
+            self._record(table, ({}, pk, encoded, b""), DELETE, types_pb2.OPERATION_DELETE, state)
             result.written.append(pk)
         return result
 
@@ -411,25 +436,35 @@ class LocalTransaction:
             origin=engine.node_name, version=version, user=self.user, database=self.database
         )
         pk_entries: list[tuple[str, bytes]] = []
-        writes = txn.writes
-        for dkey in self._order:
-            p = self._pending[dkey]
-            new = apply_write(p.old, stamp, p.kind, p.doc)
-            self.writer.set_state(p.table, p.encoded, p.old, new)
-            prior = p.old.doc if p.old is not None and p.old.visible else None
-            writes.add(
-                table=p.table.name,
-                kind=p.kind,
-                operation=p.operation,
-                id=orjson.dumps(p.pk),
-                value=orjson.dumps(p.doc) if p.kind != DELETE else b"",
-                prior=orjson.dumps(prior) if prior is not None else b"",
-            )
+        add = txn.writes.add
+        set_state = self.writer.set_state
+        dumps = orjson.dumps
+        origin_json = dumps(engine.node_name)
+        for p in self._pending.values():
+            if p.kind == PUT and p.old is None and p.raw is not None:
+                # The common case of a new record: store the client's JSON as it came.
+                new = RecordState(stamp, False, p.doc, {})
+                set_state(
+                    p.table,
+                    p.encoded,
+                    None,
+                    new,
+                    merge.encode_put_state(version, origin_json, p.raw),
+                )
+            else:
+                set_state(p.table, p.encoded, p.old, apply_write(p.old, stamp, p.kind, p.doc))
+            write = add(table=p.table.name, kind=p.kind, operation=p.operation, id=dumps(p.pk))
+            if p.kind != DELETE:
+                write.value = p.raw if p.raw is not None else dumps(p.doc)
+            if p.old is not None and p.old.visible:
+                write.prior = dumps(p.old.doc)
             pk_entries.append((p.table.name, p.encoded))
-        for table in {t.name: t for t in [*self._tables.values(), *schema_tables]}.values():
-            txn.tables.append(
-                table_schema(table, with_attributes=any(table is t for t in schema_tables))
-            )
+        touched = dict(self._tables)
+        for table in schema_tables:
+            touched[table.name] = table
+        for table in touched.values():
+            with_attributes = any(table is t for t in schema_tables)
+            txn.tables.append(table_schema(table, with_attributes=with_attributes))
         self.writer.log(txn, version, pk_entries)
         self.writer.set_position(self.database, engine.node_name, version)
         self.writer.commit()

@@ -444,48 +444,58 @@ class Engine:
 
     def _apply_one(self, writer: BatchWriter, txn: types_pb2.Transaction) -> None:
         database = txn.database
+        origin = txn.origin
         tables: dict[str, Table] = {}
         for schema in txn.tables:
             tables[schema.name] = self._ensure_table(writer, database, schema)
         if not txn.writes and txn.tables:
             writer.mark_schema(database)
-        by_table: dict[str, list[tuple[int, Any, bytes]]] = {}
+        by_table: dict[str, list[tuple[types_pb2.Write, bytes]]] = {}
         for i, w in enumerate(txn.writes):
-            if w.table not in tables:
-                tables[w.table] = self.catalog.find_table(database, w.table) or self._ensure_table(
-                    writer,
-                    database,
-                    types_pb2.TableSchema(name=w.table, primary_key="id", replicate=True),
-                )
-            pk, encoded = parse_id(w.id, i)
-            by_table.setdefault(w.table, []).append((i, pk, encoded))
+            by_table.setdefault(w.table, []).append((w, parse_id(w.id, i)[1]))
         self.clock.observe(txn.version)
         local_time = self.clock.now()
-        stamp = (txn.version, txn.origin)
+        stamp = (txn.version, origin)
+        origin_json = orjson.dumps(origin)
+        loads = orjson.loads
+        set_state = writer.set_state
         pk_entries: list[tuple[str, bytes]] = []
-        writes = txn.writes
         for table_name, items in by_table.items():
-            table = tables[table_name]
-            states = writer.load(table, [e for _, _, e in items])
-            for (i, _pk, encoded), old in zip(items, states, strict=True):
-                w = writes[i]
-                if w.kind == DELETE:
-                    doc: dict[str, Any] = {}
+            table = tables.get(table_name) or self.catalog.find_table(database, table_name)
+            if table is None:
+                default = types_pb2.TableSchema(name=table_name, primary_key="id", replicate=True)
+                table = self._ensure_table(writer, database, default)
+            states = writer.load(table, [e for _, e in items])
+            for (w, encoded), old in zip(items, states, strict=True):
+                kind = w.kind
+                if kind == DELETE:
+                    set_state(table, encoded, old, merge.delete(old, stamp))
                 else:
+                    raw = w.value
                     try:
-                        doc = orjson.loads(w.value)
+                        doc = loads(raw)
                     except orjson.JSONDecodeError as exc:
-                        raise InvalidArgument(
-                            f"write {i} of {txn.origin}: value is not JSON"
-                        ) from exc
-                    if not isinstance(doc, dict):
-                        raise InvalidArgument(f"write {i} of {txn.origin}: value is not an object")
-                new = apply_write(old, stamp, w.kind, doc)
-                writer.set_state(table, encoded, old, new)
-                w.prior = orjson.dumps(old.doc) if old is not None and old.visible else b""
+                        raise InvalidArgument(f"{origin} {table_name}: value is not JSON") from exc
+                    if type(doc) is not dict:
+                        raise InvalidArgument(f"{origin} {table_name}: value is not an object")
+                    if kind == PUT and old is None:
+                        new = merge.RecordState(stamp, False, doc, {})
+                        set_state(
+                            table,
+                            encoded,
+                            None,
+                            new,
+                            merge.encode_put_state(txn.version, origin_json, raw),
+                        )
+                    else:
+                        set_state(table, encoded, old, apply_write(old, stamp, kind, doc))
+                if old is not None and old.visible:
+                    w.prior = orjson.dumps(old.doc)
+                elif w.prior:
+                    w.prior = b""
                 pk_entries.append((table_name, encoded))
         writer.log(txn, local_time, pk_entries)
-        writer.set_position(database, txn.origin, txn.version)
+        writer.set_position(database, origin, txn.version)
 
     # -- copy (receive side of Snapshot) ------------------------------------------------
 

@@ -48,11 +48,12 @@ class InvalidKey(ValueError):
 
 
 def _encode_number(value: float) -> bytes:
-    if value == 0:
-        value = 0.0  # -0.0 and 0 are the same key
-    bits = _U64.unpack(_DOUBLE.pack(value))[0]
-    bits = (bits ^ _MASK) if bits & _SIGN else (bits | _SIGN)
-    return bytes((TAG_NUMBER,)) + _U64.pack(bits)
+    raw = _DOUBLE.pack(value)
+    if raw[0] < 0x80:  # positive: set the sign bit
+        return bytes((TAG_NUMBER, raw[0] | 0x80)) + raw[1:]
+    if value == 0:  # -0.0 is the same key as 0
+        return b"\x04\x80\x00\x00\x00\x00\x00\x00\x00"
+    return b"\x04" + (int.from_bytes(raw, "big") ^ _MASK).to_bytes(8, "big")
 
 
 def _decode_number(data: bytes, offset: int) -> float:

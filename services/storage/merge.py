@@ -74,6 +74,16 @@ def encode_state(state: RecordState) -> bytes:
     )
 
 
+def encode_put_state(version: int, origin_json: bytes, doc_json: bytes) -> bytes:
+    """Stored form of a fresh PUT state, built around the writer's own JSON document.
+
+    ``origin_json`` is the JSON string of the origin (node names need no escaping, but
+    it is passed pre-encoded so callers encode it once). Equal, after decoding, to
+    ``encode_state(RecordState((version, origin), False, doc, {}))``.
+    """
+    return b"[%d,%s,false,%s,{}]" % (version, origin_json, doc_json)
+
+
 def decode_state(data: bytes) -> RecordState:
     """Parse a stored state; raises ValueError when malformed."""
     try:

@@ -49,6 +49,19 @@ class Table:
     indexed: tuple[str, ...] = ()
     replicate: bool = True
     attributes: set[str] = field(default_factory=set)
+    prefix: bytes = b""
+    _index_prefixes: dict[str, bytes] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.prefix = self.table_id.to_bytes(4, "big")
+
+    def index_prefix(self, attribute: str) -> bytes:
+        """Prefix of one attribute's entries in the index CF (see keys.py)."""
+        cached = self._index_prefixes.get(attribute)
+        if cached is None:
+            cached = self.prefix + attribute.encode("utf-8") + b"\x00"
+            self._index_prefixes[attribute] = cached
+        return cached
 
     def to_json(self) -> dict[str, object]:
         return {

@@ -5,7 +5,7 @@ response; authentication and error mapping happen once, in ``common.grpcserver``
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -200,7 +200,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     # -- writes ----------------------------------------------------------------------
 
     def _single(
-        self, database: str, table_name: str, op: str, payload: list[bytes]
+        self, database: str, table_name: str, op: str, payload: Sequence[bytes]
     ) -> tuple[OperationResult, int]:
         who = self._caller()
         check_name("database", database)
@@ -213,29 +213,23 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         return result, txn.commit()
 
     async def Insert(self, request: pb.InsertRequest, context: Ctx) -> pb.InsertResponse:
-        result, version = self._single(
-            request.database, request.table, "insert", list(request.records)
-        )
+        result, version = self._single(request.database, request.table, "insert", request.records)
         return pb.InsertResponse(
             inserted_ids=_ids(result.written), skipped_ids=_ids(result.skipped), version=version
         )
 
     async def Update(self, request: pb.UpdateRequest, context: Ctx) -> pb.UpdateResponse:
-        result, version = self._single(
-            request.database, request.table, "update", list(request.records)
-        )
+        result, version = self._single(request.database, request.table, "update", request.records)
         return pb.UpdateResponse(
             updated_ids=_ids(result.written), skipped_ids=_ids(result.skipped), version=version
         )
 
     async def Upsert(self, request: pb.UpsertRequest, context: Ctx) -> pb.UpsertResponse:
-        result, version = self._single(
-            request.database, request.table, "upsert", list(request.records)
-        )
+        result, version = self._single(request.database, request.table, "upsert", request.records)
         return pb.UpsertResponse(upserted_ids=_ids(result.written), version=version)
 
     async def Delete(self, request: pb.DeleteRequest, context: Ctx) -> pb.DeleteResponse:
-        result, version = self._single(request.database, request.table, "delete", list(request.ids))
+        result, version = self._single(request.database, request.table, "delete", request.ids)
         return pb.DeleteResponse(
             deleted_ids=_ids(result.written), skipped_ids=_ids(result.skipped), version=version
         )
@@ -381,7 +375,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
             for line, record in rows:
                 response.rows += 1
                 try:
-                    _, _, encoded = commit.parse_record(record, table, line)
+                    encoded = commit.parse_record(record, table, line)[2]
                 except InvalidArgument as exc:
                     parser.row_failed(line, exc.message.split(": ", 1)[-1])
                     continue
