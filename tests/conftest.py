@@ -9,9 +9,11 @@ from typing import Any
 import pytest
 
 from tests.harness.client import StorageClient
+from tests.harness.cluster import Cluster
 from tests.harness.node import Node
 
 MakeNode = Callable[..., Node]
+MakeCluster = Callable[..., Cluster]
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -46,6 +48,38 @@ def make_node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeNo
                 for service in node.processes:
                     print(f"--- {node.name} {service} log ---")
                     print(node.log_tail(service, 80))
+
+
+def _failed(request: pytest.FixtureRequest) -> bool:
+    return any(
+        getattr(getattr(request.node, f"report_{when}", None), "failed", False)
+        for when in ("setup", "call")
+    )
+
+
+@pytest.fixture
+def make_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeCluster]:
+    """Factory for started clusters; every process is stopped after the test."""
+    clusters: list[Cluster] = []
+
+    def make(start: bool = True, **kwargs: Any) -> Cluster:
+        cluster = Cluster(tmp_path, **kwargs)
+        clusters.append(cluster)
+        if start:
+            cluster.start()
+        return cluster
+
+    try:
+        yield make
+    finally:
+        failed = _failed(request)
+        for cluster in clusters:
+            cluster.close()
+            if failed:
+                for node in cluster.nodes:
+                    for service in node.processes:
+                        print(f"--- {node.name} {service} log ---")
+                        print(node.log_tail(service, 60))
 
 
 @pytest.fixture

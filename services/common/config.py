@@ -109,6 +109,14 @@ class ReplicationConfig:
     databases: tuple[str, ...] | None = None  # None means every database ('*')
     max_clock_skew_s: float = 60.0
     enable_root_cas: bool = False
+    heartbeat_interval_s: float = 2.0
+    peer_timeout_s: float = 10.0
+    reconnect_delay_s: float = 0.2
+    reconnect_max_delay_s: float = 10.0
+    window_batches: int = 8
+    window_bytes: int = 8 * 1024 * 1024
+    batch_transactions: int = 500
+    batch_bytes: int = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -466,7 +474,21 @@ def _parse_replication(reader: _Reader) -> ReplicationConfig:
         databases=databases,
         max_clock_skew_s=reader.duration("maxClockSkew", 60.0),
         enable_root_cas=reader.boolean("enableRootCAs", False),
+        heartbeat_interval_s=reader.duration("heartbeatInterval", 2.0),
+        peer_timeout_s=reader.duration("peerTimeout", 10.0),
+        reconnect_delay_s=reader.duration("reconnectDelay", 0.2),
+        reconnect_max_delay_s=reader.duration("reconnectMaxDelay", 10.0),
+        window_batches=reader.integer("windowBatches", 8, 1, 1024),
+        window_bytes=reader.integer("windowBytes", 8 * 1024 * 1024, 65536, 1 << 30),
+        batch_transactions=reader.integer("batchTransactions", 500, 1, 100_000),
+        batch_bytes=reader.integer("batchBytes", 1024 * 1024, 1024, 64 * 1024 * 1024),
     )
+    if config.peer_timeout_s < 2 * config.heartbeat_interval_s:
+        reader.problem(
+            "peerTimeout",
+            config.peer_timeout_s,
+            "must be at least twice replication.heartbeatInterval",
+        )
     reader.finish()
     return config
 

@@ -9,6 +9,7 @@ One interceptor does what every handler would otherwise repeat: authenticate the
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -126,20 +127,10 @@ def _wrap(
         )
 
     if handler.unary_stream is not None:
-        inner_us = handler.unary_stream
-
-        async def unary_stream(request: Any, context: Ctx) -> Any:
-            try:
-                await _enter(metadata, authenticator)
-                async for item in inner_us(request, context):
-                    yield item
-            except passthrough:
-                raise
-            except Exception as exc:
-                await _fail(context, method, exc)
-
         return grpc.unary_stream_rpc_method_handler(
-            unary_stream, handler.request_deserializer, handler.response_serializer
+            _wrap_stream(handler.unary_stream, method, metadata, authenticator),
+            handler.request_deserializer,
+            handler.response_serializer,
         )
 
     if handler.stream_unary is not None:
@@ -158,22 +149,46 @@ def _wrap(
             stream_unary, handler.request_deserializer, handler.response_serializer
         )
 
-    inner_ss = handler.stream_stream
-    assert inner_ss is not None
+    return grpc.stream_stream_rpc_method_handler(
+        _wrap_stream(handler.stream_stream, method, metadata, authenticator),
+        handler.request_deserializer,
+        handler.response_serializer,
+    )
 
-    async def stream_stream(requests: AsyncIterator[Any], context: Ctx) -> Any:
+
+def _wrap_stream(
+    inner: Any,
+    method: str,
+    metadata: tuple[tuple[str, str | bytes], ...],
+    authenticator: Authenticator | None,
+) -> Any:
+    """Wrap a streaming-response handler: an async generator, or a coroutine that writes
+    with ``context.write`` (both are allowed by grpc.aio)."""
+    passthrough = (grpc.aio.AbortError, asyncio.CancelledError)
+    if inspect.isasyncgenfunction(inner):
+
+        async def generator(request: Any, context: Ctx) -> Any:
+            try:
+                await _enter(metadata, authenticator)
+                async for item in inner(request, context):
+                    yield item
+            except passthrough:
+                raise
+            except Exception as exc:
+                await _fail(context, method, exc)
+
+        return generator
+
+    async def coroutine(request: Any, context: Ctx) -> Any:
         try:
             await _enter(metadata, authenticator)
-            async for item in inner_ss(requests, context):
-                yield item
+            return await inner(request, context)
         except passthrough:
             raise
         except Exception as exc:
             await _fail(context, method, exc)
 
-    return grpc.stream_stream_rpc_method_handler(
-        stream_stream, handler.request_deserializer, handler.response_serializer
-    )
+    return coroutine
 
 
 @dataclass
@@ -187,6 +202,8 @@ class ServerSpec:
     authenticator: Authenticator | None
     max_message_bytes: int = 16 * 1024 * 1024
     max_concurrent_rpcs: int | None = None
+    # Run before the server stops (end long-lived streams), then after it stopped.
+    pre_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     grace_s: float = 10.0
 
@@ -210,6 +227,8 @@ class RunningServer:
 
     async def stop(self) -> None:
         await self.set_serving(False)
+        for hook in self.spec.pre_stop:
+            await hook()
         await self.server.stop(self.spec.grace_s)
         for hook in self.spec.on_stop:
             await hook()

@@ -52,6 +52,9 @@ async def run(config: ShoalConfig) -> None:
     engine = open_engine(config)
     servicer = StorageServicer(engine)
 
+    async def begin_shutdown() -> None:
+        engine.begin_shutdown()
+
     async def close() -> None:
         engine.close()
 
@@ -65,6 +68,7 @@ async def run(config: ShoalConfig) -> None:
         authenticator=engine.users,
         max_message_bytes=config.storage.max_message_bytes,
         max_concurrent_rpcs=config.storage.max_concurrent_rpcs,
+        pre_stop=[begin_shutdown],
         on_stop=[close],
     )
     try:

@@ -126,6 +126,7 @@ class Engine:
         self.copies: dict[str, CopyState] = {}
         self.clock = HybridClock(wall_clock_ms(config.testing.clock_offset_ms))
         self._commit_event = asyncio.Event()
+        self.closing = False
         self.node_secret = load_or_create_node_secret(config.keys_path)
         self.users = UserStore(self.store, self.node_name, self.node_secret)
 
@@ -173,6 +174,11 @@ class Engine:
         self.counts = {}
         for key, value in self.store.scan("meta", COUNT_PREFIX, keys.prefix_end(COUNT_PREFIX)):
             self.counts[int.from_bytes(key[len(COUNT_PREFIX) :], "big")] = keys.read_u64(value)
+
+    def begin_shutdown(self) -> None:
+        """Make long-lived streams (Subscribe) end, so the server can stop promptly."""
+        self.closing = True
+        self.notify_commit()
 
     def close(self) -> None:
         self.store.flush()

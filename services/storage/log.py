@@ -245,7 +245,7 @@ async def subscribe(
     """
     positions = dict(spec.positions)
     cursor = start_time(engine, spec)
-    while True:
+    while not engine.closing:
         event = engine.commit_event
         for key, value in engine.store.scan("log", keys.u64(cursor)):
             cursor = keys.read_u64(key) + 1

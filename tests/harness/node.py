@@ -162,7 +162,8 @@ class Node:
             process.wait(timeout=15)
 
     def stop(self, *services: str) -> None:
-        for service in services or tuple(self.processes):
+        """SIGTERM, then SIGKILL after a deadline; all services in reverse start order."""
+        for service in services or tuple(reversed(self.processes)):
             process = self.processes.get(service)
             if process is None or process.poll() is not None:
                 continue

@@ -1,0 +1,99 @@
+"""``python -m services.replicator --config shoal.yaml``: run a node's replicator."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+import grpc
+from grpc_health.v1 import health, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from shoal.replicator.v1 import replicator_pb2, replicator_pb2_grpc
+
+from services.common.auth import read_node_secret
+from services.common.config import ConfigError, ShoalConfig, load_config
+from services.common.grpcserver import (
+    RunningServer,
+    ServerSpec,
+    ShoalInterceptor,
+    serve_until_signalled,
+    server_options,
+)
+from services.common.logs import setup_logging
+from services.common.tls import load_tls, mutual_server_credentials
+from services.replicator.local import LocalStorage
+from services.replicator.replicator import Replicator
+from services.replicator.server import ReplicatorServicer
+
+log = logging.getLogger("shoal.replicator")
+SERVICE_NAME = replicator_pb2.DESCRIPTOR.services_by_name["ReplicatorService"].full_name
+
+
+async def run(config: ShoalConfig) -> None:
+    secret = await read_node_secret(config.keys_path)
+    tls = load_tls(config)
+    storage = LocalStorage(
+        config.local_address(config.storage.port), secret, config.storage.max_message_bytes
+    )
+    replicator = Replicator(config, storage, tls)
+    server = grpc.aio.server(
+        interceptors=[ShoalInterceptor(None)],
+        options=server_options(config.storage.max_message_bytes),
+    )
+    replicator_pb2_grpc.add_ReplicatorServiceServicer_to_server(
+        ReplicatorServicer(replicator, secret), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    plain = f"{config.host}:{config.replication.port}"
+    if server.add_insecure_port(plain) == 0:
+        raise SystemExit(f"replicator: cannot listen on {plain}")
+    if config.replication.secure_port is not None:
+        secure = f"{config.host}:{config.replication.secure_port}"
+        if tls is None:
+            log.warning(
+                "no TLS certificate configured (tls.*): the secure port %s stays closed", secure
+            )
+        elif server.add_secure_port(secure, mutual_server_credentials(tls)) == 0:
+            raise SystemExit(f"replicator: cannot listen on {secure}")
+    await server.start()
+
+    spec = ServerSpec(
+        name="replicator",
+        address=plain,
+        service_names=[SERVICE_NAME],
+        register=lambda _: None,
+        authenticator=None,
+        pre_stop=[replicator.close],
+        on_stop=[storage.close],
+        grace_s=5.0,
+    )
+    running = RunningServer(spec, server, health_servicer)
+    await running.set_serving(True)
+    replicator.start()
+    routes = ", ".join(r.hostname for r in config.replication.routes) or "none"
+    log.info("replicator %s listening on %s (routes: %s)", config.node_name, plain, routes)
+    await serve_until_signalled(running)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.replicator", description=__doc__)
+    parser.add_argument("--config", required=True, help="path to shoal.yaml")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"replicator: {exc}", file=sys.stderr)
+        return 2
+    setup_logging("replicator", config.logging.level, config.logging.format)
+    asyncio.run(run(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""The receiver role of a session: the peer's data, applied to this node's storage.
+
+The loop:
+  1. copy each database of the flow that this node never synced from anyone (or whose
+     copy was interrupted: it resumes after the last merged key), unless the route has a
+     startTime;
+  2. subscribe with the durable positions from storage and the current exclusions;
+  3. apply each Batch through storage Apply (data and positions in one atomic write),
+     then Ack it;
+  4. start over when exclusions change (a new generation), when the sender reports its
+     log truncated (copy that database first), or after refusing a transaction whose
+     clock is too far ahead (after a backoff, with the reason in status).
+
+Batches arrive through a small bounded queue filled by the session's reader, so a slow
+apply pushes back on the peer through gRPC flow control.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import grpc
+from shoal.replicator.v1 import replicator_pb2 as rpb
+from shoal.storage.v1 import storage_pb2 as spb
+
+from services.common.backoff import Backoff
+from services.common.errors import error_reason
+from services.common.hlc import version_from_ms, version_ms
+from services.replicator.local import StorageUnavailable
+from services.replicator.status import now_ms
+
+if TYPE_CHECKING:
+    from services.replicator.session import Session
+
+log = logging.getLogger("shoal.replicator.inbound")
+
+QUEUE_SIZE = 4
+
+
+@dataclass(frozen=True)
+class _Resubscribe:
+    """Exclusions changed: subscribe again."""
+
+
+@dataclass(frozen=True)
+class _Truncated:
+    """The sender no longer has the log we need for a database: copy it."""
+
+    database: str
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """We refused a transaction (clock skew): pause, then subscribe again."""
+
+    reason: str
+
+
+class ProtocolViolation(Exception):
+    """The peer sent something the protocol does not allow here."""
+
+
+class Inbound:
+    """Receives the peer's data for this node."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.queue: asyncio.Queue[rpb.PeerMessage] = asyncio.Queue(maxsize=QUEUE_SIZE)
+        self.generation = 0
+        self.resubscribe = asyncio.Event()
+        self.excluded: list[str] = []
+        self._copy_id = 0
+        config = session.config
+        self._skew_ms = int(config.max_clock_skew_s * 1000)
+        self._pause = Backoff(
+            max(1.0, config.reconnect_delay_s), max(5.0, config.reconnect_max_delay_s)
+        )
+
+    async def deliver(self, message: rpb.PeerMessage) -> None:
+        await self.queue.put(message)
+
+    def _start_version(self) -> int:
+        route = self.session.route
+        if route is not None and route.start_time is not None:
+            return version_from_ms(int(route.start_time.timestamp() * 1000))
+        return 0
+
+    # -- the loop ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        session = self.session
+        while True:
+            await self._copy_unsynced()
+            self.generation += 1
+            self.resubscribe.clear()
+            positions = await session.storage.positions()
+            self.excluded = session.replicator.exclusions_for(session.peer)
+            subscribe = rpb.Subscribe(
+                generation=self.generation,
+                databases=[] if session.flows.all_databases else sorted(session.flows.databases),
+                positions=positions.positions,
+                exclude_origins=self.excluded,
+                default_version=self._start_version(),
+            )
+            await session.send(rpb.PeerMessage(subscribe=subscribe))
+            outcome = await self._consume(self.generation)
+            if isinstance(outcome, _Truncated):
+                log.info(
+                    "%s: log truncated for %s; copying",
+                    session.peer,
+                    outcome.database or "a database",
+                )
+                databases = [outcome.database] if outcome.database else self._flow_databases()
+                for database in databases:
+                    await self._copy(database, None)
+            elif isinstance(outcome, _Refused):
+                session.state.last_error = outcome.reason
+                await session.send(
+                    rpb.PeerMessage(
+                        unsubscribe=rpb.Unsubscribe(
+                            generation=self.generation, reason=outcome.reason
+                        )
+                    )
+                )
+                delay = self._pause.next()
+                log.warning(
+                    "refusing data from %s for %.1fs: %s", session.peer, delay, outcome.reason
+                )
+                await asyncio.sleep(delay)
+
+    async def _next(self) -> rpb.PeerMessage | None:
+        """The next message, or None when a resubscription was requested."""
+        if self.resubscribe.is_set():
+            return None
+        get = asyncio.ensure_future(self.queue.get())
+        wake = asyncio.ensure_future(self.resubscribe.wait())
+        try:
+            await asyncio.wait({get, wake}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            wake.cancel()
+            if not get.done():
+                get.cancel()
+        if get.done() and not get.cancelled():
+            return get.result()
+        return None
+
+    async def _consume(self, generation: int) -> _Resubscribe | _Truncated | _Refused:
+        session = self.session
+        while True:
+            message = await self._next()
+            if message is None:
+                return _Resubscribe()
+            kind = message.WhichOneof("body")
+            if kind == "subscribe_error":
+                error = message.subscribe_error
+                if error.generation != generation:
+                    continue
+                if error.reason == "LOG_TRUNCATED":
+                    return _Truncated(error.database)
+                raise ProtocolViolation(
+                    f"{session.peer} cannot serve the subscription: {error.message}"
+                )
+            if kind != "batch" or message.batch.generation != generation:
+                continue  # data of an older generation or a stale copy chunk
+            refused = await self._apply(message.batch)
+            if refused is not None:
+                return refused
+            self._pause.reset()
+
+    async def _apply(self, batch: rpb.Batch) -> _Refused | None:
+        session = self.session
+        if batch.transactions:
+            try:
+                reply = await session.storage.apply(batch.transactions, self._skew_ms)
+            except grpc.aio.AioRpcError as exc:
+                if (
+                    exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+                    and error_reason(exc) == "CLOCK_SKEW"
+                ):
+                    return _Refused(exc.details() or "clock skew")
+                raise StorageUnavailable(f"storage Apply failed: {exc.details()}") from exc
+            await session.send(
+                rpb.PeerMessage(
+                    ack=rpb.Ack(
+                        generation=batch.generation,
+                        sequence=batch.sequence,
+                        positions=reply.positions,
+                    )
+                )
+            )
+            arrived = now_ms()
+            for txn in batch.transactions:
+                db = session.state.database(txn.database)
+                db.last_received_version = max(db.last_received_version, txn.version)
+                db.last_received_at_ms = arrived
+        for db in session.state.databases.values():
+            if batch.caught_up:
+                db.backlog_seconds = 0.0
+            elif db.last_received_version:
+                lag_ms = version_ms(batch.sender_time) - version_ms(db.last_received_version)
+                db.backlog_seconds = max(0.0, lag_ms / 1000)
+        if session.state.last_error.startswith("transaction"):
+            session.state.last_error = ""
+        return None
+
+    # -- copies ----------------------------------------------------------------------------
+
+    def _flow_databases(self) -> list[str]:
+        flows = self.session.flows
+        return sorted(d for d in self.session.theirs.known_databases if flows.covers(d))
+
+    async def _copy_unsynced(self) -> None:
+        if self._start_version():
+            return
+        positions = await self.session.storage.positions()
+        me = self.session.replicator.name
+        synced = {p.database for p in positions.positions if p.origin != me}
+        copying = {c.database: c for c in positions.copies}
+        for database in self._flow_databases():
+            if database in copying or database not in synced:
+                await self._copy(database, copying.get(database))
+
+    async def _copy(self, database: str, progress: spb.CopyProgress | None) -> None:
+        session = self.session
+        self._copy_id += 1
+        copy_id = self._copy_id
+        request = rpb.CopyRequest(copy_id=copy_id, database=database)
+        if progress is not None and progress.last_key.table:
+            request.start_after.CopyFrom(progress.last_key)
+            log.info(
+                "resuming copy of %s from %s after %s",
+                database,
+                session.peer,
+                progress.last_key.table,
+            )
+        else:
+            log.info("copying %s from %s", database, session.peer)
+        await session.send(rpb.PeerMessage(copy_request=request))
+        started = time.monotonic()
+        status = session.state.database(database)
+        while True:
+            message = await self.queue.get()
+            if message.WhichOneof("body") != "copy_chunk" or message.copy_chunk.copy_id != copy_id:
+                continue
+            chunk = message.copy_chunk
+            if chunk.error:
+                log.warning("%s cannot copy %s: %s", session.peer, database, chunk.error)
+                status.copy = None
+                return
+            reply = await session.storage.merge_snapshot(
+                spb.MergeSnapshotRequest(
+                    source=session.peer,
+                    database=database,
+                    positions=chunk.positions,
+                    tables=chunk.tables,
+                    rows=chunk.rows,
+                    estimated_rows=chunk.estimated_rows,
+                    complete=chunk.done,
+                )
+            )
+            status.copy = reply.progress
+            if chunk.done:
+                log.info(
+                    "copied %s from %s: %d rows in %.1fs",
+                    database,
+                    session.peer,
+                    reply.progress.rows,
+                    time.monotonic() - started,
+                )
+                status.copy = None
+                return

@@ -1,0 +1,83 @@
+"""The replicator's only way to data: its own node's storage service, over gRPC.
+
+Every unary call has a deadline; streams are long-lived and end by cancellation. A
+storage that is down or restarting surfaces as ``StorageUnavailable``, which ends the
+peer sessions that depend on it (they reconnect with backoff; positions are durable in
+storage, so nothing is skipped or applied twice).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+from shoal.storage.v1 import storage_pb2 as pb
+from shoal.storage.v1 import storage_pb2_grpc, types_pb2
+
+from services.common.auth import bearer_metadata
+from services.common.grpcserver import channel_options
+
+CALL_TIMEOUT_S = 60.0
+
+
+class StorageUnavailable(Exception):
+    """The local storage service could not be reached or failed a call."""
+
+
+class LocalStorage:
+    """Node-internal client of the storage service."""
+
+    def __init__(self, address: str, token: str, max_message_bytes: int) -> None:
+        self.address = address
+        self._channel = grpc.aio.insecure_channel(
+            address, options=channel_options(max_message_bytes)
+        )
+        self._stub = storage_pb2_grpc.StorageServiceStub(self._channel)
+        self._metadata = bearer_metadata(token)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def positions(self, database: str = "") -> pb.GetPositionsResponse:
+        try:
+            return await self._stub.GetPositions(
+                pb.GetPositionsRequest(database=database),
+                metadata=self._metadata,
+                timeout=CALL_TIMEOUT_S,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise StorageUnavailable(f"storage at {self.address}: {exc.details()}") from exc
+
+    async def databases(self) -> list[str]:
+        try:
+            reply = await self._stub.DescribeAll(
+                pb.DescribeAllRequest(), metadata=self._metadata, timeout=CALL_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise StorageUnavailable(f"storage at {self.address}: {exc.details()}") from exc
+        return [db.name for db in reply.databases]
+
+    async def apply(
+        self, transactions: Sequence[types_pb2.Transaction], max_clock_skew_ms: int
+    ) -> pb.ApplyResponse:
+        """Apply a batch; raises the AioRpcError for refusals (e.g. CLOCK_SKEW)."""
+        return await self._stub.Apply(
+            pb.ApplyRequest(transactions=transactions, max_clock_skew_ms=max_clock_skew_ms),
+            metadata=self._metadata,
+            timeout=CALL_TIMEOUT_S,
+        )
+
+    def subscribe(
+        self, request: pb.SubscribeRequest
+    ) -> grpc.aio.UnaryStreamCall[pb.SubscribeRequest, pb.SubscribeResponse]:
+        return self._stub.Subscribe(request, metadata=self._metadata)
+
+    def snapshot(
+        self, request: pb.SnapshotRequest
+    ) -> grpc.aio.UnaryStreamCall[pb.SnapshotRequest, pb.SnapshotResponse]:
+        return self._stub.Snapshot(request, metadata=self._metadata)
+
+    async def merge_snapshot(self, request: pb.MergeSnapshotRequest) -> pb.MergeSnapshotResponse:
+        return await self._stub.MergeSnapshot(
+            request, metadata=self._metadata, timeout=CALL_TIMEOUT_S
+        )

@@ -1,0 +1,270 @@
+"""The replicator of one node: its peers, the connections to them, and what flows where.
+
+* For every configured route a dial loop keeps one connection up, reconnecting with
+  jittered exponential backoff (``replication.reconnectDelay`` .. ``reconnectMaxDelay``).
+  It does not dial a peer that already has a live connection (in either direction).
+* Peers that dial in are accepted after the same handshake checks.
+* Between two nodes there is at most one connection: when both dial, the connection
+  dialed by the node with the smaller name is kept and the other is closed with
+  DUPLICATE. Both sides apply the same rule, so they agree.
+* Exclusions: a node receiving an origin's data directly asks every other peer not to
+  relay that origin's transactions. When a direct connection comes or goes, every
+  session re-subscribes with the new exclusions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from shoal.replicator.v1 import replicator_pb2 as rpb
+
+from services.common.backoff import Backoff
+from services.common.config import (
+    DEFAULT_REPLICATION_PORT,
+    DEFAULT_REPLICATION_SECURE_PORT,
+    Route,
+    ShoalConfig,
+)
+from services.common.tls import TlsMaterial
+from services.replicator.handshake import (
+    PROTOCOL_MAX,
+    PROTOCOL_MIN,
+    Refused,
+    check_dialer,
+    choose_version,
+    goodbye,
+    receive_hello,
+)
+from services.replicator.local import LocalStorage, StorageUnavailable
+from services.replicator.session import Session
+from services.replicator.status import PeerState
+from services.replicator.transport import ConnectionLost, PeerStream, dial
+
+log = logging.getLogger("shoal.replicator")
+
+HANDSHAKE_TIMEOUT_S = 10.0
+STABLE_SESSION_S = 10.0
+
+
+class Replicator:
+    """All peer connections of one node."""
+
+    def __init__(self, config: ShoalConfig, storage: LocalStorage, tls: TlsMaterial | None) -> None:
+        self.config = config
+        self.name = config.node_name
+        self.storage = storage
+        self.tls = tls
+        self.routes: dict[str, Route] = {r.hostname: r for r in config.replication.routes}
+        self.sessions: dict[str, Session] = {}
+        self.peers: dict[str, PeerState] = {
+            r.hostname: PeerState(r.hostname) for r in config.replication.routes
+        }
+        self._dialers: list[asyncio.Task[Any]] = []
+        self._accepted: set[asyncio.Task[Any]] = set()
+        self._closing = False
+        self._session_changed = asyncio.Event()
+
+    # -- life ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for route in self.routes.values():
+            self._dialers.append(
+                asyncio.create_task(self._dial_loop(route), name=f"dial:{route.hostname}")
+            )
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in self._dialers:
+            task.cancel()
+        for session in list(self.sessions.values()):
+            session.close(rpb.GOODBYE_CODE_SHUTDOWN, f"{self.name} is shutting down")
+        waits = [s.finished.wait() for s in list(self.sessions.values())]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*waits), timeout=5)
+        await asyncio.gather(*self._dialers, return_exceptions=True)
+
+    def peer_state(self, peer: str) -> PeerState:
+        state = self.peers.get(peer)
+        if state is None:
+            state = self.peers[peer] = PeerState(peer)
+        return state
+
+    # -- hellos ------------------------------------------------------------------------------
+
+    async def hello(self, route: Route | None, expected_name: str = "") -> rpb.Hello:
+        databases = self.config.replication.databases
+        return rpb.Hello(
+            protocol_min=PROTOCOL_MIN,
+            protocol_max=PROTOCOL_MAX,
+            node_name=self.name,
+            expected_name=expected_name,
+            all_databases=databases is None,
+            databases=databases or (),
+            known_databases=await self.storage.databases(),
+            sends=route.replicates.sends if route is not None else True,
+            receives=route.replicates.receives if route is not None else True,
+        )
+
+    # -- dialing ------------------------------------------------------------------------------
+
+    def route_address(self, route: Route) -> tuple[str, bool]:
+        """(host:port, secure) to dial for a route."""
+        secure = route.secure if route.secure is not None else self.tls is not None
+        if secure and self.tls is None:
+            secure = False
+        default = DEFAULT_REPLICATION_SECURE_PORT if secure else DEFAULT_REPLICATION_PORT
+        host = f"[{route.hostname}]" if ":" in route.hostname else route.hostname
+        return f"{host}:{route.port or default}", secure
+
+    async def _dial_loop(self, route: Route) -> None:
+        config = self.config.replication
+        backoff = Backoff(config.reconnect_delay_s, config.reconnect_max_delay_s)
+        state = self.peer_state(route.hostname)
+        while not self._closing:
+            existing = self.sessions.get(route.hostname)
+            if existing is not None:
+                await existing.finished.wait()
+                continue
+            address, secure = self.route_address(route)
+            started = time.monotonic()
+            try:
+                stream = await dial(
+                    address,
+                    self.tls if secure else None,
+                    HANDSHAKE_TIMEOUT_S,
+                    self.config.storage.max_message_bytes,
+                )
+                await self._run_dialed(stream, route, address)
+            except Refused as exc:
+                if exc.code != rpb.GOODBYE_CODE_DUPLICATE:
+                    state.last_error = exc.reason
+                    log.warning("%s refused the connection: %s", route.hostname, exc.reason)
+            except (ConnectionLost, StorageUnavailable, OSError) as exc:
+                state.last_error = f"{type(exc).__name__}: {exc}"
+                log.debug("dial %s failed: %s", address, exc)
+            if time.monotonic() - started > STABLE_SESSION_S:
+                backoff.reset()
+            await self._sleep_or_session(route.hostname, backoff.next())
+
+    async def _sleep_or_session(self, peer: str, delay: float) -> None:
+        """Sleep before redialing, but stop early if the peer connects to us meanwhile."""
+        deadline = time.monotonic() + delay
+        while not self._closing and peer not in self.sessions:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._session_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._session_changed.wait(), timeout=remaining)
+
+    async def _run_dialed(self, stream: PeerStream, route: Route, address: str) -> None:
+        try:
+            mine = await self.hello(route, expected_name=route.hostname)
+            await stream.send(rpb.PeerMessage(hello=mine))
+            theirs = await receive_hello(stream, HANDSHAKE_TIMEOUT_S)
+            if theirs.node_name != route.hostname:
+                raise Refused(
+                    rpb.GOODBYE_CODE_NAME_MISMATCH,
+                    f"dialed {route.hostname!r} at {address} but reached {theirs.node_name!r}",
+                )
+            session = Session(
+                self, stream, mine, theirs, True, address, route, self.peer_state(theirs.node_name)
+            )
+            if not self._register(session):
+                raise Refused(
+                    rpb.GOODBYE_CODE_DUPLICATE, "a connection with this peer already exists"
+                )
+        except BaseException:
+            await stream.close()
+            raise
+        await self._run_session(session)
+
+    # -- accepting ------------------------------------------------------------------------------
+
+    async def accept(
+        self, stream: PeerStream, transport_names: set[str] | None, address: str
+    ) -> None:
+        """Serve a peer's incoming Replicate stream until the session ends."""
+        if self._closing:
+            await stream.send(goodbye(rpb.GOODBYE_CODE_SHUTDOWN, f"{self.name} is shutting down"))
+            return
+        theirs = await receive_hello(stream, HANDSHAKE_TIMEOUT_S)
+        try:
+            version = choose_version(theirs)
+            check_dialer(self.name, theirs, transport_names)
+            route = self.routes.get(theirs.node_name)
+            mine = await self.hello(route)
+            mine.protocol_version = version
+            session = Session(
+                self, stream, mine, theirs, False, address, route, self.peer_state(theirs.node_name)
+            )
+            if not self._register(session):
+                raise Refused(
+                    rpb.GOODBYE_CODE_DUPLICATE,
+                    f"{self.name} already has a connection with {theirs.node_name}"
+                    " that wins the tie-break",
+                )
+        except Refused as exc:
+            if exc.code != rpb.GOODBYE_CODE_DUPLICATE:
+                self.peer_state(theirs.node_name or address).last_error = exc.reason
+                log.warning("refused %s from %s: %s", theirs.node_name, address, exc.reason)
+            await stream.send(goodbye(exc.code, exc.reason))
+            return
+        await stream.send(rpb.PeerMessage(hello=mine))
+        await self._run_session(session)
+
+    # -- the registry -------------------------------------------------------------------
+
+    def _register(self, session: Session) -> bool:
+        """Admit a session unless an existing one with the same peer wins the tie-break."""
+        existing = self.sessions.get(session.peer)
+        if existing is not None and not existing.finished.is_set():
+            preferred = min(self.name, session.peer)
+            if session.dialer != preferred or existing.dialer == preferred:
+                return False
+            existing.close(
+                rpb.GOODBYE_CODE_DUPLICATE, "replaced by the connection dialed by " + preferred
+            )
+        self.sessions[session.peer] = session
+        return True
+
+    async def _run_session(self, session: Session) -> None:
+        self._changed()
+        try:
+            reason = await session.run()
+        finally:
+            if self.sessions.get(session.peer) is session:
+                del self.sessions[session.peer]
+            self._changed()
+        state = session.state
+        quiet = "shutting down" in reason or reason.startswith("closed: replaced")
+        if reason and not quiet and not state.last_error:
+            state.last_error = reason
+
+    def _changed(self) -> None:
+        """A session came or went: wake redial waits and re-subscribe with new exclusions."""
+        self._session_changed.set()
+        for session in self.sessions.values():
+            if session.inbound.excluded != self.exclusions_for(session.peer):
+                session.inbound.resubscribe.set()
+
+    def exclusions_for(self, peer: str) -> list[str]:
+        """Origins not to receive from ``peer``: ourselves and peers we receive from directly."""
+        direct = {
+            name
+            for name, s in self.sessions.items()
+            if name != peer and s.flows.receives and not s.finished.is_set()
+        }
+        return sorted({self.name, *direct})
+
+    # -- status ------------------------------------------------------------------------------
+
+    def status(self) -> rpb.StatusResponse:
+        return rpb.StatusResponse(
+            node_name=self.name,
+            connections=[state.to_proto() for _, state in sorted(self.peers.items())],
+        )

@@ -1,0 +1,48 @@
+"""The ReplicatorService handlers: peers' Replicate streams and the Status RPC."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from shoal.replicator.v1 import replicator_pb2 as rpb
+from shoal.replicator.v1 import replicator_pb2_grpc
+
+from services.common.auth import BearerToken, parse_authorization
+from services.common.errors import PermissionDenied, Unauthenticated
+from services.common.tls import peer_names
+from services.replicator.replicator import Replicator
+from services.replicator.transport import AcceptedStream, ConnectionLost
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+class ReplicatorServicer(replicator_pb2_grpc.ReplicatorServiceServicer):
+    """gRPC edge of the replicator."""
+
+    def __init__(self, replicator: Replicator, node_secret: str) -> None:
+        self.replicator = replicator
+        self._secret = node_secret
+
+    async def Replicate(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[rpb.ReplicateRequest], context: Ctx
+    ) -> None:
+        auth = context.auth_context()
+        secure = auth.get("transport_security_type") == [b"ssl"]
+        names = peer_names(auth) if secure else None
+        if secure and not names:
+            raise Unauthenticated("a client certificate is required on the secure replication port")
+        try:
+            await self.replicator.accept(AcceptedStream(context), names, context.peer())
+        except ConnectionLost:
+            return
+
+    async def Status(self, request: rpb.StatusRequest, context: Ctx) -> rpb.StatusResponse:
+        credentials = parse_authorization(tuple(context.invocation_metadata() or ()))
+        if not isinstance(credentials, BearerToken):
+            raise PermissionDenied("replication status is for the node's own services")
+        if not hmac.compare_digest(credentials.token.encode(), self._secret.encode()):
+            raise Unauthenticated("invalid node credentials")
+        return self.replicator.status()

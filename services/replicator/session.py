@@ -1,0 +1,267 @@
+"""One established connection with a peer, after the handshake.
+
+A session is a handful of tasks around one stream:
+
+    reader     receives messages, dispatches them to the two roles (below), answers
+               heartbeats; the only task that calls ``stream.recv``
+    writer     drains the bounded outgoing queue; the only task that calls ``stream.send``
+    heartbeat  probes the peer, measures latency, ends the session when the peer is silent
+    inbound    the receiver role: copy, subscribe, apply batches, acknowledge (inbound.py)
+    outbound   the sender role: serve copies, stream the log within a window (outbound.py)
+
+The first task to end (or fail) ends the session; the rest are cancelled. Nothing a
+session holds needs to survive it: positions live in storage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from shoal.replicator.v1 import replicator_pb2 as rpb
+
+from services.common.config import Route
+from services.replicator.inbound import Inbound
+from services.replicator.outbound import Outbound
+from services.replicator.status import PeerState, now_ms
+from services.replicator.transport import ConnectionLost, PeerStream
+
+if TYPE_CHECKING:
+    from services.replicator.replicator import Replicator
+
+log = logging.getLogger("shoal.replicator.session")
+
+OUTGOING_QUEUE = 64
+GOODBYE_TIMEOUT_S = 2.0
+
+
+class SessionEnded(Exception):
+    """The session is over; the message says why."""
+
+
+@dataclass(frozen=True)
+class Flows:
+    """Which data flows on this connection, and for which databases."""
+
+    sends: bool
+    receives: bool
+    all_databases: bool
+    databases: frozenset[str]  # the flow's databases when not all
+
+    def covers(self, database: str) -> bool:
+        return self.all_databases or database in self.databases
+
+
+def flows(mine: rpb.Hello, theirs: rpb.Hello) -> Flows:
+    """Agree on directions and databases from both Hellos (both sides compute the same)."""
+    if mine.all_databases and theirs.all_databases:
+        all_dbs, dbs = True, frozenset[str]()
+    elif mine.all_databases:
+        all_dbs, dbs = False, frozenset(theirs.databases)
+    elif theirs.all_databases:
+        all_dbs, dbs = False, frozenset(mine.databases)
+    else:
+        all_dbs, dbs = False, frozenset(mine.databases) & frozenset(theirs.databases)
+    return Flows(
+        sends=mine.sends and theirs.receives,
+        receives=mine.receives and theirs.sends,
+        all_databases=all_dbs,
+        databases=dbs,
+    )
+
+
+class Session:
+    """A live connection with one peer."""
+
+    def __init__(
+        self,
+        replicator: Replicator,
+        stream: PeerStream,
+        mine: rpb.Hello,
+        theirs: rpb.Hello,
+        dialed: bool,
+        address: str,
+        route: Route | None,
+        state: PeerState,
+    ) -> None:
+        self.replicator = replicator
+        self.config = replicator.config.replication
+        self.stream = stream
+        self.peer = theirs.node_name
+        self.mine = mine
+        self.theirs = theirs
+        self.dialed = dialed
+        self.dialer = replicator.name if dialed else self.peer
+        self.address = address
+        self.route = route
+        self.state = state
+        self.flows = flows(mine, theirs)
+        self.out: asyncio.Queue[rpb.PeerMessage] = asyncio.Queue(maxsize=OUTGOING_QUEUE)
+        self.finished = asyncio.Event()
+        self.end_reason = ""
+        self.last_heard = time.monotonic()
+        self.reader_busy = False
+        self._heartbeats: dict[int, float] = {}
+        self._next_heartbeat = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._failure: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.inbound = Inbound(self)
+        self.outbound = Outbound(self)
+
+    @property
+    def storage(self) -> Any:
+        return self.replicator.storage
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    async def send(self, message: rpb.PeerMessage) -> None:
+        """Queue a message for the writer (waits while the queue is full)."""
+        await self.out.put(message)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run a task whose failure ends the session."""
+        task = asyncio.create_task(coro, name=f"{self.peer}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()  # always retrieved, so asyncio never reports it as lost
+        if exc is not None and not self._failure.done():
+            self._failure.set_result(
+                f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            )
+
+    def end(self, reason: str) -> None:
+        """End the session (from any task)."""
+        if not self._failure.done():
+            self._failure.set_result(reason)
+
+    # -- life ----------------------------------------------------------------------------
+
+    async def run(self) -> str:
+        """Run until the session ends; returns why."""
+        self.state.connected = True
+        self.state.connected_since_ms = now_ms()
+        self.state.address = self.address
+        self.state.dialed = self.dialed
+        self.state.sends = self.flows.sends
+        self.state.receives = self.flows.receives
+        log.info(
+            "connected to %s (%s, %s; sends=%s receives=%s)",
+            self.peer,
+            self.address,
+            "dialed" if self.dialed else "accepted",
+            self.flows.sends,
+            self.flows.receives,
+        )
+        self.spawn(self._reader(), "reader")
+        self.spawn(self._writer(), "writer")
+        self.spawn(self._heartbeat(), "heartbeat")
+        if self.flows.receives:
+            self.spawn(self.inbound.run(), "inbound")
+        try:
+            self.end_reason = await self._failure
+        finally:
+            await self._shutdown()
+        return self.end_reason
+
+    def close(self, code: rpb.GoodbyeCode.ValueType, reason: str) -> None:
+        """Say goodbye (best effort) and end the session."""
+        with contextlib.suppress(asyncio.QueueFull):
+            self.out.put_nowait(rpb.PeerMessage(goodbye=rpb.Goodbye(code=code, reason=reason)))
+        self.end(reason)
+
+    async def _shutdown(self) -> None:
+        # Give the writer a moment to flush a queued Goodbye.
+        writer_done = asyncio.get_running_loop().time() + GOODBYE_TIMEOUT_S
+        while not self.out.empty() and asyncio.get_running_loop().time() < writer_done:
+            if not any(t.get_name().endswith(":writer") for t in self._tasks):
+                break
+            await asyncio.sleep(0.01)
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.stream.close()
+        self.state.connected = False
+        self.state.back_pressure_percent = 0.0
+        self.finished.set()
+        log.info("disconnected from %s: %s", self.peer, self.end_reason)
+
+    async def _writer(self) -> None:
+        while True:
+            message = await self.out.get()
+            await self.stream.send(message)
+            if message.WhichOneof("body") == "goodbye":
+                self.end(f"closed: {message.goodbye.reason}")
+                return
+
+    async def _reader(self) -> None:
+        while True:
+            message = await self.stream.recv()
+            if message is None:
+                raise SessionEnded("the peer closed the stream")
+            self.last_heard = time.monotonic()
+            self.reader_busy = True
+            try:
+                await self._dispatch(message)
+            finally:
+                self.reader_busy = False
+
+    async def _dispatch(self, message: rpb.PeerMessage) -> None:
+        kind = message.WhichOneof("body")
+        if kind == "heartbeat":
+            await self.send(
+                rpb.PeerMessage(heartbeat_reply=rpb.HeartbeatReply(id=message.heartbeat.id))
+            )
+        elif kind == "heartbeat_reply":
+            sent = self._heartbeats.pop(message.heartbeat_reply.id, None)
+            if sent is not None:
+                self.state.latency_ms = round((time.monotonic() - sent) * 1000, 3)
+        elif kind in ("batch", "copy_chunk", "subscribe_error"):
+            await self.inbound.deliver(message)
+        elif kind == "subscribe":
+            await self.outbound.on_subscribe(message.subscribe)
+        elif kind == "unsubscribe":
+            await self.outbound.on_unsubscribe(message.unsubscribe)
+        elif kind == "ack":
+            await self.outbound.on_ack(message.ack)
+        elif kind == "copy_request":
+            self.outbound.on_copy_request(message.copy_request)
+        elif kind == "goodbye":
+            reason = message.goodbye.reason or "the peer said goodbye"
+            self.state.last_error = (
+                reason if message.goodbye.code != rpb.GOODBYE_CODE_SHUTDOWN else ""
+            )
+            raise SessionEnded(f"goodbye from {self.peer}: {reason}")
+        else:
+            raise SessionEnded(f"unexpected {kind} message from {self.peer}")
+
+    async def _heartbeat(self) -> None:
+        interval = self.config.heartbeat_interval_s
+        timeout = self.config.peer_timeout_s
+        while True:
+            await asyncio.sleep(interval)
+            silent = time.monotonic() - self.last_heard
+            if silent > timeout and not self.reader_busy:
+                raise ConnectionLost(f"no message from {self.peer} for {silent:.1f}s")
+            self._next_heartbeat += 1
+            self._heartbeats[self._next_heartbeat] = time.monotonic()
+            for old in [i for i in self._heartbeats if i < self._next_heartbeat - 16]:
+                del self._heartbeats[old]
+            # Never block here: a peer that stopped reading must still be detected.
+            with contextlib.suppress(asyncio.QueueFull):
+                self.out.put_nowait(
+                    rpb.PeerMessage(heartbeat=rpb.Heartbeat(id=self._next_heartbeat))
+                )
+            self.state.back_pressure_percent = self.outbound.window.used_percent
