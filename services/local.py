@@ -1,0 +1,196 @@
+"""Running Shoal's processes on this machine: one node (``shoal node start``) or a whole
+local cluster on loopback addresses (``shoal local up``, what ``make run`` does).
+
+Each service is its own process (``python -m services.<name> --config shoal.yaml``); the
+supervisor starts them in order (storage first), waits until each reports SERVING on the
+gRPC health service, restarts one that dies (with backoff), and on Ctrl-C or SIGTERM stops
+them all in reverse order, waiting for each to finish.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.backoff import Backoff
+from services.common.config import ShoalConfig, load_config
+
+SERVICES = ("storage", "replicator")
+READY_TIMEOUT_S = 60.0
+
+
+def service_address(config: ShoalConfig, service: str) -> str:
+    if service == "storage":
+        return config.local_address(config.storage.port)
+    if service == "admin":
+        return config.local_address(config.operations_api.port)
+    return config.local_address(config.replication.port)
+
+
+def healthy(address: str) -> bool:
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub: Any = health_pb2_grpc.HealthStub(channel)
+            reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+    except grpc.RpcError:
+        return False
+
+
+@dataclass
+class Supervised:
+    """One service process under supervision."""
+
+    node: str
+    service: str
+    config_path: Path
+    log_path: Path | None
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+    backoff: Backoff = field(default_factory=lambda: Backoff(0.5, 10.0))
+    restart_at: float = 0.0
+
+    def start(self) -> None:
+        out = self.log_path.open("ab") if self.log_path else None
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", f"services.{self.service}", "--config", str(self.config_path)],
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            env={**os.environ, **self.env},
+        )
+        if out:
+            out.close()
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+class Supervisor:
+    """Starts services, keeps them running, stops them on a signal."""
+
+    def __init__(self) -> None:
+        self.children: list[Supervised] = []
+        self._stopping = False
+
+    def add(self, child: Supervised) -> None:
+        self.children.append(child)
+
+    def start_all(self, addresses: dict[tuple[str, str], str]) -> None:
+        for child in self.children:
+            child.start()
+            address = addresses[(child.node, child.service)]
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while not healthy(address):
+                if child.process is not None and child.process.poll() is not None:
+                    raise SystemExit(
+                        f"{child.service} of {child.node} exited with {child.process.returncode}"
+                        + (f"; see {child.log_path}" if child.log_path else "")
+                    )
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{child.service} of {child.node} did not become ready")
+                time.sleep(0.1)
+
+    def run_until_signalled(self) -> None:
+        def stop(signum: int, frame: object) -> None:
+            self._stopping = True
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+        while not self._stopping:
+            now = time.monotonic()
+            for child in self.children:
+                process = child.process
+                if process is None or process.poll() is None:
+                    continue
+                if child.restart_at == 0.0:
+                    delay = child.backoff.next()
+                    child.restart_at = now + delay
+                    print(
+                        f"{child.service} of {child.node} exited ({process.returncode});"
+                        f" restarting in {delay:.1f}s",
+                        file=sys.stderr,
+                    )
+                elif now >= child.restart_at:
+                    child.restart_at = 0.0
+                    child.start()
+            time.sleep(0.2)
+        self.stop_all()
+
+    def stop_all(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+
+
+def local_cluster_configs(data: Path, nodes: int) -> list[Path]:
+    """Write (once) the configs of a loopback cluster: node i on 127.0.0.i, full mesh."""
+    hosts = [f"127.0.0.{i}" for i in range(1, nodes + 1)]
+    paths = []
+    for i, host in enumerate(hosts, start=1):
+        directory = data / f"node{i}"
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "shoal.yaml"
+        if not path.exists():
+            config = {
+                "rootPath": ".",
+                "host": host,
+                "replication": {"hostname": host, "routes": [h for h in hosts if h != host]},
+                "logging": {"level": "info"},
+            }
+            path.write_text(
+                "# A node of the local cluster made by `shoal local up`.\n"
+                + yaml.safe_dump(config, sort_keys=False)
+            )
+        paths.append(path)
+    return paths
+
+
+def local_password(data: Path) -> str:
+    """The local cluster's admin password: $SHOAL_ADMIN_PASSWORD, or one generated once."""
+    if os.environ.get("SHOAL_ADMIN_PASSWORD"):
+        return os.environ["SHOAL_ADMIN_PASSWORD"]
+    path = data / ".admin-password"
+    if path.exists():
+        return path.read_text().strip()
+    data.mkdir(parents=True, exist_ok=True)
+    password = secrets.token_urlsafe(12)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(password + "\n")
+    return password
+
+
+def run_services(
+    config_paths: list[Path], services: tuple[str, ...], env: dict[str, str], logs: bool
+) -> Supervisor:
+    supervisor = Supervisor()
+    addresses: dict[tuple[str, str], str] = {}
+    configs = [(path, load_config(path)) for path in config_paths]
+    for service in services:
+        for path, config in configs:
+            log_path = path.parent / f"{service}.log" if logs else None
+            supervisor.add(Supervised(config.node_name, service, path, log_path, env))
+            addresses[(config.node_name, service)] = service_address(config, service)
+    try:
+        supervisor.start_all(addresses)
+    except BaseException:
+        supervisor.stop_all()
+        raise
+    return supervisor
