@@ -57,6 +57,16 @@ class Replicates:
 
 
 @dataclass(frozen=True)
+class Subscription:
+    """An explicit per-table subscription with one peer (Harper's legacy form)."""
+
+    database: str
+    table: str
+    publish: bool
+    subscribe: bool
+
+
+@dataclass(frozen=True)
 class Route:
     """A peer this node dials."""
 
@@ -66,6 +76,7 @@ class Route:
     replicates: Replicates = field(default_factory=Replicates)
     start_time: datetime | None = None
     revoked_certificates: tuple[str, ...] = ()
+    subscriptions: tuple[Subscription, ...] = ()  # empty: replicate every table
 
 
 @dataclass(frozen=True)
@@ -117,6 +128,7 @@ class ReplicationConfig:
     window_bytes: int = 8 * 1024 * 1024
     batch_transactions: int = 500
     batch_bytes: int = 1024 * 1024
+    copy_rows_per_second: int = 0  # 0: as fast as possible
 
 
 @dataclass(frozen=True)
@@ -207,12 +219,14 @@ class _Reader:
         path: str,
         problems: list[str],
         env: Mapping[str, str],
+        trace: set[str] | None = None,
     ) -> None:
         self._data = data
         self._path = path
         self._problems = problems
         self._env = env
         self._seen: set[str] = set()
+        self._trace = trace
 
     def key(self, name: str) -> str:
         return f"{self._path}.{name}" if self._path else name
@@ -223,6 +237,8 @@ class _Reader:
     def raw(self, name: str) -> tuple[bool, Any]:
         """(present, value), with the environment override taking precedence."""
         self._seen.add(name)
+        if self._trace is not None:
+            self._trace.add(self.key(name))
         env_name = ENV_PREFIX + self.key(name).replace(".", "_").upper()
         if env_name in self._env:
             try:
@@ -298,7 +314,7 @@ class _Reader:
         if present and value is not None and not isinstance(value, Mapping):
             self.problem(name, value, "expected a mapping")
             value = {}
-        return _Reader(value or {}, self.key(name), self._problems, self._env)
+        return _Reader(value or {}, self.key(name), self._problems, self._env, self._trace)
 
     def finish(self) -> None:
         for name in sorted(set(self._data) - self._seen):
@@ -420,6 +436,35 @@ def _parse_route(reader: _Reader, index: int, item: object) -> Route | None:
             revoked = tuple(str(s).upper() for s in raw_revoked)
         else:
             sub.problem("revokedCertificates", raw_revoked, "expected a list of serial numbers")
+    subscriptions: list[Subscription] = []
+    present, raw_subs = sub.raw("subscriptions")
+    if present and raw_subs is not None:
+        if not isinstance(raw_subs, list):
+            sub.problem("subscriptions", raw_subs, "expected a list")
+        for i, raw_entry in enumerate(raw_subs if isinstance(raw_subs, list) else []):
+            if not isinstance(raw_entry, Mapping):
+                sub.problem(
+                    f"subscriptions[{i}]",
+                    raw_entry,
+                    "expected {database, table, publish, subscribe}",
+                )
+                continue
+            entry = _Reader(raw_entry, sub.key(f"subscriptions[{i}]"), reader._problems, {})
+            database = entry.string("database", "")
+            table = entry.string("table", "")
+            if not _NAME_RE.match(database) or not _NAME_RE.match(table):
+                sub.problem(
+                    f"subscriptions[{i}]", raw_entry, "database and table names are required"
+                )
+            subscriptions.append(
+                Subscription(
+                    database,
+                    table,
+                    entry.boolean("publish", False),
+                    entry.boolean("subscribe", False),
+                )
+            )
+            entry.finish()
     sub.finish()
     return Route(
         hostname=host,
@@ -428,6 +473,7 @@ def _parse_route(reader: _Reader, index: int, item: object) -> Route | None:
         replicates=replicates,
         start_time=start_time,
         revoked_certificates=revoked,
+        subscriptions=tuple(subscriptions),
     )
 
 
@@ -482,6 +528,7 @@ def _parse_replication(reader: _Reader) -> ReplicationConfig:
         window_bytes=reader.integer("windowBytes", 8 * 1024 * 1024, 65536, 1 << 30),
         batch_transactions=reader.integer("batchTransactions", 500, 1, 100_000),
         batch_bytes=reader.integer("batchBytes", 1024 * 1024, 1024, 64 * 1024 * 1024),
+        copy_rows_per_second=reader.integer("copyRowsPerSecond", 0, 0, 100_000_000),
     )
     if config.peer_timeout_s < 2 * config.heartbeat_interval_s:
         reader.problem(
@@ -504,11 +551,16 @@ def parse_config(
     env: Mapping[str, str] | None = None,
     base_dir: Path | None = None,
     source: Path | None = None,
+    trace: set[str] | None = None,
 ) -> ShoalConfig:
-    """Validate a parsed YAML document (plus environment overrides) as a whole."""
+    """Validate a parsed YAML document (plus environment overrides) as a whole.
+
+    ``trace``, when given, collects the dotted name of every key the loader looks at
+    (used to check that docs/configuration.md documents them all).
+    """
     environment = os.environ if env is None else env
     problems: list[str] = []
-    top = _Reader(data, "", problems, environment)
+    top = _Reader(data, "", problems, environment, trace)
     root = Path(top.string("rootPath", "shoal-data")).expanduser()
     if not root.is_absolute():
         root = (base_dir or Path.cwd()) / root

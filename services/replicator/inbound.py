@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import grpc
 from shoal.replicator.v1 import replicator_pb2 as rpb
 from shoal.storage.v1 import storage_pb2 as spb
+from shoal.storage.v1 import types_pb2
 
 from services.common.backoff import Backoff
 from services.common.errors import error_reason
@@ -58,6 +59,10 @@ class _Refused:
     """We refused a transaction (clock skew): pause, then subscribe again."""
 
     reason: str
+
+
+def spb_table(database: str, table: str) -> types_pb2.TableRef:
+    return types_pb2.TableRef(database=database, table=table)
 
 
 class ProtocolViolation(Exception):
@@ -99,9 +104,15 @@ class Inbound:
             self.resubscribe.clear()
             positions = await session.storage.positions()
             self.excluded = session.replicator.exclusions_for(session.peer)
+            tables = session.subscribed_tables()
+            if tables is not None:
+                databases = sorted({d for d, _ in tables if session.flows.covers(d)})
+            else:
+                databases = [] if session.flows.all_databases else sorted(session.flows.databases)
             subscribe = rpb.Subscribe(
                 generation=self.generation,
-                databases=[] if session.flows.all_databases else sorted(session.flows.databases),
+                databases=databases,
+                tables=[spb_table(d, t) for d, t in sorted(tables or ())],
                 positions=positions.positions,
                 exclude_origins=self.excluded,
                 default_version=self._start_version(),
@@ -211,7 +222,11 @@ class Inbound:
 
     def _flow_databases(self) -> list[str]:
         flows = self.session.flows
-        return sorted(d for d in self.session.theirs.known_databases if flows.covers(d))
+        known = [d for d in self.session.theirs.known_databases if flows.covers(d)]
+        tables = self.session.subscribed_tables()
+        if tables is not None:
+            known = [d for d in known if any(db == d for db, _ in tables)]
+        return sorted(known)
 
     async def _copy_unsynced(self) -> None:
         if self._start_version():
@@ -228,7 +243,12 @@ class Inbound:
         session = self.session
         self._copy_id += 1
         copy_id = self._copy_id
-        request = rpb.CopyRequest(copy_id=copy_id, database=database)
+        tables = self.session.subscribed_tables()
+        request = rpb.CopyRequest(
+            copy_id=copy_id,
+            database=database,
+            tables=sorted(t for d, t in tables or () if d == database),
+        )
         if progress is not None and progress.last_key.table:
             request.start_after.CopyFrom(progress.last_key)
             log.info(
@@ -241,6 +261,8 @@ class Inbound:
             log.info("copying %s from %s", database, session.peer)
         await session.send(rpb.PeerMessage(copy_request=request))
         started = time.monotonic()
+        rate = session.config.copy_rows_per_second
+        merged = 0
         status = session.state.database(database)
         while True:
             message = await self.queue.get()
@@ -263,6 +285,12 @@ class Inbound:
                 )
             )
             status.copy = reply.progress
+            merged += len(chunk.rows)
+            if rate:
+                # Pace the copy (replication.copyRowsPerSecond) so it cannot starve a live node.
+                ahead = merged / rate - (time.monotonic() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
             if chunk.done:
                 log.info(
                     "copied %s from %s: %d rows in %.1fs",

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from shoal.replicator.v1 import replicator_pb2 as rpb
 from shoal.storage.v1 import storage_pb2 as spb
+from shoal.storage.v1 import types_pb2
 
 from services.common.errors import error_info, error_reason
 from services.replicator.local import StorageUnavailable
@@ -48,11 +49,24 @@ class Outbound:
     def _databases(self, asked: list[str]) -> list[str]:
         """The databases to stream: what the peer asks, within what this node replicates."""
         mine = self.session.replicator.config.replication.databases
+        published = self.session.published_tables()
+        if published is not None:
+            allowed = {d for d, _ in published}
+            mine = tuple(d for d in (mine or allowed) if d in allowed)
         if mine is None:
             return asked
         if not asked:
             return list(mine)
         return [d for d in asked if d in mine]
+
+    def _tables(self, asked: list[types_pb2.TableRef]) -> list[types_pb2.TableRef]:
+        """The tables to stream: what the peer asks, within what this node publishes."""
+        published = self.session.published_tables()
+        if published is None:
+            return asked
+        if not asked:
+            return [types_pb2.TableRef(database=d, table=t) for d, t in sorted(published)]
+        return [t for t in asked if (t.database, t.table) in published]
 
     async def on_subscribe(self, message: rpb.Subscribe) -> None:
         await self._stop_feed()
@@ -110,9 +124,12 @@ class Outbound:
     async def _run_feed(self, message: rpb.Subscribe) -> None:
         session = self.session
         config = session.config
+        tables = self._tables(list(message.tables))
+        if session.published_tables() is not None and not tables:
+            return  # nothing this node publishes was asked for (empty would mean "all")
         request = spb.SubscribeRequest(
             databases=self._databases(list(message.databases)),
-            tables=message.tables,
+            tables=tables,
             positions=message.positions,
             exclude_origins=sorted({*message.exclude_origins, session.peer}),
             default_version=message.default_version,
@@ -190,7 +207,23 @@ class Outbound:
 
     async def _run_copy(self, message: rpb.CopyRequest) -> None:
         session = self.session
-        request = spb.SnapshotRequest(database=message.database)
+        tables = [
+            t.table
+            for t in self._tables(
+                [types_pb2.TableRef(database=message.database, table=n) for n in message.tables]
+            )
+            if t.database == message.database
+        ]
+        if self.session.published_tables() is not None and not tables:
+            await self.session.send(
+                rpb.PeerMessage(
+                    copy_chunk=rpb.CopyChunk(
+                        copy_id=message.copy_id, done=True, error="not published"
+                    )
+                )
+            )
+            return
+        request = spb.SnapshotRequest(database=message.database, tables=tables)
         if message.HasField("start_after") and message.start_after.table:
             request.start_after.CopyFrom(message.start_after)
         stream = session.storage.snapshot(request)

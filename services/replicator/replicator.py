@@ -97,6 +97,11 @@ class Replicator:
 
     async def hello(self, route: Route | None, expected_name: str = "") -> rpb.Hello:
         databases = self.config.replication.databases
+        sends = route.replicates.sends if route is not None else True
+        receives = route.replicates.receives if route is not None else True
+        if route is not None and route.subscriptions:
+            sends = sends and any(s.publish for s in route.subscriptions)
+            receives = receives and any(s.subscribe for s in route.subscriptions)
         return rpb.Hello(
             protocol_min=PROTOCOL_MIN,
             protocol_max=PROTOCOL_MAX,
@@ -105,8 +110,8 @@ class Replicator:
             all_databases=databases is None,
             databases=databases or (),
             known_databases=await self.storage.databases(),
-            sends=route.replicates.sends if route is not None else True,
-            receives=route.replicates.receives if route is not None else True,
+            sends=sends,
+            receives=receives,
         )
 
     # -- dialing ------------------------------------------------------------------------------
@@ -124,11 +129,16 @@ class Replicator:
         config = self.config.replication
         backoff = Backoff(config.reconnect_delay_s, config.reconnect_max_delay_s)
         state = self.peer_state(route.hostname)
+        preferred = min(self.name, route.hostname) == self.name
         while not self._closing:
             existing = self.sessions.get(route.hostname)
-            if existing is not None:
+            upgrade = existing is not None and preferred and existing.dialer != self.name
+            if existing is not None and not upgrade:
                 await existing.finished.wait()
                 continue
+            # With no connection, dial. With one the peer dialed, the node with the smaller
+            # name still dials: its connection wins the tie-break, so the result does not
+            # depend on who dialed first. A failed upgrade is not an error: we are connected.
             address, secure = self.route_address(route)
             started = time.monotonic()
             try:
@@ -140,15 +150,19 @@ class Replicator:
                 )
                 await self._run_dialed(stream, route, address)
             except Refused as exc:
-                if exc.code != rpb.GOODBYE_CODE_DUPLICATE:
+                if exc.code != rpb.GOODBYE_CODE_DUPLICATE and not upgrade:
                     state.last_error = exc.reason
                     log.warning("%s refused the connection: %s", route.hostname, exc.reason)
             except (ConnectionLost, StorageUnavailable, OSError) as exc:
-                state.last_error = f"{type(exc).__name__}: {exc}"
+                if not upgrade:
+                    state.last_error = f"{type(exc).__name__}: {exc}"
                 log.debug("dial %s failed: %s", address, exc)
             if time.monotonic() - started > STABLE_SESSION_S:
                 backoff.reset()
-            await self._sleep_or_session(route.hostname, backoff.next())
+            if upgrade:
+                await asyncio.sleep(backoff.next())
+            else:
+                await self._sleep_or_session(route.hostname, backoff.next())
 
     async def _sleep_or_session(self, peer: str, delay: float) -> None:
         """Sleep before redialing, but stop early if the peer connects to us meanwhile."""
@@ -241,7 +255,7 @@ class Replicator:
                 del self.sessions[session.peer]
             self._changed()
         state = session.state
-        quiet = "shutting down" in reason or reason.startswith("closed: replaced")
+        quiet = "shutting down" in reason or "replaced by the connection" in reason
         if reason and not quiet and not state.last_error:
             state.last_error = reason
 

@@ -117,6 +117,18 @@ class Session:
     def storage(self) -> Any:
         return self.replicator.storage
 
+    def subscribed_tables(self) -> set[tuple[str, str]] | None:
+        """Tables this node receives from the peer; None for every table."""
+        if self.route is None or not self.route.subscriptions:
+            return None
+        return {(s.database, s.table) for s in self.route.subscriptions if s.subscribe}
+
+    def published_tables(self) -> set[tuple[str, str]] | None:
+        """Tables this node sends to the peer; None for every table."""
+        if self.route is None or not self.route.subscriptions:
+            return None
+        return {(s.database, s.table) for s in self.route.subscriptions if s.publish}
+
     # -- plumbing ------------------------------------------------------------------------
 
     async def send(self, message: rpb.PeerMessage) -> None:
@@ -193,8 +205,10 @@ class Session:
         await asyncio.gather(*tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.stream.close()
-        self.state.connected = False
-        self.state.back_pressure_percent = 0.0
+        if self.replicator.sessions.get(self.peer) in (None, self):
+            # Only the peer's current session speaks for it (a replaced one must not).
+            self.state.connected = False
+            self.state.back_pressure_percent = 0.0
         self.finished.set()
         log.info("disconnected from %s: %s", self.peer, self.end_reason)
 
@@ -240,9 +254,8 @@ class Session:
             self.outbound.on_copy_request(message.copy_request)
         elif kind == "goodbye":
             reason = message.goodbye.reason or "the peer said goodbye"
-            self.state.last_error = (
-                reason if message.goodbye.code != rpb.GOODBYE_CODE_SHUTDOWN else ""
-            )
+            if message.goodbye.code not in (rpb.GOODBYE_CODE_SHUTDOWN, rpb.GOODBYE_CODE_DUPLICATE):
+                self.state.last_error = reason
             raise SessionEnded(f"goodbye from {self.peer}: {reason}")
         else:
             raise SessionEnded(f"unexpected {kind} message from {self.peer}")

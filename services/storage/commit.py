@@ -145,13 +145,29 @@ class BatchWriter:
             table.attributes.update(new_doc)
             self.dirty_databases.add(table.database)
 
+    def remove(self, table: Table, encoded_pk: bytes, old: RecordState) -> None:
+        """Delete a record outright (no tombstone), with its index entries."""
+        self.empty = False
+        dkey = table.prefix + encoded_pk
+        self.overlay[dkey] = None
+        self.batch.delete(dkey, self._data)
+        self._index_diff(table, encoded_pk, old.doc, {})
+        if old.visible:
+            self.count_delta[table.table_id] = self.count_delta.get(table.table_id, 0) - 1
+
     def _index_diff(
         self, table: Table, encoded_pk: bytes, old_doc: dict[str, Any], new_doc: dict[str, Any]
     ) -> None:
         for attribute in table.indexed:
             old_value = old_doc.get(attribute, _MISSING)
             new_value = new_doc.get(attribute, _MISSING)
-            if old_value == new_value and type(old_value) is type(new_value):
+            if (
+                old_value == new_value
+                and type(old_value) is type(new_value)
+                and not isinstance(old_value, list)
+            ):
+                # Unchanged. Arrays always take the diff below: [1] == [True] in Python,
+                # yet they index differently.
                 continue
             old_entries = index_values(old_value) if old_value is not _MISSING else set()
             new_entries = index_values(new_value) if new_value is not _MISSING else set()
@@ -314,6 +330,7 @@ class LocalTransaction:
         self.writer = BatchWriter(engine)
         self._pending: dict[bytes, _Pending] = {}
         self._tables: dict[str, Table] = {}
+        self._records = 0  # records given so far, across the request's operations
 
     def _current(self, table: Table, encoded: list[bytes]) -> list[RecordState | None]:
         """Visible view: pre-transaction state with this transaction's writes applied."""
@@ -356,9 +373,10 @@ class LocalTransaction:
 
     def _checked(self, records: Sequence[bytes], table: Table) -> list[Parsed]:
         limit = self.engine.config.storage.max_records_per_request
-        if len(records) > limit:
+        self._records += len(records)
+        if self._records > limit:
             raise ResourceExhausted(
-                f"{len(records)} records in one request; the limit is {limit}"
+                f"{self._records} records in one request; the limit is {limit}"
                 " (storage.maxRecordsPerRequest)"
             )
         self._tables[table.name] = table

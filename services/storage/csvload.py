@@ -63,7 +63,8 @@ class CsvParser:
         default_factory=codecs.getincrementaldecoder("utf-8-sig")
     )
     _pending: str = ""
-    _line: int = 0
+    _line: int = 0  # first line of the current row (1-based; the header is line 1)
+    _lines: int = 0  # lines of the file in rows already parsed
     issues: list[RowIssue] = field(default_factory=list)
     failed: int = 0
 
@@ -71,32 +72,50 @@ class CsvParser:
         try:
             text = self._pending + self._decoder.decode(chunk, final=final)
         except UnicodeDecodeError as exc:
-            raise InvalidArgument(f"the CSV is not valid UTF-8 near line {self._line + 1}") from exc
-        if not final:
-            # Keep the tail after the last newline outside quotes for the next chunk.
-            cut = _last_complete(text)
-            self._pending = text[cut:]
-            text = text[:cut]
-        else:
-            self._pending = ""
+            raise InvalidArgument(
+                f"the CSV is not valid UTF-8 near line {self._lines + 1}"
+            ) from exc
+        self._pending = ""
         if not text:
             return
-        for row in csv.reader(io.StringIO(text, newline="")):
-            self._line += 1
-            if self.header is None:
-                self._start(row)
-                continue
-            if not row or row == [""]:
-                continue
-            if len(row) != len(self.header):
-                self._issue(f"has {len(row)} fields, the header has {len(self.header)}")
-                continue
-            doc = {
-                name: convert(value)
-                for name, value in zip(self.header, row, strict=True)
-                if value != ""
-            }
-            yield self._line, orjson.dumps(doc)
+        # ``text`` starts at a row boundary. The csv module itself finds where rows end (a
+        # quote opens a quoted field only at the start of a field), and every row but the
+        # last is complete; unless this is the final chunk, the last row waits for more text.
+        source = io.StringIO(text, newline="")
+        reader = csv.reader(source)
+        held: tuple[list[str], int, int] | None = None  # (row, offset in text, its lines)
+        offset = 0
+        lines = 0
+        for row in reader:
+            if held is not None:
+                yield from self._take(held[0], held[2])
+            held = (row, offset, reader.line_num - lines)
+            offset = source.tell()
+            lines = reader.line_num
+        if held is None:
+            return
+        if final:
+            yield from self._take(held[0], held[2])
+        else:
+            self._pending = text[held[1] :]
+
+    def _take(self, row: list[str], row_lines: int) -> Iterator[tuple[int, bytes]]:
+        self._line = self._lines + 1  # the row's first line in the file
+        self._lines += row_lines
+        if self.header is None:
+            self._start(row)
+            return
+        if not row or row == [""]:
+            return
+        if len(row) != len(self.header):
+            self._issue(f"has {len(row)} fields, the header has {len(self.header)}")
+            return
+        doc = {
+            name: convert(value)
+            for name, value in zip(self.header, row, strict=True)
+            if value != ""
+        }
+        yield self._line, orjson.dumps(doc)
 
     def _start(self, row: list[str]) -> None:
         names = [n.strip() for n in row]
@@ -113,19 +132,3 @@ class CsvParser:
 
     def row_failed(self, line: int, message: str) -> None:
         self._issue(message, line)
-
-
-def _last_complete(text: str) -> int:
-    """Index just after the last newline that is not inside a quoted field.
-
-    ``text`` starts at a row boundary, so a newline is outside quotes exactly when the
-    number of quote characters before it is even (an escaped quote "" counts twice).
-    """
-    end = len(text)
-    while True:
-        i = text.rfind("\n", 0, end)
-        if i < 0:
-            return 0
-        if text.count('"', 0, i) % 2 == 0:
-            return i + 1
-        end = i

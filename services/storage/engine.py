@@ -83,6 +83,7 @@ class CopyState:
     estimated_rows: int = 0
     last_table: str = ""
     last_id: bytes = b""
+    tables: list[str] = field(default_factory=list)  # the source's replicated tables
 
     def encode(self) -> bytes:
         return orjson.dumps(
@@ -94,6 +95,7 @@ class CopyState:
                 "estimatedRows": self.estimated_rows,
                 "lastTable": self.last_table,
                 "lastId": self.last_id.decode(),
+                "tables": self.tables,
             }
         )
 
@@ -109,6 +111,7 @@ class CopyState:
             estimated_rows=data["estimatedRows"],
             last_table=data["lastTable"],
             last_id=data["lastId"].encode(),
+            tables=list(data.get("tables", [])),
         )
 
 
@@ -541,6 +544,8 @@ class Engine:
                 }
         if estimated_rows:
             copy.estimated_rows = estimated_rows
+        if tables:
+            copy.tables = sorted(t.name for t in tables)
         writer = BatchWriter(self)
         try:
             for schema in tables:
@@ -553,6 +558,9 @@ class Engine:
                 )
                 [old] = writer.load(table, [encoded])
                 writer.set_state(table, encoded, old, merge.merge_states(old, theirs))
+            end = (rows[-1].table, parsed[-1][2]) if rows else None
+            if rows or complete:
+                self._drop_purged(writer, copy, parsed, None if complete else end)
         except Exception:
             self.reload_catalog()
             raise
@@ -580,6 +588,47 @@ class Engine:
         else:
             self.copies[database] = copy
         return copy
+
+    def _drop_purged(
+        self,
+        writer: BatchWriter,
+        copy: CopyState,
+        parsed: list[tuple[str, Any, bytes, merge.RecordState]],
+        end: tuple[str, bytes] | None,
+    ) -> None:
+        """Remove rows the source deleted and purged (see the MergeSnapshot contract).
+
+        In the key range this merge covers (after the copy's last key, through ``end``), a
+        row of ours that the source did not send, and whose every write the source has
+        already applied (all its versions are within the copy's positions), was deleted
+        on the source and its tombstone purged: keeping it would resurrect it. Rows with
+        any write the source has not seen survive. Tables the source lacks are untouched.
+        """
+        incoming: dict[str, set[bytes]] = {}
+        for table_name, _pk, encoded, _state in parsed:
+            incoming.setdefault(table_name, set()).add(encoded)
+        start_table = copy.last_table
+        start_key = keys.encode_key(orjson.loads(copy.last_id)) if copy.last_id else b""
+        for name in copy.tables:
+            if name < start_table or (end is not None and name > end[0]):
+                continue
+            table = self.catalog.find_table(copy.database, name)
+            if table is None:
+                continue
+            low = table.prefix + (start_key + b"\x00" if name == start_table and start_key else b"")
+            high = table.prefix + end[1] + b"\x00" if end is not None and name == end[0] else None
+            seen = incoming.get(name, set())
+            n = len(table.prefix)
+            for key, value in self.store.scan("data", low, high or keys.prefix_end(table.prefix)):
+                encoded = key[n:]
+                if encoded in seen or key in writer.overlay:
+                    continue
+                state = merge.decode_state(value)
+                stamps = list(state.versions.values())
+                if state.base != merge.ZERO:
+                    stamps.append(state.base)
+                if stamps and all(v <= copy.positions.get(o, 0) for v, o in stamps):
+                    writer.remove(table, encoded, state)
 
     def schema_of(self, table: Table) -> types_pb2.TableSchema:
         return table_schema(table, with_attributes=True)

@@ -107,6 +107,7 @@ def decode_state(data: bytes) -> RecordState:
             isinstance(stamp, list)
             and len(stamp) == 2
             and isinstance(stamp[0], int)
+            and not isinstance(stamp[0], bool)
             and isinstance(stamp[1], str)
         ):
             raise ValueError(f"attribute version of {name!r} must be [version, origin]")

@@ -220,13 +220,11 @@ def _bounds(prefix: bytes, c: Compare) -> tuple[bytes, bytes]:
         return prefix + keys.encode_value(c.value[0]), prefix + keys.encode_value(
             c.value[1]
         ) + b"\xff"
+    # Bounds are inclusive even for > and <: numbers are encoded as doubles, so distinct
+    # integers beyond 2^53 can share the bound's encoding. The filter applies strictness.
     enc = keys.encode_value(c.value)
-    if op == C.COMPARATOR_GREATER_THAN:
-        return prefix + enc + b"\xff", type_end
-    if op == C.COMPARATOR_GREATER_THAN_EQUAL:
+    if op in (C.COMPARATOR_GREATER_THAN, C.COMPARATOR_GREATER_THAN_EQUAL):
         return prefix + enc, type_end
-    if op == C.COMPARATOR_LESS_THAN:
-        return type_start, prefix + enc
     return type_start, prefix + enc + b"\xff"
 
 
@@ -411,6 +409,8 @@ def run(
             docs = iter(heapq.nsmallest(offset + limit, _capped(docs, None), key=key))
         else:
             docs = iter(sorted(_capped(docs, cap), key=key))
+    elif sort:
+        docs = _exact_order(docs, sort[0][0], sort[0][1])
     skipped = 0
     sent = 0
     for doc in docs:
@@ -421,6 +421,28 @@ def run(
         sent += 1
         if limit and sent >= limit:
             return
+
+
+def _exact_order(docs: Iterator[Doc], attribute: str, descending: bool) -> Iterator[Doc]:
+    """Index order made exact: numbers are indexed as doubles, so distinct integers beyond
+    2^53 can share an index position; each run of such records is sorted by value."""
+    run: list[Doc] = []
+    run_key = b""
+    for doc in docs:
+        value = doc.get(attribute)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        key = keys.encode_value(value) if number else b""
+        if run and key != run_key:
+            run.sort(key=lambda d: d[attribute], reverse=descending)
+            yield from run
+            run = []
+        if not number:
+            yield doc
+            continue
+        run_key = key
+        run.append(doc)
+    run.sort(key=lambda d: d[attribute], reverse=descending)
+    yield from run
 
 
 def _capped(docs: Iterator[Doc], cap: int | None) -> Iterator[Doc]:
@@ -447,6 +469,7 @@ def value_condition(attribute: str, value: Any) -> Compare | Group:
             return Compare(attribute, C.COMPARATOR_STARTS_WITH, inner)
         if not value.endswith("*"):
             return Compare(attribute, C.COMPARATOR_ENDS_WITH, inner)
-        return Compare(attribute, C.COMPARATOR_CONTAINS, inner)
+        # `*abc*` is a substring pattern, like every other pattern matched against each
+        # element of an array (COMPARATOR_CONTAINS would test array membership instead).
     regex = re.compile("^" + ".*".join(re.escape(p) for p in value.split("*")) + "$", re.S)
     return Compare(attribute, PATTERN, regex)

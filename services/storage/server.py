@@ -359,6 +359,8 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         response = pb.LoadCsvResponse()
         pending: list[tuple[int, bytes]] = []
         seen: set[bytes] = set()
+        # Each batch is one transaction, so it must respect the per-request limit too.
+        batch_rows = min(csvload.BATCH_ROWS, self.engine.config.storage.max_records_per_request)
 
         def flush() -> None:
             if not pending:
@@ -373,7 +375,6 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
 
         def take(rows: Iterator[tuple[int, bytes]]) -> None:
             for line, record in rows:
-                response.rows += 1
                 try:
                     encoded = commit.parse_record(record, table, line)[2]
                 except InvalidArgument as exc:
@@ -383,7 +384,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
                     flush()
                 seen.add(encoded)
                 pending.append((line, record))
-                if len(pending) >= csvload.BATCH_ROWS:
+                if len(pending) >= batch_rows:
                     flush()
 
         async for message in iterator:
@@ -396,6 +397,9 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         if table.primary_key not in parser.header:
             raise InvalidArgument(f"the CSV has no {table.primary_key!r} column (the primary key)")
         flush()
+        # Every data row read was written, skipped or failed (rows with the wrong number of
+        # fields fail inside the parser and never reach ``take``).
+        response.rows = response.written + response.skipped + parser.failed
         response.failed = parser.failed
         response.errors.extend(pb.RowError(line=i.line, message=i.message) for i in parser.issues)
         return response

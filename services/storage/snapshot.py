@@ -51,10 +51,11 @@ def plan_snapshot(engine: Engine, request: storage_pb2.SnapshotRequest) -> Snaps
             start_key = keys.encode_key(orjson.loads(request.start_after.id))
         except (orjson.JSONDecodeError, keys.InvalidKey) as exc:
             raise InvalidArgument(f"start_after.id is not a valid key: {exc}") from exc
-    tables = sorted(
-        (t for t in database.tables.values() if t.replicate and t.name >= start_table),
-        key=lambda t: t.name,
-    )
+    wanted = set(request.tables)
+    replicated = [
+        t for t in database.tables.values() if t.replicate and (not wanted or t.name in wanted)
+    ]
+    tables = sorted((t for t in replicated if t.name >= start_table), key=lambda t: t.name)
     iterator = engine.store.data.iter()  # the consistent point
     positions = [
         types_pb2.Position(database=db, origin=origin, version=version)
@@ -63,9 +64,7 @@ def plan_snapshot(engine: Engine, request: storage_pb2.SnapshotRequest) -> Snaps
     ]
     header = storage_pb2.SnapshotResponse(
         positions=positions,
-        tables=[
-            table_schema(t, with_attributes=True) for t in database.tables.values() if t.replicate
-        ],
+        tables=[table_schema(t, with_attributes=True) for t in replicated],
         estimated_rows=sum(engine.counts.get(t.table_id, 0) for t in tables),
     )
     max_rows = request.max_batch_rows or DEFAULT_ROWS

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, cast
 
 import grpc
 import orjson
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from shoal.storage.v1 import storage_pb2 as pb
 from shoal.storage.v1 import storage_pb2_grpc, types_pb2
 
@@ -41,6 +43,37 @@ def loads(values: Iterable[bytes]) -> list[Any]:
     return [orjson.loads(v) for v in values]
 
 
+def error_info(error: grpc.RpcError) -> Any:
+    """The ``google.rpc.ErrorInfo`` detail of a received error, or None."""
+    status = rpc_status.from_call(cast(grpc.Call, error))
+    if status is None:
+        return None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None
+
+
+def expect_error(code: grpc.StatusCode, call: Callable[[], Any], *words: str) -> grpc.RpcError:
+    """Run ``call``: it must fail with ``code`` and a message holding every word (any case).
+
+    Streaming results are drained, so errors raised mid-stream count too.
+    """
+    try:
+        result = call()
+        if hasattr(result, "__next__"):
+            list(result)
+    except grpc.RpcError as exc:
+        message = exc.details() or ""
+        assert exc.code() == code, f"expected {code.name}, got {exc.code().name}: {message}"
+        for word in words:
+            assert word.lower() in message.lower(), f"{word!r} is not in the message {message!r}"
+        return exc
+    raise AssertionError(f"expected {code.name}, but the call succeeded")
+
+
 class StorageClient:
     """Calls to one storage service with fixed credentials."""
 
@@ -66,6 +99,12 @@ class StorageClient:
 
     def stream(self, method: str, request: Any, timeout: float = 60.0) -> list[Any]:
         return list(getattr(self.stub, method)(request, metadata=self.metadata, timeout=timeout))
+
+    def expect(
+        self, code: grpc.StatusCode, method: str, request: Any, *words: str
+    ) -> grpc.RpcError:
+        """Call ``method`` (unary or streaming): it must fail as ``expect_error`` says."""
+        return expect_error(code, lambda: self.call(method, request), *words)
 
     # -- conveniences ----------------------------------------------------------------
 
@@ -168,8 +207,10 @@ class StorageClient:
         )
         return [orjson.loads(r) for c in chunks for r in c.records]
 
-    def all_records(self, database: str, table: str) -> list[dict[str, Any]]:
-        return self.by_value(database, table, "id", "*")
+    def all_records(
+        self, database: str, table: str, primary_key: str = "id"
+    ) -> list[dict[str, Any]]:
+        return self.by_value(database, table, primary_key, "*")
 
     def describe(self, database: str, table: str) -> pb.TableInfo:
         return self.call(

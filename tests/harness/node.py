@@ -201,6 +201,28 @@ class Node:
         self._clients.append(client)
         return client
 
+    def status(self) -> Any:
+        """The replicator's Status (as the admin service would read it)."""
+        from shoal.replicator.v1 import replicator_pb2, replicator_pb2_grpc
+
+        from services.common.auth import bearer_metadata
+
+        address = f"{self.host}:{self.config['replication'].get('port', 9932)}"
+        with grpc.insecure_channel(address) as channel:
+            stub = replicator_pb2_grpc.ReplicatorServiceStub(channel)
+            return stub.Status(
+                replicator_pb2.StatusRequest(),
+                metadata=bearer_metadata(self.node_secret()),
+                timeout=5,
+            )
+
+    def connection(self, peer: str) -> Any:
+        """This node's status entry for ``peer`` (None when unknown)."""
+        for connection in self.status().connections:
+            if connection.peer == peer:
+                return connection
+        return None
+
     def close(self) -> None:
         for client in self._clients:
             with contextlib.suppress(Exception):

@@ -516,6 +516,7 @@ class CopyRequest(_message.Message):
     COPY_ID_FIELD_NUMBER: _builtins.int
     DATABASE_FIELD_NUMBER: _builtins.int
     START_AFTER_FIELD_NUMBER: _builtins.int
+    TABLES_FIELD_NUMBER: _builtins.int
     copy_id: _builtins.int
     """Chosen by the receiver; chunks carry it."""
     database: _builtins.str
@@ -524,16 +525,21 @@ class CopyRequest(_message.Message):
     def start_after(self) -> _types_pb2.SnapshotKey:
         """Resume after this key; unset for the beginning."""
 
+    @_builtins.property
+    def tables(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these tables (explicit subscriptions); empty for every replicated table."""
+
     def __init__(
         self,
         *,
         copy_id: _builtins.int = ...,
         database: _builtins.str = ...,
         start_after: _types_pb2.SnapshotKey | None = ...,
+        tables: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["start_after", b"start_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["copy_id", b"copy_id", "database", b"database", "start_after", b"start_after"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["copy_id", b"copy_id", "database", b"database", "start_after", b"start_after", "tables", b"tables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1879,6 +1879,7 @@ class SnapshotRequest(_message.Message):
     START_AFTER_FIELD_NUMBER: _builtins.int
     MAX_BATCH_ROWS_FIELD_NUMBER: _builtins.int
     MAX_BATCH_BYTES_FIELD_NUMBER: _builtins.int
+    TABLES_FIELD_NUMBER: _builtins.int
     database: _builtins.str
     """Database to copy."""
     max_batch_rows: _builtins.int
@@ -1889,6 +1890,10 @@ class SnapshotRequest(_message.Message):
     def start_after(self) -> _types_pb2.SnapshotKey:
         """Resume after this key; unset starts at the first row."""
 
+    @_builtins.property
+    def tables(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these tables (explicit subscriptions); empty for every replicated table."""
+
     def __init__(
         self,
         *,
@@ -1896,10 +1901,11 @@ class SnapshotRequest(_message.Message):
         start_after: _types_pb2.SnapshotKey | None = ...,
         max_batch_rows: _builtins.int = ...,
         max_batch_bytes: _builtins.int = ...,
+        tables: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["start_after", b"start_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "max_batch_bytes", b"max_batch_bytes", "max_batch_rows", b"max_batch_rows", "start_after", b"start_after"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "max_batch_bytes", b"max_batch_bytes", "max_batch_rows", b"max_batch_rows", "start_after", b"start_after", "tables", b"tables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -323,7 +323,8 @@ class StorageServiceServicer:
         the search; an OR of indexed conditions unions index scans; otherwise the table is
         scanned.
         Errors: INVALID_ARGUMENT (unknown comparator, BETWEEN without two bounds, a value
-        of the wrong shape), NOT_FOUND, RESOURCE_EXHAUSTED (as SearchByValue).
+        of the wrong shape), NOT_FOUND, RESOURCE_EXHAUSTED (an unindexed sort, or an OR of
+        indexed conditions, over more rows than storage.maxSortRows).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -410,9 +411,13 @@ class StorageServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def MergeSnapshot(self, request, context):
-        """The receive side of a copy: merges snapshot rows (rows only this node has survive),
-        and stores the copy's progress in the same atomic write, so a copy resumes from its
-        last merged key. With `complete`, adopts the copy's positions. Node-internal only.
+        """The receive side of a copy: merges snapshot rows, and stores the copy's progress in
+        the same atomic write, so a copy resumes from its last merged key. Rows only this
+        node has survive when they carry a write the source has not seen; a row the source
+        did not send although it had seen every write of it (all its versions are within
+        the copy's positions) was deleted there with its tombstone purged, and is removed
+        here too, so a node that missed a delete for longer than the retention horizon does
+        not resurrect it. With `complete`, adopts the copy's positions. Node-internal only.
         Errors: INVALID_ARGUMENT (malformed row or state), PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -133,7 +133,8 @@ class StorageServiceStub:
     the search; an OR of indexed conditions unions index scans; otherwise the table is
     scanned.
     Errors: INVALID_ARGUMENT (unknown comparator, BETWEEN without two bounds, a value
-    of the wrong shape), NOT_FOUND, RESOURCE_EXHAUSTED (as SearchByValue).
+    of the wrong shape), NOT_FOUND, RESOURCE_EXHAUSTED (an unindexed sort, or an OR of
+    indexed conditions, over more rows than storage.maxSortRows).
     """
     LoadCsv: _grpc.StreamUnaryMultiCallable[_storage_pb2.LoadCsvRequest, _storage_pb2.LoadCsvResponse]
     """Bulk-loads CSV: the first message is a header naming the table and action, the rest
@@ -188,9 +189,13 @@ class StorageServiceStub:
     Errors: INVALID_ARGUMENT, PERMISSION_DENIED, NOT_FOUND (database).
     """
     MergeSnapshot: _grpc.UnaryUnaryMultiCallable[_storage_pb2.MergeSnapshotRequest, _storage_pb2.MergeSnapshotResponse]
-    """The receive side of a copy: merges snapshot rows (rows only this node has survive),
-    and stores the copy's progress in the same atomic write, so a copy resumes from its
-    last merged key. With `complete`, adopts the copy's positions. Node-internal only.
+    """The receive side of a copy: merges snapshot rows, and stores the copy's progress in
+    the same atomic write, so a copy resumes from its last merged key. Rows only this
+    node has survive when they carry a write the source has not seen; a row the source
+    did not send although it had seen every write of it (all its versions are within
+    the copy's positions) was deleted there with its tombstone purged, and is removed
+    here too, so a node that missed a delete for longer than the retention horizon does
+    not resurrect it. With `complete`, adopts the copy's positions. Node-internal only.
     Errors: INVALID_ARGUMENT (malformed row or state), PERMISSION_DENIED.
     """
     GetPositions: _grpc.UnaryUnaryMultiCallable[_storage_pb2.GetPositionsRequest, _storage_pb2.GetPositionsResponse]
@@ -291,7 +296,8 @@ class StorageServiceAsyncStub(StorageServiceStub):
     the search; an OR of indexed conditions unions index scans; otherwise the table is
     scanned.
     Errors: INVALID_ARGUMENT (unknown comparator, BETWEEN without two bounds, a value
-    of the wrong shape), NOT_FOUND, RESOURCE_EXHAUSTED (as SearchByValue).
+    of the wrong shape), NOT_FOUND, RESOURCE_EXHAUSTED (an unindexed sort, or an OR of
+    indexed conditions, over more rows than storage.maxSortRows).
     """
     LoadCsv: _aio.StreamUnaryMultiCallable[_storage_pb2.LoadCsvRequest, _storage_pb2.LoadCsvResponse]  # type: ignore[assignment]
     """Bulk-loads CSV: the first message is a header naming the table and action, the rest
@@ -346,9 +352,13 @@ class StorageServiceAsyncStub(StorageServiceStub):
     Errors: INVALID_ARGUMENT, PERMISSION_DENIED, NOT_FOUND (database).
     """
     MergeSnapshot: _aio.UnaryUnaryMultiCallable[_storage_pb2.MergeSnapshotRequest, _storage_pb2.MergeSnapshotResponse]  # type: ignore[assignment]
-    """The receive side of a copy: merges snapshot rows (rows only this node has survive),
-    and stores the copy's progress in the same atomic write, so a copy resumes from its
-    last merged key. With `complete`, adopts the copy's positions. Node-internal only.
+    """The receive side of a copy: merges snapshot rows, and stores the copy's progress in
+    the same atomic write, so a copy resumes from its last merged key. Rows only this
+    node has survive when they carry a write the source has not seen; a row the source
+    did not send although it had seen every write of it (all its versions are within
+    the copy's positions) was deleted there with its tombstone purged, and is removed
+    here too, so a node that missed a delete for longer than the retention horizon does
+    not resurrect it. With `complete`, adopts the copy's positions. Node-internal only.
     Errors: INVALID_ARGUMENT (malformed row or state), PERMISSION_DENIED.
     """
     GetPositions: _aio.UnaryUnaryMultiCallable[_storage_pb2.GetPositionsRequest, _storage_pb2.GetPositionsResponse]  # type: ignore[assignment]
@@ -548,7 +558,8 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         the search; an OR of indexed conditions unions index scans; otherwise the table is
         scanned.
         Errors: INVALID_ARGUMENT (unknown comparator, BETWEEN without two bounds, a value
-        of the wrong shape), NOT_FOUND, RESOURCE_EXHAUSTED (as SearchByValue).
+        of the wrong shape), NOT_FOUND, RESOURCE_EXHAUSTED (an unindexed sort, or an OR of
+        indexed conditions, over more rows than storage.maxSortRows).
         """
 
     @_abc_1.abstractmethod
@@ -651,9 +662,13 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _storage_pb2.MergeSnapshotRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_storage_pb2.MergeSnapshotResponse, _abc.Awaitable[_storage_pb2.MergeSnapshotResponse]]:
-        """The receive side of a copy: merges snapshot rows (rows only this node has survive),
-        and stores the copy's progress in the same atomic write, so a copy resumes from its
-        last merged key. With `complete`, adopts the copy's positions. Node-internal only.
+        """The receive side of a copy: merges snapshot rows, and stores the copy's progress in
+        the same atomic write, so a copy resumes from its last merged key. Rows only this
+        node has survive when they carry a write the source has not seen; a row the source
+        did not send although it had seen every write of it (all its versions are within
+        the copy's positions) was deleted there with its tombstone purged, and is removed
+        here too, so a node that missed a delete for longer than the retention horizon does
+        not resurrect it. With `complete`, adopts the copy's positions. Node-internal only.
         Errors: INVALID_ARGUMENT (malformed row or state), PERMISSION_DENIED.
         """
 
