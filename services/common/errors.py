@@ -128,8 +128,8 @@ class Internal(ShoalError):
     default_reason = "INTERNAL"
 
 
-def error_info(error: grpc.RpcError) -> tuple[str, dict[str, str]] | None:
-    """(reason, metadata) of a received error's ErrorInfo, or None when it carries none."""
+def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    """The ``google.rpc.ErrorInfo`` detail of a received error, or None when it has none."""
     if not isinstance(error, grpc.Call | grpc.aio.AioRpcError):
         return None
     status = rpc_status.from_call(error)  # type: ignore[arg-type]
@@ -139,11 +139,11 @@ def error_info(error: grpc.RpcError) -> tuple[str, dict[str, str]] | None:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
-            return info.reason, dict(info.metadata)
+            return info
     return None
 
 
 def error_reason(error: grpc.RpcError) -> str | None:
     """The ErrorInfo reason of a received error, or None when it carries none."""
     info = error_info(error)
-    return None if info is None else info[0]
+    return None if info is None else str(info.reason)

@@ -188,7 +188,7 @@ class Outbound:
                             generation=generation,
                             reason="LOG_TRUNCATED",
                             message=exc.details() or "",
-                            database=(error_info(exc) or ("", {}))[1].get("database", ""),
+                            database=_database_of(exc),
                         )
                     )
                 )
@@ -249,3 +249,8 @@ class Outbound:
             stream.cancel()
             self._copies.pop(message.copy_id, None)
         await session.send(rpb.PeerMessage(copy_chunk=done))
+
+
+def _database_of(exc: grpc.aio.AioRpcError) -> str:
+    info = error_info(exc)
+    return str(info.metadata.get("database", "")) if info is not None else ""

@@ -14,7 +14,7 @@ loop, so no other write can interleave between reading a record and writing it b
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -391,39 +391,43 @@ class LocalTransaction:
                 seen.add(encoded)
         return parsed
 
-    def insert(self, table: Table, records: Sequence[bytes]) -> OperationResult:
+    def _write(
+        self,
+        table: Table,
+        records: Sequence[bytes],
+        operation: int,
+        choose: Callable[[RecordState | None], int | None],
+    ) -> OperationResult:
+        """Validate records, then record each as the write ``choose`` picks (None: skip)."""
         parsed = self._checked(records, table)
         result = OperationResult()
         states = self._current(table, [p[2] for p in parsed])
         for item, state in zip(parsed, states, strict=True):
-            if state is not None and state.visible:
+            kind = choose(state)
+            if kind is None:
                 result.skipped.append(item[1])
                 continue
-            self._record(table, item, PUT, types_pb2.OPERATION_INSERT, state)
+            self._record(table, item, kind, operation, state)
             result.written.append(item[1])
         return result
+
+    def insert(self, table: Table, records: Sequence[bytes]) -> OperationResult:
+        """New records as PUTs; keys already visible are skipped."""
+        return self._write(
+            table, records, types_pb2.OPERATION_INSERT, lambda s: None if _visible(s) else PUT
+        )
 
     def update(self, table: Table, records: Sequence[bytes]) -> OperationResult:
-        parsed = self._checked(records, table)
-        result = OperationResult()
-        states = self._current(table, [p[2] for p in parsed])
-        for item, state in zip(parsed, states, strict=True):
-            if state is None or not state.visible:
-                result.skipped.append(item[1])
-                continue
-            self._record(table, item, PATCH, types_pb2.OPERATION_UPDATE, state)
-            result.written.append(item[1])
-        return result
+        """Attributes merged into visible records (PATCH); missing keys are skipped."""
+        return self._write(
+            table, records, types_pb2.OPERATION_UPDATE, lambda s: PATCH if _visible(s) else None
+        )
 
     def upsert(self, table: Table, records: Sequence[bytes]) -> OperationResult:
-        parsed = self._checked(records, table)
-        result = OperationResult()
-        states = self._current(table, [p[2] for p in parsed])
-        for item, state in zip(parsed, states, strict=True):
-            kind = PATCH if state is not None and state.visible else PUT
-            self._record(table, item, kind, types_pb2.OPERATION_UPSERT, state)
-            result.written.append(item[1])
-        return result
+        """PATCH visible records, PUT the others."""
+        return self._write(
+            table, records, types_pb2.OPERATION_UPSERT, lambda s: PATCH if _visible(s) else PUT
+        )
 
     def delete(self, table: Table, ids: Sequence[bytes]) -> OperationResult:
         if not ids:
@@ -487,6 +491,10 @@ class LocalTransaction:
         self.writer.set_position(self.database, engine.node_name, version)
         self.writer.commit()
         return version
+
+
+def _visible(state: RecordState | None) -> bool:
+    return state is not None and state.visible
 
 
 # A placeholder version newer than anything stored, used only to compute the visible

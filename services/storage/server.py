@@ -296,18 +296,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         group = (
             condition if isinstance(condition, search.Group) else search.Group(False, (condition,))
         )
-        sort = _sort(request.sort)
-        reader = search.Reader(self.engine, table)
-        source = reader.plan(group, sort)
-        records = search.run(
-            self.engine,
-            source,
-            group,
-            sort,
-            request.offset,
-            request.limit,
-            list(request.get_attributes),
-        )
+        records = self._search(table, group, request)
         async for chunk in _chunked(records, lambda c: pb.SearchByValueResponse(records=c)):
             yield chunk
 
@@ -316,10 +305,20 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     ) -> AsyncIterator[pb.SearchByConditionsResponse]:
         table = self.engine.catalog.table(request.database, request.table)
         group = search.parse_group(request.operator, request.conditions)
+        records = self._search(table, group, request)
+        async for chunk in _chunked(records, lambda c: pb.SearchByConditionsResponse(records=c)):
+            yield chunk
+
+    def _search(
+        self,
+        table: Table,
+        group: search.Group,
+        request: pb.SearchByValueRequest | pb.SearchByConditionsRequest,
+    ) -> Iterator[bytes]:
+        """Plan and run a search with the request's sort, offset, limit and projection."""
         sort = _sort(request.sort)
-        reader = search.Reader(self.engine, table)
-        source = reader.plan(group, sort)
-        records = search.run(
+        source = search.Reader(self.engine, table).plan(group, sort)
+        return search.run(
             self.engine,
             source,
             group,
@@ -328,8 +327,6 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
             request.limit,
             list(request.get_attributes),
         )
-        async for chunk in _chunked(records, lambda c: pb.SearchByConditionsResponse(records=c)):
-            yield chunk
 
     # -- CSV -------------------------------------------------------------------------
 

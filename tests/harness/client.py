@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, cast
+from typing import Any
 
 import grpc
 import orjson
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from shoal.storage.v1 import storage_pb2 as pb
 from shoal.storage.v1 import storage_pb2_grpc, types_pb2
 
+from services.common import errors
 from services.common.auth import basic_metadata, bearer_metadata
 from services.common.grpcserver import channel_options
 
@@ -44,16 +43,10 @@ def loads(values: Iterable[bytes]) -> list[Any]:
 
 
 def error_info(error: grpc.RpcError) -> Any:
-    """The ``google.rpc.ErrorInfo`` detail of a received error, or None."""
-    status = rpc_status.from_call(cast(grpc.Call, error))
-    if status is None:
-        return None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    return None
+    """The error's ``google.rpc.ErrorInfo``; fails the test when it carries none."""
+    info = errors.error_info(error)
+    assert info is not None, f"the error carries no ErrorInfo: {error!r}"
+    return info
 
 
 def expect_error(code: grpc.StatusCode, call: Callable[[], Any], *words: str) -> grpc.RpcError:
