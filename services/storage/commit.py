@@ -80,7 +80,10 @@ class BatchWriter:
         self._h = self.store.handle
         self._data = self._h["data"]
         self._index = self._h["index"]
-        self.overlay: dict[bytes, RecordState | None] = {}
+        # States written by this batch, for later reads in it. A fresh PUT stores its
+        # encoded state and is decoded only if read again (rare), keeping the hot path lean.
+        self.overlay: dict[bytes, RecordState | bytes | None] = {}
+        self.logkey = self._h["logkey"]
         self.count_delta: dict[int, int] = {}
         self.dirty_databases: set[str] = set()
         self.positions: dict[tuple[str, str], int] = {}
@@ -102,7 +105,8 @@ class BatchWriter:
         out: list[RecordState | None] = []
         for k in dkeys:
             if k in overlay:
-                out.append(overlay[k])
+                mine = overlay[k]
+                out.append(decode(mine) if isinstance(mine, bytes) else mine)
             else:
                 value = fetched[k]
                 out.append(None if value is None else decode(value))
@@ -145,6 +149,29 @@ class BatchWriter:
             table.attributes.update(new_doc)
             self.dirty_databases.add(table.database)
 
+    def put_new(
+        self, table: Table, encoded_pk: bytes, doc: dict[str, Any], encoded_state: bytes
+    ) -> None:
+        """Store a PUT of a record this node does not have (the hot path of inserts and
+        Apply): no diff, no tombstone, just the state, its index entries and the count."""
+        dkey = table.prefix + encoded_pk
+        self.overlay[dkey] = encoded_state
+        put = self.batch.put
+        put(dkey, encoded_state, self._data)
+        for attribute in table.indexed:
+            if attribute in doc:
+                iprefix = table.index_prefix(attribute)
+                value = doc[attribute]
+                if type(value) in _SCALARS:
+                    put(iprefix + keys.encode_value(value) + encoded_pk, b"", self._index)
+                else:
+                    for entry in index_values(value):
+                        put(iprefix + entry + encoded_pk, b"", self._index)
+        self.count_delta[table.table_id] = self.count_delta.get(table.table_id, 0) + 1
+        if not table.attributes.issuperset(doc):
+            table.attributes.update(doc)
+            self.dirty_databases.add(table.database)
+
     def remove(self, table: Table, encoded_pk: bytes, old: RecordState) -> None:
         """Delete a record outright (no tombstone), with its index entries."""
         self.empty = False
@@ -179,23 +206,18 @@ class BatchWriter:
 
     # -- log and positions -----------------------------------------------------------
 
-    def log(
-        self, txn: types_pb2.Transaction, local_time: int, pk_encodings: Iterable[tuple[str, bytes]]
-    ) -> None:
-        """Append a transaction to the log with its secondary entries."""
+    def log(self, txn: types_pb2.Transaction, local_time: int) -> None:
+        """Append a transaction to the log with its (database, origin) entry. The callers
+        add the audit-by-key entries (``logkey``) themselves, with ``audit_prefix``."""
         self.empty = False
         txn.local_time = local_time
         lt = keys.u64(local_time)
         self.batch.put(lt, txn.SerializeToString(), self._h["log"])
-        db = txn.database.encode()
         self.batch.put(
-            db + b"\x00" + txn.origin.encode() + b"\x00" + keys.u64(txn.version),
+            txn.database.encode() + b"\x00" + txn.origin.encode() + b"\x00" + keys.u64(txn.version),
             lt,
             self._h["logidx"],
         )
-        logkey = self._h["logkey"]
-        for table_name, encoded in pk_encodings:
-            self.batch.put(db + b"\x00" + table_name.encode() + b"\x00" + encoded + lt, b"", logkey)
         self.last_version = max(self.last_version, local_time, txn.version)
 
     def set_position(self, database: str, origin: str, version: int) -> None:
@@ -256,6 +278,7 @@ class BatchWriter:
 
 
 _MISSING: Any = object()
+_SCALARS = frozenset((str, int, float, bool, type(None)))
 
 
 @dataclass(slots=True)
@@ -264,7 +287,7 @@ class _Pending:
 
     table: Table
     encoded: bytes
-    pk: Any
+    id_json: bytes  # the primary key as JSON
     old: RecordState | None
     kind: int
     operation: int
@@ -274,10 +297,10 @@ class _Pending:
 
 @dataclass
 class OperationResult:
-    """Keys written and skipped by one operation."""
+    """Keys written and skipped by one operation, as JSON scalars."""
 
-    written: list[Any] = field(default_factory=list)
-    skipped: list[Any] = field(default_factory=list)
+    written: list[bytes] = field(default_factory=list)
+    skipped: list[bytes] = field(default_factory=list)
 
 
 Parsed = tuple[dict[str, Any], Any, bytes, bytes]  # (doc, pk, encoded pk, raw JSON)
@@ -355,12 +378,13 @@ class LocalTransaction:
         kind: int,
         operation: int,
         old: RecordState | None,
+        id_json: bytes,
     ) -> None:
-        doc, pk, encoded, raw = item
+        doc, _, encoded, raw = item
         dkey = table.prefix + encoded
         pending = self._pending.get(dkey)
         if pending is None:
-            self._pending[dkey] = _Pending(table, encoded, pk, old, kind, operation, doc, raw)
+            self._pending[dkey] = _Pending(table, encoded, id_json, old, kind, operation, doc, raw)
             return
         # Combine with this transaction's earlier write of the same record.
         if kind == PATCH and pending.kind in (PUT, PATCH):
@@ -402,13 +426,16 @@ class LocalTransaction:
         parsed = self._checked(records, table)
         result = OperationResult()
         states = self._current(table, [p[2] for p in parsed])
+        dumps = orjson.dumps
+        written = result.written
         for item, state in zip(parsed, states, strict=True):
             kind = choose(state)
+            id_json = dumps(item[1])
             if kind is None:
-                result.skipped.append(item[1])
+                result.skipped.append(id_json)
                 continue
-            self._record(table, item, kind, operation, state)
-            result.written.append(item[1])
+            self._record(table, item, kind, operation, state, id_json)
+            written.append(id_json)
         return result
 
     def insert(self, table: Table, records: Sequence[bytes]) -> OperationResult:
@@ -438,12 +465,14 @@ class LocalTransaction:
         states = self._current(table, [e for _, e in parsed])
         seen: set[bytes] = set()
         for (pk, encoded), state in zip(parsed, states, strict=True):
+            id_json = orjson.dumps(pk)
             if encoded in seen or state is None or not state.visible:
-                result.skipped.append(pk)
+                result.skipped.append(id_json)
                 continue
             seen.add(encoded)
-            self._record(table, ({}, pk, encoded, b""), DELETE, types_pb2.OPERATION_DELETE, state)
-            result.written.append(pk)
+            item: Parsed = ({}, pk, encoded, b"")
+            self._record(table, item, DELETE, types_pb2.OPERATION_DELETE, state, id_json)
+            result.written.append(id_json)
         return result
 
     def commit(self, extra_schema: Iterable[Table] = ()) -> int:
@@ -457,37 +486,37 @@ class LocalTransaction:
         txn = types_pb2.Transaction(
             origin=engine.node_name, version=version, user=self.user, database=self.database
         )
-        pk_entries: list[tuple[str, bytes]] = []
+        writer = self.writer
         add = txn.writes.add
-        set_state = self.writer.set_state
+        put = writer.batch.put
         dumps = orjson.dumps
-        origin_json = dumps(engine.node_name)
+        lt = keys.u64(version)
+        state_prefix = b"[%d,%s,false," % (version, dumps(engine.node_name))
+        audit = {name: keys.audit_prefix(self.database, name) for name in self._tables}
         for p in self._pending.values():
+            name = p.table.name
             if p.kind == PUT and p.old is None and p.raw is not None:
-                # The common case of a new record: store the client's JSON as it came.
-                new = RecordState(stamp, False, p.doc, {})
-                set_state(
-                    p.table,
-                    p.encoded,
-                    None,
-                    new,
-                    merge.encode_put_state(version, origin_json, p.raw),
-                )
+                # The common case of a new record: store the client's JSON as it came
+                # (merge.encode_put_state, inlined).
+                writer.put_new(p.table, p.encoded, p.doc, state_prefix + p.raw + b",{}]")
+                add(table=name, kind=PUT, operation=p.operation, id=p.id_json, value=p.raw)
             else:
-                set_state(p.table, p.encoded, p.old, apply_write(p.old, stamp, p.kind, p.doc))
-            write = add(table=p.table.name, kind=p.kind, operation=p.operation, id=dumps(p.pk))
-            if p.kind != DELETE:
-                write.value = p.raw if p.raw is not None else dumps(p.doc)
-            if p.old is not None and p.old.visible:
-                write.prior = dumps(p.old.doc)
-            pk_entries.append((p.table.name, p.encoded))
+                writer.set_state(
+                    p.table, p.encoded, p.old, apply_write(p.old, stamp, p.kind, p.doc)
+                )
+                write = add(table=name, kind=p.kind, operation=p.operation, id=p.id_json)
+                if p.kind != DELETE:
+                    write.value = p.raw if p.raw is not None else dumps(p.doc)
+                if p.old is not None and p.old.visible:
+                    write.prior = dumps(p.old.doc)
+            put(audit[name] + p.encoded + lt, b"", writer.logkey)
         touched = dict(self._tables)
         for table in schema_tables:
             touched[table.name] = table
         for table in touched.values():
             with_attributes = any(table is t for t in schema_tables)
             txn.tables.append(table_schema(table, with_attributes=with_attributes))
-        self.writer.log(txn, version, pk_entries)
+        self.writer.log(txn, version)
         self.writer.set_position(self.database, engine.node_name, version)
         self.writer.commit()
         return version

@@ -60,6 +60,7 @@ NODE_NAME_KEY = b"node_name"
 COPY_PREFIX = b"copy/"
 CHUNK = 10_000
 RESERVED_DATABASES = ("system",)
+_WRITE_KINDS = frozenset((PUT, PATCH, DELETE))
 
 
 @dataclass
@@ -418,10 +419,6 @@ class Engine:
             if not txn.origin or not txn.database or txn.version == 0:
                 raise InvalidArgument(f"transaction {i}: origin, database and version are required")
             check_name("database", txn.database)
-            for w in txn.writes:
-                if w.kind not in (PUT, PATCH, DELETE):
-                    raise InvalidArgument(f"transaction {i}: write kind {w.kind} is not valid")
-                check_name("table", w.table)
             if max_clock_skew_ms:
                 ahead = self.clock.ahead_ms(txn.version)
                 if ahead > max_clock_skew_ms:
@@ -454,31 +451,43 @@ class Engine:
     def _apply_one(self, writer: BatchWriter, txn: types_pb2.Transaction) -> None:
         database = txn.database
         origin = txn.origin
+        version = txn.version
         tables: dict[str, Table] = {}
         for schema in txn.tables:
             tables[schema.name] = self._ensure_table(writer, database, schema)
         if not txn.writes and txn.tables:
             writer.mark_schema(database)
-        by_table: dict[str, list[tuple[types_pb2.Write, bytes]]] = {}
-        for i, w in enumerate(txn.writes):
-            by_table.setdefault(w.table, []).append((w, parse_id(w.id, i)[1]))
-        self.clock.observe(txn.version)
+        writes = txn.writes
+        groups: dict[str, list[types_pb2.Write]] = {}
+        for w in writes:
+            groups.setdefault(w.table, []).append(w)
+        for table_name, group in groups.items():
+            check_name("table", table_name)
+            if any(w.kind not in _WRITE_KINDS for w in group):
+                raise InvalidArgument(f"{origin} {table_name}: a write has no valid kind")
+        self.clock.observe(version)
         local_time = self.clock.now()
-        stamp = (txn.version, origin)
-        origin_json = orjson.dumps(origin)
+        lt = keys.u64(local_time)
+        stamp = (version, origin)
         loads = orjson.loads
-        set_state = writer.set_state
-        pk_entries: list[tuple[str, bytes]] = []
-        for table_name, items in by_table.items():
+        encode_key = keys.encode_key
+        state_prefix = b"[%d,%s,false," % (version, orjson.dumps(origin))
+        put = writer.batch.put
+        for table_name, group in groups.items():
             table = tables.get(table_name) or self.catalog.find_table(database, table_name)
             if table is None:
                 default = types_pb2.TableSchema(name=table_name, primary_key="id", replicate=True)
                 table = self._ensure_table(writer, database, default)
-            states = writer.load(table, [e for _, e in items])
-            for (w, encoded), old in zip(items, states, strict=True):
+            try:
+                encoded = [encode_key(loads(w.id)) for w in group]
+            except (orjson.JSONDecodeError, keys.InvalidKey) as exc:
+                raise InvalidArgument(f"{origin} {table_name}: invalid record id ({exc})") from exc
+            states = writer.load(table, encoded)
+            audit = keys.audit_prefix(database, table_name)
+            for w, key, old in zip(group, encoded, states, strict=True):
                 kind = w.kind
                 if kind == DELETE:
-                    set_state(table, encoded, old, merge.delete(old, stamp))
+                    writer.set_state(table, key, old, merge.delete(old, stamp))
                 else:
                     raw = w.value
                     try:
@@ -488,23 +497,16 @@ class Engine:
                     if type(doc) is not dict:
                         raise InvalidArgument(f"{origin} {table_name}: value is not an object")
                     if kind == PUT and old is None:
-                        new = merge.RecordState(stamp, False, doc, {})
-                        set_state(
-                            table,
-                            encoded,
-                            None,
-                            new,
-                            merge.encode_put_state(txn.version, origin_json, raw),
-                        )
+                        writer.put_new(table, key, doc, state_prefix + raw + b",{}]")
                     else:
-                        set_state(table, encoded, old, apply_write(old, stamp, kind, doc))
+                        writer.set_state(table, key, old, apply_write(old, stamp, kind, doc))
                 if old is not None and old.visible:
                     w.prior = orjson.dumps(old.doc)
                 elif w.prior:
                     w.prior = b""
-                pk_entries.append((table_name, encoded))
-        writer.log(txn, local_time, pk_entries)
-        writer.set_position(database, origin, txn.version)
+                put(audit + key + lt, b"", writer.logkey)
+        writer.log(txn, local_time)
+        writer.set_position(database, origin, version)
 
     # -- copy (receive side of Snapshot) ------------------------------------------------
 

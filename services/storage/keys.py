@@ -64,6 +64,9 @@ def _decode_number(data: bytes, offset: int) -> float:
 
 def encode_value(value: Any) -> bytes:
     """Order-preserving encoding of a JSON scalar (objects and arrays are not encodable)."""
+    kind = type(value)
+    if kind is int:
+        return _encode_number(float(value))
     if isinstance(value, str):
         return b"\x05" + value.encode("utf-8").replace(b"\x00", b"\x00\xff") + b"\x00\x01"
     if value is True:
@@ -81,6 +84,8 @@ def encode_value(value: Any) -> bytes:
 
 def encode_key(value: Any) -> bytes:
     """Encoding of a primary key: a string, or a number exactly representable as a double."""
+    if type(value) is int and -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
+        return _encode_number(float(value))
     if isinstance(value, str):
         if not value:
             raise InvalidKey("a primary key must not be an empty string")
@@ -155,6 +160,11 @@ def data_key(table_id: int, encoded_pk: bytes) -> bytes:
 def index_prefix(table_id: int, attribute: str) -> bytes:
     """Prefix of one attribute's entries in the index CF."""
     return _U32.pack(table_id) + attribute.encode("utf-8") + b"\x00"
+
+
+def audit_prefix(database: str, table: str) -> bytes:
+    """Prefix of one table's entries in the logkey CF (append enc(pk) + local_time)."""
+    return database.encode() + b"\x00" + table.encode() + b"\x00"
 
 
 def u64(value: int) -> bytes:

@@ -215,23 +215,23 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     async def Insert(self, request: pb.InsertRequest, context: Ctx) -> pb.InsertResponse:
         result, version = self._single(request.database, request.table, "insert", request.records)
         return pb.InsertResponse(
-            inserted_ids=_ids(result.written), skipped_ids=_ids(result.skipped), version=version
+            inserted_ids=result.written, skipped_ids=result.skipped, version=version
         )
 
     async def Update(self, request: pb.UpdateRequest, context: Ctx) -> pb.UpdateResponse:
         result, version = self._single(request.database, request.table, "update", request.records)
         return pb.UpdateResponse(
-            updated_ids=_ids(result.written), skipped_ids=_ids(result.skipped), version=version
+            updated_ids=result.written, skipped_ids=result.skipped, version=version
         )
 
     async def Upsert(self, request: pb.UpsertRequest, context: Ctx) -> pb.UpsertResponse:
         result, version = self._single(request.database, request.table, "upsert", request.records)
-        return pb.UpsertResponse(upserted_ids=_ids(result.written), version=version)
+        return pb.UpsertResponse(upserted_ids=result.written, version=version)
 
     async def Delete(self, request: pb.DeleteRequest, context: Ctx) -> pb.DeleteResponse:
         result, version = self._single(request.database, request.table, "delete", request.ids)
         return pb.DeleteResponse(
-            deleted_ids=_ids(result.written), skipped_ids=_ids(result.skipped), version=version
+            deleted_ids=result.written, skipped_ids=result.skipped, version=version
         )
 
     async def Transact(self, request: pb.TransactRequest, context: Ctx) -> pb.TransactResponse:
@@ -259,9 +259,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
             except InvalidArgument as exc:
                 raise InvalidArgument(f"operation {i}: {exc.message}") from exc
             results.append(
-                pb.TransactResult(
-                    written_ids=_ids(result.written), skipped_ids=_ids(result.skipped)
-                )
+                pb.TransactResult(written_ids=result.written, skipped_ids=result.skipped)
             )
         return pb.TransactResponse(results=results, version=txn.commit())
 
