@@ -51,9 +51,15 @@ def generate(out: Path) -> None:
             (directory / "py.typed").touch()
 
 
+def _files(root: Path) -> set[Path]:
+    return {
+        p.relative_to(root) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    }
+
+
 def differences(a: Path, b: Path) -> list[str]:
-    files_a = {p.relative_to(a) for p in a.rglob("*") if p.is_file()}
-    files_b = {p.relative_to(b) for p in b.rglob("*") if p.is_file()}
+    files_a = _files(a)
+    files_b = _files(b)
     diffs = sorted(str(p) for p in files_a ^ files_b)
     diffs += sorted(
         str(p) for p in files_a & files_b if not filecmp.cmp(a / p, b / p, shallow=False)

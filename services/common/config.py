@@ -129,6 +129,7 @@ class ReplicationConfig:
     batch_transactions: int = 500
     batch_bytes: int = 1024 * 1024
     copy_rows_per_second: int = 0  # 0: as fast as possible
+    batch_linger_s: float = 0.002
 
 
 @dataclass(frozen=True)
@@ -529,6 +530,7 @@ def _parse_replication(reader: _Reader) -> ReplicationConfig:
         batch_transactions=reader.integer("batchTransactions", 500, 1, 100_000),
         batch_bytes=reader.integer("batchBytes", 1024 * 1024, 1024, 64 * 1024 * 1024),
         copy_rows_per_second=reader.integer("copyRowsPerSecond", 0, 0, 100_000_000),
+        batch_linger_s=reader.duration("batchLinger", 0.002),
     )
     if config.peer_timeout_s < 2 * config.heartbeat_interval_s:
         reader.problem(

@@ -71,25 +71,29 @@ class ShoalInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, authenticator: Authenticator | None) -> None:
         self._authenticator = authenticator
+        # Wrapped handlers, built once per method (the metadata is read from each call's
+        # context), so a call costs no new closures or handler objects.
+        self._wrapped: dict[str, Any] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Any:
-        handler = await continuation(handler_call_details)
         method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
+        handler = await continuation(handler_call_details)
         if handler is None or _public_service(method):
             return handler
-        metadata = tuple(handler_call_details.invocation_metadata or ())
-        return _wrap(handler, method, metadata, self._authenticator)
+        wrapped = self._wrapped[method] = _wrap(handler, method, self._authenticator)
+        return wrapped
 
 
-async def _enter(
-    metadata: tuple[tuple[str, str | bytes], ...],
-    authenticator: Authenticator | None,
-) -> None:
+async def _enter(context: Ctx, authenticator: Authenticator | None) -> None:
     if authenticator is not None:
+        metadata = tuple(context.invocation_metadata() or ())
         current_identity.set(await authenticator.authenticate(metadata))
 
 
@@ -102,12 +106,7 @@ async def _fail(context: Ctx, method: str, exc: BaseException) -> None:
     await context.abort_with_status(error.to_status())
 
 
-def _wrap(
-    handler: Any,
-    method: str,
-    metadata: tuple[tuple[str, str | bytes], ...],
-    authenticator: Authenticator | None,
-) -> Any:
+def _wrap(handler: Any, method: str, authenticator: Authenticator | None) -> Any:
     passthrough = (grpc.aio.AbortError, asyncio.CancelledError)
 
     if handler.unary_unary is not None:
@@ -115,7 +114,7 @@ def _wrap(
 
         async def unary_unary(request: Any, context: Ctx) -> Any:
             try:
-                await _enter(metadata, authenticator)
+                await _enter(context, authenticator)
                 return await inner_uu(request, context)
             except passthrough:
                 raise
@@ -128,7 +127,7 @@ def _wrap(
 
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
-            _wrap_stream(handler.unary_stream, method, metadata, authenticator),
+            _wrap_stream(handler.unary_stream, method, authenticator),
             handler.request_deserializer,
             handler.response_serializer,
         )
@@ -138,7 +137,7 @@ def _wrap(
 
         async def stream_unary(requests: AsyncIterator[Any], context: Ctx) -> Any:
             try:
-                await _enter(metadata, authenticator)
+                await _enter(context, authenticator)
                 return await inner_su(requests, context)
             except passthrough:
                 raise
@@ -150,18 +149,13 @@ def _wrap(
         )
 
     return grpc.stream_stream_rpc_method_handler(
-        _wrap_stream(handler.stream_stream, method, metadata, authenticator),
+        _wrap_stream(handler.stream_stream, method, authenticator),
         handler.request_deserializer,
         handler.response_serializer,
     )
 
 
-def _wrap_stream(
-    inner: Any,
-    method: str,
-    metadata: tuple[tuple[str, str | bytes], ...],
-    authenticator: Authenticator | None,
-) -> Any:
+def _wrap_stream(inner: Any, method: str, authenticator: Authenticator | None) -> Any:
     """Wrap a streaming-response handler: an async generator, or a coroutine that writes
     with ``context.write`` (both are allowed by grpc.aio)."""
     passthrough = (grpc.aio.AbortError, asyncio.CancelledError)
@@ -169,7 +163,7 @@ def _wrap_stream(
 
         async def generator(request: Any, context: Ctx) -> Any:
             try:
-                await _enter(metadata, authenticator)
+                await _enter(context, authenticator)
                 async for item in inner(request, context):
                     yield item
             except passthrough:
@@ -181,7 +175,7 @@ def _wrap_stream(
 
     async def coroutine(request: Any, context: Ctx) -> Any:
         try:
-            await _enter(metadata, authenticator)
+            await _enter(context, authenticator)
             return await inner(request, context)
         except passthrough:
             raise

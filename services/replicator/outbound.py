@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shoal.replicator.outbound")
 
+# Copy chunks: large, because a copy is a sequence of round trips (chunk, merge, next).
+COPY_CHUNK_ROWS = 5000
+COPY_CHUNK_BYTES = 4 * 1024 * 1024
+
 
 class Outbound:
     """Streams this node's committed transactions to the session's peer."""
@@ -136,6 +140,7 @@ class Outbound:
             max_batch_transactions=config.batch_transactions,
             max_batch_bytes=config.batch_bytes,
             heartbeat_interval_ms=int(config.heartbeat_interval_s * 1000),
+            linger_ms=int(config.batch_linger_s * 1000),
         )
         generation = message.generation
         sequence = 0
@@ -223,7 +228,12 @@ class Outbound:
                 )
             )
             return
-        request = spb.SnapshotRequest(database=message.database, tables=tables)
+        request = spb.SnapshotRequest(
+            database=message.database,
+            tables=tables,
+            max_batch_rows=COPY_CHUNK_ROWS,
+            max_batch_bytes=COPY_CHUNK_BYTES,
+        )
         if message.HasField("start_after") and message.start_after.table:
             request.start_after.CopyFrom(message.start_after)
         stream = session.storage.snapshot(request)

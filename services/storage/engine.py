@@ -40,7 +40,6 @@ from services.storage.commit import (
     LocalTransaction,
     apply_write,
     index_values,
-    parse_id,
     table_schema,
 )
 from services.storage.db import Store
@@ -526,15 +525,28 @@ class Engine:
             raise InvalidArgument("source is required")
         incoming = {p.origin: p.version for p in positions if p.database in ("", database)}
         parsed: list[tuple[str, Any, bytes, merge.RecordState]] = []
+        raw_states: list[bytes] = []
         max_version = 0
+        decode = merge.decode_state
+        loads = orjson.loads
+        encode_key = keys.encode_key
         for i, row in enumerate(rows):
-            pk, encoded = parse_id(row.id, i)
+            raw_id, raw_state, table_name = row.id, row.state, row.table
             try:
-                theirs = merge.decode_state(row.state)
+                pk = loads(raw_id)
+                encoded = encode_key(pk)
+            except (orjson.JSONDecodeError, keys.InvalidKey) as exc:
+                raise InvalidArgument(f"id {i}: invalid primary key {raw_id!r}: {exc}") from exc
+            try:
+                theirs = decode(raw_state)
             except ValueError as exc:
-                raise InvalidArgument(f"row {i} ({row.table} {pk!r}): {exc}") from exc
-            max_version = max(max_version, theirs.newest()[0])
-            parsed.append((row.table, pk, encoded, theirs))
+                raise InvalidArgument(f"row {i} ({table_name} {pk!r}): {exc}") from exc
+            newest = theirs.base[0]
+            if theirs.versions:
+                newest = max(newest, *(v for v, _ in theirs.versions.values()))
+            max_version = max(max_version, newest)
+            parsed.append((table_name, pk, encoded, theirs))
+            raw_states.append(raw_state)
         copy = self.copies.get(database)
         if copy is None:
             copy = CopyState(database, source, dict(incoming))
@@ -552,14 +564,23 @@ class Engine:
         try:
             for schema in tables:
                 self._ensure_table(writer, database, schema)
-            for table_name, _pk, encoded, theirs in parsed:
+            by_table: dict[str, list[int]] = {}
+            for i, item in enumerate(parsed):
+                by_table.setdefault(item[0], []).append(i)
+            for table_name, positions_in_chunk in by_table.items():
                 table = self.catalog.find_table(database, table_name) or self._ensure_table(
                     writer,
                     database,
                     types_pb2.TableSchema(name=table_name, primary_key="id", replicate=True),
                 )
-                [old] = writer.load(table, [encoded])
-                writer.set_state(table, encoded, old, merge.merge_states(old, theirs))
+                olds = writer.load(table, [parsed[i][2] for i in positions_in_chunk])
+                for i, old in zip(positions_in_chunk, olds, strict=True):
+                    _, _, encoded, theirs = parsed[i]
+                    if old is None and theirs.base != merge.ZERO and not theirs.deleted:
+                        # A row this node lacks: store the sender's state bytes as they are.
+                        writer.put_new(table, encoded, theirs.doc, raw_states[i])
+                    else:
+                        writer.set_state(table, encoded, old, merge.merge_states(old, theirs))
             end = (rows[-1].table, parsed[-1][2]) if rows else None
             if rows or complete:
                 self._drop_purged(writer, copy, parsed, None if complete else end)

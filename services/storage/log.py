@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -137,6 +138,7 @@ class SubscribeSpec:
     max_transactions: int
     max_bytes: int
     heartbeat_s: float
+    linger_s: float
 
 
 def subscribe_spec(request: storage_pb2.SubscribeRequest) -> SubscribeSpec:
@@ -159,6 +161,7 @@ def subscribe_spec(request: storage_pb2.SubscribeRequest) -> SubscribeSpec:
         max_transactions=request.max_batch_transactions or DEFAULT_BATCH_TRANSACTIONS,
         max_bytes=request.max_batch_bytes or DEFAULT_BATCH_BYTES,
         heartbeat_s=(request.heartbeat_interval_ms or DEFAULT_HEARTBEAT_MS) / 1000,
+        linger_s=min(request.linger_ms, 1000) / 1000,
     )
 
 
@@ -245,6 +248,7 @@ async def subscribe(
     """
     positions = dict(spec.positions)
     cursor = start_time(engine, spec)
+    last_wake = 0.0
     while not engine.closing:
         event = engine.commit_event
         for key, value in engine.store.scan("log", keys.u64(cursor)):
@@ -263,6 +267,10 @@ async def subscribe(
         yield None
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout=spec.heartbeat_s)
+        now = time.monotonic()
+        if spec.linger_s and now - last_wake < 4 * spec.linger_s:
+            await asyncio.sleep(spec.linger_s)  # busy: let concurrent commits join
+        last_wake = now
 
 
 def purge_before(engine: Engine, cutoff: int, database: str) -> tuple[int, int]:

@@ -90,17 +90,19 @@ def decode_state(data: bytes) -> RecordState:
         raw = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise ValueError(f"record state is not JSON: {exc}") from exc
+    # Exact type checks (type(x) is int also rules out bool), cheapest first.
     if not (
-        isinstance(raw, list)
+        type(raw) is list
         and len(raw) == 5
-        and isinstance(raw[0], int)
-        and not isinstance(raw[0], bool)
-        and isinstance(raw[1], str)
-        and isinstance(raw[2], bool)
-        and isinstance(raw[3], dict)
-        and isinstance(raw[4], dict)
+        and type(raw[0]) is int
+        and type(raw[1]) is str
+        and type(raw[2]) is bool
+        and type(raw[3]) is dict
+        and type(raw[4]) is dict
     ):
         raise ValueError("record state must be [version, origin, deleted, doc, versions]")
+    if not raw[4]:
+        return RecordState((raw[0], raw[1]), raw[2], raw[3], {})
     versions: dict[str, Stamp] = {}
     for name, stamp in raw[4].items():
         if not (

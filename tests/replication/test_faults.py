@@ -120,3 +120,25 @@ def test_stopped_node_keeps_others_bounded_and_catches_up(make_cluster: MakeClus
     assert growth_mb < 150, f"peers grew by {growth_mb:.0f} MB while a node was stopped"
     cluster.wait_converged(timeout=120)
     assert len(c.client().all_records("load", "t")) == n
+
+
+def test_write_acked_just_before_a_crash_reaches_peers_after_restart(
+    make_cluster: MakeCluster,
+) -> None:
+    # Harper issue #1949: a write acknowledged just before its node crashed must reach the
+    # peers once the node is back, without any newer write to carry it along.
+    cluster = make_cluster(size=2)
+    a, b = cluster[0], cluster[1]
+    a.client().create_table("db", "t")
+    cluster.wait_converged()
+    a.kill("replicator", signal.SIGKILL)  # nothing leaves a from here on
+    reply = a.client().insert("db", "t", [{"id": "last-words"}])
+    assert list(reply.inserted_ids) == [b'"last-words"']
+    a.kill("storage", signal.SIGKILL)
+    a.start_service("storage")
+    a.start_service("replicator")
+    wait_for(
+        lambda: b.client().get("db", "t", ["last-words"]) == [{"id": "last-words"}],
+        30,
+        "the acknowledged write on b",
+    )

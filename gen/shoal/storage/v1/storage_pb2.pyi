@@ -1726,6 +1726,7 @@ class SubscribeRequest(_message.Message):
     MAX_BATCH_TRANSACTIONS_FIELD_NUMBER: _builtins.int
     MAX_BATCH_BYTES_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    LINGER_MS_FIELD_NUMBER: _builtins.int
     default_version: _builtins.int
     """Start position for a (database, origin) pair absent from `positions`: 0 streams
     from the beginning of the log; a later version starts there (Harper's startTime)
@@ -1739,6 +1740,12 @@ class SubscribeRequest(_message.Message):
     """
     heartbeat_interval_ms: _builtins.int
     """An empty message with `caught_up` is sent after this much idle time; 0 means 10 s."""
+    linger_ms: _builtins.int
+    """When a commit wakes a stream that was already busy (woken within the last few
+    lingers), wait this long before reading the log, so commits arriving together travel
+    in one message: a little latency under load for much less work per transaction.
+    0 sends every commit at once.
+    """
     @_builtins.property
     def databases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Databases to stream; empty for every database."""
@@ -1766,10 +1773,11 @@ class SubscribeRequest(_message.Message):
         max_batch_transactions: _builtins.int = ...,
         max_batch_bytes: _builtins.int = ...,
         heartbeat_interval_ms: _builtins.int = ...,
+        linger_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["databases", b"databases", "default_version", b"default_version", "exclude_origins", b"exclude_origins", "heartbeat_interval_ms", b"heartbeat_interval_ms", "max_batch_bytes", b"max_batch_bytes", "max_batch_transactions", b"max_batch_transactions", "positions", b"positions", "tables", b"tables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["databases", b"databases", "default_version", b"default_version", "exclude_origins", b"exclude_origins", "heartbeat_interval_ms", b"heartbeat_interval_ms", "linger_ms", b"linger_ms", "max_batch_bytes", b"max_batch_bytes", "max_batch_transactions", b"max_batch_transactions", "positions", b"positions", "tables", b"tables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
