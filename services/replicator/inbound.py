@@ -232,14 +232,14 @@ class Inbound:
                 db = session.state.database(txn.database)
                 db.last_received_version = max(db.last_received_version, txn.version)
                 db.last_received_at_ms = arrived
+            if session.state.last_error.startswith("transaction"):
+                session.state.last_error = ""  # a refused transaction has now been applied
         for db in session.state.databases.values():
             if last.caught_up:
                 db.backlog_seconds = 0.0
             elif db.last_received_version:
                 lag_ms = version_ms(last.sender_time) - version_ms(db.last_received_version)
                 db.backlog_seconds = max(0.0, lag_ms / 1000)
-        if session.state.last_error.startswith("transaction"):
-            session.state.last_error = ""
         return None
 
     # -- copies ----------------------------------------------------------------------------
