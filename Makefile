@@ -57,6 +57,7 @@ buf-lint: setup
 
 bench: setup ## run the benchmarks (each prints `name value` lines)
 	$(BIN)/python bench/storage.py
+	$(BIN)/python bench/replication.py
 
 clean: ## remove the virtualenv, node_modules and local data
 	rm -rf $(VENV) node_modules $(DATA) .mypy_cache .ruff_cache .pytest_cache .hypothesis
