@@ -2,10 +2,12 @@
 
     shoal local up              a local cluster on 127.0.0.1..N (what `make run` does)
     shoal node start -c FILE    one node: its services as supervised processes
-    shoal storage|replicator -c FILE
+    shoal storage|replicator|admin -c FILE
                                 one service in the foreground (containers use these)
     shoal data insert|get|search
                                 talk to a node's storage service
+    shoal op '<json>'           any Harper-style operation, through the admin service
+    shoal cluster status|routes cluster operations
 
 Credentials come from --username/--password or SHOAL_USERNAME / SHOAL_PASSWORD. Data goes
 to stdout (JSON, one record per line); messages go to stderr. Exit codes follow the gRPC
@@ -23,11 +25,15 @@ from typing import Annotated, Any
 import grpc
 import orjson
 import typer
+from rich.console import Console
+from rich.table import Table
+from shoal.admin.v1 import admin_pb2 as apb
+from shoal.admin.v1 import admin_pb2_grpc
 from shoal.storage.v1 import storage_pb2 as pb
 from shoal.storage.v1 import storage_pb2_grpc
 
 from services.common.auth import basic_metadata
-from services.common.config import DEFAULT_STORAGE_PORT, ConfigError
+from services.common.config import DEFAULT_ADMIN_PORT, DEFAULT_STORAGE_PORT, ConfigError
 from services.common.grpcserver import channel_options
 from services.local import SERVICES, local_cluster_configs, local_password, run_services
 
@@ -38,6 +44,14 @@ data_app = typer.Typer(help="Read and write records.", no_args_is_help=True)
 app.add_typer(local_app, name="local")
 app.add_typer(node_app, name="node")
 app.add_typer(data_app, name="data")
+cluster_app = typer.Typer(
+    help="Cluster operations (through a node's admin service).", no_args_is_help=True
+)
+routes_app = typer.Typer(
+    help="Routes of a node (persisted in its shoal.yaml).", no_args_is_help=True
+)
+app.add_typer(cluster_app, name="cluster")
+cluster_app.add_typer(routes_app, name="routes")
 
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="path to shoal.yaml", exists=True)
@@ -114,6 +128,149 @@ def storage(config: ConfigOption) -> None:
 def replicator(config: ConfigOption) -> None:
     """Run the replicator in the foreground."""
     _exec_service("replicator", config)
+
+
+@app.command("admin")
+def admin(config: ConfigOption) -> None:
+    """Run the admin service in the foreground."""
+    _exec_service("admin", config)
+
+
+# -- operations through the admin service ---------------------------------------------------
+
+AdminNodeOption = Annotated[
+    str, typer.Option("--node", help="HOST[:PORT] of the node's admin service (port 9925)")
+]
+OutputOption = Annotated[str, typer.Option("--output", "-o", help="table or json")]
+
+
+def _execute(node: str, operation: dict[str, Any], username: str, password: str) -> Any:
+    """Run a Harper JSON operation; print the error and exit with its gRPC code on failure."""
+    if not password:
+        _fail("no password: use --password or SHOAL_PASSWORD", 2)
+    address = node if ":" in node else f"{node}:{DEFAULT_ADMIN_PORT}"
+    with grpc.insecure_channel(address, options=channel_options()) as channel:
+        stub = admin_pb2_grpc.AdminServiceStub(channel)
+        try:
+            reply = stub.Execute(
+                apb.ExecuteRequest(operation=orjson.dumps(operation)),
+                metadata=basic_metadata(username, password),
+                timeout=60,
+            )
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+            details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            _fail(f"{code.name}: {details}", int(code.value[0]) or 1)
+            return None
+    result = orjson.loads(reply.result)
+    if reply.code:
+        sys.stdout.write(orjson.dumps(result).decode() + "\n")
+        raise typer.Exit(reply.code)
+    return result
+
+
+def _print(result: Any, output: str, columns: list[str] | None = None) -> None:
+    """JSON (stable, for scripts) or a table for people."""
+    if output == "json" or columns is None or not isinstance(result, list):
+        sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    table = Table(*columns)
+    for row in result:
+        table.add_row(*(str(row.get(c, "")) for c in columns))
+    Console().print(table)
+
+
+@app.command("op")
+def op(
+    operation: Annotated[str | None, typer.Argument(help="a Harper JSON operation")] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", "-f", help="read the operation from a file")
+    ] = None,
+    node: AdminNodeOption = "127.0.0.1",
+    username: UserOption = "admin",
+    password: PasswordOption = "",
+) -> None:
+    """Run any Harper-style operation, e.g. shoal op '{"operation": "describe_all"}'."""
+    text = file.read_text() if file is not None else operation
+    if not text:
+        _fail("give the operation as an argument or with --file", 2)
+        return
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as exc:
+        _fail(f"not valid JSON: {exc}", 2)
+        return
+    _print(_execute(node, parsed, username, password), "json")
+
+
+@cluster_app.command("status")
+def cluster_status(
+    node: AdminNodeOption = "127.0.0.1",
+    output: OutputOption = "table",
+    username: UserOption = "admin",
+    password: PasswordOption = "",
+) -> None:
+    """Replication status of a node: one line per connection."""
+    status = _execute(node, {"operation": "cluster_status"}, username, password)
+    if output == "json":
+        _print(status, "json")
+        return
+    rows = [
+        {
+            "peer": c["name"],
+            "connected": c["connected"],
+            "dialed": c["dialed"],
+            "latency ms": round(c["latency"], 2),
+            "back-pressure %": c["backPressurePercent"],
+            "databases": ", ".join(s["database"] for s in c["database_sockets"]),
+            "last error": c["lastConnectionError"] or "",
+        }
+        for c in status["connections"]
+    ]
+    typer.echo(f"node {status['node_name']}", err=True)
+    _print(
+        rows,
+        output,
+        ["peer", "connected", "dialed", "latency ms", "back-pressure %", "databases", "last error"],
+    )
+
+
+@routes_app.command("list")
+def routes_list(
+    node: AdminNodeOption = "127.0.0.1",
+    output: OutputOption = "table",
+    username: UserOption = "admin",
+    password: PasswordOption = "",
+) -> None:
+    """The node's routes."""
+    routes = _execute(node, {"operation": "cluster_get_routes"}, username, password)
+    _print(routes, output, ["hostname", "port"])
+
+
+@routes_app.command("add")
+def routes_add(
+    routes: Annotated[list[str], typer.Argument(help="host names or URLs")],
+    node: AdminNodeOption = "127.0.0.1",
+    username: UserOption = "admin",
+    password: PasswordOption = "",
+) -> None:
+    """Add routes (persisted, applied at once); routes already there are skipped."""
+    _print(
+        _execute(node, {"operation": "cluster_set_routes", "routes": routes}, username, password),
+        "json",
+    )
+
+
+@routes_app.command("remove")
+def routes_remove(
+    hostnames: Annotated[list[str], typer.Argument(help="host names")],
+    node: AdminNodeOption = "127.0.0.1",
+    username: UserOption = "admin",
+    password: PasswordOption = "",
+) -> None:
+    """Remove routes by host name."""
+    body = {"operation": "cluster_delete_routes", "routes": hostnames}
+    _print(_execute(node, body, username, password), "json")
 
 
 # -- data ----------------------------------------------------------------------------------

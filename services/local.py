@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.common.backoff import Backoff
 from services.common.config import ShoalConfig, load_config
 
-SERVICES = ("storage", "replicator")
+SERVICES = ("storage", "replicator", "admin")
 READY_TIMEOUT_S = 60.0
 
 

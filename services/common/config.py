@@ -30,6 +30,9 @@ DEFAULT_ADMIN_PORT = 9925
 DEFAULT_STORAGE_PORT = 9926
 DEFAULT_REPLICATION_PORT = 9932
 DEFAULT_REPLICATION_SECURE_PORT = 9933
+DEFAULT_METRICS_STORAGE_PORT = 9941
+DEFAULT_METRICS_REPLICATOR_PORT = 9942
+DEFAULT_METRICS_ADMIN_PORT = 9943
 
 ENV_PREFIX = "SHOAL_"
 
@@ -142,6 +145,14 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class AuthenticationConfig:
+    """``authentication.*``: sign-in lockout of the storage service."""
+
+    lockout_attempts: int = 5  # 0: never lock
+    lockout_duration_s: float = 300.0
+
+
+@dataclass(frozen=True)
 class AdminBootstrap:
     """``admin.*``: the super user created at first start (or SHOAL_ADMIN_* env)."""
 
@@ -157,6 +168,25 @@ class TestingConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """``metrics.*``: the Prometheus endpoint of each service (on the node's ``host``)."""
+
+    enabled: bool = True
+    storage_port: int = DEFAULT_METRICS_STORAGE_PORT
+    replicator_port: int = DEFAULT_METRICS_REPLICATOR_PORT
+    admin_port: int = DEFAULT_METRICS_ADMIN_PORT
+
+    def port(self, service: str) -> int:
+        """The metrics port of ``storage``, ``replicator`` or ``admin``."""
+        ports = {
+            "storage": self.storage_port,
+            "replicator": self.replicator_port,
+            "admin": self.admin_port,
+        }
+        return ports[service]
+
+
+@dataclass(frozen=True)
 class ShoalConfig:
     """A node's whole configuration."""
 
@@ -168,7 +198,9 @@ class ShoalConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     admin: AdminBootstrap = field(default_factory=AdminBootstrap)
+    authentication: AuthenticationConfig = field(default_factory=AuthenticationConfig)
     testing: TestingConfig = field(default_factory=TestingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: Path | None = None
 
     @property
@@ -339,7 +371,7 @@ def _valid_hostname(name: str) -> bool:
     )
 
 
-def _parse_url_route(text: str) -> tuple[str, int | None, bool | None]:
+def parse_route_url(text: str) -> tuple[str, int | None, bool | None]:
     """``server``, ``server:9933``, ``shoal://server:9933``, ``wss://…`` → (host, port, secure)."""
     secure: bool | None = None
     rest = text
@@ -383,7 +415,7 @@ def _parse_route(reader: _Reader, index: int, item: object) -> Route | None:
     name = f"routes[{index}]"
     if isinstance(item, str):
         try:
-            url_host, url_port, url_secure = _parse_url_route(item)
+            url_host, url_port, url_secure = parse_route_url(item)
         except ValueError as exc:
             reader.problem(name, item, str(exc))
             return None
@@ -398,7 +430,7 @@ def _parse_route(reader: _Reader, index: int, item: object) -> Route | None:
     secure: bool | None = None
     if url:
         try:
-            host, port, secure = _parse_url_route(url)
+            host, port, secure = parse_route_url(url)
         except ValueError as exc:
             sub.problem("url", url, str(exc))
             return None
@@ -615,11 +647,27 @@ def parse_config(
         ad.problem("username", admin.username, "not a valid user name")
     ad.finish()
 
+    au = top.section("authentication")
+    authentication = AuthenticationConfig(
+        lockout_attempts=au.integer("lockoutAttempts", 5, 0, 1000),
+        lockout_duration_s=au.duration("lockoutDuration", 300.0),
+    )
+    au.finish()
+
     te = top.section("testing")
     testing = TestingConfig(
         clock_offset_ms=te.integer("clockOffsetMs", 0, -(10**12), 10**12),
     )
     te.finish()
+
+    me = top.section("metrics")
+    metrics = MetricsConfig(
+        enabled=me.boolean("enabled", True),
+        storage_port=me.port("storagePort", DEFAULT_METRICS_STORAGE_PORT),
+        replicator_port=me.port("replicatorPort", DEFAULT_METRICS_REPLICATOR_PORT),
+        admin_port=me.port("adminPort", DEFAULT_METRICS_ADMIN_PORT),
+    )
+    me.finish()
 
     ports = {
         "operationsApi.network.port": operations_api.port,
@@ -628,6 +676,10 @@ def parse_config(
     }
     if replication.secure_port is not None:
         ports["replication.securePort"] = replication.secure_port
+    if metrics.enabled:
+        ports["metrics.storagePort"] = metrics.storage_port
+        ports["metrics.replicatorPort"] = metrics.replicator_port
+        ports["metrics.adminPort"] = metrics.admin_port
     by_port: dict[int, str] = {}
     for key, port in ports.items():
         if port in by_port:
@@ -646,7 +698,9 @@ def parse_config(
         logging=logging_config,
         tls=tls,
         admin=admin,
+        authentication=authentication,
         testing=testing,
+        metrics=metrics,
         source=source,
     )
 

@@ -147,3 +147,36 @@ def error_reason(error: grpc.RpcError) -> str | None:
     """The ErrorInfo reason of a received error, or None when it carries none."""
     info = error_info(error)
     return None if info is None else str(info.reason)
+
+
+_BY_CODE: dict[grpc.StatusCode, type[ShoalError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        PermissionDenied,
+        Unauthenticated,
+        ResourceExhausted,
+        Unavailable,
+        Aborted,
+        DeadlineExceeded,
+        Internal,
+    )
+}
+
+
+def from_rpc_error(error: grpc.aio.AioRpcError, service: str = "") -> ShoalError:
+    """The ShoalError equivalent of an error a downstream service returned, so a service
+    that calls another answers with the same code, message and reason."""
+    cls = _BY_CODE.get(
+        error.code(), Internal if error.code() != grpc.StatusCode.UNAVAILABLE else Unavailable
+    )
+    message = error.details() or error.code().name
+    if error.code() == grpc.StatusCode.UNAVAILABLE and service:
+        message = f"{service} is unavailable: {message}"
+    info = error_info(error)
+    if info is None:
+        return cls(message)
+    return cls(message, reason=str(info.reason), metadata=dict(info.metadata))

@@ -2,8 +2,10 @@
 
 One interceptor does what every handler would otherwise repeat: authenticate the caller
 (setting ``auth.current_identity`` for the handler), turn ``ShoalError`` into a rich
-``google.rpc.Status``, and turn anything unexpected into INTERNAL with a log line. Health
-(``grpc.health.v1``) and reflection are added to every server and need no credentials.
+``google.rpc.Status``, turn anything unexpected into INTERNAL with a log line, and count
+and time every call by final status (``RpcMetrics``, exported as gRFC A66 metrics by
+``services.common.metrics``). Health (``grpc.health.v1``) and reflection are added to
+every server, need no credentials and are not counted.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import asyncio
 import inspect
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,7 +24,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.auth import Identity, current_identity
+from services.common.config import ShoalConfig
 from services.common.errors import Internal, ShoalError, Unavailable
+from services.common.metrics import MethodStats, MetricsServer, RpcMetrics, Source, start_metrics
 
 log = logging.getLogger("shoal.grpc")
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -67,10 +72,14 @@ def _public_service(method: str) -> bool:
 
 
 class ShoalInterceptor(grpc.aio.ServerInterceptor):
-    """Authentication and error mapping around every handler of Shoal's own services."""
+    """Authentication, error mapping and call metrics around every handler of Shoal's own
+    services."""
 
-    def __init__(self, authenticator: Authenticator | None) -> None:
+    def __init__(
+        self, authenticator: Authenticator | None, metrics: RpcMetrics | None = None
+    ) -> None:
         self._authenticator = authenticator
+        self.metrics = metrics if metrics is not None else RpcMetrics()
         # Wrapped handlers, built once per method (the metadata is read from each call's
         # context), so a call costs no new closures or handler objects.
         self._wrapped: dict[str, Any] = {}
@@ -87,7 +96,8 @@ class ShoalInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or _public_service(method):
             return handler
-        wrapped = self._wrapped[method] = _wrap(handler, method, self._authenticator)
+        stats = self.metrics.method(method)
+        wrapped = self._wrapped[method] = _wrap(handler, method, self._authenticator, stats)
         return wrapped
 
 
@@ -106,20 +116,59 @@ async def _fail(context: Ctx, method: str, exc: BaseException) -> None:
     await context.abort_with_status(error.to_status())
 
 
-def _wrap(handler: Any, method: str, authenticator: Authenticator | None) -> Any:
-    passthrough = (grpc.aio.AbortError, asyncio.CancelledError)
+# Handlers report errors by raising (never with ``context.set_code``), so a call whose
+# handler returns ends OK; the status of any other end is worked out only then. A call is
+# recorded before its status goes out (before ``_fail`` aborts it), so a client that saw
+# the end of its call sees it counted.
+_OK = grpc.StatusCode.OK
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+_PASSTHROUGH = (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit)
+_now = time.perf_counter
+
+
+def _error_status(exc: Exception) -> grpc.StatusCode:
+    """The status ``_fail`` ends a call with."""
+    return exc.code if isinstance(exc, ShoalError) else grpc.StatusCode.INTERNAL
+
+
+def _passthrough_status(exc: BaseException, context: Ctx) -> grpc.StatusCode:
+    """The status of a call ended by an abort or a cancellation."""
+    if isinstance(exc, grpc.aio.AbortError):
+        code: Any = context.code()
+        if isinstance(code, grpc.StatusCode):
+            return code
+        return _CODES.get(code, grpc.StatusCode.UNKNOWN)
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
+def _wrap(
+    handler: Any, method: str, authenticator: Authenticator | None, stats: MethodStats
+) -> Any:
+    passthrough = _PASSTHROUGH
+    now = _now
+    finish = stats.finish
 
     if handler.unary_unary is not None:
         inner_uu = handler.unary_unary
 
         async def unary_unary(request: Any, context: Ctx) -> Any:
+            stats.started += 1
+            start = now()
             try:
                 await _enter(context, authenticator)
-                return await inner_uu(request, context)
-            except passthrough:
+                response = await inner_uu(request, context)
+            except passthrough as exc:
+                finish(_passthrough_status(exc, context), now() - start)
                 raise
             except Exception as exc:
+                finish(_error_status(exc), now() - start)
                 await _fail(context, method, exc)
+            else:
+                finish(_OK, now() - start)
+                return response
 
         return grpc.unary_unary_rpc_method_handler(
             unary_unary, handler.request_deserializer, handler.response_serializer
@@ -127,7 +176,7 @@ def _wrap(handler: Any, method: str, authenticator: Authenticator | None) -> Any
 
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
-            _wrap_stream(handler.unary_stream, method, authenticator),
+            _wrap_stream(handler.unary_stream, method, authenticator, stats),
             handler.request_deserializer,
             handler.response_serializer,
         )
@@ -136,51 +185,75 @@ def _wrap(handler: Any, method: str, authenticator: Authenticator | None) -> Any
         inner_su = handler.stream_unary
 
         async def stream_unary(requests: AsyncIterator[Any], context: Ctx) -> Any:
+            stats.started += 1
+            start = now()
             try:
                 await _enter(context, authenticator)
-                return await inner_su(requests, context)
-            except passthrough:
+                response = await inner_su(requests, context)
+            except passthrough as exc:
+                finish(_passthrough_status(exc, context), now() - start)
                 raise
             except Exception as exc:
+                finish(_error_status(exc), now() - start)
                 await _fail(context, method, exc)
+            else:
+                finish(_OK, now() - start)
+                return response
 
         return grpc.stream_unary_rpc_method_handler(
             stream_unary, handler.request_deserializer, handler.response_serializer
         )
 
     return grpc.stream_stream_rpc_method_handler(
-        _wrap_stream(handler.stream_stream, method, authenticator),
+        _wrap_stream(handler.stream_stream, method, authenticator, stats),
         handler.request_deserializer,
         handler.response_serializer,
     )
 
 
-def _wrap_stream(inner: Any, method: str, authenticator: Authenticator | None) -> Any:
+def _wrap_stream(
+    inner: Any, method: str, authenticator: Authenticator | None, stats: MethodStats
+) -> Any:
     """Wrap a streaming-response handler: an async generator, or a coroutine that writes
     with ``context.write`` (both are allowed by grpc.aio)."""
-    passthrough = (grpc.aio.AbortError, asyncio.CancelledError)
+    passthrough = _PASSTHROUGH
+    now = _now
+    finish = stats.finish
     if inspect.isasyncgenfunction(inner):
 
         async def generator(request: Any, context: Ctx) -> Any:
+            stats.started += 1
+            start = now()
             try:
                 await _enter(context, authenticator)
                 async for item in inner(request, context):
                     yield item
-            except passthrough:
+            except passthrough as exc:
+                finish(_passthrough_status(exc, context), now() - start)
                 raise
             except Exception as exc:
+                finish(_error_status(exc), now() - start)
                 await _fail(context, method, exc)
+            else:
+                finish(_OK, now() - start)
 
         return generator
 
     async def coroutine(request: Any, context: Ctx) -> Any:
+        stats.started += 1
+        start = now()
         try:
             await _enter(context, authenticator)
-            return await inner(request, context)
-        except passthrough:
+            response = await inner(request, context)
+        except passthrough as exc:
+            finish(_passthrough_status(exc, context), now() - start)
             raise
         except Exception as exc:
+            finish(_error_status(exc), now() - start)
             await _fail(context, method, exc)
+        else:
+            finish(_OK, now() - start)
+            return response
 
     return coroutine
 
@@ -196,6 +269,8 @@ class ServerSpec:
     authenticator: Authenticator | None
     max_message_bytes: int = 16 * 1024 * 1024
     max_concurrent_rpcs: int | None = None
+    # Per-method call counts and durations, filled by the interceptor (see metrics.py).
+    rpc_metrics: RpcMetrics = field(default_factory=RpcMetrics)
     # Run before the server stops (end long-lived streams), then after it stopped.
     pre_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
@@ -228,10 +303,26 @@ class RunningServer:
             await hook()
 
 
+def attach_metrics(
+    spec: ServerSpec,
+    config: ShoalConfig,
+    loop_sources: Sequence[Source] = (),
+    thread_sources: Sequence[Source] = (),
+) -> MetricsServer | None:
+    """Serve the metrics of the service ``spec`` describes on ``metrics.<name>Port``: its
+    per-RPC statistics plus the given sources (see ``metrics.start_metrics``). The
+    endpoint closes first when the server stops. Call it on the event loop, before
+    ``start_server``; None when ``metrics.enabled`` is false."""
+    server = start_metrics(config, spec.name, spec.rpc_metrics, loop_sources, thread_sources)
+    if server is not None:
+        spec.pre_stop.insert(0, server.aclose)
+    return server
+
+
 async def start_server(spec: ServerSpec) -> RunningServer:
     """Build, bind and start a server; health reports SERVING once it listens."""
     server = grpc.aio.server(
-        interceptors=[ShoalInterceptor(spec.authenticator)],
+        interceptors=[ShoalInterceptor(spec.authenticator, spec.rpc_metrics)],
         options=server_options(spec.max_message_bytes),
         maximum_concurrent_rpcs=spec.max_concurrent_rpcs,
     )

@@ -14,16 +14,19 @@ from shoal.replicator.v1 import replicator_pb2, replicator_pb2_grpc
 
 from services.common.auth import read_node_secret
 from services.common.config import ConfigError, ShoalConfig, load_config
+from services.common.errors import Unavailable
 from services.common.grpcserver import (
     RunningServer,
     ServerSpec,
     ShoalInterceptor,
+    attach_metrics,
     serve_until_signalled,
     server_options,
 )
 from services.common.logs import setup_logging
 from services.common.tls import load_tls, mutual_server_credentials
 from services.replicator.local import LocalStorage
+from services.replicator.metrics import replicator_metrics
 from services.replicator.replicator import Replicator
 from services.replicator.server import ReplicatorServicer
 
@@ -38,8 +41,22 @@ async def run(config: ShoalConfig) -> None:
         config.local_address(config.storage.port), secret, config.storage.max_message_bytes
     )
     replicator = Replicator(config, storage, tls)
+    spec = ServerSpec(
+        name="replicator",
+        address=f"{config.host}:{config.replication.port}",
+        service_names=[SERVICE_NAME],
+        register=lambda _: None,
+        authenticator=None,
+        pre_stop=[replicator.close],
+        on_stop=[storage.close],
+        grace_s=5.0,
+    )
+    try:
+        attach_metrics(spec, config, loop_sources=[replicator_metrics(replicator)])
+    except Unavailable as exc:
+        raise SystemExit(f"replicator: {exc.message}") from exc
     server = grpc.aio.server(
-        interceptors=[ShoalInterceptor(None)],
+        interceptors=[ShoalInterceptor(None, spec.rpc_metrics)],
         options=server_options(config.storage.max_message_bytes),
     )
     replicator_pb2_grpc.add_ReplicatorServiceServicer_to_server(
@@ -50,7 +67,7 @@ async def run(config: ShoalConfig) -> None:
     reflection.enable_server_reflection(
         [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    plain = f"{config.host}:{config.replication.port}"
+    plain = spec.address
     if server.add_insecure_port(plain) == 0:
         raise SystemExit(f"replicator: cannot listen on {plain}")
     if config.replication.secure_port is not None:
@@ -63,16 +80,6 @@ async def run(config: ShoalConfig) -> None:
             raise SystemExit(f"replicator: cannot listen on {secure}")
     await server.start()
 
-    spec = ServerSpec(
-        name="replicator",
-        address=plain,
-        service_names=[SERVICE_NAME],
-        register=lambda _: None,
-        authenticator=None,
-        pre_stop=[replicator.close],
-        on_stop=[storage.close],
-        grace_s=5.0,
-    )
     running = RunningServer(spec, server, health_servicer)
     await running.set_serving(True)
     replicator.start()

@@ -1,9 +1,9 @@
 """The receiver role of a session: the peer's data, applied to this node's storage.
 
 The loop:
-  1. copy each database of the flow that this node never synced from anyone (or whose
-     copy was interrupted: it resumes after the last merged key), unless the route has a
-     startTime;
+  1. copy each database of the flow that this node holds no position for (it never
+     wrote or received it), or whose copy was interrupted (it resumes after the last
+     merged key), unless the route has a startTime;
   2. subscribe with the durable positions from storage and the current exclusions;
   3. apply each Batch through storage Apply (data and positions in one atomic write),
      then Ack it;
@@ -182,6 +182,9 @@ class Inbound:
                 break
             batches.append(message.batch)
             size += message.batch.ByteSize()
+        state = self.session.state
+        state.received_bytes += size
+        state.received_transactions += sum(len(b.transactions) for b in batches)
         return batches
 
     async def _consume(self, generation: int) -> _Resubscribe | _Truncated | _Refused:
@@ -256,8 +259,10 @@ class Inbound:
         if self._start_version():
             return
         positions = await self.session.storage.positions()
-        me = self.session.replicator.name
-        synced = {p.database for p in positions.positions if p.origin != me}
+        # A database this node holds any position for (its own commits included) is
+        # subscribed to, not copied: the peer's log brings what is missing, and a
+        # LOG_TRUNCATED answer leads to a copy then.
+        synced = {p.database for p in positions.positions}
         copying = {c.database: c for c in positions.copies}
         for database in self._flow_databases():
             if database in copying or database not in synced:

@@ -167,7 +167,8 @@ class Outbound:
                 for txn in reply.transactions:
                     version, count = per_db.get(txn.database, (0, 0))
                     per_db[txn.database] = (max(version, txn.version), count + 1)
-                await self.window.acquire(sequence, reply.ByteSize(), len(reply.transactions))
+                size = reply.ByteSize()
+                await self.window.acquire(sequence, size, len(reply.transactions))
                 self._in_flight[sequence] = per_db
                 self._update_backlog()
                 await session.send(
@@ -181,6 +182,8 @@ class Outbound:
                         )
                     )
                 )
+                session.state.sent_transactions += len(reply.transactions)
+                session.state.sent_bytes += size
         except grpc.aio.AioRpcError as exc:
             if (
                 exc.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -63,7 +63,7 @@ class Replicator:
         self.peers: dict[str, PeerState] = {
             r.hostname: PeerState(r.hostname) for r in config.replication.routes
         }
-        self._dialers: list[asyncio.Task[Any]] = []
+        self._dialers: dict[str, asyncio.Task[Any]] = {}
         self._accepted: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._session_changed = asyncio.Event()
@@ -72,20 +72,44 @@ class Replicator:
 
     def start(self) -> None:
         for route in self.routes.values():
-            self._dialers.append(
-                asyncio.create_task(self._dial_loop(route), name=f"dial:{route.hostname}")
-            )
+            self._start_dialing(route)
+
+    def _start_dialing(self, route: Route) -> None:
+        self._dialers[route.hostname] = asyncio.create_task(
+            self._dial_loop(route), name=f"dial:{route.hostname}"
+        )
+
+    def set_routes(self, routes: list[Route]) -> None:
+        """Apply a new list of routes at once (see the SetRoutes contract)."""
+        new = {r.hostname: r for r in routes}
+        for name, old in list(self.routes.items()):
+            if new.get(name) == old:
+                continue
+            task = self._dialers.pop(name, None)
+            if task is not None:
+                task.cancel()
+            session = self.sessions.get(name)
+            if session is not None and (session.dialed or name in new):
+                # Removed: drop what we dialed. Changed: reconnect with the new settings.
+                session.close(rpb.GOODBYE_CODE_SHUTDOWN, f"route to {name} changed")
+            if name not in new and (session is None or session.dialed):
+                self.peers.pop(name, None)
+        self.routes = new
+        for name, route in new.items():
+            self.peer_state(name)
+            if name not in self._dialers:
+                self._start_dialing(route)
 
     async def close(self) -> None:
         self._closing = True
-        for task in self._dialers:
+        for task in self._dialers.values():
             task.cancel()
         for session in list(self.sessions.values()):
             session.close(rpb.GOODBYE_CODE_SHUTDOWN, f"{self.name} is shutting down")
         waits = [s.finished.wait() for s in list(self.sessions.values())]
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.gather(*waits), timeout=5)
-        await asyncio.gather(*self._dialers, return_exceptions=True)
+        await asyncio.gather(*self._dialers.values(), return_exceptions=True)
 
     def peer_state(self, peer: str) -> PeerState:
         state = self.peers.get(peer)

@@ -11,7 +11,9 @@ from shoal.replicator.v1 import replicator_pb2 as rpb
 from shoal.replicator.v1 import replicator_pb2_grpc
 
 from services.common.auth import BearerToken, parse_authorization
-from services.common.errors import PermissionDenied, Unauthenticated
+from services.common.config import ConfigError
+from services.common.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from services.common.routes import from_proto, to_proto
 from services.common.tls import peer_names
 from services.replicator.replicator import Replicator
 from services.replicator.transport import AcceptedStream, ConnectionLost
@@ -39,10 +41,22 @@ class ReplicatorServicer(replicator_pb2_grpc.ReplicatorServiceServicer):
         except ConnectionLost:
             return
 
-    async def Status(self, request: rpb.StatusRequest, context: Ctx) -> rpb.StatusResponse:
+    def _internal(self, context: Ctx) -> None:
         credentials = parse_authorization(tuple(context.invocation_metadata() or ()))
         if not isinstance(credentials, BearerToken):
-            raise PermissionDenied("replication status is for the node's own services")
+            raise PermissionDenied("this RPC is for the node's own services")
         if not hmac.compare_digest(credentials.token.encode(), self._secret.encode()):
             raise Unauthenticated("invalid node credentials")
+
+    async def Status(self, request: rpb.StatusRequest, context: Ctx) -> rpb.StatusResponse:
+        self._internal(context)
         return self.replicator.status()
+
+    async def SetRoutes(self, request: rpb.SetRoutesRequest, context: Ctx) -> rpb.SetRoutesResponse:
+        self._internal(context)
+        try:
+            routes = from_proto(request.routes, self.replicator.name)
+        except ConfigError as exc:
+            raise InvalidArgument("; ".join(exc.problems)) from exc
+        self.replicator.set_routes(routes)
+        return rpb.SetRoutesResponse(routes=[to_proto(r) for r in routes])

@@ -48,6 +48,12 @@ class PeerState:
     last_error: str = ""
     connected_since_ms: int = 0
     databases: dict[str, DatabaseState] = field(default_factory=dict)
+    # Subscription traffic with this peer since the process started (for metrics):
+    # transactions and the serialized size of the batches carrying them.
+    received_transactions: int = 0
+    received_bytes: int = 0
+    sent_transactions: int = 0
+    sent_bytes: int = 0
 
     def database(self, name: str) -> DatabaseState:
         state = self.databases.get(name)

@@ -12,11 +12,17 @@ from shoal.storage.v1 import storage_pb2, storage_pb2_grpc
 
 from services.common.config import ConfigError, ShoalConfig, load_config
 from services.common.errors import ShoalError
-from services.common.grpcserver import ServerSpec, serve_until_signalled, start_server
+from services.common.grpcserver import (
+    ServerSpec,
+    attach_metrics,
+    serve_until_signalled,
+    start_server,
+)
 from services.common.hlc import version_from_ms
 from services.common.logs import setup_logging
 from services.storage import log as txlog
 from services.storage.engine import Engine
+from services.storage.metrics import disk_metrics, engine_metrics
 from services.storage.server import StorageServicer
 
 log = logging.getLogger("shoal.storage")
@@ -71,9 +77,18 @@ async def run(config: ShoalConfig) -> None:
         pre_stop=[begin_shutdown],
         on_stop=[close],
     )
+    metrics = None
     try:
+        metrics = attach_metrics(
+            spec,
+            config,
+            loop_sources=[engine_metrics(engine)],
+            thread_sources=[disk_metrics(config.storage_path)],
+        )
         running = await start_server(spec)
     except ShoalError:
+        if metrics is not None:
+            metrics.stop()
         engine.close()
         raise
     purge = asyncio.create_task(_purge_loop(engine, config))

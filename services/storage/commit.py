@@ -273,6 +273,7 @@ class BatchWriter:
             engine.counts[table_id] = max(0, engine.counts.get(table_id, 0) + delta)
         engine.positions.update(self.positions)
         engine.horizons.update(self.horizons)
+        engine.commits += 1
         engine.notify_commit()
         return True
 
@@ -519,6 +520,7 @@ class LocalTransaction:
         self.writer.log(txn, version)
         self.writer.set_position(self.database, engine.node_name, version)
         self.writer.commit()
+        engine.local_transactions += 1
         return version
 
 

@@ -127,11 +127,22 @@ class Engine:
         self.positions: dict[tuple[str, str], int] = {}
         self.horizons: dict[tuple[str, str], int] = {}
         self.copies: dict[str, CopyState] = {}
+        # Counters since the process started, read by the metrics collector at scrape time.
+        self.commits = 0  # atomic writes (local transactions, applies, copies, schema)
+        self.local_transactions = 0
+        self.applied_transactions = 0  # transactions of other origins applied
+        self.skipped_transactions = 0  # ... and skipped as already applied
         self.clock = HybridClock(wall_clock_ms(config.testing.clock_offset_ms))
         self._commit_event = asyncio.Event()
         self.closing = False
         self.node_secret = load_or_create_node_secret(config.keys_path)
-        self.users = UserStore(self.store, self.node_name, self.node_secret)
+        self.users = UserStore(
+            self.store,
+            self.node_name,
+            self.node_secret,
+            config.authentication.lockout_attempts,
+            config.authentication.lockout_duration_s,
+        )
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -442,6 +453,8 @@ class Engine:
             self.reload_catalog()
             raise
         writer.commit()
+        self.applied_transactions += result.applied
+        self.skipped_transactions += result.skipped
         for txn in transactions:
             key = (txn.database, txn.origin)
             result.positions[key] = self.positions.get(key, 0)
@@ -576,6 +589,8 @@ class Engine:
                 olds = writer.load(table, [parsed[i][2] for i in positions_in_chunk])
                 for i, old in zip(positions_in_chunk, olds, strict=True):
                     _, _, encoded, theirs = parsed[i]
+                    if old is None and self._already_seen(database, theirs):
+                        continue  # deleted here, tombstone purged: do not resurrect it
                     if old is None and theirs.base != merge.ZERO and not theirs.deleted:
                         # A row this node lacks: store the sender's state bytes as they are.
                         writer.put_new(table, encoded, theirs.doc, raw_states[i])
@@ -611,6 +626,15 @@ class Engine:
         else:
             self.copies[database] = copy
         return copy
+
+    def _already_seen(self, database: str, state: merge.RecordState) -> bool:
+        """True when this node has applied every write the state reflects (all its
+        versions are within this node's positions)."""
+        stamps = list(state.versions.values())
+        if state.base != merge.ZERO:
+            stamps.append(state.base)
+        positions = self.positions
+        return bool(stamps) and all(v <= positions.get((database, o), 0) for v, o in stamps)
 
     def _drop_purged(
         self,

@@ -1,5 +1,6 @@
-"""The StorageService handlers. Each one validates, calls the engine, and builds the
-response; authentication and error mapping happen once, in ``common.grpcserver``.
+"""The StorageService handlers. Each one checks the caller's permission (``permissions``),
+validates, calls the engine, and builds the response; authentication and error mapping
+happen once, in ``common.grpcserver``.
 """
 
 from __future__ import annotations
@@ -20,12 +21,33 @@ from services.common.hlc import version_from_ms
 from services.storage import commit, csvload, log, search, snapshot
 from services.storage.commit import OperationResult, parse_id
 from services.storage.engine import CopyState, Engine
+from services.storage.permissions import (
+    DELETE,
+    INSERT,
+    READ,
+    UPDATE,
+    UPSERT,
+    Permission,
+    UserIdentity,
+    can,
+    permission_of,
+    require,
+    require_reads_in,
+    require_super_user,
+)
 from services.storage.schema import Database, Table, check_name
+from services.storage.users import User
 
 Msg = TypeVar("Msg")
 Ctx = grpc.aio.ServicerContext[Any, Any]
 CHUNK_RECORDS = 1000
 CHUNK_BYTES = 1024 * 1024
+OPERATION_ACTIONS = {
+    types_pb2.OPERATION_INSERT: INSERT,
+    types_pb2.OPERATION_UPDATE: UPDATE,
+    types_pb2.OPERATION_UPSERT: UPSERT,
+    types_pb2.OPERATION_DELETE: DELETE,
+}
 
 
 def _ids(values: list[Any]) -> list[bytes]:
@@ -46,10 +68,24 @@ def table_info(engine: Engine, table: Table) -> pb.TableInfo:
     )
 
 
-def database_info(engine: Engine, db: Database) -> pb.DatabaseInfo:
+def database_info(engine: Engine, db: Database, who: Identity | None = None) -> pb.DatabaseInfo:
+    """A database with its tables (only those ``who`` may read, when given)."""
     return pb.DatabaseInfo(
-        name=db.name, tables=[table_info(engine, t) for _, t in sorted(db.tables.items())]
+        name=db.name,
+        tables=[
+            table_info(engine, t)
+            for _, t in sorted(db.tables.items())
+            if who is None or can(who, READ, db.name, t.name)
+        ],
     )
+
+
+def user_info(user: User) -> pb.User:
+    return pb.User(username=user.name, role=user.role, active=user.active)
+
+
+def role_info(name: str, permission: Permission) -> pb.Role:
+    return pb.Role(name=name, permission=permission.json)
 
 
 def copy_progress(copy: CopyState, complete: bool = False) -> pb.CopyProgress:
@@ -106,6 +142,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.users = engine.users
 
     @staticmethod
     def _caller() -> Identity:
@@ -122,26 +159,33 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     async def CreateDatabase(
         self, request: pb.CreateDatabaseRequest, context: Ctx
     ) -> pb.CreateDatabaseResponse:
-        db = self.engine.create_database(request.database, self._caller().internal)
+        who = self._caller()
+        require_super_user(who, f"create database {request.database}")
+        db = self.engine.create_database(request.database, who.internal)
         return pb.CreateDatabaseResponse(database=database_info(self.engine, db))
 
     async def DropDatabase(
         self, request: pb.DropDatabaseRequest, context: Ctx
     ) -> pb.DropDatabaseResponse:
+        who = self._caller()
+        require_super_user(who, f"drop database {request.database}")
         check_name("database", request.database)
-        dropped = self.engine.drop_database(request.database, self._caller().internal)
+        dropped = self.engine.drop_database(request.database, who.internal)
         return pb.DropDatabaseResponse(dropped_records=dropped)
 
     async def DescribeDatabase(
         self, request: pb.DescribeDatabaseRequest, context: Ctx
     ) -> pb.DescribeDatabaseResponse:
+        who = self._caller()
+        require_reads_in(who, request.database)
         db = self.engine.catalog.database(request.database)
-        return pb.DescribeDatabaseResponse(database=database_info(self.engine, db))
+        return pb.DescribeDatabaseResponse(database=database_info(self.engine, db, who))
 
     async def CreateTable(
         self, request: pb.CreateTableRequest, context: Ctx
     ) -> pb.CreateTableResponse:
         who = self._caller()
+        require_super_user(who, f"create table {request.database}.{request.table}")
         replicate = request.replicate if request.HasField("replicate") else True
         table = self.engine.create_table(
             request.database,
@@ -155,28 +199,37 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         return pb.CreateTableResponse(table=table_info(self.engine, table))
 
     async def DropTable(self, request: pb.DropTableRequest, context: Ctx) -> pb.DropTableResponse:
-        dropped = self.engine.drop_table(request.database, request.table, self._caller().internal)
+        who = self._caller()
+        require_super_user(who, f"drop table {request.database}.{request.table}")
+        dropped = self.engine.drop_table(request.database, request.table, who.internal)
         return pb.DropTableResponse(dropped_records=dropped)
 
     async def DescribeTable(
         self, request: pb.DescribeTableRequest, context: Ctx
     ) -> pb.DescribeTableResponse:
+        require(self._caller(), READ, request.database, request.table)
         table = self.engine.catalog.table(request.database, request.table)
         return pb.DescribeTableResponse(table=table_info(self.engine, table))
 
     async def DescribeAll(
         self, request: pb.DescribeAllRequest, context: Ctx
     ) -> pb.DescribeAllResponse:
-        dbs = [
-            database_info(self.engine, db)
-            for _, db in sorted(self.engine.catalog.databases.items())
-        ]
-        return pb.DescribeAllResponse(databases=dbs)
+        who = self._caller()
+        databases = sorted(self.engine.catalog.databases.items())
+        if who.super_user:
+            return pb.DescribeAllResponse(
+                databases=[database_info(self.engine, db) for _, db in databases]
+            )
+        infos = [database_info(self.engine, db, who) for _, db in databases]
+        return pb.DescribeAllResponse(databases=[info for info in infos if info.tables])
 
     async def CreateAttribute(
         self, request: pb.CreateAttributeRequest, context: Ctx
     ) -> pb.CreateAttributeResponse:
         who = self._caller()
+        require_super_user(
+            who, f"create attribute {request.database}.{request.table}.{request.attribute}"
+        )
         table, built = self.engine.create_attribute(
             request.database,
             request.table,
@@ -192,8 +245,12 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     async def DropAttribute(
         self, request: pb.DropAttributeRequest, context: Ctx
     ) -> pb.DropAttributeResponse:
+        who = self._caller()
+        require_super_user(
+            who, f"drop attribute {request.database}.{request.table}.{request.attribute}"
+        )
         updated = self.engine.drop_attribute(
-            request.database, request.table, request.attribute, self._caller().internal
+            request.database, request.table, request.attribute, who.internal
         )
         return pb.DropAttributeResponse(updated_records=updated)
 
@@ -203,6 +260,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         self, database: str, table_name: str, op: str, payload: Sequence[bytes]
     ) -> tuple[OperationResult, int]:
         who = self._caller()
+        require(who, op, database, table_name)
         check_name("database", database)
         check_name("table", table_name)
         if not payload:
@@ -236,6 +294,10 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
 
     async def Transact(self, request: pb.TransactRequest, context: Ctx) -> pb.TransactResponse:
         who = self._caller()
+        for op in request.operations:  # all of them before anything is written
+            action = OPERATION_ACTIONS.get(op.operation)
+            if action is not None:
+                require(who, action, request.database, op.table)
         check_name("database", request.database)
         if not request.operations:
             raise InvalidArgument("a transaction needs at least one operation")
@@ -268,6 +330,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     async def SearchById(
         self, request: pb.SearchByIdRequest, context: Ctx
     ) -> AsyncIterator[pb.SearchByIdResponse]:
+        require(self._caller(), READ, request.database, request.table)
         table = self.engine.catalog.table(request.database, request.table)
         encoded = [parse_id(raw, i)[1] for i, raw in enumerate(request.ids)]
         reader = search.Reader(self.engine, table)
@@ -281,6 +344,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     async def SearchByValue(
         self, request: pb.SearchByValueRequest, context: Ctx
     ) -> AsyncIterator[pb.SearchByValueResponse]:
+        require(self._caller(), READ, request.database, request.table)
         table = self.engine.catalog.table(request.database, request.table)
         if not request.attribute:
             raise InvalidArgument("attribute is required")
@@ -301,6 +365,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     async def SearchByConditions(
         self, request: pb.SearchByConditionsRequest, context: Ctx
     ) -> AsyncIterator[pb.SearchByConditionsResponse]:
+        require(self._caller(), READ, request.database, request.table)
         table = self.engine.catalog.table(request.database, request.table)
         group = search.parse_group(request.operator, request.conditions)
         records = self._search(table, group, request)
@@ -340,16 +405,12 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         if first.WhichOneof("part") != "header":
             raise InvalidArgument("the first message must be the header")
         header = first.header
-        table = self.engine.catalog.table(header.database, header.table)
         operation = header.operation or types_pb2.OPERATION_INSERT
-        methods = {
-            types_pb2.OPERATION_INSERT: "insert",
-            types_pb2.OPERATION_UPDATE: "update",
-            types_pb2.OPERATION_UPSERT: "upsert",
-        }
-        if operation not in methods:
+        if operation == types_pb2.OPERATION_DELETE or operation not in OPERATION_ACTIONS:
             raise InvalidArgument("operation must be INSERT, UPDATE or UPSERT")
-        method = methods[operation]
+        method = OPERATION_ACTIONS[operation]
+        require(who, method, header.database, header.table)
+        table = self.engine.catalog.table(header.database, header.table)
         parser = csvload.CsvParser()
         response = pb.LoadCsvResponse()
         pending: list[tuple[int, bytes]] = []
@@ -404,6 +465,9 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     async def ReadTransactionLog(
         self, request: pb.ReadTransactionLogRequest, context: Ctx
     ) -> AsyncIterator[pb.ReadTransactionLogResponse]:
+        require_super_user(
+            self._caller(), f"read the transaction log of database {request.database}"
+        )
         self.engine.catalog.database(request.database)
         lo, hi = _time_range(
             request.start_time,
@@ -426,6 +490,9 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     async def ReadAuditLog(
         self, request: pb.ReadAuditLogRequest, context: Ctx
     ) -> AsyncIterator[pb.ReadAuditLogResponse]:
+        require_super_user(
+            self._caller(), f"read the audit log of table {request.database}.{request.table}"
+        )
         self.engine.catalog.table(request.database, request.table)
         lo, hi = _time_range(
             request.start_time,
@@ -456,6 +523,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     async def DeleteLogsBefore(
         self, request: pb.DeleteLogsBeforeRequest, context: Ctx
     ) -> pb.DeleteLogsBeforeResponse:
+        require_super_user(self._caller(), "delete log entries")
         if request.database:
             self.engine.catalog.database(request.database)
         if not request.HasField("before"):
@@ -552,4 +620,66 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
             ],
             node_name=self.engine.node_name,
             node_time=self.engine.clock.peek(),
+        )
+
+    # -- users and roles ---------------------------------------------------------------
+
+    def _administer(self, what: str) -> None:
+        require_super_user(self._caller(), what)
+
+    async def AddUser(self, request: pb.AddUserRequest, context: Ctx) -> pb.AddUserResponse:
+        self._administer("add users")
+        active = request.active if request.HasField("active") else True
+        user = await self.users.add_user(request.username, request.password, request.role, active)
+        return pb.AddUserResponse(user=user_info(user))
+
+    async def AlterUser(self, request: pb.AlterUserRequest, context: Ctx) -> pb.AlterUserResponse:
+        self._administer("alter users")
+        user = await self.users.alter_user(
+            request.username,
+            request.password if request.HasField("password") else None,
+            request.role if request.HasField("role") else None,
+            request.active if request.HasField("active") else None,
+        )
+        return pb.AlterUserResponse(user=user_info(user))
+
+    async def DropUser(self, request: pb.DropUserRequest, context: Ctx) -> pb.DropUserResponse:
+        self._administer("drop users")
+        self.users.drop_user(request.username)
+        return pb.DropUserResponse()
+
+    async def ListUsers(self, request: pb.ListUsersRequest, context: Ctx) -> pb.ListUsersResponse:
+        self._administer("list users")
+        return pb.ListUsersResponse(users=[user_info(u) for u in self.users.users()])
+
+    async def AddRole(self, request: pb.AddRoleRequest, context: Ctx) -> pb.AddRoleResponse:
+        self._administer("add roles")
+        permission = self.users.add_role(request.name, request.permission)
+        return pb.AddRoleResponse(role=role_info(request.name, permission))
+
+    async def AlterRole(self, request: pb.AlterRoleRequest, context: Ctx) -> pb.AlterRoleResponse:
+        self._administer("alter roles")
+        permission = self.users.alter_role(request.name, request.permission)
+        return pb.AlterRoleResponse(role=role_info(request.name, permission))
+
+    async def DropRole(self, request: pb.DropRoleRequest, context: Ctx) -> pb.DropRoleResponse:
+        self._administer("drop roles")
+        self.users.drop_role(request.name)
+        return pb.DropRoleResponse()
+
+    async def ListRoles(self, request: pb.ListRolesRequest, context: Ctx) -> pb.ListRolesResponse:
+        self._administer("list roles")
+        return pb.ListRolesResponse(roles=[role_info(n, p) for n, p in self.users.roles()])
+
+    async def Authenticate(
+        self, request: pb.AuthenticateRequest, context: Ctx
+    ) -> pb.AuthenticateResponse:
+        who = self._caller()
+        user = who if isinstance(who, UserIdentity) else None
+        return pb.AuthenticateResponse(
+            username=who.name,
+            role=user.role if user is not None else "",
+            super_user=who.super_user,
+            permission=(user.permission if user is not None else permission_of(who)).json,
+            internal=who.internal,
         )

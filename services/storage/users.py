@@ -1,13 +1,21 @@
-"""Users of one node: stored in the meta column family, never replicated.
+"""Users and roles of one node: stored in the meta column family, never replicated.
 
 A user is ``user/<name>`` -> JSON ``{"role": "super_user", "active": true,
 "password": "scrypt$<log2 n>$<r>$<p>$<salt b64>$<hash b64>"}``. Passwords are hashed
 with scrypt (from ``cryptography``). Verifying scrypt costs tens of milliseconds, so a
 successful verification is remembered for a short time under a keyed digest of the
-credentials (never the password itself); any change to a user clears it.
+credentials (never the password itself); any change to a user or a role clears it.
+Concurrent sign-ins with the same credentials share one verification.
+
+A role is ``role/<name>`` -> its normalized permission JSON (see ``permissions.py``).
+Roles are kept in memory (they are few and read on every sign-in); the built-in role
+``super_user`` is not stored and can be neither altered nor dropped.
 
 Authentication failures say the same thing whether or not the user exists, and an
-unknown user costs the same scrypt work as a wrong password.
+unknown user costs the same scrypt work as a wrong password. After
+``authentication.lockoutAttempts`` consecutive failures a user name (known or not) is
+locked for ``authentication.lockoutDuration``: every sign-in fails, cached ones too, and
+costs no scrypt work. Counters live in memory (a restart forgets them).
 """
 
 from __future__ import annotations
@@ -37,17 +45,34 @@ from services.common.auth import (
     parse_authorization,
     write_private_file,
 )
-from services.common.errors import Unauthenticated
+from services.common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
+)
+from services.storage import keys
 from services.storage.db import Store
+from services.storage.permissions import (
+    SUPER_USER_PERMISSION,
+    Permission,
+    UserIdentity,
+    parse_permission,
+)
+from services.storage.schema import check_name
 
 log = logging.getLogger("shoal.storage.users")
 
 USER_PREFIX = b"user/"
+ROLE_PREFIX = b"role/"
+SUPER_USER_ROLE = "super_user"
 SCRYPT_LOG2_N = 14
 SCRYPT_R = 8
 SCRYPT_P = 1
 CACHE_TTL_S = 300.0
 CACHE_SIZE = 4096
+TRACKED_NAMES = 10_000  # user names whose failed sign-ins are counted at once
 INITIAL_PASSWORD_FILE = "initial-admin-password"
 _FAILED = "invalid username or password"
 
@@ -97,37 +122,202 @@ class User:
     active: bool
     password_hash: str
 
-    @property
-    def super_user(self) -> bool:
-        return self.role == "super_user"
+    def encode(self) -> bytes:
+        return orjson.dumps(
+            {"role": self.role, "active": self.active, "password": self.password_hash}
+        )
+
+
+@dataclass
+class _Attempts:
+    """Failed sign-ins of one user name."""
+
+    failures: int = 0
+    in_flight: int = 0
+    locked_until: float = 0.0
+
+
+def _check_password(password: str) -> None:
+    if not password:
+        raise InvalidArgument("password must not be empty")
 
 
 class UserStore:
-    """Users of this node and the authenticator every storage RPC goes through."""
+    """Users and roles of this node, and the authenticator every storage RPC goes through."""
 
-    def __init__(self, store: Store, node_name: str, node_secret: str) -> None:
+    def __init__(
+        self,
+        store: Store,
+        node_name: str,
+        node_secret: str,
+        lockout_attempts: int = 5,
+        lockout_duration_s: float = 300.0,
+    ) -> None:
         self._store = store
         self._node_identity = Identity(
             name=INTERNAL_USER_PREFIX + node_name, super_user=True, internal=True
         )
         self._node_secret = node_secret
+        self._lockout_attempts = lockout_attempts
+        self._lockout_duration_s = lockout_duration_s
         self._cache_key = os.urandom(32)
         self._cache: OrderedDict[bytes, tuple[float, Identity]] = OrderedDict()
+        self._pending: dict[bytes, asyncio.Future[Identity]] = {}
+        self._attempts: OrderedDict[str, _Attempts] = OrderedDict()
+        self._generation = 0
+        self._roles: dict[str, Permission] = {}
+        for key, value in store.scan("meta", ROLE_PREFIX, keys.prefix_end(ROLE_PREFIX)):
+            self._roles[key[len(ROLE_PREFIX) :].decode()] = parse_permission(value)
 
-    def get(self, name: str) -> User | None:
-        raw = self._store.meta.get(USER_PREFIX + name.encode())
-        if raw is None:
-            return None
+    # -- reading -----------------------------------------------------------------------
+
+    @staticmethod
+    def _decode(name: str, raw: bytes) -> User:
         data = orjson.loads(raw)
         return User(name, data["role"], data["active"], data["password"])
 
-    def put(self, name: str, password: str, role: str = "super_user", active: bool = True) -> None:
-        value = orjson.dumps({"role": role, "active": active, "password": hash_password(password)})
-        self._store.meta.put(USER_PREFIX + name.encode(), value, self._store.write_options)
-        self._cache.clear()
+    def get(self, name: str) -> User | None:
+        raw = self._store.meta.get(USER_PREFIX + name.encode())
+        return None if raw is None else self._decode(name, raw)
+
+    def users(self) -> list[User]:
+        """Every user, by name."""
+        return [
+            self._decode(key[len(USER_PREFIX) :].decode(), raw)
+            for key, raw in self._store.scan("meta", USER_PREFIX, keys.prefix_end(USER_PREFIX))
+        ]
 
     def any_user(self) -> bool:
-        return any(True for _ in self._store.scan("meta", USER_PREFIX, USER_PREFIX[:-1] + b"0"))
+        return any(
+            True for _ in self._store.scan("meta", USER_PREFIX, keys.prefix_end(USER_PREFIX))
+        )
+
+    def role(self, name: str) -> Permission | None:
+        """A role's permission (None when the role does not exist)."""
+        if name == SUPER_USER_ROLE:
+            return SUPER_USER_PERMISSION
+        return self._roles.get(name)
+
+    def roles(self) -> list[tuple[str, Permission]]:
+        """Every role, by name, the built-in one included."""
+        return sorted([(SUPER_USER_ROLE, SUPER_USER_PERMISSION), *self._roles.items()])
+
+    def _is_super_user(self, user: User, roles: dict[str, Permission] | None = None) -> bool:
+        if not user.active:
+            return False
+        if roles is not None and user.role in roles:
+            return roles[user.role].super_user
+        permission = self.role(user.role)
+        return permission is not None and permission.super_user
+
+    def _keep_a_super_user(
+        self, after: list[User], what: str, roles: dict[str, Permission] | None = None
+    ) -> None:
+        """FAILED_PRECONDITION when a change leaves no active super user (and one was)."""
+        before = self.users()
+        if any(self._is_super_user(u) for u in before) and not any(
+            self._is_super_user(u, roles) for u in after
+        ):
+            raise FailedPrecondition(
+                f"{what} would leave this node without an active super user",
+                reason="LAST_SUPER_USER",
+            )
+
+    def _existing_role(self, name: str) -> Permission:
+        check_name("role", name)
+        permission = self.role(name)
+        if permission is None:
+            raise NotFound(f"role {name!r} does not exist")
+        return permission
+
+    # -- changing users ----------------------------------------------------------------
+
+    def _changed(self) -> None:
+        """Forget every cached sign-in: users or roles changed."""
+        self._generation += 1
+        self._cache.clear()
+        self._pending.clear()
+
+    def _write_user(self, user: User) -> None:
+        self._store.meta.put(
+            USER_PREFIX + user.name.encode(), user.encode(), self._store.write_options
+        )
+        self._changed()
+
+    def _check_new_user(self, name: str, password: str, role: str) -> None:
+        check_name("user", name)
+        _check_password(password)
+        if not role:
+            raise InvalidArgument("role is required")
+        check_name("role", role)
+        if self.get(name) is not None:
+            raise AlreadyExists(f"user {name!r} already exists")
+        self._existing_role(role)
+
+    async def add_user(self, name: str, password: str, role: str, active: bool) -> User:
+        """Create a user (see the AddUser contract)."""
+        self._check_new_user(name, password, role)
+        hashed = await asyncio.to_thread(hash_password, password)
+        self._check_new_user(name, password, role)  # again: things may have changed meanwhile
+        user = User(name, role, active, hashed)
+        self._write_user(user)
+        log.info("added user %r with role %r", name, role)
+        return user
+
+    def _existing_user(self, name: str) -> User:
+        check_name("user", name)
+        user = self.get(name)
+        if user is None:
+            raise NotFound(f"user {name!r} does not exist")
+        return user
+
+    def _altered(
+        self, name: str, password_hash: str | None, role: str | None, active: bool | None
+    ) -> User:
+        user = self._existing_user(name)
+        if role is not None:
+            self._existing_role(role)
+        return User(
+            name,
+            user.role if role is None else role,
+            user.active if active is None else active,
+            user.password_hash if password_hash is None else password_hash,
+        )
+
+    async def alter_user(
+        self, name: str, password: str | None, role: str | None, active: bool | None
+    ) -> User:
+        """Change a user (see the AlterUser contract)."""
+        check_name("user", name)
+        if password is None and role is None and active is None:
+            raise InvalidArgument("nothing to change: give a password, a role or active")
+        if password is not None:
+            _check_password(password)
+        if role is not None and not role:
+            raise InvalidArgument("role must not be empty")
+        self._altered(name, None, role, active)
+        hashed = None
+        if password is not None:
+            hashed = await asyncio.to_thread(hash_password, password)
+        after = self._altered(name, hashed, role, active)  # the state may have changed
+        self._keep_a_super_user(
+            [after if u.name == name else u for u in self.users()], f"changing user {name!r}"
+        )
+        self._write_user(after)
+        self._attempts.pop(name, None)
+        log.info("altered user %r (role %r, active %s)", name, after.role, after.active)
+        return after
+
+    def drop_user(self, name: str) -> None:
+        """Delete a user (see the DropUser contract)."""
+        self._existing_user(name)
+        self._keep_a_super_user(
+            [u for u in self.users() if u.name != name], f"dropping user {name!r}"
+        )
+        self._store.meta.delete(USER_PREFIX + name.encode(), self._store.write_options)
+        self._changed()
+        self._attempts.pop(name, None)
+        log.info("dropped user %r", name)
 
     def bootstrap(self, username: str, password: str | None, keys_path: Path) -> None:
         """Create the first super user when the node has none."""
@@ -144,12 +334,76 @@ class UserStore:
             )
         else:
             log.info("created super user %r", username)
-        self.put(username, password)
+        self._write_user(User(username, SUPER_USER_ROLE, True, hash_password(password)))
+
+    # -- changing roles ----------------------------------------------------------------
+
+    def _write_role(self, name: str, permission: Permission) -> None:
+        self._store.meta.put(
+            ROLE_PREFIX + name.encode(), permission.json, self._store.write_options
+        )
+        self._roles[name] = permission
+        self._changed()
+
+    def add_role(self, name: str, raw_permission: bytes) -> Permission:
+        """Create a role (see the AddRole contract)."""
+        check_name("role", name)
+        permission = parse_permission(raw_permission)
+        if self.role(name) is not None:
+            raise AlreadyExists(f"role {name!r} already exists")
+        self._write_role(name, permission)
+        log.info("added role %r", name)
+        return permission
+
+    def _custom_role(self, name: str, doing: str) -> None:
+        check_name("role", name)
+        if name == SUPER_USER_ROLE:
+            raise InvalidArgument(f"the built-in role {name!r} cannot be {doing}")
+        self._existing_role(name)
+
+    def alter_role(self, name: str, raw_permission: bytes) -> Permission:
+        """Replace a role's permission (see the AlterRole contract)."""
+        self._custom_role(name, "altered")
+        permission = parse_permission(raw_permission)
+        self._keep_a_super_user(
+            self.users(), f"changing role {name!r}", {**self._roles, name: permission}
+        )
+        self._write_role(name, permission)
+        log.info("altered role %r", name)
+        return permission
+
+    def drop_role(self, name: str) -> None:
+        """Delete a role no user has (see the DropRole contract)."""
+        self._custom_role(name, "dropped")
+        holders = [u.name for u in self.users() if u.role == name]
+        if holders:
+            raise FailedPrecondition(
+                f"role {name!r} is still the role of {', '.join(map(repr, holders))}",
+                reason="ROLE_IN_USE",
+            )
+        self._store.meta.delete(ROLE_PREFIX + name.encode(), self._store.write_options)
+        del self._roles[name]
+        self._changed()
+        log.info("dropped role %r", name)
+
+    # -- authentication ----------------------------------------------------------------
 
     def _digest(self, username: str, password: str) -> bytes:
         return hmac.new(
             self._cache_key, f"{username}\x00{password}".encode(), hashlib.sha256
         ).digest()
+
+    def _tracked(self, name: str) -> _Attempts:
+        """The failure counter of a user name (known or not), kept for the most recent
+        ``TRACKED_NAMES`` names."""
+        attempts = self._attempts.get(name)
+        if attempts is None:
+            attempts = self._attempts[name] = _Attempts()
+            while len(self._attempts) > TRACKED_NAMES:
+                self._attempts.popitem(last=False)
+        else:
+            self._attempts.move_to_end(name)
+        return attempts
 
     async def authenticate(self, metadata: Sequence[tuple[str, str | bytes]]) -> Identity:
         credentials = parse_authorization(metadata)
@@ -158,19 +412,77 @@ class UserStore:
                 return self._node_identity
             raise Unauthenticated(_FAILED)
         assert isinstance(credentials, BasicCredentials)
-        digest = self._digest(credentials.username, credentials.password)
-        cached = self._cache.get(digest)
+        name = credentials.username
         now = time.monotonic()
+        attempts = self._attempts.get(name)
+        if attempts is not None and attempts.locked_until > now:
+            raise Unauthenticated(_FAILED)
+        digest = self._digest(name, credentials.password)
+        cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
             self._cache.move_to_end(digest)
             return cached[1]
-        user = self.get(credentials.username)
-        stored = user.password_hash if user is not None else _DUMMY_HASH
-        ok = await asyncio.to_thread(verify_password, credentials.password, stored)
-        if user is None or not ok or not user.active:
+        pending = self._pending.get(digest)
+        if pending is None:
+            # Verifications in flight count as failures until they end, so concurrent
+            # guesses cannot get past the lockout.
+            limit = self._lockout_attempts
+            if limit and attempts is not None and attempts.failures + attempts.in_flight >= limit:
+                raise Unauthenticated(_FAILED)
+            attempts = self._tracked(name)
+            attempts.in_flight += 1
+            pending = asyncio.ensure_future(
+                self._verify(name, credentials.password, digest, attempts)
+            )
+            self._pending[digest] = pending
+            pending.add_done_callback(lambda done: self._settled(digest, done))
+        return await asyncio.shield(pending)
+
+    def _settled(self, digest: bytes, done: asyncio.Future[Identity]) -> None:
+        if self._pending.get(digest) is done:
+            del self._pending[digest]
+        if not done.cancelled():
+            done.exception()  # retrieved here: every waiter may have gone
+
+    async def _verify(
+        self, name: str, password: str, digest: bytes, attempts: _Attempts
+    ) -> Identity:
+        """Check a password with scrypt (counted in ``attempts.in_flight`` by the caller)."""
+        generation = self._generation
+        try:
+            user = self.get(name)
+            stored = user.password_hash if user is not None else _DUMMY_HASH
+            ok = await asyncio.to_thread(verify_password, password, stored)
+        finally:
+            attempts.in_flight -= 1
+        now = time.monotonic()
+        attempts = self._attempts.setdefault(name, attempts)  # evicted meanwhile: keep it
+        permission = self.role(user.role) if user is not None else None
+        if user is None or not ok or not user.active or permission is None:
+            attempts.failures += 1
+            if self._lockout_attempts and attempts.failures >= self._lockout_attempts:
+                attempts.failures = 0
+                attempts.locked_until = now + self._lockout_duration_s
+                log.warning(
+                    "user name %r locked for %.0fs after %d failed sign-ins",
+                    name,
+                    self._lockout_duration_s,
+                    self._lockout_attempts,
+                )
             raise Unauthenticated(_FAILED)
-        ident = Identity(name=user.name, super_user=user.super_user)
-        self._cache[digest] = (now + CACHE_TTL_S, ident)
-        while len(self._cache) > CACHE_SIZE:
-            self._cache.popitem(last=False)
+        if attempts.locked_until > now:
+            raise Unauthenticated(_FAILED)
+        attempts.failures = 0
+        if attempts.in_flight == 0 and self._attempts.get(name) is attempts:
+            del self._attempts[name]
+        ident = UserIdentity(
+            name=user.name,
+            super_user=permission.super_user,
+            role=user.role,
+            permission=permission,
+        )
+        if generation == self._generation:
+            self._cache[digest] = (now + CACHE_TTL_S, ident)
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
         return ident

@@ -56,6 +56,7 @@ class Cluster:
         tls: bool = True,
         config: dict[str, Any] | None = None,
         node_config: dict[int, dict[str, Any]] | None = None,
+        services: tuple[str, ...] = ("storage", "replicator"),
     ) -> None:
         self.workdir = workdir
         self.ca = CertificateAuthority.create() if tls else None
@@ -66,9 +67,7 @@ class Cluster:
             extra: dict[str, Any] = {"replication": {**FAST_REPLICATION, "routes": routes[name]}}
             if self.ca is not None:
                 extra["tls"] = self.ca.write_node_files(workdir / name / "tls", name, [name])
-            node = Node(
-                workdir, name=name, host=name, config=extra, services=("storage", "replicator")
-            )
+            node = Node(workdir, name=name, host=name, config=extra, services=services)
             if config:
                 node.update_config(config)
             if node_config and i in node_config:
@@ -82,10 +81,9 @@ class Cluster:
         return iter(self.nodes)
 
     def start(self) -> Cluster:
-        for node in self.nodes:
-            node.start_service("storage")
-        for node in self.nodes:
-            node.start_service("replicator")
+        for service in self.nodes[0].services:
+            for node in self.nodes:
+                node.start_service(service)
         return self
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.harness.addresses import next_address
+from tests.harness.admin import AdminClient
 from tests.harness.client import StorageClient
 from tests.harness.wait import wait_for
 
@@ -73,7 +74,7 @@ class Node:
             config or {},
         )
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self._clients: list[StorageClient] = []
+        self._clients: list[StorageClient | AdminClient] = []
         self.write_config()
 
     # -- configuration ---------------------------------------------------------------
@@ -193,6 +194,11 @@ class Node:
 
     def client(self, username: str = "admin", password: str = PASSWORD) -> StorageClient:
         client = StorageClient.basic(self.storage_address, username, password)
+        self._clients.append(client)
+        return client
+
+    def admin(self, username: str = "admin", password: str = PASSWORD) -> AdminClient:
+        client = AdminClient(self.address_of("admin"), username, password)
         self._clients.append(client)
         return client
 

@@ -46,12 +46,12 @@ def test_status_reports_each_connection_and_database(make_cluster: MakeCluster) 
 
 def test_copy_progress_is_visible(make_cluster: MakeCluster) -> None:
     cluster = make_cluster(
-        size=2, start=False, node_config={1: {"replication": {"copyRowsPerSecond": 2000}}}
+        size=2, start=False, node_config={1: {"replication": {"copyRowsPerSecond": 4000}}}
     )
     a, b = cluster[0], cluster[1]
     a.start("storage", "replicator")
     a.client().create_table("big", "t")
-    for start in range(0, 6000, 1000):
+    for start in range(0, 15000, 1000):
         a.client().insert("big", "t", [{"id": i} for i in range(start, start + 1000)])
     b.start("storage", "replicator")
 
@@ -68,8 +68,8 @@ def test_copy_progress_is_visible(make_cluster: MakeCluster) -> None:
         )
 
     progress = wait_for(copying, 30, "copy progress in b's status")
-    assert progress.source == a.name and progress.estimated_rows == 6000
-    assert 0 < progress.rows < 6000 and progress.bytes > 0
+    assert progress.source == a.name and progress.estimated_rows == 15000
+    assert 0 < progress.rows < 15000 and progress.bytes > 0
     cluster.wait_converged(timeout=60)
 
     def finished() -> bool:

@@ -26,7 +26,10 @@ def raw_client(node: Node, metadata: tuple[tuple[str, str], ...]) -> StorageClie
     return client
 
 
-def test_calls_without_valid_credentials_are_unauthenticated(node: Node) -> None:
+def test_calls_without_valid_credentials_are_unauthenticated(make_node: MakeNode) -> None:
+    # Six wrong passwords for admin below: raise the lockout above that (the lockout
+    # itself is tested in test_users_roles.py).
+    node = make_node(config={"authentication": {"lockoutAttempts": 10}})
     node.client().create_table("dev", "dog")
     anonymous = raw_client(node, ())
     error = anonymous.expect(

@@ -94,6 +94,155 @@ GOODBYE_CODE_REMOVED: GoodbyeCode.ValueType  # 9
 Global___GoodbyeCode: _TypeAlias = GoodbyeCode  # noqa: Y015
 
 @_typing.final
+class Subscription(_message.Message):
+    """An explicit per-table subscription with one peer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    TABLE_FIELD_NUMBER: _builtins.int
+    PUBLISH_FIELD_NUMBER: _builtins.int
+    SUBSCRIBE_FIELD_NUMBER: _builtins.int
+    database: _builtins.str
+    """Database name."""
+    table: _builtins.str
+    """Table name."""
+    publish: _builtins.bool
+    """This node sends the table's data to the peer."""
+    subscribe: _builtins.bool
+    """This node receives the table's data from the peer."""
+    def __init__(
+        self,
+        *,
+        database: _builtins.str = ...,
+        table: _builtins.str = ...,
+        publish: _builtins.bool = ...,
+        subscribe: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "publish", b"publish", "subscribe", b"subscribe", "table", b"table"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Subscription: _TypeAlias = Subscription  # noqa: Y015
+
+@_typing.final
+class Route(_message.Message):
+    """A peer this node dials (replication.routes in shoal.yaml)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    SECURE_FIELD_NUMBER: _builtins.int
+    SENDS_FIELD_NUMBER: _builtins.int
+    RECEIVES_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    SUBSCRIPTIONS_FIELD_NUMBER: _builtins.int
+    REVOKED_CERTIFICATES_FIELD_NUMBER: _builtins.int
+    hostname: _builtins.str
+    """The peer's node name (its replication.hostname) or address."""
+    port: _builtins.int
+    """Port to dial; 0 means 9933 with TLS, 9932 without."""
+    secure: _builtins.bool
+    """Dial with TLS; unset means "when this node has TLS configured"."""
+    sends: _builtins.bool
+    """Send this node's data to the peer; unset means true."""
+    receives: _builtins.bool
+    """Receive the peer's data; unset means true."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Start the subscription at this time, with no copy; unset means from the positions."""
+
+    @_builtins.property
+    def subscriptions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Subscription]:
+        """Explicit per-table subscriptions; empty means every table."""
+
+    @_builtins.property
+    def revoked_certificates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Certificate serial numbers refused for this peer."""
+
+    def __init__(
+        self,
+        *,
+        hostname: _builtins.str = ...,
+        port: _builtins.int = ...,
+        secure: _builtins.bool | None = ...,
+        sends: _builtins.bool | None = ...,
+        receives: _builtins.bool | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        subscriptions: _abc.Iterable[Global___Subscription] | None = ...,
+        revoked_certificates: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_receives", b"_receives", "_secure", b"_secure", "_sends", b"_sends", "receives", b"receives", "secure", b"secure", "sends", b"sends", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_receives", b"_receives", "_secure", b"_secure", "_sends", b"_sends", "hostname", b"hostname", "port", b"port", "receives", b"receives", "revoked_certificates", b"revoked_certificates", "secure", b"secure", "sends", b"sends", "start_time", b"start_time", "subscriptions", b"subscriptions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__receives: _TypeAlias = _typing.Literal["receives"]  # noqa: Y015
+    _WhichOneofArgType__receives: _TypeAlias = _typing.Literal["_receives", b"_receives"]  # noqa: Y015
+    _WhichOneofReturnType__secure: _TypeAlias = _typing.Literal["secure"]  # noqa: Y015
+    _WhichOneofArgType__secure: _TypeAlias = _typing.Literal["_secure", b"_secure"]  # noqa: Y015
+    _WhichOneofReturnType__sends: _TypeAlias = _typing.Literal["sends"]  # noqa: Y015
+    _WhichOneofArgType__sends: _TypeAlias = _typing.Literal["_sends", b"_sends"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__receives) -> _WhichOneofReturnType__receives | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__secure) -> _WhichOneofReturnType__secure | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__sends) -> _WhichOneofReturnType__sends | None: ...
+
+Global___Route: _TypeAlias = Route  # noqa: Y015
+
+@_typing.final
+class SetRoutesRequest(_message.Message):
+    """Request of SetRoutes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def routes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Route]:
+        """The complete new list of routes."""
+
+    def __init__(
+        self,
+        *,
+        routes: _abc.Iterable[Global___Route] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["routes", b"routes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRoutesRequest: _TypeAlias = SetRoutesRequest  # noqa: Y015
+
+@_typing.final
+class SetRoutesResponse(_message.Message):
+    """Response of SetRoutes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def routes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Route]:
+        """The routes now in effect."""
+
+    def __init__(
+        self,
+        *,
+        routes: _abc.Iterable[Global___Route] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["routes", b"routes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRoutesResponse: _TypeAlias = SetRoutesResponse  # noqa: Y015
+
+@_typing.final
 class ReplicateRequest(_message.Message):
     """Dialer to listener."""
 

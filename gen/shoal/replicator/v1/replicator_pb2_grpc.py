@@ -45,6 +45,11 @@ class ReplicatorServiceStub:
                 request_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.StatusRequest.SerializeToString,
                 response_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.SetRoutes = channel.unary_unary(
+                '/shoal.replicator.v1.ReplicatorService/SetRoutes',
+                request_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.SetRoutesRequest.SerializeToString,
+                response_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.SetRoutesResponse.FromString,
+                _registered_method=True)
 
 
 class ReplicatorServiceServicer:
@@ -75,6 +80,18 @@ class ReplicatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRoutes(self, request, context):
+        """Replaces the routes this replicator dials (the admin service has already persisted
+        them in shoal.yaml). New routes are dialed at once; a connection this node dialed
+        for a removed route is closed; a changed route reconnects with its new settings.
+        Node-internal identity.
+        Errors: INVALID_ARGUMENT (a bad host name or port, a route to this node itself,
+        the same peer twice), UNAUTHENTICATED, PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -87,6 +104,11 @@ def add_ReplicatorServiceServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.StatusRequest.FromString,
                     response_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.StatusResponse.SerializeToString,
+            ),
+            'SetRoutes': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRoutes,
+                    request_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.SetRoutesRequest.FromString,
+                    response_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.SetRoutesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -144,6 +166,33 @@ class ReplicatorService:
             '/shoal.replicator.v1.ReplicatorService/Status',
             shoal_dot_replicator_dot_v1_dot_replicator__pb2.StatusRequest.SerializeToString,
             shoal_dot_replicator_dot_v1_dot_replicator__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRoutes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.replicator.v1.ReplicatorService/SetRoutes',
+            shoal_dot_replicator_dot_v1_dot_replicator__pb2.SetRoutesRequest.SerializeToString,
+            shoal_dot_replicator_dot_v1_dot_replicator__pb2.SetRoutesResponse.FromString,
             options,
             channel_credentials,
             insecure,

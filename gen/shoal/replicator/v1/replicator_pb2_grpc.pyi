@@ -68,6 +68,14 @@ class ReplicatorServiceStub:
     node-internal identity (`authorization: Bearer <node secret>`).
     Errors: UNAUTHENTICATED, PERMISSION_DENIED.
     """
+    SetRoutes: _grpc.UnaryUnaryMultiCallable[_replicator_pb2.SetRoutesRequest, _replicator_pb2.SetRoutesResponse]
+    """Replaces the routes this replicator dials (the admin service has already persisted
+    them in shoal.yaml). New routes are dialed at once; a connection this node dialed
+    for a removed route is closed; a changed route reconnects with its new settings.
+    Node-internal identity.
+    Errors: INVALID_ARGUMENT (a bad host name or port, a route to this node itself,
+    the same peer twice), UNAUTHENTICATED, PERMISSION_DENIED.
+    """
 
 @_typing.type_check_only
 class ReplicatorServiceAsyncStub(ReplicatorServiceStub):
@@ -89,6 +97,14 @@ class ReplicatorServiceAsyncStub(ReplicatorServiceStub):
     """Replication status per connection and database (what cluster_status shows). Needs the
     node-internal identity (`authorization: Bearer <node secret>`).
     Errors: UNAUTHENTICATED, PERMISSION_DENIED.
+    """
+    SetRoutes: _aio.UnaryUnaryMultiCallable[_replicator_pb2.SetRoutesRequest, _replicator_pb2.SetRoutesResponse]  # type: ignore[assignment]
+    """Replaces the routes this replicator dials (the admin service has already persisted
+    them in shoal.yaml). New routes are dialed at once; a connection this node dialed
+    for a removed route is closed; a changed route reconnects with its new settings.
+    Node-internal identity.
+    Errors: INVALID_ARGUMENT (a bad host name or port, a route to this node itself,
+    the same peer twice), UNAUTHENTICATED, PERMISSION_DENIED.
     """
 
 class ReplicatorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -120,6 +136,20 @@ class ReplicatorServiceServicer(metaclass=_abc_1.ABCMeta):
         """Replication status per connection and database (what cluster_status shows). Needs the
         node-internal identity (`authorization: Bearer <node secret>`).
         Errors: UNAUTHENTICATED, PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def SetRoutes(
+        self,
+        request: _replicator_pb2.SetRoutesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_replicator_pb2.SetRoutesResponse, _abc.Awaitable[_replicator_pb2.SetRoutesResponse]]:
+        """Replaces the routes this replicator dials (the admin service has already persisted
+        them in shoal.yaml). New routes are dialed at once; a connection this node dialed
+        for a removed route is closed; a changed route reconnects with its new settings.
+        Node-internal identity.
+        Errors: INVALID_ARGUMENT (a bad host name or port, a route to this node itself,
+        the same peer twice), UNAUTHENTICATED, PERMISSION_DENIED.
         """
 
 def add_ReplicatorServiceServicer_to_server(servicer: ReplicatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

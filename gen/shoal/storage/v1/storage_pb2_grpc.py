@@ -165,6 +165,51 @@ class StorageServiceStub:
                 request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsRequest.SerializeToString,
                 response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsResponse.FromString,
                 _registered_method=True)
+        self.AddUser = channel.unary_unary(
+                '/shoal.storage.v1.StorageService/AddUser',
+                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.AddUserRequest.SerializeToString,
+                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.AddUserResponse.FromString,
+                _registered_method=True)
+        self.AlterUser = channel.unary_unary(
+                '/shoal.storage.v1.StorageService/AlterUser',
+                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.AlterUserRequest.SerializeToString,
+                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.AlterUserResponse.FromString,
+                _registered_method=True)
+        self.DropUser = channel.unary_unary(
+                '/shoal.storage.v1.StorageService/DropUser',
+                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.DropUserRequest.SerializeToString,
+                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.DropUserResponse.FromString,
+                _registered_method=True)
+        self.ListUsers = channel.unary_unary(
+                '/shoal.storage.v1.StorageService/ListUsers',
+                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ListUsersRequest.SerializeToString,
+                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ListUsersResponse.FromString,
+                _registered_method=True)
+        self.AddRole = channel.unary_unary(
+                '/shoal.storage.v1.StorageService/AddRole',
+                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.AddRoleRequest.SerializeToString,
+                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.AddRoleResponse.FromString,
+                _registered_method=True)
+        self.AlterRole = channel.unary_unary(
+                '/shoal.storage.v1.StorageService/AlterRole',
+                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.AlterRoleRequest.SerializeToString,
+                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.AlterRoleResponse.FromString,
+                _registered_method=True)
+        self.DropRole = channel.unary_unary(
+                '/shoal.storage.v1.StorageService/DropRole',
+                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.DropRoleRequest.SerializeToString,
+                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.DropRoleResponse.FromString,
+                _registered_method=True)
+        self.ListRoles = channel.unary_unary(
+                '/shoal.storage.v1.StorageService/ListRoles',
+                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ListRolesRequest.SerializeToString,
+                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ListRolesResponse.FromString,
+                _registered_method=True)
+        self.Authenticate = channel.unary_unary(
+                '/shoal.storage.v1.StorageService/Authenticate',
+                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.AuthenticateRequest.SerializeToString,
+                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.AuthenticateResponse.FromString,
+                _registered_method=True)
 
 
 class StorageServiceServicer:
@@ -417,7 +462,10 @@ class StorageServiceServicer:
         did not send although it had seen every write of it (all its versions are within
         the copy's positions) was deleted there with its tombstone purged, and is removed
         here too, so a node that missed a delete for longer than the retention horizon does
-        not resurrect it. With `complete`, adopts the copy's positions. Node-internal only.
+        not resurrect it. Symmetrically, a row this node lacks although it has applied every
+        write of it (all its versions are within this node's positions) was deleted here,
+        and is not merged back. With `complete`, adopts the copy's positions. Node-internal
+        only.
         Errors: INVALID_ARGUMENT (malformed row or state), PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -427,6 +475,97 @@ class StorageServiceServicer:
     def GetPositions(self, request, context):
         """Reads replication positions, log horizons and copies in progress.
         Errors: PERMISSION_DENIED (not the node identity).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddUser(self, request, context):
+        """Creates a user of this node (never replicated) with a role; `active` defaults to
+        true. User names follow the rules of database names. The password is stored as a
+        salted scrypt hash and never returned. Super user only.
+        Errors: INVALID_ARGUMENT (bad user name, empty password, no role), PERMISSION_DENIED,
+        NOT_FOUND (the role does not exist), ALREADY_EXISTS (the user exists).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AlterUser(self, request, context):
+        """Changes a user's password, role or active flag; fields not given keep their value.
+        Takes effect on the user's next call (cached sign-ins are forgotten) and clears the
+        user's failed sign-in count and lock. Super user only.
+        Errors: INVALID_ARGUMENT (bad user name, nothing to change, empty password, empty
+        role), PERMISSION_DENIED, NOT_FOUND (user or role), FAILED_PRECONDITION with reason
+        LAST_SUPER_USER (it would leave the node without an active super user).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropUser(self, request, context):
+        """Deletes a user; its next call fails with UNAUTHENTICATED. Super user only.
+        Errors: INVALID_ARGUMENT, PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION with
+        reason LAST_SUPER_USER (the last active super user).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUsers(self, request, context):
+        """Lists the users of this node by name (never their passwords). Super user only.
+        Errors: PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddRole(self, request, context):
+        """Creates a role of this node (never replicated) with a Harper permission object (see
+        Role.permission). Super user only.
+        Errors: INVALID_ARGUMENT (bad role name, permission that is not valid JSON or does not
+        follow the format; the message names the bad key), PERMISSION_DENIED, ALREADY_EXISTS
+        (including the built-in role "super_user").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AlterRole(self, request, context):
+        """Replaces a role's permission; takes effect on the next call of its users. The
+        built-in role "super_user" cannot be altered. Super user only.
+        Errors: INVALID_ARGUMENT (as AddRole, or the built-in role), PERMISSION_DENIED,
+        NOT_FOUND, FAILED_PRECONDITION with reason LAST_SUPER_USER (removing `super_user`
+        would leave the node without an active super user).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropRole(self, request, context):
+        """Deletes a role that no user has. The built-in role "super_user" cannot be dropped.
+        Super user only.
+        Errors: INVALID_ARGUMENT (bad name, or the built-in role), PERMISSION_DENIED,
+        NOT_FOUND, FAILED_PRECONDITION with reason ROLE_IN_USE (users still have it; the
+        message names them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRoles(self, request, context):
+        """Lists the roles of this node by name, the built-in "super_user" included. Super user
+        only.
+        Errors: PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Authenticate(self, request, context):
+        """Returns the caller's own identity: lets another service check a user's credentials
+        once, through storage. Any authenticated caller.
+        Errors: none beyond authentication.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -564,6 +703,51 @@ def add_StorageServiceServicer_to_server(servicer, server):
                     servicer.GetPositions,
                     request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsRequest.FromString,
                     response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsResponse.SerializeToString,
+            ),
+            'AddUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddUser,
+                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.AddUserRequest.FromString,
+                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.AddUserResponse.SerializeToString,
+            ),
+            'AlterUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.AlterUser,
+                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.AlterUserRequest.FromString,
+                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.AlterUserResponse.SerializeToString,
+            ),
+            'DropUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropUser,
+                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.DropUserRequest.FromString,
+                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.DropUserResponse.SerializeToString,
+            ),
+            'ListUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUsers,
+                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ListUsersRequest.FromString,
+                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ListUsersResponse.SerializeToString,
+            ),
+            'AddRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddRole,
+                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.AddRoleRequest.FromString,
+                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.AddRoleResponse.SerializeToString,
+            ),
+            'AlterRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.AlterRole,
+                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.AlterRoleRequest.FromString,
+                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.AlterRoleResponse.SerializeToString,
+            ),
+            'DropRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropRole,
+                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.DropRoleRequest.FromString,
+                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.DropRoleResponse.SerializeToString,
+            ),
+            'ListRoles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRoles,
+                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ListRolesRequest.FromString,
+                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ListRolesResponse.SerializeToString,
+            ),
+            'Authenticate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Authenticate,
+                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.AuthenticateRequest.FromString,
+                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.AuthenticateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1269,6 +1453,249 @@ class StorageService:
             '/shoal.storage.v1.StorageService/GetPositions',
             shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsRequest.SerializeToString,
             shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.storage.v1.StorageService/AddUser',
+            shoal_dot_storage_dot_v1_dot_storage__pb2.AddUserRequest.SerializeToString,
+            shoal_dot_storage_dot_v1_dot_storage__pb2.AddUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AlterUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.storage.v1.StorageService/AlterUser',
+            shoal_dot_storage_dot_v1_dot_storage__pb2.AlterUserRequest.SerializeToString,
+            shoal_dot_storage_dot_v1_dot_storage__pb2.AlterUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.storage.v1.StorageService/DropUser',
+            shoal_dot_storage_dot_v1_dot_storage__pb2.DropUserRequest.SerializeToString,
+            shoal_dot_storage_dot_v1_dot_storage__pb2.DropUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.storage.v1.StorageService/ListUsers',
+            shoal_dot_storage_dot_v1_dot_storage__pb2.ListUsersRequest.SerializeToString,
+            shoal_dot_storage_dot_v1_dot_storage__pb2.ListUsersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.storage.v1.StorageService/AddRole',
+            shoal_dot_storage_dot_v1_dot_storage__pb2.AddRoleRequest.SerializeToString,
+            shoal_dot_storage_dot_v1_dot_storage__pb2.AddRoleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AlterRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.storage.v1.StorageService/AlterRole',
+            shoal_dot_storage_dot_v1_dot_storage__pb2.AlterRoleRequest.SerializeToString,
+            shoal_dot_storage_dot_v1_dot_storage__pb2.AlterRoleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.storage.v1.StorageService/DropRole',
+            shoal_dot_storage_dot_v1_dot_storage__pb2.DropRoleRequest.SerializeToString,
+            shoal_dot_storage_dot_v1_dot_storage__pb2.DropRoleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRoles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.storage.v1.StorageService/ListRoles',
+            shoal_dot_storage_dot_v1_dot_storage__pb2.ListRolesRequest.SerializeToString,
+            shoal_dot_storage_dot_v1_dot_storage__pb2.ListRolesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Authenticate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.storage.v1.StorageService/Authenticate',
+            shoal_dot_storage_dot_v1_dot_storage__pb2.AuthenticateRequest.SerializeToString,
+            shoal_dot_storage_dot_v1_dot_storage__pb2.AuthenticateResponse.FromString,
             options,
             channel_credentials,
             insecure,

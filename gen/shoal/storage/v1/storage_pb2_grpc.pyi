@@ -13,6 +13,23 @@ detail (domain "shoal", a machine-readable reason) in the trailers.
 Names of databases, tables and attributes: 1 to 250 characters from
 [A-Za-z0-9_$-], not starting with "-"; anything else is INVALID_ARGUMENT. A request that
 fails validation changes nothing.
+
+Authorization follows Harper's roles. Users and roles are local to each node and never
+replicated. The node-internal identity and users whose role has `super_user` may call
+every RPC (the replication RPCs stay node-internal). Other users need, on the table
+named by the request: `read` for SearchById, SearchByValue, SearchByConditions and
+DescribeTable; `insert` for Insert; `update` for Update; `insert` and `update` for
+Upsert; `delete` for Delete; the same per operation for Transact and LoadCsv.
+DescribeDatabase and DescribeAll show only the tables the user can read. Creating or
+dropping databases, tables and attributes, the log RPCs and the user and role RPCs
+need a super user. A refusal is PERMISSION_DENIED naming the user, the action and the
+table; it is checked before anything is looked up or written, so it does not reveal
+whether the table exists and changes nothing.
+
+After `authentication.lockoutAttempts` consecutive failed sign-ins a user name is locked
+for `authentication.lockoutDuration`: every sign-in with it fails, even with the right
+password, with the same UNAUTHENTICATED message as a wrong password or an unknown user
+(unknown user names are counted and locked the same way).
 """
 
 from collections import abc as _abc
@@ -195,12 +212,70 @@ class StorageServiceStub:
     did not send although it had seen every write of it (all its versions are within
     the copy's positions) was deleted there with its tombstone purged, and is removed
     here too, so a node that missed a delete for longer than the retention horizon does
-    not resurrect it. With `complete`, adopts the copy's positions. Node-internal only.
+    not resurrect it. Symmetrically, a row this node lacks although it has applied every
+    write of it (all its versions are within this node's positions) was deleted here,
+    and is not merged back. With `complete`, adopts the copy's positions. Node-internal
+    only.
     Errors: INVALID_ARGUMENT (malformed row or state), PERMISSION_DENIED.
     """
     GetPositions: _grpc.UnaryUnaryMultiCallable[_storage_pb2.GetPositionsRequest, _storage_pb2.GetPositionsResponse]
     """Reads replication positions, log horizons and copies in progress.
     Errors: PERMISSION_DENIED (not the node identity).
+    """
+    AddUser: _grpc.UnaryUnaryMultiCallable[_storage_pb2.AddUserRequest, _storage_pb2.AddUserResponse]
+    """Creates a user of this node (never replicated) with a role; `active` defaults to
+    true. User names follow the rules of database names. The password is stored as a
+    salted scrypt hash and never returned. Super user only.
+    Errors: INVALID_ARGUMENT (bad user name, empty password, no role), PERMISSION_DENIED,
+    NOT_FOUND (the role does not exist), ALREADY_EXISTS (the user exists).
+    """
+    AlterUser: _grpc.UnaryUnaryMultiCallable[_storage_pb2.AlterUserRequest, _storage_pb2.AlterUserResponse]
+    """Changes a user's password, role or active flag; fields not given keep their value.
+    Takes effect on the user's next call (cached sign-ins are forgotten) and clears the
+    user's failed sign-in count and lock. Super user only.
+    Errors: INVALID_ARGUMENT (bad user name, nothing to change, empty password, empty
+    role), PERMISSION_DENIED, NOT_FOUND (user or role), FAILED_PRECONDITION with reason
+    LAST_SUPER_USER (it would leave the node without an active super user).
+    """
+    DropUser: _grpc.UnaryUnaryMultiCallable[_storage_pb2.DropUserRequest, _storage_pb2.DropUserResponse]
+    """Deletes a user; its next call fails with UNAUTHENTICATED. Super user only.
+    Errors: INVALID_ARGUMENT, PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION with
+    reason LAST_SUPER_USER (the last active super user).
+    """
+    ListUsers: _grpc.UnaryUnaryMultiCallable[_storage_pb2.ListUsersRequest, _storage_pb2.ListUsersResponse]
+    """Lists the users of this node by name (never their passwords). Super user only.
+    Errors: PERMISSION_DENIED.
+    """
+    AddRole: _grpc.UnaryUnaryMultiCallable[_storage_pb2.AddRoleRequest, _storage_pb2.AddRoleResponse]
+    """Creates a role of this node (never replicated) with a Harper permission object (see
+    Role.permission). Super user only.
+    Errors: INVALID_ARGUMENT (bad role name, permission that is not valid JSON or does not
+    follow the format; the message names the bad key), PERMISSION_DENIED, ALREADY_EXISTS
+    (including the built-in role "super_user").
+    """
+    AlterRole: _grpc.UnaryUnaryMultiCallable[_storage_pb2.AlterRoleRequest, _storage_pb2.AlterRoleResponse]
+    """Replaces a role's permission; takes effect on the next call of its users. The
+    built-in role "super_user" cannot be altered. Super user only.
+    Errors: INVALID_ARGUMENT (as AddRole, or the built-in role), PERMISSION_DENIED,
+    NOT_FOUND, FAILED_PRECONDITION with reason LAST_SUPER_USER (removing `super_user`
+    would leave the node without an active super user).
+    """
+    DropRole: _grpc.UnaryUnaryMultiCallable[_storage_pb2.DropRoleRequest, _storage_pb2.DropRoleResponse]
+    """Deletes a role that no user has. The built-in role "super_user" cannot be dropped.
+    Super user only.
+    Errors: INVALID_ARGUMENT (bad name, or the built-in role), PERMISSION_DENIED,
+    NOT_FOUND, FAILED_PRECONDITION with reason ROLE_IN_USE (users still have it; the
+    message names them).
+    """
+    ListRoles: _grpc.UnaryUnaryMultiCallable[_storage_pb2.ListRolesRequest, _storage_pb2.ListRolesResponse]
+    """Lists the roles of this node by name, the built-in "super_user" included. Super user
+    only.
+    Errors: PERMISSION_DENIED.
+    """
+    Authenticate: _grpc.UnaryUnaryMultiCallable[_storage_pb2.AuthenticateRequest, _storage_pb2.AuthenticateResponse]
+    """Returns the caller's own identity: lets another service check a user's credentials
+    once, through storage. Any authenticated caller.
+    Errors: none beyond authentication.
     """
 
 @_typing.type_check_only
@@ -358,12 +433,70 @@ class StorageServiceAsyncStub(StorageServiceStub):
     did not send although it had seen every write of it (all its versions are within
     the copy's positions) was deleted there with its tombstone purged, and is removed
     here too, so a node that missed a delete for longer than the retention horizon does
-    not resurrect it. With `complete`, adopts the copy's positions. Node-internal only.
+    not resurrect it. Symmetrically, a row this node lacks although it has applied every
+    write of it (all its versions are within this node's positions) was deleted here,
+    and is not merged back. With `complete`, adopts the copy's positions. Node-internal
+    only.
     Errors: INVALID_ARGUMENT (malformed row or state), PERMISSION_DENIED.
     """
     GetPositions: _aio.UnaryUnaryMultiCallable[_storage_pb2.GetPositionsRequest, _storage_pb2.GetPositionsResponse]  # type: ignore[assignment]
     """Reads replication positions, log horizons and copies in progress.
     Errors: PERMISSION_DENIED (not the node identity).
+    """
+    AddUser: _aio.UnaryUnaryMultiCallable[_storage_pb2.AddUserRequest, _storage_pb2.AddUserResponse]  # type: ignore[assignment]
+    """Creates a user of this node (never replicated) with a role; `active` defaults to
+    true. User names follow the rules of database names. The password is stored as a
+    salted scrypt hash and never returned. Super user only.
+    Errors: INVALID_ARGUMENT (bad user name, empty password, no role), PERMISSION_DENIED,
+    NOT_FOUND (the role does not exist), ALREADY_EXISTS (the user exists).
+    """
+    AlterUser: _aio.UnaryUnaryMultiCallable[_storage_pb2.AlterUserRequest, _storage_pb2.AlterUserResponse]  # type: ignore[assignment]
+    """Changes a user's password, role or active flag; fields not given keep their value.
+    Takes effect on the user's next call (cached sign-ins are forgotten) and clears the
+    user's failed sign-in count and lock. Super user only.
+    Errors: INVALID_ARGUMENT (bad user name, nothing to change, empty password, empty
+    role), PERMISSION_DENIED, NOT_FOUND (user or role), FAILED_PRECONDITION with reason
+    LAST_SUPER_USER (it would leave the node without an active super user).
+    """
+    DropUser: _aio.UnaryUnaryMultiCallable[_storage_pb2.DropUserRequest, _storage_pb2.DropUserResponse]  # type: ignore[assignment]
+    """Deletes a user; its next call fails with UNAUTHENTICATED. Super user only.
+    Errors: INVALID_ARGUMENT, PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION with
+    reason LAST_SUPER_USER (the last active super user).
+    """
+    ListUsers: _aio.UnaryUnaryMultiCallable[_storage_pb2.ListUsersRequest, _storage_pb2.ListUsersResponse]  # type: ignore[assignment]
+    """Lists the users of this node by name (never their passwords). Super user only.
+    Errors: PERMISSION_DENIED.
+    """
+    AddRole: _aio.UnaryUnaryMultiCallable[_storage_pb2.AddRoleRequest, _storage_pb2.AddRoleResponse]  # type: ignore[assignment]
+    """Creates a role of this node (never replicated) with a Harper permission object (see
+    Role.permission). Super user only.
+    Errors: INVALID_ARGUMENT (bad role name, permission that is not valid JSON or does not
+    follow the format; the message names the bad key), PERMISSION_DENIED, ALREADY_EXISTS
+    (including the built-in role "super_user").
+    """
+    AlterRole: _aio.UnaryUnaryMultiCallable[_storage_pb2.AlterRoleRequest, _storage_pb2.AlterRoleResponse]  # type: ignore[assignment]
+    """Replaces a role's permission; takes effect on the next call of its users. The
+    built-in role "super_user" cannot be altered. Super user only.
+    Errors: INVALID_ARGUMENT (as AddRole, or the built-in role), PERMISSION_DENIED,
+    NOT_FOUND, FAILED_PRECONDITION with reason LAST_SUPER_USER (removing `super_user`
+    would leave the node without an active super user).
+    """
+    DropRole: _aio.UnaryUnaryMultiCallable[_storage_pb2.DropRoleRequest, _storage_pb2.DropRoleResponse]  # type: ignore[assignment]
+    """Deletes a role that no user has. The built-in role "super_user" cannot be dropped.
+    Super user only.
+    Errors: INVALID_ARGUMENT (bad name, or the built-in role), PERMISSION_DENIED,
+    NOT_FOUND, FAILED_PRECONDITION with reason ROLE_IN_USE (users still have it; the
+    message names them).
+    """
+    ListRoles: _aio.UnaryUnaryMultiCallable[_storage_pb2.ListRolesRequest, _storage_pb2.ListRolesResponse]  # type: ignore[assignment]
+    """Lists the roles of this node by name, the built-in "super_user" included. Super user
+    only.
+    Errors: PERMISSION_DENIED.
+    """
+    Authenticate: _aio.UnaryUnaryMultiCallable[_storage_pb2.AuthenticateRequest, _storage_pb2.AuthenticateResponse]  # type: ignore[assignment]
+    """Returns the caller's own identity: lets another service check a user's credentials
+    once, through storage. Any authenticated caller.
+    Errors: none beyond authentication.
     """
 
 class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -668,7 +801,10 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         did not send although it had seen every write of it (all its versions are within
         the copy's positions) was deleted there with its tombstone purged, and is removed
         here too, so a node that missed a delete for longer than the retention horizon does
-        not resurrect it. With `complete`, adopts the copy's positions. Node-internal only.
+        not resurrect it. Symmetrically, a row this node lacks although it has applied every
+        write of it (all its versions are within this node's positions) was deleted here,
+        and is not merged back. With `complete`, adopts the copy's positions. Node-internal
+        only.
         Errors: INVALID_ARGUMENT (malformed row or state), PERMISSION_DENIED.
         """
 
@@ -680,6 +816,115 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_storage_pb2.GetPositionsResponse, _abc.Awaitable[_storage_pb2.GetPositionsResponse]]:
         """Reads replication positions, log horizons and copies in progress.
         Errors: PERMISSION_DENIED (not the node identity).
+        """
+
+    @_abc_1.abstractmethod
+    def AddUser(
+        self,
+        request: _storage_pb2.AddUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.AddUserResponse, _abc.Awaitable[_storage_pb2.AddUserResponse]]:
+        """Creates a user of this node (never replicated) with a role; `active` defaults to
+        true. User names follow the rules of database names. The password is stored as a
+        salted scrypt hash and never returned. Super user only.
+        Errors: INVALID_ARGUMENT (bad user name, empty password, no role), PERMISSION_DENIED,
+        NOT_FOUND (the role does not exist), ALREADY_EXISTS (the user exists).
+        """
+
+    @_abc_1.abstractmethod
+    def AlterUser(
+        self,
+        request: _storage_pb2.AlterUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.AlterUserResponse, _abc.Awaitable[_storage_pb2.AlterUserResponse]]:
+        """Changes a user's password, role or active flag; fields not given keep their value.
+        Takes effect on the user's next call (cached sign-ins are forgotten) and clears the
+        user's failed sign-in count and lock. Super user only.
+        Errors: INVALID_ARGUMENT (bad user name, nothing to change, empty password, empty
+        role), PERMISSION_DENIED, NOT_FOUND (user or role), FAILED_PRECONDITION with reason
+        LAST_SUPER_USER (it would leave the node without an active super user).
+        """
+
+    @_abc_1.abstractmethod
+    def DropUser(
+        self,
+        request: _storage_pb2.DropUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.DropUserResponse, _abc.Awaitable[_storage_pb2.DropUserResponse]]:
+        """Deletes a user; its next call fails with UNAUTHENTICATED. Super user only.
+        Errors: INVALID_ARGUMENT, PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION with
+        reason LAST_SUPER_USER (the last active super user).
+        """
+
+    @_abc_1.abstractmethod
+    def ListUsers(
+        self,
+        request: _storage_pb2.ListUsersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.ListUsersResponse, _abc.Awaitable[_storage_pb2.ListUsersResponse]]:
+        """Lists the users of this node by name (never their passwords). Super user only.
+        Errors: PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def AddRole(
+        self,
+        request: _storage_pb2.AddRoleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.AddRoleResponse, _abc.Awaitable[_storage_pb2.AddRoleResponse]]:
+        """Creates a role of this node (never replicated) with a Harper permission object (see
+        Role.permission). Super user only.
+        Errors: INVALID_ARGUMENT (bad role name, permission that is not valid JSON or does not
+        follow the format; the message names the bad key), PERMISSION_DENIED, ALREADY_EXISTS
+        (including the built-in role "super_user").
+        """
+
+    @_abc_1.abstractmethod
+    def AlterRole(
+        self,
+        request: _storage_pb2.AlterRoleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.AlterRoleResponse, _abc.Awaitable[_storage_pb2.AlterRoleResponse]]:
+        """Replaces a role's permission; takes effect on the next call of its users. The
+        built-in role "super_user" cannot be altered. Super user only.
+        Errors: INVALID_ARGUMENT (as AddRole, or the built-in role), PERMISSION_DENIED,
+        NOT_FOUND, FAILED_PRECONDITION with reason LAST_SUPER_USER (removing `super_user`
+        would leave the node without an active super user).
+        """
+
+    @_abc_1.abstractmethod
+    def DropRole(
+        self,
+        request: _storage_pb2.DropRoleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.DropRoleResponse, _abc.Awaitable[_storage_pb2.DropRoleResponse]]:
+        """Deletes a role that no user has. The built-in role "super_user" cannot be dropped.
+        Super user only.
+        Errors: INVALID_ARGUMENT (bad name, or the built-in role), PERMISSION_DENIED,
+        NOT_FOUND, FAILED_PRECONDITION with reason ROLE_IN_USE (users still have it; the
+        message names them).
+        """
+
+    @_abc_1.abstractmethod
+    def ListRoles(
+        self,
+        request: _storage_pb2.ListRolesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.ListRolesResponse, _abc.Awaitable[_storage_pb2.ListRolesResponse]]:
+        """Lists the roles of this node by name, the built-in "super_user" included. Super user
+        only.
+        Errors: PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def Authenticate(
+        self,
+        request: _storage_pb2.AuthenticateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.AuthenticateResponse, _abc.Awaitable[_storage_pb2.AuthenticateResponse]]:
+        """Returns the caller's own identity: lets another service check a user's credentials
+        once, through storage. Any authenticated caller.
+        Errors: none beyond authentication.
         """
 
 def add_StorageServiceServicer_to_server(servicer: StorageServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

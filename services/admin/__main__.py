@@ -1,0 +1,60 @@
+"""``python -m services.admin --config shoal.yaml``: run a node's admin service."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from shoal.admin.v1 import admin_pb2, admin_pb2_grpc
+
+from services.admin.node import AdminNode, StorageAuthenticator
+from services.admin.server import AdminServicer
+from services.common.auth import read_node_secret
+from services.common.config import ConfigError, ShoalConfig, load_config
+from services.common.grpcserver import (
+    ServerSpec,
+    attach_metrics,
+    serve_until_signalled,
+    start_server,
+)
+from services.common.logs import setup_logging
+
+SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+
+
+async def run(config: ShoalConfig) -> None:
+    secret = await read_node_secret(config.keys_path)
+    node = AdminNode(config, secret)
+    servicer = AdminServicer(node)
+    spec = ServerSpec(
+        name="admin",
+        address=f"{config.host}:{config.operations_api.port}",
+        service_names=[SERVICE_NAME],
+        register=lambda server: admin_pb2_grpc.add_AdminServiceServicer_to_server(servicer, server),
+        authenticator=StorageAuthenticator(node),
+        max_message_bytes=config.storage.max_message_bytes,
+        on_stop=[node.close],
+        grace_s=5.0,
+    )
+    attach_metrics(spec, config)
+    running = await start_server(spec)
+    await serve_until_signalled(running)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.admin", description=__doc__)
+    parser.add_argument("--config", required=True, help="path to shoal.yaml")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"admin: {exc}", file=sys.stderr)
+        return 2
+    setup_logging("admin", config.logging.level, config.logging.format)
+    asyncio.run(run(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Cluster operations: status and routes. The typed RPCs and Execute both call these.
+
+Routes live in the node's shoal.yaml (`replication.routes`): the file is the source of
+truth, re-read on every call, rewritten atomically after validation, and then the
+replicator is told the complete new list. Edits are serialized by one lock, so two
+concurrent changes cannot lose each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from shoal.admin.v1 import admin_pb2 as apb
+from shoal.replicator.v1 import replicator_pb2 as rpb
+
+from services.admin.node import AdminNode
+from services.common.config import ConfigError, Route, load_config
+from services.common.errors import InvalidArgument
+from services.common.routes import from_proto, to_proto, write_routes
+
+
+@dataclass
+class RouteChange:
+    """Routes changed and skipped by a set or delete."""
+
+    changed: list[Route] = field(default_factory=list)
+    skipped: list[Route] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+
+class Cluster:
+    """Cluster operations of one node."""
+
+    def __init__(self, node: AdminNode) -> None:
+        self.node = node
+        self._routes_lock = asyncio.Lock()
+
+    async def status(self) -> apb.ClusterStatusResponse:
+        reply = await self.node.call(
+            self.node.replicator.Status, rpb.StatusRequest(), self.node.internal, "the replicator"
+        )
+        return apb.ClusterStatusResponse(
+            node_name=reply.node_name, is_enabled=True, connections=reply.connections
+        )
+
+    def routes(self) -> list[Route]:
+        source = self.node.config.source
+        if source is None:
+            return list(self.node.config.replication.routes)
+        return list(load_config(source).replication.routes)
+
+    def _validate(self, routes: Iterable[rpb.Route]) -> list[Route]:
+        try:
+            return from_proto(routes, self.node.config.node_name)
+        except ConfigError as exc:
+            raise InvalidArgument("; ".join(exc.problems)) from exc
+
+    async def _apply(self, routes: list[Route]) -> None:
+        source = self.node.config.source
+        if source is not None:
+            try:
+                write_routes(source, routes)
+            except ConfigError as exc:
+                raise InvalidArgument("; ".join(exc.problems)) from exc
+        request = rpb.SetRoutesRequest(routes=[to_proto(r) for r in routes])
+        await self.node.call(
+            self.node.replicator.SetRoutes, request, self.node.internal, "the replicator"
+        )
+
+    async def set_routes(self, requested: Iterable[rpb.Route]) -> RouteChange:
+        additions = self._validate(requested)
+        async with self._routes_lock:
+            current = self.routes()
+            known = {r.hostname for r in current}
+            change = RouteChange()
+            for route in additions:
+                if route.hostname in known:
+                    change.skipped.append(route)
+                else:
+                    change.changed.append(route)
+                    known.add(route.hostname)
+            if change.changed:
+                await self._apply(current + change.changed)
+            return change
+
+    async def delete_routes(self, hostnames: Iterable[str]) -> RouteChange:
+        names = list(dict.fromkeys(hostnames))
+        if not names:
+            raise InvalidArgument("no routes given")
+        async with self._routes_lock:
+            current = self.routes()
+            change = RouteChange()
+            by_name = {r.hostname: r for r in current}
+            for name in names:
+                if name in by_name:
+                    change.changed.append(by_name.pop(name))
+                else:
+                    change.missing.append(name)
+            if change.changed:
+                await self._apply(list(by_name.values()))
+            return change

@@ -1,0 +1,804 @@
+"""Harper's JSON operations API, over the Execute RPC.
+
+Each operation is a handler `(Execute, Body) -> JSON-able` registered in `OPERATIONS`.
+Field names are Harper's, including its older aliases (`schema` for `database`,
+`hash_attribute` for `primary_key`, `hash_values` for `ids`, `search_attribute` /
+`search_value` for `attribute` / `value`). Handlers call the same code as the typed RPCs
+(cluster.py, storage's RPCs), and failures become `{"error": "..."}` with the gRPC code
+the typed path would have returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from google.protobuf import timestamp_pb2
+from shoal.replicator.v1 import replicator_pb2 as rpb
+from shoal.storage.v1 import storage_pb2 as spb
+from shoal.storage.v1 import types_pb2
+
+from services.admin.cluster import Cluster
+from services.admin.node import AdminNode, Caller
+from services.common import sysinfo
+from services.common.config import Route, parse_route_url
+from services.common.errors import InvalidArgument, ShoalError
+from services.common.hlc import LOGICAL_MASK, version_ms
+from services.common.routes import to_yaml
+
+Json = Any
+Handler = Callable[["Execute", "Body"], Awaitable[Json]]
+
+_OPERATIONS_ENUM = {
+    types_pb2.OPERATION_INSERT: "insert",
+    types_pb2.OPERATION_UPDATE: "update",
+    types_pb2.OPERATION_UPSERT: "upsert",
+    types_pb2.OPERATION_DELETE: "delete",
+}
+_COMPARATORS = {
+    name.removeprefix("COMPARATOR_").lower(): value
+    for name, value in spb.Comparator.items()
+    if value != spb.COMPARATOR_UNSPECIFIED
+}
+_COMPARATORS.update(
+    {
+        "equal": spb.COMPARATOR_EQUALS,
+        "greater_than_or_equal": spb.COMPARATOR_GREATER_THAN_EQUAL,
+        "less_than_or_equal": spb.COMPARATOR_LESS_THAN_EQUAL,
+    }
+)
+
+
+def harper_time(version: int) -> float:
+    """A version as Harper shows times: Unix milliseconds, the counter as a fraction."""
+    return version_ms(version) + (version & LOGICAL_MASK) / 65536 if version else 0.0
+
+
+class Body:
+    """An operation's fields, read with Harper's names and aliases, validated as read."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+        self.operation = str(data.get("operation", ""))
+
+    def _get(self, names: tuple[str, ...]) -> Any:
+        for name in names:
+            if name in self.data:
+                return self.data[name]
+        return None
+
+    def text(self, *names: str, required: bool = True, default: str = "") -> str:
+        value = self._get(names)
+        if value is None:
+            if required:
+                raise InvalidArgument(f"{self.operation}: '{names[0]}' is required")
+            return default
+        if not isinstance(value, str):
+            raise InvalidArgument(f"{self.operation}: '{names[0]}' must be a string")
+        return value
+
+    def database(self) -> str:
+        return self.text("database", "schema", required=False, default="data")
+
+    def array(self, *names: str, required: bool = True) -> list[Any]:
+        value = self._get(names)
+        if value is None:
+            if required:
+                raise InvalidArgument(f"{self.operation}: '{names[0]}' is required")
+            return []
+        if not isinstance(value, list):
+            raise InvalidArgument(f"{self.operation}: '{names[0]}' must be an array")
+        return value
+
+    def number(self, *names: str, default: int = 0) -> int:
+        value = self._get(names)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise InvalidArgument(f"{self.operation}: '{names[0]}' must be a non-negative number")
+        return int(value)
+
+    def flag(self, *names: str, default: bool) -> bool:
+        value = self._get(names)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"{self.operation}: '{names[0]}' must be true or false")
+        return value
+
+    def timestamp(self, *names: str) -> timestamp_pb2.Timestamp | None:
+        value = self._get(names)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidArgument(
+                f"{self.operation}: '{names[0]}' must be a time in Unix milliseconds"
+            )
+        ts = timestamp_pb2.Timestamp()
+        ts.FromMilliseconds(int(value))
+        return ts
+
+
+@dataclass
+class Execute:
+    """One Execute call: the node, the caller, and the cluster operations."""
+
+    node: AdminNode
+    caller: Caller
+    cluster: Cluster
+
+    async def storage(self, method: str, request: Any) -> Any:
+        """A unary storage call with the caller's credentials (storage checks the role)."""
+        return await self.node.call(
+            getattr(self.node.storage, method), request, self.caller.metadata
+        )
+
+    async def storage_stream(self, method: str, request: Any) -> list[Any]:
+        return await self.node.stream(
+            getattr(self.node.storage, method), request, self.caller.metadata
+        )
+
+
+async def run(execute: Execute, raw: bytes) -> tuple[Json, int]:
+    """Run one JSON operation; returns (Harper response or {"error": ...}, gRPC code)."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return {"error": f"the operation is not valid JSON: {exc}"}, InvalidArgument.code.value[0]
+    if not isinstance(data, dict):
+        return {"error": "the operation must be a JSON object"}, InvalidArgument.code.value[0]
+    body = Body(data)
+    handler = OPERATIONS.get(body.operation)
+    if handler is None:
+        known = ", ".join(sorted(OPERATIONS))
+        message = (
+            f"unknown operation {body.operation!r}" if body.operation else "'operation' is required"
+        )
+        return {"error": f"{message}; known operations: {known}"}, InvalidArgument.code.value[0]
+    try:
+        return await handler(execute, body), 0
+    except ShoalError as exc:
+        return {"error": exc.message}, exc.code.value[0]
+
+
+# -- data and schema (delegated to storage) ------------------------------------------------
+
+
+def _records(body: Body) -> list[bytes]:
+    records = body.array("records")
+    if not all(isinstance(r, dict) for r in records):
+        raise InvalidArgument(f"{body.operation}: every record must be a JSON object")
+    return [orjson.dumps(r) for r in records]
+
+
+def _ids(body: Body) -> list[bytes]:
+    return [orjson.dumps(v) for v in body.array("ids", "hash_values")]
+
+
+def _loads(values: Any) -> list[Any]:
+    return [orjson.loads(v) for v in values]
+
+
+async def insert(ex: Execute, body: Body) -> Json:
+    reply = await ex.storage(
+        "Insert",
+        spb.InsertRequest(
+            database=body.database(), table=body.text("table"), records=_records(body)
+        ),
+    )
+    total = len(reply.inserted_ids) + len(reply.skipped_ids)
+    return {
+        "message": f"inserted {len(reply.inserted_ids)} of {total} records",
+        "inserted_hashes": _loads(reply.inserted_ids),
+        "skipped_hashes": _loads(reply.skipped_ids),
+    }
+
+
+async def update(ex: Execute, body: Body) -> Json:
+    reply = await ex.storage(
+        "Update",
+        spb.UpdateRequest(
+            database=body.database(), table=body.text("table"), records=_records(body)
+        ),
+    )
+    total = len(reply.updated_ids) + len(reply.skipped_ids)
+    return {
+        "message": f"updated {len(reply.updated_ids)} of {total} records",
+        "update_hashes": _loads(reply.updated_ids),
+        "skipped_hashes": _loads(reply.skipped_ids),
+    }
+
+
+async def upsert(ex: Execute, body: Body) -> Json:
+    reply = await ex.storage(
+        "Upsert",
+        spb.UpsertRequest(
+            database=body.database(), table=body.text("table"), records=_records(body)
+        ),
+    )
+    return {
+        "message": f"upserted {len(reply.upserted_ids)} of {len(reply.upserted_ids)} records",
+        "upserted_hashes": _loads(reply.upserted_ids),
+    }
+
+
+async def delete(ex: Execute, body: Body) -> Json:
+    reply = await ex.storage(
+        "Delete",
+        spb.DeleteRequest(database=body.database(), table=body.text("table"), ids=_ids(body)),
+    )
+    total = len(reply.deleted_ids) + len(reply.skipped_ids)
+    return {
+        "message": f"{len(reply.deleted_ids)} of {total} records successfully deleted",
+        "deleted_hashes": _loads(reply.deleted_ids),
+        "skipped_hashes": _loads(reply.skipped_ids),
+    }
+
+
+def _attributes(body: Body) -> list[str]:
+    values = body.array("get_attributes", required=False)
+    if not all(isinstance(v, str) for v in values):
+        raise InvalidArgument(f"{body.operation}: 'get_attributes' must be an array of names")
+    return list(values)
+
+
+def _chunks_records(chunks: list[Any]) -> list[Json]:
+    return [orjson.loads(r) for c in chunks for r in c.records]
+
+
+async def search_by_id(ex: Execute, body: Body) -> Json:
+    request = spb.SearchByIdRequest(
+        database=body.database(),
+        table=body.text("table"),
+        ids=_ids(body),
+        get_attributes=_attributes(body),
+    )
+    return _chunks_records(await ex.storage_stream("SearchById", request))
+
+
+def _sort(body: Body) -> list[spb.SortKey]:
+    sort = body._get(("sort",))
+    keys: list[spb.SortKey] = []
+    while sort is not None:
+        if not isinstance(sort, dict) or not isinstance(sort.get("attribute"), str):
+            raise InvalidArgument(
+                f"{body.operation}: 'sort' must be {{attribute, descending, next}}"
+            )
+        keys.append(
+            spb.SortKey(attribute=sort["attribute"], descending=bool(sort.get("descending", False)))
+        )
+        sort = sort.get("next")
+    return keys
+
+
+async def search_by_value(ex: Execute, body: Body) -> Json:
+    value = body._get(("value", "search_value"))
+    if value is None:
+        raise InvalidArgument("search_by_value: 'value' is required")
+    request = spb.SearchByValueRequest(
+        database=body.database(),
+        table=body.text("table"),
+        attribute=body.text("attribute", "search_attribute"),
+        value=orjson.dumps(value),
+        get_attributes=_attributes(body),
+        limit=body.number("limit"),
+        offset=body.number("offset"),
+        sort=_sort(body),
+    )
+    return _chunks_records(await ex.storage_stream("SearchByValue", request))
+
+
+def _operator(value: Any, operation: str) -> spb.LogicalOperator.ValueType:
+    if value is None or value == "and":
+        return spb.LOGICAL_OPERATOR_AND
+    if value == "or":
+        return spb.LOGICAL_OPERATOR_OR
+    raise InvalidArgument(f"{operation}: 'operator' must be 'and' or 'or'")
+
+
+def _conditions(items: Any, operation: str, depth: int = 0) -> list[spb.Condition]:
+    if not isinstance(items, list):
+        raise InvalidArgument(f"{operation}: 'conditions' must be an array")
+    out: list[spb.Condition] = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise InvalidArgument(f"{operation}: condition {i} must be an object")
+        if "conditions" in item:
+            out.append(
+                spb.Condition(
+                    group=spb.ConditionGroup(
+                        operator=_operator(item.get("operator"), operation),
+                        conditions=_conditions(item["conditions"], operation, depth + 1),
+                    )
+                )
+            )
+            continue
+        attribute = item.get("attribute", item.get("search_attribute"))
+        comparator = item.get("comparator", item.get("search_type"))
+        if not isinstance(attribute, str) or comparator not in _COMPARATORS:
+            raise InvalidArgument(
+                f"{operation}: condition {i} needs an attribute and a comparator"
+                f" ({', '.join(sorted(_COMPARATORS))})"
+            )
+        value = item.get("value", item.get("search_value"))
+        out.append(
+            spb.Condition(
+                comparison=spb.Comparison(
+                    attribute=attribute,
+                    comparator=_COMPARATORS[comparator],
+                    value=orjson.dumps(value),
+                )
+            )
+        )
+    return out
+
+
+async def search_by_conditions(ex: Execute, body: Body) -> Json:
+    request = spb.SearchByConditionsRequest(
+        database=body.database(),
+        table=body.text("table"),
+        operator=_operator(body._get(("operator",)), body.operation),
+        conditions=_conditions(body.array("conditions"), body.operation),
+        get_attributes=_attributes(body),
+        limit=body.number("limit"),
+        offset=body.number("offset"),
+        sort=_sort(body),
+    )
+    return _chunks_records(await ex.storage_stream("SearchByConditions", request))
+
+
+def _table_json(table: spb.TableInfo) -> Json:
+    return {
+        "name": table.name,
+        "schema": table.database,
+        "database": table.database,
+        "hash_attribute": table.primary_key,
+        "attributes": [{"attribute": a.name, "indexed": a.indexed} for a in table.attributes],
+        "record_count": table.record_count,
+        "replicate": table.replicate,
+    }
+
+
+async def describe_all(ex: Execute, body: Body) -> Json:
+    reply = await ex.storage("DescribeAll", spb.DescribeAllRequest())
+    return {db.name: {t.name: _table_json(t) for t in db.tables} for db in reply.databases}
+
+
+async def describe_database(ex: Execute, body: Body) -> Json:
+    reply = await ex.storage(
+        "DescribeDatabase", spb.DescribeDatabaseRequest(database=body.database())
+    )
+    return {t.name: _table_json(t) for t in reply.database.tables}
+
+
+async def describe_table(ex: Execute, body: Body) -> Json:
+    reply = await ex.storage(
+        "DescribeTable",
+        spb.DescribeTableRequest(database=body.database(), table=body.text("table")),
+    )
+    return _table_json(reply.table)
+
+
+async def create_database(ex: Execute, body: Body) -> Json:
+    name = body.text("database", "schema")
+    await ex.storage("CreateDatabase", spb.CreateDatabaseRequest(database=name))
+    return {"message": f"database '{name}' successfully created"}
+
+
+async def drop_database(ex: Execute, body: Body) -> Json:
+    name = body.text("database", "schema")
+    await ex.storage("DropDatabase", spb.DropDatabaseRequest(database=name))
+    return {"message": f"successfully deleted database '{name}'"}
+
+
+async def create_table(ex: Execute, body: Body) -> Json:
+    database, table = body.database(), body.text("table")
+    indexed = [
+        a["name"] if isinstance(a, dict) else a
+        for a in body.array("attributes", required=False)
+        if (isinstance(a, dict) and a.get("indexed")) or isinstance(a, str)
+    ]
+    request = spb.CreateTableRequest(
+        database=database,
+        table=table,
+        primary_key=body.text("primary_key", "hash_attribute", required=False, default="id"),
+        indexed_attributes=[i for i in indexed if isinstance(i, str)],
+    )
+    if "replicate" in body.data:
+        request.replicate = body.flag("replicate", default=True)
+    await ex.storage("CreateTable", request)
+    return {"message": f"table '{database}.{table}' successfully created."}
+
+
+async def drop_table(ex: Execute, body: Body) -> Json:
+    database, table = body.database(), body.text("table")
+    await ex.storage("DropTable", spb.DropTableRequest(database=database, table=table))
+    return {"message": f"successfully deleted table '{database}.{table}'"}
+
+
+async def create_attribute(ex: Execute, body: Body) -> Json:
+    database, table, attribute = body.database(), body.text("table"), body.text("attribute")
+    await ex.storage(
+        "CreateAttribute",
+        spb.CreateAttributeRequest(
+            database=database,
+            table=table,
+            attribute=attribute,
+            indexed=body.flag("indexed", default=False),
+        ),
+    )
+    return {"message": f"attribute '{database}.{table}.{attribute}' successfully created."}
+
+
+async def drop_attribute(ex: Execute, body: Body) -> Json:
+    database, table, attribute = body.database(), body.text("table"), body.text("attribute")
+    await ex.storage(
+        "DropAttribute",
+        spb.DropAttributeRequest(database=database, table=table, attribute=attribute),
+    )
+    return {"message": f"successfully deleted attribute '{attribute}'"}
+
+
+# -- logs ------------------------------------------------------------------------------------
+
+
+def _log_entry(txn: types_pb2.Transaction) -> Json:
+    operations = {_OPERATIONS_ENUM.get(w.operation, "write") for w in txn.writes}
+    return {
+        "operation": operations.pop() if len(operations) == 1 else "transaction",
+        "user_name": txn.user,
+        "timestamp": harper_time(txn.version),
+        "origin": txn.origin,
+        "version": txn.version,
+        "hash_values": [orjson.loads(w.id) for w in txn.writes],
+        "records": [orjson.loads(w.value) if w.value else None for w in txn.writes],
+        "original_records": [orjson.loads(w.prior) if w.prior else None for w in txn.writes],
+    }
+
+
+async def read_transaction_log(ex: Execute, body: Body) -> Json:
+    request = spb.ReadTransactionLogRequest(
+        database=body.database(),
+        table=body.text("table", required=False),
+        limit=body.number("limit"),
+    )
+    if (start := body.timestamp("from")) is not None:
+        request.start_time.CopyFrom(start)
+    if (end := body.timestamp("to")) is not None:
+        request.end_time.CopyFrom(end)
+    chunks = await ex.storage_stream("ReadTransactionLog", request)
+    return [_log_entry(t) for c in chunks for t in c.transactions]
+
+
+async def read_audit_log(ex: Execute, body: Body) -> Json:
+    database, table = body.database(), body.text("table")
+    search_type = body.text("search_type", required=False)
+    values = body.array("search_values", required=False)
+    request = spb.ReadAuditLogRequest(database=database, table=table, limit=body.number("limit"))
+    if search_type == "hash_value":
+        request.ids.extend(orjson.dumps(v) for v in values)
+    elif search_type == "username":
+        request.users.extend(str(v) for v in values)
+    elif search_type == "timestamp":
+        if not values or not all(isinstance(v, int | float) for v in values[:2]):
+            raise InvalidArgument(
+                "read_audit_log: 'search_values' must hold [from] or [from, to] times"
+            )
+        request.start_time.FromMilliseconds(int(values[0]))
+        if len(values) > 1:
+            request.end_time.FromMilliseconds(int(values[1]))
+    elif search_type:
+        raise InvalidArgument(
+            "read_audit_log: 'search_type' must be hash_value, username or timestamp"
+        )
+    chunks = await ex.storage_stream("ReadAuditLog", request)
+    entries = [_log_entry(t) for c in chunks for t in c.entries]
+    if search_type == "hash_value":
+        by_id: dict[str, list[Json]] = {}
+        for entry in entries:
+            for key in entry["hash_values"]:
+                by_id.setdefault(str(key), []).append(entry)
+        return by_id
+    return entries
+
+
+async def delete_audit_logs_before(ex: Execute, body: Body) -> Json:
+    before = body.timestamp("timestamp")
+    if before is None:
+        raise InvalidArgument("delete_audit_logs_before: 'timestamp' is required")
+    reply = await ex.storage(
+        "DeleteLogsBefore",
+        spb.DeleteLogsBeforeRequest(
+            before=before, database=body.text("database", "schema", required=False)
+        ),
+    )
+    return {
+        "message": f"deleted {reply.deleted_transactions} log entries and purged"
+        f" {reply.purged_tombstones} tombstones"
+    }
+
+
+# -- cluster ----------------------------------------------------------------------------------
+
+
+def _connection_json(c: rpb.Connection) -> Json:
+    sockets = []
+    for db in c.databases:
+        sockets.append(
+            {
+                "database": db.database,
+                "connected": c.connected,
+                "latency": c.latency_ms,
+                "lastReceivedVersion": harper_time(db.last_received_version),
+                "lastReceivedLocalTime": db.last_received_local_time.ToMilliseconds()
+                if db.HasField("last_received_local_time")
+                else None,
+                "lastCommitConfirmed": harper_time(db.last_commit_confirmed),
+                "backPressurePercent": c.back_pressure_percent,
+                "lastConnectionError": c.last_connection_error or None,
+                "backlog": {"transactions": db.backlog_transactions, "seconds": db.backlog_seconds},
+                "copy": {
+                    "source": db.copy.source,
+                    "rows": db.copy.rows,
+                    "bytes": db.copy.bytes,
+                    "estimatedRows": db.copy.estimated_rows,
+                }
+                if db.HasField("copy")
+                else None,
+            }
+        )
+    return {
+        "name": c.peer,
+        "url": c.address,
+        "connected": c.connected,
+        "dialed": c.dialed,
+        "replicates": {"sends": c.sends, "receives": c.receives},
+        "latency": c.latency_ms,
+        "backPressurePercent": c.back_pressure_percent,
+        "lastConnectionError": c.last_connection_error or None,
+        "connectedSince": c.connected_since.ToMilliseconds()
+        if c.HasField("connected_since")
+        else None,
+        "database_sockets": sockets,
+    }
+
+
+async def cluster_status(ex: Execute, body: Body) -> Json:
+    ex.caller.require_super_user("cluster_status")
+    reply = await ex.cluster.status()
+    return {
+        "node_name": reply.node_name,
+        "is_enabled": reply.is_enabled,
+        "connections": [_connection_json(c) for c in reply.connections],
+    }
+
+
+def _route_json(route: Route) -> Json:
+    entry = to_yaml(route)
+    return {"hostname": entry} if isinstance(entry, str) else entry
+
+
+def _routes_from_body(body: Body) -> list[rpb.Route]:
+    routes: list[rpb.Route] = []
+    for i, item in enumerate(body.array("routes")):
+        if isinstance(item, str):
+            routes.append(
+                _route_message({"url": item} if "://" in item else {"hostname": item}, i, body)
+            )
+        elif isinstance(item, dict):
+            routes.append(_route_message(item, i, body))
+        else:
+            raise InvalidArgument(
+                f"{body.operation}: route {i} must be a host name, a URL or an object"
+            )
+    return routes
+
+
+def _route_message(item: dict[str, Any], index: int, body: Body) -> rpb.Route:
+    host = item.get("hostname", item.get("host"))
+    port = item.get("port") or 0
+    secure = None
+    if "url" in item:
+        try:
+            host, url_port, secure = parse_route_url(str(item["url"]))
+        except ValueError as exc:
+            raise InvalidArgument(f"{body.operation}: route {index}: {exc}") from exc
+        port = url_port or port
+    if not isinstance(host, str) or not isinstance(port, int) or isinstance(port, bool):
+        raise InvalidArgument(
+            f"{body.operation}: route {index} needs a host name (and a numeric port)"
+        )
+    message = rpb.Route(hostname=host, port=port)
+    if secure is not None:
+        message.secure = secure
+    replicates = item.get("replicates")
+    if isinstance(replicates, dict):
+        message.sends = bool(replicates.get("sends", True))
+        message.receives = bool(replicates.get("receives", True))
+    return message
+
+
+async def cluster_get_routes(ex: Execute, body: Body) -> Json:
+    ex.caller.require_super_user("cluster_get_routes")
+    return [_route_json(r) for r in ex.cluster.routes()]
+
+
+async def cluster_set_routes(ex: Execute, body: Body) -> Json:
+    ex.caller.require_super_user("cluster_set_routes")
+    change = await ex.cluster.set_routes(_routes_from_body(body))
+    return {
+        "message": "cluster routes successfully set",
+        "set": [_route_json(r) for r in change.changed],
+        "skipped": [_route_json(r) for r in change.skipped],
+    }
+
+
+async def cluster_delete_routes(ex: Execute, body: Body) -> Json:
+    ex.caller.require_super_user("cluster_delete_routes")
+    names = [m.hostname for m in _routes_from_body(body)]
+    change = await ex.cluster.delete_routes(names)
+    return {
+        "message": "cluster routes successfully deleted",
+        "deleted": [_route_json(r) for r in change.changed],
+        "skipped": [{"hostname": n} for n in change.missing],
+    }
+
+
+# -- users and roles (local to each node; the typed path is storage's own user RPCs) ---------
+
+
+def _user_json(user: spb.User, roles: dict[str, Json]) -> Json:
+    return {
+        "username": user.username,
+        "active": user.active,
+        "role": roles.get(user.role, {"role": user.role}),
+    }
+
+
+def _role_json(role: spb.Role) -> Json:
+    return {"role": role.name, "id": role.name, "permission": orjson.loads(role.permission)}
+
+
+async def _roles(ex: Execute) -> dict[str, Json]:
+    reply = await ex.storage("ListRoles", spb.ListRolesRequest())
+    return {r.name: _role_json(r) for r in reply.roles}
+
+
+async def add_user(ex: Execute, body: Body) -> Json:
+    request = spb.AddUserRequest(
+        username=body.text("username"), password=body.text("password"), role=body.text("role")
+    )
+    if "active" in body.data:
+        request.active = body.flag("active", default=True)
+    await ex.storage("AddUser", request)
+    return {"message": f"{request.username} successfully added"}
+
+
+async def alter_user(ex: Execute, body: Body) -> Json:
+    request = spb.AlterUserRequest(username=body.text("username"))
+    if "password" in body.data:
+        request.password = body.text("password")
+    if "role" in body.data:
+        request.role = body.text("role")
+    if "active" in body.data:
+        request.active = body.flag("active", default=True)
+    await ex.storage("AlterUser", request)
+    return {"message": f"{request.username} successfully updated"}
+
+
+async def drop_user(ex: Execute, body: Body) -> Json:
+    username = body.text("username")
+    await ex.storage("DropUser", spb.DropUserRequest(username=username))
+    return {"message": f"{username} successfully deleted"}
+
+
+async def list_users(ex: Execute, body: Body) -> Json:
+    roles = await _roles(ex)
+    reply = await ex.storage("ListUsers", spb.ListUsersRequest())
+    return [_user_json(u, roles) for u in reply.users]
+
+
+async def user_info(ex: Execute, body: Body) -> Json:
+    reply = await ex.storage("Authenticate", spb.AuthenticateRequest())
+    return {
+        "username": reply.username,
+        "role": {
+            "role": reply.role,
+            "permission": orjson.loads(reply.permission) if reply.permission else {},
+        },
+        "super_user": reply.super_user,
+    }
+
+
+def _permission(body: Body) -> bytes:
+    permission = body._get(("permission",))
+    if not isinstance(permission, dict):
+        raise InvalidArgument(f"{body.operation}: 'permission' must be an object")
+    return orjson.dumps(permission)
+
+
+async def add_role(ex: Execute, body: Body) -> Json:
+    reply = await ex.storage(
+        "AddRole", spb.AddRoleRequest(name=body.text("role"), permission=_permission(body))
+    )
+    return _role_json(reply.role)
+
+
+async def alter_role(ex: Execute, body: Body) -> Json:
+    name = body.text("role", "id")
+    reply = await ex.storage(
+        "AlterRole", spb.AlterRoleRequest(name=name, permission=_permission(body))
+    )
+    return _role_json(reply.role)
+
+
+async def drop_role(ex: Execute, body: Body) -> Json:
+    name = body.text("id", "role")
+    await ex.storage("DropRole", spb.DropRoleRequest(name=name))
+    return {"message": f"{name} successfully deleted"}
+
+
+async def list_roles(ex: Execute, body: Body) -> Json:
+    return list((await _roles(ex)).values())
+
+
+# -- monitoring ----------------------------------------------------------------------------
+
+
+async def system_information(ex: Execute, body: Body) -> Json:
+    ex.caller.require_super_user("system_information")
+    attributes = body.array("attributes", required=False) or None
+    config = ex.node.config
+    return await asyncio.to_thread(
+        sysinfo.system_information, attributes, config=config, config_path=config.source
+    )
+
+
+OPERATIONS: dict[str, Handler] = {
+    # data
+    "insert": insert,
+    "update": update,
+    "upsert": upsert,
+    "delete": delete,
+    "search_by_id": search_by_id,
+    "search_by_hash": search_by_id,
+    "search_by_value": search_by_value,
+    "search_by_conditions": search_by_conditions,
+    # schema
+    "describe_all": describe_all,
+    "describe_database": describe_database,
+    "describe_schema": describe_database,
+    "describe_table": describe_table,
+    "create_database": create_database,
+    "create_schema": create_database,
+    "drop_database": drop_database,
+    "drop_schema": drop_database,
+    "create_table": create_table,
+    "drop_table": drop_table,
+    "create_attribute": create_attribute,
+    "drop_attribute": drop_attribute,
+    # logs
+    "read_transaction_log": read_transaction_log,
+    "read_audit_log": read_audit_log,
+    "delete_audit_logs_before": delete_audit_logs_before,
+    # users and roles
+    "add_user": add_user,
+    "alter_user": alter_user,
+    "drop_user": drop_user,
+    "list_users": list_users,
+    "user_info": user_info,
+    "add_role": add_role,
+    "alter_role": alter_role,
+    "drop_role": drop_role,
+    "list_roles": list_roles,
+    # monitoring
+    "system_information": system_information,
+    # cluster
+    "cluster_status": cluster_status,
+    "cluster_get_routes": cluster_get_routes,
+    "cluster_set_routes": cluster_set_routes,
+    "cluster_delete_routes": cluster_delete_routes,
+}

@@ -1,0 +1,117 @@
+"""The admin service's view of its node: gRPC clients of the node's storage and
+replicator, and the caller whose request is being served.
+
+Data and user operations go to storage *with the caller's own credentials*, so storage
+applies the caller's role exactly as for a direct client. Cluster operations go to the
+replicator with the node-internal identity, after the admin service checked that the
+caller is a super user.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from shoal.replicator.v1 import replicator_pb2_grpc
+from shoal.storage.v1 import storage_pb2 as spb
+from shoal.storage.v1 import storage_pb2_grpc
+
+from services.common.auth import Identity, bearer_metadata, identity
+from services.common.config import ShoalConfig
+from services.common.errors import PermissionDenied, Unauthenticated, from_rpc_error
+from services.common.grpcserver import channel_options
+
+T = TypeVar("T")
+CALL_TIMEOUT_S = 60.0
+Metadata = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling the admin service, and the credentials to act as them."""
+
+    identity: Identity
+    metadata: Metadata
+
+    def require_super_user(self, operation: str) -> None:
+        if not self.identity.super_user:
+            raise PermissionDenied(
+                f"{operation} needs a super user; {self.identity.name} is not one"
+            )
+
+
+def forwarded(metadata: Sequence[tuple[str, str | bytes]]) -> Metadata:
+    """The caller's authorization metadata, to forward to storage."""
+    return tuple(
+        (k, v.decode() if isinstance(v, bytes) else v)
+        for k, v in metadata
+        if k.lower() == "authorization"
+    )
+
+
+class AdminNode:
+    """Clients of this node's services."""
+
+    def __init__(self, config: ShoalConfig, secret: str) -> None:
+        self.config = config
+        self.internal: Metadata = bearer_metadata(secret)
+        options = channel_options(config.storage.max_message_bytes)
+        self._storage_channel = grpc.aio.insecure_channel(
+            config.local_address(config.storage.port), options=options
+        )
+        self._replicator_channel = grpc.aio.insecure_channel(
+            config.local_address(config.replication.port), options=options
+        )
+        self.storage = storage_pb2_grpc.StorageServiceStub(self._storage_channel)
+        self.replicator = replicator_pb2_grpc.ReplicatorServiceStub(self._replicator_channel)
+
+    async def close(self) -> None:
+        await self._storage_channel.close()
+        await self._replicator_channel.close()
+
+    async def call(
+        self,
+        method: Callable[..., Awaitable[T]],
+        request: Any,
+        metadata: Metadata,
+        service: str = "storage",
+    ) -> T:
+        """A unary call whose errors come back as the same ShoalError (code and message)."""
+        try:
+            return await method(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, service) from exc
+
+    async def stream(
+        self, method: Callable[..., Any], request: Any, metadata: Metadata
+    ) -> list[Any]:
+        """All messages of a server-streaming call, with errors mapped as in ``call``."""
+        try:
+            return [m async for m in method(request, metadata=metadata, timeout=CALL_TIMEOUT_S)]
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, "storage") from exc
+
+
+class StorageAuthenticator:
+    """Authenticates admin callers through the node's storage (where users live)."""
+
+    def __init__(self, node: AdminNode) -> None:
+        self._node = node
+
+    async def authenticate(self, metadata: tuple[tuple[str, str | bytes], ...]) -> Identity:
+        credentials = forwarded(metadata)
+        if not credentials:
+            raise Unauthenticated(
+                "authentication required: send 'authorization: Basic <base64 user:password>'"
+            )
+        reply = await self._node.call(
+            self._node.storage.Authenticate, spb.AuthenticateRequest(), credentials
+        )
+        return Identity(name=reply.username, super_user=reply.super_user, internal=reply.internal)
+
+
+def current_caller(metadata: Sequence[tuple[str, str | bytes]]) -> Caller:
+    """The caller of the RPC being served (authenticated by the interceptor)."""
+    return Caller(identity(), forwarded(metadata))

@@ -1,0 +1,128 @@
+"""Routes in their three forms: the config dataclass (`config.Route`), the protobuf
+message (`shoal.replicator.v1.Route`) and the YAML entry written to shoal.yaml.
+
+The admin service edits `replication.routes` in the node's config file and tells the
+replicator; both go through these functions so the forms cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from datetime import UTC
+from pathlib import Path
+from typing import Any
+
+import yaml
+from shoal.replicator.v1 import replicator_pb2 as rpb
+
+from services.common.config import Route, parse_config
+
+
+def to_proto(route: Route) -> rpb.Route:
+    message = rpb.Route(
+        hostname=route.hostname,
+        port=route.port or 0,
+        sends=route.replicates.sends,
+        receives=route.replicates.receives,
+        subscriptions=[
+            rpb.Subscription(
+                database=s.database, table=s.table, publish=s.publish, subscribe=s.subscribe
+            )
+            for s in route.subscriptions
+        ],
+        revoked_certificates=route.revoked_certificates,
+    )
+    if route.secure is not None:
+        message.secure = route.secure
+    if route.start_time is not None:
+        message.start_time.FromDatetime(route.start_time.astimezone(UTC).replace(tzinfo=None))
+    return message
+
+
+def to_yaml(route: Route) -> str | dict[str, Any]:
+    """The shortest YAML entry for a route: a bare host name when nothing else is set."""
+    entry: dict[str, Any] = {"hostname": route.hostname}
+    if route.port:
+        entry["port"] = route.port
+    if route.secure is not None:
+        entry["url"] = f"{'shoals' if route.secure else 'ws'}://{route.hostname}" + (
+            f":{route.port}" if route.port else ""
+        )
+        entry.pop("hostname")
+        entry.pop("port", None)
+    if not (route.replicates.sends and route.replicates.receives):
+        entry["replicates"] = {
+            "sends": route.replicates.sends,
+            "receives": route.replicates.receives,
+        }
+    if route.start_time is not None:
+        entry["startTime"] = route.start_time.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    if route.revoked_certificates:
+        entry["revokedCertificates"] = list(route.revoked_certificates)
+    if route.subscriptions:
+        entry["subscriptions"] = [
+            {
+                "database": s.database,
+                "table": s.table,
+                "publish": s.publish,
+                "subscribe": s.subscribe,
+            }
+            for s in route.subscriptions
+        ]
+    return route.hostname if list(entry) == ["hostname"] else entry
+
+
+def from_proto(messages: Iterable[rpb.Route], node_name: str) -> list[Route]:
+    """Validate protobuf routes exactly like routes in shoal.yaml (ConfigError naming the
+    bad entry)."""
+    entries = [_proto_entry(m) for m in messages]
+    config = parse_config({"replication": {"hostname": node_name, "routes": entries}}, env={})
+    return list(config.replication.routes)
+
+
+def _proto_entry(message: rpb.Route) -> dict[str, Any]:
+    entry: dict[str, Any] = {"hostname": message.hostname}
+    if message.port:
+        entry["port"] = message.port
+    entry["replicates"] = {
+        "sends": message.sends if message.HasField("sends") else True,
+        "receives": message.receives if message.HasField("receives") else True,
+    }
+    if message.HasField("start_time"):
+        entry["startTime"] = message.start_time.ToDatetime(tzinfo=UTC).isoformat()
+    if message.revoked_certificates:
+        entry["revokedCertificates"] = list(message.revoked_certificates)
+    if message.subscriptions:
+        entry["subscriptions"] = [
+            {
+                "database": s.database,
+                "table": s.table,
+                "publish": s.publish,
+                "subscribe": s.subscribe,
+            }
+            for s in message.subscriptions
+        ]
+    if message.HasField("secure"):
+        scheme = "shoals" if message.secure else "ws"
+        port = f":{message.port}" if message.port else ""
+        entry = {k: v for k, v in entry.items() if k not in ("hostname", "port")}
+        entry["url"] = f"{scheme}://{message.hostname}{port}"
+    return entry
+
+
+def write_routes(config_path: Path, routes: Sequence[Route]) -> None:
+    """Replace `replication.routes` in a shoal.yaml, atomically, keeping every other key.
+
+    The file is re-validated as a whole before it replaces the old one, so a bad route
+    never reaches disk. (Comments in the file are not preserved.)
+    """
+    data = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    replication = data.setdefault("replication", {})
+    replication["routes"] = [to_yaml(r) for r in routes]
+    parse_config(data, env={}, base_dir=config_path.parent)  # raises ConfigError
+    tmp = config_path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    with tmp.open("rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, config_path)

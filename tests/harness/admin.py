@@ -1,0 +1,42 @@
+"""A small synchronous admin client for tests: Execute with JSON, and the typed stub."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import orjson
+from shoal.admin.v1 import admin_pb2 as apb
+from shoal.admin.v1 import admin_pb2_grpc
+
+from services.common.auth import basic_metadata
+
+
+class AdminClient:
+    """Calls to one node's admin service with fixed credentials."""
+
+    def __init__(self, address: str, username: str, password: str) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.stub = admin_pb2_grpc.AdminServiceStub(self.channel)
+        self.metadata = basic_metadata(username, password)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def execute(self, operation: dict[str, Any], timeout: float = 30.0) -> tuple[Any, int]:
+        """(Harper JSON result, gRPC code: 0 on success)."""
+        reply = self.stub.Execute(
+            apb.ExecuteRequest(operation=orjson.dumps(operation)),
+            metadata=self.metadata,
+            timeout=timeout,
+        )
+        return orjson.loads(reply.result), reply.code
+
+    def ok(self, operation: dict[str, Any]) -> Any:
+        """Execute an operation that must succeed; returns its result."""
+        result, code = self.execute(operation)
+        assert code == 0, f"{operation['operation']} failed ({code}): {result}"
+        return result
+
+    def call(self, method: str, request: Any, timeout: float = 30.0) -> Any:
+        return getattr(self.stub, method)(request, metadata=self.metadata, timeout=timeout)

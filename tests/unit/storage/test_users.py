@@ -1,0 +1,102 @@
+"""The user store's sign-in: lockout, shared verifications and cache invalidation, on a
+real RocksDB in a temporary folder."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.common.auth import basic_metadata
+from services.common.errors import FailedPrecondition, Unauthenticated
+from services.storage.db import Store
+from services.storage.permissions import UserIdentity
+from services.storage.users import UserStore
+
+FAILED = "invalid username or password"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    store = Store(tmp_path / "db", sync_writes=False)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def users(store: Store, tmp_path: Path, attempts: int = 5, duration: float = 300.0) -> UserStore:
+    result = UserStore(store, "node-a", "secret", attempts, duration)
+    result.bootstrap("admin", "admin-password", tmp_path)
+    return result
+
+
+async def sign_in(users: UserStore, name: str, password: str) -> UserIdentity | str:
+    try:
+        who = await users.authenticate(basic_metadata(name, password))
+    except Unauthenticated as exc:
+        return exc.message
+    assert isinstance(who, UserIdentity)
+    return who
+
+
+async def test_concurrent_sign_ins_with_the_same_credentials_share_one_check(
+    store: Store, tmp_path: Path
+) -> None:
+    # With a lockout after one failure, concurrent first sign-ins must not count as guesses.
+    user_store = users(store, tmp_path, attempts=1)
+    results = await asyncio.gather(
+        *(sign_in(user_store, "admin", "admin-password") for _ in range(8))
+    )
+    assert all(isinstance(r, UserIdentity) and r.super_user for r in results)
+    assert len({id(r) for r in results}) == 1
+
+
+async def test_concurrent_guesses_cannot_pass_the_lockout(store: Store, tmp_path: Path) -> None:
+    user_store = users(store, tmp_path, attempts=3)
+    guesses = [f"guess-{i}" for i in range(10)] + ["admin-password"]
+    results = await asyncio.gather(*(sign_in(user_store, "admin", g) for g in guesses))
+    # Only the first three guesses were checked: the right password, sent along with them,
+    # was refused like the rest, and the name is now locked.
+    assert results == [FAILED] * len(guesses)
+    assert await sign_in(user_store, "admin", "admin-password") == FAILED
+
+
+async def test_lock_expires_and_unknown_names_lock_alike(store: Store, tmp_path: Path) -> None:
+    user_store = users(store, tmp_path, attempts=2, duration=0.3)
+    for name in ("admin", "mallory"):
+        assert [await sign_in(user_store, name, "wrong") for _ in range(3)] == [FAILED] * 3
+    assert await sign_in(user_store, "admin", "admin-password") == FAILED
+    deadline = asyncio.get_running_loop().time() + 10
+    while isinstance(await sign_in(user_store, "admin", "admin-password"), str):
+        assert asyncio.get_running_loop().time() < deadline, "the lock never expired"
+        await asyncio.sleep(0.05)
+
+
+async def test_changes_forget_cached_sign_ins(store: Store, tmp_path: Path) -> None:
+    user_store = users(store, tmp_path)
+    user_store.add_role("reader", b'{"dev": {"tables": {"dog": {"read": true}}}}')
+    await user_store.add_user("bob", "pw", "reader", True)
+    first = await sign_in(user_store, "bob", "pw")
+    assert isinstance(first, UserIdentity)
+    assert first.permission.allows("read", "dev", "dog")
+    assert await sign_in(user_store, "bob", "pw") is first  # cached
+    user_store.alter_role("reader", b'{"dev": {"tables": {"cat": {"read": true}}}}')
+    second = await sign_in(user_store, "bob", "pw")
+    assert isinstance(second, UserIdentity)
+    assert not second.permission.allows("read", "dev", "dog")
+    assert second.permission.allows("read", "dev", "cat")
+    await user_store.alter_user("bob", "new", None, None)
+    assert await sign_in(user_store, "bob", "pw") == FAILED
+    assert isinstance(await sign_in(user_store, "bob", "new"), UserIdentity)
+    user_store.drop_user("bob")
+    assert await sign_in(user_store, "bob", "new") == FAILED
+    with pytest.raises(FailedPrecondition, match="without an active super user"):
+        user_store.drop_user("admin")
+    # Roles are read back from disk by a new store.
+    assert [name for name, _ in UserStore(store, "node-a", "secret").roles()] == [
+        "reader",
+        "super_user",
+    ]
