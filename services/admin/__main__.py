@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import sys
 
 from shoal.admin.v1 import admin_pb2, admin_pb2_grpc
@@ -11,14 +9,14 @@ from shoal.admin.v1 import admin_pb2, admin_pb2_grpc
 from services.admin.node import AdminNode, StorageAuthenticator
 from services.admin.server import AdminServicer
 from services.common.auth import read_node_secret
-from services.common.config import ConfigError, ShoalConfig, load_config
+from services.common.config import ShoalConfig
+from services.common.entry import service_main
 from services.common.grpcserver import (
     ServerSpec,
     attach_metrics,
     serve_until_signalled,
     start_server,
 )
-from services.common.logs import setup_logging
 
 SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
@@ -43,17 +41,7 @@ async def run(config: ShoalConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.admin", description=__doc__)
-    parser.add_argument("--config", required=True, help="path to shoal.yaml")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"admin: {exc}", file=sys.stderr)
-        return 2
-    setup_logging("admin", config.logging.level, config.logging.format)
-    asyncio.run(run(config))
-    return 0
+    return service_main("admin", __doc__, run, argv)
 
 
 if __name__ == "__main__":

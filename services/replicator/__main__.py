@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import logging
 import sys
 
@@ -13,7 +11,8 @@ from grpc_reflection.v1alpha import reflection
 from shoal.replicator.v1 import replicator_pb2, replicator_pb2_grpc
 
 from services.common.auth import read_node_secret
-from services.common.config import ConfigError, ShoalConfig, load_config
+from services.common.config import ShoalConfig
+from services.common.entry import service_main
 from services.common.errors import Unavailable
 from services.common.grpcserver import (
     RunningServer,
@@ -23,7 +22,6 @@ from services.common.grpcserver import (
     serve_until_signalled,
     server_options,
 )
-from services.common.logs import setup_logging
 from services.common.tls import load_tls, mutual_server_credentials
 from services.replicator.local import LocalStorage
 from services.replicator.metrics import replicator_metrics
@@ -89,17 +87,7 @@ async def run(config: ShoalConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.replicator", description=__doc__)
-    parser.add_argument("--config", required=True, help="path to shoal.yaml")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"replicator: {exc}", file=sys.stderr)
-        return 2
-    setup_logging("replicator", config.logging.level, config.logging.format)
-    asyncio.run(run(config))
-    return 0
+    return service_main("replicator", __doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import logging
 import sys
 
 from shoal.storage.v1 import storage_pb2, storage_pb2_grpc
 
-from services.common.config import ConfigError, ShoalConfig, load_config
+from services.common.config import ShoalConfig
+from services.common.entry import service_main
 from services.common.errors import ShoalError
 from services.common.grpcserver import (
     ServerSpec,
@@ -19,7 +18,6 @@ from services.common.grpcserver import (
     start_server,
 )
 from services.common.hlc import version_from_ms
-from services.common.logs import setup_logging
 from services.storage import log as txlog
 from services.storage.engine import Engine
 from services.storage.metrics import disk_metrics, engine_metrics
@@ -96,23 +94,7 @@ async def run(config: ShoalConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.storage", description=__doc__)
-    parser.add_argument("--config", required=True, help="path to shoal.yaml")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"storage: {exc}", file=sys.stderr)
-        return 2
-    setup_logging("storage", config.logging.level, config.logging.format)
-    try:
-        asyncio.run(run(config))
-    except ShoalError as exc:
-        print(f"storage: {exc.message}", file=sys.stderr)
-        return 1
-    with contextlib.suppress(Exception):
-        logging.shutdown()
-    return 0
+    return service_main("storage", __doc__, run, argv)
 
 
 if __name__ == "__main__":
