@@ -38,16 +38,10 @@ def make_node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeNo
     try:
         yield make
     finally:
-        failed = any(
-            getattr(getattr(request.node, f"report_{when}", None), "failed", False)
-            for when in ("setup", "call")
-        )
         for node in nodes:
             node.close()
-            if failed:
-                for service in node.processes:
-                    print(f"--- {node.name} {service} log ---")
-                    print(node.log_tail(service, 80))
+        if _failed(request):
+            _print_logs(nodes)
 
 
 def _failed(request: pytest.FixtureRequest) -> bool:
@@ -55,6 +49,14 @@ def _failed(request: pytest.FixtureRequest) -> bool:
         getattr(getattr(request.node, f"report_{when}", None), "failed", False)
         for when in ("setup", "call")
     )
+
+
+def _print_logs(nodes: list[Node], lines: int = 80) -> None:
+    """Show each stopped node's service logs in the failing test's report."""
+    for node in nodes:
+        for service in node.processes:
+            print(f"--- {node.name} {service} log ---")
+            print(node.log_tail(service, lines))
 
 
 @pytest.fixture
@@ -72,14 +74,10 @@ def make_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mak
     try:
         yield make
     finally:
-        failed = _failed(request)
         for cluster in clusters:
             cluster.close()
-            if failed:
-                for node in cluster.nodes:
-                    for service in node.processes:
-                        print(f"--- {node.name} {service} log ---")
-                        print(node.log_tail(service, 60))
+        if _failed(request):
+            _print_logs([node for cluster in clusters for node in cluster.nodes], 60)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from shoal.replicator.v1 import replicator_pb2 as rpb
 
-from services.common.config import Route, parse_config
+from services.common.config import Route, Subscription, parse_config
 
 
 def to_proto(route: Route) -> rpb.Route:
@@ -61,16 +61,18 @@ def to_yaml(route: Route) -> str | dict[str, Any]:
     if route.revoked_certificates:
         entry["revokedCertificates"] = list(route.revoked_certificates)
     if route.subscriptions:
-        entry["subscriptions"] = [
-            {
-                "database": s.database,
-                "table": s.table,
-                "publish": s.publish,
-                "subscribe": s.subscribe,
-            }
-            for s in route.subscriptions
-        ]
+        entry["subscriptions"] = _subscriptions(route.subscriptions)
     return route.hostname if list(entry) == ["hostname"] else entry
+
+
+def _subscriptions(
+    subscriptions: Iterable[Subscription | rpb.Subscription],
+) -> list[dict[str, Any]]:
+    """YAML entries of subscriptions (config dataclasses and messages have the same fields)."""
+    return [
+        {"database": s.database, "table": s.table, "publish": s.publish, "subscribe": s.subscribe}
+        for s in subscriptions
+    ]
 
 
 def from_proto(messages: Iterable[rpb.Route], node_name: str) -> list[Route]:
@@ -94,15 +96,7 @@ def _proto_entry(message: rpb.Route) -> dict[str, Any]:
     if message.revoked_certificates:
         entry["revokedCertificates"] = list(message.revoked_certificates)
     if message.subscriptions:
-        entry["subscriptions"] = [
-            {
-                "database": s.database,
-                "table": s.table,
-                "publish": s.publish,
-                "subscribe": s.subscribe,
-            }
-            for s in message.subscriptions
-        ]
+        entry["subscriptions"] = _subscriptions(message.subscriptions)
     if message.HasField("secure"):
         scheme = "shoals" if message.secure else "ws"
         port = f":{message.port}" if message.port else ""
