@@ -7,7 +7,11 @@
     shoal data insert|get|search
                                 talk to a node's storage service
     shoal op '<json>'           any Harper-style operation, through the admin service
-    shoal cluster status|routes cluster operations
+    shoal backup create|restore a database's backup (tar.gz), point-in-time recovery
+    shoal cluster status|nodes|add-node|remove-node|routes
+                                cluster operations
+    shoal user list|add|drop, shoal role list
+                                users and roles of a node
 
 Credentials come from --username/--password or SHOAL_USERNAME / SHOAL_PASSWORD. Data goes
 to stdout (JSON, one record per line); messages go to stderr. Exit codes follow the gRPC
@@ -18,25 +22,43 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import grpc
 import orjson
 import typer
+import yaml
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 from rich.table import Table
 from shoal.admin.v1 import admin_pb2 as apb
 from shoal.admin.v1 import admin_pb2_grpc
 from shoal.storage.v1 import storage_pb2 as pb
-from shoal.storage.v1 import storage_pb2_grpc
+from shoal.storage.v1 import storage_pb2_grpc, types_pb2
 
+from services import clone
 from services.common.auth import basic_metadata
-from services.common.config import DEFAULT_ADMIN_PORT, DEFAULT_STORAGE_PORT, ConfigError
+from services.common.config import (
+    DEFAULT_ADMIN_PORT,
+    DEFAULT_STORAGE_PORT,
+    ConfigError,
+    load_config,
+)
 from services.common.grpcserver import channel_options
-from services.local import SERVICES, local_cluster_configs, local_password, run_services
+from services.local import (
+    SERVICES,
+    healthy,
+    local_cluster_configs,
+    local_password,
+    pid_path,
+    run_services,
+)
 
+CSV_CHUNK_BYTES = 256 * 1024
 app = typer.Typer(help="Shoal: a replicated document database.", no_args_is_help=True)
 local_app = typer.Typer(help="A local cluster on loopback addresses.", no_args_is_help=True)
 node_app = typer.Typer(help="Run a node.", no_args_is_help=True)
@@ -52,15 +74,48 @@ routes_app = typer.Typer(
 )
 app.add_typer(cluster_app, name="cluster")
 cluster_app.add_typer(routes_app, name="routes")
+user_app = typer.Typer(help="Users of a node (never replicated).", no_args_is_help=True)
+role_app = typer.Typer(help="Roles of a node (never replicated).", no_args_is_help=True)
+app.add_typer(user_app, name="user")
+app.add_typer(role_app, name="role")
 
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="path to shoal.yaml", exists=True)
 ]
 NodeOption = Annotated[
-    str, typer.Option("--node", help="HOST[:PORT] of the node's storage service")
+    str,
+    typer.Option("--node", envvar="SHOAL_NODE", help="HOST[:PORT] of the node's storage service"),
 ]
 UserOption = Annotated[str, typer.Option("--username", "-u", envvar="SHOAL_USERNAME")]
 PasswordOption = Annotated[str, typer.Option("--password", "-p", envvar="SHOAL_PASSWORD")]
+
+
+CLI_CONFIG_KEYS = {"node": "SHOAL_NODE", "username": "SHOAL_USERNAME", "password": "SHOAL_PASSWORD"}
+
+
+def cli_config_path() -> Path:
+    """$SHOAL_CLI_CONFIG, else ~/.config/shoal/cli.yaml."""
+    default = Path.home() / ".config" / "shoal" / "cli.yaml"
+    return Path(os.environ.get("SHOAL_CLI_CONFIG", default))
+
+
+@app.callback()
+def defaults() -> None:
+    """Shoal's command line. Node and credentials come from flags, else the environment
+    (SHOAL_NODE, SHOAL_USERNAME, SHOAL_PASSWORD), else ~/.config/shoal/cli.yaml
+    (`node:`, `username:`, `password:`; keep it private, mode 0600)."""
+    path = cli_config_path()
+    if not path.is_file():
+        return
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        _fail(f"{path}: not valid YAML: {exc}", 2)
+    if not isinstance(values, dict) or not set(values) <= set(CLI_CONFIG_KEYS):
+        _fail(f"{path}: expected a mapping with {', '.join(CLI_CONFIG_KEYS)}", 2)
+    for key, env in CLI_CONFIG_KEYS.items():
+        if key in values and env not in os.environ:
+            os.environ[env] = str(values[key])
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -105,13 +160,148 @@ Ctrl-C stops the cluster.""",
 
 @node_app.command("start")
 def node_start(config: ConfigOption) -> None:
-    """Run one node's services (storage, replicator) until Ctrl-C or SIGTERM."""
+    """Run one node's services (storage, replicator, admin) until Ctrl-C, SIGTERM or
+    `shoal node stop`."""
     try:
         supervisor = run_services([config], SERVICES, {}, logs=False)
     except ConfigError as exc:
         _fail(str(exc), 2)
         return
+    pid_file = pid_path(load_config(config))
+    pid_file.write_text(f"{os.getpid()}\n", encoding="utf-8")
+    try:
+        supervisor.run_until_signalled()
+    finally:
+        pid_file.unlink(missing_ok=True)
+
+
+@node_app.command("stop")
+def node_stop(
+    config: ConfigOption,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the services")] = 60.0,
+) -> None:
+    """Stop a node started with `shoal node start` (SIGTERM: in-flight work finishes)."""
+    try:
+        pid_file = pid_path(load_config(config))
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+        return
+    if not pid_file.exists():
+        _fail(f"no node runs from {config} (no {pid_file})", 5)
+    pid = int(pid_file.read_text(encoding="utf-8").strip())
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pid_file.unlink(missing_ok=True)
+        _fail(f"process {pid} is gone; removed the stale {pid_file}", 5)
+    deadline = time.monotonic() + timeout
+    while pid_file.exists():
+        if time.monotonic() > deadline:
+            _fail(f"the node (process {pid}) did not stop within {timeout:.0f}s", 4)
+        time.sleep(0.1)
+    typer.echo("stopped", err=True)
+
+
+@node_app.command("status")
+def node_status(
+    node: Annotated[
+        str, typer.Option("--node", envvar="SHOAL_NODE", help="HOST of the node")
+    ] = "127.0.0.1",
+    output: Annotated[str, typer.Option("--output", "-o", help="table or json")] = "table",
+) -> None:
+    """Whether each service of a node serves (gRPC health); exit 14 when one does not."""
+    ports = {"storage": DEFAULT_STORAGE_PORT, "replicator": 9932, "admin": DEFAULT_ADMIN_PORT}
+    rows = [
+        {"service": name, "address": f"{node}:{port}", "serving": healthy(f"{node}:{port}")}
+        for name, port in ports.items()
+    ]
+    _print(rows, output, ["service", "address", "serving"])
+    if not all(r["serving"] for r in rows):
+        raise typer.Exit(int(grpc.StatusCode.UNAVAILABLE.value[0]))
+
+
+@node_app.command("clone")
+def node_clone(
+    source: Annotated[str, typer.Option("--from", help="HOST of a running node to clone")],
+    hostname: Annotated[str, typer.Option(help="the new node's name and address")],
+    data: Annotated[Path, typer.Option(help="empty folder for the new node")],
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the copy")] = 600.0,
+    username: UserOption = "admin",
+    password: PasswordOption = "",
+) -> None:
+    """Make a new node from a running one: its configuration, schema and data; then run it
+    as a member of the cluster until Ctrl-C."""
+    source_config = _execute(source, {"operation": "get_configuration"}, username, password)
+    source_name = str((source_config.get("replication") or {}).get("hostname") or source)
+    wanted = set(_execute(source, {"operation": "describe_all"}, username, password))
+    try:
+        path = clone.write_config(
+            data, clone.clone_config(source_config, source_name, hostname), source_name
+        )
+    except FileExistsError as exc:
+        _fail(str(exc), 6)
+        return
+    typer.echo(f"wrote {path}; starting {hostname} ...", err=True)
+    env = {"SHOAL_ADMIN_USERNAME": username, "SHOAL_ADMIN_PASSWORD": password}
+    try:
+        supervisor = run_services([path], SERVICES, env, logs=True)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+        return
+    try:
+        body = {"operation": "add_node", "hostname": hostname}
+        result, code = _try_execute(source, body, username, password)
+        if code not in (0, int(grpc.StatusCode.ALREADY_EXISTS.value[0])):
+            _fail(f"add_node on {source_name} failed: {result}", code)
+        ready = _follow_clone(hostname, source_name, wanted, timeout, username, password)
+    except BaseException:
+        supervisor.stop_all()
+        raise
+    if ready:
+        typer.echo(
+            f"{hostname} is a member, caught up with {source_name}; Ctrl-C stops it", err=True
+        )
+    else:
+        typer.echo(f"{hostname} is still copying after {timeout:.0f}s; it carries on", err=True)
     supervisor.run_until_signalled()
+
+
+def _follow_clone(
+    hostname: str, source: str, wanted: set[str], timeout: float, username: str, password: str
+) -> bool:
+    def read_status() -> dict[str, Any]:
+        result, code = _try_execute(hostname, {"operation": "cluster_status"}, username, password)
+        if code:
+            raise RuntimeError(result)
+        return dict(result)
+
+    with Progress(
+        TextColumn("copying from " + source),
+        BarColumn(),
+        TextColumn("{task.fields[rows]} rows"),
+        TextColumn("{task.fields[databases]}"),
+        console=Console(stderr=True),
+        transient=False,
+    ) as bar:
+        task = bar.add_task("copy", total=None, rows="0", databases="")
+
+        def report(state: clone.CopyProgress) -> None:
+            done = sorted((state.databases or set()) & wanted)
+            total = max(state.estimated_rows, state.rows)
+            bar.update(
+                task,
+                completed=state.rows,
+                total=total or None,
+                rows=f"{state.rows:,} / {total:,}" if total else f"{state.rows:,}",
+                databases=f"{len(done)}/{len(wanted)} databases",
+            )
+
+        ready = clone.follow(read_status, source, wanted, report, timeout)
+        if ready:
+            bar.update(
+                task, total=max(bar.tasks[0].completed, 1), completed=max(bar.tasks[0].completed, 1)
+            )
+    return ready
 
 
 def _exec_service(service: str, config: Path) -> None:
@@ -139,13 +329,18 @@ def admin(config: ConfigOption) -> None:
 # -- operations through the admin service ---------------------------------------------------
 
 AdminNodeOption = Annotated[
-    str, typer.Option("--node", help="HOST[:PORT] of the node's admin service (port 9925)")
+    str,
+    typer.Option(
+        "--node", envvar="SHOAL_NODE", help="HOST[:PORT] of the node's admin service (port 9925)"
+    ),
 ]
 OutputOption = Annotated[str, typer.Option("--output", "-o", help="table or json")]
 
 
-def _execute(node: str, operation: dict[str, Any], username: str, password: str) -> Any:
-    """Run a Harper JSON operation; print the error and exit with its gRPC code on failure."""
+def _try_execute(
+    node: str, operation: dict[str, Any], username: str, password: str
+) -> tuple[Any, int]:
+    """Run a Harper JSON operation: (result or {"error": ...}, gRPC code)."""
     if not password:
         _fail("no password: use --password or SHOAL_PASSWORD", 2)
     address = node if ":" in node else f"{node}:{DEFAULT_ADMIN_PORT}"
@@ -160,12 +355,16 @@ def _execute(node: str, operation: dict[str, Any], username: str, password: str)
         except grpc.RpcError as exc:
             code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
             details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-            _fail(f"{code.name}: {details}", int(code.value[0]) or 1)
-            return None
-    result = orjson.loads(reply.result)
-    if reply.code:
-        sys.stdout.write(orjson.dumps(result).decode() + "\n")
-        raise typer.Exit(reply.code)
+            return {"error": f"{code.name}: {details}"}, int(code.value[0]) or 1
+    return orjson.loads(reply.result), reply.code
+
+
+def _execute(node: str, operation: dict[str, Any], username: str, password: str) -> Any:
+    """Run a Harper JSON operation; print the error and exit with its gRPC code on failure."""
+    result, code = _try_execute(node, operation, username, password)
+    if code:
+        typer.echo(f"shoal: {result.get('error', result)}", err=True)
+        raise typer.Exit(code)
     return result
 
 
@@ -273,6 +472,283 @@ def routes_remove(
     _print(_execute(node, body, username, password), "json")
 
 
+@cluster_app.command("nodes")
+def cluster_nodes(
+    node: AdminNodeOption = "127.0.0.1",
+    output: OutputOption = "table",
+    username: UserOption = "admin",
+    password: PasswordOption = "",
+) -> None:
+    """The members of the cluster (system.hdb_nodes) as this node knows them."""
+    body = {
+        "operation": "search_by_value",
+        "database": "system",
+        "table": "hdb_nodes",
+        "attribute": "name",
+        "value": "*",
+    }
+    rows = _execute(node, body, username, password)
+    for row in rows:
+        flows = row.get("replicates", True)
+        row["replicates"] = (
+            flows
+            if isinstance(flows, bool)
+            else "/".join(k for k in ("sends", "receives") if flows.get(k))
+        )
+        row["subscriptions"] = len(row.get("subscriptions") or [])
+    _print(rows, output, ["name", "url", "replicates", "subscriptions", "shard"])
+
+
+@cluster_app.command("add-node")
+def cluster_add_node(
+    hostname: Annotated[str, typer.Argument(help="the new node's name (the host peers dial)")],
+    url: Annotated[
+        str | None, typer.Option(help="how to reach it, e.g. shoals://HOST:9933")
+    ] = None,
+    sends: Annotated[bool, typer.Option(help="send data to it")] = True,
+    receives: Annotated[bool, typer.Option(help="receive its data")] = True,
+    shard: Annotated[int | None, typer.Option(help="its shard")] = None,
+    start_time: Annotated[
+        str | None, typer.Option(help="ISO time: start there instead of copying")
+    ] = None,
+    node: AdminNodeOption = "127.0.0.1",
+    username: UserOption = "admin",
+    password: PasswordOption = "",
+) -> None:
+    """Add a node to the cluster; every member learns of it and connects."""
+    body: dict[str, Any] = {"operation": "add_node", "hostname": hostname}
+    if url:
+        body["url"] = url
+    if not (sends and receives):
+        body["replicates"] = {"sends": sends, "receives": receives}
+    if shard is not None:
+        body["shard"] = shard
+    if start_time:
+        body["start_time"] = start_time
+    _print(_execute(node, body, username, password), "json")
+
+
+@cluster_app.command("remove-node")
+def cluster_remove_node(
+    hostname: Annotated[str, typer.Argument(help="the member to remove")],
+    node: AdminNodeOption = "127.0.0.1",
+    username: UserOption = "admin",
+    password: PasswordOption = "",
+) -> None:
+    """Remove a node from the cluster; every member drops its connections with it."""
+    body = {"operation": "remove_node", "hostname": hostname}
+    _print(_execute(node, body, username, password), "json")
+
+
+# -- users and roles --------------------------------------------------------------------
+
+
+@user_app.command("list")
+def user_list(
+    node: AdminNodeOption = "127.0.0.1",
+    output: OutputOption = "table",
+    username: UserOption = "admin",
+    password: PasswordOption = "",
+) -> None:
+    """The node's users (users are local to each node)."""
+    users = _execute(node, {"operation": "list_users"}, username, password)
+    for user in users:
+        user["role"] = user["role"].get("role", "") if isinstance(user["role"], dict) else ""
+    _print(users, output, ["username", "role", "active"])
+
+
+@user_app.command("add")
+def user_add(
+    name: Annotated[str, typer.Argument(help="user name")],
+    role: Annotated[str, typer.Option(help="role name (super_user, or one of `role list`)")],
+    new_password: Annotated[
+        str,
+        typer.Option(
+            "--new-password",
+            envvar="SHOAL_NEW_PASSWORD",
+            prompt=True,
+            hide_input=True,
+            confirmation_prompt=True,
+            help="the new user's password (prompted when not given)",
+        ),
+    ],
+    node: AdminNodeOption = "127.0.0.1",
+    username: UserOption = "admin",
+    password: PasswordOption = "",
+) -> None:
+    """Add a user to the node."""
+    body = {"operation": "add_user", "username": name, "password": new_password, "role": role}
+    _print(_execute(node, body, username, password), "json")
+
+
+@user_app.command("drop")
+def user_drop(
+    name: Annotated[str, typer.Argument(help="user name")],
+    node: AdminNodeOption = "127.0.0.1",
+    username: UserOption = "admin",
+    password: PasswordOption = "",
+) -> None:
+    """Remove a user from the node."""
+    _print(_execute(node, {"operation": "drop_user", "username": name}, username, password), "json")
+
+
+@role_app.command("list")
+def role_list(
+    node: AdminNodeOption = "127.0.0.1",
+    output: OutputOption = "json",
+    username: UserOption = "admin",
+    password: PasswordOption = "",
+) -> None:
+    """The node's roles and their permissions."""
+    roles = _execute(node, {"operation": "list_roles"}, username, password)
+    for role in roles:
+        role["super_user"] = bool(role["permission"].get("super_user"))
+    _print(roles, output, ["role", "super_user"])
+
+
+# -- backups -------------------------------------------------------------------------------
+
+backup_app = typer.Typer(
+    help="Backups of a database (through a node's admin service).", no_args_is_help=True
+)
+app.add_typer(backup_app, name="backup")
+BACKUP_CHUNK = 1024 * 1024
+
+
+def _admin_call(node: str, password: str) -> tuple[grpc.Channel, admin_pb2_grpc.AdminServiceStub]:
+    if not password:
+        _fail("no password: use --password or SHOAL_PASSWORD", 2)
+    address = node if ":" in node else f"{node}:{DEFAULT_ADMIN_PORT}"
+    channel = grpc.insecure_channel(address, options=channel_options())
+    return channel, admin_pb2_grpc.AdminServiceStub(channel)
+
+
+def _rpc_failed(exc: grpc.RpcError) -> None:
+    code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+    _fail(f"{code.name}: {details}", int(code.value[0]) or 1)
+
+
+def _positions_json(positions: Any) -> list[dict[str, Any]]:
+    return [{"origin": p.origin, "version": p.version} for p in positions]
+
+
+def _bytes_progress(label: str) -> Progress:
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        TextColumn("{task.completed:,} bytes"),
+        console=Console(stderr=True),
+        transient=True,
+    )
+
+
+@backup_app.command("create")
+def backup_create(
+    database: Annotated[str, typer.Option("--database", "-d", help="database to back up")],
+    out: Annotated[Path, typer.Option("--out", help="the .tar.gz file to write (never replaced)")],
+    node: AdminNodeOption = "127.0.0.1",
+    username: UserOption = "admin",
+    password: PasswordOption = "",
+) -> None:
+    """Stream a consistent backup of DATABASE into a file; prints what it holds as JSON."""
+    if out.exists():
+        _fail(f"{out} exists; choose another file", 6)
+    partial = out.with_name(out.name + ".partial")
+    channel, stub = _admin_call(node, password)
+    info = None
+    try:
+        with channel, partial.open("wb") as file, _bytes_progress("backup") as bar:
+            task = bar.add_task("backup", total=None)
+            stream = stub.GetBackup(
+                apb.GetBackupRequest(database=database),
+                metadata=basic_metadata(username, password),
+            )
+            for message in stream:
+                file.write(message.chunk)
+                bar.advance(task, len(message.chunk))
+                if message.HasField("info"):
+                    info = message.info
+        if info is None:
+            _fail("the node ended the backup without saying what it holds", 1)
+            return
+        partial.rename(out)
+    except grpc.RpcError as exc:
+        _rpc_failed(exc)
+    finally:
+        partial.unlink(missing_ok=True)
+    assert info is not None
+    summary = {
+        "file": str(out),
+        "database": info.database,
+        "node_name": info.node_name,
+        "taken_at": info.taken_at_ms,
+        "rows": info.rows,
+        "transactions": info.transactions,
+        "size": info.size_bytes,
+        "sha256": info.sha256,
+        "positions": _positions_json(info.positions),
+        "horizons": _positions_json(info.horizons),
+    }
+    _print(summary, "json")
+
+
+@backup_app.command("restore")
+def backup_restore(
+    file: Annotated[Path, typer.Argument(help="a backup (.tar.gz)", exists=True, dir_okay=False)],
+    until: Annotated[
+        int | None, typer.Option("--until", help="restore the state as of this Unix ms time")
+    ] = None,
+    log: Annotated[
+        Path | None,
+        typer.Option(
+            "--log", help="a later backup whose log is replayed", exists=True, dir_okay=False
+        ),
+    ] = None,
+    database: Annotated[str, typer.Option(help="restore under this database name")] = "",
+    node: AdminNodeOption = "127.0.0.1",
+    username: UserOption = "admin",
+    password: PasswordOption = "",
+) -> None:
+    """Restore a backup into a node where its database does not exist or has no rows."""
+    header = apb.RestoreBackupHeader(database=database)
+    if until is not None:
+        header.until_ms = until
+    total = file.stat().st_size + (log.stat().st_size if log is not None else 0)
+    channel, stub = _admin_call(node, password)
+    with channel, _bytes_progress("restore") as bar:
+        task = bar.add_task("restore", total=total)
+
+        def requests() -> Any:
+            yield apb.RestoreBackupRequest(header=header)
+            for path, is_log in ((file, False), (log, True)):
+                if path is None:
+                    continue
+                with path.open("rb") as source:
+                    while chunk := source.read(BACKUP_CHUNK):
+                        if is_log:
+                            yield apb.RestoreBackupRequest(log_chunk=chunk)
+                        else:
+                            yield apb.RestoreBackupRequest(chunk=chunk)
+                        bar.advance(task, len(chunk))
+
+        try:
+            response = stub.RestoreBackup(requests(), metadata=basic_metadata(username, password))
+        except grpc.RpcError as exc:
+            _rpc_failed(exc)
+            return
+    mode = apb.RestoreMode.Name(response.mode).removeprefix("RESTORE_MODE_").lower()
+    result = {
+        "database": response.database,
+        "mode": mode,
+        "rows": response.rows,
+        "logged_transactions": response.logged_transactions,
+        "replayed_transactions": response.replayed_transactions,
+        "positions": _positions_json(response.positions),
+    }
+    _print(result, "json")
+
+
 # -- data ----------------------------------------------------------------------------------
 
 
@@ -283,12 +759,19 @@ def _stub(node: str) -> storage_pb2_grpc.StorageServiceStub:
     )
 
 
-def _call(function: Any, request: Any, username: str, password: str, stream: bool = False) -> Any:
+def _call(
+    function: Any,
+    request: Any,
+    username: str,
+    password: str,
+    stream: bool = False,
+    timeout: float = 30.0,
+) -> Any:
     """Call an RPC (reading a whole stream when ``stream``); exit with the gRPC code on error."""
     if not password:
         _fail("no password: use --password or SHOAL_PASSWORD", 2)
     try:
-        reply = function(request, metadata=basic_metadata(username, password), timeout=30)
+        reply = function(request, metadata=basic_metadata(username, password), timeout=timeout)
         return list(reply) if stream else reply
     except grpc.RpcError as exc:
         code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
@@ -404,6 +887,66 @@ def search(
         database=database, table=table, attribute=attribute, value=orjson.dumps(parsed), limit=limit
     )
     _print_records(_call(_stub(node).SearchByValue, request, username, password, stream=True))
+
+
+@data_app.command("load-csv")
+def load_csv(
+    database: str,
+    table: str,
+    file: Annotated[Path, typer.Argument(help="CSV file; the first row names the columns")],
+    action: Annotated[str, typer.Option(help="insert, update or upsert")] = "insert",
+    node: NodeOption = "127.0.0.1",
+    username: UserOption = "admin",
+    password: PasswordOption = "",
+) -> None:
+    """Load a CSV file into a table, streamed in chunks (progress on stderr)."""
+    operations = {
+        "insert": types_pb2.OPERATION_INSERT,
+        "update": types_pb2.OPERATION_UPDATE,
+        "upsert": types_pb2.OPERATION_UPSERT,
+    }
+    if action not in operations:
+        _fail(f"--action must be insert, update or upsert, not {action!r}", 2)
+    if not file.is_file():
+        _fail(f"{file} is not a file", 5)
+    size = file.stat().st_size
+    header = pb.LoadCsvHeader(database=database, table=table, operation=operations[action])
+
+    def requests(advance: Any) -> Any:
+        yield pb.LoadCsvRequest(header=header)
+        with file.open("rb") as stream:
+            while chunk := stream.read(CSV_CHUNK_BYTES):
+                advance(len(chunk))
+                yield pb.LoadCsvRequest(chunk=chunk)
+
+    with Progress(
+        TextColumn(f"loading {file.name}"),
+        BarColumn(),
+        DownloadColumn(),
+        console=Console(stderr=True),
+    ) as bar:
+        task = bar.add_task("load", total=size)
+        reply = _call(
+            _stub(node).LoadCsv,
+            requests(lambda n: bar.advance(task, n)),
+            username,
+            password,
+            timeout=3600,
+        )
+    sys.stdout.write(
+        json.dumps(
+            {
+                "rows": reply.rows,
+                "written": reply.written,
+                "skipped": reply.skipped,
+                "failed": reply.failed,
+                "errors": [{"line": e.line, "message": e.message} for e in reply.errors],
+            }
+        )
+        + "\n"
+    )
+    if reply.failed:
+        raise typer.Exit(int(grpc.StatusCode.INVALID_ARGUMENT.value[0]))
 
 
 def main() -> None:

@@ -38,6 +38,11 @@ def service_address(config: ShoalConfig, service: str) -> str:
     return config.local_address(config.replication.port)
 
 
+def pid_path(config: ShoalConfig) -> Path:
+    """Where `shoal node start` records its process id (for `shoal node stop`)."""
+    return config.root_path / "shoal.pid"
+
+
 def healthy(address: str) -> bool:
     try:
         with grpc.insecure_channel(address) as channel:

@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
+import yaml
 from shoal.admin.v1 import admin_pb2 as apb
 from shoal.replicator.v1 import replicator_pb2 as rpb
 
 from services.admin.node import AdminNode
 from services.common.config import ConfigError, Route, load_config
-from services.common.errors import InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.routes import from_proto, to_proto, write_routes
 
 
@@ -42,8 +44,20 @@ class Cluster:
             self.node.replicator.Status, rpb.StatusRequest(), self.node.internal, "the replicator"
         )
         return apb.ClusterStatusResponse(
-            node_name=reply.node_name, is_enabled=True, connections=reply.connections
+            node_name=reply.node_name,
+            is_enabled=True,
+            connections=reply.connections,
+            removed=reply.removed,
         )
+
+    def configuration(self) -> dict[str, Any]:
+        """This node's shoal.yaml as JSON, without the bootstrap credentials (``admin``)."""
+        source = self.node.config.source
+        if source is None:
+            raise FailedPrecondition("this node was started without a configuration file")
+        data = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+        data.pop("admin", None)
+        return dict(data)
 
     def routes(self) -> list[Route]:
         source = self.node.config.source

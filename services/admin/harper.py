@@ -17,16 +17,29 @@ from typing import Any
 
 import orjson
 from google.protobuf import timestamp_pb2
+from shoal.admin.v1 import admin_pb2 as apb
 from shoal.replicator.v1 import replicator_pb2 as rpb
 from shoal.storage.v1 import storage_pb2 as spb
 from shoal.storage.v1 import types_pb2
 
+from services.admin import analytics as history
+from services.admin import csvload
+from services.admin.backup import Backups
+from services.admin.backup_archive import ArchiveReader
 from services.admin.cluster import Cluster
 from services.admin.node import AdminNode, Caller
+from services.admin.nodes import (
+    CERTIFICATE_EXCHANGE,
+    Nodes,
+    Row,
+    start_time_text,
+    validated_row,
+)
 from services.common import sysinfo
+from services.common.analytics import AGGREGATE_PERIOD_MS, MAX_TIME_MS
 from services.common.config import Route, parse_route_url
-from services.common.errors import InvalidArgument, ShoalError
-from services.common.hlc import LOGICAL_MASK, version_ms
+from services.common.errors import InvalidArgument, ShoalError, Unimplemented
+from services.common.hlc import version_as_ms
 from services.common.routes import to_yaml
 
 Json = Any
@@ -54,7 +67,7 @@ _COMPARATORS.update(
 
 def harper_time(version: int) -> float:
     """A version as Harper shows times: Unix milliseconds, the counter as a fraction."""
-    return version_ms(version) + (version & LOGICAL_MASK) / 65536 if version else 0.0
+    return version_as_ms(version) if version else 0.0
 
 
 class Body:
@@ -129,6 +142,7 @@ class Execute:
     node: AdminNode
     caller: Caller
     cluster: Cluster
+    nodes: Nodes
 
     async def storage(self, method: str, request: Any) -> Any:
         """A unary storage call with the caller's credentials (storage checks the role)."""
@@ -456,7 +470,11 @@ def _log_entry(txn: types_pb2.Transaction) -> Json:
         "hash_values": [orjson.loads(w.id) for w in txn.writes],
         "records": [orjson.loads(w.value) if w.value else None for w in txn.writes],
         "original_records": [orjson.loads(w.prior) if w.prior else None for w in txn.writes],
-    }
+    } | (
+        {"reverts": {"origin": txn.reverts.origin, "version": txn.reverts.version}}
+        if txn.HasField("reverts")
+        else {}
+    )
 
 
 async def read_transaction_log(ex: Execute, body: Body) -> Json:
@@ -521,6 +539,222 @@ async def delete_audit_logs_before(ex: Execute, body: Body) -> Json:
     }
 
 
+# -- csv and revert -------------------------------------------------------------------------
+# (no typed admin RPCs: the typed path is storage's LoadCsv and RevertTransaction)
+
+_CSV_ACTIONS = {
+    "insert": types_pb2.OPERATION_INSERT,
+    "update": types_pb2.OPERATION_UPDATE,
+    "upsert": types_pb2.OPERATION_UPSERT,
+}
+
+
+def _csv_header(body: Body) -> spb.LoadCsvHeader:
+    action = body.text("action", required=False, default="insert")
+    if action not in _CSV_ACTIONS:
+        raise InvalidArgument(f"{body.operation}: 'action' must be insert, update or upsert")
+    return spb.LoadCsvHeader(
+        database=body.database(), table=body.text("table"), operation=_CSV_ACTIONS[action]
+    )
+
+
+def _csv_json(reply: spb.LoadCsvResponse) -> Json:
+    return {
+        "message": f"successfully loaded {reply.written} of {reply.rows} records",
+        "rows": reply.rows,
+        "written": reply.written,
+        "skipped": reply.skipped,
+        "failed": reply.failed,
+        "errors": [{"line": e.line, "message": e.message} for e in reply.errors],
+    }
+
+
+async def csv_data_load(ex: Execute, body: Body) -> Json:
+    header = _csv_header(body)
+    chunks = csvload.each(csvload.text_chunks(body.text("data")))
+    return _csv_json(await csvload.load(ex.node, ex.caller.metadata, header, chunks))
+
+
+async def csv_file_load(ex: Execute, body: Body) -> Json:
+    ex.caller.require_super_user("csv_file_load")  # it reads files of the node's machine
+    header = _csv_header(body)
+    path = body.text("file_path")
+    file = await asyncio.to_thread(csvload.open_csv_file, path)
+    try:
+        chunks = csvload.file_chunks(file, path)
+        return _csv_json(await csvload.load(ex.node, ex.caller.metadata, header, chunks))
+    finally:
+        file.close()
+
+
+def _transaction_version(body: Body) -> int:
+    value = body._get(("version",))
+    if value is None:
+        return 0
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 1 << 64:
+        raise InvalidArgument(
+            "revert_transaction: 'version' must be the transaction's version as the log shows"
+            " it (a positive integer, or a string of digits)"
+        )
+    return value
+
+
+def _transaction_time(body: Body) -> float:
+    value = body._get(("timestamp",))
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise InvalidArgument(
+            "revert_transaction: 'timestamp' must be the transaction's timestamp as the log"
+            " shows it (Unix milliseconds)"
+        )
+    return float(value)
+
+
+def _ref_json(ref: types_pb2.TransactionRef) -> Json:
+    return {"origin": ref.origin, "version": ref.version, "timestamp": harper_time(ref.version)}
+
+
+async def revert_transaction(ex: Execute, body: Body) -> Json:
+    request = spb.RevertTransactionRequest(
+        database=body.database(),
+        origin=body.text("origin", required=False),
+        version=_transaction_version(body),
+        timestamp=_transaction_time(body),
+        force=body.flag("force", default=False),
+    )
+    if not request.version and not request.timestamp:
+        raise InvalidArgument(
+            "revert_transaction: 'version' (or 'timestamp') and 'origin' of the transaction"
+            " are required, as read_transaction_log and read_audit_log show them"
+        )
+    reply = await ex.storage("RevertTransaction", request)
+    records = [
+        {
+            "table": r.table,
+            "hash_value": orjson.loads(r.id),
+            "operation": "unchanged" if r.unchanged else _OPERATIONS_ENUM.get(r.operation, "write"),
+            "later_writes": [_ref_json(w) for w in r.later_writes],
+        }
+        for r in reply.records
+    ]
+    written = sum(not r.unchanged for r in reply.records)
+    reverted = reply.reverted
+    return {
+        "message": f"reverted transaction {reverted.version} of {reverted.origin}:"
+        f" {written} of {len(records)} records set back",
+        "reverted": _ref_json(reverted),
+        **_ref_json(reply.revert),
+        "records": records,
+    }
+
+
+# -- backups ----------------------------------------------------------------------------------
+
+
+def _versions_json(positions: Any) -> Json:
+    return [
+        {"origin": p.origin, "version": p.version, "time": harper_time(p.version)}
+        for p in positions
+    ]
+
+
+async def get_backup(ex: Execute, body: Body) -> Json:
+    """Write a backup into the node's backups folder (Harper answers the archive itself
+    over HTTP; JSON cannot carry it: the typed GetBackup streams it)."""
+    ex.caller.require_super_user("get_backup")
+    database = body.text("database", "schema")
+    name = body.text("name", required=False) or None
+    saved = await Backups(ex.node).save(database, name)
+    info = saved.result.info()
+    return {
+        "message": f"backup of database '{database}' saved as '{saved.name}'",
+        "name": saved.name,
+        "file": saved.file,
+        "database": info.database,
+        "node_name": info.node_name,
+        "taken_at": info.taken_at_ms,
+        "node_time": info.node_time,
+        "rows": info.rows,
+        "transactions": info.transactions,
+        "size": info.size_bytes,
+        "sha256": info.sha256,
+        "positions": _versions_json(info.positions),
+        "horizons": _versions_json(info.horizons),
+    }
+
+
+async def restore_backup(ex: Execute, body: Body) -> Json:
+    """Restore a backup of the node's backups folder, optionally to a point in time."""
+    ex.caller.require_super_user("restore_backup")
+    raw_until = body._get(("until",))
+    if raw_until is not None and (
+        isinstance(raw_until, bool) or not isinstance(raw_until, int | float)
+    ):
+        raise InvalidArgument("restore_backup: 'until' must be a time in Unix milliseconds")
+    until = None if raw_until is None else int(raw_until)
+    backups = Backups(ex.node)
+    name = body.text("backup", "name")
+    log_name = body.text("log_backup", required=False)
+    base = ArchiveReader(backups.path_of(name), f"backup '{name}'")
+    log = ArchiveReader(backups.path_of(log_name), f"backup '{log_name}'") if log_name else None
+    result = await backups.restore(
+        base, log, until, body.text("database", "schema", required=False)
+    )
+    response = result.response()
+    mode = apb.RestoreMode.Name(response.mode).removeprefix("RESTORE_MODE_").lower()
+    if until is not None:
+        state = f"as of {until}"
+    elif log_name:
+        state = f"rolled forward through the log of '{log_name}'"
+    else:
+        state = "as backed up"
+    return {
+        "message": f"database '{response.database}' restored from backup '{name}' ({state})",
+        "database": response.database,
+        "mode": mode,
+        "rows": response.rows,
+        "logged_transactions": response.logged_transactions,
+        "replayed_transactions": response.replayed_transactions,
+        "positions": _versions_json(response.positions),
+    }
+
+
+# -- analytics --------------------------------------------------------------------------------
+
+
+def _time_ms(body: Body, name: str, default: int) -> int:
+    value = body._get((name,))
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgument(f"{body.operation}: '{name}' must be a time in Unix milliseconds")
+    return int(value)
+
+
+async def get_analytics(ex: Execute, body: Body) -> Json:
+    ex.caller.require_super_user("get_analytics")
+    query = history.AnalyticsQuery(
+        metric=body.text("metric"),
+        start_ms=_time_ms(body, "start_time", 0),
+        end_ms=_time_ms(body, "end_time", MAX_TIME_MS),
+        period_ms=body.number("period", default=AGGREGATE_PERIOD_MS),
+        attributes=tuple(_attributes(body)),
+        conditions=tuple(_conditions(body.array("conditions", required=False), body.operation)),
+    )
+    return await history.get_analytics(ex.node, ex.caller, query)
+
+
+async def list_metrics(ex: Execute, body: Body) -> Json:
+    ex.caller.require_super_user("list_metrics")
+    types = body.array("metric_types", required=False) or ["builtin"]
+    if not all(isinstance(t, str) for t in types):
+        raise InvalidArgument("list_metrics: 'metric_types' must be an array of strings")
+    return history.list_metrics(ex.caller, types)
+
+
 # -- cluster ----------------------------------------------------------------------------------
 
 
@@ -573,6 +807,7 @@ async def cluster_status(ex: Execute, body: Body) -> Json:
         "node_name": reply.node_name,
         "is_enabled": reply.is_enabled,
         "connections": [_connection_json(c) for c in reply.connections],
+        "removed": reply.removed,
     }
 
 
@@ -644,6 +879,108 @@ async def cluster_delete_routes(ex: Execute, body: Body) -> Json:
         "message": "cluster routes successfully deleted",
         "deleted": [_route_json(r) for r in change.changed],
         "skipped": [{"hostname": n} for n in change.missing],
+    }
+
+
+async def get_configuration(ex: Execute, body: Body) -> Json:
+    ex.caller.require_super_user("get_configuration")
+    return ex.cluster.configuration()
+
+
+# -- membership (system.hdb_nodes) ---------------------------------------------------------
+
+_NODE_COLUMNS = ("url", "replicates", "subscriptions", "start_time", "revoked_certificates")
+
+
+def _node_name(body: Body) -> str:
+    name = body._get(("hostname", "node_name", "name"))
+    url = body._get(("url",))
+    if name is None and isinstance(url, str):
+        try:
+            name, _, _ = parse_route_url(url)
+        except ValueError as exc:
+            raise InvalidArgument(f"{body.operation}: url: {exc}") from exc
+    if not isinstance(name, str) or not name:
+        raise InvalidArgument(f"{body.operation}: 'hostname' (or 'url') is required")
+    return name
+
+
+def _node_changes(body: Body) -> Row:
+    """The hdb_nodes columns an add_node / update_node body sets (Harper's field names)."""
+    changes: Row = {c: body.data[c] for c in _NODE_COLUMNS if c in body.data}
+    if "sends" in body.data or "receives" in body.data:
+        replicates = changes.get("replicates", True)
+        flows = replicates if isinstance(replicates, dict) else {}
+        changes["replicates"] = {
+            "sends": body.flag("sends", default=flows.get("sends", True)),
+            "receives": body.flag("receives", default=flows.get("receives", True)),
+        }
+    if "subscriptions" in changes:
+        subscriptions = body.array("subscriptions")
+        changes["subscriptions"] = [
+            {"database": s.get("database", s.get("schema")), **s} if isinstance(s, dict) else s
+            for s in subscriptions
+        ]
+        for item in changes["subscriptions"]:
+            if isinstance(item, dict):
+                item.pop("schema", None)
+    if "start_time" in changes:
+        changes["start_time"] = start_time_text(changes["start_time"], body.operation)
+    if "shard" in body.data:
+        shard = body.data["shard"]
+        if shard is not None and (isinstance(shard, bool) or not isinstance(shard, int)):
+            raise InvalidArgument(f"{body.operation}: 'shard' must be a whole number")
+        changes["shard"] = shard
+    return changes
+
+
+def _requested_row(body: Body, node_name: str, where: str = "") -> Row:
+    name = _node_name(body)
+    changes = _node_changes(body)
+    return validated_row(
+        {"name": name, **changes}, node_name, changes.get("shard"), f"{body.operation}: {where}"
+    )
+
+
+async def add_node(ex: Execute, body: Body) -> Json:
+    ex.caller.require_super_user("add_node")
+    if body.data.get("authorization"):
+        raise Unimplemented(CERTIFICATE_EXCHANGE)
+    row = await ex.nodes.add(_requested_row(body, ex.nodes.name))
+    return {"message": f"Successfully added '{row['name']}' to cluster", "node": row}
+
+
+async def update_node(ex: Execute, body: Body) -> Json:
+    ex.caller.require_super_user(body.operation)
+    name = _node_name(body)
+    row = await ex.nodes.update(name, _node_changes(body))
+    return {"message": f"Successfully updated '{name}'", "node": row}
+
+
+async def remove_node(ex: Execute, body: Body) -> Json:
+    ex.caller.require_super_user("remove_node")
+    name = _node_name(body)
+    await ex.nodes.remove(name)
+    return {"message": f"Successfully removed '{name}' from cluster"}
+
+
+async def configure_cluster(ex: Execute, body: Body) -> Json:
+    ex.caller.require_super_user("configure_cluster")
+    rows = []
+    for i, item in enumerate(body.array("connections")):
+        if not isinstance(item, dict):
+            raise InvalidArgument(f"configure_cluster: connection {i} must be an object")
+        entry = Body({**item, "operation": "configure_cluster"})
+        row = _requested_row(entry, ex.nodes.name, f"connection {i}: ")
+        if "shard" not in item:
+            row.pop("shard")
+        rows.append(row)
+    done = await ex.nodes.configure(rows)
+    return {
+        "message": "Cluster successfully configured.",
+        "added": [r["name"] for r in done.added],
+        "updated": [r["name"] for r in done.updated],
+        "removed": done.removed,
     }
 
 
@@ -748,13 +1085,45 @@ async def list_roles(ex: Execute, body: Body) -> Json:
 # -- monitoring ----------------------------------------------------------------------------
 
 
+_NODE_SECTIONS = ("table_size", "replication")
+
+
 async def system_information(ex: Execute, body: Body) -> Json:
+    """psutil's view of the machine (sysinfo.py), plus table sizes and a replication
+    summary from this node's storage and replicator."""
     ex.caller.require_super_user("system_information")
     attributes = body.array("attributes", required=False) or None
+    if attributes is not None and not all(isinstance(a, str) for a in attributes):
+        raise InvalidArgument("system_information: 'attributes' must be an array of names")
+    machine = [a for a in attributes if a not in _NODE_SECTIONS] if attributes else None
     config = ex.node.config
-    return await asyncio.to_thread(
-        sysinfo.system_information, attributes, config=config, config_path=config.source
-    )
+    result: dict[str, Any] = {}
+    if machine is None or machine:
+        result = await asyncio.to_thread(
+            sysinfo.system_information, machine, config=config, config_path=config.source
+        )
+    if attributes is None or "table_size" in attributes:
+        reply = await ex.storage("DescribeAll", spb.DescribeAllRequest())
+        result["table_size"] = [
+            {"database": db.name, "table": t.name, "record_count": t.record_count}
+            for db in reply.databases
+            for t in db.tables
+        ]
+    if attributes is None or "replication" in attributes:
+        status = await ex.cluster.status()
+        result["replication"] = {
+            "node_name": status.node_name,
+            "removed": status.removed,
+            "connections": [
+                {
+                    "name": c.peer,
+                    "connected": c.connected,
+                    "backlog_transactions": sum(d.backlog_transactions for d in c.databases),
+                }
+                for c in status.connections
+            ],
+        }
+    return result
 
 
 OPERATIONS: dict[str, Handler] = {
@@ -796,9 +1165,26 @@ OPERATIONS: dict[str, Handler] = {
     "list_roles": list_roles,
     # monitoring
     "system_information": system_information,
+    # csv and revert
+    "csv_data_load": csv_data_load,
+    "csv_file_load": csv_file_load,
+    "revert_transaction": revert_transaction,
+    # backups
+    "get_backup": get_backup,
+    "restore_backup": restore_backup,
+    # analytics
+    "get_analytics": get_analytics,
+    "list_metrics": list_metrics,
     # cluster
     "cluster_status": cluster_status,
     "cluster_get_routes": cluster_get_routes,
     "cluster_set_routes": cluster_set_routes,
     "cluster_delete_routes": cluster_delete_routes,
+    "get_configuration": get_configuration,
+    # membership
+    "add_node": add_node,
+    "update_node": update_node,
+    "set_node_replication": update_node,
+    "remove_node": remove_node,
+    "configure_cluster": configure_cluster,
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -9,9 +10,12 @@ import orjson
 from shoal.admin.v1 import admin_pb2 as apb
 from shoal.admin.v1 import admin_pb2_grpc
 
-from services.admin import harper
+from services.admin import analytics, harper
+from services.admin.backup import Backups, drain
 from services.admin.cluster import Cluster
 from services.admin.node import AdminNode, Caller, current_caller
+from services.admin.nodes import CERTIFICATE_EXCHANGE, Nodes, node_message, row_from_route
+from services.common.errors import PermissionDenied, Unimplemented
 from services.common.routes import to_proto
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -23,15 +27,40 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self, node: AdminNode) -> None:
         self.node = node
         self.cluster = Cluster(node)
+        self.backups = Backups(node)
+        self.nodes = Nodes(node, self.cluster)
 
     @staticmethod
     def _caller(context: Ctx) -> Caller:
         return current_caller(tuple(context.invocation_metadata() or ()))
 
     async def Execute(self, request: apb.ExecuteRequest, context: Ctx) -> apb.ExecuteResponse:
-        execute = harper.Execute(self.node, self._caller(context), self.cluster)
+        execute = harper.Execute(self.node, self._caller(context), self.cluster, self.nodes)
         result, code = await harper.run(execute, request.operation)
         return apb.ExecuteResponse(result=orjson.dumps(result), code=code)
+
+    # -- backups ------------------------------------------------------------------------
+
+    async def GetBackup(
+        self, request: apb.GetBackupRequest, context: Ctx
+    ) -> AsyncIterator[apb.GetBackupResponse]:
+        self._caller(context).require_super_user("get_backup")
+        stream = self.backups.stream(request.database)
+        async for chunk in stream.chunks():
+            yield apb.GetBackupResponse(chunk=chunk)
+        assert stream.result is not None
+        yield apb.GetBackupResponse(info=stream.result.info())
+
+    async def RestoreBackup(
+        self, request_iterator: AsyncIterator[apb.RestoreBackupRequest], context: Ctx
+    ) -> apb.RestoreBackupResponse:
+        try:
+            self._caller(context).require_super_user("restore_backup")
+        except PermissionDenied:
+            await drain(request_iterator)
+            raise
+        result = await self.backups.restore_upload(request_iterator)
+        return result.response()
 
     async def ClusterStatus(
         self, request: apb.ClusterStatusRequest, context: Ctx
@@ -57,4 +86,77 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         change = await self.cluster.delete_routes(request.hostnames)
         return apb.DeleteRoutesResponse(
             deleted=[to_proto(r) for r in change.changed], skipped=change.missing
+        )
+
+    # -- analytics ----------------------------------------------------------------------
+
+    async def GetAnalytics(
+        self, request: apb.GetAnalyticsRequest, context: Ctx
+    ) -> apb.GetAnalyticsResponse:
+        caller = self._caller(context)
+        caller.require_super_user("get_analytics")
+        query = analytics.query_from_proto(request)
+        rows = await analytics.get_analytics(self.node, caller, query)
+        return apb.GetAnalyticsResponse(rows=[analytics.row_to_proto(r) for r in rows])
+
+    async def ListMetrics(
+        self, request: apb.ListMetricsRequest, context: Ctx
+    ) -> apb.ListMetricsResponse:
+        types = list(request.metric_types) or ["builtin"]
+        return apb.ListMetricsResponse(metrics=analytics.list_metrics(self._caller(context), types))
+
+    # -- membership ---------------------------------------------------------------------
+
+    def _shard(self, request: Any) -> int | None:
+        return request.shard if request.HasField("shard") else None
+
+    async def AddNode(self, request: apb.AddNodeRequest, context: Ctx) -> apb.AddNodeResponse:
+        self._caller(context).require_super_user("add_node")
+        if request.authorization:
+            raise Unimplemented(CERTIFICATE_EXCHANGE)
+        row = row_from_route(request.route, self.nodes.name, self._shard(request))
+        written = await self.nodes.add(row)
+        return apb.AddNodeResponse(node=node_message(written, self.nodes.name))
+
+    async def UpdateNode(
+        self, request: apb.UpdateNodeRequest, context: Ctx
+    ) -> apb.UpdateNodeResponse:
+        self._caller(context).require_super_user("update_node")
+        row = row_from_route(request.route, self.nodes.name, self._shard(request))
+        if not request.HasField("shard"):
+            row.pop("shard")
+        written = await self.nodes.update(request.route.hostname, row)
+        return apb.UpdateNodeResponse(node=node_message(written, self.nodes.name))
+
+    async def RemoveNode(
+        self, request: apb.RemoveNodeRequest, context: Ctx
+    ) -> apb.RemoveNodeResponse:
+        self._caller(context).require_super_user("remove_node")
+        removed = await self.nodes.remove(request.name)
+        return apb.RemoveNodeResponse(node=node_message(removed, self.nodes.name))
+
+    async def ListNodes(self, request: apb.ListNodesRequest, context: Ctx) -> apb.ListNodesResponse:
+        self._caller(context).require_super_user("list_nodes")
+        membership = await self.nodes.read()
+        return apb.ListNodesResponse(
+            nodes=[node_message(r, self.nodes.name) for _, r in sorted(membership.rows.items())],
+            removed=sorted(membership.removed),
+        )
+
+    async def ConfigureCluster(
+        self, request: apb.ConfigureClusterRequest, context: Ctx
+    ) -> apb.ConfigureClusterResponse:
+        self._caller(context).require_super_user("configure_cluster")
+        rows = [
+            row_from_route(r, self.nodes.name, None, f"routes[{i}]: ")
+            for i, r in enumerate(request.routes)
+        ]
+        for row in rows:
+            row.pop("shard")
+        done = await self.nodes.configure(rows)
+        name = self.nodes.name
+        return apb.ConfigureClusterResponse(
+            added=[node_message(r, name) for r in done.added],
+            updated=[node_message(r, name) for r in done.updated],
+            removed=done.removed,
         )

@@ -133,6 +133,9 @@ class ReplicationConfig:
     batch_bytes: int = 1024 * 1024
     copy_rows_per_second: int = 0  # 0: as fast as possible
     batch_linger_s: float = 0.002
+    url: str | None = None  # how peers reach this node; None: derived from hostname and ports
+    gossip: bool = True  # also dial every member of system.hdb_nodes, not only routes
+    shard: int | None = None
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,20 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class AnalyticsConfig:
+    """``analytics.*``: the node-local analytics history (``system.hdb_raw_analytics``,
+    ``system.hdb_analytics``)."""
+
+    enabled: bool = True
+    raw_retention_s: float = 3600.0
+    aggregate_retention_s: float = 7 * 86400.0
+    max_rows: int = 10_000  # the most rows one get_analytics answers
+
+
+MIN_RAW_RETENTION_S = 120.0  # a minute is aggregated once it is over: keep it until then
+
+
+@dataclass(frozen=True)
 class ShoalConfig:
     """A node's whole configuration."""
 
@@ -201,6 +218,7 @@ class ShoalConfig:
     authentication: AuthenticationConfig = field(default_factory=AuthenticationConfig)
     testing: TestingConfig = field(default_factory=TestingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    analytics: AnalyticsConfig = field(default_factory=AnalyticsConfig)
     source: Path | None = None
 
     @property
@@ -312,6 +330,12 @@ class _Reader:
             self.problem(name, value, f"must be between {low} and {high}")
             return default
         return value
+
+    def optional_integer(self, name: str, low: int, high: int) -> int | None:
+        present, value = self.raw(name)
+        if not present or value is None:
+            return None
+        return self.integer(name, low, low, high)
 
     def port(self, name: str, default: int) -> int:
         return self.integer(name, default, 1, 65535)
@@ -510,6 +534,20 @@ def _parse_route(reader: _Reader, index: int, item: object) -> Route | None:
     )
 
 
+def _advertised_url(reader: _Reader, hostname: str) -> str | None:
+    url = reader.optional_string("url")
+    if url is None:
+        return None
+    try:
+        host, _, _ = parse_route_url(url)
+    except ValueError as exc:
+        reader.problem("url", url, str(exc))
+        return None
+    if host != hostname:
+        reader.problem("url", url, f"the host must be this node's name ({hostname!r})")
+    return url
+
+
 def _parse_replication(reader: _Reader) -> ReplicationConfig:
     hostname = reader.string("hostname", socket.gethostname())
     if not _valid_hostname(hostname):
@@ -563,6 +601,9 @@ def _parse_replication(reader: _Reader) -> ReplicationConfig:
         batch_bytes=reader.integer("batchBytes", 1024 * 1024, 1024, 64 * 1024 * 1024),
         copy_rows_per_second=reader.integer("copyRowsPerSecond", 0, 0, 100_000_000),
         batch_linger_s=reader.duration("batchLinger", 0.002),
+        url=_advertised_url(reader, hostname),
+        gossip=reader.boolean("gossip", True),
+        shard=reader.optional_integer("shard", 0, 1_000_000),
     )
     if config.peer_timeout_s < 2 * config.heartbeat_interval_s:
         reader.problem(
@@ -669,6 +710,19 @@ def parse_config(
     )
     me.finish()
 
+    an = top.section("analytics")
+    analytics = AnalyticsConfig(
+        enabled=an.boolean("enabled", True),
+        raw_retention_s=an.duration("rawRetention", 3600.0),
+        aggregate_retention_s=an.duration("aggregateRetention", 7 * 86400.0),
+        max_rows=an.integer("maxRows", 10_000, 1, 1_000_000),
+    )
+    if analytics.raw_retention_s < MIN_RAW_RETENTION_S:
+        an.problem("rawRetention", analytics.raw_retention_s, "must be at least 2m")
+    if analytics.aggregate_retention_s < 60.0:
+        an.problem("aggregateRetention", analytics.aggregate_retention_s, "must be at least 1m")
+    an.finish()
+
     ports = {
         "operationsApi.network.port": operations_api.port,
         "storage.port": storage.port,
@@ -701,6 +755,7 @@ def parse_config(
         authentication=authentication,
         testing=testing,
         metrics=metrics,
+        analytics=analytics,
         source=source,
     )
 

@@ -121,6 +121,13 @@ class DeadlineExceeded(ShoalError):
     retriable = True
 
 
+class Unimplemented(ShoalError):
+    """A part of the request that this version of Shoal does not support."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    default_reason = "UNIMPLEMENTED"
+
+
 class Internal(ShoalError):
     """A bug or a broken invariant; the message says what."""
 

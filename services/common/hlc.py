@@ -41,6 +41,13 @@ def version_from_ms(ms: int) -> int:
     return max(0, ms) << LOGICAL_BITS
 
 
+def version_as_ms(version: int) -> float:
+    """A version as Harper shows times: Unix milliseconds, the counter as the fraction
+    (counter / 65536). A double cannot hold all 64 bits, so close versions may share a
+    value; the integer version is the exact name."""
+    return version_ms(version) + (version & LOGICAL_MASK) / (LOGICAL_MASK + 1)
+
+
 def format_version(version: int) -> str:
     """Human form: ``<unix ms>.<counter>``."""
     return f"{version >> LOGICAL_BITS}.{version & LOGICAL_MASK}"

@@ -151,6 +151,10 @@ class RpcMetrics:
             stats = self._methods[full_method] = MethodStats(full_method.lstrip("/"))
         return stats
 
+    def methods(self) -> list[MethodStats]:
+        """The statistics of every method called so far."""
+        return list(self._methods.values())
+
     def collect(self) -> list[Metric]:
         started = CounterMetricFamily(
             "grpc_server_call_started",

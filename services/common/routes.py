@@ -61,11 +61,11 @@ def to_yaml(route: Route) -> str | dict[str, Any]:
     if route.revoked_certificates:
         entry["revokedCertificates"] = list(route.revoked_certificates)
     if route.subscriptions:
-        entry["subscriptions"] = _subscriptions(route.subscriptions)
+        entry["subscriptions"] = subscriptions_yaml(route.subscriptions)
     return route.hostname if list(entry) == ["hostname"] else entry
 
 
-def _subscriptions(
+def subscriptions_yaml(
     subscriptions: Iterable[Subscription | rpb.Subscription],
 ) -> list[dict[str, Any]]:
     """YAML entries of subscriptions (config dataclasses and messages have the same fields)."""
@@ -96,7 +96,7 @@ def _proto_entry(message: rpb.Route) -> dict[str, Any]:
     if message.revoked_certificates:
         entry["revokedCertificates"] = list(message.revoked_certificates)
     if message.subscriptions:
-        entry["subscriptions"] = _subscriptions(message.subscriptions)
+        entry["subscriptions"] = subscriptions_yaml(message.subscriptions)
     if message.HasField("secure"):
         scheme = "shoals" if message.secure else "ws"
         port = f":{message.port}" if message.port else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 
@@ -22,7 +23,9 @@ from services.common.grpcserver import (
     serve_until_signalled,
     server_options,
 )
+from services.common.hlc import wall_clock_ms
 from services.common.tls import load_tls, mutual_server_credentials
+from services.replicator import sampler
 from services.replicator.local import LocalStorage
 from services.replicator.metrics import replicator_metrics
 from services.replicator.replicator import Replicator
@@ -83,7 +86,11 @@ async def run(config: ShoalConfig) -> None:
     replicator.start()
     routes = ", ".join(r.hostname for r in config.replication.routes) or "none"
     log.info("replicator %s listening on %s (routes: %s)", config.node_name, plain, routes)
-    await serve_until_signalled(running)
+    tasks: list[asyncio.Task[None]] = []
+    if config.analytics.enabled:
+        clock = wall_clock_ms(config.testing.clock_offset_ms)
+        tasks.append(asyncio.create_task(sampler.run(replicator, storage, clock), name="analytics"))
+    await serve_until_signalled(running, tasks)
 
 
 def main(argv: list[str] | None = None) -> int:

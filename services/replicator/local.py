@@ -81,3 +81,22 @@ class LocalStorage:
         return await self._stub.MergeSnapshot(
             request, metadata=self._metadata, timeout=CALL_TIMEOUT_S
         )
+
+    async def record_analytics(
+        self, samples: Sequence[pb.AnalyticsSample], timeout_s: float
+    ) -> pb.RecordAnalyticsResponse:
+        """Record analytics samples; raises the AioRpcError when refused or unreachable."""
+        return await self._stub.RecordAnalytics(
+            pb.RecordAnalyticsRequest(samples=samples), metadata=self._metadata, timeout=timeout_s
+        )
+
+    async def upsert(self, database: str, table: str, records: Sequence[bytes]) -> None:
+        """Write records as this node (used for the node's own membership row)."""
+        try:
+            await self._stub.Upsert(
+                pb.UpsertRequest(database=database, table=table, records=records, merge=True),
+                metadata=self._metadata,
+                timeout=CALL_TIMEOUT_S,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise StorageUnavailable(f"storage at {self.address}: {exc.details()}") from exc

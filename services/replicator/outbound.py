@@ -52,7 +52,7 @@ class Outbound:
 
     def _databases(self, asked: list[str]) -> list[str]:
         """The databases to stream: what the peer asks, within what this node replicates."""
-        mine = self.session.replicator.config.replication.databases
+        mine = self.session.replicator.replicated_databases()
         published = self.session.published_tables()
         if published is not None:
             allowed = {d for d, _ in published}

@@ -10,6 +10,12 @@
 * Exclusions: a node receiving an origin's data directly asks every other peer not to
   relay that origin's transactions. When a direct connection comes or goes, every
   session re-subscribes with the new exclusions.
+* Membership (gossip): the peers dialed are the configured routes plus, with
+  ``replication.gossip``, every member of ``system.hdb_nodes`` (membership.py watches the
+  table, which replicates like any other). A configured route wins over the member row
+  of the same node. A node removed from the table (a tombstone) is neither dialed nor
+  accepted, and its connections close; a node that sees itself removed stops dialing
+  members until one adds it back.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any
 
 from shoal.replicator.v1 import replicator_pb2 as rpb
 
+from services.common import members
 from services.common.backoff import Backoff
 from services.common.config import (
     DEFAULT_REPLICATION_PORT,
@@ -40,6 +47,7 @@ from services.replicator.handshake import (
     receive_hello,
 )
 from services.replicator.local import LocalStorage, StorageUnavailable
+from services.replicator.membership import MembershipWatcher
 from services.replicator.session import Session
 from services.replicator.status import PeerState
 from services.replicator.transport import ConnectionLost, PeerStream, dial
@@ -58,7 +66,9 @@ class Replicator:
         self.name = config.node_name
         self.storage = storage
         self.tls = tls
-        self.routes: dict[str, Route] = {r.hostname: r for r in config.replication.routes}
+        self.configured: dict[str, Route] = {r.hostname: r for r in config.replication.routes}
+        self.membership = members.Membership()
+        self.routes: dict[str, Route] = dict(self.configured)
         self.sessions: dict[str, Session] = {}
         self.peers: dict[str, PeerState] = {
             r.hostname: PeerState(r.hostname) for r in config.replication.routes
@@ -67,21 +77,59 @@ class Replicator:
         self._accepted: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._session_changed = asyncio.Event()
+        self._refused_as_removed: set[str] = set()  # members that refused us as removed
+        self.watcher = MembershipWatcher(config, storage, tls is not None, self.set_membership)
+        self._watch_task: asyncio.Task[None] | None = None
 
     # -- life ------------------------------------------------------------------------------
 
     def start(self) -> None:
         for route in self.routes.values():
             self._start_dialing(route)
+        self._watch_task = asyncio.create_task(self.watcher.run(), name="membership")
 
     def _start_dialing(self, route: Route) -> None:
         self._dialers[route.hostname] = asyncio.create_task(
             self._dial_loop(route), name=f"dial:{route.hostname}"
         )
 
+    @property
+    def removed(self) -> bool:
+        """True when this node's own entry in system.hdb_nodes was deleted, or a member
+        refused it as removed (the deletion may not have reached this node: members close
+        their connections with a removed node at once)."""
+        return self.name in self.membership.removed or bool(self._refused_as_removed)
+
+    def _told_removed(self, peer: str) -> None:
+        if not self._refused_as_removed:
+            log.warning("%s says this node was removed from the cluster", peer)
+        self._refused_as_removed.add(peer)
+        self._reconcile()
+
     def set_routes(self, routes: list[Route]) -> None:
-        """Apply a new list of routes at once (see the SetRoutes contract)."""
-        new = {r.hostname: r for r in routes}
+        """Apply a new list of configured routes at once (see the SetRoutes contract)."""
+        self.configured = {r.hostname: r for r in routes}
+        self._reconcile()
+
+    def set_membership(self, membership: members.Membership) -> None:
+        """Apply what system.hdb_nodes says (called by the membership watcher)."""
+        self.membership = membership
+        for name in membership.removed:
+            session = self.sessions.get(name)
+            if session is not None:
+                session.close(rpb.GOODBYE_CODE_REMOVED, f"{name} was removed from the cluster")
+        self._reconcile()
+
+    def _effective_routes(self) -> dict[str, Route]:
+        """Configured routes, plus members when gossiping; never a removed node."""
+        routes: dict[str, Route] = {}
+        if self.config.replication.gossip and not self.removed:
+            routes.update(self.membership.members)
+        routes.update(self.configured)
+        return {n: r for n, r in routes.items() if n not in self.membership.removed}
+
+    def _reconcile(self) -> None:
+        new = self._effective_routes()
         for name, old in list(self.routes.items()):
             if new.get(name) == old:
                 continue
@@ -102,6 +150,8 @@ class Replicator:
 
     async def close(self) -> None:
         self._closing = True
+        if self._watch_task is not None:
+            self._watch_task.cancel()
         for task in self._dialers.values():
             task.cancel()
         for session in list(self.sessions.values()):
@@ -120,7 +170,7 @@ class Replicator:
     # -- hellos ------------------------------------------------------------------------------
 
     async def hello(self, route: Route | None, expected_name: str = "") -> rpb.Hello:
-        databases = self.config.replication.databases
+        databases = self.replicated_databases()
         sends = route.replicates.sends if route is not None else True
         receives = route.replicates.receives if route is not None else True
         if route is not None and route.subscriptions:
@@ -137,6 +187,13 @@ class Replicator:
             sends=sends,
             receives=receives,
         )
+
+    def replicated_databases(self) -> tuple[str, ...] | None:
+        """``replication.databases`` (None: every database); `system` always replicates."""
+        databases = self.config.replication.databases
+        if databases is None or members.DATABASE in databases:
+            return databases
+        return (*databases, members.DATABASE)
 
     # -- dialing ------------------------------------------------------------------------------
 
@@ -174,6 +231,8 @@ class Replicator:
                 )
                 await self._run_dialed(stream, route, address)
             except Refused as exc:
+                if exc.code == rpb.GOODBYE_CODE_REMOVED:
+                    self._told_removed(route.hostname)
                 if exc.code != rpb.GOODBYE_CODE_DUPLICATE and not upgrade:
                     state.last_error = exc.reason
                     log.warning("%s refused the connection: %s", route.hostname, exc.reason)
@@ -234,6 +293,12 @@ class Replicator:
         try:
             version = choose_version(theirs)
             check_dialer(self.name, theirs, transport_names)
+            if theirs.node_name in self.membership.removed:
+                raise Refused(
+                    rpb.GOODBYE_CODE_REMOVED,
+                    f"{theirs.node_name} was removed from the cluster (system.hdb_nodes);"
+                    " a member's add_node adds it back",
+                )
             route = self.routes.get(theirs.node_name)
             mine = await self.hello(route)
             mine.protocol_version = version
@@ -271,6 +336,10 @@ class Replicator:
         return True
 
     async def _run_session(self, session: Session) -> None:
+        if self._refused_as_removed:
+            # A member connects with us again: we were added back.
+            self._refused_as_removed.clear()
+            self._reconcile()
         self._changed()
         try:
             reason = await session.run()
@@ -305,4 +374,5 @@ class Replicator:
         return rpb.StatusResponse(
             node_name=self.name,
             connections=[state.to_proto() for _, state in sorted(self.peers.items())],
+            removed=self.removed,
         )

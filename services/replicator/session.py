@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from shoal.replicator.v1 import replicator_pb2 as rpb
 
+from services.common import members
 from services.common.config import Route
 from services.replicator.inbound import Inbound
 from services.replicator.outbound import Outbound
@@ -34,6 +35,7 @@ from services.replicator.transport import ConnectionLost, PeerStream
 if TYPE_CHECKING:
     from services.replicator.replicator import Replicator
 
+MEMBERSHIP_TABLE = (members.DATABASE, members.TABLE)
 log = logging.getLogger("shoal.replicator.session")
 
 OUTGOING_QUEUE = 64
@@ -118,16 +120,19 @@ class Session:
         return self.replicator.storage
 
     def subscribed_tables(self) -> set[tuple[str, str]] | None:
-        """Tables this node receives from the peer; None for every table."""
+        """Tables this node receives from the peer; None for every table. Explicit
+        subscriptions always include membership (system.hdb_nodes)."""
         if self.route is None or not self.route.subscriptions:
             return None
-        return {(s.database, s.table) for s in self.route.subscriptions if s.subscribe}
+        chosen = {(s.database, s.table) for s in self.route.subscriptions if s.subscribe}
+        return chosen | {MEMBERSHIP_TABLE}
 
     def published_tables(self) -> set[tuple[str, str]] | None:
-        """Tables this node sends to the peer; None for every table."""
+        """Tables this node sends to the peer; None for every table (membership always)."""
         if self.route is None or not self.route.subscriptions:
             return None
-        return {(s.database, s.table) for s in self.route.subscriptions if s.publish}
+        chosen = {(s.database, s.table) for s in self.route.subscriptions if s.publish}
+        return chosen | {MEMBERSHIP_TABLE}
 
     # -- plumbing ------------------------------------------------------------------------
 

@@ -18,9 +18,11 @@ from services.common.grpcserver import (
     start_server,
 )
 from services.common.hlc import version_from_ms
+from services.storage import analytics
 from services.storage import log as txlog
 from services.storage.engine import Engine
 from services.storage.metrics import disk_metrics, engine_metrics
+from services.storage.sampler import StorageSampler
 from services.storage.server import StorageServicer
 
 log = logging.getLogger("shoal.storage")
@@ -75,6 +77,7 @@ async def run(config: ShoalConfig) -> None:
         pre_stop=[begin_shutdown],
         on_stop=[close],
     )
+    sampler = StorageSampler(engine, spec.rpc_metrics)  # counts what happens from here on
     metrics = None
     try:
         metrics = attach_metrics(
@@ -90,7 +93,8 @@ async def run(config: ShoalConfig) -> None:
         engine.close()
         raise
     purge = asyncio.create_task(_purge_loop(engine, config))
-    await serve_until_signalled(running, [purge])
+    history = asyncio.create_task(analytics.run(servicer.analytics, sampler.sample))
+    await serve_until_signalled(running, [purge, history])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -355,6 +355,7 @@ class LocalTransaction:
         self._pending: dict[bytes, _Pending] = {}
         self._tables: dict[str, Table] = {}
         self._records = 0  # records given so far, across the request's operations
+        self.reverts: types_pb2.TransactionRef | None = None  # set by a revert
 
     def _current(self, table: Table, encoded: list[bytes]) -> list[RecordState | None]:
         """Visible view: pre-transaction state with this transaction's writes applied."""
@@ -457,6 +458,12 @@ class LocalTransaction:
             table, records, types_pb2.OPERATION_UPSERT, lambda s: PATCH if _visible(s) else PUT
         )
 
+    def merge_upsert(self, table: Table, records: Sequence[bytes]) -> OperationResult:
+        """PATCH every record, present or not: concurrent upserts of a record new to
+        their nodes then merge attribute by attribute instead of the newest replacing
+        the whole record."""
+        return self._write(table, records, types_pb2.OPERATION_UPSERT, lambda s: PATCH)
+
     def delete(self, table: Table, ids: Sequence[bytes]) -> OperationResult:
         if not ids:
             raise InvalidArgument("no ids given")
@@ -476,6 +483,18 @@ class LocalTransaction:
             result.written.append(id_json)
         return result
 
+    def restore(
+        self, table: Table, pk: Any, kind: int, operation: int, doc: dict[str, Any]
+    ) -> None:
+        """One write chosen by the caller whatever the record holds now (a revert setting
+        a record back): a PUT of the whole ``doc``, a PATCH of its attributes, or a DELETE
+        (``doc`` empty)."""
+        self._tables[table.name] = table
+        encoded = keys.encode_key(pk)
+        old = self._current(table, [encoded])[0]
+        raw = orjson.dumps(doc) if kind != DELETE else b""
+        self._record(table, (doc, pk, encoded, raw), kind, operation, old, orjson.dumps(pk))
+
     def commit(self, extra_schema: Iterable[Table] = ()) -> int:
         """Write the transaction; returns its version (0 when it wrote nothing)."""
         schema_tables = list(extra_schema)
@@ -487,6 +506,8 @@ class LocalTransaction:
         txn = types_pb2.Transaction(
             origin=engine.node_name, version=version, user=self.user, database=self.database
         )
+        if self.reverts is not None:
+            txn.reverts.CopyFrom(self.reverts)
         writer = self.writer
         add = txn.writes.add
         put = writer.batch.put
@@ -494,8 +515,10 @@ class LocalTransaction:
         lt = keys.u64(version)
         state_prefix = b"[%d,%s,false," % (version, dumps(engine.node_name))
         audit = {name: keys.audit_prefix(self.database, name) for name in self._tables}
+        written: dict[str, int] = {}
         for p in self._pending.values():
             name = p.table.name
+            written[name] = written.get(name, 0) + 1
             if p.kind == PUT and p.old is None and p.raw is not None:
                 # The common case of a new record: store the client's JSON as it came
                 # (merge.encode_put_state, inlined).
@@ -521,6 +544,10 @@ class LocalTransaction:
         self.writer.set_position(self.database, engine.node_name, version)
         self.writer.commit()
         engine.local_transactions += 1
+        by_table = engine.records_written
+        for name, count in written.items():
+            key = (self.database, name)
+            by_table[key] = by_table.get(key, 0) + count
         return version
 
 

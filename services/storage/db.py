@@ -45,6 +45,7 @@ class Store:
         self.handle = {name: self.db.get_column_family_handle(name) for name in COLUMN_FAMILIES}
         self.write_options = rocksdict.WriteOptions()
         self.write_options.sync = sync_writes
+        self._unsynced = rocksdict.WriteOptions()  # never fsyncs (see write_unsynced)
         self.meta = self.cf["meta"]
         self.data = self.cf["data"]
         self.index = self.cf["index"]
@@ -67,6 +68,11 @@ class Store:
     def write(self, batch: rocksdict.WriteBatch) -> None:
         """Write atomically (with an fsync when ``storage.syncWrites`` is on)."""
         self.db.write(batch, self.write_options)
+
+    def write_unsynced(self, batch: rocksdict.WriteBatch) -> None:
+        """Write atomically without an fsync whatever ``storage.syncWrites`` says: for
+        node-local data whose last writes may be lost in a machine crash (analytics)."""
+        self.db.write(batch, self._unsynced)
 
     def scan(
         self, cf: str, start: bytes, end: bytes | None = None, reverse: bool = False

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 from shoal.storage.v1 import types_pb2
 
+from services.common import analytics
 from services.common.auth import load_or_create_node_secret
 from services.common.config import ShoalConfig
 from services.common.errors import (
@@ -59,6 +60,12 @@ NODE_NAME_KEY = b"node_name"
 COPY_PREFIX = b"copy/"
 CHUNK = 10_000
 RESERVED_DATABASES = ("system",)
+SYSTEM_DATABASE = "system"
+# Replicated system tables every node has (Harper's names): cluster membership and the
+# certificates nodes trust. Their primary key is the node or certificate name.
+SYSTEM_TABLES = (("hdb_nodes", "name"), ("hdb_certificate", "name"))
+# Node-local system tables (replicate: false, written outside the log): analytics history.
+LOCAL_SYSTEM_TABLES = ((analytics.RAW_TABLE, "id"), (analytics.AGGREGATE_TABLE, "id"))
 _WRITE_KINDS = frozenset((PUT, PATCH, DELETE))
 
 
@@ -132,6 +139,8 @@ class Engine:
         self.local_transactions = 0
         self.applied_transactions = 0  # transactions of other origins applied
         self.skipped_transactions = 0  # ... and skipped as already applied
+        # Records written by local transactions, per (database, table), for analytics.
+        self.records_written: dict[tuple[str, str], int] = {}
         self.clock = HybridClock(wall_clock_ms(config.testing.clock_offset_ms))
         self._commit_event = asyncio.Event()
         self.closing = False
@@ -169,6 +178,7 @@ class Engine:
         stored = meta.get(HLC_KEY)
         last = keys.read_u64(stored) if stored else 0
         self.clock = HybridClock(wall_clock_ms(self.config.testing.clock_offset_ms), last)
+        self._ensure_system_tables()
         self.users.bootstrap(
             self.config.admin.username, self.config.admin.password, self.config.keys_path
         )
@@ -178,6 +188,18 @@ class Engine:
             len(self.catalog.databases),
             format_version(last),
         )
+
+    def _ensure_system_tables(self) -> None:
+        for name, primary_key in SYSTEM_TABLES:
+            if self.catalog.find_table(SYSTEM_DATABASE, name) is None:
+                self.create_table(SYSTEM_DATABASE, name, primary_key, (), True, "system", True)
+        # Node-local tables are created without a log entry: nothing about them travels.
+        writer = BatchWriter(self)
+        for name, primary_key in LOCAL_SYSTEM_TABLES:
+            if self.catalog.find_table(SYSTEM_DATABASE, name) is None:
+                self.catalog.add_table(SYSTEM_DATABASE, name, primary_key, (), False)
+                writer.mark_schema(SYSTEM_DATABASE)
+        writer.commit()
 
     def reload_catalog(self) -> None:
         raw_next = self.store.meta.get(NEXT_TABLE_ID_KEY)

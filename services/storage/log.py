@@ -165,7 +165,7 @@ def subscribe_spec(request: storage_pb2.SubscribeRequest) -> SubscribeSpec:
     )
 
 
-def _origins(engine: Engine, database: str) -> list[str]:
+def logged_origins(engine: Engine, database: str) -> list[str]:
     """Origins that have entries in the log of a database."""
     origins: list[str] = []
     base = database.encode() + b"\x00"
@@ -186,7 +186,7 @@ def start_time(engine: Engine, spec: SubscribeSpec) -> int:
     databases = spec.databases if spec.databases is not None else set(engine.catalog.databases)
     start: int | None = None
     for database in databases:
-        known = set(_origins(engine, database))
+        known = set(logged_origins(engine, database))
         known.update(o for (d, o) in engine.horizons if d == database)
         for origin in known:
             if origin in spec.exclude:

@@ -15,12 +15,14 @@ from google.protobuf import timestamp_pb2
 from shoal.storage.v1 import storage_pb2 as pb
 from shoal.storage.v1 import storage_pb2_grpc, types_pb2
 
+from services.common import analytics as metrics_catalog
 from services.common.auth import Identity, identity
-from services.common.errors import InvalidArgument, PermissionDenied
+from services.common.errors import InvalidArgument, PermissionDenied, ResourceExhausted
 from services.common.hlc import version_from_ms
-from services.storage import commit, csvload, log, search, snapshot
+from services.storage import backup, commit, csvload, log, revert, search, snapshot
+from services.storage.analytics import AnalyticsTables
 from services.storage.commit import OperationResult, parse_id
-from services.storage.engine import CopyState, Engine
+from services.storage.engine import RESERVED_DATABASES, CopyState, Engine
 from services.storage.permissions import (
     DELETE,
     INSERT,
@@ -143,6 +145,8 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.users = engine.users
+        self.restores: set[str] = set()  # databases with a Restore stream running
+        self.analytics = AnalyticsTables(engine)
 
     @staticmethod
     def _caller() -> Identity:
@@ -215,7 +219,11 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         self, request: pb.DescribeAllRequest, context: Ctx
     ) -> pb.DescribeAllResponse:
         who = self._caller()
-        databases = sorted(self.engine.catalog.databases.items())
+        databases = sorted(
+            (name, db)
+            for name, db in self.engine.catalog.databases.items()
+            if who.internal or name not in RESERVED_DATABASES
+        )
         if who.super_user:
             return pb.DescribeAllResponse(
                 databases=[database_info(self.engine, db) for _, db in databases]
@@ -257,7 +265,12 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     # -- writes ----------------------------------------------------------------------
 
     def _single(
-        self, database: str, table_name: str, op: str, payload: Sequence[bytes]
+        self,
+        database: str,
+        table_name: str,
+        op: str,
+        payload: Sequence[bytes],
+        method: str | None = None,
     ) -> tuple[OperationResult, int]:
         who = self._caller()
         require(who, op, database, table_name)
@@ -267,7 +280,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
             raise InvalidArgument("no records given" if op != "delete" else "no ids given")
         txn = self.engine.transaction(database, who.name, who.internal)
         table = self.engine.catalog.table(database, table_name)
-        result = getattr(txn, op)(table, payload)
+        result = getattr(txn, method or op)(table, payload)
         return result, txn.commit()
 
     async def Insert(self, request: pb.InsertRequest, context: Ctx) -> pb.InsertResponse:
@@ -283,7 +296,10 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         )
 
     async def Upsert(self, request: pb.UpsertRequest, context: Ctx) -> pb.UpsertResponse:
-        result, version = self._single(request.database, request.table, "upsert", request.records)
+        method = "merge_upsert" if request.merge else "upsert"
+        result, version = self._single(
+            request.database, request.table, "upsert", request.records, method
+        )
         return pb.UpsertResponse(upserted_ids=result.written, version=version)
 
     async def Delete(self, request: pb.DeleteRequest, context: Ctx) -> pb.DeleteResponse:
@@ -536,6 +552,22 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
             deleted_transactions=entries, purged_tombstones=tombstones
         )
 
+    async def RevertTransaction(
+        self, request: pb.RevertTransactionRequest, context: Ctx
+    ) -> pb.RevertTransactionResponse:
+        who = self._caller()
+        check_name("database", request.database)
+        local = self.engine.transaction(request.database, who.name, who.internal)
+        target = revert.find(
+            self.engine, request.database, request.origin, request.version, request.timestamp
+        )
+        plan = revert.plan(self.engine, local, target)
+        for table, action in plan.actions():  # all of them before anything is written
+            require(who, action, request.database, table)
+        if not request.force:
+            plan.refuse_later_changes()
+        return plan.response(self.engine.node_name, plan.commit(local))
+
     # -- replication -------------------------------------------------------------------
 
     async def Subscribe(
@@ -621,6 +653,87 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
             node_name=self.engine.node_name,
             node_time=self.engine.clock.peek(),
         )
+
+    # -- analytics ---------------------------------------------------------------------
+
+    async def RecordAnalytics(
+        self, request: pb.RecordAnalyticsRequest, context: Ctx
+    ) -> pb.RecordAnalyticsResponse:
+        self._internal()
+        if not request.samples:
+            raise InvalidArgument("no samples given")
+        limit = metrics_catalog.MAX_SAMPLES_PER_REQUEST
+        if len(request.samples) > limit:
+            raise ResourceExhausted(
+                f"{len(request.samples)} samples in one request; the limit is {limit}"
+            )
+        samples: list[metrics_catalog.Sample] = []
+        for i, s in enumerate(request.samples):
+            try:
+                samples.append(
+                    metrics_catalog.make_sample(s.metric, s.time_ms, s.value, s.labels, s.count)
+                )
+            except metrics_catalog.InvalidSample as exc:
+                raise InvalidArgument(f"sample {i}: {exc}") from exc
+        return pb.RecordAnalyticsResponse(recorded=self.analytics.record(samples))
+
+    # -- backups -----------------------------------------------------------------------
+
+    async def Backup(
+        self, request: pb.BackupRequest, context: Ctx
+    ) -> AsyncIterator[pb.BackupResponse]:
+        self._internal()
+        plan = backup.plan_backup(self.engine, request)
+        yield pb.BackupResponse(header=plan.header)
+        for rows in plan.rows:
+            yield pb.BackupResponse(rows=rows)
+        for transactions in plan.transactions:
+            if transactions:
+                yield pb.BackupResponse(transactions=transactions)
+            else:
+                await asyncio.sleep(0)
+
+    async def Restore(
+        self, request_iterator: AsyncIterator[pb.RestoreRequest], context: Ctx
+    ) -> pb.RestoreResponse:
+        self._internal()
+        iterator = aiter(request_iterator)
+        try:
+            first = await anext(iterator)
+        except StopAsyncIteration:
+            raise InvalidArgument("the stream is empty: send a header first") from None
+        if not first.HasField("header"):
+            raise InvalidArgument("the first message must hold the header")
+        session: backup.RestoreSession | None = None
+        try:
+            session = backup.RestoreSession(self.engine, first.header, self.restores)
+            message = first
+            while not message.complete:
+                if message.rows:
+                    session.rows(list(message.rows))
+                if message.transactions:
+                    session.transactions(list(message.transactions))
+                try:
+                    message = await anext(iterator)
+                except StopAsyncIteration:
+                    raise InvalidArgument(
+                        "the stream ended without a message marked complete: the restore is"
+                        " interrupted (positions were not adopted)"
+                    ) from None
+                if message.HasField("header"):
+                    raise InvalidArgument("only one header is allowed, in the first message")
+            if message.rows or message.transactions:
+                raise InvalidArgument("the message marked complete must carry nothing else")
+            return session.finish().response(session.database)
+        except Exception:
+            # Fail only once the client has sent everything: a grpc.aio client still
+            # writing when the call ends gets INTERNAL instead of this error.
+            async for _ in iterator:
+                pass
+            raise
+        finally:
+            if session is not None:
+                session.close()
 
     # -- users and roles ---------------------------------------------------------------
 

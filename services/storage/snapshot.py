@@ -17,12 +17,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import orjson
+import rocksdict
 from shoal.storage.v1 import storage_pb2, types_pb2
 
 from services.common.errors import InvalidArgument
 from services.storage import keys
 from services.storage.commit import table_schema
 from services.storage.engine import Engine
+from services.storage.schema import Table
 
 DEFAULT_ROWS = 1000
 DEFAULT_BYTES = 1024 * 1024
@@ -67,34 +69,47 @@ def plan_snapshot(engine: Engine, request: storage_pb2.SnapshotRequest) -> Snaps
         tables=[table_schema(t, with_attributes=True) for t in replicated],
         estimated_rows=sum(engine.counts.get(t.table_id, 0) for t in tables),
     )
-    max_rows = request.max_batch_rows or DEFAULT_ROWS
-    max_bytes = request.max_batch_bytes or DEFAULT_BYTES
+    batches = row_batches(
+        iterator,
+        tables,
+        start_table,
+        start_key,
+        request.max_batch_rows or DEFAULT_ROWS,
+        request.max_batch_bytes or DEFAULT_BYTES,
+    )
+    return SnapshotPlan(header, batches)
 
-    def batches() -> Iterator[list[types_pb2.SnapshotRow]]:
-        batch: list[types_pb2.SnapshotRow] = []
-        size = 0
-        for table in tables:
-            prefix = keys.table_prefix(table.table_id)
-            resume = table.name == start_table and start_key
-            iterator.seek(prefix + start_key if resume else prefix)
-            if resume and iterator.valid() and iterator.key() == prefix + start_key:
-                iterator.next()
-            while iterator.valid():
-                key = iterator.key()
-                if not key.startswith(prefix):
-                    break
-                pk, _ = keys.decode_value(key, len(prefix))
-                state = iterator.value()
-                batch.append(
-                    types_pb2.SnapshotRow(table=table.name, id=orjson.dumps(pk), state=state)
-                )
-                size += len(state) + len(key)
-                if len(batch) >= max_rows or size >= max_bytes:
-                    yield batch
-                    batch = []
-                    size = 0
-                iterator.next()
-        if batch:
-            yield batch
 
-    return SnapshotPlan(header, batches())
+def row_batches(
+    iterator: rocksdict.RdictIter,
+    tables: list[Table],
+    start_table: str,
+    start_key: bytes,
+    max_rows: int,
+    max_bytes: int,
+) -> Iterator[list[types_pb2.SnapshotRow]]:
+    """Rows of ``tables`` (in the order given) read through one data-CF iterator, in
+    batches bounded in count and bytes; ``start_table`` resumes after ``start_key``."""
+    batch: list[types_pb2.SnapshotRow] = []
+    size = 0
+    for table in tables:
+        prefix = keys.table_prefix(table.table_id)
+        resume = table.name == start_table and start_key
+        iterator.seek(prefix + start_key if resume else prefix)
+        if resume and iterator.valid() and iterator.key() == prefix + start_key:
+            iterator.next()
+        while iterator.valid():
+            key = iterator.key()
+            if not key.startswith(prefix):
+                break
+            pk, _ = keys.decode_value(key, len(prefix))
+            state = iterator.value()
+            batch.append(types_pb2.SnapshotRow(table=table.name, id=orjson.dumps(pk), state=state))
+            size += len(state) + len(key)
+            if len(batch) >= max_rows or size >= max_bytes:
+                yield batch
+                batch = []
+                size = 0
+            iterator.next()
+    if batch:
+        yield batch

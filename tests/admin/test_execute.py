@@ -181,3 +181,16 @@ def test_system_information(admin: AdminClient, admin_node: Node) -> None:
     assert info["memory"]["total"] > 0
     pids = {p["pid"] for p in info["processes"]}
     assert {admin_node.processes[s].pid for s in ("storage", "replicator", "admin")} <= pids
+    admin.ok({"operation": "create_table", "database": "dev", "table": "cat"})
+    admin.ok({"operation": "insert", "database": "dev", "table": "cat", "records": [{"id": 1}]})
+    node_info = admin.ok(
+        {"operation": "system_information", "attributes": ["table_size", "replication"]}
+    )
+    assert set(node_info) == {"table_size", "replication"}
+    assert {"database": "dev", "table": "cat", "record_count": 1} in node_info["table_size"]
+    assert node_info["replication"]["node_name"] == admin_node.name
+    assert node_info["replication"]["removed"] is False
+    everything = admin.ok({"operation": "system_information"})
+    assert {"system", "cpu", "table_size", "replication"} <= set(everything)
+    _, code = admin.execute({"operation": "system_information", "attributes": ["gpu"]})
+    assert code == INVALID_ARGUMENT

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -57,14 +58,21 @@ class Cluster:
         config: dict[str, Any] | None = None,
         node_config: dict[int, dict[str, Any]] | None = None,
         services: tuple[str, ...] = ("storage", "replicator"),
+        gossip: bool | None = None,
     ) -> None:
+        """``gossip`` (dial every member of system.hdb_nodes) defaults to on for a mesh
+        and off for other topologies, which would otherwise become a mesh."""
         self.workdir = workdir
         self.ca = CertificateAuthority.create() if tls else None
         names = [next_address() for _ in range(size)]
         routes = topology(names) if callable(topology) else topology
+        if gossip is None:
+            gossip = topology is mesh
         self.nodes: list[Node] = []
         for i, name in enumerate(names):
-            extra: dict[str, Any] = {"replication": {**FAST_REPLICATION, "routes": routes[name]}}
+            extra: dict[str, Any] = {
+                "replication": {**FAST_REPLICATION, "routes": routes[name], "gossip": gossip}
+            }
             if self.ca is not None:
                 extra["tls"] = self.ca.write_node_files(workdir / name / "tls", name, [name])
             node = Node(workdir, name=name, host=name, config=extra, services=services)
@@ -138,6 +146,18 @@ class Cluster:
             return values.pop() if len(values) == 1 else None
 
         return wait_for(same, timeout, "the nodes to converge", interval=0.1)
+
+    def wait_members(self, timeout: float = 30.0) -> None:
+        """Wait until every node's system.hdb_nodes lists every node (each node writes its
+        own row when its replicator starts; the rows replicate like any other)."""
+        names = {node.name for node in self.nodes}
+
+        def listed(node: Node) -> bool:
+            rows = node.internal_client().all_records("system", "hdb_nodes", "name")
+            return {r["name"] for r in rows} == names
+
+        for node in self.nodes:
+            wait_for(partial(listed, node), timeout, f"{node.name} to list every member")
 
     def clients(self) -> list[StorageClient]:
         return [node.client() for node in self.nodes]

@@ -93,7 +93,7 @@ def test_node_secret_bearer_is_the_internal_identity(node: Node) -> None:
     assert node.client().get("dev", "dog", [1]) == [{"id": 1}]
     txn = internal.transactions("dev")[-1]
     assert txn.user == "node:" + node.name
-    positions = internal.call("GetPositions", pb.GetPositionsRequest())
+    positions = internal.call("GetPositions", pb.GetPositionsRequest(database="dev"))
     assert positions.node_name == node.name
     assert [(p.database, p.origin, p.version) for p in positions.positions] == [
         ("dev", node.name, reply.version)
@@ -134,7 +134,7 @@ def test_internal_rpcs_are_denied_to_users(node: Node, client: StorageClient) ->
         assert (info.domain, info.reason) == ("shoal", "PERMISSION_DENIED")
     # Nothing was applied or merged.
     assert client.all_records("dev", "dog") == [{"id": 1}]
-    positions = node.internal_client().call("GetPositions", pb.GetPositionsRequest())
+    positions = node.internal_client().call("GetPositions", pb.GetPositionsRequest(database="dev"))
     assert [p.origin for p in positions.positions] == [node.name]
     assert list(positions.copies) == []
 

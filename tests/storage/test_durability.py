@@ -78,7 +78,7 @@ def test_acknowledged_writes_survive_kill_9(
     # The log holds every acknowledged transaction, and positions agree with it.
     logged = [t.version for t in client.transactions("dev", "item") if t.writes]
     assert set(writer.versions) <= set(logged)
-    positions = node.internal_client().call("GetPositions", pb.GetPositionsRequest())
+    positions = node.internal_client().call("GetPositions", pb.GetPositionsRequest(database="dev"))
     assert [(p.origin, p.version) for p in positions.positions] == [(node.name, logged[-1])]
     # The node carries on where it stopped.
     after = client.insert("dev", "item", [{"id": 100_000}])
@@ -101,7 +101,7 @@ def test_clock_never_goes_back_across_restarts(make_node: MakeNode) -> None:
     client = node.client()
     after = client.insert("dev", "dog", [{"id": 100}]).version
     assert after > before[-1]
-    status = node.internal_client().call("GetPositions", pb.GetPositionsRequest())
+    status = node.internal_client().call("GetPositions", pb.GetPositionsRequest(database="dev"))
     assert status.node_time >= after
 
     # The same after a version observed from another node (Apply), then kill -9.

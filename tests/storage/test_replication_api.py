@@ -246,7 +246,7 @@ def test_subscribe_positions_exclusions_and_filters(node: Node, client: StorageC
     assert all(s.name == "cat" for t in only_cat for s in t.tables)
 
     every_database = sent(until_caught_up(internal, pb.SubscribeRequest()))
-    assert {t.database for t in every_database} == {"dev", "other"}
+    assert {t.database for t in every_database} == {"dev", "other", "system"}
 
     # Nothing pending: the first message says so at once.
     latest = positions(internal)
@@ -869,7 +869,7 @@ def test_subscribe_below_the_log_horizon_is_log_truncated(
     )
     ts = Timestamp()
     ts.FromMilliseconds(cutoff)
-    purged = client.call("DeleteLogsBefore", pb.DeleteLogsBeforeRequest(before=ts))
+    purged = client.call("DeleteLogsBefore", pb.DeleteLogsBeforeRequest(before=ts, database="dev"))
     assert purged.deleted_transactions == 3
     third = client.insert("dev", "dog", [{"id": 3}]).version
 
@@ -894,12 +894,15 @@ def test_subscribe_below_the_log_horizon_is_log_truncated(
         until_caught_up(
             internal,
             pb.SubscribeRequest(
-                positions=[types_pb2.Position(database="dev", origin=node.name, version=second)]
+                databases=["dev"],
+                positions=[types_pb2.Position(database="dev", origin=node.name, version=second)],
             ),
         )
     )
     assert [t.version for t in at_horizon] == [third]
-    later = sent(until_caught_up(internal, pb.SubscribeRequest(default_version=first)))
+    later = sent(
+        until_caught_up(internal, pb.SubscribeRequest(databases=["dev"], default_version=first))
+    )
     assert [t.version for t in later] == [third]
-    horizons = internal.call("GetPositions", pb.GetPositionsRequest()).horizons
+    horizons = internal.call("GetPositions", pb.GetPositionsRequest(database="dev")).horizons
     assert [(h.database, h.origin, h.version) for h in horizons] == [("dev", node.name, second)]

@@ -383,20 +383,30 @@ def test_system_database_is_reserved_for_users(client: StorageClient, node: Node
         info = error_info(error)
         assert info.domain == "shoal"
         assert info.reason == "PERMISSION_DENIED"
+    # DescribeAll lists it only for the node's own services; super users read its tables.
     reply = client.call("DescribeAll", pb.DescribeAllRequest())
     assert [d.name for d in reply.databases] == []
-    # The node's own services may use it.
     internal = node.internal_client()
-    table = internal.create_table("system", "hdb_nodes")
+    reply = internal.call("DescribeAll", pb.DescribeAllRequest())
+    [system] = [d for d in reply.databases if d.name == "system"]
+    assert sorted(t.name for t in system.tables) == [
+        "hdb_analytics",
+        "hdb_certificate",
+        "hdb_nodes",
+        "hdb_raw_analytics",
+    ]
+    assert client.describe("system", "hdb_nodes").primary_key == "name"
+    # The node's own services may write it.
+    table = internal.create_table("system", "custom")
     assert table.database == "system"
-    expect_error(denied, lambda: client.insert("system", "hdb_nodes", [{"id": 1}]), "system")
+    expect_error(denied, lambda: client.insert("system", "custom", [{"id": 1}]), "system")
     expect_error(
         denied,
-        lambda: client.call("DropTable", pb.DropTableRequest(database="system", table="hdb_nodes")),
+        lambda: client.call("DropTable", pb.DropTableRequest(database="system", table="custom")),
         "system",
     )
-    internal.insert("system", "hdb_nodes", [{"id": 1}])
-    assert internal.get("system", "hdb_nodes", [1]) == [{"id": 1}]
+    internal.insert("system", "custom", [{"id": 1}])
+    assert internal.get("system", "custom", [1]) == [{"id": 1}]
 
 
 @pytest.mark.parametrize("name", ["dev", "D_$-9"])

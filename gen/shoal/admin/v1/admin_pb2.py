@@ -23,35 +23,90 @@ _sym_db = _symbol_database.Default()
 
 
 from shoal.replicator.v1 import replicator_pb2 as shoal_dot_replicator_dot_v1_dot_replicator__pb2
+from shoal.storage.v1 import types_pb2 as shoal_dot_storage_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ashoal/admin/v1/admin.proto\x12\x0eshoal.admin.v1\x1a$shoal/replicator/v1/replicator.proto\"#\n\x0e\x45xecuteRequest\x12\x11\n\toperation\x18\x01 \x01(\x0c\"/\n\x0f\x45xecuteResponse\x12\x0e\n\x06result\x18\x01 \x01(\x0c\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\"\x16\n\x14\x43lusterStatusRequest\"t\n\x15\x43lusterStatusResponse\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x12\n\nis_enabled\x18\x02 \x01(\x08\x12\x34\n\x0b\x63onnections\x18\x03 \x03(\x0b\x32\x1f.shoal.replicator.v1.Connection\"\x12\n\x10GetRoutesRequest\"?\n\x11GetRoutesResponse\x12*\n\x06routes\x18\x01 \x03(\x0b\x32\x1a.shoal.replicator.v1.Route\">\n\x10SetRoutesRequest\x12*\n\x06routes\x18\x01 \x03(\x0b\x32\x1a.shoal.replicator.v1.Route\"i\n\x11SetRoutesResponse\x12\'\n\x03set\x18\x01 \x03(\x0b\x32\x1a.shoal.replicator.v1.Route\x12+\n\x07skipped\x18\x02 \x03(\x0b\x32\x1a.shoal.replicator.v1.Route\"(\n\x13\x44\x65leteRoutesRequest\x12\x11\n\thostnames\x18\x01 \x03(\t\"T\n\x14\x44\x65leteRoutesResponse\x12+\n\x07\x64\x65leted\x18\x01 \x03(\x0b\x32\x1a.shoal.replicator.v1.Route\x12\x0f\n\x07skipped\x18\x02 \x03(\t2\xb7\x03\n\x0c\x41\x64minService\x12J\n\x07\x45xecute\x12\x1e.shoal.admin.v1.ExecuteRequest\x1a\x1f.shoal.admin.v1.ExecuteResponse\x12\\\n\rClusterStatus\x12$.shoal.admin.v1.ClusterStatusRequest\x1a%.shoal.admin.v1.ClusterStatusResponse\x12P\n\tGetRoutes\x12 .shoal.admin.v1.GetRoutesRequest\x1a!.shoal.admin.v1.GetRoutesResponse\x12P\n\tSetRoutes\x12 .shoal.admin.v1.SetRoutesRequest\x1a!.shoal.admin.v1.SetRoutesResponse\x12Y\n\x0c\x44\x65leteRoutes\x12#.shoal.admin.v1.DeleteRoutesRequest\x1a$.shoal.admin.v1.DeleteRoutesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ashoal/admin/v1/admin.proto\x12\x0eshoal.admin.v1\x1a$shoal/replicator/v1/replicator.proto\x1a\x1cshoal/storage/v1/types.proto\"#\n\x0e\x45xecuteRequest\x12\x11\n\toperation\x18\x01 \x01(\x0c\"/\n\x0f\x45xecuteResponse\x12\x0e\n\x06result\x18\x01 \x01(\x0c\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\"$\n\x10GetBackupRequest\x12\x10\n\x08\x64\x61tabase\x18\x01 \x01(\t\"L\n\x11GetBackupResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\x12(\n\x04info\x18\x02 \x01(\x0b\x32\x1a.shoal.admin.v1.BackupInfo\"\xfe\x01\n\nBackupInfo\x12\x10\n\x08\x64\x61tabase\x18\x01 \x01(\t\x12\x11\n\tnode_name\x18\x02 \x01(\t\x12\x11\n\tnode_time\x18\x03 \x01(\x04\x12\x13\n\x0btaken_at_ms\x18\x04 \x01(\x04\x12-\n\tpositions\x18\x05 \x03(\x0b\x32\x1a.shoal.storage.v1.Position\x12,\n\x08horizons\x18\x06 \x03(\x0b\x32\x1a.shoal.storage.v1.Position\x12\x0c\n\x04rows\x18\x07 \x01(\x04\x12\x14\n\x0ctransactions\x18\x08 \x01(\x04\x12\x12\n\nsize_bytes\x18\t \x01(\x04\x12\x0e\n\x06sha256\x18\n \x01(\t\"K\n\x13RestoreBackupHeader\x12\x15\n\x08until_ms\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\x10\n\x08\x64\x61tabase\x18\x02 \x01(\tB\x0b\n\t_until_ms\"{\n\x14RestoreBackupRequest\x12\x35\n\x06header\x18\x01 \x01(\x0b\x32#.shoal.admin.v1.RestoreBackupHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12\x13\n\tlog_chunk\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04part\"\xcd\x01\n\x15RestoreBackupResponse\x12\x10\n\x08\x64\x61tabase\x18\x01 \x01(\t\x12)\n\x04mode\x18\x02 \x01(\x0e\x32\x1b.shoal.admin.v1.RestoreMode\x12\x0c\n\x04rows\x18\x03 \x01(\x04\x12\x1b\n\x13logged_transactions\x18\x04 \x01(\x04\x12\x1d\n\x15replayed_transactions\x18\x05 \x01(\x04\x12-\n\tpositions\x18\x06 \x03(\x0b\x32\x1a.shoal.storage.v1.Position\"\x16\n\x14\x43lusterStatusRequest\"\x85\x01\n\x15\x43lusterStatusResponse\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x12\n\nis_enabled\x18\x02 \x01(\x08\x12\x34\n\x0b\x63onnections\x18\x03 \x03(\x0b\x32\x1f.shoal.replicator.v1.Connection\x12\x0f\n\x07removed\x18\x04 \x01(\x08\"\x12\n\x10GetRoutesRequest\"?\n\x11GetRoutesResponse\x12*\n\x06routes\x18\x01 \x03(\x0b\x32\x1a.shoal.replicator.v1.Route\">\n\x10SetRoutesRequest\x12*\n\x06routes\x18\x01 \x03(\x0b\x32\x1a.shoal.replicator.v1.Route\"i\n\x11SetRoutesResponse\x12\'\n\x03set\x18\x01 \x03(\x0b\x32\x1a.shoal.replicator.v1.Route\x12+\n\x07skipped\x18\x02 \x03(\x0b\x32\x1a.shoal.replicator.v1.Route\"(\n\x13\x44\x65leteRoutesRequest\x12\x11\n\thostnames\x18\x01 \x03(\t\"T\n\x14\x44\x65leteRoutesResponse\x12+\n\x07\x64\x65leted\x18\x01 \x03(\x0b\x32\x1a.shoal.replicator.v1.Route\x12\x0f\n\x07skipped\x18\x02 \x03(\t\"j\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12)\n\x05route\x18\x03 \x01(\x0b\x32\x1a.shoal.replicator.v1.Route\x12\x12\n\x05shard\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_shard\"p\n\x0e\x41\x64\x64NodeRequest\x12)\n\x05route\x18\x01 \x01(\x0b\x32\x1a.shoal.replicator.v1.Route\x12\x12\n\x05shard\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x15\n\rauthorization\x18\x03 \x01(\tB\x08\n\x06_shard\"5\n\x0f\x41\x64\x64NodeResponse\x12\"\n\x04node\x18\x01 \x01(\x0b\x32\x14.shoal.admin.v1.Node\"\\\n\x11UpdateNodeRequest\x12)\n\x05route\x18\x01 \x01(\x0b\x32\x1a.shoal.replicator.v1.Route\x12\x12\n\x05shard\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_shard\"8\n\x12UpdateNodeResponse\x12\"\n\x04node\x18\x01 \x01(\x0b\x32\x14.shoal.admin.v1.Node\"!\n\x11RemoveNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"8\n\x12RemoveNodeResponse\x12\"\n\x04node\x18\x01 \x01(\x0b\x32\x14.shoal.admin.v1.Node\"\x12\n\x10ListNodesRequest\"I\n\x11ListNodesResponse\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.shoal.admin.v1.Node\x12\x0f\n\x07removed\x18\x02 \x03(\t\"E\n\x17\x43onfigureClusterRequest\x12*\n\x06routes\x18\x01 \x03(\x0b\x32\x1a.shoal.replicator.v1.Route\"w\n\x18\x43onfigureClusterResponse\x12#\n\x05\x61\x64\x64\x65\x64\x18\x01 \x03(\x0b\x32\x14.shoal.admin.v1.Node\x12%\n\x07updated\x18\x02 \x03(\x0b\x32\x14.shoal.admin.v1.Node\x12\x0f\n\x07removed\x18\x03 \x03(\t\"\xd4\x01\n\x13GetAnalyticsRequest\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\x15\n\rstart_time_ms\x18\x02 \x01(\x03\x12\x13\n\x0b\x65nd_time_ms\x18\x03 \x01(\x03\x12\x11\n\tperiod_ms\x18\x04 \x01(\r\x12?\n\x06labels\x18\x05 \x03(\x0b\x32/.shoal.admin.v1.GetAnalyticsRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8a\x02\n\x0c\x41nalyticsRow\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\x0f\n\x07time_ms\x18\x03 \x01(\x03\x12\x11\n\tperiod_ms\x18\x04 \x01(\r\x12\x38\n\x06labels\x18\x05 \x03(\x0b\x32(.shoal.admin.v1.AnalyticsRow.LabelsEntry\x12\r\n\x05value\x18\x06 \x01(\x01\x12\r\n\x05\x63ount\x18\x07 \x01(\x01\x12\x0b\n\x03sum\x18\x08 \x01(\x01\x12\x0b\n\x03min\x18\t \x01(\x01\x12\x0b\n\x03max\x18\n \x01(\x01\x12\x0c\n\x04mean\x18\x0b \x01(\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x14GetAnalyticsResponse\x12*\n\x04rows\x18\x01 \x03(\x0b\x32\x1c.shoal.admin.v1.AnalyticsRow\"*\n\x12ListMetricsRequest\x12\x14\n\x0cmetric_types\x18\x01 \x03(\t\"&\n\x13ListMetricsResponse\x12\x0f\n\x07metrics\x18\x01 \x03(\t*\x7f\n\x0bRestoreMode\x12\x1c\n\x18RESTORE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15RESTORE_MODE_SNAPSHOT\x10\x01\x12!\n\x1dRESTORE_MODE_SNAPSHOT_AND_LOG\x10\x02\x12\x14\n\x10RESTORE_MODE_LOG\x10\x03\x32\xcd\t\n\x0c\x41\x64minService\x12J\n\x07\x45xecute\x12\x1e.shoal.admin.v1.ExecuteRequest\x1a\x1f.shoal.admin.v1.ExecuteResponse\x12R\n\tGetBackup\x12 .shoal.admin.v1.GetBackupRequest\x1a!.shoal.admin.v1.GetBackupResponse0\x01\x12^\n\rRestoreBackup\x12$.shoal.admin.v1.RestoreBackupRequest\x1a%.shoal.admin.v1.RestoreBackupResponse(\x01\x12\\\n\rClusterStatus\x12$.shoal.admin.v1.ClusterStatusRequest\x1a%.shoal.admin.v1.ClusterStatusResponse\x12P\n\tGetRoutes\x12 .shoal.admin.v1.GetRoutesRequest\x1a!.shoal.admin.v1.GetRoutesResponse\x12P\n\tSetRoutes\x12 .shoal.admin.v1.SetRoutesRequest\x1a!.shoal.admin.v1.SetRoutesResponse\x12Y\n\x0c\x44\x65leteRoutes\x12#.shoal.admin.v1.DeleteRoutesRequest\x1a$.shoal.admin.v1.DeleteRoutesResponse\x12J\n\x07\x41\x64\x64Node\x12\x1e.shoal.admin.v1.AddNodeRequest\x1a\x1f.shoal.admin.v1.AddNodeResponse\x12S\n\nUpdateNode\x12!.shoal.admin.v1.UpdateNodeRequest\x1a\".shoal.admin.v1.UpdateNodeResponse\x12S\n\nRemoveNode\x12!.shoal.admin.v1.RemoveNodeRequest\x1a\".shoal.admin.v1.RemoveNodeResponse\x12P\n\tListNodes\x12 .shoal.admin.v1.ListNodesRequest\x1a!.shoal.admin.v1.ListNodesResponse\x12\x65\n\x10\x43onfigureCluster\x12\'.shoal.admin.v1.ConfigureClusterRequest\x1a(.shoal.admin.v1.ConfigureClusterResponse\x12Y\n\x0cGetAnalytics\x12#.shoal.admin.v1.GetAnalyticsRequest\x1a$.shoal.admin.v1.GetAnalyticsResponse\x12V\n\x0bListMetrics\x12\".shoal.admin.v1.ListMetricsRequest\x1a#.shoal.admin.v1.ListMetricsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shoal.admin.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EXECUTEREQUEST']._serialized_start=84
-  _globals['_EXECUTEREQUEST']._serialized_end=119
-  _globals['_EXECUTERESPONSE']._serialized_start=121
-  _globals['_EXECUTERESPONSE']._serialized_end=168
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=170
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=192
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=194
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=310
-  _globals['_GETROUTESREQUEST']._serialized_start=312
-  _globals['_GETROUTESREQUEST']._serialized_end=330
-  _globals['_GETROUTESRESPONSE']._serialized_start=332
-  _globals['_GETROUTESRESPONSE']._serialized_end=395
-  _globals['_SETROUTESREQUEST']._serialized_start=397
-  _globals['_SETROUTESREQUEST']._serialized_end=459
-  _globals['_SETROUTESRESPONSE']._serialized_start=461
-  _globals['_SETROUTESRESPONSE']._serialized_end=566
-  _globals['_DELETEROUTESREQUEST']._serialized_start=568
-  _globals['_DELETEROUTESREQUEST']._serialized_end=608
-  _globals['_DELETEROUTESRESPONSE']._serialized_start=610
-  _globals['_DELETEROUTESRESPONSE']._serialized_end=694
-  _globals['_ADMINSERVICE']._serialized_start=697
-  _globals['_ADMINSERVICE']._serialized_end=1136
+  _globals['_GETANALYTICSREQUEST_LABELSENTRY']._loaded_options = None
+  _globals['_GETANALYTICSREQUEST_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_ANALYTICSROW_LABELSENTRY']._loaded_options = None
+  _globals['_ANALYTICSROW_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_RESTOREMODE']._serialized_start=2972
+  _globals['_RESTOREMODE']._serialized_end=3099
+  _globals['_EXECUTEREQUEST']._serialized_start=114
+  _globals['_EXECUTEREQUEST']._serialized_end=149
+  _globals['_EXECUTERESPONSE']._serialized_start=151
+  _globals['_EXECUTERESPONSE']._serialized_end=198
+  _globals['_GETBACKUPREQUEST']._serialized_start=200
+  _globals['_GETBACKUPREQUEST']._serialized_end=236
+  _globals['_GETBACKUPRESPONSE']._serialized_start=238
+  _globals['_GETBACKUPRESPONSE']._serialized_end=314
+  _globals['_BACKUPINFO']._serialized_start=317
+  _globals['_BACKUPINFO']._serialized_end=571
+  _globals['_RESTOREBACKUPHEADER']._serialized_start=573
+  _globals['_RESTOREBACKUPHEADER']._serialized_end=648
+  _globals['_RESTOREBACKUPREQUEST']._serialized_start=650
+  _globals['_RESTOREBACKUPREQUEST']._serialized_end=773
+  _globals['_RESTOREBACKUPRESPONSE']._serialized_start=776
+  _globals['_RESTOREBACKUPRESPONSE']._serialized_end=981
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=983
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=1005
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=1008
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=1141
+  _globals['_GETROUTESREQUEST']._serialized_start=1143
+  _globals['_GETROUTESREQUEST']._serialized_end=1161
+  _globals['_GETROUTESRESPONSE']._serialized_start=1163
+  _globals['_GETROUTESRESPONSE']._serialized_end=1226
+  _globals['_SETROUTESREQUEST']._serialized_start=1228
+  _globals['_SETROUTESREQUEST']._serialized_end=1290
+  _globals['_SETROUTESRESPONSE']._serialized_start=1292
+  _globals['_SETROUTESRESPONSE']._serialized_end=1397
+  _globals['_DELETEROUTESREQUEST']._serialized_start=1399
+  _globals['_DELETEROUTESREQUEST']._serialized_end=1439
+  _globals['_DELETEROUTESRESPONSE']._serialized_start=1441
+  _globals['_DELETEROUTESRESPONSE']._serialized_end=1525
+  _globals['_NODE']._serialized_start=1527
+  _globals['_NODE']._serialized_end=1633
+  _globals['_ADDNODEREQUEST']._serialized_start=1635
+  _globals['_ADDNODEREQUEST']._serialized_end=1747
+  _globals['_ADDNODERESPONSE']._serialized_start=1749
+  _globals['_ADDNODERESPONSE']._serialized_end=1802
+  _globals['_UPDATENODEREQUEST']._serialized_start=1804
+  _globals['_UPDATENODEREQUEST']._serialized_end=1896
+  _globals['_UPDATENODERESPONSE']._serialized_start=1898
+  _globals['_UPDATENODERESPONSE']._serialized_end=1954
+  _globals['_REMOVENODEREQUEST']._serialized_start=1956
+  _globals['_REMOVENODEREQUEST']._serialized_end=1989
+  _globals['_REMOVENODERESPONSE']._serialized_start=1991
+  _globals['_REMOVENODERESPONSE']._serialized_end=2047
+  _globals['_LISTNODESREQUEST']._serialized_start=2049
+  _globals['_LISTNODESREQUEST']._serialized_end=2067
+  _globals['_LISTNODESRESPONSE']._serialized_start=2069
+  _globals['_LISTNODESRESPONSE']._serialized_end=2142
+  _globals['_CONFIGURECLUSTERREQUEST']._serialized_start=2144
+  _globals['_CONFIGURECLUSTERREQUEST']._serialized_end=2213
+  _globals['_CONFIGURECLUSTERRESPONSE']._serialized_start=2215
+  _globals['_CONFIGURECLUSTERRESPONSE']._serialized_end=2334
+  _globals['_GETANALYTICSREQUEST']._serialized_start=2337
+  _globals['_GETANALYTICSREQUEST']._serialized_end=2549
+  _globals['_GETANALYTICSREQUEST_LABELSENTRY']._serialized_start=2504
+  _globals['_GETANALYTICSREQUEST_LABELSENTRY']._serialized_end=2549
+  _globals['_ANALYTICSROW']._serialized_start=2552
+  _globals['_ANALYTICSROW']._serialized_end=2818
+  _globals['_ANALYTICSROW_LABELSENTRY']._serialized_start=2504
+  _globals['_ANALYTICSROW_LABELSENTRY']._serialized_end=2549
+  _globals['_GETANALYTICSRESPONSE']._serialized_start=2820
+  _globals['_GETANALYTICSRESPONSE']._serialized_end=2886
+  _globals['_LISTMETRICSREQUEST']._serialized_start=2888
+  _globals['_LISTMETRICSREQUEST']._serialized_end=2930
+  _globals['_LISTMETRICSRESPONSE']._serialized_start=2932
+  _globals['_LISTMETRICSRESPONSE']._serialized_end=2970
+  _globals['_ADMINSERVICE']._serialized_start=3102
+  _globals['_ADMINSERVICE']._serialized_end=4331
 # @@protoc_insertion_point(module_scope)

@@ -19,7 +19,9 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from shoal.replicator.v1 import replicator_pb2 as _replicator_pb2
+from shoal.storage.v1 import types_pb2 as _types_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -30,6 +32,34 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _RestoreMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RestoreModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RestoreMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RESTORE_MODE_UNSPECIFIED: _RestoreMode.ValueType  # 0
+    """Never sent."""
+    RESTORE_MODE_SNAPSHOT: _RestoreMode.ValueType  # 1
+    """The backup's rows, nothing replayed."""
+    RESTORE_MODE_SNAPSHOT_AND_LOG: _RestoreMode.ValueType  # 2
+    """The backup's rows, then transactions of the log archive replayed."""
+    RESTORE_MODE_LOG: _RestoreMode.ValueType  # 3
+    """An empty database, then the log replayed from its first transaction."""
+
+class RestoreMode(_RestoreMode, metaclass=_RestoreModeEnumTypeWrapper):
+    """How a restore rebuilt the database."""
+
+RESTORE_MODE_UNSPECIFIED: RestoreMode.ValueType  # 0
+"""Never sent."""
+RESTORE_MODE_SNAPSHOT: RestoreMode.ValueType  # 1
+"""The backup's rows, nothing replayed."""
+RESTORE_MODE_SNAPSHOT_AND_LOG: RestoreMode.ValueType  # 2
+"""The backup's rows, then transactions of the log archive replayed."""
+RESTORE_MODE_LOG: RestoreMode.ValueType  # 3
+"""An empty database, then the log replayed from its first transaction."""
+Global___RestoreMode: _TypeAlias = RestoreMode  # noqa: Y015
 
 @_typing.final
 class ExecuteRequest(_message.Message):
@@ -80,6 +110,230 @@ class ExecuteResponse(_message.Message):
 Global___ExecuteResponse: _TypeAlias = ExecuteResponse  # noqa: Y015
 
 @_typing.final
+class GetBackupRequest(_message.Message):
+    """Request of GetBackup."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    database: _builtins.str
+    """Database to back up."""
+    def __init__(
+        self,
+        *,
+        database: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBackupRequest: _TypeAlias = GetBackupRequest  # noqa: Y015
+
+@_typing.final
+class GetBackupResponse(_message.Message):
+    """A message of the GetBackup stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNK_FIELD_NUMBER: _builtins.int
+    INFO_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    """The next bytes of the tar.gz archive."""
+    @_builtins.property
+    def info(self) -> Global___BackupInfo:
+        """Last message only: what the archive holds."""
+
+    def __init__(
+        self,
+        *,
+        chunk: _builtins.bytes = ...,
+        info: Global___BackupInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "info", b"info"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBackupResponse: _TypeAlias = GetBackupResponse  # noqa: Y015
+
+@_typing.final
+class BackupInfo(_message.Message):
+    """What a backup archive holds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    NODE_NAME_FIELD_NUMBER: _builtins.int
+    NODE_TIME_FIELD_NUMBER: _builtins.int
+    TAKEN_AT_MS_FIELD_NUMBER: _builtins.int
+    POSITIONS_FIELD_NUMBER: _builtins.int
+    HORIZONS_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    TRANSACTIONS_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    database: _builtins.str
+    """Database backed up."""
+    node_name: _builtins.str
+    """Node the backup was taken on."""
+    node_time: _builtins.int
+    """That node's hybrid clock at the consistent point (every version in the backup is at
+    or below it).
+    """
+    taken_at_ms: _builtins.int
+    """When the backup was taken, in Unix milliseconds (the physical part of node_time)."""
+    rows: _builtins.int
+    """Rows (records and tombstones) in the archive."""
+    transactions: _builtins.int
+    """Transactions of the archived log."""
+    size_bytes: _builtins.int
+    """Size of the archive in bytes."""
+    sha256: _builtins.str
+    """SHA-256 of the archive, in hex."""
+    @_builtins.property
+    def positions(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Position]:
+        """Positions per origin: the rows reflect exactly the transactions at or below them."""
+
+    @_builtins.property
+    def horizons(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Position]:
+        """Log horizons per origin: the archived log holds every transaction above them."""
+
+    def __init__(
+        self,
+        *,
+        database: _builtins.str = ...,
+        node_name: _builtins.str = ...,
+        node_time: _builtins.int = ...,
+        taken_at_ms: _builtins.int = ...,
+        positions: _abc.Iterable[_types_pb2.Position] | None = ...,
+        horizons: _abc.Iterable[_types_pb2.Position] | None = ...,
+        rows: _builtins.int = ...,
+        transactions: _builtins.int = ...,
+        size_bytes: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "horizons", b"horizons", "node_name", b"node_name", "node_time", b"node_time", "positions", b"positions", "rows", b"rows", "sha256", b"sha256", "size_bytes", b"size_bytes", "taken_at_ms", b"taken_at_ms", "transactions", b"transactions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BackupInfo: _TypeAlias = BackupInfo  # noqa: Y015
+
+@_typing.final
+class RestoreBackupHeader(_message.Message):
+    """First message of a RestoreBackup stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNTIL_MS_FIELD_NUMBER: _builtins.int
+    DATABASE_FIELD_NUMBER: _builtins.int
+    until_ms: _builtins.int
+    """Restore the state as of this time (Unix milliseconds); unset restores the state of
+    the backup (or of the end of the log archive, when one is sent).
+    """
+    database: _builtins.str
+    """Database to restore into; empty means the backup's own database name."""
+    def __init__(
+        self,
+        *,
+        until_ms: _builtins.int | None = ...,
+        database: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_until_ms", b"_until_ms", "until_ms", b"until_ms"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_until_ms", b"_until_ms", "database", b"database", "until_ms", b"until_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__until_ms: _TypeAlias = _typing.Literal["until_ms"]  # noqa: Y015
+    _WhichOneofArgType__until_ms: _TypeAlias = _typing.Literal["_until_ms", b"_until_ms"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__until_ms) -> _WhichOneofReturnType__until_ms | None: ...
+
+Global___RestoreBackupHeader: _TypeAlias = RestoreBackupHeader  # noqa: Y015
+
+@_typing.final
+class RestoreBackupRequest(_message.Message):
+    """A message of a RestoreBackup stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    LOG_CHUNK_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    """Next bytes of the backup archive."""
+    log_chunk: _builtins.bytes
+    """Next bytes of a later backup archive whose transaction log is replayed; after
+    every `chunk`.
+    """
+    @_builtins.property
+    def header(self) -> Global___RestoreBackupHeader:
+        """Exactly once, first."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___RestoreBackupHeader | None = ...,
+        chunk: _builtins.bytes = ...,
+        log_chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "log_chunk", b"log_chunk", "part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "log_chunk", b"log_chunk", "part", b"part"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk", "log_chunk"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___RestoreBackupRequest: _TypeAlias = RestoreBackupRequest  # noqa: Y015
+
+@_typing.final
+class RestoreBackupResponse(_message.Message):
+    """Response of RestoreBackup."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    LOGGED_TRANSACTIONS_FIELD_NUMBER: _builtins.int
+    REPLAYED_TRANSACTIONS_FIELD_NUMBER: _builtins.int
+    POSITIONS_FIELD_NUMBER: _builtins.int
+    database: _builtins.str
+    """Database restored."""
+    mode: Global___RestoreMode.ValueType
+    """How it was rebuilt."""
+    rows: _builtins.int
+    """Rows restored."""
+    logged_transactions: _builtins.int
+    """Transactions written to this node's log that the rows already reflect."""
+    replayed_transactions: _builtins.int
+    """Transactions replayed (applied) on top of the rows."""
+    @_builtins.property
+    def positions(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Position]:
+        """Positions of the database after the restore, per origin."""
+
+    def __init__(
+        self,
+        *,
+        database: _builtins.str = ...,
+        mode: Global___RestoreMode.ValueType = ...,
+        rows: _builtins.int = ...,
+        logged_transactions: _builtins.int = ...,
+        replayed_transactions: _builtins.int = ...,
+        positions: _abc.Iterable[_types_pb2.Position] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "logged_transactions", b"logged_transactions", "mode", b"mode", "positions", b"positions", "replayed_transactions", b"replayed_transactions", "rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestoreBackupResponse: _TypeAlias = RestoreBackupResponse  # noqa: Y015
+
+@_typing.final
 class ClusterStatusRequest(_message.Message):
     """Request of ClusterStatus."""
 
@@ -105,10 +359,13 @@ class ClusterStatusResponse(_message.Message):
     NODE_NAME_FIELD_NUMBER: _builtins.int
     IS_ENABLED_FIELD_NUMBER: _builtins.int
     CONNECTIONS_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
     node_name: _builtins.str
     """This node's name."""
     is_enabled: _builtins.bool
     """True when replication runs on this node."""
+    removed: _builtins.bool
+    """True when this node was removed from the cluster (see ReplicatorService.Status)."""
     @_builtins.property
     def connections(self) -> _containers.RepeatedCompositeFieldContainer[_replicator_pb2.Connection]:
         """Connections and configured routes, with per-database state."""
@@ -119,10 +376,11 @@ class ClusterStatusResponse(_message.Message):
         node_name: _builtins.str = ...,
         is_enabled: _builtins.bool = ...,
         connections: _abc.Iterable[_replicator_pb2.Connection] | None = ...,
+        removed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connections", b"connections", "is_enabled", b"is_enabled", "node_name", b"node_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connections", b"connections", "is_enabled", b"is_enabled", "node_name", b"node_name", "removed", b"removed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -276,3 +534,530 @@ class DeleteRoutesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteRoutesResponse: _TypeAlias = DeleteRoutesResponse  # noqa: Y015
+
+@_typing.final
+class Node(_message.Message):
+    """A member of the cluster: one row of system.hdb_nodes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    ROUTE_FIELD_NUMBER: _builtins.int
+    SHARD_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The node's name, which is also the host its peers dial."""
+    url: _builtins.str
+    """How peers reach it, e.g. `shoals://server-two:9933`."""
+    shard: _builtins.int
+    """Its shard, when it has one."""
+    @_builtins.property
+    def route(self) -> _replicator_pb2.Route:
+        """How members connect to it: port, TLS, flow, subscriptions, start time and revoked
+        certificate serials (`hostname` equals `name`).
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        url: _builtins.str = ...,
+        route: _replicator_pb2.Route | None = ...,
+        shard: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_shard", b"_shard", "route", b"route", "shard", b"shard"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_shard", b"_shard", "name", b"name", "route", b"route", "shard", b"shard", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__shard: _TypeAlias = _typing.Literal["shard"]  # noqa: Y015
+    _WhichOneofArgType__shard: _TypeAlias = _typing.Literal["_shard", b"_shard"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__shard) -> _WhichOneofReturnType__shard | None: ...
+
+Global___Node: _TypeAlias = Node  # noqa: Y015
+
+@_typing.final
+class AddNodeRequest(_message.Message):
+    """Request of AddNode."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTE_FIELD_NUMBER: _builtins.int
+    SHARD_FIELD_NUMBER: _builtins.int
+    AUTHORIZATION_FIELD_NUMBER: _builtins.int
+    shard: _builtins.int
+    """Its shard, when sharding is used."""
+    authorization: _builtins.str
+    """Temporary credentials for the certificate exchange ("Basic ..." or "Bearer ...");
+    used once, never stored.
+    """
+    @_builtins.property
+    def route(self) -> _replicator_pb2.Route:
+        """The node to add and how to connect to it."""
+
+    def __init__(
+        self,
+        *,
+        route: _replicator_pb2.Route | None = ...,
+        shard: _builtins.int | None = ...,
+        authorization: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_shard", b"_shard", "route", b"route", "shard", b"shard"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_shard", b"_shard", "authorization", b"authorization", "route", b"route", "shard", b"shard"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__shard: _TypeAlias = _typing.Literal["shard"]  # noqa: Y015
+    _WhichOneofArgType__shard: _TypeAlias = _typing.Literal["_shard", b"_shard"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__shard) -> _WhichOneofReturnType__shard | None: ...
+
+Global___AddNodeRequest: _TypeAlias = AddNodeRequest  # noqa: Y015
+
+@_typing.final
+class AddNodeResponse(_message.Message):
+    """Response of AddNode."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def node(self) -> Global___Node:
+        """The member as written."""
+
+    def __init__(
+        self,
+        *,
+        node: Global___Node | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddNodeResponse: _TypeAlias = AddNodeResponse  # noqa: Y015
+
+@_typing.final
+class UpdateNodeRequest(_message.Message):
+    """Request of UpdateNode."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTE_FIELD_NUMBER: _builtins.int
+    SHARD_FIELD_NUMBER: _builtins.int
+    shard: _builtins.int
+    """Its shard; unset keeps the current one."""
+    @_builtins.property
+    def route(self) -> _replicator_pb2.Route:
+        """The member (by `hostname`) and its complete new settings."""
+
+    def __init__(
+        self,
+        *,
+        route: _replicator_pb2.Route | None = ...,
+        shard: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_shard", b"_shard", "route", b"route", "shard", b"shard"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_shard", b"_shard", "route", b"route", "shard", b"shard"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__shard: _TypeAlias = _typing.Literal["shard"]  # noqa: Y015
+    _WhichOneofArgType__shard: _TypeAlias = _typing.Literal["_shard", b"_shard"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__shard) -> _WhichOneofReturnType__shard | None: ...
+
+Global___UpdateNodeRequest: _TypeAlias = UpdateNodeRequest  # noqa: Y015
+
+@_typing.final
+class UpdateNodeResponse(_message.Message):
+    """Response of UpdateNode."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def node(self) -> Global___Node:
+        """The member as written."""
+
+    def __init__(
+        self,
+        *,
+        node: Global___Node | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateNodeResponse: _TypeAlias = UpdateNodeResponse  # noqa: Y015
+
+@_typing.final
+class RemoveNodeRequest(_message.Message):
+    """Request of RemoveNode."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The member's name."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveNodeRequest: _TypeAlias = RemoveNodeRequest  # noqa: Y015
+
+@_typing.final
+class RemoveNodeResponse(_message.Message):
+    """Response of RemoveNode."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def node(self) -> Global___Node:
+        """The member as it was before removal."""
+
+    def __init__(
+        self,
+        *,
+        node: Global___Node | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveNodeResponse: _TypeAlias = RemoveNodeResponse  # noqa: Y015
+
+@_typing.final
+class ListNodesRequest(_message.Message):
+    """Request of ListNodes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListNodesRequest: _TypeAlias = ListNodesRequest  # noqa: Y015
+
+@_typing.final
+class ListNodesResponse(_message.Message):
+    """Response of ListNodes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODES_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Node]:
+        """Every member, this node included, by name."""
+
+    @_builtins.property
+    def removed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names of removed nodes."""
+
+    def __init__(
+        self,
+        *,
+        nodes: _abc.Iterable[Global___Node] | None = ...,
+        removed: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nodes", b"nodes", "removed", b"removed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListNodesResponse: _TypeAlias = ListNodesResponse  # noqa: Y015
+
+@_typing.final
+class ConfigureClusterRequest(_message.Message):
+    """Request of ConfigureCluster."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def routes(self) -> _containers.RepeatedCompositeFieldContainer[_replicator_pb2.Route]:
+        """The other members, complete."""
+
+    def __init__(
+        self,
+        *,
+        routes: _abc.Iterable[_replicator_pb2.Route] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["routes", b"routes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfigureClusterRequest: _TypeAlias = ConfigureClusterRequest  # noqa: Y015
+
+@_typing.final
+class ConfigureClusterResponse(_message.Message):
+    """Response of ConfigureCluster."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDED_FIELD_NUMBER: _builtins.int
+    UPDATED_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def added(self) -> _containers.RepeatedCompositeFieldContainer[Global___Node]:
+        """Members added."""
+
+    @_builtins.property
+    def updated(self) -> _containers.RepeatedCompositeFieldContainer[Global___Node]:
+        """Members whose settings were replaced."""
+
+    @_builtins.property
+    def removed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names of members removed."""
+
+    def __init__(
+        self,
+        *,
+        added: _abc.Iterable[Global___Node] | None = ...,
+        updated: _abc.Iterable[Global___Node] | None = ...,
+        removed: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "removed", b"removed", "updated", b"updated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfigureClusterResponse: _TypeAlias = ConfigureClusterResponse  # noqa: Y015
+
+@_typing.final
+class GetAnalyticsRequest(_message.Message):
+    """Request of GetAnalytics."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    METRIC_FIELD_NUMBER: _builtins.int
+    START_TIME_MS_FIELD_NUMBER: _builtins.int
+    END_TIME_MS_FIELD_NUMBER: _builtins.int
+    PERIOD_MS_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    metric: _builtins.str
+    """The metric (one of ListMetrics)."""
+    start_time_ms: _builtins.int
+    """Rows whose time is at or after this, in Unix milliseconds; 0 for the oldest."""
+    end_time_ms: _builtins.int
+    """Rows whose time is at or before this, in Unix milliseconds; 0 for the newest."""
+    period_ms: _builtins.int
+    """1000 for per-second rows, 60000 for per-minute rows; 0 means 60000."""
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Only rows whose labels have these values (e.g. {"peer": "server-two"})."""
+
+    def __init__(
+        self,
+        *,
+        metric: _builtins.str = ...,
+        start_time_ms: _builtins.int = ...,
+        end_time_ms: _builtins.int = ...,
+        period_ms: _builtins.int = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time_ms", b"end_time_ms", "labels", b"labels", "metric", b"metric", "period_ms", b"period_ms", "start_time_ms", b"start_time_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAnalyticsRequest: _TypeAlias = GetAnalyticsRequest  # noqa: Y015
+
+@_typing.final
+class AnalyticsRow(_message.Message):
+    """One row of the analytics history."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ID_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    TIME_MS_FIELD_NUMBER: _builtins.int
+    PERIOD_MS_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    SUM_FIELD_NUMBER: _builtins.int
+    MIN_FIELD_NUMBER: _builtins.int
+    MAX_FIELD_NUMBER: _builtins.int
+    MEAN_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """`<metric>/<time, 13 digits>` then `/<label value>` per label."""
+    metric: _builtins.str
+    """The metric."""
+    time_ms: _builtins.int
+    """Start of the second or minute the row covers, in Unix milliseconds."""
+    period_ms: _builtins.int
+    """1000 (a per-second sample) or 60000 (a per-minute aggregate)."""
+    value: _builtins.float
+    """Per-second rows: a counter's increase in the second, a gauge's value, or a timing's
+    mean over `count` observations.
+    """
+    count: _builtins.float
+    """Per-second timing rows: observations `value` is the mean of. Per-minute rows:
+    per-second samples aggregated (a timing's observations).
+    """
+    sum: _builtins.float
+    """Per-minute rows: sum of the samples (a counter's increase over the minute)."""
+    min: _builtins.float
+    """Per-minute rows: smallest sample."""
+    max: _builtins.float
+    """Per-minute rows: largest sample."""
+    mean: _builtins.float
+    """Per-minute rows: sum / count."""
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The metric's labels and their values."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        metric: _builtins.str = ...,
+        time_ms: _builtins.int = ...,
+        period_ms: _builtins.int = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        value: _builtins.float = ...,
+        count: _builtins.float = ...,
+        sum: _builtins.float = ...,
+        min: _builtins.float = ...,
+        max: _builtins.float = ...,
+        mean: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "id", b"id", "labels", b"labels", "max", b"max", "mean", b"mean", "metric", b"metric", "min", b"min", "period_ms", b"period_ms", "sum", b"sum", "time_ms", b"time_ms", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnalyticsRow: _TypeAlias = AnalyticsRow  # noqa: Y015
+
+@_typing.final
+class GetAnalyticsResponse(_message.Message):
+    """Response of GetAnalytics."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___AnalyticsRow]:
+        """Matching rows, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        rows: _abc.Iterable[Global___AnalyticsRow] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAnalyticsResponse: _TypeAlias = GetAnalyticsResponse  # noqa: Y015
+
+@_typing.final
+class ListMetricsRequest(_message.Message):
+    """Request of ListMetrics."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METRIC_TYPES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def metric_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"builtin" and/or "custom"; empty means ["builtin"]."""
+
+    def __init__(
+        self,
+        *,
+        metric_types: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metric_types", b"metric_types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMetricsRequest: _TypeAlias = ListMetricsRequest  # noqa: Y015
+
+@_typing.final
+class ListMetricsResponse(_message.Message):
+    """Response of ListMetrics."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METRICS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def metrics(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Metric names."""
+
+    def __init__(
+        self,
+        *,
+        metrics: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMetricsResponse: _TypeAlias = ListMetricsResponse  # noqa: Y015

@@ -40,6 +40,16 @@ class AdminServiceStub:
                 request_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.ExecuteRequest.SerializeToString,
                 response_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.ExecuteResponse.FromString,
                 _registered_method=True)
+        self.GetBackup = channel.unary_stream(
+                '/shoal.admin.v1.AdminService/GetBackup',
+                request_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.GetBackupRequest.SerializeToString,
+                response_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.GetBackupResponse.FromString,
+                _registered_method=True)
+        self.RestoreBackup = channel.stream_unary(
+                '/shoal.admin.v1.AdminService/RestoreBackup',
+                request_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.RestoreBackupRequest.SerializeToString,
+                response_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.RestoreBackupResponse.FromString,
+                _registered_method=True)
         self.ClusterStatus = channel.unary_unary(
                 '/shoal.admin.v1.AdminService/ClusterStatus',
                 request_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.ClusterStatusRequest.SerializeToString,
@@ -60,6 +70,41 @@ class AdminServiceStub:
                 request_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.DeleteRoutesRequest.SerializeToString,
                 response_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.DeleteRoutesResponse.FromString,
                 _registered_method=True)
+        self.AddNode = channel.unary_unary(
+                '/shoal.admin.v1.AdminService/AddNode',
+                request_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.AddNodeRequest.SerializeToString,
+                response_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.AddNodeResponse.FromString,
+                _registered_method=True)
+        self.UpdateNode = channel.unary_unary(
+                '/shoal.admin.v1.AdminService/UpdateNode',
+                request_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.UpdateNodeRequest.SerializeToString,
+                response_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.UpdateNodeResponse.FromString,
+                _registered_method=True)
+        self.RemoveNode = channel.unary_unary(
+                '/shoal.admin.v1.AdminService/RemoveNode',
+                request_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.RemoveNodeRequest.SerializeToString,
+                response_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.RemoveNodeResponse.FromString,
+                _registered_method=True)
+        self.ListNodes = channel.unary_unary(
+                '/shoal.admin.v1.AdminService/ListNodes',
+                request_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.ListNodesRequest.SerializeToString,
+                response_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.ListNodesResponse.FromString,
+                _registered_method=True)
+        self.ConfigureCluster = channel.unary_unary(
+                '/shoal.admin.v1.AdminService/ConfigureCluster',
+                request_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.ConfigureClusterRequest.SerializeToString,
+                response_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.ConfigureClusterResponse.FromString,
+                _registered_method=True)
+        self.GetAnalytics = channel.unary_unary(
+                '/shoal.admin.v1.AdminService/GetAnalytics',
+                request_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.GetAnalyticsRequest.SerializeToString,
+                response_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.GetAnalyticsResponse.FromString,
+                _registered_method=True)
+        self.ListMetrics = channel.unary_unary(
+                '/shoal.admin.v1.AdminService/ListMetrics',
+                request_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.ListMetricsRequest.SerializeToString,
+                response_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.ListMetricsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -73,6 +118,44 @@ class AdminServiceServicer:
         NOT_FOUND), so scripts can branch on it. The call itself fails only when the caller
         is not authenticated (UNAUTHENTICATED).
         Errors: UNAUTHENTICATED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBackup(self, request, context):
+        """Streams a backup of one database as a tar.gz archive: its schema (every table),
+        every row (records and tombstones with their versions), the replication positions
+        and log horizons the rows are consistent with, and the database's retained
+        transaction log, all read at one consistent point. The archive arrives in order in
+        `chunk`; the last message also carries `info`. Memory stays bounded whatever the
+        database size. Super user.
+        Errors: INVALID_ARGUMENT (bad database name, the reserved database "system"),
+        PERMISSION_DENIED, NOT_FOUND (database), UNAVAILABLE (the node's storage is not
+        running).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreBackup(self, request_iterator, context):
+        """Restores a backup archive into this node: the first message is the header, then the
+        archive in `chunk`s, then optionally a later archive in `log_chunk`s whose
+        transaction log is replayed. The database must not exist on this node or have no
+        rows. Without `until_ms`, the result is the database as it was when the backup was
+        taken (plus, with a log archive, every transaction of its log). With `until_ms`
+        (point-in-time recovery), the result is the database as of that time: the backup's
+        state, which must be from before that time, plus every transaction logged up to it
+        by the log archive (the backup itself when no log archive is given), which must be
+        from after that time; or, when the backup is from after that time and the log goes
+        back to the database's first transaction, that log replayed from an empty database.
+        Both archives are checked completely before anything is written: a rejected archive
+        changes nothing. Super user.
+        Errors: INVALID_ARGUMENT (no header first, chunks out of order, a malformed archive
+        or member, named in the message: paths with `..`, absolute paths, links, devices,
+        FIFOs, unknown or oversized members), PERMISSION_DENIED, FAILED_PRECONDITION (the
+        database has rows, a restore or copy of it is running, the archives cannot give the
+        state at `until_ms`: the message says why), UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -116,6 +199,88 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddNode(self, request, context):
+        """Membership. The cluster's members are the rows of the replicated table
+        `system.hdb_nodes`; every node dials every member (with `replication.gossip`, the
+        default), so a change made on any one node reaches the whole cluster. All super user.
+
+        Adds a node to the cluster (Harper's add_node): writes its row, which replicates to
+        every member; each of them, and the new node once reached, connects to every other.
+        A node removed earlier can be added again.
+        Errors: INVALID_ARGUMENT (bad host name, url, subscription or start time; this node
+        itself), ALREADY_EXISTS (already a member), PERMISSION_DENIED, UNIMPLEMENTED (the
+        certificate exchange with temporary credentials is not available yet).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateNode(self, request, context):
+        """Replaces a member's settings: url, flow (sends / receives), explicit subscriptions,
+        start time, revoked certificates and shard (Harper's update_node and
+        set_node_replication).
+        Errors: INVALID_ARGUMENT (as AddNode), NOT_FOUND (not a member), PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveNode(self, request, context):
+        """Removes a member (Harper's remove_node): deletes its row everywhere and this node's
+        route to it, if any. Every node closes its connections with the removed node and
+        refuses it from then on; the removed node stops dialing members.
+        Errors: INVALID_ARGUMENT (this node itself: remove it from another member),
+        NOT_FOUND (not a member), PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListNodes(self, request, context):
+        """Lists the members as this node knows them, and the names removed.
+        Errors: PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfigureCluster(self, request, context):
+        """Makes the membership exactly the given nodes plus this node (Harper's
+        configure_cluster): adds the missing, updates the listed, removes the others. Every
+        entry is validated before anything changes.
+        Errors: INVALID_ARGUMENT (a bad entry, named by its index; a node listed twice),
+        PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAnalytics(self, request, context):
+        """Reads the node-local analytics history of one metric (Harper's get_analytics):
+        per-minute aggregates (`period_ms` 60000, the default) or per-second samples (1000)
+        whose time is within [start_time_ms, end_time_ms], oldest first, then by label
+        values. Analytics never replicate: each node answers for itself. An unknown metric
+        is NOT_FOUND; a known metric without rows in the range answers no rows. Super user
+        only.
+        Errors: INVALID_ARGUMENT (no metric, end before start, a time out of range, a period
+        other than 1000 or 60000, a label the metric does not have), NOT_FOUND (an unknown
+        metric; ListMetrics lists them), PERMISSION_DENIED (not a super user),
+        RESOURCE_EXHAUSTED (more rows match than `analytics.maxRows`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMetrics(self, request, context):
+        """Lists the metrics GetAnalytics reads (Harper's list_metrics). Shoal's metrics are
+        built in; there are no custom metrics. Super user only.
+        Errors: INVALID_ARGUMENT (a metric type other than "builtin" or "custom"),
+        PERMISSION_DENIED (not a super user).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +288,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.Execute,
                     request_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.ExecuteRequest.FromString,
                     response_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.ExecuteResponse.SerializeToString,
+            ),
+            'GetBackup': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetBackup,
+                    request_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.GetBackupRequest.FromString,
+                    response_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.GetBackupResponse.SerializeToString,
+            ),
+            'RestoreBackup': grpc.stream_unary_rpc_method_handler(
+                    servicer.RestoreBackup,
+                    request_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.RestoreBackupRequest.FromString,
+                    response_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.RestoreBackupResponse.SerializeToString,
             ),
             'ClusterStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.ClusterStatus,
@@ -143,6 +318,41 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.DeleteRoutes,
                     request_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.DeleteRoutesRequest.FromString,
                     response_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.DeleteRoutesResponse.SerializeToString,
+            ),
+            'AddNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddNode,
+                    request_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.AddNodeRequest.FromString,
+                    response_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.AddNodeResponse.SerializeToString,
+            ),
+            'UpdateNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateNode,
+                    request_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.UpdateNodeRequest.FromString,
+                    response_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.UpdateNodeResponse.SerializeToString,
+            ),
+            'RemoveNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveNode,
+                    request_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.RemoveNodeRequest.FromString,
+                    response_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.RemoveNodeResponse.SerializeToString,
+            ),
+            'ListNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNodes,
+                    request_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.ListNodesRequest.FromString,
+                    response_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'ConfigureCluster': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfigureCluster,
+                    request_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.ConfigureClusterRequest.FromString,
+                    response_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.ConfigureClusterResponse.SerializeToString,
+            ),
+            'GetAnalytics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAnalytics,
+                    request_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.GetAnalyticsRequest.FromString,
+                    response_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.GetAnalyticsResponse.SerializeToString,
+            ),
+            'ListMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMetrics,
+                    request_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.ListMetricsRequest.FromString,
+                    response_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.ListMetricsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -173,6 +383,60 @@ class AdminService:
             '/shoal.admin.v1.AdminService/Execute',
             shoal_dot_admin_dot_v1_dot_admin__pb2.ExecuteRequest.SerializeToString,
             shoal_dot_admin_dot_v1_dot_admin__pb2.ExecuteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBackup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/shoal.admin.v1.AdminService/GetBackup',
+            shoal_dot_admin_dot_v1_dot_admin__pb2.GetBackupRequest.SerializeToString,
+            shoal_dot_admin_dot_v1_dot_admin__pb2.GetBackupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreBackup(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/shoal.admin.v1.AdminService/RestoreBackup',
+            shoal_dot_admin_dot_v1_dot_admin__pb2.RestoreBackupRequest.SerializeToString,
+            shoal_dot_admin_dot_v1_dot_admin__pb2.RestoreBackupResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -281,6 +545,195 @@ class AdminService:
             '/shoal.admin.v1.AdminService/DeleteRoutes',
             shoal_dot_admin_dot_v1_dot_admin__pb2.DeleteRoutesRequest.SerializeToString,
             shoal_dot_admin_dot_v1_dot_admin__pb2.DeleteRoutesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.admin.v1.AdminService/AddNode',
+            shoal_dot_admin_dot_v1_dot_admin__pb2.AddNodeRequest.SerializeToString,
+            shoal_dot_admin_dot_v1_dot_admin__pb2.AddNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.admin.v1.AdminService/UpdateNode',
+            shoal_dot_admin_dot_v1_dot_admin__pb2.UpdateNodeRequest.SerializeToString,
+            shoal_dot_admin_dot_v1_dot_admin__pb2.UpdateNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.admin.v1.AdminService/RemoveNode',
+            shoal_dot_admin_dot_v1_dot_admin__pb2.RemoveNodeRequest.SerializeToString,
+            shoal_dot_admin_dot_v1_dot_admin__pb2.RemoveNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.admin.v1.AdminService/ListNodes',
+            shoal_dot_admin_dot_v1_dot_admin__pb2.ListNodesRequest.SerializeToString,
+            shoal_dot_admin_dot_v1_dot_admin__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfigureCluster(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.admin.v1.AdminService/ConfigureCluster',
+            shoal_dot_admin_dot_v1_dot_admin__pb2.ConfigureClusterRequest.SerializeToString,
+            shoal_dot_admin_dot_v1_dot_admin__pb2.ConfigureClusterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAnalytics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.admin.v1.AdminService/GetAnalytics',
+            shoal_dot_admin_dot_v1_dot_admin__pb2.GetAnalyticsRequest.SerializeToString,
+            shoal_dot_admin_dot_v1_dot_admin__pb2.GetAnalyticsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.admin.v1.AdminService/ListMetrics',
+            shoal_dot_admin_dot_v1_dot_admin__pb2.ListMetricsRequest.SerializeToString,
+            shoal_dot_admin_dot_v1_dot_admin__pb2.ListMetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,

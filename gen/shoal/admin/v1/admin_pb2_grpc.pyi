@@ -53,6 +53,36 @@ class AdminServiceStub:
     is not authenticated (UNAUTHENTICATED).
     Errors: UNAUTHENTICATED.
     """
+    GetBackup: _grpc.UnaryStreamMultiCallable[_admin_pb2.GetBackupRequest, _admin_pb2.GetBackupResponse]
+    """Streams a backup of one database as a tar.gz archive: its schema (every table),
+    every row (records and tombstones with their versions), the replication positions
+    and log horizons the rows are consistent with, and the database's retained
+    transaction log, all read at one consistent point. The archive arrives in order in
+    `chunk`; the last message also carries `info`. Memory stays bounded whatever the
+    database size. Super user.
+    Errors: INVALID_ARGUMENT (bad database name, the reserved database "system"),
+    PERMISSION_DENIED, NOT_FOUND (database), UNAVAILABLE (the node's storage is not
+    running).
+    """
+    RestoreBackup: _grpc.StreamUnaryMultiCallable[_admin_pb2.RestoreBackupRequest, _admin_pb2.RestoreBackupResponse]
+    """Restores a backup archive into this node: the first message is the header, then the
+    archive in `chunk`s, then optionally a later archive in `log_chunk`s whose
+    transaction log is replayed. The database must not exist on this node or have no
+    rows. Without `until_ms`, the result is the database as it was when the backup was
+    taken (plus, with a log archive, every transaction of its log). With `until_ms`
+    (point-in-time recovery), the result is the database as of that time: the backup's
+    state, which must be from before that time, plus every transaction logged up to it
+    by the log archive (the backup itself when no log archive is given), which must be
+    from after that time; or, when the backup is from after that time and the log goes
+    back to the database's first transaction, that log replayed from an empty database.
+    Both archives are checked completely before anything is written: a rejected archive
+    changes nothing. Super user.
+    Errors: INVALID_ARGUMENT (no header first, chunks out of order, a malformed archive
+    or member, named in the message: paths with `..`, absolute paths, links, devices,
+    FIFOs, unknown or oversized members), PERMISSION_DENIED, FAILED_PRECONDITION (the
+    database has rows, a restore or copy of it is running, the archives cannot give the
+    state at `until_ms`: the message says why), UNAVAILABLE.
+    """
     ClusterStatus: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ClusterStatusRequest, _admin_pb2.ClusterStatusResponse]
     """Replication status of this node: every connection and configured route, per
     database (Harper's cluster_status). Super user.
@@ -75,6 +105,60 @@ class AdminServiceStub:
     reported as skipped (Harper's cluster_delete_routes). Super user.
     Errors: INVALID_ARGUMENT, PERMISSION_DENIED, UNAVAILABLE (as SetRoutes).
     """
+    AddNode: _grpc.UnaryUnaryMultiCallable[_admin_pb2.AddNodeRequest, _admin_pb2.AddNodeResponse]
+    """Membership. The cluster's members are the rows of the replicated table
+    `system.hdb_nodes`; every node dials every member (with `replication.gossip`, the
+    default), so a change made on any one node reaches the whole cluster. All super user.
+
+    Adds a node to the cluster (Harper's add_node): writes its row, which replicates to
+    every member; each of them, and the new node once reached, connects to every other.
+    A node removed earlier can be added again.
+    Errors: INVALID_ARGUMENT (bad host name, url, subscription or start time; this node
+    itself), ALREADY_EXISTS (already a member), PERMISSION_DENIED, UNIMPLEMENTED (the
+    certificate exchange with temporary credentials is not available yet).
+    """
+    UpdateNode: _grpc.UnaryUnaryMultiCallable[_admin_pb2.UpdateNodeRequest, _admin_pb2.UpdateNodeResponse]
+    """Replaces a member's settings: url, flow (sends / receives), explicit subscriptions,
+    start time, revoked certificates and shard (Harper's update_node and
+    set_node_replication).
+    Errors: INVALID_ARGUMENT (as AddNode), NOT_FOUND (not a member), PERMISSION_DENIED.
+    """
+    RemoveNode: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RemoveNodeRequest, _admin_pb2.RemoveNodeResponse]
+    """Removes a member (Harper's remove_node): deletes its row everywhere and this node's
+    route to it, if any. Every node closes its connections with the removed node and
+    refuses it from then on; the removed node stops dialing members.
+    Errors: INVALID_ARGUMENT (this node itself: remove it from another member),
+    NOT_FOUND (not a member), PERMISSION_DENIED.
+    """
+    ListNodes: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListNodesRequest, _admin_pb2.ListNodesResponse]
+    """Lists the members as this node knows them, and the names removed.
+    Errors: PERMISSION_DENIED.
+    """
+    ConfigureCluster: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ConfigureClusterRequest, _admin_pb2.ConfigureClusterResponse]
+    """Makes the membership exactly the given nodes plus this node (Harper's
+    configure_cluster): adds the missing, updates the listed, removes the others. Every
+    entry is validated before anything changes.
+    Errors: INVALID_ARGUMENT (a bad entry, named by its index; a node listed twice),
+    PERMISSION_DENIED.
+    """
+    GetAnalytics: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetAnalyticsRequest, _admin_pb2.GetAnalyticsResponse]
+    """Reads the node-local analytics history of one metric (Harper's get_analytics):
+    per-minute aggregates (`period_ms` 60000, the default) or per-second samples (1000)
+    whose time is within [start_time_ms, end_time_ms], oldest first, then by label
+    values. Analytics never replicate: each node answers for itself. An unknown metric
+    is NOT_FOUND; a known metric without rows in the range answers no rows. Super user
+    only.
+    Errors: INVALID_ARGUMENT (no metric, end before start, a time out of range, a period
+    other than 1000 or 60000, a label the metric does not have), NOT_FOUND (an unknown
+    metric; ListMetrics lists them), PERMISSION_DENIED (not a super user),
+    RESOURCE_EXHAUSTED (more rows match than `analytics.maxRows`).
+    """
+    ListMetrics: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListMetricsRequest, _admin_pb2.ListMetricsResponse]
+    """Lists the metrics GetAnalytics reads (Harper's list_metrics). Shoal's metrics are
+    built in; there are no custom metrics. Super user only.
+    Errors: INVALID_ARGUMENT (a metric type other than "builtin" or "custom"),
+    PERMISSION_DENIED (not a super user).
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -88,6 +172,36 @@ class AdminServiceAsyncStub(AdminServiceStub):
     NOT_FOUND), so scripts can branch on it. The call itself fails only when the caller
     is not authenticated (UNAUTHENTICATED).
     Errors: UNAUTHENTICATED.
+    """
+    GetBackup: _aio.UnaryStreamMultiCallable[_admin_pb2.GetBackupRequest, _admin_pb2.GetBackupResponse]  # type: ignore[assignment]
+    """Streams a backup of one database as a tar.gz archive: its schema (every table),
+    every row (records and tombstones with their versions), the replication positions
+    and log horizons the rows are consistent with, and the database's retained
+    transaction log, all read at one consistent point. The archive arrives in order in
+    `chunk`; the last message also carries `info`. Memory stays bounded whatever the
+    database size. Super user.
+    Errors: INVALID_ARGUMENT (bad database name, the reserved database "system"),
+    PERMISSION_DENIED, NOT_FOUND (database), UNAVAILABLE (the node's storage is not
+    running).
+    """
+    RestoreBackup: _aio.StreamUnaryMultiCallable[_admin_pb2.RestoreBackupRequest, _admin_pb2.RestoreBackupResponse]  # type: ignore[assignment]
+    """Restores a backup archive into this node: the first message is the header, then the
+    archive in `chunk`s, then optionally a later archive in `log_chunk`s whose
+    transaction log is replayed. The database must not exist on this node or have no
+    rows. Without `until_ms`, the result is the database as it was when the backup was
+    taken (plus, with a log archive, every transaction of its log). With `until_ms`
+    (point-in-time recovery), the result is the database as of that time: the backup's
+    state, which must be from before that time, plus every transaction logged up to it
+    by the log archive (the backup itself when no log archive is given), which must be
+    from after that time; or, when the backup is from after that time and the log goes
+    back to the database's first transaction, that log replayed from an empty database.
+    Both archives are checked completely before anything is written: a rejected archive
+    changes nothing. Super user.
+    Errors: INVALID_ARGUMENT (no header first, chunks out of order, a malformed archive
+    or member, named in the message: paths with `..`, absolute paths, links, devices,
+    FIFOs, unknown or oversized members), PERMISSION_DENIED, FAILED_PRECONDITION (the
+    database has rows, a restore or copy of it is running, the archives cannot give the
+    state at `until_ms`: the message says why), UNAVAILABLE.
     """
     ClusterStatus: _aio.UnaryUnaryMultiCallable[_admin_pb2.ClusterStatusRequest, _admin_pb2.ClusterStatusResponse]  # type: ignore[assignment]
     """Replication status of this node: every connection and configured route, per
@@ -111,6 +225,60 @@ class AdminServiceAsyncStub(AdminServiceStub):
     reported as skipped (Harper's cluster_delete_routes). Super user.
     Errors: INVALID_ARGUMENT, PERMISSION_DENIED, UNAVAILABLE (as SetRoutes).
     """
+    AddNode: _aio.UnaryUnaryMultiCallable[_admin_pb2.AddNodeRequest, _admin_pb2.AddNodeResponse]  # type: ignore[assignment]
+    """Membership. The cluster's members are the rows of the replicated table
+    `system.hdb_nodes`; every node dials every member (with `replication.gossip`, the
+    default), so a change made on any one node reaches the whole cluster. All super user.
+
+    Adds a node to the cluster (Harper's add_node): writes its row, which replicates to
+    every member; each of them, and the new node once reached, connects to every other.
+    A node removed earlier can be added again.
+    Errors: INVALID_ARGUMENT (bad host name, url, subscription or start time; this node
+    itself), ALREADY_EXISTS (already a member), PERMISSION_DENIED, UNIMPLEMENTED (the
+    certificate exchange with temporary credentials is not available yet).
+    """
+    UpdateNode: _aio.UnaryUnaryMultiCallable[_admin_pb2.UpdateNodeRequest, _admin_pb2.UpdateNodeResponse]  # type: ignore[assignment]
+    """Replaces a member's settings: url, flow (sends / receives), explicit subscriptions,
+    start time, revoked certificates and shard (Harper's update_node and
+    set_node_replication).
+    Errors: INVALID_ARGUMENT (as AddNode), NOT_FOUND (not a member), PERMISSION_DENIED.
+    """
+    RemoveNode: _aio.UnaryUnaryMultiCallable[_admin_pb2.RemoveNodeRequest, _admin_pb2.RemoveNodeResponse]  # type: ignore[assignment]
+    """Removes a member (Harper's remove_node): deletes its row everywhere and this node's
+    route to it, if any. Every node closes its connections with the removed node and
+    refuses it from then on; the removed node stops dialing members.
+    Errors: INVALID_ARGUMENT (this node itself: remove it from another member),
+    NOT_FOUND (not a member), PERMISSION_DENIED.
+    """
+    ListNodes: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListNodesRequest, _admin_pb2.ListNodesResponse]  # type: ignore[assignment]
+    """Lists the members as this node knows them, and the names removed.
+    Errors: PERMISSION_DENIED.
+    """
+    ConfigureCluster: _aio.UnaryUnaryMultiCallable[_admin_pb2.ConfigureClusterRequest, _admin_pb2.ConfigureClusterResponse]  # type: ignore[assignment]
+    """Makes the membership exactly the given nodes plus this node (Harper's
+    configure_cluster): adds the missing, updates the listed, removes the others. Every
+    entry is validated before anything changes.
+    Errors: INVALID_ARGUMENT (a bad entry, named by its index; a node listed twice),
+    PERMISSION_DENIED.
+    """
+    GetAnalytics: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetAnalyticsRequest, _admin_pb2.GetAnalyticsResponse]  # type: ignore[assignment]
+    """Reads the node-local analytics history of one metric (Harper's get_analytics):
+    per-minute aggregates (`period_ms` 60000, the default) or per-second samples (1000)
+    whose time is within [start_time_ms, end_time_ms], oldest first, then by label
+    values. Analytics never replicate: each node answers for itself. An unknown metric
+    is NOT_FOUND; a known metric without rows in the range answers no rows. Super user
+    only.
+    Errors: INVALID_ARGUMENT (no metric, end before start, a time out of range, a period
+    other than 1000 or 60000, a label the metric does not have), NOT_FOUND (an unknown
+    metric; ListMetrics lists them), PERMISSION_DENIED (not a super user),
+    RESOURCE_EXHAUSTED (more rows match than `analytics.maxRows`).
+    """
+    ListMetrics: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListMetricsRequest, _admin_pb2.ListMetricsResponse]  # type: ignore[assignment]
+    """Lists the metrics GetAnalytics reads (Harper's list_metrics). Shoal's metrics are
+    built in; there are no custom metrics. Super user only.
+    Errors: INVALID_ARGUMENT (a metric type other than "builtin" or "custom"),
+    PERMISSION_DENIED (not a super user).
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Cluster operations of one node."""
@@ -127,6 +295,48 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         NOT_FOUND), so scripts can branch on it. The call itself fails only when the caller
         is not authenticated (UNAUTHENTICATED).
         Errors: UNAUTHENTICATED.
+        """
+
+    @_abc_1.abstractmethod
+    def GetBackup(
+        self,
+        request: _admin_pb2.GetBackupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_admin_pb2.GetBackupResponse], _abc.AsyncIterator[_admin_pb2.GetBackupResponse]]:
+        """Streams a backup of one database as a tar.gz archive: its schema (every table),
+        every row (records and tombstones with their versions), the replication positions
+        and log horizons the rows are consistent with, and the database's retained
+        transaction log, all read at one consistent point. The archive arrives in order in
+        `chunk`; the last message also carries `info`. Memory stays bounded whatever the
+        database size. Super user.
+        Errors: INVALID_ARGUMENT (bad database name, the reserved database "system"),
+        PERMISSION_DENIED, NOT_FOUND (database), UNAVAILABLE (the node's storage is not
+        running).
+        """
+
+    @_abc_1.abstractmethod
+    def RestoreBackup(
+        self,
+        request_iterator: _MaybeAsyncIterator[_admin_pb2.RestoreBackupRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RestoreBackupResponse, _abc.Awaitable[_admin_pb2.RestoreBackupResponse]]:
+        """Restores a backup archive into this node: the first message is the header, then the
+        archive in `chunk`s, then optionally a later archive in `log_chunk`s whose
+        transaction log is replayed. The database must not exist on this node or have no
+        rows. Without `until_ms`, the result is the database as it was when the backup was
+        taken (plus, with a log archive, every transaction of its log). With `until_ms`
+        (point-in-time recovery), the result is the database as of that time: the backup's
+        state, which must be from before that time, plus every transaction logged up to it
+        by the log archive (the backup itself when no log archive is given), which must be
+        from after that time; or, when the backup is from after that time and the log goes
+        back to the database's first transaction, that log replayed from an empty database.
+        Both archives are checked completely before anything is written: a rejected archive
+        changes nothing. Super user.
+        Errors: INVALID_ARGUMENT (no header first, chunks out of order, a malformed archive
+        or member, named in the message: paths with `..`, absolute paths, links, devices,
+        FIFOs, unknown or oversized members), PERMISSION_DENIED, FAILED_PRECONDITION (the
+        database has rows, a restore or copy of it is running, the archives cannot give the
+        state at `until_ms`: the message says why), UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -173,6 +383,102 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """Removes routes by host name, persisted and applied at once; names not routed are
         reported as skipped (Harper's cluster_delete_routes). Super user.
         Errors: INVALID_ARGUMENT, PERMISSION_DENIED, UNAVAILABLE (as SetRoutes).
+        """
+
+    @_abc_1.abstractmethod
+    def AddNode(
+        self,
+        request: _admin_pb2.AddNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.AddNodeResponse, _abc.Awaitable[_admin_pb2.AddNodeResponse]]:
+        """Membership. The cluster's members are the rows of the replicated table
+        `system.hdb_nodes`; every node dials every member (with `replication.gossip`, the
+        default), so a change made on any one node reaches the whole cluster. All super user.
+
+        Adds a node to the cluster (Harper's add_node): writes its row, which replicates to
+        every member; each of them, and the new node once reached, connects to every other.
+        A node removed earlier can be added again.
+        Errors: INVALID_ARGUMENT (bad host name, url, subscription or start time; this node
+        itself), ALREADY_EXISTS (already a member), PERMISSION_DENIED, UNIMPLEMENTED (the
+        certificate exchange with temporary credentials is not available yet).
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateNode(
+        self,
+        request: _admin_pb2.UpdateNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.UpdateNodeResponse, _abc.Awaitable[_admin_pb2.UpdateNodeResponse]]:
+        """Replaces a member's settings: url, flow (sends / receives), explicit subscriptions,
+        start time, revoked certificates and shard (Harper's update_node and
+        set_node_replication).
+        Errors: INVALID_ARGUMENT (as AddNode), NOT_FOUND (not a member), PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def RemoveNode(
+        self,
+        request: _admin_pb2.RemoveNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RemoveNodeResponse, _abc.Awaitable[_admin_pb2.RemoveNodeResponse]]:
+        """Removes a member (Harper's remove_node): deletes its row everywhere and this node's
+        route to it, if any. Every node closes its connections with the removed node and
+        refuses it from then on; the removed node stops dialing members.
+        Errors: INVALID_ARGUMENT (this node itself: remove it from another member),
+        NOT_FOUND (not a member), PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def ListNodes(
+        self,
+        request: _admin_pb2.ListNodesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListNodesResponse, _abc.Awaitable[_admin_pb2.ListNodesResponse]]:
+        """Lists the members as this node knows them, and the names removed.
+        Errors: PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def ConfigureCluster(
+        self,
+        request: _admin_pb2.ConfigureClusterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ConfigureClusterResponse, _abc.Awaitable[_admin_pb2.ConfigureClusterResponse]]:
+        """Makes the membership exactly the given nodes plus this node (Harper's
+        configure_cluster): adds the missing, updates the listed, removes the others. Every
+        entry is validated before anything changes.
+        Errors: INVALID_ARGUMENT (a bad entry, named by its index; a node listed twice),
+        PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def GetAnalytics(
+        self,
+        request: _admin_pb2.GetAnalyticsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetAnalyticsResponse, _abc.Awaitable[_admin_pb2.GetAnalyticsResponse]]:
+        """Reads the node-local analytics history of one metric (Harper's get_analytics):
+        per-minute aggregates (`period_ms` 60000, the default) or per-second samples (1000)
+        whose time is within [start_time_ms, end_time_ms], oldest first, then by label
+        values. Analytics never replicate: each node answers for itself. An unknown metric
+        is NOT_FOUND; a known metric without rows in the range answers no rows. Super user
+        only.
+        Errors: INVALID_ARGUMENT (no metric, end before start, a time out of range, a period
+        other than 1000 or 60000, a label the metric does not have), NOT_FOUND (an unknown
+        metric; ListMetrics lists them), PERMISSION_DENIED (not a super user),
+        RESOURCE_EXHAUSTED (more rows match than `analytics.maxRows`).
+        """
+
+    @_abc_1.abstractmethod
+    def ListMetrics(
+        self,
+        request: _admin_pb2.ListMetricsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListMetricsResponse, _abc.Awaitable[_admin_pb2.ListMetricsResponse]]:
+        """Lists the metrics GetAnalytics reads (Harper's list_metrics). Shoal's metrics are
+        built in; there are no custom metrics. Super user only.
+        Errors: INVALID_ARGUMENT (a metric type other than "builtin" or "custom"),
+        PERMISSION_DENIED (not a super user).
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

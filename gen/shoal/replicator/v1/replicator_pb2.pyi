@@ -933,8 +933,13 @@ class StatusResponse(_message.Message):
 
     NODE_NAME_FIELD_NUMBER: _builtins.int
     CONNECTIONS_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
     node_name: _builtins.str
     """This node's name."""
+    removed: _builtins.bool
+    """True when this node's own entry in system.hdb_nodes was deleted (remove_node): it
+    no longer dials the members, and they refuse it, until a member adds it back.
+    """
     @_builtins.property
     def connections(self) -> _containers.RepeatedCompositeFieldContainer[Global___Connection]:
         """Connections and configured routes."""
@@ -944,10 +949,11 @@ class StatusResponse(_message.Message):
         *,
         node_name: _builtins.str = ...,
         connections: _abc.Iterable[Global___Connection] | None = ...,
+        removed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connections", b"connections", "node_name", b"node_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connections", b"connections", "node_name", b"node_name", "removed", b"removed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

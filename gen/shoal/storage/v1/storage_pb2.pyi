@@ -19,7 +19,8 @@ replicated. The node-internal identity and users whose role has `super_user` may
 every RPC (the replication RPCs stay node-internal). Other users need, on the table
 named by the request: `read` for SearchById, SearchByValue, SearchByConditions and
 DescribeTable; `insert` for Insert; `update` for Update; `insert` and `update` for
-Upsert; `delete` for Delete; the same per operation for Transact and LoadCsv.
+Upsert; `delete` for Delete; the same per operation for Transact and LoadCsv, and
+per write for RevertTransaction.
 DescribeDatabase and DescribeAll show only the tables the user can read. Creating or
 dropping databases, tables and attributes, the log RPCs and the user and role RPCs
 need a super user. A refusal is PERMISSION_DENIED naming the user, the action and the
@@ -828,10 +829,17 @@ class UpsertRequest(_message.Message):
     DATABASE_FIELD_NUMBER: _builtins.int
     TABLE_FIELD_NUMBER: _builtins.int
     RECORDS_FIELD_NUMBER: _builtins.int
+    MERGE_FIELD_NUMBER: _builtins.int
     database: _builtins.str
     """Database name."""
     table: _builtins.str
     """Table name."""
+    merge: _builtins.bool
+    """Write every record as a merge of its attributes (a PATCH), also records this node
+    does not have: two nodes upserting the same new record then keep the newest value
+    of each attribute instead of the newest whole record. Without it a missing record
+    is written whole.
+    """
     @_builtins.property
     def records(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """Records as JSON objects; each must carry the primary key."""
@@ -842,10 +850,11 @@ class UpsertRequest(_message.Message):
         database: _builtins.str = ...,
         table: _builtins.str = ...,
         records: _abc.Iterable[_builtins.bytes] | None = ...,
+        merge: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "records", b"records", "table", b"table"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "merge", b"merge", "records", b"records", "table", b"table"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1730,6 +1739,131 @@ class DeleteLogsBeforeResponse(_message.Message):
 Global___DeleteLogsBeforeResponse: _TypeAlias = DeleteLogsBeforeResponse  # noqa: Y015
 
 @_typing.final
+class RevertTransactionRequest(_message.Message):
+    """Request of RevertTransaction."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    TIMESTAMP_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    database: _builtins.str
+    """Database of the transaction."""
+    origin: _builtins.str
+    """Node where the transaction was first committed (`origin` in the log); empty when
+    only one origin has a transaction matching `version` or `timestamp`.
+    """
+    version: _builtins.int
+    """The transaction's version (`version` in the log)."""
+    timestamp: _builtins.float
+    """Used when `version` is 0: the transaction's time as Harper shows it, Unix
+    milliseconds with the version's counter as the fraction (`timestamp` in the log).
+    """
+    force: _builtins.bool
+    """Revert even records that changed after the transaction, overwriting those changes."""
+    def __init__(
+        self,
+        *,
+        database: _builtins.str = ...,
+        origin: _builtins.str = ...,
+        version: _builtins.int = ...,
+        timestamp: _builtins.float = ...,
+        force: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "force", b"force", "origin", b"origin", "timestamp", b"timestamp", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevertTransactionRequest: _TypeAlias = RevertTransactionRequest  # noqa: Y015
+
+@_typing.final
+class RevertedRecord(_message.Message):
+    """What a revert did to one record the reverted transaction wrote."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TABLE_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    UNCHANGED_FIELD_NUMBER: _builtins.int
+    LATER_WRITES_FIELD_NUMBER: _builtins.int
+    table: _builtins.str
+    """Table name."""
+    id: _builtins.bytes
+    """Primary key as a JSON scalar."""
+    operation: _types_pb2.Operation.ValueType
+    """INSERT (the record was written back), UPDATE (attributes were set back) or DELETE
+    (the record was removed); unspecified when `unchanged`.
+    """
+    unchanged: _builtins.bool
+    """True when the record already held its prior state and nothing was written."""
+    @_builtins.property
+    def later_writes(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.TransactionRef]:
+        """Writes newer than the reverted transaction that the record holds; when the record
+        was written, `force` was set and they were overwritten where they touched the same
+        attributes.
+        """
+
+    def __init__(
+        self,
+        *,
+        table: _builtins.str = ...,
+        id: _builtins.bytes = ...,
+        operation: _types_pb2.Operation.ValueType = ...,
+        unchanged: _builtins.bool = ...,
+        later_writes: _abc.Iterable[_types_pb2.TransactionRef] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "later_writes", b"later_writes", "operation", b"operation", "table", b"table", "unchanged", b"unchanged"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevertedRecord: _TypeAlias = RevertedRecord  # noqa: Y015
+
+@_typing.final
+class RevertTransactionResponse(_message.Message):
+    """Response of RevertTransaction."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVERTED_FIELD_NUMBER: _builtins.int
+    REVERT_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def reverted(self) -> _types_pb2.TransactionRef:
+        """The transaction that was reverted."""
+
+    @_builtins.property
+    def revert(self) -> _types_pb2.TransactionRef:
+        """The new transaction: this node as origin and its version (version 0 when every
+        record already held its prior state and nothing was written).
+        """
+
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevertedRecord]:
+        """One entry per record the reverted transaction wrote, in its order."""
+
+    def __init__(
+        self,
+        *,
+        reverted: _types_pb2.TransactionRef | None = ...,
+        revert: _types_pb2.TransactionRef | None = ...,
+        records: _abc.Iterable[Global___RevertedRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["revert", b"revert", "reverted", b"reverted"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["records", b"records", "revert", b"revert", "reverted", b"reverted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevertTransactionResponse: _TypeAlias = RevertTransactionResponse  # noqa: Y015
+
+@_typing.final
 class SubscribeRequest(_message.Message):
     """Request of Subscribe."""
 
@@ -2167,6 +2301,376 @@ class GetPositionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetPositionsResponse: _TypeAlias = GetPositionsResponse  # noqa: Y015
+
+@_typing.final
+class AnalyticsSample(_message.Message):
+    """One per-second sample of an analytics metric."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    METRIC_FIELD_NUMBER: _builtins.int
+    TIME_MS_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    metric: _builtins.str
+    """Metric name, one of the built-in metrics (the admin operation list_metrics)."""
+    time_ms: _builtins.int
+    """Start of the second the sample covers, in Unix milliseconds (a multiple of 1000)."""
+    value: _builtins.float
+    """The value: a counter's increase during the second, a gauge's value, or a timing's
+    mean over `count` observations.
+    """
+    count: _builtins.int
+    """Timings only: how many observations `value` is the mean of; 0 otherwise."""
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The metric's labels, every one of them (e.g. `peer` and `database`)."""
+
+    def __init__(
+        self,
+        *,
+        metric: _builtins.str = ...,
+        time_ms: _builtins.int = ...,
+        value: _builtins.float = ...,
+        count: _builtins.int = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "labels", b"labels", "metric", b"metric", "time_ms", b"time_ms", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnalyticsSample: _TypeAlias = AnalyticsSample  # noqa: Y015
+
+@_typing.final
+class RecordAnalyticsRequest(_message.Message):
+    """Request of RecordAnalytics."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def samples(self) -> _containers.RepeatedCompositeFieldContainer[Global___AnalyticsSample]:
+        """Samples to record, at most 10,000."""
+
+    def __init__(
+        self,
+        *,
+        samples: _abc.Iterable[Global___AnalyticsSample] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["samples", b"samples"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordAnalyticsRequest: _TypeAlias = RecordAnalyticsRequest  # noqa: Y015
+
+@_typing.final
+class RecordAnalyticsResponse(_message.Message):
+    """Response of RecordAnalytics."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDED_FIELD_NUMBER: _builtins.int
+    recorded: _builtins.int
+    """Rows written (new or replaced)."""
+    def __init__(
+        self,
+        *,
+        recorded: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recorded", b"recorded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordAnalyticsResponse: _TypeAlias = RecordAnalyticsResponse  # noqa: Y015
+
+@_typing.final
+class BackupRequest(_message.Message):
+    """Request of Backup."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_ITEMS_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_BYTES_FIELD_NUMBER: _builtins.int
+    database: _builtins.str
+    """Database to back up."""
+    max_batch_items: _builtins.int
+    """Maximum rows or transactions per message; 0 means 1000."""
+    max_batch_bytes: _builtins.int
+    """Maximum bytes per message (a single larger row or transaction is still sent whole);
+    0 means 1 MiB.
+    """
+    def __init__(
+        self,
+        *,
+        database: _builtins.str = ...,
+        max_batch_items: _builtins.int = ...,
+        max_batch_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "max_batch_bytes", b"max_batch_bytes", "max_batch_items", b"max_batch_items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BackupRequest: _TypeAlias = BackupRequest  # noqa: Y015
+
+@_typing.final
+class BackupHeader(_message.Message):
+    """What a backup is consistent with: sent first, before any row."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    NODE_NAME_FIELD_NUMBER: _builtins.int
+    NODE_TIME_FIELD_NUMBER: _builtins.int
+    POSITIONS_FIELD_NUMBER: _builtins.int
+    HORIZONS_FIELD_NUMBER: _builtins.int
+    TABLES_FIELD_NUMBER: _builtins.int
+    ESTIMATED_ROWS_FIELD_NUMBER: _builtins.int
+    database: _builtins.str
+    """Database backed up."""
+    node_name: _builtins.str
+    """Node the backup was taken on."""
+    node_time: _builtins.int
+    """That node's hybrid clock at the consistent point: every version in the backup is at
+    or below it.
+    """
+    estimated_rows: _builtins.int
+    """Estimated number of rows."""
+    @_builtins.property
+    def positions(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Position]:
+        """Applied positions of the database per origin: the rows reflect exactly the
+        transactions at or below them.
+        """
+
+    @_builtins.property
+    def horizons(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Position]:
+        """Log horizons of the database per origin: the log holds every transaction above the
+        horizon and at or below the position.
+        """
+
+    @_builtins.property
+    def tables(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.TableSchema]:
+        """Schema of every table of the database, with attributes."""
+
+    def __init__(
+        self,
+        *,
+        database: _builtins.str = ...,
+        node_name: _builtins.str = ...,
+        node_time: _builtins.int = ...,
+        positions: _abc.Iterable[_types_pb2.Position] | None = ...,
+        horizons: _abc.Iterable[_types_pb2.Position] | None = ...,
+        tables: _abc.Iterable[_types_pb2.TableSchema] | None = ...,
+        estimated_rows: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "estimated_rows", b"estimated_rows", "horizons", b"horizons", "node_name", b"node_name", "node_time", b"node_time", "positions", b"positions", "tables", b"tables"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BackupHeader: _TypeAlias = BackupHeader  # noqa: Y015
+
+@_typing.final
+class BackupResponse(_message.Message):
+    """A message of the Backup stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    TRANSACTIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___BackupHeader:
+        """First message only."""
+
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.SnapshotRow]:
+        """Rows in Snapshot order (tables by name, then primary key)."""
+
+    @_builtins.property
+    def transactions(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Transaction]:
+        """Logged transactions of the database, in this node's commit order."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___BackupHeader | None = ...,
+        rows: _abc.Iterable[_types_pb2.SnapshotRow] | None = ...,
+        transactions: _abc.Iterable[_types_pb2.Transaction] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "rows", b"rows", "transactions", b"transactions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BackupResponse: _TypeAlias = BackupResponse  # noqa: Y015
+
+@_typing.final
+class RestoreHeader(_message.Message):
+    """First message of a Restore stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    POSITIONS_FIELD_NUMBER: _builtins.int
+    HORIZONS_FIELD_NUMBER: _builtins.int
+    TABLES_FIELD_NUMBER: _builtins.int
+    REPLAY_UNTIL_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    database: _builtins.str
+    """Database to restore into (it must not exist or have no rows)."""
+    replay_until: _builtins.int
+    """Transactions above their origin's position and at or below this version are
+    applied; 0 applies none.
+    """
+    dry_run: _builtins.bool
+    """Check everything, write nothing."""
+    source: _builtins.str
+    """Where the data comes from, for the node's log (e.g. "backup dev-nightly")."""
+    @_builtins.property
+    def positions(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Position]:
+        """Positions the rows reflect, per origin."""
+
+    @_builtins.property
+    def horizons(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Position]:
+        """Log horizons of the database once restored, per origin."""
+
+    @_builtins.property
+    def tables(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.TableSchema]:
+        """Tables to create; every row must name one of them."""
+
+    def __init__(
+        self,
+        *,
+        database: _builtins.str = ...,
+        positions: _abc.Iterable[_types_pb2.Position] | None = ...,
+        horizons: _abc.Iterable[_types_pb2.Position] | None = ...,
+        tables: _abc.Iterable[_types_pb2.TableSchema] | None = ...,
+        replay_until: _builtins.int = ...,
+        dry_run: _builtins.bool = ...,
+        source: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "dry_run", b"dry_run", "horizons", b"horizons", "positions", b"positions", "replay_until", b"replay_until", "source", b"source", "tables", b"tables"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestoreHeader: _TypeAlias = RestoreHeader  # noqa: Y015
+
+@_typing.final
+class RestoreRequest(_message.Message):
+    """A message of a Restore stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    TRANSACTIONS_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
+    complete: _builtins.bool
+    """Last message: everything was sent. A stream that ends without it (the sender went
+    away) is an interrupted restore: positions are not adopted and the mark stays.
+    """
+    @_builtins.property
+    def header(self) -> Global___RestoreHeader:
+        """First message only."""
+
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.SnapshotRow]:
+        """Rows to merge; every row message comes before the first transaction message."""
+
+    @_builtins.property
+    def transactions(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Transaction]:
+        """Transactions in the order they were logged; their database is the header's."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___RestoreHeader | None = ...,
+        rows: _abc.Iterable[_types_pb2.SnapshotRow] | None = ...,
+        transactions: _abc.Iterable[_types_pb2.Transaction] | None = ...,
+        complete: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "header", b"header", "rows", b"rows", "transactions", b"transactions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestoreRequest: _TypeAlias = RestoreRequest  # noqa: Y015
+
+@_typing.final
+class RestoreResponse(_message.Message):
+    """Response of Restore."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    LOGGED_TRANSACTIONS_FIELD_NUMBER: _builtins.int
+    APPLIED_TRANSACTIONS_FIELD_NUMBER: _builtins.int
+    SKIPPED_TRANSACTIONS_FIELD_NUMBER: _builtins.int
+    POSITIONS_FIELD_NUMBER: _builtins.int
+    rows: _builtins.int
+    """Rows merged (or checked, in a dry run)."""
+    logged_transactions: _builtins.int
+    """Transactions only written to the log (already reflected by the rows)."""
+    applied_transactions: _builtins.int
+    """Transactions applied (replayed)."""
+    skipped_transactions: _builtins.int
+    """Transactions skipped (after `replay_until`)."""
+    @_builtins.property
+    def positions(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Position]:
+        """Positions of the database after the restore (in a dry run, what they would be)."""
+
+    def __init__(
+        self,
+        *,
+        rows: _builtins.int = ...,
+        logged_transactions: _builtins.int = ...,
+        applied_transactions: _builtins.int = ...,
+        skipped_transactions: _builtins.int = ...,
+        positions: _abc.Iterable[_types_pb2.Position] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_transactions", b"applied_transactions", "logged_transactions", b"logged_transactions", "positions", b"positions", "rows", b"rows", "skipped_transactions", b"skipped_transactions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestoreResponse: _TypeAlias = RestoreResponse  # noqa: Y015
 
 @_typing.final
 class User(_message.Message):

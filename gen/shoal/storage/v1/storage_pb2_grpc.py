@@ -140,6 +140,11 @@ class StorageServiceStub:
                 request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.DeleteLogsBeforeRequest.SerializeToString,
                 response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.DeleteLogsBeforeResponse.FromString,
                 _registered_method=True)
+        self.RevertTransaction = channel.unary_unary(
+                '/shoal.storage.v1.StorageService/RevertTransaction',
+                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RevertTransactionRequest.SerializeToString,
+                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RevertTransactionResponse.FromString,
+                _registered_method=True)
         self.Subscribe = channel.unary_stream(
                 '/shoal.storage.v1.StorageService/Subscribe',
                 request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.SubscribeRequest.SerializeToString,
@@ -164,6 +169,21 @@ class StorageServiceStub:
                 '/shoal.storage.v1.StorageService/GetPositions',
                 request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsRequest.SerializeToString,
                 response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsResponse.FromString,
+                _registered_method=True)
+        self.RecordAnalytics = channel.unary_unary(
+                '/shoal.storage.v1.StorageService/RecordAnalytics',
+                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RecordAnalyticsRequest.SerializeToString,
+                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RecordAnalyticsResponse.FromString,
+                _registered_method=True)
+        self.Backup = channel.unary_stream(
+                '/shoal.storage.v1.StorageService/Backup',
+                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.BackupRequest.SerializeToString,
+                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.BackupResponse.FromString,
+                _registered_method=True)
+        self.Restore = channel.stream_unary(
+                '/shoal.storage.v1.StorageService/Restore',
+                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RestoreRequest.SerializeToString,
+                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RestoreResponse.FromString,
                 _registered_method=True)
         self.AddUser = channel.unary_unary(
                 '/shoal.storage.v1.StorageService/AddUser',
@@ -267,7 +287,9 @@ class StorageServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DescribeAll(self, request, context):
-        """Describes every database and table of this node.
+        """Describes every database and table of this node. The reserved `system` database
+        (membership `hdb_nodes`, certificates `hdb_certificate`) is listed only for the
+        node's own services; super users read it with DescribeDatabase and the searches.
         Errors: none beyond authentication.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -415,6 +437,38 @@ class StorageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevertTransaction(self, request, context):
+        """Reverts a logged transaction (named by database, origin and version, as the log RPCs
+        show it): every record it wrote is set back to its state just before it, as a NEW
+        local transaction that replicates, is logged (with `reverts` naming the original)
+        and can itself be reverted. A record the transaction created is deleted, a record it
+        deleted or replaced is written back whole, and the attributes an update wrote are
+        set back to their prior values (a record that gained attributes is written back
+        whole without them). The prior state is the `prior` the log holds for each write,
+        as this node saw the record when it committed or applied the transaction. The whole
+        transaction is reverted, across its tables, all-or-nothing; records that already
+        hold their prior state are left alone.
+
+        A record that holds a write newer than the transaction (in (version, origin) order)
+        changed after it: unless `force` is set the request is refused and nothing is
+        written; with `force` the prior values are written anyway, overwriting those later
+        changes where they touch the same attributes.
+
+        Permissions: on each table, the permission of each write the revert makes (insert
+        to restore a record, update to set attributes back, delete to remove a record);
+        checked after the transaction is found and before anything is written.
+        Errors: INVALID_ARGUMENT (bad database name, neither version nor timestamp, a
+        timestamp or version matching several transactions of different origins, a
+        transaction without record writes such as a table creation), NOT_FOUND (the
+        database, the transaction — never committed here or already purged from the log —
+        or a table it wrote that has been dropped since), PERMISSION_DENIED,
+        FAILED_PRECONDITION with reason CHANGED_LATER naming the records and the later
+        versions (without `force`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Subscribe(self, request, context):
         """Streams committed transactions for replication: first every logged transaction after
         the given positions, in this node's commit order, then new commits as they happen
@@ -475,6 +529,62 @@ class StorageServiceServicer:
     def GetPositions(self, request, context):
         """Reads replication positions, log horizons and copies in progress.
         Errors: PERMISSION_DENIED (not the node identity).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordAnalytics(self, request, context):
+        """Records per-second analytics samples of this node's services into the node-local
+        table `system.hdb_raw_analytics` (`replicate: false`). The rows are written outside
+        the transaction log: they are never replicated, never in the audit or transaction
+        log, and not counted as commits or transactions. A sample for the same metric, second
+        and labels as an existing row replaces it, so a retried request changes nothing.
+        Storage samples its own metrics; the replicator sends its samples here.
+        Node-internal only.
+        Errors: INVALID_ARGUMENT (no samples, an unknown metric, labels other than the
+        metric's, a time that is not a whole second, a value that is not finite),
+        PERMISSION_DENIED (not the node identity), RESOURCE_EXHAUSTED (more than 10,000
+        samples in one request).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Backup(self, request, context):
+        """Streams a backup of one database from one consistent point: first a header (schema
+        of every table, `replicate: false` ones included; positions; log horizons; this
+        node's clock), then every row (records and tombstones with their versions) of every
+        table in Snapshot order, then the database's retained transaction log in this node's
+        commit order. Every message holds rows or transactions, never both, bounded in count
+        and bytes. Node-internal only (the admin service checks the caller is a super user).
+        Errors: INVALID_ARGUMENT (bad name or limits, the reserved database "system"),
+        PERMISSION_DENIED, NOT_FOUND (database).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Restore(self, request_iterator, context):
+        """Restores a backup into a database that does not exist or has no rows. The first
+        message is the header; then messages with rows, then messages with transactions.
+        Rows are merged as they are. A transaction at or below the header's position of its
+        origin is already reflected by the rows and is only written to this node's log (so
+        the audit log and relaying keep working); one above it and at or below
+        `replay_until` is applied as Apply does (point-in-time replay); later ones are
+        skipped. Per origin, transactions must arrive in increasing version order. When the
+        stream ends, the database's positions become the header's (raised by what was
+        replayed) and its log horizons the header's. With `dry_run`, everything is checked
+        and nothing is written. A real restore marks the database until it completes; an
+        interrupted restore leaves the mark, and the next restore of that database drops
+        the partial database and starts over. The last message has `complete`; a stream
+        that ends without it is interrupted. Node-internal only.
+        Errors: INVALID_ARGUMENT (no header first, a second header, rows after
+        transactions, a malformed row, state or transaction, a table missing from the
+        header, versions of an origin out of order, the reserved database "system", no
+        `complete` at the end),
+        PERMISSION_DENIED, FAILED_PRECONDITION (the database has rows, a copy or restore of
+        it is running, a table exists with another primary key).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -679,6 +789,11 @@ def add_StorageServiceServicer_to_server(servicer, server):
                     request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.DeleteLogsBeforeRequest.FromString,
                     response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.DeleteLogsBeforeResponse.SerializeToString,
             ),
+            'RevertTransaction': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevertTransaction,
+                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RevertTransactionRequest.FromString,
+                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RevertTransactionResponse.SerializeToString,
+            ),
             'Subscribe': grpc.unary_stream_rpc_method_handler(
                     servicer.Subscribe,
                     request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.SubscribeRequest.FromString,
@@ -703,6 +818,21 @@ def add_StorageServiceServicer_to_server(servicer, server):
                     servicer.GetPositions,
                     request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsRequest.FromString,
                     response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsResponse.SerializeToString,
+            ),
+            'RecordAnalytics': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordAnalytics,
+                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RecordAnalyticsRequest.FromString,
+                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RecordAnalyticsResponse.SerializeToString,
+            ),
+            'Backup': grpc.unary_stream_rpc_method_handler(
+                    servicer.Backup,
+                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.BackupRequest.FromString,
+                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.BackupResponse.SerializeToString,
+            ),
+            'Restore': grpc.stream_unary_rpc_method_handler(
+                    servicer.Restore,
+                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RestoreRequest.FromString,
+                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RestoreResponse.SerializeToString,
             ),
             'AddUser': grpc.unary_unary_rpc_method_handler(
                     servicer.AddUser,
@@ -1329,6 +1459,33 @@ class StorageService:
             _registered_method=True)
 
     @staticmethod
+    def RevertTransaction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.storage.v1.StorageService/RevertTransaction',
+            shoal_dot_storage_dot_v1_dot_storage__pb2.RevertTransactionRequest.SerializeToString,
+            shoal_dot_storage_dot_v1_dot_storage__pb2.RevertTransactionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Subscribe(request,
             target,
             options=(),
@@ -1453,6 +1610,87 @@ class StorageService:
             '/shoal.storage.v1.StorageService/GetPositions',
             shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsRequest.SerializeToString,
             shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordAnalytics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.storage.v1.StorageService/RecordAnalytics',
+            shoal_dot_storage_dot_v1_dot_storage__pb2.RecordAnalyticsRequest.SerializeToString,
+            shoal_dot_storage_dot_v1_dot_storage__pb2.RecordAnalyticsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/shoal.storage.v1.StorageService/Backup',
+            shoal_dot_storage_dot_v1_dot_storage__pb2.BackupRequest.SerializeToString,
+            shoal_dot_storage_dot_v1_dot_storage__pb2.BackupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Restore(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/shoal.storage.v1.StorageService/Restore',
+            shoal_dot_storage_dot_v1_dot_storage__pb2.RestoreRequest.SerializeToString,
+            shoal_dot_storage_dot_v1_dot_storage__pb2.RestoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,7 +19,8 @@ replicated. The node-internal identity and users whose role has `super_user` may
 every RPC (the replication RPCs stay node-internal). Other users need, on the table
 named by the request: `read` for SearchById, SearchByValue, SearchByConditions and
 DescribeTable; `insert` for Insert; `update` for Update; `insert` and `update` for
-Upsert; `delete` for Delete; the same per operation for Transact and LoadCsv.
+Upsert; `delete` for Delete; the same per operation for Transact and LoadCsv, and
+per write for RevertTransaction.
 DescribeDatabase and DescribeAll show only the tables the user can read. Creating or
 dropping databases, tables and attributes, the log RPCs and the user and role RPCs
 need a super user. A refusal is PERMISSION_DENIED naming the user, the action and the
@@ -89,7 +90,9 @@ class StorageServiceStub:
     Errors: INVALID_ARGUMENT, NOT_FOUND.
     """
     DescribeAll: _grpc.UnaryUnaryMultiCallable[_storage_pb2.DescribeAllRequest, _storage_pb2.DescribeAllResponse]
-    """Describes every database and table of this node.
+    """Describes every database and table of this node. The reserved `system` database
+    (membership `hdb_nodes`, certificates `hdb_certificate`) is listed only for the
+    node's own services; super users read it with DescribeDatabase and the searches.
     Errors: none beyond authentication.
     """
     CreateAttribute: _grpc.UnaryUnaryMultiCallable[_storage_pb2.CreateAttributeRequest, _storage_pb2.CreateAttributeResponse]
@@ -177,6 +180,34 @@ class StorageServiceStub:
     (it answers FAILED_PRECONDITION, and the replicator copies instead).
     Errors: INVALID_ARGUMENT (a time in the future), NOT_FOUND (database).
     """
+    RevertTransaction: _grpc.UnaryUnaryMultiCallable[_storage_pb2.RevertTransactionRequest, _storage_pb2.RevertTransactionResponse]
+    """Reverts a logged transaction (named by database, origin and version, as the log RPCs
+    show it): every record it wrote is set back to its state just before it, as a NEW
+    local transaction that replicates, is logged (with `reverts` naming the original)
+    and can itself be reverted. A record the transaction created is deleted, a record it
+    deleted or replaced is written back whole, and the attributes an update wrote are
+    set back to their prior values (a record that gained attributes is written back
+    whole without them). The prior state is the `prior` the log holds for each write,
+    as this node saw the record when it committed or applied the transaction. The whole
+    transaction is reverted, across its tables, all-or-nothing; records that already
+    hold their prior state are left alone.
+
+    A record that holds a write newer than the transaction (in (version, origin) order)
+    changed after it: unless `force` is set the request is refused and nothing is
+    written; with `force` the prior values are written anyway, overwriting those later
+    changes where they touch the same attributes.
+
+    Permissions: on each table, the permission of each write the revert makes (insert
+    to restore a record, update to set attributes back, delete to remove a record);
+    checked after the transaction is found and before anything is written.
+    Errors: INVALID_ARGUMENT (bad database name, neither version nor timestamp, a
+    timestamp or version matching several transactions of different origins, a
+    transaction without record writes such as a table creation), NOT_FOUND (the
+    database, the transaction — never committed here or already purged from the log —
+    or a table it wrote that has been dropped since), PERMISSION_DENIED,
+    FAILED_PRECONDITION with reason CHANGED_LATER naming the records and the later
+    versions (without `force`).
+    """
     Subscribe: _grpc.UnaryStreamMultiCallable[_storage_pb2.SubscribeRequest, _storage_pb2.SubscribeResponse]
     """Streams committed transactions for replication: first every logged transaction after
     the given positions, in this node's commit order, then new commits as they happen
@@ -221,6 +252,50 @@ class StorageServiceStub:
     GetPositions: _grpc.UnaryUnaryMultiCallable[_storage_pb2.GetPositionsRequest, _storage_pb2.GetPositionsResponse]
     """Reads replication positions, log horizons and copies in progress.
     Errors: PERMISSION_DENIED (not the node identity).
+    """
+    RecordAnalytics: _grpc.UnaryUnaryMultiCallable[_storage_pb2.RecordAnalyticsRequest, _storage_pb2.RecordAnalyticsResponse]
+    """Records per-second analytics samples of this node's services into the node-local
+    table `system.hdb_raw_analytics` (`replicate: false`). The rows are written outside
+    the transaction log: they are never replicated, never in the audit or transaction
+    log, and not counted as commits or transactions. A sample for the same metric, second
+    and labels as an existing row replaces it, so a retried request changes nothing.
+    Storage samples its own metrics; the replicator sends its samples here.
+    Node-internal only.
+    Errors: INVALID_ARGUMENT (no samples, an unknown metric, labels other than the
+    metric's, a time that is not a whole second, a value that is not finite),
+    PERMISSION_DENIED (not the node identity), RESOURCE_EXHAUSTED (more than 10,000
+    samples in one request).
+    """
+    Backup: _grpc.UnaryStreamMultiCallable[_storage_pb2.BackupRequest, _storage_pb2.BackupResponse]
+    """Streams a backup of one database from one consistent point: first a header (schema
+    of every table, `replicate: false` ones included; positions; log horizons; this
+    node's clock), then every row (records and tombstones with their versions) of every
+    table in Snapshot order, then the database's retained transaction log in this node's
+    commit order. Every message holds rows or transactions, never both, bounded in count
+    and bytes. Node-internal only (the admin service checks the caller is a super user).
+    Errors: INVALID_ARGUMENT (bad name or limits, the reserved database "system"),
+    PERMISSION_DENIED, NOT_FOUND (database).
+    """
+    Restore: _grpc.StreamUnaryMultiCallable[_storage_pb2.RestoreRequest, _storage_pb2.RestoreResponse]
+    """Restores a backup into a database that does not exist or has no rows. The first
+    message is the header; then messages with rows, then messages with transactions.
+    Rows are merged as they are. A transaction at or below the header's position of its
+    origin is already reflected by the rows and is only written to this node's log (so
+    the audit log and relaying keep working); one above it and at or below
+    `replay_until` is applied as Apply does (point-in-time replay); later ones are
+    skipped. Per origin, transactions must arrive in increasing version order. When the
+    stream ends, the database's positions become the header's (raised by what was
+    replayed) and its log horizons the header's. With `dry_run`, everything is checked
+    and nothing is written. A real restore marks the database until it completes; an
+    interrupted restore leaves the mark, and the next restore of that database drops
+    the partial database and starts over. The last message has `complete`; a stream
+    that ends without it is interrupted. Node-internal only.
+    Errors: INVALID_ARGUMENT (no header first, a second header, rows after
+    transactions, a malformed row, state or transaction, a table missing from the
+    header, versions of an origin out of order, the reserved database "system", no
+    `complete` at the end),
+    PERMISSION_DENIED, FAILED_PRECONDITION (the database has rows, a copy or restore of
+    it is running, a table exists with another primary key).
     """
     AddUser: _grpc.UnaryUnaryMultiCallable[_storage_pb2.AddUserRequest, _storage_pb2.AddUserResponse]
     """Creates a user of this node (never replicated) with a role; `active` defaults to
@@ -310,7 +385,9 @@ class StorageServiceAsyncStub(StorageServiceStub):
     Errors: INVALID_ARGUMENT, NOT_FOUND.
     """
     DescribeAll: _aio.UnaryUnaryMultiCallable[_storage_pb2.DescribeAllRequest, _storage_pb2.DescribeAllResponse]  # type: ignore[assignment]
-    """Describes every database and table of this node.
+    """Describes every database and table of this node. The reserved `system` database
+    (membership `hdb_nodes`, certificates `hdb_certificate`) is listed only for the
+    node's own services; super users read it with DescribeDatabase and the searches.
     Errors: none beyond authentication.
     """
     CreateAttribute: _aio.UnaryUnaryMultiCallable[_storage_pb2.CreateAttributeRequest, _storage_pb2.CreateAttributeResponse]  # type: ignore[assignment]
@@ -398,6 +475,34 @@ class StorageServiceAsyncStub(StorageServiceStub):
     (it answers FAILED_PRECONDITION, and the replicator copies instead).
     Errors: INVALID_ARGUMENT (a time in the future), NOT_FOUND (database).
     """
+    RevertTransaction: _aio.UnaryUnaryMultiCallable[_storage_pb2.RevertTransactionRequest, _storage_pb2.RevertTransactionResponse]  # type: ignore[assignment]
+    """Reverts a logged transaction (named by database, origin and version, as the log RPCs
+    show it): every record it wrote is set back to its state just before it, as a NEW
+    local transaction that replicates, is logged (with `reverts` naming the original)
+    and can itself be reverted. A record the transaction created is deleted, a record it
+    deleted or replaced is written back whole, and the attributes an update wrote are
+    set back to their prior values (a record that gained attributes is written back
+    whole without them). The prior state is the `prior` the log holds for each write,
+    as this node saw the record when it committed or applied the transaction. The whole
+    transaction is reverted, across its tables, all-or-nothing; records that already
+    hold their prior state are left alone.
+
+    A record that holds a write newer than the transaction (in (version, origin) order)
+    changed after it: unless `force` is set the request is refused and nothing is
+    written; with `force` the prior values are written anyway, overwriting those later
+    changes where they touch the same attributes.
+
+    Permissions: on each table, the permission of each write the revert makes (insert
+    to restore a record, update to set attributes back, delete to remove a record);
+    checked after the transaction is found and before anything is written.
+    Errors: INVALID_ARGUMENT (bad database name, neither version nor timestamp, a
+    timestamp or version matching several transactions of different origins, a
+    transaction without record writes such as a table creation), NOT_FOUND (the
+    database, the transaction — never committed here or already purged from the log —
+    or a table it wrote that has been dropped since), PERMISSION_DENIED,
+    FAILED_PRECONDITION with reason CHANGED_LATER naming the records and the later
+    versions (without `force`).
+    """
     Subscribe: _aio.UnaryStreamMultiCallable[_storage_pb2.SubscribeRequest, _storage_pb2.SubscribeResponse]  # type: ignore[assignment]
     """Streams committed transactions for replication: first every logged transaction after
     the given positions, in this node's commit order, then new commits as they happen
@@ -442,6 +547,50 @@ class StorageServiceAsyncStub(StorageServiceStub):
     GetPositions: _aio.UnaryUnaryMultiCallable[_storage_pb2.GetPositionsRequest, _storage_pb2.GetPositionsResponse]  # type: ignore[assignment]
     """Reads replication positions, log horizons and copies in progress.
     Errors: PERMISSION_DENIED (not the node identity).
+    """
+    RecordAnalytics: _aio.UnaryUnaryMultiCallable[_storage_pb2.RecordAnalyticsRequest, _storage_pb2.RecordAnalyticsResponse]  # type: ignore[assignment]
+    """Records per-second analytics samples of this node's services into the node-local
+    table `system.hdb_raw_analytics` (`replicate: false`). The rows are written outside
+    the transaction log: they are never replicated, never in the audit or transaction
+    log, and not counted as commits or transactions. A sample for the same metric, second
+    and labels as an existing row replaces it, so a retried request changes nothing.
+    Storage samples its own metrics; the replicator sends its samples here.
+    Node-internal only.
+    Errors: INVALID_ARGUMENT (no samples, an unknown metric, labels other than the
+    metric's, a time that is not a whole second, a value that is not finite),
+    PERMISSION_DENIED (not the node identity), RESOURCE_EXHAUSTED (more than 10,000
+    samples in one request).
+    """
+    Backup: _aio.UnaryStreamMultiCallable[_storage_pb2.BackupRequest, _storage_pb2.BackupResponse]  # type: ignore[assignment]
+    """Streams a backup of one database from one consistent point: first a header (schema
+    of every table, `replicate: false` ones included; positions; log horizons; this
+    node's clock), then every row (records and tombstones with their versions) of every
+    table in Snapshot order, then the database's retained transaction log in this node's
+    commit order. Every message holds rows or transactions, never both, bounded in count
+    and bytes. Node-internal only (the admin service checks the caller is a super user).
+    Errors: INVALID_ARGUMENT (bad name or limits, the reserved database "system"),
+    PERMISSION_DENIED, NOT_FOUND (database).
+    """
+    Restore: _aio.StreamUnaryMultiCallable[_storage_pb2.RestoreRequest, _storage_pb2.RestoreResponse]  # type: ignore[assignment]
+    """Restores a backup into a database that does not exist or has no rows. The first
+    message is the header; then messages with rows, then messages with transactions.
+    Rows are merged as they are. A transaction at or below the header's position of its
+    origin is already reflected by the rows and is only written to this node's log (so
+    the audit log and relaying keep working); one above it and at or below
+    `replay_until` is applied as Apply does (point-in-time replay); later ones are
+    skipped. Per origin, transactions must arrive in increasing version order. When the
+    stream ends, the database's positions become the header's (raised by what was
+    replayed) and its log horizons the header's. With `dry_run`, everything is checked
+    and nothing is written. A real restore marks the database until it completes; an
+    interrupted restore leaves the mark, and the next restore of that database drops
+    the partial database and starts over. The last message has `complete`; a stream
+    that ends without it is interrupted. Node-internal only.
+    Errors: INVALID_ARGUMENT (no header first, a second header, rows after
+    transactions, a malformed row, state or transaction, a table missing from the
+    header, versions of an origin out of order, the reserved database "system", no
+    `complete` at the end),
+    PERMISSION_DENIED, FAILED_PRECONDITION (the database has rows, a copy or restore of
+    it is running, a table exists with another primary key).
     """
     AddUser: _aio.UnaryUnaryMultiCallable[_storage_pb2.AddUserRequest, _storage_pb2.AddUserResponse]  # type: ignore[assignment]
     """Creates a user of this node (never replicated) with a role; `active` defaults to
@@ -570,7 +719,9 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _storage_pb2.DescribeAllRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_storage_pb2.DescribeAllResponse, _abc.Awaitable[_storage_pb2.DescribeAllResponse]]:
-        """Describes every database and table of this node.
+        """Describes every database and table of this node. The reserved `system` database
+        (membership `hdb_nodes`, certificates `hdb_certificate`) is listed only for the
+        node's own services; super users read it with DescribeDatabase and the searches.
         Errors: none beyond authentication.
         """
 
@@ -744,6 +895,40 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def RevertTransaction(
+        self,
+        request: _storage_pb2.RevertTransactionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.RevertTransactionResponse, _abc.Awaitable[_storage_pb2.RevertTransactionResponse]]:
+        """Reverts a logged transaction (named by database, origin and version, as the log RPCs
+        show it): every record it wrote is set back to its state just before it, as a NEW
+        local transaction that replicates, is logged (with `reverts` naming the original)
+        and can itself be reverted. A record the transaction created is deleted, a record it
+        deleted or replaced is written back whole, and the attributes an update wrote are
+        set back to their prior values (a record that gained attributes is written back
+        whole without them). The prior state is the `prior` the log holds for each write,
+        as this node saw the record when it committed or applied the transaction. The whole
+        transaction is reverted, across its tables, all-or-nothing; records that already
+        hold their prior state are left alone.
+
+        A record that holds a write newer than the transaction (in (version, origin) order)
+        changed after it: unless `force` is set the request is refused and nothing is
+        written; with `force` the prior values are written anyway, overwriting those later
+        changes where they touch the same attributes.
+
+        Permissions: on each table, the permission of each write the revert makes (insert
+        to restore a record, update to set attributes back, delete to remove a record);
+        checked after the transaction is found and before anything is written.
+        Errors: INVALID_ARGUMENT (bad database name, neither version nor timestamp, a
+        timestamp or version matching several transactions of different origins, a
+        transaction without record writes such as a table creation), NOT_FOUND (the
+        database, the transaction — never committed here or already purged from the log —
+        or a table it wrote that has been dropped since), PERMISSION_DENIED,
+        FAILED_PRECONDITION with reason CHANGED_LATER naming the records and the later
+        versions (without `force`).
+        """
+
+    @_abc_1.abstractmethod
     def Subscribe(
         self,
         request: _storage_pb2.SubscribeRequest,
@@ -816,6 +1001,68 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_storage_pb2.GetPositionsResponse, _abc.Awaitable[_storage_pb2.GetPositionsResponse]]:
         """Reads replication positions, log horizons and copies in progress.
         Errors: PERMISSION_DENIED (not the node identity).
+        """
+
+    @_abc_1.abstractmethod
+    def RecordAnalytics(
+        self,
+        request: _storage_pb2.RecordAnalyticsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.RecordAnalyticsResponse, _abc.Awaitable[_storage_pb2.RecordAnalyticsResponse]]:
+        """Records per-second analytics samples of this node's services into the node-local
+        table `system.hdb_raw_analytics` (`replicate: false`). The rows are written outside
+        the transaction log: they are never replicated, never in the audit or transaction
+        log, and not counted as commits or transactions. A sample for the same metric, second
+        and labels as an existing row replaces it, so a retried request changes nothing.
+        Storage samples its own metrics; the replicator sends its samples here.
+        Node-internal only.
+        Errors: INVALID_ARGUMENT (no samples, an unknown metric, labels other than the
+        metric's, a time that is not a whole second, a value that is not finite),
+        PERMISSION_DENIED (not the node identity), RESOURCE_EXHAUSTED (more than 10,000
+        samples in one request).
+        """
+
+    @_abc_1.abstractmethod
+    def Backup(
+        self,
+        request: _storage_pb2.BackupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_storage_pb2.BackupResponse], _abc.AsyncIterator[_storage_pb2.BackupResponse]]:
+        """Streams a backup of one database from one consistent point: first a header (schema
+        of every table, `replicate: false` ones included; positions; log horizons; this
+        node's clock), then every row (records and tombstones with their versions) of every
+        table in Snapshot order, then the database's retained transaction log in this node's
+        commit order. Every message holds rows or transactions, never both, bounded in count
+        and bytes. Node-internal only (the admin service checks the caller is a super user).
+        Errors: INVALID_ARGUMENT (bad name or limits, the reserved database "system"),
+        PERMISSION_DENIED, NOT_FOUND (database).
+        """
+
+    @_abc_1.abstractmethod
+    def Restore(
+        self,
+        request_iterator: _MaybeAsyncIterator[_storage_pb2.RestoreRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.RestoreResponse, _abc.Awaitable[_storage_pb2.RestoreResponse]]:
+        """Restores a backup into a database that does not exist or has no rows. The first
+        message is the header; then messages with rows, then messages with transactions.
+        Rows are merged as they are. A transaction at or below the header's position of its
+        origin is already reflected by the rows and is only written to this node's log (so
+        the audit log and relaying keep working); one above it and at or below
+        `replay_until` is applied as Apply does (point-in-time replay); later ones are
+        skipped. Per origin, transactions must arrive in increasing version order. When the
+        stream ends, the database's positions become the header's (raised by what was
+        replayed) and its log horizons the header's. With `dry_run`, everything is checked
+        and nothing is written. A real restore marks the database until it completes; an
+        interrupted restore leaves the mark, and the next restore of that database drops
+        the partial database and starts over. The last message has `complete`; a stream
+        that ends without it is interrupted. Node-internal only.
+        Errors: INVALID_ARGUMENT (no header first, a second header, rows after
+        transactions, a malformed row, state or transaction, a table missing from the
+        header, versions of an origin out of order, the reserved database "system", no
+        `complete` at the end),
+        PERMISSION_DENIED, FAILED_PRECONDITION (the database has rows, a copy or restore of
+        it is running, a table exists with another primary key).
         """
 
     @_abc_1.abstractmethod

@@ -205,6 +205,7 @@ class Transaction(_message.Message):
     DATABASE_FIELD_NUMBER: _builtins.int
     WRITES_FIELD_NUMBER: _builtins.int
     TABLES_FIELD_NUMBER: _builtins.int
+    REVERTS_FIELD_NUMBER: _builtins.int
     origin: _builtins.str
     """Name of the node where the transaction was first committed."""
     version: _builtins.int
@@ -226,6 +227,12 @@ class Transaction(_message.Message):
     def tables(self) -> _containers.RepeatedCompositeFieldContainer[Global___TableSchema]:
         """Schema of the tables the writes touch, and of tables created without any rows."""
 
+    @_builtins.property
+    def reverts(self) -> Global___TransactionRef:
+        """Set when this transaction is a revert (RevertTransaction): the transaction whose
+        writes it undid. Informational (audit), never used by the merge.
+        """
+
     def __init__(
         self,
         *,
@@ -236,14 +243,41 @@ class Transaction(_message.Message):
         database: _builtins.str = ...,
         writes: _abc.Iterable[Global___Write] | None = ...,
         tables: _abc.Iterable[Global___TableSchema] | None = ...,
+        reverts: Global___TransactionRef | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reverts", b"reverts"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "local_time", b"local_time", "origin", b"origin", "tables", b"tables", "user", b"user", "version", b"version", "writes", b"writes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "local_time", b"local_time", "origin", b"origin", "reverts", b"reverts", "tables", b"tables", "user", b"user", "version", b"version", "writes", b"writes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Transaction: _TypeAlias = Transaction  # noqa: Y015
+
+@_typing.final
+class TransactionRef(_message.Message):
+    """A committed transaction named by its origin and version, unique cluster-wide."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    origin: _builtins.str
+    """Node where the transaction was first committed."""
+    version: _builtins.int
+    """Its version on that node."""
+    def __init__(
+        self,
+        *,
+        origin: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["origin", b"origin", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransactionRef: _TypeAlias = TransactionRef  # noqa: Y015
 
 @_typing.final
 class Position(_message.Message):

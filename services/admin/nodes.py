@@ -1,0 +1,181 @@
+"""Membership operations: add, update, remove and list the members of the cluster.
+
+The members are the rows of the replicated table ``system.hdb_nodes``
+(services/common/members.py). Changing a row here is all it takes: the row replicates to
+every member, and every node's replicator dials (or drops) the node it describes. Rows
+are written with the node-internal identity (the ``system`` database is reserved), after
+the caller was checked to be a super user, and always as attribute merges, so a node
+writing its own row at the same time does not erase the settings written here.
+
+The typed RPCs and Execute both call ``Nodes``; a lock serializes membership changes of
+this node so that "is it a member?" and the write cannot interleave with another change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from shoal.admin.v1 import admin_pb2 as apb
+from shoal.storage.v1 import storage_pb2 as spb
+
+from services.admin.cluster import Cluster
+from services.admin.node import AdminNode
+from services.common import members
+from services.common.config import ConfigError, Route
+from services.common.errors import AlreadyExists, InvalidArgument, NotFound
+from services.common.routes import from_proto, to_proto
+
+Row = dict[str, Any]
+CERTIFICATE_EXCHANGE = (
+    "the certificate exchange with temporary credentials ('authorization') is not available"
+    " in this version; give every node a certificate from one CA (tls.*) and add the node"
+    " without credentials"
+)
+
+
+@dataclass
+class Configured:
+    """Outcome of configure_cluster."""
+
+    added: list[Row] = field(default_factory=list)
+    updated: list[Row] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+
+def _problem(exc: ConfigError, where: str = "") -> InvalidArgument:
+    return InvalidArgument(where + "; ".join(exc.problems))
+
+
+def validated_row(row: Row, node_name: str, shard: int | None, where: str = "") -> Row:
+    """The complete row for a requested one: parsed like a route in shoal.yaml."""
+    try:
+        route = members.to_route(row, node_name)
+    except ConfigError as exc:
+        raise _problem(exc, where) from exc
+    if route.hostname == node_name:
+        raise InvalidArgument(f"{where}{node_name} is this node itself")
+    return members.to_row(route, shard)
+
+
+def row_from_route(message: Any, node_name: str, shard: int | None, where: str = "") -> Row:
+    """A row from a typed ``shoal.replicator.v1.Route``."""
+    try:
+        (route,) = from_proto([message], node_name)
+    except ConfigError as exc:
+        raise _problem(exc, where) from exc
+    if route.hostname == node_name:
+        raise InvalidArgument(f"{where}{node_name} is this node itself")
+    return members.to_row(route, shard)
+
+
+def node_message(row: Row, node_name: str) -> apb.Node:
+    """The typed form of a row."""
+    message = apb.Node(name=str(row.get(members.PRIMARY_KEY, "")), url=str(row.get("url") or ""))
+    try:
+        route: Route | None = members.to_route(row, node_name)
+    except ConfigError:
+        route = None
+    if route is not None:
+        message.route.CopyFrom(to_proto(route))
+    shard = row.get("shard")
+    if isinstance(shard, int) and not isinstance(shard, bool):
+        message.shard = shard
+    return message
+
+
+class Nodes:
+    """Membership operations of one node."""
+
+    def __init__(self, node: AdminNode, cluster: Cluster) -> None:
+        self.node = node
+        self.cluster = cluster
+        self.name = node.config.node_name
+        self._lock = asyncio.Lock()
+
+    async def read(self) -> members.Membership:
+        """This node's hdb_nodes, tombstones included."""
+        request = spb.SnapshotRequest(database=members.DATABASE, tables=[members.TABLE])
+        chunks = await self.node.stream(self.node.storage.Snapshot, request, self.node.internal)
+        return members.parse_rows([r for c in chunks for r in c.rows], self.name)
+
+    async def _write(self, rows: Iterable[Row]) -> None:
+        records = [orjson.dumps(r) for r in rows]
+        if records:
+            request = spb.UpsertRequest(
+                database=members.DATABASE, table=members.TABLE, records=records, merge=True
+            )
+            await self.node.call(self.node.storage.Upsert, request, self.node.internal)
+
+    async def _delete(self, names: Iterable[str]) -> None:
+        ids = [orjson.dumps(n) for n in names]
+        if ids:
+            request = spb.DeleteRequest(database=members.DATABASE, table=members.TABLE, ids=ids)
+            await self.node.call(self.node.storage.Delete, request, self.node.internal)
+
+    async def add(self, row: Row) -> Row:
+        name = row[members.PRIMARY_KEY]
+        async with self._lock:
+            current = await self.read()
+            if name in current.rows:
+                raise AlreadyExists(f"{name} is already a member of the cluster")
+            await self._write([row])
+        return row
+
+    async def update(self, name: str, changes: Row) -> Row:
+        """Apply ``changes`` (columns) to a member's row; the result is validated whole."""
+        async with self._lock:
+            current = await self.read()
+            old = current.rows.get(name)
+            if old is None:
+                raise NotFound(f"{name} is not a member of the cluster")
+            merged = {**old, **changes, members.PRIMARY_KEY: name}
+            row = validated_row(merged, self.name, merged.get("shard"))
+            await self._write([row])
+        return row
+
+    async def remove(self, name: str) -> Row:
+        if name == self.name:
+            raise InvalidArgument(
+                f"{name} is this node itself: remove it from another member of the cluster"
+            )
+        async with self._lock:
+            current = await self.read()
+            old = current.rows.get(name)
+            if old is None:
+                raise NotFound(f"{name} is not a member of the cluster")
+            await self._delete([name])
+        if any(r.hostname == name for r in self.cluster.routes()):
+            await self.cluster.delete_routes([name])
+        return old
+
+    async def configure(self, rows: list[Row]) -> Configured:
+        names = [r[members.PRIMARY_KEY] for r in rows]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise InvalidArgument(f"configure_cluster: listed twice: {', '.join(twice)}")
+        outcome = Configured()
+        async with self._lock:
+            current = await self.read()
+            for row in rows:
+                name = row[members.PRIMARY_KEY]
+                (outcome.updated if name in current.rows else outcome.added).append(row)
+            outcome.removed = sorted(
+                n for n in current.rows if n != self.name and n not in set(names)
+            )
+            await self._write(rows)
+            await self._delete(outcome.removed)
+        return outcome
+
+
+def start_time_text(value: Any, operation: str) -> Any:
+    """Harper's start_time as ISO text (Unix milliseconds are accepted too)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value / 1000, UTC).isoformat().replace("+00:00", "Z")
+    if value is None or isinstance(value, str):
+        return value
+    raise InvalidArgument(f"{operation}: 'start_time' must be an ISO time or Unix milliseconds")
