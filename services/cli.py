@@ -1,6 +1,7 @@
 """The ``shoal`` command line.
 
     shoal local up              a local cluster on 127.0.0.1..N (what `make run` does)
+    shoal certs init            a CA (made once) and a node certificate signed by it
     shoal node start -c FILE    one node: its services as supervised processes
     shoal storage|replicator|admin -c FILE
                                 one service in the foreground (containers use these)
@@ -10,7 +11,7 @@
     shoal backup create|restore a database's backup (tar.gz), point-in-time recovery
     shoal cluster status|nodes|add-node|remove-node|routes
                                 cluster operations
-    shoal user list|add|drop, shoal role list
+    shoal user list|add|alter|drop, shoal role list
                                 users and roles of a node
 
 Credentials come from --username/--password or SHOAL_USERNAME / SHOAL_PASSWORD. Data goes
@@ -41,6 +42,7 @@ from shoal.storage.v1 import storage_pb2 as pb
 from shoal.storage.v1 import storage_pb2_grpc, types_pb2
 
 from services import clone
+from services.common import certs
 from services.common.auth import basic_metadata
 from services.common.config import (
     DEFAULT_ADMIN_PORT,
@@ -78,6 +80,8 @@ user_app = typer.Typer(help="Users of a node (never replicated).", no_args_is_he
 role_app = typer.Typer(help="Roles of a node (never replicated).", no_args_is_help=True)
 app.add_typer(user_app, name="user")
 app.add_typer(role_app, name="role")
+certs_app = typer.Typer(help="TLS certificates of nodes.", no_args_is_help=True)
+app.add_typer(certs_app, name="certs")
 
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="path to shoal.yaml", exists=True)
@@ -129,10 +133,23 @@ def local_up(
     data: Annotated[Path, typer.Option(help="folder for the nodes' data and configs")] = Path(
         "data"
     ),
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure",
+            help="new nodes replicate in plain text (port 9932, development only)"
+            " instead of mutual TLS with generated certificates",
+        ),
+    ] = False,
 ) -> None:
-    """Start a cluster of NODES nodes on 127.0.0.1..N (full mesh) and run until Ctrl-C."""
+    """Start a cluster of NODES nodes on 127.0.0.1..N (full mesh) and run until Ctrl-C.
+    New nodes get certificates from a CA made in DATA/ca (see docs/security.md)."""
     password = local_password(data)
-    paths = local_cluster_configs(data, nodes)
+    try:
+        paths = local_cluster_configs(data, nodes, tls=not insecure)
+    except certs.CertificateError as exc:
+        _fail(str(exc), 2)
+        return
     typer.echo(f"starting {nodes} nodes in {data}/ ...", err=True)
     try:
         supervisor = run_services(paths, SERVICES, {"SHOAL_ADMIN_PASSWORD": password}, logs=True)
@@ -140,10 +157,12 @@ def local_up(
         _fail(str(exc), 2)
         return
     hosts = ", ".join(f"127.0.0.{i}" for i in range(1, nodes + 1))
+    secure = all(load_config(p).tls.certificate is not None for p in paths)
+    replication = "replication :9933 (mutual TLS)" if secure else "replication :9932 (plain)"
     typer.echo(
         f"""
 Shoal is running: {nodes} nodes on {hosts}
-  storage :{DEFAULT_STORAGE_PORT}   replication :9932   logs in {data}/node*/*.log
+  storage :{DEFAULT_STORAGE_PORT}   {replication}   logs in {data}/node*/*.log
 
 Try it (in another terminal):
   export SHOAL_USERNAME=admin SHOAL_PASSWORD={password}
@@ -156,6 +175,44 @@ Ctrl-C stops the cluster.""",
     )
     supervisor.run_until_signalled()
     typer.echo("stopped", err=True)
+
+
+@certs_app.command("init")
+def certs_init(
+    data: Annotated[Path, typer.Option(help="the node's rootPath (keys go to DATA/keys)")],
+    name: Annotated[str, typer.Option(help="the node's name (replication.hostname)")],
+    ca_dir: Annotated[
+        Path | None,
+        typer.Option(help="CA folder (ca.key, ca.crt), made when empty; default DATA/ca"),
+    ] = None,
+    san: Annotated[
+        list[str] | None,
+        typer.Option(help="another DNS name or IP address of the node (repeatable)"),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="replace an existing node certificate and key")
+    ] = False,
+) -> None:
+    """Make (or reuse) a CA and issue a node certificate signed by it; prints the tls
+    section for the node's shoal.yaml."""
+    keys = data / "keys"
+    if not force and (keys / certs.NODE_CERT_FILE).exists():
+        _fail(f"{keys / certs.NODE_CERT_FILE} exists; --force replaces it", 2)
+    try:
+        authority = certs.ensure_authority(ca_dir or data / "ca", f"Shoal-CA-{name}")
+        files = certs.ensure_node_files(keys, authority, name, san or [], replace=True)
+    except (certs.CertificateError, OSError) as exc:
+        _fail(str(exc), 2)
+        return
+    section = {
+        "tls": {
+            "certificate": str(files.certificate.relative_to(data)),
+            "privateKey": str(files.private_key.relative_to(data)),
+            "certificateAuthority": str(files.certificate_authority.relative_to(data)),
+        }
+    }
+    typer.echo(f"node certificate for {name} in {keys}/; add to {data}/shoal.yaml:", err=True)
+    typer.echo(yaml.safe_dump(section, sort_keys=False), nl=False)
 
 
 @node_app.command("start")
@@ -578,6 +635,34 @@ def user_add(
 ) -> None:
     """Add a user to the node."""
     body = {"operation": "add_user", "username": name, "password": new_password, "role": role}
+    _print(_execute(node, body, username, password), "json")
+
+
+@user_app.command("alter")
+def user_alter(
+    name: Annotated[str, typer.Argument(help="user name")],
+    role: Annotated[str | None, typer.Option(help="new role")] = None,
+    active: Annotated[
+        bool | None, typer.Option("--active/--inactive", help="allow or block sign-in")
+    ] = None,
+    new_password: Annotated[
+        str | None,
+        typer.Option("--new-password", envvar="SHOAL_NEW_PASSWORD", help="new password"),
+    ] = None,
+    node: AdminNodeOption = "127.0.0.1",
+    username: UserOption = "admin",
+    password: PasswordOption = "",
+) -> None:
+    """Change a user's role, password or whether it may sign in."""
+    body: dict[str, Any] = {"operation": "alter_user", "username": name}
+    if role is not None:
+        body["role"] = role
+    if active is not None:
+        body["active"] = active
+    if new_password is not None:
+        body["password"] = new_password
+    if len(body) == 2:
+        _fail("nothing to change: give --role, --active/--inactive or --new-password", 2)
     _print(_execute(node, body, username, password), "json")
 
 

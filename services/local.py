@@ -23,10 +23,13 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common import certs
 from services.common.backoff import Backoff
 from services.common.config import ShoalConfig, load_config
 
 SERVICES = ("storage", "replicator", "admin")
+LOCAL_CA_DIR = "ca"
+LOCAL_CA_NAME = "Shoal-Local-CA"
 READY_TIMEOUT_S = 60.0
 
 
@@ -144,8 +147,13 @@ class Supervisor:
             child.stop()
 
 
-def local_cluster_configs(data: Path, nodes: int) -> list[Path]:
-    """Write (once) the configs of a loopback cluster: node i on 127.0.0.i, full mesh."""
+def local_cluster_configs(data: Path, nodes: int, tls: bool = True) -> list[Path]:
+    """Write (once) the configs of a loopback cluster: node i on 127.0.0.i, full mesh.
+
+    With ``tls`` (the default), a new config gets a certificate signed by the cluster's
+    own CA (made once in ``<data>/ca``): ``<data>/node<i>/keys/node.key`` (0600),
+    ``node.crt`` (CN and IP SAN 127.0.0.i) and ``ca.crt``. Existing configs are kept as
+    they are."""
     hosts = [f"127.0.0.{i}" for i in range(1, nodes + 1)]
     paths = []
     for i, host in enumerate(hosts, start=1):
@@ -153,12 +161,20 @@ def local_cluster_configs(data: Path, nodes: int) -> list[Path]:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "shoal.yaml"
         if not path.exists():
-            config = {
+            config: dict[str, Any] = {
                 "rootPath": ".",
                 "host": host,
                 "replication": {"hostname": host, "routes": [h for h in hosts if h != host]},
                 "logging": {"level": "info"},
             }
+            if tls:
+                authority = certs.ensure_authority(data / LOCAL_CA_DIR, LOCAL_CA_NAME)
+                files = certs.ensure_node_files(directory / "keys", authority, host, replace=True)
+                config["tls"] = {
+                    "certificate": str(files.certificate.relative_to(directory)),
+                    "privateKey": str(files.private_key.relative_to(directory)),
+                    "certificateAuthority": str(files.certificate_authority.relative_to(directory)),
+                }
             path.write_text(
                 "# A node of the local cluster made by `shoal local up`.\n"
                 + yaml.safe_dump(config, sort_keys=False)

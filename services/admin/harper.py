@@ -26,6 +26,7 @@ from services.admin import analytics as history
 from services.admin import csvload
 from services.admin.backup import Backups
 from services.admin.backup_archive import ArchiveReader
+from services.admin.certificates import Certificates, NewCertificate
 from services.admin.cluster import Cluster
 from services.admin.node import AdminNode, Caller
 from services.admin.nodes import (
@@ -143,6 +144,7 @@ class Execute:
     caller: Caller
     cluster: Cluster
     nodes: Nodes
+    certificates: Certificates
 
     async def storage(self, method: str, request: Any) -> Any:
         """A unary storage call with the caller's credentials (storage checks the role)."""
@@ -755,6 +757,39 @@ async def list_metrics(ex: Execute, body: Body) -> Json:
     return history.list_metrics(ex.caller, types)
 
 
+# -- certificates (system.hdb_certificate) ---------------------------------------------------
+
+
+async def add_certificate(ex: Execute, body: Body) -> Json:
+    ex.caller.require_super_user("add_certificate")
+    raw_authority = body._get(("is_authority",))
+    if raw_authority is not None and not isinstance(raw_authority, bool):
+        raise InvalidArgument("add_certificate: 'is_authority' must be true or false")
+    new = NewCertificate(
+        name=body.text("name"),
+        certificate=body.text("certificate"),
+        private_key=body.text("private_key", required=False),
+        is_authority=raw_authority,
+    )
+    row = await ex.certificates.add(new)
+    return {
+        "message": f"Successfully added certificate: {new.name}",
+        "certificate": row,
+    }
+
+
+async def list_certificates(ex: Execute, body: Body) -> Json:
+    ex.caller.require_super_user("list_certificates")
+    return await ex.certificates.list()
+
+
+async def remove_certificate(ex: Execute, body: Body) -> Json:
+    ex.caller.require_super_user("remove_certificate")
+    name = body.text("name")
+    await ex.certificates.remove(name)
+    return {"message": f"Successfully removed {name}"}
+
+
 # -- cluster ----------------------------------------------------------------------------------
 
 
@@ -1175,6 +1210,10 @@ OPERATIONS: dict[str, Handler] = {
     # analytics
     "get_analytics": get_analytics,
     "list_metrics": list_metrics,
+    # certificates
+    "add_certificate": add_certificate,
+    "list_certificates": list_certificates,
+    "remove_certificate": remove_certificate,
     # cluster
     "cluster_status": cluster_status,
     "cluster_get_routes": cluster_get_routes,

@@ -12,6 +12,11 @@ from shoal.admin.v1 import admin_pb2_grpc
 
 from services.admin import analytics, harper
 from services.admin.backup import Backups, drain
+from services.admin.certificates import (
+    Certificates,
+    NewCertificate,
+    certificate_message,
+)
 from services.admin.cluster import Cluster
 from services.admin.node import AdminNode, Caller, current_caller
 from services.admin.nodes import CERTIFICATE_EXCHANGE, Nodes, node_message, row_from_route
@@ -29,13 +34,16 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self.cluster = Cluster(node)
         self.backups = Backups(node)
         self.nodes = Nodes(node, self.cluster)
+        self.certificates = Certificates(node)
 
     @staticmethod
     def _caller(context: Ctx) -> Caller:
         return current_caller(tuple(context.invocation_metadata() or ()))
 
     async def Execute(self, request: apb.ExecuteRequest, context: Ctx) -> apb.ExecuteResponse:
-        execute = harper.Execute(self.node, self._caller(context), self.cluster, self.nodes)
+        execute = harper.Execute(
+            self.node, self._caller(context), self.cluster, self.nodes, self.certificates
+        )
         result, code = await harper.run(execute, request.operation)
         return apb.ExecuteResponse(result=orjson.dumps(result), code=code)
 
@@ -160,3 +168,32 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             updated=[node_message(r, name) for r in done.updated],
             removed=done.removed,
         )
+
+    # -- certificates -------------------------------------------------------------------
+
+    async def AddCertificate(
+        self, request: apb.AddCertificateRequest, context: Ctx
+    ) -> apb.AddCertificateResponse:
+        self._caller(context).require_super_user("add_certificate")
+        new = NewCertificate(
+            name=request.name,
+            certificate=request.certificate,
+            private_key=request.private_key,
+            is_authority=request.is_authority if request.HasField("is_authority") else None,
+        )
+        row = await self.certificates.add(new)
+        return apb.AddCertificateResponse(certificate=certificate_message(row))
+
+    async def ListCertificates(
+        self, request: apb.ListCertificatesRequest, context: Ctx
+    ) -> apb.ListCertificatesResponse:
+        self._caller(context).require_super_user("list_certificates")
+        rows = await self.certificates.list()
+        return apb.ListCertificatesResponse(certificates=[certificate_message(r) for r in rows])
+
+    async def RemoveCertificate(
+        self, request: apb.RemoveCertificateRequest, context: Ctx
+    ) -> apb.RemoveCertificateResponse:
+        self._caller(context).require_super_user("remove_certificate")
+        row = await self.certificates.remove(request.name)
+        return apb.RemoveCertificateResponse(certificate=certificate_message(row))

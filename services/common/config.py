@@ -145,6 +145,8 @@ class TlsConfig:
     certificate: Path | None = None
     private_key: Path | None = None
     certificate_authority: Path | None = None
+    crl: tuple[Path, ...] = ()  # certificate revocation lists (PEM or DER), read per handshake
+    crl_fail_closed: bool = True  # refuse every peer while a CRL cannot be read
 
 
 @dataclass(frozen=True)
@@ -620,6 +622,18 @@ def _optional_path(reader: _Reader, name: str) -> Path | None:
     return Path(text) if text else None
 
 
+def _paths(reader: _Reader, name: str) -> tuple[Path, ...]:
+    """A path or a list of paths (empty when absent)."""
+    present, value = reader.raw(name)
+    if not present or value is None:
+        return ()
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(isinstance(item, str) and item for item in items):
+        reader.problem(name, value, "expected a path or a list of paths")
+        return ()
+    return tuple(Path(item) for item in items)
+
+
 def parse_config(
     data: Mapping[str, Any],
     *,
@@ -677,6 +691,8 @@ def parse_config(
         certificate=_optional_path(tl, "certificate"),
         private_key=_optional_path(tl, "privateKey"),
         certificate_authority=_optional_path(tl, "certificateAuthority"),
+        crl=_paths(tl, "crl"),
+        crl_fail_closed=tl.boolean("crlFailClosed", True),
     )
     tl.finish()
 

@@ -66,6 +66,10 @@ def spb_table(database: str, table: str) -> types_pb2.TableRef:
     return types_pb2.TableRef(database=database, table=table)
 
 
+class PeerRevoked(Exception):
+    """The peer's certificate was revoked: nothing more it sends is applied."""
+
+
 class ProtocolViolation(Exception):
     """The peer sent something the protocol does not allow here."""
 
@@ -215,6 +219,8 @@ class Inbound:
         last = batches[-1]
         transactions = [t for b in batches for t in b.transactions]
         if transactions:
+            if session.revoked:
+                raise PeerRevoked(f"the certificate of {session.peer} was revoked")
             try:
                 reply = await session.storage.apply(transactions, self._skew_ms)
             except grpc.aio.AioRpcError as exc:
@@ -305,6 +311,8 @@ class Inbound:
                 log.warning("%s cannot copy %s: %s", session.peer, database, chunk.error)
                 status.copy = None
                 return
+            if session.revoked:
+                raise PeerRevoked(f"the certificate of {session.peer} was revoked")
             reply = await session.storage.merge_snapshot(
                 spb.MergeSnapshotRequest(
                     source=session.peer,

@@ -16,6 +16,9 @@
   of the same node. A node removed from the table (a tombstone) is neither dialed nor
   accepted, and its connections close; a node that sees itself removed stops dialing
   members until one adds it back.
+* Revocation (peercheck.py): a TLS peer whose certificate serial is revoked (routes,
+  system.hdb_nodes) or listed in a CRL is refused at the handshake, on both sides; when a
+  live session's serial becomes revoked, it stops applying and closes with UNAUTHORIZED.
 """
 
 from __future__ import annotations
@@ -48,6 +51,12 @@ from services.replicator.handshake import (
 )
 from services.replicator.local import LocalStorage, StorageUnavailable
 from services.replicator.membership import MembershipWatcher
+from services.replicator.peercheck import (
+    CertificateRefused,
+    PeerCertificate,
+    PeerCheck,
+    revoked_serials,
+)
 from services.replicator.session import Session
 from services.replicator.status import PeerState
 from services.replicator.transport import ConnectionLost, PeerStream, dial
@@ -78,6 +87,7 @@ class Replicator:
         self._closing = False
         self._session_changed = asyncio.Event()
         self._refused_as_removed: set[str] = set()  # members that refused us as removed
+        self.peercheck = PeerCheck.from_config(config, tls)
         self.watcher = MembershipWatcher(config, storage, tls is not None, self.set_membership)
         self._watch_task: asyncio.Task[None] | None = None
 
@@ -109,6 +119,7 @@ class Replicator:
     def set_routes(self, routes: list[Route]) -> None:
         """Apply a new list of configured routes at once (see the SetRoutes contract)."""
         self.configured = {r.hostname: r for r in routes}
+        self._enforce_revocations()
         self._reconcile()
 
     def set_membership(self, membership: members.Membership) -> None:
@@ -118,7 +129,26 @@ class Replicator:
             session = self.sessions.get(name)
             if session is not None:
                 session.close(rpb.GOODBYE_CODE_REMOVED, f"{name} was removed from the cluster")
+        self._enforce_revocations()
         self._reconcile()
+
+    def revoked(self) -> dict[str, str]:
+        """Revoked certificate serials (configured routes and system.hdb_nodes rows)."""
+        return revoked_serials(self.configured.values(), self.membership.rows)
+
+    def _enforce_revocations(self) -> None:
+        """Cut every live session whose peer certificate is now revoked."""
+        revoked = self.revoked()
+        for session in list(self.sessions.values()):
+            if session.certificate is None or session.revoked or session.finished.is_set():
+                continue
+            reason = self.peercheck.revoked_reason(session.peer, session.certificate, revoked)
+            if reason:
+                session.revoke(reason)
+
+    def check_certificate(self, peer: str, certificate: PeerCertificate) -> None:
+        """CertificateRefused when ``certificate`` may not replicate with this node."""
+        self.peercheck.check(peer, certificate, self.revoked())
 
     def _effective_routes(self) -> dict[str, Route]:
         """Configured routes, plus members when gossiping; never a removed node."""
@@ -223,13 +253,22 @@ class Replicator:
             address, secure = self.route_address(route)
             started = time.monotonic()
             try:
+                certificate = None
+                if secure:
+                    certificate = await self.peercheck.server_certificate(
+                        address, HANDSHAKE_TIMEOUT_S
+                    )
+                    self.check_certificate(route.hostname, certificate)
                 stream = await dial(
                     address,
                     self.tls if secure else None,
                     HANDSHAKE_TIMEOUT_S,
                     self.config.storage.max_message_bytes,
                 )
-                await self._run_dialed(stream, route, address)
+                await self._run_dialed(stream, route, address, certificate)
+            except CertificateRefused as exc:
+                state.last_error = exc.reason
+                log.warning("not connecting to %s: %s", route.hostname, exc.reason)
             except Refused as exc:
                 if exc.code == rpb.GOODBYE_CODE_REMOVED:
                     self._told_removed(route.hostname)
@@ -258,7 +297,13 @@ class Replicator:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._session_changed.wait(), timeout=remaining)
 
-    async def _run_dialed(self, stream: PeerStream, route: Route, address: str) -> None:
+    async def _run_dialed(
+        self,
+        stream: PeerStream,
+        route: Route,
+        address: str,
+        certificate: PeerCertificate | None = None,
+    ) -> None:
         try:
             mine = await self.hello(route, expected_name=route.hostname)
             await stream.send(rpb.PeerMessage(hello=mine))
@@ -269,7 +314,15 @@ class Replicator:
                     f"dialed {route.hostname!r} at {address} but reached {theirs.node_name!r}",
                 )
             session = Session(
-                self, stream, mine, theirs, True, address, route, self.peer_state(theirs.node_name)
+                self,
+                stream,
+                mine,
+                theirs,
+                True,
+                address,
+                route,
+                self.peer_state(theirs.node_name),
+                certificate,
             )
             if not self._register(session):
                 raise Refused(
@@ -283,7 +336,11 @@ class Replicator:
     # -- accepting ------------------------------------------------------------------------------
 
     async def accept(
-        self, stream: PeerStream, transport_names: set[str] | None, address: str
+        self,
+        stream: PeerStream,
+        transport_names: set[str] | None,
+        address: str,
+        certificate: PeerCertificate | None = None,
     ) -> None:
         """Serve a peer's incoming Replicate stream until the session ends."""
         if self._closing:
@@ -293,6 +350,8 @@ class Replicator:
         try:
             version = choose_version(theirs)
             check_dialer(self.name, theirs, transport_names)
+            if certificate is not None:
+                self.check_certificate(theirs.node_name, certificate)
             if theirs.node_name in self.membership.removed:
                 raise Refused(
                     rpb.GOODBYE_CODE_REMOVED,
@@ -303,7 +362,15 @@ class Replicator:
             mine = await self.hello(route)
             mine.protocol_version = version
             session = Session(
-                self, stream, mine, theirs, False, address, route, self.peer_state(theirs.node_name)
+                self,
+                stream,
+                mine,
+                theirs,
+                False,
+                address,
+                route,
+                self.peer_state(theirs.node_name),
+                certificate,
             )
             if not self._register(session):
                 raise Refused(

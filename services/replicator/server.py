@@ -15,6 +15,7 @@ from services.common.config import ConfigError
 from services.common.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from services.common.routes import from_proto, to_proto
 from services.common.tls import peer_names
+from services.replicator.peercheck import PeerCertificate
 from services.replicator.replicator import Replicator
 from services.replicator.transport import AcceptedStream, ConnectionLost
 
@@ -36,8 +37,18 @@ class ReplicatorServicer(replicator_pb2_grpc.ReplicatorServiceServicer):
         names = peer_names(auth) if secure else None
         if secure and not names:
             raise Unauthenticated("a client certificate is required on the secure replication port")
+        certificate = None
+        if secure:
+            pem = list(auth.get("x509_pem_cert", []))
+            if not pem:
+                raise Unauthenticated(
+                    "a client certificate is required on the secure replication port"
+                )
+            certificate = PeerCertificate.from_pem(pem[0])
         try:
-            await self.replicator.accept(AcceptedStream(context), names, context.peer())
+            await self.replicator.accept(
+                AcceptedStream(context), names, context.peer(), certificate
+            )
         except ConnectionLost:
             return
 

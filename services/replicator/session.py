@@ -29,6 +29,7 @@ from services.common import members
 from services.common.config import Route
 from services.replicator.inbound import Inbound
 from services.replicator.outbound import Outbound
+from services.replicator.peercheck import PeerCertificate
 from services.replicator.status import PeerState, now_ms
 from services.replicator.transport import ConnectionLost, PeerStream
 
@@ -90,6 +91,7 @@ class Session:
         address: str,
         route: Route | None,
         state: PeerState,
+        certificate: PeerCertificate | None = None,
     ) -> None:
         self.replicator = replicator
         self.config = replicator.config.replication
@@ -102,6 +104,8 @@ class Session:
         self.address = address
         self.route = route
         self.state = state
+        self.certificate = certificate  # the peer's TLS certificate when established
+        self.revoked = False  # once set, nothing more the peer sends is applied
         self.flows = flows(mine, theirs)
         self.out: asyncio.Queue[rpb.PeerMessage] = asyncio.Queue(maxsize=OUTGOING_QUEUE)
         self.finished = asyncio.Event()
@@ -196,6 +200,21 @@ class Session:
         with contextlib.suppress(asyncio.QueueFull):
             self.out.put_nowait(rpb.PeerMessage(goodbye=rpb.Goodbye(code=code, reason=reason)))
         self.end(reason)
+
+    def revoke(self, reason: str) -> None:
+        """The peer's certificate was revoked: apply nothing more, drop what was queued
+        for it, and close with UNAUTHORIZED."""
+        self.revoked = True
+        self.state.last_error = reason
+        while not self.out.empty():
+            self.out.get_nowait()
+        log.warning("closing the connection with %s: %s", self.peer, reason)
+        self.close(rpb.GOODBYE_CODE_UNAUTHORIZED, reason)
+
+    @property
+    def certificate_serial(self) -> str | None:
+        """The serial of the certificate the peer connected with (None without TLS)."""
+        return self.certificate.serial if self.certificate is not None else None
 
     async def _shutdown(self) -> None:
         # Give the writer a moment to flush a queued Goodbye.

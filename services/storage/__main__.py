@@ -22,6 +22,7 @@ from services.storage import analytics
 from services.storage import log as txlog
 from services.storage.engine import Engine
 from services.storage.metrics import disk_metrics, engine_metrics
+from services.storage.node_certificates import record_node_certificates
 from services.storage.sampler import StorageSampler
 from services.storage.server import StorageServicer
 
@@ -56,6 +57,7 @@ def open_engine(config: ShoalConfig) -> Engine:
 
 async def run(config: ShoalConfig) -> None:
     engine = open_engine(config)
+    record_node_certificates(engine, config)
     servicer = StorageServicer(engine)
 
     async def begin_shutdown() -> None:

@@ -6,6 +6,7 @@ happen once, in ``common.grpcserver``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -17,7 +18,12 @@ from shoal.storage.v1 import storage_pb2_grpc, types_pb2
 
 from services.common import analytics as metrics_catalog
 from services.common.auth import Identity, identity
-from services.common.errors import InvalidArgument, PermissionDenied, ResourceExhausted
+from services.common.errors import (
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    ShoalError,
+)
 from services.common.hlc import version_from_ms
 from services.storage import backup, commit, csvload, log, revert, search, snapshot
 from services.storage.analytics import AnalyticsTables
@@ -137,6 +143,19 @@ def _sort(keys: Any) -> list[tuple[str, bool]]:
             raise InvalidArgument("a sort key needs an attribute")
         out.append((k.attribute, k.descending))
     return out
+
+
+CSV_DRAIN_BYTES = 64 * 1024 * 1024
+
+
+async def _drain(iterator: AsyncIterator[pb.LoadCsvRequest], limit: int) -> None:
+    """Consume and drop a client stream's remaining messages, up to ``limit`` bytes."""
+    seen = 0
+    with contextlib.suppress(Exception):
+        async for message in iterator:
+            seen += message.ByteSize()
+            if seen > limit:
+                return
 
 
 class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
@@ -412,8 +431,17 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     async def LoadCsv(
         self, request_iterator: AsyncIterator[pb.LoadCsvRequest], context: Ctx
     ) -> pb.LoadCsvResponse:
-        who = self._caller()
         iterator = aiter(request_iterator)
+        try:
+            return await self._load_csv(iterator)
+        except ShoalError:
+            # Read what the client is still sending (bounded), so that it sees this
+            # refusal as the call's status rather than as a failed write.
+            await _drain(iterator, CSV_DRAIN_BYTES)
+            raise
+
+    async def _load_csv(self, iterator: AsyncIterator[pb.LoadCsvRequest]) -> pb.LoadCsvResponse:
+        who = self._caller()
         try:
             first = await anext(iterator)
         except StopAsyncIteration:

@@ -68,6 +68,10 @@ def test_operations_users_and_exit_codes(node: Node) -> None:
         "--node", host,
     )  # fmt: skip
     assert again.returncode == ALREADY_EXISTS and "reader" in again.stderr
+    assert shoal("user", "alter", "reader", "--inactive", "--node", host).returncode == 0
+    listed = orjson.loads(shoal("user", "list", "--node", host, "-o", "json").stdout)
+    assert {u["username"]: u["active"] for u in listed} == {"admin": True, "reader": False}
+    assert shoal("user", "alter", "reader", "--node", host).returncode == 2
     assert shoal("user", "drop", "reader", "--node", host).returncode == 0
 
     nodes = shoal("cluster", "nodes", "--node", host, "-o", "json")

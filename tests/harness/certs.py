@@ -74,8 +74,15 @@ class CertificateAuthority:
     def pem(self) -> bytes:
         return self.certificate.public_bytes(serialization.Encoding.PEM)
 
-    def issue(self, common_name: str, names: list[str]) -> tuple[bytes, bytes]:
-        """(key PEM, certificate PEM) for a node, usable as TLS server and client."""
+    def issue(
+        self,
+        common_name: str,
+        names: list[str],
+        valid_from: dt.datetime | None = None,
+        valid_until: dt.datetime | None = None,
+    ) -> tuple[bytes, bytes]:
+        """(key PEM, certificate PEM) for a node, usable as TLS server and client; valid
+        from 5 minutes ago for a day unless told otherwise (expired, not yet valid)."""
         key = _key()
         now = dt.datetime.now(dt.UTC)
         cert = (
@@ -84,8 +91,8 @@ class CertificateAuthority:
             .issuer_name(self.certificate.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
+            .not_valid_before(valid_from or now - dt.timedelta(minutes=5))
+            .not_valid_after(valid_until or now + dt.timedelta(days=1))
             .add_extension(
                 x509.SubjectAlternativeName([_san(n) for n in dict.fromkeys(names)]), critical=False
             )
@@ -118,3 +125,47 @@ class CertificateAuthority:
             "privateKey": str(directory / "node.key"),
             "certificateAuthority": str(directory / "ca.crt"),
         }
+
+    def crl(self, revoked: list[bytes]) -> bytes:
+        """A PEM revocation list signed by this CA listing the given certificates (PEM)."""
+        now = dt.datetime.now(dt.UTC)
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.certificate.subject)
+            .last_update(now - dt.timedelta(minutes=5))
+            .next_update(now + dt.timedelta(days=1))
+        )
+        for pem in revoked:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(x509.load_pem_x509_certificate(pem).serial_number)
+                .revocation_date(now - dt.timedelta(minutes=1))
+                .build()
+            )
+        return builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def self_signed(common_name: str, names: list[str]) -> tuple[bytes, bytes]:
+    """(key PEM, certificate PEM) of a certificate that signs itself (no CA vouches for it)."""
+    key = _key()
+    now = dt.datetime.now(dt.UTC)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([_san(n) for n in dict.fromkeys(names)]), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return _pem_key(key), cert.public_bytes(serialization.Encoding.PEM)
+
+
+def serial_of(pem: bytes) -> str:
+    """A certificate's serial as Shoal compares it: upper-case hex."""
+    return format(x509.load_pem_x509_certificate(pem).serial_number, "X")

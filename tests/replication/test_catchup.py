@@ -96,11 +96,11 @@ def _beyond(node: Node, floor: int) -> Callable[[], int]:
 
 
 def test_empty_node_joins_by_copy_that_resumes_after_kills(make_cluster: MakeCluster) -> None:
-    rows = 12_000
+    rows = 30_000  # six copy chunks of 5,000: three kills cannot reach the end
     cluster = make_cluster(
         size=2,
         start=False,
-        node_config={1: {"replication": {"copyRowsPerSecond": 8000, "batchTransactions": 50}}},
+        node_config={1: {"replication": {"copyRowsPerSecond": 5000, "batchTransactions": 50}}},
     )
     a, b = cluster[0], cluster[1]
     a.start_service("storage")

@@ -18,6 +18,7 @@ are checked against the caller's role by storage.
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from shoal.replicator.v1 import replicator_pb2 as _replicator_pb2
@@ -1061,3 +1062,234 @@ class ListMetricsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListMetricsResponse: _TypeAlias = ListMetricsResponse  # noqa: Y015
+
+@_typing.final
+class Certificate(_message.Message):
+    """A certificate: one row of system.hdb_certificate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
+    ISSUER_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    SUBJECT_ALTERNATIVE_NAMES_FIELD_NUMBER: _builtins.int
+    SERIAL_NUMBER_FIELD_NUMBER: _builtins.int
+    VALID_FROM_FIELD_NUMBER: _builtins.int
+    VALID_TO_FIELD_NUMBER: _builtins.int
+    USES_FIELD_NUMBER: _builtins.int
+    IS_AUTHORITY_FIELD_NUMBER: _builtins.int
+    IS_SELF_SIGNED_FIELD_NUMBER: _builtins.int
+    PRIVATE_KEY_NAME_FIELD_NUMBER: _builtins.int
+    NODE_NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Its name (the primary key): a node's name for a node certificate, the common name
+    for a CA.
+    """
+    certificate: _builtins.str
+    """The certificate, PEM."""
+    issuer: _builtins.str
+    """Issuer distinguished name (RFC 4514)."""
+    subject: _builtins.str
+    """Subject distinguished name (RFC 4514)."""
+    serial_number: _builtins.str
+    """Serial number, upper-case hexadecimal."""
+    is_authority: _builtins.bool
+    """True for a certificate authority."""
+    is_self_signed: _builtins.bool
+    """True when issuer and subject are the same."""
+    private_key_name: _builtins.str
+    """The file holding its private key on node `node_name`, relative to that node's
+    rootPath; empty when no node holds it.
+    """
+    node_name: _builtins.str
+    """The node holding the private key; empty when none does."""
+    @_builtins.property
+    def subject_alternative_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Subject alternative names, e.g. `DNS:server-two`, `IP:10.0.0.2`."""
+
+    @_builtins.property
+    def valid_from(self) -> _timestamp_pb2.Timestamp:
+        """Start of validity."""
+
+    @_builtins.property
+    def valid_to(self) -> _timestamp_pb2.Timestamp:
+        """End of validity."""
+
+    @_builtins.property
+    def uses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Extended key usages (`serverAuth`, `clientAuth`, ...), then `keyCertSign` and
+        `cRLSign` when the key may sign certificates or CRLs.
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        certificate: _builtins.str = ...,
+        issuer: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        subject_alternative_names: _abc.Iterable[_builtins.str] | None = ...,
+        serial_number: _builtins.str = ...,
+        valid_from: _timestamp_pb2.Timestamp | None = ...,
+        valid_to: _timestamp_pb2.Timestamp | None = ...,
+        uses: _abc.Iterable[_builtins.str] | None = ...,
+        is_authority: _builtins.bool = ...,
+        is_self_signed: _builtins.bool = ...,
+        private_key_name: _builtins.str = ...,
+        node_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["valid_from", b"valid_from", "valid_to", b"valid_to"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "is_authority", b"is_authority", "is_self_signed", b"is_self_signed", "issuer", b"issuer", "name", b"name", "node_name", b"node_name", "private_key_name", b"private_key_name", "serial_number", b"serial_number", "subject", b"subject", "subject_alternative_names", b"subject_alternative_names", "uses", b"uses", "valid_from", b"valid_from", "valid_to", b"valid_to"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Certificate: _TypeAlias = Certificate  # noqa: Y015
+
+@_typing.final
+class AddCertificateRequest(_message.Message):
+    """Request of AddCertificate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
+    PRIVATE_KEY_FIELD_NUMBER: _builtins.int
+    IS_AUTHORITY_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The certificate's name (1 to 200 letters, digits, spaces, `.`, `_`, `:`, `@`, `-`)."""
+    certificate: _builtins.str
+    """Exactly one certificate, PEM."""
+    private_key: _builtins.str
+    """Its private key, PEM (unencrypted); empty for none."""
+    is_authority: _builtins.bool
+    """When set, must match whether the certificate is a CA."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        certificate: _builtins.str = ...,
+        private_key: _builtins.str = ...,
+        is_authority: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_is_authority", b"_is_authority", "is_authority", b"is_authority"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_is_authority", b"_is_authority", "certificate", b"certificate", "is_authority", b"is_authority", "name", b"name", "private_key", b"private_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__is_authority: _TypeAlias = _typing.Literal["is_authority"]  # noqa: Y015
+    _WhichOneofArgType__is_authority: _TypeAlias = _typing.Literal["_is_authority", b"_is_authority"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__is_authority) -> _WhichOneofReturnType__is_authority | None: ...
+
+Global___AddCertificateRequest: _TypeAlias = AddCertificateRequest  # noqa: Y015
+
+@_typing.final
+class AddCertificateResponse(_message.Message):
+    """Response of AddCertificate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def certificate(self) -> Global___Certificate:
+        """The certificate as stored."""
+
+    def __init__(
+        self,
+        *,
+        certificate: Global___Certificate | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddCertificateResponse: _TypeAlias = AddCertificateResponse  # noqa: Y015
+
+@_typing.final
+class ListCertificatesRequest(_message.Message):
+    """Request of ListCertificates."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCertificatesRequest: _TypeAlias = ListCertificatesRequest  # noqa: Y015
+
+@_typing.final
+class ListCertificatesResponse(_message.Message):
+    """Response of ListCertificates."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def certificates(self) -> _containers.RepeatedCompositeFieldContainer[Global___Certificate]:
+        """Every certificate, by name."""
+
+    def __init__(
+        self,
+        *,
+        certificates: _abc.Iterable[Global___Certificate] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificates", b"certificates"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCertificatesResponse: _TypeAlias = ListCertificatesResponse  # noqa: Y015
+
+@_typing.final
+class RemoveCertificateRequest(_message.Message):
+    """Request of RemoveCertificate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The certificate's name."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveCertificateRequest: _TypeAlias = RemoveCertificateRequest  # noqa: Y015
+
+@_typing.final
+class RemoveCertificateResponse(_message.Message):
+    """Response of RemoveCertificate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def certificate(self) -> Global___Certificate:
+        """The certificate removed."""
+
+    def __init__(
+        self,
+        *,
+        certificate: Global___Certificate | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveCertificateResponse: _TypeAlias = RemoveCertificateResponse  # noqa: Y015

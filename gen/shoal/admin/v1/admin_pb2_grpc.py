@@ -105,6 +105,21 @@ class AdminServiceStub:
                 request_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.ListMetricsRequest.SerializeToString,
                 response_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.ListMetricsResponse.FromString,
                 _registered_method=True)
+        self.AddCertificate = channel.unary_unary(
+                '/shoal.admin.v1.AdminService/AddCertificate',
+                request_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.AddCertificateRequest.SerializeToString,
+                response_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.AddCertificateResponse.FromString,
+                _registered_method=True)
+        self.ListCertificates = channel.unary_unary(
+                '/shoal.admin.v1.AdminService/ListCertificates',
+                request_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.ListCertificatesRequest.SerializeToString,
+                response_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.ListCertificatesResponse.FromString,
+                _registered_method=True)
+        self.RemoveCertificate = channel.unary_unary(
+                '/shoal.admin.v1.AdminService/RemoveCertificate',
+                request_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.RemoveCertificateRequest.SerializeToString,
+                response_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.RemoveCertificateResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -281,6 +296,46 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddCertificate(self, request, context):
+        """Certificates. The table `system.hdb_certificate` holds the certificates the cluster
+        knows (PEM and details) and replicates like any other; private keys never enter it.
+        Each node records its own TLS certificate and CA there when it starts. All super
+        user.
+
+        Adds or replaces a certificate (Harper's add_certificate). A private key, when
+        given, must belong to the certificate; it is written to a file of this node only
+        its owner can read (`<rootPath>/keys/certificates/<name>.key`), never to a table.
+        Nothing is written when the request is refused.
+        Errors: INVALID_ARGUMENT (a bad name; not exactly one PEM certificate; a private key
+        that is not an unencrypted PEM key or does not belong to the certificate;
+        `is_authority` true for a certificate that is not a CA), PERMISSION_DENIED,
+        FAILED_PRECONDITION (the name of a certificate this node's `tls.*` uses),
+        UNAVAILABLE (the node's storage is not running).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCertificates(self, request, context):
+        """Lists the certificates of `system.hdb_certificate`, by name (Harper's
+        list_certificates).
+        Errors: PERMISSION_DENIED, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveCertificate(self, request, context):
+        """Removes a certificate by name (Harper's remove_certificate): deletes its row (the
+        deletion replicates) and the private key file this node holds for it, if any.
+        Errors: INVALID_ARGUMENT (a bad name), NOT_FOUND (no certificate of that name),
+        PERMISSION_DENIED, FAILED_PRECONDITION (a certificate this node's `tls.*` uses:
+        replace the files and restart instead), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -353,6 +408,21 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListMetrics,
                     request_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.ListMetricsRequest.FromString,
                     response_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.ListMetricsResponse.SerializeToString,
+            ),
+            'AddCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddCertificate,
+                    request_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.AddCertificateRequest.FromString,
+                    response_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.AddCertificateResponse.SerializeToString,
+            ),
+            'ListCertificates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCertificates,
+                    request_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.ListCertificatesRequest.FromString,
+                    response_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.ListCertificatesResponse.SerializeToString,
+            ),
+            'RemoveCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveCertificate,
+                    request_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.RemoveCertificateRequest.FromString,
+                    response_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.RemoveCertificateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -734,6 +804,87 @@ class AdminService:
             '/shoal.admin.v1.AdminService/ListMetrics',
             shoal_dot_admin_dot_v1_dot_admin__pb2.ListMetricsRequest.SerializeToString,
             shoal_dot_admin_dot_v1_dot_admin__pb2.ListMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.admin.v1.AdminService/AddCertificate',
+            shoal_dot_admin_dot_v1_dot_admin__pb2.AddCertificateRequest.SerializeToString,
+            shoal_dot_admin_dot_v1_dot_admin__pb2.AddCertificateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCertificates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.admin.v1.AdminService/ListCertificates',
+            shoal_dot_admin_dot_v1_dot_admin__pb2.ListCertificatesRequest.SerializeToString,
+            shoal_dot_admin_dot_v1_dot_admin__pb2.ListCertificatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.admin.v1.AdminService/RemoveCertificate',
+            shoal_dot_admin_dot_v1_dot_admin__pb2.RemoveCertificateRequest.SerializeToString,
+            shoal_dot_admin_dot_v1_dot_admin__pb2.RemoveCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,

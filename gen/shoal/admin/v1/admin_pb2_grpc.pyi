@@ -159,6 +159,34 @@ class AdminServiceStub:
     Errors: INVALID_ARGUMENT (a metric type other than "builtin" or "custom"),
     PERMISSION_DENIED (not a super user).
     """
+    AddCertificate: _grpc.UnaryUnaryMultiCallable[_admin_pb2.AddCertificateRequest, _admin_pb2.AddCertificateResponse]
+    """Certificates. The table `system.hdb_certificate` holds the certificates the cluster
+    knows (PEM and details) and replicates like any other; private keys never enter it.
+    Each node records its own TLS certificate and CA there when it starts. All super
+    user.
+
+    Adds or replaces a certificate (Harper's add_certificate). A private key, when
+    given, must belong to the certificate; it is written to a file of this node only
+    its owner can read (`<rootPath>/keys/certificates/<name>.key`), never to a table.
+    Nothing is written when the request is refused.
+    Errors: INVALID_ARGUMENT (a bad name; not exactly one PEM certificate; a private key
+    that is not an unencrypted PEM key or does not belong to the certificate;
+    `is_authority` true for a certificate that is not a CA), PERMISSION_DENIED,
+    FAILED_PRECONDITION (the name of a certificate this node's `tls.*` uses),
+    UNAVAILABLE (the node's storage is not running).
+    """
+    ListCertificates: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListCertificatesRequest, _admin_pb2.ListCertificatesResponse]
+    """Lists the certificates of `system.hdb_certificate`, by name (Harper's
+    list_certificates).
+    Errors: PERMISSION_DENIED, UNAVAILABLE.
+    """
+    RemoveCertificate: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RemoveCertificateRequest, _admin_pb2.RemoveCertificateResponse]
+    """Removes a certificate by name (Harper's remove_certificate): deletes its row (the
+    deletion replicates) and the private key file this node holds for it, if any.
+    Errors: INVALID_ARGUMENT (a bad name), NOT_FOUND (no certificate of that name),
+    PERMISSION_DENIED, FAILED_PRECONDITION (a certificate this node's `tls.*` uses:
+    replace the files and restart instead), UNAVAILABLE.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -278,6 +306,34 @@ class AdminServiceAsyncStub(AdminServiceStub):
     built in; there are no custom metrics. Super user only.
     Errors: INVALID_ARGUMENT (a metric type other than "builtin" or "custom"),
     PERMISSION_DENIED (not a super user).
+    """
+    AddCertificate: _aio.UnaryUnaryMultiCallable[_admin_pb2.AddCertificateRequest, _admin_pb2.AddCertificateResponse]  # type: ignore[assignment]
+    """Certificates. The table `system.hdb_certificate` holds the certificates the cluster
+    knows (PEM and details) and replicates like any other; private keys never enter it.
+    Each node records its own TLS certificate and CA there when it starts. All super
+    user.
+
+    Adds or replaces a certificate (Harper's add_certificate). A private key, when
+    given, must belong to the certificate; it is written to a file of this node only
+    its owner can read (`<rootPath>/keys/certificates/<name>.key`), never to a table.
+    Nothing is written when the request is refused.
+    Errors: INVALID_ARGUMENT (a bad name; not exactly one PEM certificate; a private key
+    that is not an unencrypted PEM key or does not belong to the certificate;
+    `is_authority` true for a certificate that is not a CA), PERMISSION_DENIED,
+    FAILED_PRECONDITION (the name of a certificate this node's `tls.*` uses),
+    UNAVAILABLE (the node's storage is not running).
+    """
+    ListCertificates: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListCertificatesRequest, _admin_pb2.ListCertificatesResponse]  # type: ignore[assignment]
+    """Lists the certificates of `system.hdb_certificate`, by name (Harper's
+    list_certificates).
+    Errors: PERMISSION_DENIED, UNAVAILABLE.
+    """
+    RemoveCertificate: _aio.UnaryUnaryMultiCallable[_admin_pb2.RemoveCertificateRequest, _admin_pb2.RemoveCertificateResponse]  # type: ignore[assignment]
+    """Removes a certificate by name (Harper's remove_certificate): deletes its row (the
+    deletion replicates) and the private key file this node holds for it, if any.
+    Errors: INVALID_ARGUMENT (a bad name), NOT_FOUND (no certificate of that name),
+    PERMISSION_DENIED, FAILED_PRECONDITION (a certificate this node's `tls.*` uses:
+    replace the files and restart instead), UNAVAILABLE.
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -479,6 +535,52 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         built in; there are no custom metrics. Super user only.
         Errors: INVALID_ARGUMENT (a metric type other than "builtin" or "custom"),
         PERMISSION_DENIED (not a super user).
+        """
+
+    @_abc_1.abstractmethod
+    def AddCertificate(
+        self,
+        request: _admin_pb2.AddCertificateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.AddCertificateResponse, _abc.Awaitable[_admin_pb2.AddCertificateResponse]]:
+        """Certificates. The table `system.hdb_certificate` holds the certificates the cluster
+        knows (PEM and details) and replicates like any other; private keys never enter it.
+        Each node records its own TLS certificate and CA there when it starts. All super
+        user.
+
+        Adds or replaces a certificate (Harper's add_certificate). A private key, when
+        given, must belong to the certificate; it is written to a file of this node only
+        its owner can read (`<rootPath>/keys/certificates/<name>.key`), never to a table.
+        Nothing is written when the request is refused.
+        Errors: INVALID_ARGUMENT (a bad name; not exactly one PEM certificate; a private key
+        that is not an unencrypted PEM key or does not belong to the certificate;
+        `is_authority` true for a certificate that is not a CA), PERMISSION_DENIED,
+        FAILED_PRECONDITION (the name of a certificate this node's `tls.*` uses),
+        UNAVAILABLE (the node's storage is not running).
+        """
+
+    @_abc_1.abstractmethod
+    def ListCertificates(
+        self,
+        request: _admin_pb2.ListCertificatesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListCertificatesResponse, _abc.Awaitable[_admin_pb2.ListCertificatesResponse]]:
+        """Lists the certificates of `system.hdb_certificate`, by name (Harper's
+        list_certificates).
+        Errors: PERMISSION_DENIED, UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def RemoveCertificate(
+        self,
+        request: _admin_pb2.RemoveCertificateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RemoveCertificateResponse, _abc.Awaitable[_admin_pb2.RemoveCertificateResponse]]:
+        """Removes a certificate by name (Harper's remove_certificate): deletes its row (the
+        deletion replicates) and the private key file this node holds for it, if any.
+        Errors: INVALID_ARGUMENT (a bad name), NOT_FOUND (no certificate of that name),
+        PERMISSION_DENIED, FAILED_PRECONDITION (a certificate this node's `tls.*` uses:
+        replace the files and restart instead), UNAVAILABLE.
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
