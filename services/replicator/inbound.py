@@ -299,45 +299,56 @@ class Inbound:
         rate = session.config.copy_rows_per_second
         merged = 0
         status = session.state.database(database)
-        while True:
-            if self._held is not None:
-                message, self._held = self._held, None
-            else:
-                message = await self.queue.get()
-            if message.WhichOneof("body") != "copy_chunk" or message.copy_chunk.copy_id != copy_id:
-                continue
-            chunk = message.copy_chunk
-            if chunk.error:
-                log.warning("%s cannot copy %s: %s", session.peer, database, chunk.error)
-                status.copy = None
-                return
-            if session.revoked:
-                raise PeerRevoked(f"the certificate of {session.peer} was revoked")
-            reply = await session.storage.merge_snapshot(
-                spb.MergeSnapshotRequest(
-                    source=session.peer,
-                    database=database,
-                    positions=chunk.positions,
-                    tables=chunk.tables,
-                    rows=chunk.rows,
-                    estimated_rows=chunk.estimated_rows,
-                    complete=chunk.done,
+        # The peer's state outlives this session: a copy cut off here (the session is
+        # replaced or lost) must not leave its progress shown as if still running; the
+        # next session resumes it from what storage recorded.
+        shown: spb.CopyProgress | None = None
+        try:
+            while True:
+                if self._held is not None:
+                    message, self._held = self._held, None
+                else:
+                    message = await self.queue.get()
+                if (
+                    message.WhichOneof("body") != "copy_chunk"
+                    or message.copy_chunk.copy_id != copy_id
+                ):
+                    continue
+                chunk = message.copy_chunk
+                if chunk.error:
+                    log.warning("%s cannot copy %s: %s", session.peer, database, chunk.error)
+                    status.copy = None
+                    return
+                if session.revoked:
+                    raise PeerRevoked(f"the certificate of {session.peer} was revoked")
+                reply = await session.storage.merge_snapshot(
+                    spb.MergeSnapshotRequest(
+                        source=session.peer,
+                        database=database,
+                        positions=chunk.positions,
+                        tables=chunk.tables,
+                        rows=chunk.rows,
+                        estimated_rows=chunk.estimated_rows,
+                        complete=chunk.done,
+                    )
                 )
-            )
-            status.copy = reply.progress
-            merged += len(chunk.rows)
-            if rate:
-                # Pace the copy (replication.copyRowsPerSecond) so it cannot starve a live node.
-                ahead = merged / rate - (time.monotonic() - started)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
-            if chunk.done:
-                log.info(
-                    "copied %s from %s: %d rows in %.1fs",
-                    database,
-                    session.peer,
-                    reply.progress.rows,
-                    time.monotonic() - started,
-                )
+                status.copy = shown = reply.progress
+                merged += len(chunk.rows)
+                if rate:
+                    # Pace the copy (replication.copyRowsPerSecond) so it cannot starve a live node.
+                    ahead = merged / rate - (time.monotonic() - started)
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
+                if chunk.done:
+                    log.info(
+                        "copied %s from %s: %d rows in %.1fs",
+                        database,
+                        session.peer,
+                        reply.progress.rows,
+                        time.monotonic() - started,
+                    )
+                    status.copy = None
+                    return
+        finally:
+            if shown is not None and status.copy is shown:
                 status.copy = None
-                return
