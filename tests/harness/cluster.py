@@ -68,6 +68,7 @@ class Cluster:
         routes = topology(names) if callable(topology) else topology
         if gossip is None:
             gossip = topology is mesh
+        self.routes: dict[str, list[str]] = routes
         self.nodes: list[Node] = []
         for i, name in enumerate(names):
             extra: dict[str, Any] = {
@@ -146,6 +147,23 @@ class Cluster:
             return values.pop() if len(values) == 1 else None
 
         return wait_for(same, timeout, "the nodes to converge", interval=0.1)
+
+    def wait_connected(self, timeout: float = 30.0) -> None:
+        """Wait until both ends of every route show a connected session.
+
+        Tests of steady-state replication call this before their first write: a database
+        created while a session's handshake is in flight reaches the peer by a copy, and a
+        copied database is not yet passed on to that peer's other peers (a known gap)."""
+        by_name = {node.name: node for node in self.nodes}
+        for name, peers in self.routes.items():
+            for peer in peers:
+                for here, there in ((by_name[name], peer), (by_name[peer], name)):
+
+                    def connected(here: Node = here, there: str = there) -> bool:
+                        view = here.connection(there)
+                        return bool(view is not None and view.connected)
+
+                    wait_for(connected, timeout, f"{here.name} connected to {there}")
 
     def wait_members(self, timeout: float = 30.0) -> None:
         """Wait until every node's system.hdb_nodes lists every node (each node writes its

@@ -42,6 +42,7 @@ def test_concurrent_writers_converge(
     make_cluster: MakeCluster, size: int, topology: object
 ) -> None:
     cluster = make_cluster(size=size, topology=topology)
+    cluster.wait_connected()
     cluster[0].client().create_table("app", "items", indexed=["writer"])
     cluster.wait_converged()  # the schema travels with the data
     threads = [threading.Thread(target=_write, args=(i, cluster.nodes, 200)) for i in range(size)]

@@ -17,6 +17,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
 
 def test_status_reports_each_connection_and_database(make_cluster: MakeCluster) -> None:
     cluster = make_cluster(size=2)
+    cluster.wait_connected()
     a, b = cluster[0], cluster[1]
     a.client().create_table("db", "t")
     reply = a.client().insert("db", "t", [{"id": i} for i in range(10)])
