@@ -33,7 +33,6 @@ from shoal.storage.v1 import storage_pb2 as pb
 from shoal.storage.v1 import storage_pb2_grpc
 
 from services.common.auth import basic_metadata, bearer_metadata
-from services.common.grpcserver import channel_options
 from tests.harness.cluster import Cluster, mesh
 from tests.harness.node import PASSWORD, Node
 from tests.harness.wait import wait_for
@@ -93,7 +92,7 @@ class Arrivals:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        channel = grpc.insecure_channel(self.node.storage_address, options=channel_options())
+        channel = self.node.channel("storage")
         stub = storage_pb2_grpc.StorageServiceStub(channel)
         stream = stub.Subscribe(
             pb.SubscribeRequest(databases=["bench"], heartbeat_interval_ms=200),
@@ -115,10 +114,10 @@ class Arrivals:
 
 
 async def paced_writes(
-    address: str, rate: int, seconds: float, table: str, start: int
+    node: Node, rate: int, seconds: float, table: str, start: int
 ) -> list[tuple[int, float]]:
     """Single-record inserts at `rate` per second; returns (version, ack time)."""
-    channel = grpc.aio.insecure_channel(address, options=channel_options())
+    channel = node.aio_channel("storage")
     stub = storage_pb2_grpc.StorageServiceStub(channel)
     md = basic_metadata("admin", PASSWORD)
     acks: list[tuple[int, float]] = []
@@ -165,7 +164,7 @@ def lag(workdir: Path, seconds: float, rate: int = 1000) -> tuple[float, float, 
             w.thread.start()
             w.ready.wait(10)
         started = time.perf_counter()
-        acks = asyncio.run(paced_writes(a.storage_address, rate, seconds, "lag", 0))
+        acks = asyncio.run(paced_writes(a, rate, seconds, "lag", 0))
         achieved = len(acks) / (time.perf_counter() - started)
         last = max(v for v, _ in acks)
         wait_for(lambda: all(last in w.seen for w in watchers), 60, "every write on B and C")
@@ -202,7 +201,7 @@ def catchup_s(workdir: Path, offline: float) -> float:
         a.client().create_table("bench", "catchup")
         cluster.wait_converged(["bench"])
         c.stop("replicator", "storage")
-        asyncio.run(paced_writes(a.storage_address, 1000, offline, "catchup", 0))
+        asyncio.run(paced_writes(a, 1000, offline, "catchup", 0))
         total = count(a, "catchup")
         started = time.perf_counter()
         c.start_service("storage")

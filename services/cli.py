@@ -14,8 +14,10 @@
     shoal user list|add|alter|drop, shoal role list
                                 users and roles of a node
 
-Credentials come from --username/--password or SHOAL_USERNAME / SHOAL_PASSWORD. Data goes
-to stdout (JSON, one record per line); messages go to stderr. Exit codes follow the gRPC
+Credentials come from --username/--password or SHOAL_USERNAME / SHOAL_PASSWORD. A node
+whose ports serve TLS is verified against the CA certificate given with ``shoal --ca FILE``,
+SHOAL_CA or ``ca:`` in the CLI config; without one the CLI speaks plaintext. Data goes to
+stdout (JSON, one record per line); messages go to stderr. Exit codes follow the gRPC
 status of a failed call (e.g. 5 for NOT_FOUND, 16 for UNAUTHENTICATED).
 """
 
@@ -46,6 +48,10 @@ from services.common import certs
 from services.common.auth import basic_metadata
 from services.common.config import (
     DEFAULT_ADMIN_PORT,
+    DEFAULT_HEALTH_ADMIN_PORT,
+    DEFAULT_HEALTH_REPLICATOR_PORT,
+    DEFAULT_HEALTH_STORAGE_PORT,
+    DEFAULT_REPLICATION_PORT,
     DEFAULT_STORAGE_PORT,
     ConfigError,
     load_config,
@@ -58,9 +64,12 @@ from services.local import (
     local_password,
     pid_path,
     run_services,
+    serving_on,
+    write_cli_config,
 )
 
 CSV_CHUNK_BYTES = 256 * 1024
+CA_ENV = "SHOAL_CA"
 app = typer.Typer(help="Shoal: a replicated document database.", no_args_is_help=True)
 local_app = typer.Typer(help="A local cluster on loopback addresses.", no_args_is_help=True)
 node_app = typer.Typer(help="Run a node.", no_args_is_help=True)
@@ -94,7 +103,12 @@ UserOption = Annotated[str, typer.Option("--username", "-u", envvar="SHOAL_USERN
 PasswordOption = Annotated[str, typer.Option("--password", "-p", envvar="SHOAL_PASSWORD")]
 
 
-CLI_CONFIG_KEYS = {"node": "SHOAL_NODE", "username": "SHOAL_USERNAME", "password": "SHOAL_PASSWORD"}
+CLI_CONFIG_KEYS = {
+    "node": "SHOAL_NODE",
+    "username": "SHOAL_USERNAME",
+    "password": "SHOAL_PASSWORD",
+    "ca": CA_ENV,
+}
 
 
 def cli_config_path() -> Path:
@@ -104,10 +118,22 @@ def cli_config_path() -> Path:
 
 
 @app.callback()
-def defaults() -> None:
+def defaults(
+    ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--ca",
+            envvar=CA_ENV,
+            help="CA certificate (PEM) to verify nodes whose ports serve TLS",
+        ),
+    ] = None,
+) -> None:
     """Shoal's command line. Node and credentials come from flags, else the environment
-    (SHOAL_NODE, SHOAL_USERNAME, SHOAL_PASSWORD), else ~/.config/shoal/cli.yaml
-    (`node:`, `username:`, `password:`; keep it private, mode 0600)."""
+    (SHOAL_NODE, SHOAL_USERNAME, SHOAL_PASSWORD, SHOAL_CA), else ~/.config/shoal/cli.yaml
+    (`node:`, `username:`, `password:`, `ca:`; keep it private, mode 0600). With a CA
+    (`--ca`, before the command), the CLI speaks TLS and verifies the node with it."""
+    if ca is not None:
+        os.environ[CA_ENV] = str(ca)
     path = cli_config_path()
     if not path.is_file():
         return
@@ -119,12 +145,57 @@ def defaults() -> None:
         _fail(f"{path}: expected a mapping with {', '.join(CLI_CONFIG_KEYS)}", 2)
     for key, env in CLI_CONFIG_KEYS.items():
         if key in values and env not in os.environ:
-            os.environ[env] = str(values[key])
+            value = str(values[key])
+            if key == "ca":  # relative to the CLI config's folder
+                value = str(path.parent / Path(value).expanduser())
+            os.environ[env] = value
 
 
 def _fail(message: str, code: int = 1) -> None:
     typer.echo(f"shoal: {message}", err=True)
     raise typer.Exit(code)
+
+
+def _trusted(extra: bytes = b"") -> bytes | None:
+    """The CA certificates the CLI verifies nodes with (SHOAL_CA, set by --ca or the CLI
+    config, plus ``extra``); None: speak plaintext."""
+    name = os.environ.get(CA_ENV)
+    pem = b""
+    if name:
+        try:
+            pem = Path(name).read_bytes()
+        except OSError as exc:
+            _fail(f"cannot read the CA certificate {name} (--ca / {CA_ENV}): {exc.strerror}", 2)
+        if b"-----BEGIN CERTIFICATE-----" not in pem:
+            _fail(f"{name} (--ca / {CA_ENV}) holds no PEM certificate", 2)
+    if extra:
+        pem = pem.rstrip(b"\n") + b"\n" + extra if pem else extra
+    return pem or None
+
+
+def _channel(address: str, extra_ca: bytes = b"") -> grpc.Channel:
+    """A channel to a node's port: TLS verified with the CLI's CA when it has one."""
+    trusted = _trusted(extra_ca)
+    if trusted is None:
+        return grpc.insecure_channel(address, options=channel_options())
+    credentials = grpc.ssl_channel_credentials(root_certificates=trusted)
+    return grpc.secure_channel(address, credentials, options=channel_options())
+
+
+def _explain(code: grpc.StatusCode, details: str) -> str:
+    """An error message, with what to check when the node could not be reached."""
+    message = f"{code.name}: {details}"
+    if code != grpc.StatusCode.UNAVAILABLE:
+        return message
+    if os.environ.get(CA_ENV):
+        return (
+            f"{message} (is the node running? It must present a certificate signed by the"
+            f" CA in {os.environ[CA_ENV]} that names the host dialed)"
+        )
+    return (
+        f"{message} (is the node running? If its ports serve TLS, give its CA certificate"
+        f" with --ca FILE or {CA_ENV})"
+    )
 
 
 @local_app.command("up")
@@ -150,6 +221,13 @@ def local_up(
     except certs.CertificateError as exc:
         _fail(str(exc), 2)
         return
+    try:
+        configs = [load_config(p) for p in paths]
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+        return
+    secure = all(c.tls.certificate is not None for c in configs)
+    cli_config = write_cli_config(data, password, tls=secure)
     typer.echo(f"starting {nodes} nodes in {data}/ ...", err=True)
     try:
         supervisor = run_services(paths, SERVICES, {"SHOAL_ADMIN_PASSWORD": password}, logs=True)
@@ -157,15 +235,26 @@ def local_up(
         _fail(str(exc), 2)
         return
     hosts = ", ".join(f"127.0.0.{i}" for i in range(1, nodes + 1))
-    secure = all(load_config(p).tls.certificate is not None for p in paths)
-    replication = "replication :9933 (mutual TLS)" if secure else "replication :9932 (plain)"
+    if secure:
+        ports = (
+            f"storage :{DEFAULT_STORAGE_PORT} and admin :{DEFAULT_ADMIN_PORT} (TLS)"
+            "   replication :9933 (mutual TLS)"
+        )
+    else:
+        ports = (
+            f"storage :{DEFAULT_STORAGE_PORT} and admin :{DEFAULT_ADMIN_PORT} (plaintext)"
+            "   replication :9932 (plaintext)"
+        )
+    held = " and the CA" if secure else ""
     typer.echo(
         f"""
 Shoal is running: {nodes} nodes on {hosts}
-  storage :{DEFAULT_STORAGE_PORT}   {replication}   logs in {data}/node*/*.log
+  {ports}
+  logs in {data}/node*/*.log
 
-Try it (in another terminal):
-  export SHOAL_USERNAME=admin SHOAL_PASSWORD={password}
+Try it (in another terminal; {cli_config} holds the node, the admin password{held}):
+  export SHOAL_CLI_CONFIG={cli_config}
+  .venv/bin/shoal cluster status
   .venv/bin/shoal data create-table --node 127.0.0.1 dev dog
   .venv/bin/shoal data insert --node 127.0.0.1 dev dog '{{"id": 1, "name": "Penny"}}'
   .venv/bin/shoal data get --node 127.0.0.{nodes} dev dog 1
@@ -266,12 +355,21 @@ def node_status(
     ] = "127.0.0.1",
     output: Annotated[str, typer.Option("--output", "-o", help="table or json")] = "table",
 ) -> None:
-    """Whether each service of a node serves (gRPC health); exit 14 when one does not."""
-    ports = {"storage": DEFAULT_STORAGE_PORT, "replicator": 9932, "admin": DEFAULT_ADMIN_PORT}
-    rows = [
-        {"service": name, "address": f"{node}:{port}", "serving": healthy(f"{node}:{port}")}
-        for name, port in ports.items()
-    ]
+    """Whether each service of a node serves (gRPC health on its plaintext health port,
+    else on its main port); exit 14 when one does not."""
+    ports = {
+        "storage": (DEFAULT_HEALTH_STORAGE_PORT, DEFAULT_STORAGE_PORT),
+        "replicator": (DEFAULT_HEALTH_REPLICATOR_PORT, DEFAULT_REPLICATION_PORT),
+        "admin": (DEFAULT_HEALTH_ADMIN_PORT, DEFAULT_ADMIN_PORT),
+    }
+    rows = []
+    for name, (health_port, main_port) in ports.items():
+        address, serving = f"{node}:{health_port}", healthy(f"{node}:{health_port}")
+        if not serving:
+            address = f"{node}:{main_port}"
+            with _channel(address) as channel:
+                serving = serving_on(channel)
+        rows.append({"service": name, "address": address, "serving": serving})
     _print(rows, output, ["service", "address", "serving"])
     if not all(r["serving"] for r in rows):
         raise typer.Exit(int(grpc.StatusCode.UNAVAILABLE.value[0]))
@@ -283,6 +381,13 @@ def node_clone(
     hostname: Annotated[str, typer.Option(help="the new node's name and address")],
     data: Annotated[Path, typer.Option(help="empty folder for the new node")],
     timeout: Annotated[float, typer.Option(help="seconds to wait for the copy")] = 600.0,
+    ca_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="the cluster's CA folder (ca.key, ca.crt): the new node gets a certificate"
+            " from it (e.g. data/ca for `make run`); without, it generates its own CA"
+        ),
+    ] = None,
     username: UserOption = "admin",
     password: PasswordOption = "",
 ) -> None:
@@ -291,12 +396,24 @@ def node_clone(
     source_config = _execute(source, {"operation": "get_configuration"}, username, password)
     source_name = str((source_config.get("replication") or {}).get("hostname") or source)
     wanted = set(_execute(source, {"operation": "describe_all"}, username, password))
+    config = clone.clone_config(source_config, source_name, hostname)
     try:
-        path = clone.write_config(
-            data, clone.clone_config(source_config, source_name, hostname), source_name
-        )
+        if clone.exists(data):
+            raise FileExistsError(f"{data / clone.CONFIG_FILE} exists: clone into an empty folder")
+        if ca_dir is not None:
+            config["tls"] = clone.issue_certificate(data, ca_dir, hostname)
+        elif clone.secure(source_config):
+            typer.echo(
+                f"{hostname} will generate its own CA: members refuse its replication"
+                " connections until it has a certificate of the cluster's CA (--ca-dir)",
+                err=True,
+            )
+        path = clone.write_config(data, config, source_name)
     except FileExistsError as exc:
         _fail(str(exc), 6)
+        return
+    except (certs.CertificateError, OSError) as exc:
+        _fail(f"cannot issue a certificate for {hostname} from {ca_dir}: {exc}", 2)
         return
     typer.echo(f"wrote {path}; starting {hostname} ...", err=True)
     env = {"SHOAL_ADMIN_USERNAME": username, "SHOAL_ADMIN_PASSWORD": password}
@@ -310,7 +427,9 @@ def node_clone(
         result, code = _try_execute(source, body, username, password)
         if code not in (0, int(grpc.StatusCode.ALREADY_EXISTS.value[0])):
             _fail(f"add_node on {source_name} failed: {result}", code)
-        ready = _follow_clone(hostname, source_name, wanted, timeout, username, password)
+        ready = _follow_clone(
+            hostname, source_name, wanted, timeout, username, password, clone.ca_path(data)
+        )
     except BaseException:
         supervisor.stop_all()
         raise
@@ -324,10 +443,21 @@ def node_clone(
 
 
 def _follow_clone(
-    hostname: str, source: str, wanted: set[str], timeout: float, username: str, password: str
+    hostname: str,
+    source: str,
+    wanted: set[str],
+    timeout: float,
+    username: str,
+    password: str,
+    node_ca: Path,
 ) -> bool:
+    """Show the copy's progress until the new node is caught up; the new node is trusted
+    with its own CA (``node_ca``) besides the CLI's."""
+
     def read_status() -> dict[str, Any]:
-        result, code = _try_execute(hostname, {"operation": "cluster_status"}, username, password)
+        extra = node_ca.read_bytes() if node_ca.exists() else b""
+        body = {"operation": "cluster_status"}
+        result, code = _try_execute(hostname, body, username, password, extra)
         if code:
             raise RuntimeError(result)
         return dict(result)
@@ -395,13 +525,14 @@ OutputOption = Annotated[str, typer.Option("--output", "-o", help="table or json
 
 
 def _try_execute(
-    node: str, operation: dict[str, Any], username: str, password: str
+    node: str, operation: dict[str, Any], username: str, password: str, extra_ca: bytes = b""
 ) -> tuple[Any, int]:
-    """Run a Harper JSON operation: (result or {"error": ...}, gRPC code)."""
+    """Run a Harper JSON operation: (result or {"error": ...}, gRPC code); ``extra_ca``
+    is trusted besides the CLI's CA."""
     if not password:
         _fail("no password: use --password or SHOAL_PASSWORD", 2)
     address = node if ":" in node else f"{node}:{DEFAULT_ADMIN_PORT}"
-    with grpc.insecure_channel(address, options=channel_options()) as channel:
+    with _channel(address, extra_ca) as channel:
         stub = admin_pb2_grpc.AdminServiceStub(channel)
         try:
             reply = stub.Execute(
@@ -412,7 +543,7 @@ def _try_execute(
         except grpc.RpcError as exc:
             code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
             details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-            return {"error": f"{code.name}: {details}"}, int(code.value[0]) or 1
+            return {"error": _explain(code, details or "")}, int(code.value[0]) or 1
     return orjson.loads(reply.result), reply.code
 
 
@@ -704,14 +835,14 @@ def _admin_call(node: str, password: str) -> tuple[grpc.Channel, admin_pb2_grpc.
     if not password:
         _fail("no password: use --password or SHOAL_PASSWORD", 2)
     address = node if ":" in node else f"{node}:{DEFAULT_ADMIN_PORT}"
-    channel = grpc.insecure_channel(address, options=channel_options())
+    channel = _channel(address)
     return channel, admin_pb2_grpc.AdminServiceStub(channel)
 
 
 def _rpc_failed(exc: grpc.RpcError) -> None:
     code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
     details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-    _fail(f"{code.name}: {details}", int(code.value[0]) or 1)
+    _fail(_explain(code, details or ""), int(code.value[0]) or 1)
 
 
 def _positions_json(positions: Any) -> list[dict[str, Any]]:
@@ -839,9 +970,7 @@ def backup_restore(
 
 def _stub(node: str) -> storage_pb2_grpc.StorageServiceStub:
     address = node if ":" in node else f"{node}:{DEFAULT_STORAGE_PORT}"
-    return storage_pb2_grpc.StorageServiceStub(
-        grpc.insecure_channel(address, options=channel_options())
-    )
+    return storage_pb2_grpc.StorageServiceStub(_channel(address))
 
 
 def _call(
@@ -859,9 +988,7 @@ def _call(
         reply = function(request, metadata=basic_metadata(username, password), timeout=timeout)
         return list(reply) if stream else reply
     except grpc.RpcError as exc:
-        code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
-        details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-        _fail(f"{code.name}: {details}", int(code.value[0]) or 1)
+        _rpc_failed(exc)
 
 
 def _print_records(chunks: Any) -> None:

@@ -4,7 +4,10 @@
    credentials) and write DIR/shoal.yaml for the new node: the cluster-wide settings are
    kept; what belongs to one node is not (``rootPath``, ``host``, ``replication.hostname``,
    ``url``, ``shard``, ``routes``, ``storage.path``, ``tls``, ``admin``, ``testing``). The
-   new node routes to the source.
+   new node routes to the source. With the cluster's CA folder (``--ca-dir``), the new
+   node gets a certificate from it (``tls.*``); without, unless the cluster is in insecure
+   mode (``replication.securePort: null``, which the clone keeps), it generates its own
+   CA on its first start, which the members do not trust.
 2. Start the new node's services.
 3. ``add_node`` on the source: the source's membership row for the new node replicates to
    every member, each connects to it, and the new node copies every database (schema and
@@ -27,7 +30,11 @@ from typing import Any
 
 import yaml
 
+from services.common import certs
+
 NODE_LOCAL_KEYS = ("rootPath", "host", "admin", "tls", "testing")
+CONFIG_FILE = "shoal.yaml"
+KEYS_FOLDER = "keys"
 NODE_LOCAL_REPLICATION_KEYS = ("hostname", "url", "shard", "routes")
 
 
@@ -51,9 +58,40 @@ def clone_config(source: dict[str, Any], source_name: str, hostname: str) -> dic
     return {"rootPath": ".", "host": hostname, **config}
 
 
+def secure(config: dict[str, Any]) -> bool:
+    """Whether a node with this configuration (shoal.yaml as JSON) uses TLS."""
+    replication = config.get("replication") or {}
+    return bool(config.get("tls")) or replication.get("securePort", 9933) is not None
+
+
+def exists(directory: Path) -> bool:
+    return (directory / CONFIG_FILE).exists()
+
+
+def issue_certificate(directory: Path, ca_dir: Path, hostname: str) -> dict[str, str]:
+    """A certificate for the new node from the cluster's CA in ``ca_dir`` (which must hold
+    ``ca.key`` and ``ca.crt``), in ``directory/keys``; the ``tls`` section naming it."""
+    key, cert = ca_dir / certs.CA_KEY_FILE, ca_dir / certs.CA_CERT_FILE
+    if not (key.exists() and cert.exists()):
+        names = f"{certs.CA_KEY_FILE} and {certs.CA_CERT_FILE}"
+        raise certs.CertificateError(f"{ca_dir} must hold the CA's {names}")
+    authority = certs.KeyPair(key.read_bytes(), cert.read_bytes())
+    files = certs.ensure_node_files(directory / KEYS_FOLDER, authority, hostname, replace=True)
+    return {
+        "certificate": str(files.certificate.relative_to(directory)),
+        "privateKey": str(files.private_key.relative_to(directory)),
+        "certificateAuthority": str(files.certificate_authority.relative_to(directory)),
+    }
+
+
+def ca_path(directory: Path) -> Path:
+    """Where the new node's CA certificate is (given, or generated on its first start)."""
+    return directory / KEYS_FOLDER / certs.CA_CERT_FILE
+
+
 def write_config(directory: Path, config: dict[str, Any], source: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "shoal.yaml"
+    path = directory / CONFIG_FILE
     if path.exists():
         raise FileExistsError(f"{path} exists: clone into an empty folder")
     path.write_text(

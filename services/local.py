@@ -3,8 +3,9 @@ local cluster on loopback addresses (``shoal local up``, what ``make run`` does)
 
 Each service is its own process (``python -m services.<name> --config shoal.yaml``); the
 supervisor starts them in order (storage first), waits until each reports SERVING on the
-gRPC health service, restarts one that dies (with backoff), and on Ctrl-C or SIGTERM stops
-them all in reverse order, waiting for each to finish.
+gRPC health service (its plaintext health port, or its main port when health ports are
+off), restarts one that dies (with backoff), and on Ctrl-C or SIGTERM stops them all in
+reverse order, waiting for each to finish.
 """
 
 from __future__ import annotations
@@ -24,13 +25,17 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common import certs
+from services.common.auth import write_private_file
 from services.common.backoff import Backoff
 from services.common.config import ShoalConfig, load_config
+from services.common.node_tls import prepare
+from services.common.tls import verifying_channel_credentials
 
 SERVICES = ("storage", "replicator", "admin")
 LOCAL_CA_DIR = "ca"
 LOCAL_CA_NAME = "Shoal-Local-CA"
 READY_TIMEOUT_S = 60.0
+CLI_CONFIG_FILE = "cli.yaml"
 
 
 def service_address(config: ShoalConfig, service: str) -> str:
@@ -41,19 +46,59 @@ def service_address(config: ShoalConfig, service: str) -> str:
     return config.local_address(config.replication.port)
 
 
+@dataclass(frozen=True)
+class Probe:
+    """Where the supervisor asks a service whether it serves."""
+
+    address: str
+    credentials: grpc.ChannelCredentials | None = None
+    server_name: str | None = None  # grpc.ssl_target_name_override, when needed
+
+
+def probe(config: ShoalConfig, service: str) -> Probe:
+    """The service's health port; without health ports, its main port (over TLS, trusting
+    the node's CA, when that port serves TLS)."""
+    if config.health.enabled:
+        return Probe(config.local_address(config.health.port(service)))
+    address = service_address(config, service)
+    if service == "replicator":
+        return Probe(address)
+    node = prepare(config)
+    if node.material is None or not node.serves_tls(service):
+        return Probe(address)
+    credentials = verifying_channel_credentials(node.material.certificate_authority)
+    return Probe(address, credentials, node.target_name_override(address))
+
+
 def pid_path(config: ShoalConfig) -> Path:
     """Where `shoal node start` records its process id (for `shoal node stop`)."""
     return config.root_path / "shoal.pid"
 
 
-def healthy(address: str) -> bool:
+def serving_on(channel: grpc.Channel) -> bool:
+    """Whether the process at the other end of ``channel`` answers SERVING on
+    grpc.health.v1 (False when it cannot be reached)."""
     try:
-        with grpc.insecure_channel(address) as channel:
-            stub: Any = health_pb2_grpc.HealthStub(channel)
-            reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+        stub: Any = health_pb2_grpc.HealthStub(channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
     except grpc.RpcError:
         return False
+
+
+def healthy(address: str | Probe) -> bool:
+    """Whether the process at ``address`` (plaintext, or as the probe says) answers
+    SERVING on grpc.health.v1."""
+    target = address if isinstance(address, Probe) else Probe(address)
+    options = []
+    if target.server_name is not None:
+        options.append(("grpc.ssl_target_name_override", target.server_name))
+    if target.credentials is not None:
+        channel = grpc.secure_channel(target.address, target.credentials, options=options)
+    else:
+        channel = grpc.insecure_channel(target.address)
+    with channel:
+        return serving_on(channel)
 
 
 @dataclass
@@ -101,7 +146,7 @@ class Supervisor:
     def add(self, child: Supervised) -> None:
         self.children.append(child)
 
-    def start_all(self, addresses: dict[tuple[str, str], str]) -> None:
+    def start_all(self, addresses: dict[tuple[str, str], Probe]) -> None:
         for child in self.children:
             child.start()
             address = addresses[(child.node, child.service)]
@@ -152,8 +197,9 @@ def local_cluster_configs(data: Path, nodes: int, tls: bool = True) -> list[Path
 
     With ``tls`` (the default), a new config gets a certificate signed by the cluster's
     own CA (made once in ``<data>/ca``): ``<data>/node<i>/keys/node.key`` (0600),
-    ``node.crt`` (CN and IP SAN 127.0.0.i) and ``ca.crt``. Existing configs are kept as
-    they are."""
+    ``node.crt`` (CN and IP SAN 127.0.0.i) and ``ca.crt``. Without, a new config is in
+    insecure mode (``replication.securePort: null``). Existing configs are kept as they
+    are."""
     hosts = [f"127.0.0.{i}" for i in range(1, nodes + 1)]
     paths = []
     for i, host in enumerate(hosts, start=1):
@@ -161,10 +207,16 @@ def local_cluster_configs(data: Path, nodes: int, tls: bool = True) -> list[Path
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "shoal.yaml"
         if not path.exists():
+            replication: dict[str, Any] = {
+                "hostname": host,
+                "routes": [h for h in hosts if h != host],
+            }
+            if not tls:
+                replication["securePort"] = None  # insecure mode: plaintext everywhere
             config: dict[str, Any] = {
                 "rootPath": ".",
                 "host": host,
-                "replication": {"hostname": host, "routes": [h for h in hosts if h != host]},
+                "replication": replication,
                 "logging": {"level": "info"},
             }
             if tls:
@@ -181,6 +233,19 @@ def local_cluster_configs(data: Path, nodes: int, tls: bool = True) -> list[Path
             )
         paths.append(path)
     return paths
+
+
+def write_cli_config(data: Path, password: str, tls: bool, host: str = "127.0.0.1") -> Path:
+    """Write ``<data>/cli.yaml`` (0600): what the ``shoal`` CLI needs to use the local
+    cluster (``export SHOAL_CLI_CONFIG=<data>/cli.yaml``): node, user, password and, when
+    the nodes serve TLS, the cluster's CA (``ca:``, relative to the file)."""
+    values: dict[str, str] = {"node": host, "username": "admin", "password": password}
+    if tls:
+        values["ca"] = f"{LOCAL_CA_DIR}/{certs.CA_CERT_FILE}"
+    path = data / CLI_CONFIG_FILE
+    text = "# The local cluster, for the shoal CLI (made by `shoal local up`).\n"
+    write_private_file(path, text + yaml.safe_dump(values, sort_keys=False))
+    return path
 
 
 def local_password(data: Path) -> str:
@@ -202,13 +267,13 @@ def run_services(
     config_paths: list[Path], services: tuple[str, ...], env: dict[str, str], logs: bool
 ) -> Supervisor:
     supervisor = Supervisor()
-    addresses: dict[tuple[str, str], str] = {}
+    addresses: dict[tuple[str, str], Probe] = {}
     configs = [(path, load_config(path)) for path in config_paths]
     for service in services:
         for path, config in configs:
             log_path = path.parent / f"{service}.log" if logs else None
             supervisor.add(Supervised(config.node_name, service, path, log_path, env))
-            addresses[(config.node_name, service)] = service_address(config, service)
+            addresses[(config.node_name, service)] = probe(config, service)
     try:
         supervisor.start_all(addresses)
     except BaseException:

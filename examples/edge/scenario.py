@@ -46,12 +46,18 @@ class Outcome:
 
 
 def write_configs(workdir: Path, cloud_host: str, edge_host: str) -> tuple[Path, Path]:
-    cloud = {"rootPath": "cloud", "host": cloud_host, "replication": {"hostname": cloud_host}}
+    # Insecure mode (securePort: null): plaintext on one machine, no certificates.
+    cloud = {
+        "rootPath": "cloud",
+        "host": cloud_host,
+        "replication": {"hostname": cloud_host, "securePort": None},
+    }
     edge = {
         "rootPath": "edge",
         "host": edge_host,
         "replication": {
             "hostname": edge_host,
+            "securePort": None,
             "routes": [
                 {
                     "hostname": cloud_host,

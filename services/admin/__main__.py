@@ -15,15 +15,23 @@ from services.common.grpcserver import (
     ServerSpec,
     attach_metrics,
     serve_until_signalled,
+    start_health_port,
     start_server,
 )
+from services.common.node_tls import prepare
 
 SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
 async def run(config: ShoalConfig) -> None:
-    secret = await read_node_secret(config.keys_path)
-    node = AdminNode(config, secret)
+    health = await start_health_port(config, "admin", [SERVICE_NAME])
+    try:
+        node_tls = prepare(config)
+        secret = await read_node_secret(config.keys_path)
+    except BaseException:
+        await health.stop()
+        raise
+    node = AdminNode(node_tls, secret)
     servicer = AdminServicer(node)
     spec = ServerSpec(
         name="admin",
@@ -34,6 +42,8 @@ async def run(config: ShoalConfig) -> None:
         max_message_bytes=config.storage.max_message_bytes,
         on_stop=[node.close],
         grace_s=5.0,
+        tls=node_tls.server_material("admin"),
+        health=health,
     )
     attach_metrics(spec, config)
     running = await start_server(spec)

@@ -22,6 +22,7 @@ from services.common.auth import Identity, bearer_metadata, identity
 from services.common.config import ShoalConfig
 from services.common.errors import PermissionDenied, Unauthenticated, from_rpc_error
 from services.common.grpcserver import channel_options
+from services.common.node_tls import NodeTls
 
 T = TypeVar("T")
 CALL_TIMEOUT_S = 60.0
@@ -54,13 +55,13 @@ def forwarded(metadata: Sequence[tuple[str, str | bytes]]) -> Metadata:
 class AdminNode:
     """Clients of this node's services."""
 
-    def __init__(self, config: ShoalConfig, secret: str) -> None:
+    def __init__(self, node_tls: NodeTls, secret: str) -> None:
+        config: ShoalConfig = node_tls.config
         self.config = config
         self.internal: Metadata = bearer_metadata(secret)
         options = channel_options(config.storage.max_message_bytes)
-        self._storage_channel = grpc.aio.insecure_channel(
-            config.local_address(config.storage.port), options=options
-        )
+        self._storage_channel = node_tls.channel("storage", config.storage.max_message_bytes)
+        # The replicator's main port (replication.port) is plaintext.
         self._replicator_channel = grpc.aio.insecure_channel(
             config.local_address(config.replication.port), options=options
         )

@@ -167,8 +167,10 @@ class Nodes:
             outcome.removed = sorted(
                 n for n in current.rows if n != self.name and n not in set(names)
             )
-            await self._write(rows)
+            # Removals first: a removed node that still hears from this one learns of its
+            # removal before it learns of the new members (and stops dialing members).
             await self._delete(outcome.removed)
+            await self._write(rows)
         return outcome
 
 

@@ -13,11 +13,17 @@ files they live in, and the details read back from a certificate.
 ``ensure_node_files`` lays out what ``shoal certs init`` and ``shoal local up`` make:
 ``<ca_dir>/ca.key``, ``<ca_dir>/ca.crt`` and ``<keys>/node.key``, ``<keys>/node.crt``,
 ``<keys>/ca.crt`` (a copy, so a node's folder is complete on its own).
+
+``ensure_generated_files`` is what a node with no ``tls.*`` makes on its first start: its
+own CA and node certificate, all in ``<rootPath>/keys/`` (``ca.key`` stays there, to sign
+the certificates of nodes that join later), made once under a file lock because the
+node's processes start together.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import ipaddress
 import os
 import tempfile
@@ -38,6 +44,8 @@ CA_KEY_FILE = "ca.key"
 CA_CERT_FILE = "ca.crt"
 NODE_KEY_FILE = "node.key"
 NODE_CERT_FILE = "node.crt"
+LOCK_FILE = ".certificates.lock"
+GENERATED_CA_PREFIX = "Shoal-Node-CA-"
 
 _EKU_NAMES = {
     ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
@@ -386,3 +394,45 @@ def ensure_node_files(
         write_certificate(files.certificate, pair.certificate_pem)
     write_certificate(files.certificate_authority, authority.certificate_pem)
     return files
+
+
+def _names(certificate_pem: bytes, node_name: str) -> bool:
+    """True when the certificate's subject alternative names include ``node_name``."""
+    wanted = general_name(node_name)
+    prefix = "IP" if isinstance(wanted, x509.IPAddress) else "DNS"
+    value = str(wanted.value)
+    return f"{prefix}:{value}" in read_details(certificate_pem).subject_alternative_names
+
+
+def ensure_generated_files(keys_dir: Path, node_name: str) -> NodeFiles:
+    """A node's own CA and certificate in ``keys_dir``, made on the first call and reused
+    after: ``ca.key``, ``ca.crt``, ``node.key``, ``node.crt`` (CN and SAN = ``node_name``).
+
+    Every process of a node calls this at start, at the same time: a lock on
+    ``keys_dir/.certificates.lock`` (``fcntl.flock``) makes one of them generate while the
+    others wait, then find the files. A node certificate that no longer names the node
+    (``replication.hostname`` changed) is issued again by the node's CA when its key is
+    there; otherwise existing files are kept as they are.
+    """
+    keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(keys_dir, 0o700)
+    fd = os.open(keys_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        files = NodeFiles(
+            certificate=keys_dir / NODE_CERT_FILE,
+            private_key=keys_dir / NODE_KEY_FILE,
+            certificate_authority=keys_dir / CA_CERT_FILE,
+        )
+        complete = all(
+            p.exists() for p in (files.certificate, files.private_key, files.certificate_authority)
+        )
+        if complete and _names(files.certificate.read_bytes(), node_name):
+            return files
+        if complete and not (keys_dir / CA_KEY_FILE).exists():
+            return files  # someone else's CA issued these: never replace them here
+        authority = ensure_authority(keys_dir, GENERATED_CA_PREFIX + node_name)
+        return ensure_node_files(keys_dir, authority, node_name, replace=True)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

@@ -33,6 +33,9 @@ DEFAULT_REPLICATION_SECURE_PORT = 9933
 DEFAULT_METRICS_STORAGE_PORT = 9941
 DEFAULT_METRICS_REPLICATOR_PORT = 9942
 DEFAULT_METRICS_ADMIN_PORT = 9943
+DEFAULT_HEALTH_ADMIN_PORT = 9935
+DEFAULT_HEALTH_STORAGE_PORT = 9936
+DEFAULT_HEALTH_REPLICATOR_PORT = 9937
 
 ENV_PREFIX = "SHOAL_"
 
@@ -103,6 +106,7 @@ class StorageConfig:
     max_concurrent_rpcs: int = 1000
     max_sort_rows: int = 1_000_000
     purge_interval_s: float = 3600.0
+    tls: bool = True  # serve TLS when the node has TLS material; false: plaintext
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,7 @@ class OperationsApiConfig:
     """``operationsApi.*``: the admin service."""
 
     port: int = DEFAULT_ADMIN_PORT
+    tls: bool = True  # serve TLS when the node has TLS material; false: plaintext
 
 
 @dataclass(frozen=True)
@@ -192,6 +197,26 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    """``health.*``: a plaintext port per service serving only ``grpc.health.v1`` (for
+    orchestrator probes), on the node's ``host``."""
+
+    enabled: bool = True
+    admin_port: int = DEFAULT_HEALTH_ADMIN_PORT
+    storage_port: int = DEFAULT_HEALTH_STORAGE_PORT
+    replicator_port: int = DEFAULT_HEALTH_REPLICATOR_PORT
+
+    def port(self, service: str) -> int:
+        """The health port of ``storage``, ``replicator`` or ``admin``."""
+        ports = {
+            "storage": self.storage_port,
+            "replicator": self.replicator_port,
+            "admin": self.admin_port,
+        }
+        return ports[service]
+
+
+@dataclass(frozen=True)
 class AnalyticsConfig:
     """``analytics.*``: the node-local analytics history (``system.hdb_raw_analytics``,
     ``system.hdb_analytics``)."""
@@ -221,6 +246,7 @@ class ShoalConfig:
     testing: TestingConfig = field(default_factory=TestingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     analytics: AnalyticsConfig = field(default_factory=AnalyticsConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     source: Path | None = None
 
     @property
@@ -675,12 +701,15 @@ def parse_config(
         max_concurrent_rpcs=st.integer("maxConcurrentRpcs", 1000, 1, 100_000),
         max_sort_rows=st.integer("maxSortRows", 1_000_000, 1, 1_000_000_000),
         purge_interval_s=st.duration("purgeInterval", 3600.0),
+        tls=st.boolean("tls", True),
     )
     st.finish()
 
     ops = top.section("operationsApi")
     net = ops.section("network")
-    operations_api = OperationsApiConfig(port=net.port("port", DEFAULT_ADMIN_PORT))
+    operations_api = OperationsApiConfig(
+        port=net.port("port", DEFAULT_ADMIN_PORT), tls=ops.boolean("tls", True)
+    )
     net.finish()
     ops.finish()
 
@@ -694,6 +723,11 @@ def parse_config(
         crl=_paths(tl, "crl"),
         crl_fail_closed=tl.boolean("crlFailClosed", True),
     )
+    if (tls.certificate is None) != (tls.private_key is None):
+        given, missing = ("certificate", "privateKey")
+        if tls.certificate is None:
+            given, missing = missing, given
+        problems.append(f"tls.{missing}: missing (tls.{given} is set; they go together)")
     tl.finish()
 
     ad = top.section("admin")
@@ -739,6 +773,15 @@ def parse_config(
         an.problem("aggregateRetention", analytics.aggregate_retention_s, "must be at least 1m")
     an.finish()
 
+    he = top.section("health")
+    health = HealthConfig(
+        enabled=he.boolean("enabled", True),
+        admin_port=he.port("adminPort", DEFAULT_HEALTH_ADMIN_PORT),
+        storage_port=he.port("storagePort", DEFAULT_HEALTH_STORAGE_PORT),
+        replicator_port=he.port("replicatorPort", DEFAULT_HEALTH_REPLICATOR_PORT),
+    )
+    he.finish()
+
     ports = {
         "operationsApi.network.port": operations_api.port,
         "storage.port": storage.port,
@@ -750,6 +793,10 @@ def parse_config(
         ports["metrics.storagePort"] = metrics.storage_port
         ports["metrics.replicatorPort"] = metrics.replicator_port
         ports["metrics.adminPort"] = metrics.admin_port
+    if health.enabled:
+        ports["health.adminPort"] = health.admin_port
+        ports["health.storagePort"] = health.storage_port
+        ports["health.replicatorPort"] = health.replicator_port
     by_port: dict[int, str] = {}
     for key, port in ports.items():
         if port in by_port:
@@ -772,6 +819,7 @@ def parse_config(
         testing=testing,
         metrics=metrics,
         analytics=analytics,
+        health=health,
         source=source,
     )
 

@@ -6,6 +6,12 @@ One interceptor does what every handler would otherwise repeat: authenticate the
 and time every call by final status (``RpcMetrics``, exported as gRFC A66 metrics by
 ``services.common.metrics``). Health (``grpc.health.v1``) and reflection are added to
 every server, need no credentials and are not counted.
+
+A client port (storage, admin) serves TLS with the node's certificate when the node has
+TLS material (``ServerSpec.tls``). Each process also has a plaintext health port
+(``HealthPort``, ``health.*`` in shoal.yaml) that serves ``grpc.health.v1`` and nothing
+else, for orchestrator probes: it starts first (NOT_SERVING while the process starts),
+shares the main port's statuses, and stops last (NOT_SERVING while it drains).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from services.common.auth import Identity, current_identity
 from services.common.config import ShoalConfig
 from services.common.errors import Internal, ShoalError, Unavailable
 from services.common.metrics import MethodStats, MetricsServer, RpcMetrics, Source, start_metrics
+from services.common.tls import TlsMaterial, server_credentials
 
 log = logging.getLogger("shoal.grpc")
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -258,6 +265,49 @@ def _wrap_stream(
     return coroutine
 
 
+HEALTH_MAX_MESSAGE_BYTES = 64 * 1024
+HEALTH_GRACE_S = 1.0
+
+
+class HealthPort:
+    """The health statuses of one process, and the plaintext port that serves only them
+    (``server`` is None when ``health.enabled`` is false)."""
+
+    def __init__(self, servicer: Any, server: grpc.aio.Server | None, address: str) -> None:
+        self.servicer = servicer
+        self.server = server
+        self.address = address
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(HEALTH_GRACE_S)
+
+
+async def start_health_port(
+    config: ShoalConfig, service: str, service_names: Sequence[str]
+) -> HealthPort:
+    """Statuses NOT_SERVING for the process (``""``) and each of ``service_names``, served
+    on ``health.<service>Port`` (plaintext, ``grpc.health.v1`` only, no authentication).
+    Start it before anything slow, and hand it to ``ServerSpec.health``."""
+    servicer = health.aio.HealthServicer()
+    for name in ["", *service_names]:
+        await servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    address = f"{config.host}:{config.health.port(service)}"
+    if not config.health.enabled:
+        return HealthPort(servicer, None, address)
+    server = grpc.aio.server(options=server_options(HEALTH_MAX_MESSAGE_BYTES))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise Unavailable(f"{service} cannot listen on its health port {address}: {exc}") from exc
+    if port == 0:
+        raise Unavailable(f"{service} cannot listen on its health port {address} (address in use?)")
+    await server.start()
+    log.info("%s health port listening on %s", service, address)
+    return HealthPort(servicer, server, address)
+
+
 @dataclass
 class ServerSpec:
     """What one service process serves."""
@@ -275,6 +325,11 @@ class ServerSpec:
     pre_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     grace_s: float = 10.0
+    # Serve TLS with this material (a client port of a node with TLS); None: plaintext.
+    tls: TlsMaterial | None = None
+    # The process's statuses and health port (start_health_port), stopped last; None:
+    # statuses of the main port only.
+    health: HealthPort | None = None
 
 
 class RunningServer:
@@ -301,6 +356,8 @@ class RunningServer:
         await self.server.stop(self.spec.grace_s)
         for hook in self.spec.on_stop:
             await hook()
+        if self.spec.health is not None:
+            await self.spec.health.stop()
 
 
 def attach_metrics(
@@ -327,13 +384,18 @@ async def start_server(spec: ServerSpec) -> RunningServer:
         maximum_concurrent_rpcs=spec.max_concurrent_rpcs,
     )
     spec.register(server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = (
+        spec.health.servicer if spec.health is not None else health.aio.HealthServicer()
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [*spec.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     try:
-        port = server.add_insecure_port(spec.address)
+        if spec.tls is not None:
+            port = server.add_secure_port(spec.address, server_credentials(spec.tls))
+        else:
+            port = server.add_insecure_port(spec.address)
     except RuntimeError as exc:
         raise Unavailable(f"{spec.name} cannot listen on {spec.address}: {exc}") from exc
     if port == 0:
@@ -341,7 +403,7 @@ async def start_server(spec: ServerSpec) -> RunningServer:
     await server.start()
     running = RunningServer(spec, server, health_servicer)
     await running.set_serving(True)
-    log.info("%s listening on %s", spec.name, spec.address)
+    log.info("%s listening on %s (%s)", spec.name, spec.address, "TLS" if spec.tls else "plaintext")
     return running
 
 

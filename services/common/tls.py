@@ -1,18 +1,23 @@
 """TLS material of a node (``tls.*`` in shoal.yaml) and gRPC credentials built from it.
 
 Paths in the config are relative to ``rootPath``. The replication secure port requires
-client certificates signed by the node's certificate authority (mutual TLS); a peer's
-identity is the common name and subject alternative names of its certificate.
+client certificates signed by a trusted certificate authority (mutual TLS); a peer's
+identity is the common name and subject alternative names of its certificate. Trusted
+are ``tls.certificateAuthority`` and, with ``replication.enableRootCAs``, the system CA
+bundle (``TlsMaterial.trusted``). ``tls_source.py`` reads and checks the files, and
+re-reads them when they change.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+from services.common import certs
 from services.common.config import ShoalConfig
 
 
@@ -22,7 +27,17 @@ class TlsMaterial:
 
     private_key: bytes
     certificate: bytes
-    certificate_authority: bytes
+    certificate_authority: bytes  # tls.certificateAuthority (or the certificate itself)
+    root_certificates: bytes = b""  # the system CA bundle, with replication.enableRootCAs
+
+    @property
+    def trusted(self) -> bytes:
+        """Every CA certificate a peer's certificate may chain to (PEM)."""
+        if not self.root_certificates:
+            return self.certificate_authority
+        if not self.certificate_authority:
+            return self.root_certificates
+        return self.certificate_authority.rstrip(b"\n") + b"\n" + self.root_certificates
 
 
 def _resolve(config: ShoalConfig, path: Path) -> Path:
@@ -30,7 +45,9 @@ def _resolve(config: ShoalConfig, path: Path) -> Path:
 
 
 def load_tls(config: ShoalConfig) -> TlsMaterial | None:
-    """The configured TLS material, or None when ``tls.*`` is not set."""
+    """The node's TLS material: the ``tls.*`` files, or the ones the node generated (see
+    ``with_tls_files``); None in insecure mode."""
+    config = with_tls_files(config)
     tls = config.tls
     if tls.certificate is None or tls.private_key is None:
         return None
@@ -43,10 +60,10 @@ def load_tls(config: ShoalConfig) -> TlsMaterial | None:
 
 
 def mutual_server_credentials(material: TlsMaterial) -> grpc.ServerCredentials:
-    """Server credentials that require a client certificate from the trusted CA."""
+    """Server credentials that require a client certificate from a trusted CA."""
     return grpc.ssl_server_credentials(
         [(material.private_key, material.certificate)],
-        root_certificates=material.certificate_authority,
+        root_certificates=material.trusted,
         require_client_auth=True,
     )
 
@@ -54,7 +71,7 @@ def mutual_server_credentials(material: TlsMaterial) -> grpc.ServerCredentials:
 def mutual_channel_credentials(material: TlsMaterial) -> grpc.ChannelCredentials:
     """Channel credentials presenting this node's certificate."""
     return grpc.ssl_channel_credentials(
-        root_certificates=material.certificate_authority,
+        root_certificates=material.trusted,
         private_key=material.private_key,
         certificate_chain=material.certificate,
     )
@@ -67,3 +84,42 @@ def peer_names(auth_context: Mapping[str, Iterable[bytes]]) -> set[str]:
         for value in auth_context.get(key, []):
             names.add(value.decode(errors="replace"))
     return names
+
+
+def with_tls_files(config: ShoalConfig) -> ShoalConfig:
+    """``config`` with ``tls.*`` naming the node's TLS files.
+
+    With ``tls.certificate`` or ``tls.privateKey`` set, or in insecure mode
+    (``replication.securePort: null``), ``config`` is returned as it is. Otherwise the node
+    uses its own CA and certificate under ``<rootPath>/keys/``, generated on its first start
+    (``certs.ensure_generated_files``: every process of the node may call this at once)
+    and named here relative to ``rootPath``, so everything that reads ``tls.*`` (the
+    certificate table, the admin's certificate operations) sees them.
+    """
+    tls = config.tls
+    if tls.certificate is not None or tls.private_key is not None:
+        return config
+    if config.replication.secure_port is None:
+        return config
+    files = certs.ensure_generated_files(config.keys_path, config.node_name)
+    generated = dataclasses.replace(
+        tls,
+        certificate=files.certificate.relative_to(config.root_path),
+        private_key=files.private_key.relative_to(config.root_path),
+        certificate_authority=files.certificate_authority.relative_to(config.root_path),
+    )
+    return dataclasses.replace(config, tls=generated)
+
+
+def server_credentials(material: TlsMaterial) -> grpc.ServerCredentials:
+    """Credentials of a client port (storage, admin): TLS with the node's certificate.
+    Clients are not asked for a certificate; they sign in with a password or a token."""
+    return grpc.ssl_server_credentials(
+        [(material.private_key, material.certificate)], require_client_auth=False
+    )
+
+
+def verifying_channel_credentials(certificate_authority: bytes) -> grpc.ChannelCredentials:
+    """Channel credentials that accept only a server whose certificate chains to
+    ``certificate_authority`` (PEM) and names the host dialed; no client certificate."""
+    return grpc.ssl_channel_credentials(root_certificates=certificate_authority)

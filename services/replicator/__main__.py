@@ -22,9 +22,11 @@ from services.common.grpcserver import (
     attach_metrics,
     serve_until_signalled,
     server_options,
+    start_health_port,
 )
 from services.common.hlc import wall_clock_ms
-from services.common.tls import load_tls, mutual_server_credentials
+from services.common.node_tls import prepare
+from services.common.tls_source import TlsError, TlsSource, reloading_server_credentials
 from services.replicator import sampler
 from services.replicator.local import LocalStorage
 from services.replicator.metrics import replicator_metrics
@@ -36,10 +38,25 @@ SERVICE_NAME = replicator_pb2.DESCRIPTOR.services_by_name["ReplicatorService"].f
 
 
 async def run(config: ShoalConfig) -> None:
-    secret = await read_node_secret(config.keys_path)
-    tls = load_tls(config)
+    health_port = await start_health_port(config, "replicator", [SERVICE_NAME])
+    try:
+        # tls.* names the node's certificates from here on (generated on the first start
+        # when it has none).
+        node_tls = prepare(config)
+        config = node_tls.config
+        secret = await read_node_secret(config.keys_path)
+    except BaseException:
+        await health_port.stop()
+        raise
+    try:
+        tls = TlsSource.from_config(config, label="replication TLS")
+    except TlsError as exc:
+        raise SystemExit(f"replicator: {exc}") from exc
     storage = LocalStorage(
-        config.local_address(config.storage.port), secret, config.storage.max_message_bytes
+        config.local_address(config.storage.port),
+        secret,
+        config.storage.max_message_bytes,
+        node_tls.channel("storage", config.storage.max_message_bytes),
     )
     replicator = Replicator(config, storage, tls)
     spec = ServerSpec(
@@ -51,6 +68,7 @@ async def run(config: ShoalConfig) -> None:
         pre_stop=[replicator.close],
         on_stop=[storage.close],
         grace_s=5.0,
+        health=health_port,
     )
     try:
         attach_metrics(spec, config, loop_sources=[replicator_metrics(replicator)])
@@ -63,7 +81,7 @@ async def run(config: ShoalConfig) -> None:
     replicator_pb2_grpc.add_ReplicatorServiceServicer_to_server(
         ReplicatorServicer(replicator, secret), server
     )
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health_port.servicer
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
@@ -77,7 +95,7 @@ async def run(config: ShoalConfig) -> None:
             log.warning(
                 "no TLS certificate configured (tls.*): the secure port %s stays closed", secure
             )
-        elif server.add_secure_port(secure, mutual_server_credentials(tls)) == 0:
+        elif server.add_secure_port(secure, reloading_server_credentials(tls)) == 0:
             raise SystemExit(f"replicator: cannot listen on {secure}")
     await server.start()
 

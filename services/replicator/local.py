@@ -27,9 +27,17 @@ class StorageUnavailable(Exception):
 class LocalStorage:
     """Node-internal client of the storage service."""
 
-    def __init__(self, address: str, token: str, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        address: str,
+        token: str,
+        max_message_bytes: int,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        """``channel``: how to reach storage (TLS when its port serves TLS, see
+        ``node_tls.NodeTls.channel``); a plaintext channel to ``address`` by default."""
         self.address = address
-        self._channel = grpc.aio.insecure_channel(
+        self._channel = channel or grpc.aio.insecure_channel(
             address, options=channel_options(max_message_bytes)
         )
         self._stub = storage_pb2_grpc.StorageServiceStub(self._channel)

@@ -18,6 +18,10 @@ connection of its own to the same address first, with the same trust and client
 certificate, and checks the certificate presented there; a failure there also gives a
 precise reason (a certificate without the dialed name, an unknown CA) where gRPC only
 reports that it cannot connect.
+
+The TLS material comes from the node's ``TlsSource``: when the certificate files change,
+the next pre-check presents the new certificate and trusts the new authorities, and CRLs
+are verified against the new authorities.
 """
 
 from __future__ import annotations
@@ -44,10 +48,15 @@ from services.common.revocation import (
     normalize_serial,
 )
 from services.common.tls import TlsMaterial
+from services.common.tls_source import TlsSource
 from services.replicator.handshake import Refused
 from services.replicator.transport import ConnectionLost
 
 log = logging.getLogger("shoal.replicator")
+
+ACCEPT_CHECK_S = 5.0  # how long the pre-check waits for the server's first answer
+# An HTTP/2 client's first bytes: the connection preface, then an empty SETTINGS frame.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 
 
 class CertificateRefused(Refused):
@@ -105,18 +114,29 @@ def revoked_serials(
 class PeerCheck:
     """Revocation checks of peer certificates for one node."""
 
-    def __init__(self, crls: CrlFiles, fail_closed: bool, tls: TlsMaterial | None) -> None:
-        self.crls = crls
+    def __init__(self, crl_paths: Iterable[Path], fail_closed: bool, tls: TlsSource | None) -> None:
+        self.crl_paths = tuple(crl_paths)
         self.fail_closed = fail_closed
         self.tls = tls
+        self._crls = CrlFiles(self.crl_paths, ())
+        self._crls_trust: TlsMaterial | None = None
         self._client_context: ssl.SSLContext | None = None
+        self._context_material: TlsMaterial | None = None
         self._last_crl_problem = ""
 
     @classmethod
-    def from_config(cls, config: ShoalConfig, tls: TlsMaterial | None) -> PeerCheck:
+    def from_config(cls, config: ShoalConfig, tls: TlsSource | None) -> PeerCheck:
         paths = [p if p.is_absolute() else config.root_path / p for p in config.tls.crl]
-        crls = CrlFiles.from_pem(paths, tls.certificate_authority if tls is not None else None)
-        return cls(crls, config.tls.crl_fail_closed, tls)
+        return cls(paths, config.tls.crl_fail_closed, tls)
+
+    @property
+    def crls(self) -> CrlFiles:
+        """The CRL files, checked against the authorities the node trusts now."""
+        material = self.tls.current() if self.tls is not None else None
+        if material is not None and material is not self._crls_trust:
+            self._crls = CrlFiles.from_pem(self.crl_paths, material.trusted)
+            self._crls_trust = material
+        return self._crls
 
     def check(self, peer: str, certificate: PeerCertificate, revoked: Mapping[str, str]) -> None:
         """Refuse a certificate at a handshake (CertificateRefused with the reason)."""
@@ -141,7 +161,7 @@ class PeerCheck:
         where = revoked.get(certificate.serial)
         if where is not None:
             return f"the certificate of {peer} (serial {certificate.serial}) is revoked ({where})"
-        if not self.crls.paths:
+        if not self.crl_paths:
             return ""
         try:
             by_issuer = self.crls.revoked()
@@ -170,7 +190,7 @@ class PeerCheck:
         CertificateRefused when the TLS layer refuses it."""
         host, port = split_address(address)
         try:
-            _, writer = await asyncio.wait_for(
+            reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(host, port, ssl=self._context(), server_hostname=host),
                 timeout=timeout_s,
             )
@@ -183,6 +203,8 @@ class PeerCheck:
             raise ConnectionLost(f"cannot connect to {address}: {exc}") from exc
         try:
             der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+            mine = x509.load_pem_x509_certificates(self._context_material_pem())[0]
+            await _server_accepts_us(reader, writer, address, min(timeout_s, ACCEPT_CHECK_S), mine)
         finally:
             writer.close()
             with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
@@ -191,18 +213,60 @@ class PeerCheck:
             raise ConnectionLost(f"the server at {address} presented no certificate")
         return PeerCertificate.from_x509(x509.load_der_x509_certificate(der))
 
+    def _context_material_pem(self) -> bytes:
+        """The certificate the client context presents (PEM)."""
+        assert self._context_material is not None
+        return self._context_material.certificate
+
     def _context(self) -> ssl.SSLContext:
-        if self._client_context is None:
-            if self.tls is None:
-                raise ConnectionLost("this node has no TLS material")
+        """A client context with the current material (made again when it changes)."""
+        if self.tls is None:
+            raise ConnectionLost("this node has no TLS material")
+        material = self.tls.current()
+        if self._client_context is None or material is not self._context_material:
             context = ssl.create_default_context(
-                ssl.Purpose.SERVER_AUTH, cadata=self.tls.certificate_authority.decode()
+                ssl.Purpose.SERVER_AUTH, cadata=material.trusted.decode()
             )
             context.set_alpn_protocols(["h2"])
-            with _files(self.tls.certificate, self.tls.private_key) as (cert, key):
+            with _files(material.certificate, material.private_key) as (cert, key):
                 context.load_cert_chain(cert, key)
             self._client_context = context
+            self._context_material = material
         return self._client_context
+
+
+async def _server_accepts_us(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    address: str,
+    timeout_s: float,
+    mine: x509.Certificate,
+) -> None:
+    """CertificateRefused when the server refuses this node's client certificate.
+
+    With TLS 1.3 the client's side of the handshake ends before the server has checked
+    the client's certificate, and a gRPC server that refuses it just closes the
+    connection. So say what a gRPC client says first (the HTTP/2 preface and empty
+    settings) and read: a server that accepted us answers with its settings, one that
+    refused us closes. Silence or an error tell nothing; the dial goes on."""
+    writer.write(_HTTP2_PREFACE)
+    try:
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(1), timeout=timeout_s)
+    except ssl.SSLError as exc:
+        answer, detail = b"", f" ({exc.reason or exc})"
+    except ConnectionError:
+        answer, detail = b"", ""
+    except (OSError, TimeoutError):
+        return
+    else:
+        detail = ""
+    if not answer:
+        raise CertificateRefused(
+            f"the server at {address} closed the connection after the TLS handshake{detail}:"
+            " it does not accept this node's certificate (serial"
+            f" {certificate_serial(mine)}, issued by {mine.issuer.rfc4514_string()})"
+        )
 
 
 def split_address(address: str) -> tuple[str, int]:

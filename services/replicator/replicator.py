@@ -19,6 +19,11 @@
 * Revocation (peercheck.py): a TLS peer whose certificate serial is revoked (routes,
   system.hdb_nodes) or listed in a CRL is refused at the handshake, on both sides; when a
   live session's serial becomes revoked, it stops applying and closes with UNAUTHORIZED.
+* Admission (admission.py): on the plain port only known source addresses may replicate;
+  on both ports a dialer must be a route or a member, or join (every dial this node makes
+  joins). A dialer admitted by its join is recorded in this node's system.hdb_nodes.
+* TLS material comes from a ``TlsSource``: certificate files changed on disk are used by
+  the next dial (and served to the next connection) without a restart.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import logging
 import time
 from typing import Any
 
+import orjson
 from shoal.replicator.v1 import replicator_pb2 as rpb
 
 from services.common import members
@@ -39,7 +45,8 @@ from services.common.config import (
     Route,
     ShoalConfig,
 )
-from services.common.tls import TlsMaterial
+from services.common.tls_source import TlsSource
+from services.replicator.admission import Admission, joined_row
 from services.replicator.handshake import (
     PROTOCOL_MAX,
     PROTOCOL_MIN,
@@ -65,12 +72,14 @@ log = logging.getLogger("shoal.replicator")
 
 HANDSHAKE_TIMEOUT_S = 10.0
 STABLE_SESSION_S = 10.0
+RECORD_TIMEOUT_S = 10.0  # writing a joined node's row in system.hdb_nodes
+MAX_STRANGERS = 32  # refused peers that are neither routes nor members, kept in status
 
 
 class Replicator:
     """All peer connections of one node."""
 
-    def __init__(self, config: ShoalConfig, storage: LocalStorage, tls: TlsMaterial | None) -> None:
+    def __init__(self, config: ShoalConfig, storage: LocalStorage, tls: TlsSource | None) -> None:
         self.config = config
         self.name = config.node_name
         self.storage = storage
@@ -83,11 +92,14 @@ class Replicator:
             r.hostname: PeerState(r.hostname) for r in config.replication.routes
         }
         self._dialers: dict[str, asyncio.Task[Any]] = {}
-        self._accepted: set[asyncio.Task[Any]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._joining: set[str] = set()  # joined nodes whose row is being written
+        self._strangers: dict[str, None] = {}  # refused unknown peers, oldest first
         self._closing = False
         self._session_changed = asyncio.Event()
         self._refused_as_removed: set[str] = set()  # members that refused us as removed
         self.peercheck = PeerCheck.from_config(config, tls)
+        self.admission = Admission(self.name, (config.replication.hostname, config.host))
         self.watcher = MembershipWatcher(config, storage, tls is not None, self.set_membership)
         self._watch_task: asyncio.Task[None] | None = None
 
@@ -110,7 +122,7 @@ class Replicator:
         their connections with a removed node at once)."""
         return self.name in self.membership.removed or bool(self._refused_as_removed)
 
-    def _told_removed(self, peer: str) -> None:
+    def told_removed(self, peer: str) -> None:
         if not self._refused_as_removed:
             log.warning("%s says this node was removed from the cluster", peer)
         self._refused_as_removed.add(peer)
@@ -182,7 +194,7 @@ class Replicator:
         self._closing = True
         if self._watch_task is not None:
             self._watch_task.cancel()
-        for task in self._dialers.values():
+        for task in [*self._dialers.values(), *self._background]:
             task.cancel()
         for session in list(self.sessions.values()):
             session.close(rpb.GOODBYE_CODE_SHUTDOWN, f"{self.name} is shutting down")
@@ -199,7 +211,10 @@ class Replicator:
 
     # -- hellos ------------------------------------------------------------------------------
 
-    async def hello(self, route: Route | None, expected_name: str = "") -> rpb.Hello:
+    async def hello(
+        self, route: Route | None, expected_name: str = "", join: bool = False
+    ) -> rpb.Hello:
+        """This node's Hello; a dialer's joins (see the Join message)."""
         databases = self.replicated_databases()
         sends = route.replicates.sends if route is not None else True
         receives = route.replicates.receives if route is not None else True
@@ -216,6 +231,7 @@ class Replicator:
             known_databases=await self.storage.databases(),
             sends=sends,
             receives=receives,
+            join=rpb.Join(url=self.watcher.url) if join else None,
         )
 
     def replicated_databases(self) -> tuple[str, ...] | None:
@@ -261,7 +277,7 @@ class Replicator:
                     self.check_certificate(route.hostname, certificate)
                 stream = await dial(
                     address,
-                    self.tls if secure else None,
+                    self.tls.current() if secure and self.tls is not None else None,
                     HANDSHAKE_TIMEOUT_S,
                     self.config.storage.max_message_bytes,
                 )
@@ -271,7 +287,7 @@ class Replicator:
                 log.warning("not connecting to %s: %s", route.hostname, exc.reason)
             except Refused as exc:
                 if exc.code == rpb.GOODBYE_CODE_REMOVED:
-                    self._told_removed(route.hostname)
+                    self.told_removed(route.hostname)
                 if exc.code != rpb.GOODBYE_CODE_DUPLICATE and not upgrade:
                     state.last_error = exc.reason
                     log.warning("%s refused the connection: %s", route.hostname, exc.reason)
@@ -305,7 +321,7 @@ class Replicator:
         certificate: PeerCertificate | None = None,
     ) -> None:
         try:
-            mine = await self.hello(route, expected_name=route.hostname)
+            mine = await self.hello(route, expected_name=route.hostname, join=True)
             await stream.send(rpb.PeerMessage(hello=mine))
             theirs = await receive_hello(stream, HANDSHAKE_TIMEOUT_S)
             if theirs.node_name != route.hostname:
@@ -347,7 +363,10 @@ class Replicator:
             await stream.send(goodbye(rpb.GOODBYE_CODE_SHUTDOWN, f"{self.name} is shutting down"))
             return
         theirs = await receive_hello(stream, HANDSHAKE_TIMEOUT_S)
+        secure = transport_names is not None
         try:
+            if not secure:
+                await self.admission.check_address(address, theirs.node_name, self.known())
             version = choose_version(theirs)
             check_dialer(self.name, theirs, transport_names)
             if certificate is not None:
@@ -358,6 +377,8 @@ class Replicator:
                     f"{theirs.node_name} was removed from the cluster (system.hdb_nodes);"
                     " a member's add_node adds it back",
                 )
+            if self.admission.check_identity(theirs, self.known(), secure):
+                self._record_joined(theirs)
             route = self.routes.get(theirs.node_name)
             mine = await self.hello(route)
             mine.protocol_version = version
@@ -380,12 +401,53 @@ class Replicator:
                 )
         except Refused as exc:
             if exc.code != rpb.GOODBYE_CODE_DUPLICATE:
-                self.peer_state(theirs.node_name or address).last_error = exc.reason
+                self._note_refusal(theirs.node_name or address, exc.reason)
                 log.warning("refused %s from %s: %s", theirs.node_name, address, exc.reason)
             await stream.send(goodbye(exc.code, exc.reason))
             return
         await stream.send(rpb.PeerMessage(hello=mine))
         await self._run_session(session)
+
+    def known(self) -> set[str]:
+        """Names admitted without a join: configured routes and live members."""
+        return {*self.configured, *self.routes, *self.membership.rows} - {self.name}
+
+    def _note_refusal(self, peer: str, reason: str) -> None:
+        """Show a refusal as the peer's last error; refused strangers (neither routes nor
+        members) are kept in status too, at most MAX_STRANGERS of them (the oldest go)."""
+        if peer not in self.known() and peer not in self.sessions:
+            self._strangers.pop(peer, None)
+            self._strangers[peer] = None
+            while len(self._strangers) > MAX_STRANGERS:
+                oldest = next(iter(self._strangers))
+                del self._strangers[oldest]
+                if oldest not in self.known() and oldest not in self.sessions:
+                    self.peers.pop(oldest, None)
+        self.peer_state(peer).last_error = reason
+
+    def _record_joined(self, hello: rpb.Hello) -> None:
+        """Write a dialer admitted by its join into system.hdb_nodes (in the background;
+        the row replicates, so every member learns of it)."""
+        name = hello.node_name
+        if name in self._joining:
+            return
+        self._joining.add(name)
+        task = asyncio.create_task(self._write_joined(hello), name=f"join:{name}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _write_joined(self, hello: rpb.Hello) -> None:
+        name = hello.node_name
+        try:
+            row = orjson.dumps(joined_row(hello))
+            await asyncio.wait_for(
+                self.storage.upsert(members.DATABASE, members.TABLE, [row]), RECORD_TIMEOUT_S
+            )
+            log.info("recorded %s in system.hdb_nodes: it joined", name)
+        except (StorageUnavailable, TimeoutError) as exc:
+            log.warning("could not record %s (it joined) in system.hdb_nodes: %s", name, exc)
+        finally:
+            self._joining.discard(name)
 
     # -- the registry -------------------------------------------------------------------
 

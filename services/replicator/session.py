@@ -280,6 +280,8 @@ class Session:
             reason = message.goodbye.reason or "the peer said goodbye"
             if message.goodbye.code not in (rpb.GOODBYE_CODE_SHUTDOWN, rpb.GOODBYE_CODE_DUPLICATE):
                 self.state.last_error = reason
+            if message.goodbye.code == rpb.GOODBYE_CODE_REMOVED:
+                self.replicator.told_removed(self.peer)
             raise SessionEnded(f"goodbye from {self.peer}: {reason}")
         else:
             raise SessionEnded(f"unexpected {kind} message from {self.peer}")

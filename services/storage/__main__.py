@@ -15,9 +15,11 @@ from services.common.grpcserver import (
     ServerSpec,
     attach_metrics,
     serve_until_signalled,
+    start_health_port,
     start_server,
 )
 from services.common.hlc import version_from_ms
+from services.common.node_tls import prepare
 from services.storage import analytics
 from services.storage import log as txlog
 from services.storage.engine import Engine
@@ -56,7 +58,16 @@ def open_engine(config: ShoalConfig) -> Engine:
 
 
 async def run(config: ShoalConfig) -> None:
-    engine = open_engine(config)
+    health = await start_health_port(config, "storage", [SERVICE_NAME])
+    try:
+        # tls.* names the node's certificates from here on: generated on the first start
+        # when it has none, so they are recorded in system.hdb_certificate too.
+        node_tls = prepare(config)
+        config = node_tls.config
+        engine = await asyncio.to_thread(open_engine, config)
+    except BaseException:
+        await health.stop()
+        raise
     record_node_certificates(engine, config)
     servicer = StorageServicer(engine)
 
@@ -78,6 +89,8 @@ async def run(config: ShoalConfig) -> None:
         max_concurrent_rpcs=config.storage.max_concurrent_rpcs,
         pre_stop=[begin_shutdown],
         on_stop=[close],
+        tls=node_tls.server_material("storage"),
+        health=health,
     )
     sampler = StorageSampler(engine, spec.rpc_metrics)  # counts what happens from here on
     metrics = None
@@ -93,6 +106,7 @@ async def run(config: ShoalConfig) -> None:
         if metrics is not None:
             metrics.stop()
         engine.close()
+        await health.stop()
         raise
     purge = asyncio.create_task(_purge_loop(engine, config))
     history = asyncio.create_task(analytics.run(servicer.analytics, sampler.sample))

@@ -13,10 +13,13 @@ from services.common.auth import basic_metadata
 
 
 class AdminClient:
-    """Calls to one node's admin service with fixed credentials."""
+    """Calls to one node's admin service with fixed credentials, on ``channel`` (a TLS
+    channel from ``Node.channel`` when the port serves TLS) or a plaintext one."""
 
-    def __init__(self, address: str, username: str, password: str) -> None:
-        self.channel = grpc.insecure_channel(address)
+    def __init__(
+        self, address: str, username: str, password: str, channel: grpc.Channel | None = None
+    ) -> None:
+        self.channel = channel or grpc.insecure_channel(address)
         self.stub = admin_pb2_grpc.AdminServiceStub(self.channel)
         self.metadata = basic_metadata(username, password)
 

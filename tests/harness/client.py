@@ -68,21 +68,29 @@ def expect_error(code: grpc.StatusCode, call: Callable[[], Any], *words: str) ->
 
 
 class StorageClient:
-    """Calls to one storage service with fixed credentials."""
+    """Calls to one storage service with fixed credentials, on ``channel`` (a TLS channel
+    from ``Node.channel`` when the port serves TLS) or a plaintext one to ``address``."""
 
-    def __init__(self, address: str, metadata: Sequence[tuple[str, str]]) -> None:
+    def __init__(
+        self,
+        address: str,
+        metadata: Sequence[tuple[str, str]],
+        channel: grpc.Channel | None = None,
+    ) -> None:
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=channel_options())
+        self.channel = channel or grpc.insecure_channel(address, options=channel_options())
         self.stub = storage_pb2_grpc.StorageServiceStub(self.channel)
         self.metadata = tuple(metadata)
 
     @classmethod
-    def basic(cls, address: str, username: str, password: str) -> StorageClient:
-        return cls(address, basic_metadata(username, password))
+    def basic(
+        cls, address: str, username: str, password: str, channel: grpc.Channel | None = None
+    ) -> StorageClient:
+        return cls(address, basic_metadata(username, password), channel)
 
     @classmethod
-    def bearer(cls, address: str, token: str) -> StorageClient:
-        return cls(address, bearer_metadata(token))
+    def bearer(cls, address: str, token: str, channel: grpc.Channel | None = None) -> StorageClient:
+        return cls(address, bearer_metadata(token), channel)
 
     def close(self) -> None:
         self.channel.close()

@@ -4,6 +4,12 @@ its own RocksDB directory under the test's temporary folder.
 Every process is started with ``subprocess`` (never fork after gRPC exists), logs to a
 file next to its config, and is stopped by ``close()`` even when the test fails: first
 SIGTERM with a deadline, then SIGKILL.
+
+A node made without ``tls`` in its config runs in insecure mode (``replication.securePort:
+null``: plaintext everywhere) unless the test sets ``replication.securePort`` itself, in
+which case the node generates its certificates on its first start. ``channel``,
+``client``, ``admin`` and ``internal_client`` speak TLS to a port that serves it, trusting
+the node's CA; ``health`` probes the plaintext health ports.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.grpcserver import channel_options
+from services.common.node_tls import names_host
 from tests.harness.addresses import next_address
 from tests.harness.admin import AdminClient
 from tests.harness.client import StorageClient
@@ -33,6 +41,8 @@ MODULES = {
     "admin": "services.admin",
 }
 PASSWORD = "test-password"
+HEALTH_PORTS = {"storage": 9936, "replicator": 9937, "admin": 9935}
+HEALTH_KEYS = {"storage": "storagePort", "replicator": "replicatorPort", "admin": "adminPort"}
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -79,8 +89,16 @@ class Node:
 
     # -- configuration ---------------------------------------------------------------
 
+    def written_config(self) -> dict[str, Any]:
+        """The config as written: without ``tls`` and ``replication.securePort``, in
+        insecure mode (``securePort: null``)."""
+        config = copy.deepcopy(self.config)
+        if "tls" not in config:
+            config["replication"].setdefault("securePort", None)
+        return config
+
     def write_config(self) -> None:
-        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        self.config_path.write_text(yaml.safe_dump(self.written_config(), sort_keys=False))
 
     def update_config(self, extra: dict[str, Any]) -> None:
         self.config = deep_merge(self.config, extra)
@@ -127,8 +145,84 @@ class Node:
             return f"{self.host}:{port}"
         return f"{self.host}:{self.config.get('replication', {}).get('port', 9932)}"
 
+    # -- TLS ---------------------------------------------------------------------------
+
+    def _path(self, value: str) -> Path:
+        path = Path(value)
+        return path if path.is_absolute() else Path(self.config["rootPath"]) / path
+
+    @property
+    def keys_path(self) -> Path:
+        return Path(self.config["rootPath"]) / "keys"
+
+    def certificate_files(self) -> tuple[Path, Path] | None:
+        """(certificate, CA) of the node's TLS: the ``tls.*`` files, or the ones it
+        generates under keys/ (once started); None in insecure mode."""
+        tls = self.config.get("tls") or {}
+        if tls.get("certificate"):
+            certificate = self._path(tls["certificate"])
+            ca = tls.get("certificateAuthority")
+            return certificate, self._path(ca) if ca else certificate
+        if self.written_config()["replication"].get("securePort", 9933) is None:
+            return None
+        return self.keys_path / "node.crt", self.keys_path / "ca.crt"
+
+    def serves_tls(self, service: str) -> bool:
+        """Whether the main port of ``service`` serves TLS (the replicator's never does)."""
+        if self.certificate_files() is None or service == "replicator":
+            return False
+        if service == "storage":
+            return self.config.get("storage", {}).get("tls", True) is not False
+        return self.config.get("operationsApi", {}).get("tls", True) is not False
+
+    def ca_pem(self) -> bytes:
+        """The CA certificate(s) clients of this node trust."""
+        files = self.certificate_files()
+        assert files is not None, f"{self.name} runs without TLS"
+        return files[1].read_bytes()
+
+    def channel_args(
+        self, service: str
+    ) -> tuple[str, grpc.ChannelCredentials | None, list[tuple[str, Any]]]:
+        """(address, credentials or None for plaintext, options) of the main port of
+        ``service``: TLS trusting the node's CA when the port serves TLS, checking the
+        node's name when the dialed host is not in its certificate."""
+        address = self.address_of(service)
+        options = channel_options()
+        if not self.serves_tls(service):
+            return address, None, options
+        files = self.certificate_files()
+        assert files is not None
+        if not names_host(files[0].read_bytes(), self.host):
+            options.append(("grpc.ssl_target_name_override", self.name))
+        return address, grpc.ssl_channel_credentials(root_certificates=self.ca_pem()), options
+
+    def channel(self, service: str) -> grpc.Channel:
+        """A channel to the main port of ``service`` (see ``channel_args``)."""
+        address, credentials, options = self.channel_args(service)
+        if credentials is None:
+            return grpc.insecure_channel(address, options=options)
+        return grpc.secure_channel(address, credentials, options=options)
+
+    def aio_channel(self, service: str) -> grpc.aio.Channel:
+        """An asyncio channel to the main port of ``service`` (see ``channel_args``)."""
+        address, credentials, options = self.channel_args(service)
+        if credentials is None:
+            return grpc.aio.insecure_channel(address, options=options)
+        return grpc.aio.secure_channel(address, credentials, options=options)
+
+    def health_address(self, service: str) -> str:
+        port = self.config.get("health", {}).get(HEALTH_KEYS[service], HEALTH_PORTS[service])
+        return f"{self.host}:{port}"
+
     def health(self, service: str) -> bool:
-        with grpc.insecure_channel(self.address_of(service)) as channel:
+        """Whether ``service`` reports SERVING: on its health port, or on its main port
+        when the node has no health ports."""
+        if self.config.get("health", {}).get("enabled", True) is not False:
+            channel = grpc.insecure_channel(self.health_address(service))
+        else:
+            channel = self.channel(service)
+        with channel:
             stub: Any = health_pb2_grpc.HealthStub(channel)
             reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
             return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
@@ -193,17 +287,21 @@ class Node:
         return (Path(self.config["rootPath"]) / "keys" / "node.secret").read_text().strip()
 
     def client(self, username: str = "admin", password: str = PASSWORD) -> StorageClient:
-        client = StorageClient.basic(self.storage_address, username, password)
+        client = StorageClient.basic(
+            self.storage_address, username, password, self.channel("storage")
+        )
         self._clients.append(client)
         return client
 
     def admin(self, username: str = "admin", password: str = PASSWORD) -> AdminClient:
-        client = AdminClient(self.address_of("admin"), username, password)
+        client = AdminClient(self.address_of("admin"), username, password, self.channel("admin"))
         self._clients.append(client)
         return client
 
     def internal_client(self) -> StorageClient:
-        client = StorageClient.bearer(self.storage_address, self.node_secret())
+        client = StorageClient.bearer(
+            self.storage_address, self.node_secret(), self.channel("storage")
+        )
         self._clients.append(client)
         return client
 

@@ -56,8 +56,11 @@ def test_local_cluster_configs_use_tls_with_certificates_of_one_ca(tmp_path: Pat
 
 def test_insecure_local_cluster_has_no_tls(tmp_path: Path) -> None:
     [path] = local_cluster_configs(tmp_path, 1, tls=False)
-    assert "tls" not in yaml.safe_load(path.read_text())
-    assert load_config(path).tls.certificate is None
+    written = yaml.safe_load(path.read_text())
+    assert "tls" not in written
+    assert written["replication"]["securePort"] is None  # insecure mode: nothing generated
+    config = load_config(path)
+    assert config.tls.certificate is None and config.replication.secure_port is None
     assert not (tmp_path / "ca").exists()
 
 

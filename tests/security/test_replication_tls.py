@@ -59,8 +59,9 @@ def _tls_node(
 def _hello(
     node: Node, name: str, trust: bytes, key: bytes | None = None, cert: bytes | None = None
 ) -> rpb.PeerMessage | grpc.RpcError:
-    """Dial ``node``'s secure port presenting ``cert`` and say Hello as ``name``: the first
-    message it answers, or the RPC error when TLS refuses the connection."""
+    """Dial ``node``'s secure port presenting ``cert`` and say Hello as ``name``, joining
+    as a Shoal dialer does (``node`` does not know ``name``): the first message it
+    answers, or the RPC error when TLS refuses the connection."""
     credentials = grpc.ssl_channel_credentials(
         root_certificates=trust, private_key=key, certificate_chain=cert
     )
@@ -72,6 +73,7 @@ def _hello(
         all_databases=True,
         sends=True,
         receives=True,
+        join=rpb.Join(),
     )
     with grpc.secure_channel(f"{node.host}:{SECURE_PORT}", credentials) as channel:
         stub = replicator_pb2_grpc.ReplicatorServiceStub(channel)

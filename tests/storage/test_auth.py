@@ -140,7 +140,7 @@ def test_internal_rpcs_are_denied_to_users(node: Node, client: StorageClient) ->
 
 
 def test_health_and_reflection_need_no_credentials(node: Node) -> None:
-    with grpc.insecure_channel(node.storage_address) as channel:
+    with node.channel("storage") as channel:
         health: Any = health_pb2_grpc.HealthStub(channel)
         for service in ["", "shoal.storage.v1.StorageService"]:
             reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)

@@ -60,7 +60,10 @@ class _GoodbyeCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GoodbyeCo
     GOODBYE_CODE_DUPLICATE: _GoodbyeCode.ValueType  # 5
     """Another connection between the same two nodes wins the tie-break."""
     GOODBYE_CODE_UNAUTHORIZED: _GoodbyeCode.ValueType  # 6
-    """The peer is not allowed to replicate with this node."""
+    """The peer is not allowed to replicate with this node: an unknown identity (not a
+    route, not a member, no join), an unknown source address on the plain port, or a
+    certificate that does not name it or is revoked.
+    """
     GOODBYE_CODE_STORAGE_UNAVAILABLE: _GoodbyeCode.ValueType  # 7
     """The node's storage is unavailable."""
     GOODBYE_CODE_PROTOCOL_ERROR: _GoodbyeCode.ValueType  # 8
@@ -84,7 +87,10 @@ GOODBYE_CODE_SELF_CONNECTION: GoodbyeCode.ValueType  # 4
 GOODBYE_CODE_DUPLICATE: GoodbyeCode.ValueType  # 5
 """Another connection between the same two nodes wins the tie-break."""
 GOODBYE_CODE_UNAUTHORIZED: GoodbyeCode.ValueType  # 6
-"""The peer is not allowed to replicate with this node."""
+"""The peer is not allowed to replicate with this node: an unknown identity (not a
+route, not a member, no join), an unknown source address on the plain port, or a
+certificate that does not name it or is revoked.
+"""
 GOODBYE_CODE_STORAGE_UNAVAILABLE: GoodbyeCode.ValueType  # 7
 """The node's storage is unavailable."""
 GOODBYE_CODE_PROTOCOL_ERROR: GoodbyeCode.ValueType  # 8
@@ -393,6 +399,7 @@ class Hello(_message.Message):
     SENDS_FIELD_NUMBER: _builtins.int
     RECEIVES_FIELD_NUMBER: _builtins.int
     NODE_TIME_FIELD_NUMBER: _builtins.int
+    JOIN_FIELD_NUMBER: _builtins.int
     protocol_min: _builtins.int
     """Lowest protocol version the sender speaks."""
     protocol_max: _builtins.int
@@ -419,6 +426,14 @@ class Hello(_message.Message):
     def known_databases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Databases the sender currently holds (a receiver copies those it never synced)."""
 
+    @_builtins.property
+    def join(self) -> Global___Join:
+        """Dialer only: set when the dialer dials because its own configured routes or its
+        system.hdb_nodes list the listener. It asks to be admitted even if the listener does
+        not know it yet (an add_node on one member reaches the others only once the new node
+        connects). Listeners ignore it in their reply.
+        """
+
     def __init__(
         self,
         *,
@@ -433,14 +448,52 @@ class Hello(_message.Message):
         sends: _builtins.bool = ...,
         receives: _builtins.bool = ...,
         node_time: _builtins.int = ...,
+        join: Global___Join | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["join", b"join"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_databases", b"all_databases", "databases", b"databases", "expected_name", b"expected_name", "known_databases", b"known_databases", "node_name", b"node_name", "node_time", b"node_time", "protocol_max", b"protocol_max", "protocol_min", b"protocol_min", "protocol_version", b"protocol_version", "receives", b"receives", "sends", b"sends"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_databases", b"all_databases", "databases", b"databases", "expected_name", b"expected_name", "join", b"join", "known_databases", b"known_databases", "node_name", b"node_name", "node_time", b"node_time", "protocol_max", b"protocol_max", "protocol_min", b"protocol_min", "protocol_version", b"protocol_version", "receives", b"receives", "sends", b"sends"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Hello: _TypeAlias = Hello  # noqa: Y015
+
+@_typing.final
+class Join(_message.Message):
+    """A dialer introducing itself to a listener that may not know it yet.
+
+    The listener admits a dialer that is one of its configured routes or a live member of
+    its system.hdb_nodes whether or not it joins. A dialer it does not know is admitted
+    only with a join, and only when its credential is good:
+      - on the mutual-TLS port, a certificate from a trusted certificate authority that
+        names the dialer (the CA vouches for the name, as it does for every peer);
+      - on the plain port, a source address that is known (see Replicate).
+    A removed node (a tombstone in system.hdb_nodes) is refused with REMOVED, join or not:
+    only a member's add_node brings it back. An admitted dialer the listener did not know is
+    recorded in the listener's system.hdb_nodes (name and url, merged, only when it has no
+    row), which replicates, so every member learns of it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    """How peers reach the dialer: its replication.url, else derived from its hostname and
+    ports (`shoals://host:9933`, `ws://host:9932`). Its host must be the dialer's
+    node_name; otherwise the listener refuses with PROTOCOL_ERROR.
+    """
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Join: _TypeAlias = Join  # noqa: Y015
 
 @_typing.final
 class Goodbye(_message.Message):

@@ -58,10 +58,16 @@ class ReplicatorServiceStub:
     overlap (code PROTOCOL), the dialer dialed a different name than the listener's
     (NAME_MISMATCH), the dialer is the listener itself (SELF_CONNECTION), a connection
     with that peer already exists and wins the tie-break (DUPLICATE: the connection
-    dialed by the node with the smaller name is kept), or the peer's certificate does
-    not name the node it claims to be (UNAUTHORIZED). Errors as gRPC status:
-    UNAUTHENTICATED when the transport identity is missing, INVALID_ARGUMENT when the
-    first message is not a Hello.
+    dialed by the node with the smaller name is kept), the dialer was removed from the
+    cluster (REMOVED), or the dialer may not replicate with this node (UNAUTHORIZED):
+      - on the plain port, its source address is not an address of a configured route,
+        of a member (system.hdb_nodes) or of this node (the reason names the address);
+      - on the mutual-TLS port, its certificate does not name the node it claims to be,
+        or is revoked (routes' revokedCertificates, hdb_nodes' revoked_certificates, CRLs);
+      - its node name is neither a configured route nor a live member of system.hdb_nodes
+        and its Hello carries no `join` (see Join for when a join is admitted).
+    Errors as gRPC status: UNAUTHENTICATED when the transport identity is missing,
+    INVALID_ARGUMENT when the first message is not a Hello.
     """
     Status: _grpc.UnaryUnaryMultiCallable[_replicator_pb2.StatusRequest, _replicator_pb2.StatusResponse]
     """Replication status per connection and database (what cluster_status shows). Needs the
@@ -88,10 +94,16 @@ class ReplicatorServiceAsyncStub(ReplicatorServiceStub):
     overlap (code PROTOCOL), the dialer dialed a different name than the listener's
     (NAME_MISMATCH), the dialer is the listener itself (SELF_CONNECTION), a connection
     with that peer already exists and wins the tie-break (DUPLICATE: the connection
-    dialed by the node with the smaller name is kept), or the peer's certificate does
-    not name the node it claims to be (UNAUTHORIZED). Errors as gRPC status:
-    UNAUTHENTICATED when the transport identity is missing, INVALID_ARGUMENT when the
-    first message is not a Hello.
+    dialed by the node with the smaller name is kept), the dialer was removed from the
+    cluster (REMOVED), or the dialer may not replicate with this node (UNAUTHORIZED):
+      - on the plain port, its source address is not an address of a configured route,
+        of a member (system.hdb_nodes) or of this node (the reason names the address);
+      - on the mutual-TLS port, its certificate does not name the node it claims to be,
+        or is revoked (routes' revokedCertificates, hdb_nodes' revoked_certificates, CRLs);
+      - its node name is neither a configured route nor a live member of system.hdb_nodes
+        and its Hello carries no `join` (see Join for when a join is admitted).
+    Errors as gRPC status: UNAUTHENTICATED when the transport identity is missing,
+    INVALID_ARGUMENT when the first message is not a Hello.
     """
     Status: _aio.UnaryUnaryMultiCallable[_replicator_pb2.StatusRequest, _replicator_pb2.StatusResponse]  # type: ignore[assignment]
     """Replication status per connection and database (what cluster_status shows). Needs the
@@ -121,10 +133,16 @@ class ReplicatorServiceServicer(metaclass=_abc_1.ABCMeta):
         overlap (code PROTOCOL), the dialer dialed a different name than the listener's
         (NAME_MISMATCH), the dialer is the listener itself (SELF_CONNECTION), a connection
         with that peer already exists and wins the tie-break (DUPLICATE: the connection
-        dialed by the node with the smaller name is kept), or the peer's certificate does
-        not name the node it claims to be (UNAUTHORIZED). Errors as gRPC status:
-        UNAUTHENTICATED when the transport identity is missing, INVALID_ARGUMENT when the
-        first message is not a Hello.
+        dialed by the node with the smaller name is kept), the dialer was removed from the
+        cluster (REMOVED), or the dialer may not replicate with this node (UNAUTHORIZED):
+          - on the plain port, its source address is not an address of a configured route,
+            of a member (system.hdb_nodes) or of this node (the reason names the address);
+          - on the mutual-TLS port, its certificate does not name the node it claims to be,
+            or is revoked (routes' revokedCertificates, hdb_nodes' revoked_certificates, CRLs);
+          - its node name is neither a configured route nor a live member of system.hdb_nodes
+            and its Hello carries no `join` (see Join for when a join is admitted).
+        Errors as gRPC status: UNAUTHENTICATED when the transport identity is missing,
+        INVALID_ARGUMENT when the first message is not a Hello.
         """
 
     @_abc_1.abstractmethod

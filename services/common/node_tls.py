@@ -1,0 +1,106 @@
+"""A node's TLS as its processes see it at start: the files in use (``tls.*``, or the CA and
+certificate the node generated on its first start), which of its client ports serve TLS,
+and the channels between its own processes.
+
+A client port (storage, admin) serves TLS with the node's certificate when the node has
+TLS material, unless ``storage.tls`` / ``operationsApi.tls`` is false. A process dialing
+another process of its node verifies the node's own certificate against the node's CA.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from cryptography import x509
+
+from services.common import certs
+from services.common.config import ShoalConfig
+from services.common.errors import FailedPrecondition
+from services.common.grpcserver import channel_options
+from services.common.tls import TlsMaterial, load_tls, verifying_channel_credentials, with_tls_files
+
+CLIENT_PORTS = ("storage", "admin")
+
+
+def names_host(certificate_pem: bytes, host: str) -> bool:
+    """True when the certificate (the first of a chain) has ``host`` among its subject
+    alternative names as gRPC checks it: an IP SAN for an address, a DNS SAN for a name."""
+    first = x509.load_pem_x509_certificates(certificate_pem)[0]
+    sans = certs.details(first).subject_alternative_names
+    try:
+        return f"IP:{ipaddress.ip_address(host)}" in sans
+    except ValueError:
+        return f"dns:{host.lower()}" in {name.lower() for name in sans}
+
+
+def _host_of(address: str) -> str:
+    host = address.rsplit(":", 1)[0]
+    return host[1:-1] if host.startswith("[") else host
+
+
+@dataclass(frozen=True)
+class NodeTls:
+    """The node's configuration with ``tls.*`` naming the files in use, and their
+    contents (None in insecure mode: ``replication.securePort: null`` and no ``tls.*``)."""
+
+    config: ShoalConfig
+    material: TlsMaterial | None
+
+    def serves_tls(self, service: str) -> bool:
+        """Whether the port of ``service`` (``storage`` or ``admin``) serves TLS."""
+        if service not in CLIENT_PORTS:
+            raise ValueError(f"{service!r} is not a client port ({', '.join(CLIENT_PORTS)})")
+        if self.material is None:
+            return False
+        if service == "storage":
+            return self.config.storage.tls
+        return self.config.operations_api.tls
+
+    def server_material(self, service: str) -> TlsMaterial | None:
+        """What the port of ``service`` serves TLS with; None when it is plaintext."""
+        return self.material if self.serves_tls(service) else None
+
+    def target_name_override(self, address: str) -> str | None:
+        """The name to check the node's certificate against when dialing ``address``, or
+        None to check the dialed host itself.
+
+        A node's processes dial each other on ``host`` (``127.0.0.1`` when the node listens
+        on every address), while its certificate names the node as peers know it
+        (``replication.hostname``). When the dialed host is not in the certificate, the
+        check is made against the node's name instead: the server must still present a
+        certificate signed by the node's CA that names this node.
+        """
+        if self.material is None or names_host(self.material.certificate, _host_of(address)):
+            return None
+        return self.config.node_name
+
+    def channel(self, service: str, max_message_bytes: int) -> grpc.aio.Channel:
+        """An asyncio channel to this node's ``storage`` or ``admin`` port."""
+        config = self.config
+        port = config.storage.port if service == "storage" else config.operations_api.port
+        address = config.local_address(port)
+        options: list[tuple[str, Any]] = channel_options(max_message_bytes)
+        if self.material is None or not self.serves_tls(service):
+            return grpc.aio.insecure_channel(address, options=options)
+        override = self.target_name_override(address)
+        if override is not None:
+            options.append(("grpc.ssl_target_name_override", override))
+        credentials = verifying_channel_credentials(self.material.certificate_authority)
+        return grpc.aio.secure_channel(address, credentials, options=options)
+
+
+def prepare(config: ShoalConfig) -> NodeTls:
+    """The node's TLS, generating its CA and certificate on its first start when it has no
+    ``tls.*`` (every process of a node calls this at start; it is safe at once). Files
+    that cannot be read or used raise FailedPrecondition saying which and why."""
+    try:
+        effective = with_tls_files(config)
+        material = load_tls(effective)
+        if material is not None:
+            x509.load_pem_x509_certificates(material.certificate)
+    except (OSError, ValueError) as exc:
+        raise FailedPrecondition(f"cannot use this node's TLS files (tls.*): {exc}") from exc
+    return NodeTls(effective, material)

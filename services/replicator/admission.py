@@ -1,0 +1,205 @@
+"""Who may replicate with this node: the admission policy of an incoming Replicate stream.
+
+Checked by the listener after the Hello, on both replication ports:
+
+* **Known source address (plain port only).** Without TLS nothing vouches for a name, so
+  the connection's source address must be an address of a known host: the hosts of the
+  configured routes and of the live rows of ``system.hdb_nodes`` (resolved with the
+  system resolver, cached for ``RESOLVE_TTL_S``), this node's own ``hostname`` and
+  ``host``, and the addresses of this machine's interfaces. The last are there because
+  nodes on one machine cannot be told apart by address: every dial to 127.0.0.x leaves
+  from 127.0.0.1. So the plain port trusts processes on its own machine (and network
+  namespace), which is one more reason it is for development and private networks.
+* **Known identity.** The dialer's node name (on the TLS port, already one of its
+  certificate's names) must be a configured route or a live member (a row of
+  ``system.hdb_nodes``).
+* **Join.** A dialer the listener does not know is admitted when its Hello carries a
+  ``join``: Shoal dials only peers its own routes or membership list, so ``add_node`` run
+  on one member reaches the others this way. The credential is the transport's: a
+  certificate from a trusted CA naming the dialer (TLS port), or a known source address
+  (plain port). The listener then records the dialer in its ``system.hdb_nodes``.
+
+A removed node (a tombstone) is refused before this, join or not (replicator.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import time
+import urllib.parse
+from collections.abc import Collection, Iterable
+
+import psutil
+from shoal.replicator.v1 import replicator_pb2 as rpb
+
+from services.common import members
+from services.common.config import ConfigError
+from services.replicator.handshake import Refused
+
+log = logging.getLogger("shoal.replicator")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+RESOLVE_TTL_S = 30.0  # how long a resolved host (or this machine's addresses) is trusted
+FAILED_TTL_S = 5.0  # how long a host that did not resolve stays unresolved
+RESOLVE_TIMEOUT_S = 2.0  # one resolution, at most
+REFRESH_AFTER_S = 1.0  # an unknown source re-resolves entries older than this, once
+
+
+def source_address(peer: str) -> IPAddress | None:
+    """The IP address of a gRPC peer string (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``)."""
+    kind, _, rest = urllib.parse.unquote(peer).partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return None
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _literal(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+def _machine_addresses() -> frozenset[IPAddress]:
+    """Addresses assigned to this machine's interfaces (in its network namespace)."""
+    found: set[IPAddress] = set()
+    for addresses in psutil.net_if_addrs().values():
+        for entry in addresses:
+            if entry.family in (socket.AF_INET, socket.AF_INET6):
+                address = _literal(entry.address.split("%", 1)[0])
+                if address is not None:
+                    found.add(address)
+    return frozenset(found)
+
+
+class KnownAddresses:
+    """Resolves host names to addresses, with a cache and a deadline per resolution."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[float, frozenset[IPAddress]]] = {}
+        self._machine: tuple[float, frozenset[IPAddress]] = (0.0, frozenset())
+
+    def machine(self, max_age_s: float = RESOLVE_TTL_S) -> frozenset[IPAddress]:
+        at, addresses = self._machine
+        if time.monotonic() - at > max_age_s:
+            try:
+                addresses = _machine_addresses()
+            except OSError as exc:
+                log.warning("cannot list this machine's addresses: %s", exc)
+            self._machine = (time.monotonic(), addresses)
+        return self._machine[1]
+
+    async def resolve(self, host: str, max_age_s: float = RESOLVE_TTL_S) -> frozenset[IPAddress]:
+        literal = _literal(host)
+        if literal is not None:
+            return frozenset({literal})
+        cached = self._cache.get(host)
+        if cached is not None and time.monotonic() - cached[0] <= max_age_s:
+            return cached[1]
+        addresses: frozenset[IPAddress] = frozenset()
+        try:
+            infos = await asyncio.wait_for(
+                asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM),
+                timeout=RESOLVE_TIMEOUT_S,
+            )
+            addresses = frozenset(
+                a for a in (_literal(str(info[4][0]).split("%", 1)[0]) for info in infos) if a
+            )
+        except (OSError, TimeoutError) as exc:
+            log.debug("cannot resolve %s: %s", host, exc)
+        # A failure is remembered for a short while only: DNS may come back.
+        stamp = time.monotonic() - (0 if addresses else RESOLVE_TTL_S - FAILED_TTL_S)
+        self._cache[host] = (stamp, addresses)
+        for stale in [h for h, (at, _) in self._cache.items() if time.monotonic() - at > 600]:
+            del self._cache[stale]
+        return addresses
+
+    async def of(
+        self, peers: Collection[str], own: Iterable[str], max_age_s: float = RESOLVE_TTL_S
+    ) -> frozenset[IPAddress]:
+        """Every address a known peer may dial from (see the module comment)."""
+        peer_addresses = await self._all(peers, max_age_s)
+        own_addresses = await self._all(own, max_age_s)
+        return peer_addresses | own_addresses | self.machine(max_age_s)
+
+    async def _all(self, hosts: Iterable[str], max_age_s: float) -> frozenset[IPAddress]:
+        resolved = await asyncio.gather(*(self.resolve(h, max_age_s) for h in set(hosts)))
+        return frozenset().union(*resolved)
+
+
+class Admission:
+    """The admission checks of one node (see the module comment)."""
+
+    def __init__(self, name: str, own_hosts: Iterable[str]) -> None:
+        self.name = name
+        self.own_hosts = tuple(h for h in own_hosts if h and h not in ("0.0.0.0", "::"))
+        self.addresses = KnownAddresses()
+
+    async def check_address(self, peer: str, claimed: str, known_hosts: Collection[str]) -> None:
+        """Plain port: Refused (UNAUTHORIZED, naming the address) unless ``peer``'s source
+        address belongs to a known host."""
+        source = source_address(peer)
+        if source is not None:
+            hosts = [h for h in known_hosts if h != self.name]
+            known = await self.addresses.of(hosts, self.own_hosts)
+            if source not in known:
+                # Maybe a host moved: resolve again what is older than a second, once.
+                known = await self.addresses.of(hosts, self.own_hosts, REFRESH_AFTER_S)
+            if source in known:
+                return
+        shown = str(source) if source is not None else peer
+        who = f" (saying it is {claimed})" if claimed else ""
+        raise Refused(
+            rpb.GOODBYE_CODE_UNAUTHORIZED,
+            f"refusing the plain-port connection from {shown}{who}: {shown} is not an address"
+            f" of a route or member of {self.name} (replication.routes, system.hdb_nodes);"
+            " without TLS only known addresses may replicate. Add the node with add_node"
+            " (or a route) by a name that resolves to this address, or use mutual TLS",
+        )
+
+    def check_identity(self, hello: rpb.Hello, known: Collection[str], secure: bool) -> bool:
+        """Refused unless the dialer is a route or a member, or joins; True when it joined
+        without being known (the caller records it in system.hdb_nodes)."""
+        name = hello.node_name
+        if name in known:
+            return False
+        if not hello.HasField("join"):
+            raise Refused(
+                rpb.GOODBYE_CODE_UNAUTHORIZED,
+                f"{name} is not a member of this cluster: {self.name} has no route to it"
+                " and no row for it in system.hdb_nodes; add it with add_node on any member"
+                f' ({{"operation": "add_node", "hostname": "{name}"}}) or list it in'
+                " replication.routes",
+            )
+        url = hello.join.url
+        if url:
+            try:
+                members.to_route({members.PRIMARY_KEY: name, "url": url}, self.name)
+            except ConfigError as exc:
+                raise Refused(
+                    rpb.GOODBYE_CODE_PROTOCOL_ERROR,
+                    f"the join of {name} carries an unusable url {url!r}: "
+                    + "; ".join(exc.problems),
+                ) from exc
+        credential = "a certificate from a trusted CA naming it" if secure else "a known address"
+        log.info("admitting %s, which joins with %s", name, credential)
+        return True
+
+
+def joined_row(hello: rpb.Hello) -> dict[str, str]:
+    """The hdb_nodes attributes a listener writes for a dialer that joined."""
+    row = {members.PRIMARY_KEY: hello.node_name}
+    if hello.join.url:
+        row["url"] = hello.join.url
+    return row
