@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -82,6 +83,8 @@ class Inbound:
         self.queue: asyncio.Queue[rpb.PeerMessage] = asyncio.Queue(maxsize=QUEUE_SIZE)
         self.generation = 0
         self.resubscribe = asyncio.Event()
+        self._appeared: set[str] = set()  # the peer's new databases, to check
+        self._checking: asyncio.Task[None] | None = None
         self._held: rpb.PeerMessage | None = None
         self.excluded: list[str] = []
         self._copy_id = 0
@@ -252,6 +255,36 @@ class Inbound:
         return None
 
     # -- copies ----------------------------------------------------------------------------
+
+    def on_peer_databases(self, names: Sequence[str]) -> None:
+        """A heartbeat listed the peer's databases. One it did not have at the Hello (it
+        got it by a copy, or created it since) is copied from it unless its log reaches
+        this node first (checked after two heartbeat intervals)."""
+        session = self.session
+        known = session.theirs.known_databases
+        new = [n for n in names if n not in known]
+        if not new:
+            return
+        known.extend(new)
+        if not session.flows.receives:
+            return
+        self._appeared.update(n for n in new if session.flows.covers(n))
+        if self._appeared and (self._checking is None or self._checking.done()):
+            self._checking = session.spawn(self._check_appeared(), "new-databases")
+
+    async def _check_appeared(self) -> None:
+        await asyncio.sleep(2 * self.session.config.heartbeat_interval_s)
+        positions = await self.session.storage.positions()
+        synced = {p.database for p in positions.positions}
+        unsynced = sorted(self._appeared - synced)
+        self._appeared.clear()
+        if unsynced:
+            log.info(
+                "%s has %s, which no log brought here: copying",
+                self.session.peer,
+                ", ".join(unsynced),
+            )
+            self.resubscribe.set()
 
     def _flow_databases(self) -> list[str]:
         flows = self.session.flows

@@ -102,6 +102,8 @@ class Replicator:
         self.admission = Admission(self.name, (config.replication.hostname, config.host))
         self.watcher = MembershipWatcher(config, storage, tls is not None, self.set_membership)
         self._watch_task: asyncio.Task[None] | None = None
+        # This node's databases as last read from storage, sent in every heartbeat.
+        self.known_databases: list[str] = []
 
     # -- life ------------------------------------------------------------------------------
 
@@ -109,6 +111,18 @@ class Replicator:
         for route in self.routes.values():
             self._start_dialing(route)
         self._watch_task = asyncio.create_task(self.watcher.run(), name="membership")
+        task = asyncio.create_task(self._watch_databases(), name="databases")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _watch_databases(self) -> None:
+        """Keep ``known_databases`` fresh (read once per heartbeat interval)."""
+        while True:
+            try:
+                self.known_databases = await self.storage.databases()
+            except StorageUnavailable as exc:
+                log.debug("cannot list this node's databases: %s", exc)
+            await asyncio.sleep(self.config.replication.heartbeat_interval_s)
 
     def _start_dialing(self, route: Route) -> None:
         self._dialers[route.hostname] = asyncio.create_task(
@@ -228,11 +242,15 @@ class Replicator:
             expected_name=expected_name,
             all_databases=databases is None,
             databases=databases or (),
-            known_databases=await self.storage.databases(),
+            known_databases=await self._databases(),
             sends=sends,
             receives=receives,
             join=rpb.Join(url=self.watcher.url) if join else None,
         )
+
+    async def _databases(self) -> list[str]:
+        self.known_databases = await self.storage.databases()
+        return self.known_databases
 
     def replicated_databases(self) -> tuple[str, ...] | None:
         """``replication.databases`` (None: every database); `system` always replicates."""

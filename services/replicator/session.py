@@ -259,6 +259,8 @@ class Session:
     async def _dispatch(self, message: rpb.PeerMessage) -> None:
         kind = message.WhichOneof("body")
         if kind == "heartbeat":
+            if message.heartbeat.known_databases:
+                self.inbound.on_peer_databases(message.heartbeat.known_databases)
             await self.send(
                 rpb.PeerMessage(heartbeat_reply=rpb.HeartbeatReply(id=message.heartbeat.id))
             )
@@ -301,6 +303,11 @@ class Session:
             # Never block here: a peer that stopped reading must still be detected.
             with contextlib.suppress(asyncio.QueueFull):
                 self.out.put_nowait(
-                    rpb.PeerMessage(heartbeat=rpb.Heartbeat(id=self._next_heartbeat))
+                    rpb.PeerMessage(
+                        heartbeat=rpb.Heartbeat(
+                            id=self._next_heartbeat,
+                            known_databases=self.replicator.known_databases,
+                        )
+                    )
                 )
             self.state.back_pressure_percent = self.outbound.window.used_percent

@@ -181,6 +181,18 @@ def logged_origins(engine: Engine, database: str) -> list[str]:
     return origins
 
 
+def _truncated(
+    engine: Engine, database: str, origin: str, position: int, horizon: int
+) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"the log of {database!r} on {engine.node_name} no longer holds"
+        f" transactions of {origin} after {format_version(position)} (retained"
+        f" from {format_version(horizon)}); a copy is needed",
+        reason="LOG_TRUNCATED",
+        metadata={"database": database, "origin": origin, "horizon": str(horizon)},
+    )
+
+
 def start_time(engine: Engine, spec: SubscribeSpec) -> int:
     """The local time to start scanning from, or FAILED_PRECONDITION if truncated."""
     databases = spec.databases if spec.databases is not None else set(engine.catalog.databases)
@@ -196,13 +208,7 @@ def start_time(engine: Engine, spec: SubscribeSpec) -> int:
             horizon = engine.horizons.get((database, origin), 0)
             checked = asked is not None or spec.default_version == 0
             if checked and position < horizon:
-                raise FailedPrecondition(
-                    f"the log of {database!r} on {engine.node_name} no longer holds"
-                    f" transactions of {origin} after {format_version(position)} (retained"
-                    f" from {format_version(horizon)}); a copy is needed",
-                    reason="LOG_TRUNCATED",
-                    metadata={"database": database, "origin": origin, "horizon": str(horizon)},
-                )
+                raise _truncated(engine, database, origin, position, horizon)
             prefix = database.encode() + b"\x00" + origin.encode() + b"\x00"
             for _, value in engine.store.scan(
                 "logidx", prefix + keys.u64(position + 1), keys.prefix_end(prefix)
@@ -261,6 +267,13 @@ async def subscribe(
             pkey = (txn.database, txn.origin)
             if txn.version <= positions.get(pkey, spec.default_version):
                 continue
+            if pkey not in positions and spec.default_version == 0:
+                # First of its origin in this stream and the subscriber holds nothing of
+                # it: when this node's history of it starts later (a copy arrived after
+                # the subscription began) the subscriber needs a copy, not this tail.
+                horizon = engine.horizons.get(pkey, 0)
+                if horizon > 0:
+                    raise _truncated(engine, txn.database, txn.origin, 0, horizon)
             positions[pkey] = txn.version
             if _filter(engine, txn, spec):
                 yield txn

@@ -6,11 +6,14 @@ import threading
 
 import pytest
 
-from tests.conftest import MakeCluster
-from tests.harness.cluster import line, mesh, star
+from tests.conftest import MakeCluster, MakeNode
+from tests.harness.cluster import FAST_REPLICATION, Cluster, line, mesh, star
 from tests.harness.node import Node
+from tests.harness.wait import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
+
+ALL = ("storage", "replicator", "admin")
 
 
 def _write(client_index: int, cluster_nodes: list[Node], records: int) -> None:
@@ -57,3 +60,37 @@ def test_concurrent_writers_converge(
         assert len(records) == 200 * size
         by_writer = node.client().by_value("app", "items", "writer", 0)
         assert len(by_writer) == 200
+
+
+@pytest.mark.parametrize("then_write", [False, True], ids=["quiet", "then-write"])
+def test_a_database_copied_onto_a_node_is_passed_on(make_node: MakeNode, then_write: bool) -> None:
+    """B gets `dev` from A by a copy, which no log carries; C, connected only to B, learns
+    of it from B's heartbeats and copies it from B, with no further write anywhere. When
+    A writes to it right after the copy, B's log brings C that write first: B then answers
+    that its history of `dev` starts later (LOG_TRUNCATED), and C copies the rest."""
+    alone = {"replication": {**FAST_REPLICATION, "gossip": False}}
+    a = make_node(services=ALL, config=alone)
+    a.client().create_table("dev", "dog")
+    a.client().insert("dev", "dog", [{"id": i, "name": f"dog {i}"} for i in range(50)])
+    c = make_node(services=("storage", "replicator"), config=alone)
+    b = make_node(
+        services=ALL,
+        config={"replication": {**FAST_REPLICATION, "gossip": False, "routes": [c.name]}},
+    )
+    wait_for(lambda: _connected(b, c.name), 30, "b to connect to c")
+    b.admin().ok({"operation": "cluster_set_routes", "routes": [c.name, a.name]})
+    wait_for(lambda: Cluster.digest(b, ["dev"]) == Cluster.digest(a, ["dev"]), 30, "b to copy dev")
+    if then_write:
+        a.client().insert("dev", "dog", [{"id": 50, "name": "late"}])
+    wait_for(
+        lambda: Cluster.digest(c, ["dev"]) == Cluster.digest(a, ["dev"]),
+        30,
+        "c to get dev from b",
+    )
+    assert len(c.client().all_records("dev", "dog")) == (51 if then_write else 50)
+    assert not _connected(c, a.name)
+
+
+def _connected(node: Node, peer: str) -> bool:
+    connection = node.connection(peer)
+    return connection is not None and bool(connection.connected)

@@ -806,16 +806,26 @@ class Heartbeat(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
+    KNOWN_DATABASES_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Echoed in the reply."""
+    @_builtins.property
+    def known_databases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The sender's databases (as in Hello.known_databases), refreshed about once per
+        heartbeat interval; empty when the sender could not read them yet (ignored). A
+        receiver learns here of databases the sender got after the Hello, in particular by a
+        copy, which no log brings: it copies them unless their log reaches it first.
+        """
+
     def __init__(
         self,
         *,
         id: _builtins.int = ...,
+        known_databases: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "known_databases", b"known_databases"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
