@@ -21,7 +21,6 @@ from shoal.storage.v1 import storage_pb2_grpc
 from services.common.auth import Identity, bearer_metadata, identity
 from services.common.config import ShoalConfig
 from services.common.errors import PermissionDenied, Unauthenticated, from_rpc_error
-from services.common.grpcserver import channel_options
 from services.common.node_tls import NodeTls
 
 T = TypeVar("T")
@@ -59,12 +58,9 @@ class AdminNode:
         config: ShoalConfig = node_tls.config
         self.config = config
         self.internal: Metadata = bearer_metadata(secret)
-        options = channel_options(config.storage.max_message_bytes)
         self._storage_channel = node_tls.channel("storage", config.storage.max_message_bytes)
-        # The replicator's main port (replication.port) is plaintext.
-        self._replicator_channel = grpc.aio.insecure_channel(
-            config.local_address(config.replication.port), options=options
-        )
+        # The replicator's mutual-TLS port, or its plain port in insecure mode.
+        self._replicator_channel = node_tls.replicator_channel(config.storage.max_message_bytes)
         self.storage = storage_pb2_grpc.StorageServiceStub(self._storage_channel)
         self.replicator = replicator_pb2_grpc.ReplicatorServiceStub(self._replicator_channel)
 

@@ -92,6 +92,28 @@ class NodeTls:
         return grpc.aio.secure_channel(address, credentials, options=options)
 
 
+    def replicator_channel(self, max_message_bytes: int) -> grpc.aio.Channel:
+        """An asyncio channel to this node's replicator: its mutual-TLS port
+        (``replication.securePort``) with the node's own certificate as the client's,
+        or the plain port (``replication.port``) in insecure mode."""
+        config = self.config
+        options: list[tuple[str, Any]] = channel_options(max_message_bytes)
+        secure_port = config.replication.secure_port
+        if self.material is None or secure_port is None:
+            address = config.local_address(config.replication.port)
+            return grpc.aio.insecure_channel(address, options=options)
+        address = config.local_address(secure_port)
+        override = self.target_name_override(address)
+        if override is not None:
+            options.append(("grpc.ssl_target_name_override", override))
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self.material.trusted,
+            private_key=self.material.private_key,
+            certificate_chain=self.material.certificate,
+        )
+        return grpc.aio.secure_channel(address, credentials, options=options)
+
+
 def prepare(config: ShoalConfig) -> NodeTls:
     """The node's TLS, generating its CA and certificate on its first start when it has no
     ``tls.*`` (every process of a node calls this at start; it is safe at once). Files
