@@ -110,12 +110,13 @@ def test_confirmed_writes_are_on_both_peers_when_acknowledged(make_cluster: Make
 
     # Harper's JSON operations, through the admin service.
     admin = a.admin()
-    for operation, fields, key, expected in [
+    cases: list[tuple[str, dict[str, Any], str, list[dict[str, Any]]]] = [
         ("insert", {"records": [{"id": "h1", "v": 1}]}, "h1", [{"id": "h1", "v": 1}]),
         ("update", {"records": [{"id": "h1", "v": 2}]}, "h1", [{"id": "h1", "v": 2}]),
         ("upsert", {"records": [{"id": "h2", "v": 3}]}, "h2", [{"id": "h2", "v": 3}]),
         ("delete", {"ids": ["h1"]}, "h1", []),
-    ]:
+    ]
+    for operation, fields, key, expected in cases:
         admin.ok(
             {
                 "operation": operation,
