@@ -82,6 +82,7 @@ deploy-lint: setup ## check deploy/: Dockerfile, compose file, rendered Kubernet
 bench: setup ## run the benchmarks (each prints `name value` lines)
 	$(BIN)/python bench/storage.py
 	$(BIN)/python bench/replication.py
+	$(BIN)/python bench/confirmation.py
 
 clean: ## remove the virtualenv, node_modules and local data
 	rm -rf $(VENV) node_modules $(NODE_CLIENT)/node_modules $(DATA) .mypy_cache .ruff_cache .pytest_cache .hypothesis

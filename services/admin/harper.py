@@ -11,6 +11,7 @@ the typed path would have returned.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,7 @@ from services.admin.backup import Backups
 from services.admin.backup_archive import ArchiveReader
 from services.admin.certificates import Certificates, NewCertificate
 from services.admin.cluster import Cluster
-from services.admin.node import AdminNode, Caller
+from services.admin.node import CALL_TIMEOUT_S, AdminNode, Caller
 from services.admin.nodes import (
     CERTIFICATE_EXCHANGE,
     Nodes,
@@ -44,6 +45,8 @@ from services.common.hlc import version_as_ms
 from services.common.routes import to_yaml
 
 Json = Any
+FORWARD_MARGIN_S = 0.25  # at most this much of an Execute deadline is kept to answer
+MAX_CONFIRMATION = 2**31 - 1  # the typed field is an int32
 Handler = Callable[["Execute", "Body"], Awaitable[Json]]
 
 _OPERATIONS_ENUM = {
@@ -115,6 +118,24 @@ class Body:
             raise InvalidArgument(f"{self.operation}: '{names[0]}' must be a non-negative number")
         return int(value)
 
+    def confirmation(self) -> int:
+        """``replicated_confirmation``: a whole number of peers, 0 (the default) or more."""
+        value = self._get(("replicated_confirmation",))
+        if value is None:
+            return 0
+        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not whole or value < 0:
+            raise InvalidArgument(
+                f"{self.operation}: 'replicated_confirmation' must be a whole number of peers"
+                f" (0 or more), not {orjson.dumps(value).decode()}"
+            )
+        if value > MAX_CONFIRMATION:
+            raise InvalidArgument(
+                f"{self.operation}: 'replicated_confirmation' {int(value)} is more peers than"
+                " any cluster has"
+            )
+        return int(value)
+
     def flag(self, *names: str, default: bool) -> bool:
         value = self._get(names)
         if value is None:
@@ -136,6 +157,11 @@ class Body:
         return ts
 
 
+def deadline_of(time_remaining: float | None) -> float | None:
+    """The monotonic time an Execute call must have answered by (None: no deadline)."""
+    return None if time_remaining is None else time.monotonic() + time_remaining
+
+
 @dataclass
 class Execute:
     """One Execute call: the node, the caller, and the cluster operations."""
@@ -145,11 +171,24 @@ class Execute:
     cluster: Cluster
     nodes: Nodes
     certificates: Certificates
+    deadline: float | None = None  # monotonic; the Execute call's own deadline
+
+    def _timeout(self) -> float:
+        """A storage call's timeout: the Execute call's time left, less a margin so that
+        storage's answer (e.g. a write confirmation's DEADLINE_EXCEEDED, which storage
+        gives shortly before its own deadline) comes back in time."""
+        if self.deadline is None:
+            return CALL_TIMEOUT_S
+        left = self.deadline - time.monotonic()
+        return max(0.01, min(CALL_TIMEOUT_S, left - min(FORWARD_MARGIN_S, left / 10)))
 
     async def storage(self, method: str, request: Any) -> Any:
         """A unary storage call with the caller's credentials (storage checks the role)."""
         return await self.node.call(
-            getattr(self.node.storage, method), request, self.caller.metadata
+            getattr(self.node.storage, method),
+            request,
+            self.caller.metadata,
+            deadline_s=self._timeout(),
         )
 
     async def storage_stream(self, method: str, request: Any) -> list[Any]:
@@ -202,7 +241,10 @@ async def insert(ex: Execute, body: Body) -> Json:
     reply = await ex.storage(
         "Insert",
         spb.InsertRequest(
-            database=body.database(), table=body.text("table"), records=_records(body)
+            database=body.database(),
+            table=body.text("table"),
+            records=_records(body),
+            replicated_confirmation=body.confirmation(),
         ),
     )
     total = len(reply.inserted_ids) + len(reply.skipped_ids)
@@ -217,7 +259,10 @@ async def update(ex: Execute, body: Body) -> Json:
     reply = await ex.storage(
         "Update",
         spb.UpdateRequest(
-            database=body.database(), table=body.text("table"), records=_records(body)
+            database=body.database(),
+            table=body.text("table"),
+            records=_records(body),
+            replicated_confirmation=body.confirmation(),
         ),
     )
     total = len(reply.updated_ids) + len(reply.skipped_ids)
@@ -232,7 +277,10 @@ async def upsert(ex: Execute, body: Body) -> Json:
     reply = await ex.storage(
         "Upsert",
         spb.UpsertRequest(
-            database=body.database(), table=body.text("table"), records=_records(body)
+            database=body.database(),
+            table=body.text("table"),
+            records=_records(body),
+            replicated_confirmation=body.confirmation(),
         ),
     )
     return {
@@ -244,7 +292,12 @@ async def upsert(ex: Execute, body: Body) -> Json:
 async def delete(ex: Execute, body: Body) -> Json:
     reply = await ex.storage(
         "Delete",
-        spb.DeleteRequest(database=body.database(), table=body.text("table"), ids=_ids(body)),
+        spb.DeleteRequest(
+            database=body.database(),
+            table=body.text("table"),
+            ids=_ids(body),
+            replicated_confirmation=body.confirmation(),
+        ),
     )
     total = len(reply.deleted_ids) + len(reply.skipped_ids)
     return {

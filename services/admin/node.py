@@ -74,10 +74,11 @@ class AdminNode:
         request: Any,
         metadata: Metadata,
         service: str = "storage",
+        deadline_s: float = CALL_TIMEOUT_S,
     ) -> T:
         """A unary call whose errors come back as the same ShoalError (code and message)."""
         try:
-            return await method(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
+            return await method(request, metadata=metadata, timeout=deadline_s)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, service) from exc
 

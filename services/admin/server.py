@@ -42,7 +42,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def Execute(self, request: apb.ExecuteRequest, context: Ctx) -> apb.ExecuteResponse:
         execute = harper.Execute(
-            self.node, self._caller(context), self.cluster, self.nodes, self.certificates
+            self.node,
+            self._caller(context),
+            self.cluster,
+            self.nodes,
+            self.certificates,
+            harper.deadline_of(context.time_remaining()),
         )
         result, code = await harper.run(execute, request.operation)
         return apb.ExecuteResponse(result=orjson.dumps(result), code=code)

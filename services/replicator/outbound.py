@@ -73,6 +73,8 @@ class Outbound:
         return [t for t in asked if (t.database, t.table) in published]
 
     async def on_subscribe(self, message: rpb.Subscribe) -> None:
+        # The peer's durable positions: they confirm what it has committed of ours.
+        self.session.replicator.confirmations.record(self.session.peer, message.positions)
         await self._stop_feed()
         self.generation = message.generation
         await self.window.reset()
@@ -107,6 +109,8 @@ class Outbound:
             self._feed = None
 
     async def on_ack(self, message: rpb.Ack) -> None:
+        # Positions are durable whatever the generation: they confirm writes (WaitReplicated).
+        self.session.replicator.confirmations.record(self.session.peer, message.positions)
         if message.generation != self.generation:
             return
         await self.window.release_through(message.sequence)

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -47,6 +48,7 @@ from services.common.config import (
 )
 from services.common.tls_source import TlsSource
 from services.replicator.admission import Admission, joined_row
+from services.replicator.confirmation import Confirmations
 from services.replicator.handshake import (
     PROTOCOL_MAX,
     PROTOCOL_MIN,
@@ -64,7 +66,7 @@ from services.replicator.peercheck import (
     PeerCheck,
     revoked_serials,
 )
-from services.replicator.session import Session
+from services.replicator.session import Session, published_tables
 from services.replicator.status import PeerState
 from services.replicator.transport import ConnectionLost, PeerStream, dial
 
@@ -101,6 +103,7 @@ class Replicator:
         self.peercheck = PeerCheck.from_config(config, tls)
         self.admission = Admission(self.name, (config.replication.hostname, config.host))
         self.watcher = MembershipWatcher(config, storage, tls is not None, self.set_membership)
+        self.confirmations = Confirmations(self.name)
         self._watch_task: asyncio.Task[None] | None = None
         # This node's databases as last read from storage, sent in every heartbeat.
         self.known_databases: list[str] = []
@@ -514,6 +517,32 @@ class Replicator:
             if name != peer and s.flows.receives and not s.finished.is_set()
         }
         return sorted({self.name, *direct})
+
+    # -- write confirmation ------------------------------------------------------------------
+
+    def recipients(self, database: str, tables: Iterable[str]) -> list[str]:
+        """Distinct peers that can receive a write to ``tables`` of ``database`` from this
+        node, connected or not (see the ListRecipients contract)."""
+        mine = self.replicated_databases()
+        if mine is not None and database not in mine:
+            return []
+        written = {(database, t) for t in tables}
+        peers = []
+        for name in sorted({*self.routes, *self.sessions} - {self.name}):
+            session = self.sessions.get(name)
+            if session is not None and not session.finished.is_set():
+                # Connected: what both Hellos agreed on.
+                if not (session.flows.sends and session.flows.covers(database)):
+                    continue
+                published = session.published_tables()
+            else:
+                route = self.routes.get(name)
+                if route is None or not route.replicates.sends:
+                    continue
+                published = published_tables(route)
+            if published is None or written <= published:
+                peers.append(name)
+        return peers
 
     # -- status ------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from services.replicator.replicator import Replicator
 from services.replicator.transport import AcceptedStream, ConnectionLost
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
+MAX_WAIT_MS = 3_600_000
 
 
 class ReplicatorServicer(replicator_pb2_grpc.ReplicatorServiceServicer):
@@ -71,3 +72,32 @@ class ReplicatorServicer(replicator_pb2_grpc.ReplicatorServiceServicer):
             raise InvalidArgument("; ".join(exc.problems)) from exc
         self.replicator.set_routes(routes)
         return rpb.SetRoutesResponse(routes=[to_proto(r) for r in routes])
+
+    async def ListRecipients(
+        self, request: rpb.ListRecipientsRequest, context: Ctx
+    ) -> rpb.ListRecipientsResponse:
+        self._internal(context)
+        if not request.database:
+            raise InvalidArgument("ListRecipients needs a database")
+        return rpb.ListRecipientsResponse(
+            peers=self.replicator.recipients(request.database, request.tables)
+        )
+
+    async def WaitReplicated(
+        self, request: rpb.WaitReplicatedRequest, context: Ctx
+    ) -> rpb.WaitReplicatedResponse:
+        self._internal(context)
+        if not request.database:
+            raise InvalidArgument("WaitReplicated needs a database")
+        if request.version == 0:
+            raise InvalidArgument("WaitReplicated needs the version of a committed transaction")
+        if request.count < 1:
+            raise InvalidArgument("WaitReplicated needs a count of at least 1 peer")
+        if not 1 <= request.timeout_ms <= MAX_WAIT_MS:
+            raise InvalidArgument(
+                f"WaitReplicated timeout_ms must be 1 to {MAX_WAIT_MS}, not {request.timeout_ms}"
+            )
+        peers = await self.replicator.confirmations.wait(
+            request.database, request.version, request.count, request.timeout_ms / 1000
+        )
+        return rpb.WaitReplicatedResponse(confirmed_peers=peers)

@@ -60,6 +60,14 @@ class Flows:
         return self.all_databases or database in self.databases
 
 
+def published_tables(route: Route | None) -> set[tuple[str, str]] | None:
+    """Tables this node sends on a route; None for every table (membership always)."""
+    if route is None or not route.subscriptions:
+        return None
+    chosen = {(s.database, s.table) for s in route.subscriptions if s.publish}
+    return chosen | {MEMBERSHIP_TABLE}
+
+
 def flows(mine: rpb.Hello, theirs: rpb.Hello) -> Flows:
     """Agree on directions and databases from both Hellos (both sides compute the same)."""
     if mine.all_databases and theirs.all_databases:
@@ -133,10 +141,7 @@ class Session:
 
     def published_tables(self) -> set[tuple[str, str]] | None:
         """Tables this node sends to the peer; None for every table (membership always)."""
-        if self.route is None or not self.route.subscriptions:
-            return None
-        chosen = {(s.database, s.table) for s in self.route.subscriptions if s.publish}
-        return chosen | {MEMBERSHIP_TABLE}
+        return published_tables(self.route)
 
     # -- plumbing ------------------------------------------------------------------------
 

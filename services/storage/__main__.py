@@ -75,6 +75,7 @@ async def run(config: ShoalConfig) -> None:
         engine.begin_shutdown()
 
     async def close() -> None:
+        await servicer.replicator.close()
         engine.close()
 
     spec = ServerSpec(

@@ -28,6 +28,7 @@ from services.common.hlc import version_from_ms
 from services.storage import backup, commit, csvload, log, revert, search, snapshot
 from services.storage.analytics import AnalyticsTables
 from services.storage.commit import OperationResult, parse_id
+from services.storage.confirmation import ReplicatorClient, requested, wait_budget
 from services.storage.engine import RESERVED_DATABASES, CopyState, Engine
 from services.storage.permissions import (
     DELETE,
@@ -166,6 +167,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         self.users = engine.users
         self.restores: set[str] = set()  # databases with a Restore stream running
         self.analytics = AnalyticsTables(engine)
+        self.replicator = ReplicatorClient(engine.config, engine.node_secret)
 
     @staticmethod
     def _caller() -> Identity:
@@ -283,12 +285,41 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
 
     # -- writes ----------------------------------------------------------------------
 
-    def _single(
+    async def _confirmed(
         self,
+        context: Ctx,
+        database: str,
+        tables: list[Table],
+        confirmation: int,
+        write: Callable[[], tuple[Msg, int]],
+    ) -> tuple[Msg, int]:
+        """Run ``write`` (which commits and returns (result, version)) with write
+        confirmation: N checked against the possible recipients before, and N peers'
+        acknowledgements awaited after (see confirmation.py)."""
+        count = requested(confirmation)
+        if count:
+            if not all(t.replicate for t in tables):
+                local = ", ".join(sorted(t.name for t in tables if not t.replicate))
+                raise InvalidArgument(
+                    f"replicated_confirmation {count} is impossible: {database}.{local} does"
+                    " not replicate (replicate: false); nothing was written"
+                )
+            await self.replicator.check_recipients(database, [t.name for t in tables], count)
+        result, version = write()
+        if count and version:
+            await self.replicator.wait(
+                database, version, count, wait_budget(context.time_remaining())
+            )
+        return result, version
+
+    async def _single(
+        self,
+        context: Ctx,
         database: str,
         table_name: str,
         op: str,
         payload: Sequence[bytes],
+        confirmation: int,
         method: str | None = None,
     ) -> tuple[OperationResult, int]:
         who = self._caller()
@@ -297,32 +328,63 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         check_name("table", table_name)
         if not payload:
             raise InvalidArgument("no records given" if op != "delete" else "no ids given")
-        txn = self.engine.transaction(database, who.name, who.internal)
         table = self.engine.catalog.table(database, table_name)
-        result = getattr(txn, method or op)(table, payload)
-        return result, txn.commit()
+
+        def write() -> tuple[OperationResult, int]:
+            txn = self.engine.transaction(database, who.name, who.internal)
+            result = getattr(txn, method or op)(table, payload)
+            return result, txn.commit()
+
+        return await self._confirmed(context, database, [table], confirmation, write)
 
     async def Insert(self, request: pb.InsertRequest, context: Ctx) -> pb.InsertResponse:
-        result, version = self._single(request.database, request.table, "insert", request.records)
+        result, version = await self._single(
+            context,
+            request.database,
+            request.table,
+            "insert",
+            request.records,
+            request.replicated_confirmation,
+        )
         return pb.InsertResponse(
             inserted_ids=result.written, skipped_ids=result.skipped, version=version
         )
 
     async def Update(self, request: pb.UpdateRequest, context: Ctx) -> pb.UpdateResponse:
-        result, version = self._single(request.database, request.table, "update", request.records)
+        result, version = await self._single(
+            context,
+            request.database,
+            request.table,
+            "update",
+            request.records,
+            request.replicated_confirmation,
+        )
         return pb.UpdateResponse(
             updated_ids=result.written, skipped_ids=result.skipped, version=version
         )
 
     async def Upsert(self, request: pb.UpsertRequest, context: Ctx) -> pb.UpsertResponse:
         method = "merge_upsert" if request.merge else "upsert"
-        result, version = self._single(
-            request.database, request.table, "upsert", request.records, method
+        result, version = await self._single(
+            context,
+            request.database,
+            request.table,
+            "upsert",
+            request.records,
+            request.replicated_confirmation,
+            method,
         )
         return pb.UpsertResponse(upserted_ids=result.written, version=version)
 
     async def Delete(self, request: pb.DeleteRequest, context: Ctx) -> pb.DeleteResponse:
-        result, version = self._single(request.database, request.table, "delete", request.ids)
+        result, version = await self._single(
+            context,
+            request.database,
+            request.table,
+            "delete",
+            request.ids,
+            request.replicated_confirmation,
+        )
         return pb.DeleteResponse(
             deleted_ids=result.written, skipped_ids=result.skipped, version=version
         )
@@ -336,29 +398,43 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         check_name("database", request.database)
         if not request.operations:
             raise InvalidArgument("a transaction needs at least one operation")
-        txn = self.engine.transaction(request.database, who.name, who.internal)
-        results = []
-        for i, op in enumerate(request.operations):
-            try:
-                table = self.engine.catalog.table(request.database, op.table)
-                if op.operation == types_pb2.OPERATION_INSERT:
-                    result = txn.insert(table, list(op.records))
-                elif op.operation == types_pb2.OPERATION_UPDATE:
-                    result = txn.update(table, list(op.records))
-                elif op.operation == types_pb2.OPERATION_UPSERT:
-                    result = txn.upsert(table, list(op.records))
-                elif op.operation == types_pb2.OPERATION_DELETE:
-                    result = txn.delete(table, list(op.ids))
-                else:
-                    raise InvalidArgument("operation must be INSERT, UPDATE, UPSERT or DELETE")
-                if op.operation != types_pb2.OPERATION_DELETE and not op.records:
-                    raise InvalidArgument("no records given")
-            except InvalidArgument as exc:
-                raise InvalidArgument(f"operation {i}: {exc.message}") from exc
-            results.append(
-                pb.TransactResult(written_ids=result.written, skipped_ids=result.skipped)
-            )
-        return pb.TransactResponse(results=results, version=txn.commit())
+        tables = []
+        if request.replicated_confirmation:
+            for i, op in enumerate(request.operations):
+                try:
+                    tables.append(self.engine.catalog.table(request.database, op.table))
+                except InvalidArgument as exc:
+                    raise InvalidArgument(f"operation {i}: {exc.message}") from exc
+
+        def write() -> tuple[list[pb.TransactResult], int]:
+            txn = self.engine.transaction(request.database, who.name, who.internal)
+            results = []
+            for i, op in enumerate(request.operations):
+                try:
+                    table = self.engine.catalog.table(request.database, op.table)
+                    if op.operation == types_pb2.OPERATION_INSERT:
+                        result = txn.insert(table, list(op.records))
+                    elif op.operation == types_pb2.OPERATION_UPDATE:
+                        result = txn.update(table, list(op.records))
+                    elif op.operation == types_pb2.OPERATION_UPSERT:
+                        result = txn.upsert(table, list(op.records))
+                    elif op.operation == types_pb2.OPERATION_DELETE:
+                        result = txn.delete(table, list(op.ids))
+                    else:
+                        raise InvalidArgument("operation must be INSERT, UPDATE, UPSERT or DELETE")
+                    if op.operation != types_pb2.OPERATION_DELETE and not op.records:
+                        raise InvalidArgument("no records given")
+                except InvalidArgument as exc:
+                    raise InvalidArgument(f"operation {i}: {exc.message}") from exc
+                results.append(
+                    pb.TransactResult(written_ids=result.written, skipped_ids=result.skipped)
+                )
+            return results, txn.commit()
+
+        results, version = await self._confirmed(
+            context, request.database, tables, request.replicated_confirmation, write
+        )
+        return pb.TransactResponse(results=results, version=version)
 
     # -- reads -------------------------------------------------------------------------
 

@@ -100,6 +100,118 @@ GOODBYE_CODE_REMOVED: GoodbyeCode.ValueType  # 9
 Global___GoodbyeCode: _TypeAlias = GoodbyeCode  # noqa: Y015
 
 @_typing.final
+class ListRecipientsRequest(_message.Message):
+    """Request of ListRecipients."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    TABLES_FIELD_NUMBER: _builtins.int
+    database: _builtins.str
+    """Database written."""
+    @_builtins.property
+    def tables(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tables written; a peer counts only if it receives every one of them."""
+
+    def __init__(
+        self,
+        *,
+        database: _builtins.str = ...,
+        tables: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "tables", b"tables"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRecipientsRequest: _TypeAlias = ListRecipientsRequest  # noqa: Y015
+
+@_typing.final
+class ListRecipientsResponse(_message.Message):
+    """Response of ListRecipients."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def peers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Node names of the peers, sorted."""
+
+    def __init__(
+        self,
+        *,
+        peers: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["peers", b"peers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRecipientsResponse: _TypeAlias = ListRecipientsResponse  # noqa: Y015
+
+@_typing.final
+class WaitReplicatedRequest(_message.Message):
+    """Request of WaitReplicated."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    database: _builtins.str
+    """Database of the transaction."""
+    version: _builtins.int
+    """Version of the transaction, committed by this node (its origin)."""
+    count: _builtins.int
+    """How many distinct peers must have committed it."""
+    timeout_ms: _builtins.int
+    """How long to wait at most, in milliseconds (1 to 3,600,000)."""
+    def __init__(
+        self,
+        *,
+        database: _builtins.str = ...,
+        version: _builtins.int = ...,
+        count: _builtins.int = ...,
+        timeout_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "database", b"database", "timeout_ms", b"timeout_ms", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitReplicatedRequest: _TypeAlias = WaitReplicatedRequest  # noqa: Y015
+
+@_typing.final
+class WaitReplicatedResponse(_message.Message):
+    """Response of WaitReplicated."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONFIRMED_PEERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def confirmed_peers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The peers that have committed the transaction, sorted; fewer than `count` when the
+        time ran out.
+        """
+
+    def __init__(
+        self,
+        *,
+        confirmed_peers: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirmed_peers", b"confirmed_peers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitReplicatedResponse: _TypeAlias = WaitReplicatedResponse  # noqa: Y015
+
+@_typing.final
 class Subscription(_message.Message):
     """An explicit per-table subscription with one peer."""
 

@@ -50,6 +50,16 @@ class ReplicatorServiceStub:
                 request_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.SetRoutesRequest.SerializeToString,
                 response_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.SetRoutesResponse.FromString,
                 _registered_method=True)
+        self.ListRecipients = channel.unary_unary(
+                '/shoal.replicator.v1.ReplicatorService/ListRecipients',
+                request_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.ListRecipientsRequest.SerializeToString,
+                response_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.ListRecipientsResponse.FromString,
+                _registered_method=True)
+        self.WaitReplicated = channel.unary_unary(
+                '/shoal.replicator.v1.ReplicatorService/WaitReplicated',
+                request_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.WaitReplicatedRequest.SerializeToString,
+                response_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.WaitReplicatedResponse.FromString,
+                _registered_method=True)
 
 
 class ReplicatorServiceServicer:
@@ -98,6 +108,37 @@ class ReplicatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListRecipients(self, request, context):
+        """The distinct peers that can receive a write to `tables` of `database` from this
+        node: configured routes, members of system.hdb_nodes and connected peers that this
+        node sends the database to (on a connection, what both Hellos agreed; with explicit
+        subscriptions, only peers this node publishes every one of the tables to), whether
+        or not they are connected now. None when this node does not replicate the database.
+        Storage asks before a write with `replicated_confirmation`, so a confirmation that
+        can never come is refused before anything is written. Node-internal identity.
+        Errors: INVALID_ARGUMENT (no database), UNAUTHENTICATED, PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WaitReplicated(self, request, context):
+        """Waits until `count` distinct peers have durably committed this node's transaction
+        `version` of `database`, or until `timeout_ms` has passed, and answers with the
+        peers that have. A peer has committed it when a position it reported for
+        (database, this node) is at or past `version`: an Ack (sent after its storage
+        applied a batch, positions written in the same atomic write as the data) or the
+        positions of its Subscribe (its durable positions). What peers reported is kept
+        across reconnections, so a confirmation that arrived before the call counts.
+        Not reaching `count` in time is not an error: the answer lists fewer peers.
+        Node-internal identity.
+        Errors: INVALID_ARGUMENT (no database, version 0, count below 1, timeout_ms 0 or
+        more than an hour), UNAUTHENTICATED, PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +156,16 @@ def add_ReplicatorServiceServicer_to_server(servicer, server):
                     servicer.SetRoutes,
                     request_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.SetRoutesRequest.FromString,
                     response_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.SetRoutesResponse.SerializeToString,
+            ),
+            'ListRecipients': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRecipients,
+                    request_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.ListRecipientsRequest.FromString,
+                    response_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.ListRecipientsResponse.SerializeToString,
+            ),
+            'WaitReplicated': grpc.unary_unary_rpc_method_handler(
+                    servicer.WaitReplicated,
+                    request_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.WaitReplicatedRequest.FromString,
+                    response_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.WaitReplicatedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -199,6 +250,60 @@ class ReplicatorService:
             '/shoal.replicator.v1.ReplicatorService/SetRoutes',
             shoal_dot_replicator_dot_v1_dot_replicator__pb2.SetRoutesRequest.SerializeToString,
             shoal_dot_replicator_dot_v1_dot_replicator__pb2.SetRoutesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRecipients(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.replicator.v1.ReplicatorService/ListRecipients',
+            shoal_dot_replicator_dot_v1_dot_replicator__pb2.ListRecipientsRequest.SerializeToString,
+            shoal_dot_replicator_dot_v1_dot_replicator__pb2.ListRecipientsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WaitReplicated(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.replicator.v1.ReplicatorService/WaitReplicated',
+            shoal_dot_replicator_dot_v1_dot_replicator__pb2.WaitReplicatedRequest.SerializeToString,
+            shoal_dot_replicator_dot_v1_dot_replicator__pb2.WaitReplicatedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -82,6 +82,29 @@ class ReplicatorServiceStub:
     Errors: INVALID_ARGUMENT (a bad host name or port, a route to this node itself,
     the same peer twice), UNAUTHENTICATED, PERMISSION_DENIED.
     """
+    ListRecipients: _grpc.UnaryUnaryMultiCallable[_replicator_pb2.ListRecipientsRequest, _replicator_pb2.ListRecipientsResponse]
+    """The distinct peers that can receive a write to `tables` of `database` from this
+    node: configured routes, members of system.hdb_nodes and connected peers that this
+    node sends the database to (on a connection, what both Hellos agreed; with explicit
+    subscriptions, only peers this node publishes every one of the tables to), whether
+    or not they are connected now. None when this node does not replicate the database.
+    Storage asks before a write with `replicated_confirmation`, so a confirmation that
+    can never come is refused before anything is written. Node-internal identity.
+    Errors: INVALID_ARGUMENT (no database), UNAUTHENTICATED, PERMISSION_DENIED.
+    """
+    WaitReplicated: _grpc.UnaryUnaryMultiCallable[_replicator_pb2.WaitReplicatedRequest, _replicator_pb2.WaitReplicatedResponse]
+    """Waits until `count` distinct peers have durably committed this node's transaction
+    `version` of `database`, or until `timeout_ms` has passed, and answers with the
+    peers that have. A peer has committed it when a position it reported for
+    (database, this node) is at or past `version`: an Ack (sent after its storage
+    applied a batch, positions written in the same atomic write as the data) or the
+    positions of its Subscribe (its durable positions). What peers reported is kept
+    across reconnections, so a confirmation that arrived before the call counts.
+    Not reaching `count` in time is not an error: the answer lists fewer peers.
+    Node-internal identity.
+    Errors: INVALID_ARGUMENT (no database, version 0, count below 1, timeout_ms 0 or
+    more than an hour), UNAUTHENTICATED, PERMISSION_DENIED.
+    """
 
 @_typing.type_check_only
 class ReplicatorServiceAsyncStub(ReplicatorServiceStub):
@@ -117,6 +140,29 @@ class ReplicatorServiceAsyncStub(ReplicatorServiceStub):
     Node-internal identity.
     Errors: INVALID_ARGUMENT (a bad host name or port, a route to this node itself,
     the same peer twice), UNAUTHENTICATED, PERMISSION_DENIED.
+    """
+    ListRecipients: _aio.UnaryUnaryMultiCallable[_replicator_pb2.ListRecipientsRequest, _replicator_pb2.ListRecipientsResponse]  # type: ignore[assignment]
+    """The distinct peers that can receive a write to `tables` of `database` from this
+    node: configured routes, members of system.hdb_nodes and connected peers that this
+    node sends the database to (on a connection, what both Hellos agreed; with explicit
+    subscriptions, only peers this node publishes every one of the tables to), whether
+    or not they are connected now. None when this node does not replicate the database.
+    Storage asks before a write with `replicated_confirmation`, so a confirmation that
+    can never come is refused before anything is written. Node-internal identity.
+    Errors: INVALID_ARGUMENT (no database), UNAUTHENTICATED, PERMISSION_DENIED.
+    """
+    WaitReplicated: _aio.UnaryUnaryMultiCallable[_replicator_pb2.WaitReplicatedRequest, _replicator_pb2.WaitReplicatedResponse]  # type: ignore[assignment]
+    """Waits until `count` distinct peers have durably committed this node's transaction
+    `version` of `database`, or until `timeout_ms` has passed, and answers with the
+    peers that have. A peer has committed it when a position it reported for
+    (database, this node) is at or past `version`: an Ack (sent after its storage
+    applied a batch, positions written in the same atomic write as the data) or the
+    positions of its Subscribe (its durable positions). What peers reported is kept
+    across reconnections, so a confirmation that arrived before the call counts.
+    Not reaching `count` in time is not an error: the answer lists fewer peers.
+    Node-internal identity.
+    Errors: INVALID_ARGUMENT (no database, version 0, count below 1, timeout_ms 0 or
+    more than an hour), UNAUTHENTICATED, PERMISSION_DENIED.
     """
 
 class ReplicatorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -168,6 +214,41 @@ class ReplicatorServiceServicer(metaclass=_abc_1.ABCMeta):
         Node-internal identity.
         Errors: INVALID_ARGUMENT (a bad host name or port, a route to this node itself,
         the same peer twice), UNAUTHENTICATED, PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def ListRecipients(
+        self,
+        request: _replicator_pb2.ListRecipientsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_replicator_pb2.ListRecipientsResponse, _abc.Awaitable[_replicator_pb2.ListRecipientsResponse]]:
+        """The distinct peers that can receive a write to `tables` of `database` from this
+        node: configured routes, members of system.hdb_nodes and connected peers that this
+        node sends the database to (on a connection, what both Hellos agreed; with explicit
+        subscriptions, only peers this node publishes every one of the tables to), whether
+        or not they are connected now. None when this node does not replicate the database.
+        Storage asks before a write with `replicated_confirmation`, so a confirmation that
+        can never come is refused before anything is written. Node-internal identity.
+        Errors: INVALID_ARGUMENT (no database), UNAUTHENTICATED, PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def WaitReplicated(
+        self,
+        request: _replicator_pb2.WaitReplicatedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_replicator_pb2.WaitReplicatedResponse, _abc.Awaitable[_replicator_pb2.WaitReplicatedResponse]]:
+        """Waits until `count` distinct peers have durably committed this node's transaction
+        `version` of `database`, or until `timeout_ms` has passed, and answers with the
+        peers that have. A peer has committed it when a position it reported for
+        (database, this node) is at or past `version`: an Ack (sent after its storage
+        applied a batch, positions written in the same atomic write as the data) or the
+        positions of its Subscribe (its durable positions). What peers reported is kept
+        across reconnections, so a confirmation that arrived before the call counts.
+        Not reaching `count` in time is not an error: the answer lists fewer peers.
+        Node-internal identity.
+        Errors: INVALID_ARGUMENT (no database, version 0, count below 1, timeout_ms 0 or
+        more than an hour), UNAUTHENTICATED, PERMISSION_DENIED.
         """
 
 def add_ReplicatorServiceServicer_to_server(servicer: ReplicatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -697,10 +697,16 @@ class InsertRequest(_message.Message):
     DATABASE_FIELD_NUMBER: _builtins.int
     TABLE_FIELD_NUMBER: _builtins.int
     RECORDS_FIELD_NUMBER: _builtins.int
+    REPLICATED_CONFIRMATION_FIELD_NUMBER: _builtins.int
     database: _builtins.str
     """Database name."""
     table: _builtins.str
     """Table name."""
+    replicated_confirmation: _builtins.int
+    """Write confirmation: answer only after this many distinct peers have durably
+    committed the write (see Insert); 0 answers after the local commit. Negative values
+    and more than the peers that can receive the write are INVALID_ARGUMENT.
+    """
     @_builtins.property
     def records(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """Records as JSON objects; each must carry the primary key."""
@@ -711,10 +717,11 @@ class InsertRequest(_message.Message):
         database: _builtins.str = ...,
         table: _builtins.str = ...,
         records: _abc.Iterable[_builtins.bytes] | None = ...,
+        replicated_confirmation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "records", b"records", "table", b"table"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "records", b"records", "replicated_confirmation", b"replicated_confirmation", "table", b"table"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -763,10 +770,16 @@ class UpdateRequest(_message.Message):
     DATABASE_FIELD_NUMBER: _builtins.int
     TABLE_FIELD_NUMBER: _builtins.int
     RECORDS_FIELD_NUMBER: _builtins.int
+    REPLICATED_CONFIRMATION_FIELD_NUMBER: _builtins.int
     database: _builtins.str
     """Database name."""
     table: _builtins.str
     """Table name."""
+    replicated_confirmation: _builtins.int
+    """Write confirmation: answer only after this many distinct peers have durably
+    committed the write (see Insert); 0 answers after the local commit. Negative values
+    and more than the peers that can receive the write are INVALID_ARGUMENT.
+    """
     @_builtins.property
     def records(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """Partial records as JSON objects; each must carry the primary key."""
@@ -777,10 +790,11 @@ class UpdateRequest(_message.Message):
         database: _builtins.str = ...,
         table: _builtins.str = ...,
         records: _abc.Iterable[_builtins.bytes] | None = ...,
+        replicated_confirmation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "records", b"records", "table", b"table"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "records", b"records", "replicated_confirmation", b"replicated_confirmation", "table", b"table"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -830,6 +844,7 @@ class UpsertRequest(_message.Message):
     TABLE_FIELD_NUMBER: _builtins.int
     RECORDS_FIELD_NUMBER: _builtins.int
     MERGE_FIELD_NUMBER: _builtins.int
+    REPLICATED_CONFIRMATION_FIELD_NUMBER: _builtins.int
     database: _builtins.str
     """Database name."""
     table: _builtins.str
@@ -839,6 +854,11 @@ class UpsertRequest(_message.Message):
     does not have: two nodes upserting the same new record then keep the newest value
     of each attribute instead of the newest whole record. Without it a missing record
     is written whole.
+    """
+    replicated_confirmation: _builtins.int
+    """Write confirmation: answer only after this many distinct peers have durably
+    committed the write (see Insert); 0 answers after the local commit. Negative values
+    and more than the peers that can receive the write are INVALID_ARGUMENT.
     """
     @_builtins.property
     def records(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
@@ -851,10 +871,11 @@ class UpsertRequest(_message.Message):
         table: _builtins.str = ...,
         records: _abc.Iterable[_builtins.bytes] | None = ...,
         merge: _builtins.bool = ...,
+        replicated_confirmation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "merge", b"merge", "records", b"records", "table", b"table"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "merge", b"merge", "records", b"records", "replicated_confirmation", b"replicated_confirmation", "table", b"table"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -897,10 +918,16 @@ class DeleteRequest(_message.Message):
     DATABASE_FIELD_NUMBER: _builtins.int
     TABLE_FIELD_NUMBER: _builtins.int
     IDS_FIELD_NUMBER: _builtins.int
+    REPLICATED_CONFIRMATION_FIELD_NUMBER: _builtins.int
     database: _builtins.str
     """Database name."""
     table: _builtins.str
     """Table name."""
+    replicated_confirmation: _builtins.int
+    """Write confirmation: answer only after this many distinct peers have durably
+    committed the write (see Insert); 0 answers after the local commit. Negative values
+    and more than the peers that can receive the write are INVALID_ARGUMENT.
+    """
     @_builtins.property
     def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """Keys to delete, as JSON scalars."""
@@ -911,10 +938,11 @@ class DeleteRequest(_message.Message):
         database: _builtins.str = ...,
         table: _builtins.str = ...,
         ids: _abc.Iterable[_builtins.bytes] | None = ...,
+        replicated_confirmation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "ids", b"ids", "table", b"table"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "ids", b"ids", "replicated_confirmation", b"replicated_confirmation", "table", b"table"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1030,8 +1058,14 @@ class TransactRequest(_message.Message):
 
     DATABASE_FIELD_NUMBER: _builtins.int
     OPERATIONS_FIELD_NUMBER: _builtins.int
+    REPLICATED_CONFIRMATION_FIELD_NUMBER: _builtins.int
     database: _builtins.str
     """Database all operations belong to."""
+    replicated_confirmation: _builtins.int
+    """Write confirmation: answer only after this many distinct peers have durably
+    committed the write (see Insert); 0 answers after the local commit. Negative values
+    and more than the peers that can receive the write are INVALID_ARGUMENT.
+    """
     @_builtins.property
     def operations(self) -> _containers.RepeatedCompositeFieldContainer[Global___TransactOperation]:
         """Operations in order."""
@@ -1041,10 +1075,11 @@ class TransactRequest(_message.Message):
         *,
         database: _builtins.str = ...,
         operations: _abc.Iterable[Global___TransactOperation] | None = ...,
+        replicated_confirmation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "operations", b"operations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "operations", b"operations", "replicated_confirmation", b"replicated_confirmation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -318,6 +318,22 @@ class StorageServiceServicer:
     def Insert(self, request, context):
         """Inserts records in one transaction. A record whose key already exists is skipped and
         reported in `skipped_ids`; the others commit together with one version.
+
+        Write confirmation (Insert, Update, Upsert, Delete and Transact): with
+        `replicated_confirmation: N` the call answers only once N distinct peers have durably
+        committed the transaction (their replication acknowledgements name it). Before
+        anything is written, N must be at most the number of peers that can receive the
+        write: configured routes and members of system.hdb_nodes this node sends the
+        database to (with explicit subscriptions, those publishing every table written),
+        connected or not; a table with `replicate: false` has none. The wait lasts until
+        shortly before the call's deadline (a tenth of the time left, at most 0.5 s, is kept
+        to answer in time), or 30 s when the call has no deadline.
+        Confirmation errors: INVALID_ARGUMENT (N negative, or more than the possible
+        recipients; nothing is written), UNAVAILABLE (the node's replicator cannot be reached
+        before the write; nothing is written), DEADLINE_EXCEEDED (reason
+        REPLICATION_NOT_CONFIRMED, metadata `version`, `confirmed`, `missing`: the write IS
+        committed locally and will still replicate; the message says how many of the N
+        confirmations are missing).
         Errors: INVALID_ARGUMENT (no records, a record that is not a JSON object, a missing or
         invalid primary key, the same key twice in the request), NOT_FOUND (database or
         table), RESOURCE_EXHAUSTED (request larger than the configured limits).
@@ -329,7 +345,7 @@ class StorageServiceServicer:
     def Update(self, request, context):
         """Merges the given attributes into existing records in one transaction; attributes not
         given keep their values. Records whose key does not exist are skipped.
-        Errors: as Insert.
+        Errors: as Insert (write confirmation included).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -338,7 +354,7 @@ class StorageServiceServicer:
     def Upsert(self, request, context):
         """Updates records that exist (merging attributes) and inserts the others, in one
         transaction.
-        Errors: as Insert.
+        Errors: as Insert (write confirmation included).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -347,7 +363,8 @@ class StorageServiceServicer:
     def Delete(self, request, context):
         """Deletes records by key in one transaction, leaving tombstones. Missing keys are
         skipped.
-        Errors: INVALID_ARGUMENT (no ids, invalid id), NOT_FOUND (database or table).
+        Errors: INVALID_ARGUMENT (no ids, invalid id), NOT_FOUND (database or table), and
+        those of write confirmation (see Insert).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -358,7 +375,8 @@ class StorageServiceServicer:
         version. Operations see the effects of earlier operations in the same request.
         Skipped keys (as in Insert/Update/Delete) do not abort the transaction; any
         validation error aborts all of it and nothing is written.
-        Errors: INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED.
+        Errors: INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, and those of write
+        confirmation (see Insert; every table of the transaction counts).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -109,6 +109,22 @@ class StorageServiceStub:
     Insert: _grpc.UnaryUnaryMultiCallable[_storage_pb2.InsertRequest, _storage_pb2.InsertResponse]
     """Inserts records in one transaction. A record whose key already exists is skipped and
     reported in `skipped_ids`; the others commit together with one version.
+
+    Write confirmation (Insert, Update, Upsert, Delete and Transact): with
+    `replicated_confirmation: N` the call answers only once N distinct peers have durably
+    committed the transaction (their replication acknowledgements name it). Before
+    anything is written, N must be at most the number of peers that can receive the
+    write: configured routes and members of system.hdb_nodes this node sends the
+    database to (with explicit subscriptions, those publishing every table written),
+    connected or not; a table with `replicate: false` has none. The wait lasts until
+    shortly before the call's deadline (a tenth of the time left, at most 0.5 s, is kept
+    to answer in time), or 30 s when the call has no deadline.
+    Confirmation errors: INVALID_ARGUMENT (N negative, or more than the possible
+    recipients; nothing is written), UNAVAILABLE (the node's replicator cannot be reached
+    before the write; nothing is written), DEADLINE_EXCEEDED (reason
+    REPLICATION_NOT_CONFIRMED, metadata `version`, `confirmed`, `missing`: the write IS
+    committed locally and will still replicate; the message says how many of the N
+    confirmations are missing).
     Errors: INVALID_ARGUMENT (no records, a record that is not a JSON object, a missing or
     invalid primary key, the same key twice in the request), NOT_FOUND (database or
     table), RESOURCE_EXHAUSTED (request larger than the configured limits).
@@ -116,24 +132,26 @@ class StorageServiceStub:
     Update: _grpc.UnaryUnaryMultiCallable[_storage_pb2.UpdateRequest, _storage_pb2.UpdateResponse]
     """Merges the given attributes into existing records in one transaction; attributes not
     given keep their values. Records whose key does not exist are skipped.
-    Errors: as Insert.
+    Errors: as Insert (write confirmation included).
     """
     Upsert: _grpc.UnaryUnaryMultiCallable[_storage_pb2.UpsertRequest, _storage_pb2.UpsertResponse]
     """Updates records that exist (merging attributes) and inserts the others, in one
     transaction.
-    Errors: as Insert.
+    Errors: as Insert (write confirmation included).
     """
     Delete: _grpc.UnaryUnaryMultiCallable[_storage_pb2.DeleteRequest, _storage_pb2.DeleteResponse]
     """Deletes records by key in one transaction, leaving tombstones. Missing keys are
     skipped.
-    Errors: INVALID_ARGUMENT (no ids, invalid id), NOT_FOUND (database or table).
+    Errors: INVALID_ARGUMENT (no ids, invalid id), NOT_FOUND (database or table), and
+    those of write confirmation (see Insert).
     """
     Transact: _grpc.UnaryUnaryMultiCallable[_storage_pb2.TransactRequest, _storage_pb2.TransactResponse]
     """Commits several operations across tables of one database all-or-nothing, with one
     version. Operations see the effects of earlier operations in the same request.
     Skipped keys (as in Insert/Update/Delete) do not abort the transaction; any
     validation error aborts all of it and nothing is written.
-    Errors: INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED.
+    Errors: INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, and those of write
+    confirmation (see Insert; every table of the transaction counts).
     """
     SearchById: _grpc.UnaryStreamMultiCallable[_storage_pb2.SearchByIdRequest, _storage_pb2.SearchByIdResponse]
     """Reads records by primary key, in the order asked; keys that do not exist are left
@@ -404,6 +422,22 @@ class StorageServiceAsyncStub(StorageServiceStub):
     Insert: _aio.UnaryUnaryMultiCallable[_storage_pb2.InsertRequest, _storage_pb2.InsertResponse]  # type: ignore[assignment]
     """Inserts records in one transaction. A record whose key already exists is skipped and
     reported in `skipped_ids`; the others commit together with one version.
+
+    Write confirmation (Insert, Update, Upsert, Delete and Transact): with
+    `replicated_confirmation: N` the call answers only once N distinct peers have durably
+    committed the transaction (their replication acknowledgements name it). Before
+    anything is written, N must be at most the number of peers that can receive the
+    write: configured routes and members of system.hdb_nodes this node sends the
+    database to (with explicit subscriptions, those publishing every table written),
+    connected or not; a table with `replicate: false` has none. The wait lasts until
+    shortly before the call's deadline (a tenth of the time left, at most 0.5 s, is kept
+    to answer in time), or 30 s when the call has no deadline.
+    Confirmation errors: INVALID_ARGUMENT (N negative, or more than the possible
+    recipients; nothing is written), UNAVAILABLE (the node's replicator cannot be reached
+    before the write; nothing is written), DEADLINE_EXCEEDED (reason
+    REPLICATION_NOT_CONFIRMED, metadata `version`, `confirmed`, `missing`: the write IS
+    committed locally and will still replicate; the message says how many of the N
+    confirmations are missing).
     Errors: INVALID_ARGUMENT (no records, a record that is not a JSON object, a missing or
     invalid primary key, the same key twice in the request), NOT_FOUND (database or
     table), RESOURCE_EXHAUSTED (request larger than the configured limits).
@@ -411,24 +445,26 @@ class StorageServiceAsyncStub(StorageServiceStub):
     Update: _aio.UnaryUnaryMultiCallable[_storage_pb2.UpdateRequest, _storage_pb2.UpdateResponse]  # type: ignore[assignment]
     """Merges the given attributes into existing records in one transaction; attributes not
     given keep their values. Records whose key does not exist are skipped.
-    Errors: as Insert.
+    Errors: as Insert (write confirmation included).
     """
     Upsert: _aio.UnaryUnaryMultiCallable[_storage_pb2.UpsertRequest, _storage_pb2.UpsertResponse]  # type: ignore[assignment]
     """Updates records that exist (merging attributes) and inserts the others, in one
     transaction.
-    Errors: as Insert.
+    Errors: as Insert (write confirmation included).
     """
     Delete: _aio.UnaryUnaryMultiCallable[_storage_pb2.DeleteRequest, _storage_pb2.DeleteResponse]  # type: ignore[assignment]
     """Deletes records by key in one transaction, leaving tombstones. Missing keys are
     skipped.
-    Errors: INVALID_ARGUMENT (no ids, invalid id), NOT_FOUND (database or table).
+    Errors: INVALID_ARGUMENT (no ids, invalid id), NOT_FOUND (database or table), and
+    those of write confirmation (see Insert).
     """
     Transact: _aio.UnaryUnaryMultiCallable[_storage_pb2.TransactRequest, _storage_pb2.TransactResponse]  # type: ignore[assignment]
     """Commits several operations across tables of one database all-or-nothing, with one
     version. Operations see the effects of earlier operations in the same request.
     Skipped keys (as in Insert/Update/Delete) do not abort the transaction; any
     validation error aborts all of it and nothing is written.
-    Errors: INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED.
+    Errors: INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, and those of write
+    confirmation (see Insert; every table of the transaction counts).
     """
     SearchById: _aio.UnaryStreamMultiCallable[_storage_pb2.SearchByIdRequest, _storage_pb2.SearchByIdResponse]  # type: ignore[assignment]
     """Reads records by primary key, in the order asked; keys that do not exist are left
@@ -756,6 +792,22 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_storage_pb2.InsertResponse, _abc.Awaitable[_storage_pb2.InsertResponse]]:
         """Inserts records in one transaction. A record whose key already exists is skipped and
         reported in `skipped_ids`; the others commit together with one version.
+
+        Write confirmation (Insert, Update, Upsert, Delete and Transact): with
+        `replicated_confirmation: N` the call answers only once N distinct peers have durably
+        committed the transaction (their replication acknowledgements name it). Before
+        anything is written, N must be at most the number of peers that can receive the
+        write: configured routes and members of system.hdb_nodes this node sends the
+        database to (with explicit subscriptions, those publishing every table written),
+        connected or not; a table with `replicate: false` has none. The wait lasts until
+        shortly before the call's deadline (a tenth of the time left, at most 0.5 s, is kept
+        to answer in time), or 30 s when the call has no deadline.
+        Confirmation errors: INVALID_ARGUMENT (N negative, or more than the possible
+        recipients; nothing is written), UNAVAILABLE (the node's replicator cannot be reached
+        before the write; nothing is written), DEADLINE_EXCEEDED (reason
+        REPLICATION_NOT_CONFIRMED, metadata `version`, `confirmed`, `missing`: the write IS
+        committed locally and will still replicate; the message says how many of the N
+        confirmations are missing).
         Errors: INVALID_ARGUMENT (no records, a record that is not a JSON object, a missing or
         invalid primary key, the same key twice in the request), NOT_FOUND (database or
         table), RESOURCE_EXHAUSTED (request larger than the configured limits).
@@ -769,7 +821,7 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_storage_pb2.UpdateResponse, _abc.Awaitable[_storage_pb2.UpdateResponse]]:
         """Merges the given attributes into existing records in one transaction; attributes not
         given keep their values. Records whose key does not exist are skipped.
-        Errors: as Insert.
+        Errors: as Insert (write confirmation included).
         """
 
     @_abc_1.abstractmethod
@@ -780,7 +832,7 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_storage_pb2.UpsertResponse, _abc.Awaitable[_storage_pb2.UpsertResponse]]:
         """Updates records that exist (merging attributes) and inserts the others, in one
         transaction.
-        Errors: as Insert.
+        Errors: as Insert (write confirmation included).
         """
 
     @_abc_1.abstractmethod
@@ -791,7 +843,8 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_storage_pb2.DeleteResponse, _abc.Awaitable[_storage_pb2.DeleteResponse]]:
         """Deletes records by key in one transaction, leaving tombstones. Missing keys are
         skipped.
-        Errors: INVALID_ARGUMENT (no ids, invalid id), NOT_FOUND (database or table).
+        Errors: INVALID_ARGUMENT (no ids, invalid id), NOT_FOUND (database or table), and
+        those of write confirmation (see Insert).
         """
 
     @_abc_1.abstractmethod
@@ -804,7 +857,8 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         version. Operations see the effects of earlier operations in the same request.
         Skipped keys (as in Insert/Update/Delete) do not abort the transaction; any
         validation error aborts all of it and nothing is written.
-        Errors: INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED.
+        Errors: INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, and those of write
+        confirmation (see Insert; every table of the transaction counts).
         """
 
     @_abc_1.abstractmethod

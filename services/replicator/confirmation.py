@@ -1,0 +1,77 @@
+"""Write confirmation: which peers have durably committed which of this node's writes.
+
+Every peer reports its durable positions to this node: in each Ack (the positions its
+storage stored in the same atomic write as the data it applied) and in each Subscribe
+(its positions when it subscribes). A peer has committed this node's transaction
+``version`` of ``database`` once a position it reported for (database, this node) is at or
+past ``version``: versions of one origin are applied in order, so a position covers every
+earlier transaction of that origin.
+
+``WaitReplicated`` waits on these reports. What peers reported is kept for the life of
+the process (a few integers per peer, database and origin), across reconnections, so a
+confirmation that arrived before the wait began counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from shoal.storage.v1 import types_pb2
+
+
+@dataclass(eq=False)  # kept in a set by identity
+class _Waiter:
+    database: str
+    version: int
+    count: int
+    peers: set[str] = field(default_factory=set)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Confirmations:
+    """Positions peers reported for this node's own transactions, and writers waiting."""
+
+    def __init__(self, origin: str) -> None:
+        self.origin = origin
+        self._confirmed: dict[str, dict[str, int]] = {}  # peer -> database -> version
+        self._waiters: set[_Waiter] = set()
+
+    def record(self, peer: str, positions: Iterable[types_pb2.Position]) -> None:
+        """A peer reported durable positions (an Ack or a Subscribe)."""
+        mine = [p for p in positions if p.origin == self.origin]
+        if not mine:
+            return
+        confirmed = self._confirmed.setdefault(peer, {})
+        for position in mine:
+            if position.version > confirmed.get(position.database, 0):
+                confirmed[position.database] = position.version
+        for waiter in self._waiters:
+            if confirmed.get(waiter.database, 0) >= waiter.version:
+                waiter.peers.add(peer)
+                if len(waiter.peers) >= waiter.count:
+                    waiter.done.set()
+
+    def confirmed_peers(self, database: str, version: int) -> set[str]:
+        """Peers that reported committing this node's ``version`` of ``database``."""
+        return {
+            peer
+            for peer, confirmed in self._confirmed.items()
+            if confirmed.get(database, 0) >= version
+        }
+
+    async def wait(self, database: str, version: int, count: int, timeout_s: float) -> list[str]:
+        """The peers that committed the transaction, once ``count`` of them have or when
+        ``timeout_s`` has passed (then fewer)."""
+        waiter = _Waiter(database, version, count, self.confirmed_peers(database, version))
+        if len(waiter.peers) >= count:
+            return sorted(waiter.peers)
+        self._waiters.add(waiter)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter.done.wait(), timeout_s)
+        finally:
+            self._waiters.discard(waiter)
+        return sorted(waiter.peers)
