@@ -91,7 +91,6 @@ class NodeTls:
         credentials = verifying_channel_credentials(self.material.certificate_authority)
         return grpc.aio.secure_channel(address, credentials, options=options)
 
-
     def replicator_channel(self, max_message_bytes: int) -> grpc.aio.Channel:
         """An asyncio channel to this node's replicator: its mutual-TLS port
         (``replication.securePort``) with the node's own certificate as the client's,
