@@ -29,9 +29,9 @@ from services.admin.backup import Backups
 from services.admin.backup_archive import ArchiveReader
 from services.admin.certificates import Certificates, NewCertificate
 from services.admin.cluster import Cluster
+from services.admin.exchange import Exchange, JoinRequest, authorization_header
 from services.admin.node import CALL_TIMEOUT_S, AdminNode, Caller
 from services.admin.nodes import (
-    CERTIFICATE_EXCHANGE,
     Nodes,
     Row,
     start_time_text,
@@ -40,7 +40,7 @@ from services.admin.nodes import (
 from services.common import sysinfo
 from services.common.analytics import AGGREGATE_PERIOD_MS, MAX_TIME_MS
 from services.common.config import Route, parse_route_url
-from services.common.errors import InvalidArgument, ShoalError, Unimplemented
+from services.common.errors import InvalidArgument, ShoalError
 from services.common.hlc import version_as_ms
 from services.common.routes import to_yaml
 
@@ -171,6 +171,7 @@ class Execute:
     cluster: Cluster
     nodes: Nodes
     certificates: Certificates
+    exchange: Exchange
     deadline: float | None = None  # monotonic; the Execute call's own deadline
 
     def _timeout(self) -> float:
@@ -1032,9 +1033,23 @@ def _requested_row(body: Body, node_name: str, where: str = "") -> Row:
 
 async def add_node(ex: Execute, body: Body) -> Json:
     ex.caller.require_super_user("add_node")
-    if body.data.get("authorization"):
-        raise Unimplemented(CERTIFICATE_EXCHANGE)
-    row = await ex.nodes.add(_requested_row(body, ex.nodes.name))
+    requested = _requested_row(body, ex.nodes.name)
+    authorization = body.data.get("authorization")
+    if authorization is None or authorization == "":
+        # verify_tls only concerns the certificate exchange: without credentials no
+        # connection is made here.
+        row = await ex.nodes.add(requested)
+    else:
+        port = body.number("admin_port", default=0)
+        if port > 65535:
+            raise InvalidArgument("add_node: 'admin_port' must be a port number (1 to 65535)")
+        join = JoinRequest(
+            row=requested,
+            authorization=authorization_header(authorization, "add_node"),
+            verify_tls=body.flag("verify_tls", default=True),
+            admin_port=port or None,
+        )
+        row = await ex.exchange.join(join)
     return {"message": f"Successfully added '{row['name']}' to cluster", "node": row}
 
 

@@ -27,15 +27,10 @@ from services.admin.cluster import Cluster
 from services.admin.node import AdminNode
 from services.common import members
 from services.common.config import ConfigError, Route
-from services.common.errors import AlreadyExists, InvalidArgument, NotFound
+from services.common.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
 from services.common.routes import from_proto, to_proto
 
 Row = dict[str, Any]
-CERTIFICATE_EXCHANGE = (
-    "the certificate exchange with temporary credentials ('authorization') is not available"
-    " in this version; give every node a certificate from one CA (tls.*) and add the node"
-    " without credentials"
-)
 
 
 @dataclass
@@ -125,6 +120,24 @@ class Nodes:
                 raise AlreadyExists(f"{name} is already a member of the cluster")
             await self._write([row])
         return row
+
+    async def admit(self, row: Row) -> None:
+        """Record a node this node signs a certificate for (the certificate exchange): its
+        row is written unless it is a member already with the same url; a member with
+        another url is refused (PermissionDenied), so no certificate is issued for it."""
+        name = row[members.PRIMARY_KEY]
+        async with self._lock:
+            current = await self.read()
+            old = current.rows.get(name)
+            if old is not None:
+                if old.get("url") != row.get("url"):
+                    raise PermissionDenied(
+                        f"{name} is already a member with url {old.get('url')!r}, not"
+                        f" {row.get('url')!r}: no certificate is issued for another"
+                        " member's name"
+                    )
+                return
+            await self._write([row])
 
     async def update(self, name: str, changes: Row) -> Row:
         """Apply ``changes`` (columns) to a member's row; the result is validated whole."""

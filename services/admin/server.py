@@ -18,9 +18,10 @@ from services.admin.certificates import (
     certificate_message,
 )
 from services.admin.cluster import Cluster
+from services.admin.exchange import Exchange, JoinRequest, authorization_header
 from services.admin.node import AdminNode, Caller, current_caller
-from services.admin.nodes import CERTIFICATE_EXCHANGE, Nodes, node_message, row_from_route
-from services.common.errors import PermissionDenied, Unimplemented
+from services.admin.nodes import Nodes, node_message, row_from_route
+from services.common.errors import InvalidArgument, PermissionDenied
 from services.common.routes import to_proto
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -35,6 +36,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self.backups = Backups(node)
         self.nodes = Nodes(node, self.cluster)
         self.certificates = Certificates(node)
+        self.exchange = Exchange(node, self.nodes)
 
     @staticmethod
     def _caller(context: Ctx) -> Caller:
@@ -47,6 +49,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             self.cluster,
             self.nodes,
             self.certificates,
+            self.exchange,
             harper.deadline_of(context.time_remaining()),
         )
         result, code = await harper.run(execute, request.operation)
@@ -125,11 +128,26 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def AddNode(self, request: apb.AddNodeRequest, context: Ctx) -> apb.AddNodeResponse:
         self._caller(context).require_super_user("add_node")
-        if request.authorization:
-            raise Unimplemented(CERTIFICATE_EXCHANGE)
         row = row_from_route(request.route, self.nodes.name, self._shard(request))
-        written = await self.nodes.add(row)
+        if request.authorization:
+            if request.HasField("admin_port") and not 0 < request.admin_port <= 65535:
+                raise InvalidArgument("AddNode: 'admin_port' must be a port number (1 to 65535)")
+            join = JoinRequest(
+                row=row,
+                authorization=authorization_header(request.authorization, "AddNode"),
+                verify_tls=request.verify_tls if request.HasField("verify_tls") else True,
+                admin_port=request.admin_port if request.HasField("admin_port") else None,
+            )
+            written = await self.exchange.join(join)
+        else:
+            written = await self.nodes.add(row)
         return apb.AddNodeResponse(node=node_message(written, self.nodes.name))
+
+    async def SignNodeCertificate(
+        self, request: apb.SignNodeCertificateRequest, context: Ctx
+    ) -> apb.SignNodeCertificateResponse:
+        self._caller(context).require_super_user("SignNodeCertificate")
+        return await self.exchange.sign(request)
 
     async def UpdateNode(
         self, request: apb.UpdateNodeRequest, context: Ctx

@@ -34,7 +34,10 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificatePublicKeyTypes,
+    PrivateKeyTypes,
+)
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_VALID_DAYS = 3650
@@ -166,6 +169,21 @@ def issue_node_certificate(
     """A key and a certificate for a node, signed by ``authority``: CN = ``node_name``,
     SANs = ``node_name`` and ``names`` (IP addresses as IP SANs), TLS server and client,
     not a CA."""
+    key = _new_key()
+    certificate = sign_node_key(authority, key.public_key(), node_name, names, valid_days)
+    return KeyPair(_key_pem(key), certificate)
+
+
+def sign_node_key(
+    authority: KeyPair,
+    public_key: CertificatePublicKeyTypes,
+    node_name: str,
+    names: Iterable[str] = (),
+    valid_days: int = NODE_VALID_DAYS,
+) -> bytes:
+    """A node certificate (PEM) for ``public_key``, signed by ``authority``: CN =
+    ``node_name``, SANs = ``node_name`` and ``names``, TLS server and client, not a CA,
+    never valid past the CA."""
     if not node_name:
         raise CertificateError("a node certificate needs the node's name")
     ca_certificate = read_pem_certificate(authority.certificate_pem)
@@ -174,7 +192,6 @@ def issue_node_certificate(
         raise CertificateError("the CA key does not belong to the CA certificate")
     if not details(ca_certificate).is_authority:
         raise CertificateError("the CA certificate is not a certificate authority")
-    key = _new_key()
     not_before, not_after = _validity(valid_days)
     not_after = min(not_after, ca_certificate.not_valid_after_utc)
     sans = [general_name(n) for n in dict.fromkeys([node_name, *names])]
@@ -182,7 +199,7 @@ def issue_node_certificate(
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_name)]))
         .issuer_name(ca_certificate.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
@@ -214,7 +231,20 @@ def issue_node_certificate(
         )
         .sign(ca_key, hashes.SHA256())
     )
-    return KeyPair(_key_pem(key), certificate.public_bytes(serialization.Encoding.PEM))
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def create_signing_request(node_name: str) -> KeyPair:
+    """A new key and a certificate signing request (PEM, in ``certificate_pem``) naming
+    ``node_name``: subject CN and one SAN, nothing else asked for."""
+    key = _new_key()
+    request = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_name)]))
+        .add_extension(x509.SubjectAlternativeName([general_name(node_name)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return KeyPair(_key_pem(key), request.public_bytes(serialization.Encoding.PEM))
 
 
 # -- reading ------------------------------------------------------------------------------

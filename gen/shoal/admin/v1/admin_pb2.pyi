@@ -585,11 +585,22 @@ class AddNodeRequest(_message.Message):
     ROUTE_FIELD_NUMBER: _builtins.int
     SHARD_FIELD_NUMBER: _builtins.int
     AUTHORIZATION_FIELD_NUMBER: _builtins.int
+    VERIFY_TLS_FIELD_NUMBER: _builtins.int
+    ADMIN_PORT_FIELD_NUMBER: _builtins.int
     shard: _builtins.int
     """Its shard, when sharding is used."""
     authorization: _builtins.str
-    """Temporary credentials for the certificate exchange ("Basic ..." or "Bearer ...");
-    used once, never stored.
+    """Temporary credentials for the certificate exchange ("Basic ..." or "Bearer ...") of
+    a super user of the node to add; used once, never stored or logged. Empty: the row
+    is written and nothing else is done.
+    """
+    verify_tls: _builtins.bool
+    """With `authorization`: verify the target's admin port against this node's trusted
+    CAs (true, the default), or trust the certificate it presents (false).
+    """
+    admin_port: _builtins.int
+    """With `authorization`: the target's admin port; unset: this node's own
+    `operationsApi.network.port`.
     """
     @_builtins.property
     def route(self) -> _replicator_pb2.Route:
@@ -601,16 +612,110 @@ class AddNodeRequest(_message.Message):
         route: _replicator_pb2.Route | None = ...,
         shard: _builtins.int | None = ...,
         authorization: _builtins.str = ...,
+        verify_tls: _builtins.bool | None = ...,
+        admin_port: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_shard", b"_shard", "route", b"route", "shard", b"shard"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_admin_port", b"_admin_port", "_shard", b"_shard", "_verify_tls", b"_verify_tls", "admin_port", b"admin_port", "route", b"route", "shard", b"shard", "verify_tls", b"verify_tls"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_shard", b"_shard", "authorization", b"authorization", "route", b"route", "shard", b"shard"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_admin_port", b"_admin_port", "_shard", b"_shard", "_verify_tls", b"_verify_tls", "admin_port", b"admin_port", "authorization", b"authorization", "route", b"route", "shard", b"shard", "verify_tls", b"verify_tls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__admin_port: _TypeAlias = _typing.Literal["admin_port"]  # noqa: Y015
+    _WhichOneofArgType__admin_port: _TypeAlias = _typing.Literal["_admin_port", b"_admin_port"]  # noqa: Y015
     _WhichOneofReturnType__shard: _TypeAlias = _typing.Literal["shard"]  # noqa: Y015
     _WhichOneofArgType__shard: _TypeAlias = _typing.Literal["_shard", b"_shard"]  # noqa: Y015
+    _WhichOneofReturnType__verify_tls: _TypeAlias = _typing.Literal["verify_tls"]  # noqa: Y015
+    _WhichOneofArgType__verify_tls: _TypeAlias = _typing.Literal["_verify_tls", b"_verify_tls"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__admin_port) -> _WhichOneofReturnType__admin_port | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__shard) -> _WhichOneofReturnType__shard | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__verify_tls) -> _WhichOneofReturnType__verify_tls | None: ...
 
 Global___AddNodeRequest: _TypeAlias = AddNodeRequest  # noqa: Y015
+
+@_typing.final
+class SignNodeCertificateRequest(_message.Message):
+    """Request of SignNodeCertificate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_REQUEST_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    SIGNER_FIELD_NUMBER: _builtins.int
+    VALID_DAYS_FIELD_NUMBER: _builtins.int
+    certificate_request: _builtins.bytes
+    """A PKCS#10 certificate signing request (PEM) signed by the joining node's new key
+    (EC P-256/P-384 or RSA of 2048 bits or more). Its subject's common name and its
+    subject alternative names, if any, must be exactly `name`; it may not ask for a CA.
+    """
+    name: _builtins.str
+    """The joining node's name (its `replication.hostname`)."""
+    url: _builtins.str
+    """How members reach the joining node (its host must be `name`); empty: `name` with the
+    default port.
+    """
+    signer: _builtins.str
+    """The name the joining node knows this node by; refused when it is not this node's
+    name (so a node reached by another name signs nothing).
+    """
+    valid_days: _builtins.int
+    """Validity in days, at most (and by default) 365."""
+    def __init__(
+        self,
+        *,
+        certificate_request: _builtins.bytes = ...,
+        name: _builtins.str = ...,
+        url: _builtins.str = ...,
+        signer: _builtins.str = ...,
+        valid_days: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_valid_days", b"_valid_days", "valid_days", b"valid_days"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_valid_days", b"_valid_days", "certificate_request", b"certificate_request", "name", b"name", "signer", b"signer", "url", b"url", "valid_days", b"valid_days"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__valid_days: _TypeAlias = _typing.Literal["valid_days"]  # noqa: Y015
+    _WhichOneofArgType__valid_days: _TypeAlias = _typing.Literal["_valid_days", b"_valid_days"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__valid_days) -> _WhichOneofReturnType__valid_days | None: ...
+
+Global___SignNodeCertificateRequest: _TypeAlias = SignNodeCertificateRequest  # noqa: Y015
+
+@_typing.final
+class SignNodeCertificateResponse(_message.Message):
+    """Response of SignNodeCertificate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_AUTHORITY_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    certificate: _builtins.bytes
+    """The joining node's new certificate (PEM)."""
+    certificate_authority: _builtins.bytes
+    """The CA certificates this node trusts for replication (PEM), the signing CA among
+    them: what the joining node adds to its trust.
+    """
+    name: _builtins.str
+    """This node's name and url, as the joining node records it in `system.hdb_nodes`."""
+    url: _builtins.str
+    """This node's url (e.g. `shoals://server-one:9933`)."""
+    def __init__(
+        self,
+        *,
+        certificate: _builtins.bytes = ...,
+        certificate_authority: _builtins.bytes = ...,
+        name: _builtins.str = ...,
+        url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "certificate_authority", b"certificate_authority", "name", b"name", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignNodeCertificateResponse: _TypeAlias = SignNodeCertificateResponse  # noqa: Y015
 
 @_typing.final
 class AddNodeResponse(_message.Message):

@@ -75,6 +75,11 @@ class AdminServiceStub:
                 request_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.AddNodeRequest.SerializeToString,
                 response_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.AddNodeResponse.FromString,
                 _registered_method=True)
+        self.SignNodeCertificate = channel.unary_unary(
+                '/shoal.admin.v1.AdminService/SignNodeCertificate',
+                request_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.SignNodeCertificateRequest.SerializeToString,
+                response_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.SignNodeCertificateResponse.FromString,
+                _registered_method=True)
         self.UpdateNode = channel.unary_unary(
                 '/shoal.admin.v1.AdminService/UpdateNode',
                 request_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.UpdateNodeRequest.SerializeToString,
@@ -222,9 +227,45 @@ class AdminServiceServicer:
         Adds a node to the cluster (Harper's add_node): writes its row, which replicates to
         every member; each of them, and the new node once reached, connects to every other.
         A node removed earlier can be added again.
+
+        With `authorization` (temporary credentials of a super user of the node to add, the
+        target) this node joins the target's cluster by the certificate exchange: it makes a
+        new key and a certificate signing request, the target signs it (SignNodeCertificate)
+        and records this node in its `system.hdb_nodes`; this node then replaces its
+        generated certificate (`<rootPath>/keys/node.crt`, `node.key`), adds the target's
+        CA certificates to what it trusts (`keys/ca.crt`, and `system.hdb_certificate`) and
+        records the target. Replication then connects over mutual TLS both ways, without a
+        restart. The credentials are sent once to the target and never stored or logged.
+        With `verify_tls` false, the target's admin port is trusted on first use (its
+        certificate is fetched unverified and pinned for the call); otherwise it must chain
+        to a CA this node trusts.
         Errors: INVALID_ARGUMENT (bad host name, url, subscription or start time; this node
-        itself), ALREADY_EXISTS (already a member), PERMISSION_DENIED, UNIMPLEMENTED (the
-        certificate exchange with temporary credentials is not available yet).
+        itself; malformed `authorization`), ALREADY_EXISTS (already a member),
+        PERMISSION_DENIED (not a super user; the target refused the temporary credentials or
+        the request), FAILED_PRECONDITION (the exchange: this node has no generated
+        certificate in `<rootPath>/keys/` to replace, or the target has no CA key),
+        UNAVAILABLE (the target's admin port cannot be reached or its TLS cannot be
+        verified), DEADLINE_EXCEEDED (the target did not answer in time).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SignNodeCertificate(self, request, context):
+        """Signs the certificate of a node joining this node's cluster (the target side of
+        AddNode with `authorization`). The certificate is made here, not copied from the
+        request: subject common name and one subject alternative name, both exactly `name`
+        (an IP SAN for an address, a DNS SAN otherwise), not a CA, TLS server and client
+        use, a random serial, valid for at most 365 days (never past this node's CA). It is
+        signed with this node's generated CA key (`<rootPath>/keys/ca.key`), and the node is
+        recorded in `system.hdb_nodes` (which replicates). Super user (the temporary
+        credentials of the joining node's AddNode call).
+        Errors: UNAUTHENTICATED (wrong credentials), PERMISSION_DENIED (not a super user;
+        `name` is this node's own name, or a member's with another url), INVALID_ARGUMENT (no
+        or bad request, a bad signature, names other than `name`, a CA asked for, a bad url,
+        `signer` is not this node, `valid_days` over 365), FAILED_PRECONDITION (this node
+        has no CA key: its certificates come from files configured by `tls.*`, or its CA is
+        not one its replication trusts).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -378,6 +419,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.AddNode,
                     request_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.AddNodeRequest.FromString,
                     response_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.AddNodeResponse.SerializeToString,
+            ),
+            'SignNodeCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignNodeCertificate,
+                    request_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.SignNodeCertificateRequest.FromString,
+                    response_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.SignNodeCertificateResponse.SerializeToString,
             ),
             'UpdateNode': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateNode,
@@ -642,6 +688,33 @@ class AdminService:
             '/shoal.admin.v1.AdminService/AddNode',
             shoal_dot_admin_dot_v1_dot_admin__pb2.AddNodeRequest.SerializeToString,
             shoal_dot_admin_dot_v1_dot_admin__pb2.AddNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignNodeCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.admin.v1.AdminService/SignNodeCertificate',
+            shoal_dot_admin_dot_v1_dot_admin__pb2.SignNodeCertificateRequest.SerializeToString,
+            shoal_dot_admin_dot_v1_dot_admin__pb2.SignNodeCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -113,9 +113,41 @@ class AdminServiceStub:
     Adds a node to the cluster (Harper's add_node): writes its row, which replicates to
     every member; each of them, and the new node once reached, connects to every other.
     A node removed earlier can be added again.
+
+    With `authorization` (temporary credentials of a super user of the node to add, the
+    target) this node joins the target's cluster by the certificate exchange: it makes a
+    new key and a certificate signing request, the target signs it (SignNodeCertificate)
+    and records this node in its `system.hdb_nodes`; this node then replaces its
+    generated certificate (`<rootPath>/keys/node.crt`, `node.key`), adds the target's
+    CA certificates to what it trusts (`keys/ca.crt`, and `system.hdb_certificate`) and
+    records the target. Replication then connects over mutual TLS both ways, without a
+    restart. The credentials are sent once to the target and never stored or logged.
+    With `verify_tls` false, the target's admin port is trusted on first use (its
+    certificate is fetched unverified and pinned for the call); otherwise it must chain
+    to a CA this node trusts.
     Errors: INVALID_ARGUMENT (bad host name, url, subscription or start time; this node
-    itself), ALREADY_EXISTS (already a member), PERMISSION_DENIED, UNIMPLEMENTED (the
-    certificate exchange with temporary credentials is not available yet).
+    itself; malformed `authorization`), ALREADY_EXISTS (already a member),
+    PERMISSION_DENIED (not a super user; the target refused the temporary credentials or
+    the request), FAILED_PRECONDITION (the exchange: this node has no generated
+    certificate in `<rootPath>/keys/` to replace, or the target has no CA key),
+    UNAVAILABLE (the target's admin port cannot be reached or its TLS cannot be
+    verified), DEADLINE_EXCEEDED (the target did not answer in time).
+    """
+    SignNodeCertificate: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SignNodeCertificateRequest, _admin_pb2.SignNodeCertificateResponse]
+    """Signs the certificate of a node joining this node's cluster (the target side of
+    AddNode with `authorization`). The certificate is made here, not copied from the
+    request: subject common name and one subject alternative name, both exactly `name`
+    (an IP SAN for an address, a DNS SAN otherwise), not a CA, TLS server and client
+    use, a random serial, valid for at most 365 days (never past this node's CA). It is
+    signed with this node's generated CA key (`<rootPath>/keys/ca.key`), and the node is
+    recorded in `system.hdb_nodes` (which replicates). Super user (the temporary
+    credentials of the joining node's AddNode call).
+    Errors: UNAUTHENTICATED (wrong credentials), PERMISSION_DENIED (not a super user;
+    `name` is this node's own name, or a member's with another url), INVALID_ARGUMENT (no
+    or bad request, a bad signature, names other than `name`, a CA asked for, a bad url,
+    `signer` is not this node, `valid_days` over 365), FAILED_PRECONDITION (this node
+    has no CA key: its certificates come from files configured by `tls.*`, or its CA is
+    not one its replication trusts).
     """
     UpdateNode: _grpc.UnaryUnaryMultiCallable[_admin_pb2.UpdateNodeRequest, _admin_pb2.UpdateNodeResponse]
     """Replaces a member's settings: url, flow (sends / receives), explicit subscriptions,
@@ -261,9 +293,41 @@ class AdminServiceAsyncStub(AdminServiceStub):
     Adds a node to the cluster (Harper's add_node): writes its row, which replicates to
     every member; each of them, and the new node once reached, connects to every other.
     A node removed earlier can be added again.
+
+    With `authorization` (temporary credentials of a super user of the node to add, the
+    target) this node joins the target's cluster by the certificate exchange: it makes a
+    new key and a certificate signing request, the target signs it (SignNodeCertificate)
+    and records this node in its `system.hdb_nodes`; this node then replaces its
+    generated certificate (`<rootPath>/keys/node.crt`, `node.key`), adds the target's
+    CA certificates to what it trusts (`keys/ca.crt`, and `system.hdb_certificate`) and
+    records the target. Replication then connects over mutual TLS both ways, without a
+    restart. The credentials are sent once to the target and never stored or logged.
+    With `verify_tls` false, the target's admin port is trusted on first use (its
+    certificate is fetched unverified and pinned for the call); otherwise it must chain
+    to a CA this node trusts.
     Errors: INVALID_ARGUMENT (bad host name, url, subscription or start time; this node
-    itself), ALREADY_EXISTS (already a member), PERMISSION_DENIED, UNIMPLEMENTED (the
-    certificate exchange with temporary credentials is not available yet).
+    itself; malformed `authorization`), ALREADY_EXISTS (already a member),
+    PERMISSION_DENIED (not a super user; the target refused the temporary credentials or
+    the request), FAILED_PRECONDITION (the exchange: this node has no generated
+    certificate in `<rootPath>/keys/` to replace, or the target has no CA key),
+    UNAVAILABLE (the target's admin port cannot be reached or its TLS cannot be
+    verified), DEADLINE_EXCEEDED (the target did not answer in time).
+    """
+    SignNodeCertificate: _aio.UnaryUnaryMultiCallable[_admin_pb2.SignNodeCertificateRequest, _admin_pb2.SignNodeCertificateResponse]  # type: ignore[assignment]
+    """Signs the certificate of a node joining this node's cluster (the target side of
+    AddNode with `authorization`). The certificate is made here, not copied from the
+    request: subject common name and one subject alternative name, both exactly `name`
+    (an IP SAN for an address, a DNS SAN otherwise), not a CA, TLS server and client
+    use, a random serial, valid for at most 365 days (never past this node's CA). It is
+    signed with this node's generated CA key (`<rootPath>/keys/ca.key`), and the node is
+    recorded in `system.hdb_nodes` (which replicates). Super user (the temporary
+    credentials of the joining node's AddNode call).
+    Errors: UNAUTHENTICATED (wrong credentials), PERMISSION_DENIED (not a super user;
+    `name` is this node's own name, or a member's with another url), INVALID_ARGUMENT (no
+    or bad request, a bad signature, names other than `name`, a CA asked for, a bad url,
+    `signer` is not this node, `valid_days` over 365), FAILED_PRECONDITION (this node
+    has no CA key: its certificates come from files configured by `tls.*`, or its CA is
+    not one its replication trusts).
     """
     UpdateNode: _aio.UnaryUnaryMultiCallable[_admin_pb2.UpdateNodeRequest, _admin_pb2.UpdateNodeResponse]  # type: ignore[assignment]
     """Replaces a member's settings: url, flow (sends / receives), explicit subscriptions,
@@ -454,9 +518,47 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         Adds a node to the cluster (Harper's add_node): writes its row, which replicates to
         every member; each of them, and the new node once reached, connects to every other.
         A node removed earlier can be added again.
+
+        With `authorization` (temporary credentials of a super user of the node to add, the
+        target) this node joins the target's cluster by the certificate exchange: it makes a
+        new key and a certificate signing request, the target signs it (SignNodeCertificate)
+        and records this node in its `system.hdb_nodes`; this node then replaces its
+        generated certificate (`<rootPath>/keys/node.crt`, `node.key`), adds the target's
+        CA certificates to what it trusts (`keys/ca.crt`, and `system.hdb_certificate`) and
+        records the target. Replication then connects over mutual TLS both ways, without a
+        restart. The credentials are sent once to the target and never stored or logged.
+        With `verify_tls` false, the target's admin port is trusted on first use (its
+        certificate is fetched unverified and pinned for the call); otherwise it must chain
+        to a CA this node trusts.
         Errors: INVALID_ARGUMENT (bad host name, url, subscription or start time; this node
-        itself), ALREADY_EXISTS (already a member), PERMISSION_DENIED, UNIMPLEMENTED (the
-        certificate exchange with temporary credentials is not available yet).
+        itself; malformed `authorization`), ALREADY_EXISTS (already a member),
+        PERMISSION_DENIED (not a super user; the target refused the temporary credentials or
+        the request), FAILED_PRECONDITION (the exchange: this node has no generated
+        certificate in `<rootPath>/keys/` to replace, or the target has no CA key),
+        UNAVAILABLE (the target's admin port cannot be reached or its TLS cannot be
+        verified), DEADLINE_EXCEEDED (the target did not answer in time).
+        """
+
+    @_abc_1.abstractmethod
+    def SignNodeCertificate(
+        self,
+        request: _admin_pb2.SignNodeCertificateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SignNodeCertificateResponse, _abc.Awaitable[_admin_pb2.SignNodeCertificateResponse]]:
+        """Signs the certificate of a node joining this node's cluster (the target side of
+        AddNode with `authorization`). The certificate is made here, not copied from the
+        request: subject common name and one subject alternative name, both exactly `name`
+        (an IP SAN for an address, a DNS SAN otherwise), not a CA, TLS server and client
+        use, a random serial, valid for at most 365 days (never past this node's CA). It is
+        signed with this node's generated CA key (`<rootPath>/keys/ca.key`), and the node is
+        recorded in `system.hdb_nodes` (which replicates). Super user (the temporary
+        credentials of the joining node's AddNode call).
+        Errors: UNAUTHENTICATED (wrong credentials), PERMISSION_DENIED (not a super user;
+        `name` is this node's own name, or a member's with another url), INVALID_ARGUMENT (no
+        or bad request, a bad signature, names other than `name`, a CA asked for, a bad url,
+        `signer` is not this node, `valid_days` over 365), FAILED_PRECONDITION (this node
+        has no CA key: its certificates come from files configured by `tls.*`, or its CA is
+        not one its replication trusts).
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,283 @@
+"""Cross-generated certificates: two nodes, each with the CA it generated on its first
+start (so neither trusts the other), join by ``add_node`` with temporary credentials. The
+new node's certificate is signed by the target's CA with exactly the new node's identity,
+both record each other, and data then replicates both ways over mutual TLS (9933). Wrong
+credentials and requests for another name change nothing, and the credentials are found
+nowhere on disk afterwards."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import ipaddress
+import secrets
+import stat
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import NameOID
+from shoal.admin.v1 import admin_pb2 as apb
+from shoal.replicator.v1 import replicator_pb2 as rpb
+
+from services.common import certs
+from tests.conftest import MakeNode
+from tests.harness.client import expect_error
+from tests.harness.cluster import FAST_REPLICATION
+from tests.harness.node import Node
+from tests.harness.wait import wait_for
+
+ALL = ("storage", "replicator", "admin")
+GENERATED = {"replication": {"securePort": 9933, **FAST_REPLICATION}}
+PERMISSION_DENIED, FAILED_PRECONDITION = 7, 9
+TEMP_USER = "joiner"
+
+
+def _members(node: Node) -> set[str]:
+    rows = node.internal_client().all_records("system", "hdb_nodes", "name")
+    return {r["name"] for r in rows}
+
+
+def _keys(node: Node) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(node.keys_path.iterdir()) if p.is_file()}
+
+
+def _load(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def _fingerprints(pem: bytes) -> set[bytes]:
+    return {c.fingerprint(hashes.SHA256()) for c in x509.load_pem_x509_certificates(pem)}
+
+
+def _connected(node: Node, peer: str) -> bool:
+    connection = node.connection(peer)
+    return connection is not None and connection.connected
+
+
+def _temporary_super_user(target: Node) -> str:
+    """A super user of ``target`` made for the exchange; its password, unique to the test."""
+    password = "xgen-" + secrets.token_hex(12)
+    admin = target.admin()
+    admin.ok({"operation": "add_role", "role": "su", "permission": {"super_user": True}})
+    admin.ok({"operation": "add_user", "username": TEMP_USER, "password": password, "role": "su"})
+    return password
+
+
+def _pair(make_node: MakeNode) -> tuple[Node, Node]:
+    target = make_node(services=ALL, config=GENERATED)
+    joiner = make_node(services=ALL, config=GENERATED)
+    return target, joiner
+
+
+def _replicates_both_ways(target: Node, joiner: Node) -> None:
+    wait_for(
+        lambda: _connected(joiner, target.name) and _connected(target, joiner.name),
+        30,
+        "the two nodes to connect over mutual TLS",
+    )
+    for node in (target, joiner):
+        connection = node.connection(target.name if node is joiner else joiner.name)
+        assert connection.connected
+    target.client().create_table("dev", "dog")
+    target.client().insert("dev", "dog", [{"id": 1, "name": "Penny"}])
+
+    def joiner_has(key: int) -> bool:
+        try:
+            return bool(joiner.client().get("dev", "dog", [key]))
+        except grpc.RpcError:
+            return False
+
+    wait_for(lambda: joiner_has(1), 30, "the target's record on the joiner")
+    joiner.client().insert("dev", "dog", [{"id": 2, "name": "Rex"}])
+    wait_for(
+        lambda: [r["name"] for r in target.client().get("dev", "dog", [2])] == ["Rex"],
+        30,
+        "the joiner's record on the target",
+    )
+
+
+def test_add_node_with_temporary_credentials(make_node: MakeNode, tmp_path: Path) -> None:
+    target, joiner = _pair(make_node)
+    password = _temporary_super_user(target)
+    target_ca = _load(target.keys_path / "ca.crt")
+    joiner_ca = _load(joiner.keys_path / "ca.crt")
+    assert target_ca.subject != joiner_ca.subject  # two CAs: neither trusts the other
+    with pytest.raises(ValueError):
+        _load(joiner.keys_path / "node.crt").verify_directly_issued_by(target_ca)
+    admin = joiner.admin()
+
+    # Wrong password: refused by the target, nothing changed on either side.
+    keys_before = _keys(joiner)
+    wrong = {
+        "operation": "add_node",
+        "hostname": target.name,
+        "verify_tls": False,
+        "authorization": {"username": TEMP_USER, "password": password + "-wrong"},
+    }
+    result, code = admin.execute(wrong)
+    assert code == PERMISSION_DENIED, result
+    assert "refused the temporary credentials" in result["error"]
+    assert _keys(joiner) == keys_before
+    assert _members(joiner) == {joiner.name} and _members(target) == {target.name}
+
+    # The target's own checks, called directly: another node's name, its own name.
+    pinned = grpc.ssl_channel_credentials(root_certificates=target.ca_pem())
+    with grpc.secure_channel(target.address_of("admin"), pinned) as channel:
+        from shoal.admin.v1 import admin_pb2_grpc
+
+        stub = admin_pb2_grpc.AdminServiceStub(channel)
+        metadata = (
+            (
+                "authorization",
+                "Basic " + base64.b64encode(f"{TEMP_USER}:{password}".encode()).decode(),
+            ),
+        )
+
+        def sign(name: str, csr_name: str) -> Any:
+            request = apb.SignNodeCertificateRequest(
+                certificate_request=certs.create_signing_request(csr_name).certificate_pem,
+                name=name,
+                signer=target.name,
+            )
+            return lambda: stub.SignNodeCertificate(request, metadata=metadata, timeout=30)
+
+        expect_error(
+            grpc.StatusCode.INVALID_ARGUMENT, sign(joiner.name, "127.0.0.250"), "common name"
+        )
+        expect_error(grpc.StatusCode.PERMISSION_DENIED, sign(target.name, target.name), "own name")
+        expect_error(
+            grpc.StatusCode.UNAUTHENTICATED,
+            lambda: stub.SignNodeCertificate(
+                apb.SignNodeCertificateRequest(name=joiner.name),
+                metadata=(("authorization", "Basic " + base64.b64encode(b"joiner:no").decode()),),
+                timeout=30,
+            ),
+        )
+    assert _members(target) == {target.name}
+
+    # The real thing, with Harper's JSON.
+    right = {**wrong, "authorization": {"username": TEMP_USER, "password": password}}
+    added = admin.ok(right)
+    assert added["node"]["name"] == target.name
+    assert _members(joiner) == {joiner.name, target.name}
+    assert joiner.name in _members(target)
+
+    # The issued certificate has exactly the requested identity.
+    issued = _load(joiner.keys_path / "node.crt")
+    issued.verify_directly_issued_by(target_ca)
+    assert [a.value for a in issued.subject.get_attributes_for_oid(NameOID.COMMON_NAME)] == [
+        joiner.name
+    ]
+    sans = issued.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert list(sans) == [x509.IPAddress(ipaddress.ip_address(joiner.name))]
+    assert issued.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    lifetime = issued.not_valid_after_utc - issued.not_valid_before_utc
+    assert lifetime <= dt.timedelta(days=365, minutes=10)
+    key = joiner.keys_path / "node.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert certs.key_matches(certs.load_private_key(key.read_bytes()), issued)
+    assert keys_before["node.key"] != key.read_bytes()  # a new key, made on the joiner
+    trusted = _fingerprints((joiner.keys_path / "ca.crt").read_bytes())
+    assert trusted == {
+        target_ca.fingerprint(hashes.SHA256()),
+        joiner_ca.fingerprint(hashes.SHA256()),
+    }
+    recorded = {
+        r["name"]: r
+        for r in joiner.internal_client().all_records("system", "hdb_certificate", "name")
+    }
+    assert recorded[f"{certs.GENERATED_CA_PREFIX}{target.name}"]["is_authority"] is True
+    assert recorded[joiner.name]["issuer"] == target_ca.subject.rfc4514_string()
+
+    # Without a restart, replication connects both ways over mutual TLS.
+    _replicates_both_ways(target, joiner)
+
+    # Asked again: already a member, nothing sent.
+    result, code = admin.execute(right)
+    assert code == 6, result
+
+    # The credentials are nowhere on disk: data, keys, configs, logs of both nodes.
+    target.stop()
+    joiner.stop()
+    token = base64.b64encode(f"{TEMP_USER}:{password}".encode())
+    needles = [password.encode(), token, password.encode("utf-16-le")]
+    files = [p for node in (target, joiner) for p in node.root.rglob("*") if p.is_file()]
+    assert len(files) > 20
+    assert any(b"signed a certificate for joining node" in p.read_bytes() for p in files)
+    leaks = [str(p) for p in files for n in needles if n in p.read_bytes()]
+    assert leaks == []
+
+
+def test_typed_add_node_verifies_the_target_unless_told_not_to(make_node: MakeNode) -> None:
+    target, joiner = _pair(make_node)
+    password = _temporary_super_user(target)
+    token = base64.b64encode(f"{TEMP_USER}:{password}".encode()).decode()
+    route = rpb.Route(hostname=target.name)
+    admin = joiner.admin()
+
+    # verify_tls defaults to true: the target's certificate is of a CA the joiner does not
+    # trust, so nothing is sent and nothing changes.
+    keys_before = _keys(joiner)
+    expect_error(
+        grpc.StatusCode.UNAVAILABLE,
+        lambda: admin.call(
+            "AddNode", apb.AddNodeRequest(route=route, authorization=f"Basic {token}")
+        ),
+        "verify_tls",
+    )
+    assert _keys(joiner) == keys_before
+    assert _members(joiner) == {joiner.name} and _members(target) == {target.name}
+
+    # A user who is not a super user of the target is refused by it.
+    target.admin().ok({"operation": "add_role", "role": "ro", "permission": {"super_user": False}})
+    target.admin().ok(
+        {"operation": "add_user", "username": "reader", "password": "pw-123456", "role": "ro"}
+    )
+    reader = base64.b64encode(b"reader:pw-123456").decode()
+    expect_error(
+        grpc.StatusCode.PERMISSION_DENIED,
+        lambda: admin.call(
+            "AddNode",
+            apb.AddNodeRequest(route=route, authorization=f"Basic {reader}", verify_tls=False),
+        ),
+        "needs a super user",
+    )
+    assert _members(target) == {target.name} and _keys(joiner) == keys_before
+
+    reply = admin.call(
+        "AddNode", apb.AddNodeRequest(route=route, authorization=f"Basic {token}", verify_tls=False)
+    )
+    assert reply.node.name == target.name
+    _replicates_both_ways(target, joiner)
+
+
+def test_a_node_with_configured_certificates_signs_nothing(make_node: MakeNode) -> None:
+    """The target must hold its generated CA key; an operator-configured node answers
+    FAILED_PRECONDITION, and the joiner changes nothing."""
+    from tests.harness.certs import CertificateAuthority
+
+    ca = CertificateAuthority.create()
+    configured = make_node(services=ALL, start=False, config={"replication": FAST_REPLICATION})
+    configured.update_config(
+        {"tls": ca.write_node_files(configured.root / "tls", configured.name, [configured.name])}
+    )
+    configured.start()
+    password = _temporary_super_user(configured)
+    joiner = make_node(services=ALL, config=GENERATED)
+    keys_before = _keys(joiner)
+    result, code = joiner.admin().execute(
+        {
+            "operation": "add_node",
+            "hostname": configured.name,
+            "verify_tls": False,
+            "authorization": {"username": TEMP_USER, "password": password},
+        }
+    )
+    assert code == FAILED_PRECONDITION, result
+    assert "no CA key" in result["error"]
+    assert _keys(joiner) == keys_before
+    assert _members(joiner) == {joiner.name}
