@@ -23,7 +23,7 @@ from services.common.node_tls import prepare
 SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
-async def run(config: ShoalConfig) -> None:
+async def run(config: ShoalConfig) -> bool:
     health = await start_health_port(config, "admin", [SERVICE_NAME])
     try:
         node_tls = prepare(config)
@@ -44,10 +44,11 @@ async def run(config: ShoalConfig) -> None:
         grace_s=5.0,
         tls=node_tls.server_material("admin"),
         health=health,
+        lifecycle=node.lifecycle,
     )
     attach_metrics(spec, config)
     running = await start_server(spec)
-    await serve_until_signalled(running)
+    return await serve_until_signalled(running)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ import yaml
 from shoal.admin.v1 import admin_pb2 as apb
 from shoal.replicator.v1 import replicator_pb2 as rpb
 
+from services.admin.configuration import changed_config, write_config
 from services.admin.node import AdminNode
 from services.common.config import ConfigError, Route, load_config
 from services.common.errors import FailedPrecondition, InvalidArgument
@@ -58,6 +59,18 @@ class Cluster:
         data = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
         data.pop("admin", None)
         return dict(data)
+
+    async def set_configuration(self, settings: dict[str, Any]) -> list[str]:
+        """Change keys of this node's shoal.yaml (validated whole, written atomically);
+        the dotted keys changed. Serialized with route edits (the same file)."""
+        source = self.node.config.source
+        if source is None:
+            raise FailedPrecondition("this node was started without a configuration file")
+        async with self._routes_lock:
+            current = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+            data, keys = changed_config(current, settings, source.resolve().parent)
+            write_config(source, data)
+        return keys
 
     def routes(self) -> list[Route]:
         source = self.node.config.source

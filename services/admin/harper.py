@@ -24,11 +24,12 @@ from shoal.storage.v1 import storage_pb2 as spb
 from shoal.storage.v1 import types_pb2
 
 from services.admin import analytics as history
-from services.admin import csvload
+from services.admin import clusterwide, csvload
 from services.admin.backup import Backups
 from services.admin.backup_archive import ArchiveReader
 from services.admin.certificates import Certificates, NewCertificate
 from services.admin.cluster import Cluster
+from services.admin.configuration import settings_from
 from services.admin.exchange import Exchange, JoinRequest, authorization_header
 from services.admin.node import CALL_TIMEOUT_S, AdminNode, Caller
 from services.admin.nodes import (
@@ -452,16 +453,36 @@ async def describe_table(ex: Execute, body: Body) -> Json:
     return _table_json(reply.table)
 
 
+def _replicated(ex: Execute, body: Body) -> bool:
+    """The operation's ``replicated`` flag (read before anything changes); cluster-wide
+    operations need a super user."""
+    replicated = body.flag("replicated", default=False)
+    if replicated:
+        ex.caller.require_super_user(f"{body.operation} with 'replicated'")
+    return replicated
+
+
+async def _on_members(ex: Execute, body: Body, result: dict[str, Any]) -> Json:
+    """``result`` plus, in ``replicated``, each member's outcome of the same operation."""
+    names = await clusterwide.members(ex.nodes, ex.cluster)
+    results = await clusterwide.fan_out(ex.node, names, body.data, ex.caller.metadata)
+    return {**result, "replicated": [r.json() for r in results]}
+
+
 async def create_database(ex: Execute, body: Body) -> Json:
+    replicated = _replicated(ex, body)
     name = body.text("database", "schema")
     await ex.storage("CreateDatabase", spb.CreateDatabaseRequest(database=name))
-    return {"message": f"database '{name}' successfully created"}
+    result = {"message": f"database '{name}' successfully created"}
+    return await _on_members(ex, body, result) if replicated else result
 
 
 async def drop_database(ex: Execute, body: Body) -> Json:
+    replicated = _replicated(ex, body)
     name = body.text("database", "schema")
     await ex.storage("DropDatabase", spb.DropDatabaseRequest(database=name))
-    return {"message": f"successfully deleted database '{name}'"}
+    result = {"message": f"successfully deleted database '{name}'"}
+    return await _on_members(ex, body, result) if replicated else result
 
 
 async def create_table(ex: Execute, body: Body) -> Json:
@@ -484,9 +505,11 @@ async def create_table(ex: Execute, body: Body) -> Json:
 
 
 async def drop_table(ex: Execute, body: Body) -> Json:
+    replicated = _replicated(ex, body)
     database, table = body.database(), body.text("table")
     await ex.storage("DropTable", spb.DropTableRequest(database=database, table=table))
-    return {"message": f"successfully deleted table '{database}.{table}'"}
+    result = {"message": f"successfully deleted table '{database}.{table}'"}
+    return await _on_members(ex, body, result) if replicated else result
 
 
 async def create_attribute(ex: Execute, body: Body) -> Json:
@@ -504,12 +527,14 @@ async def create_attribute(ex: Execute, body: Body) -> Json:
 
 
 async def drop_attribute(ex: Execute, body: Body) -> Json:
+    replicated = _replicated(ex, body)
     database, table, attribute = body.database(), body.text("table"), body.text("attribute")
     await ex.storage(
         "DropAttribute",
         spb.DropAttributeRequest(database=database, table=table, attribute=attribute),
     )
-    return {"message": f"successfully deleted attribute '{attribute}'"}
+    result = {"message": f"successfully deleted attribute '{attribute}'"}
+    return await _on_members(ex, body, result) if replicated else result
 
 
 # -- logs ------------------------------------------------------------------------------------
@@ -976,6 +1001,47 @@ async def get_configuration(ex: Execute, body: Body) -> Json:
     return ex.cluster.configuration()
 
 
+async def set_configuration(ex: Execute, body: Body) -> Json:
+    ex.caller.require_super_user("set_configuration")
+    replicated = _replicated(ex, body)
+    settings = settings_from(body.data)
+    await ex.cluster.set_configuration(settings)
+    result = {
+        "message": "Configuration successfully set. Restart the node (restart) for the new"
+        " settings to take effect."
+    }
+    return await _on_members(ex, body, result) if replicated else result
+
+
+def _restart_services(body: Body) -> list[str]:
+    if body.operation == "restart_service":
+        return clusterwide.services_to_restart([body.text("service")])
+    names = body.array("services", required=False)
+    if not all(isinstance(n, str) for n in names):
+        raise InvalidArgument("restart: 'services' must be an array of service names")
+    return clusterwide.services_to_restart(names)
+
+
+async def restart(ex: Execute, body: Body) -> Json:
+    ex.caller.require_super_user(body.operation)
+    replicated = _replicated(ex, body)
+    services = _restart_services(body)
+    done = await clusterwide.restart(
+        ex.node, ex.nodes, ex.cluster, services, replicated, ex.caller.metadata
+    )
+    if done.services:
+        here = [s for s in done.services if s != "admin"]
+        message = f"restarted {', '.join(here)}" if here else ""
+        if "admin" in done.services:
+            message += ("; " if message else "") + "the admin service restarts now"
+    else:
+        message = "the rolling restart stopped before this node; nothing was restarted here"
+    result: dict[str, Any] = {"message": message, "services": done.services}
+    if replicated:
+        result["replicated"] = [r.json() for r in done.replicated]
+    return result
+
+
 # -- membership (system.hdb_nodes) ---------------------------------------------------------
 
 _NODE_COLUMNS = ("url", "replicates", "subscriptions", "start_time", "revoked_certificates")
@@ -1288,6 +1354,9 @@ OPERATIONS: dict[str, Handler] = {
     "cluster_set_routes": cluster_set_routes,
     "cluster_delete_routes": cluster_delete_routes,
     "get_configuration": get_configuration,
+    "set_configuration": set_configuration,
+    "restart": restart,
+    "restart_service": restart,
     # membership
     "add_node": add_node,
     "update_node": update_node,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+from shoal.lifecycle.v1 import lifecycle_pb2_grpc
 from shoal.replicator.v1 import replicator_pb2_grpc
 from shoal.storage.v1 import storage_pb2 as spb
 from shoal.storage.v1 import storage_pb2_grpc
@@ -21,7 +22,10 @@ from shoal.storage.v1 import storage_pb2_grpc
 from services.common.auth import Identity, bearer_metadata, identity
 from services.common.config import ShoalConfig
 from services.common.errors import PermissionDenied, Unauthenticated, from_rpc_error
+from services.common.grpcserver import channel_options
+from services.common.lifecycle import Lifecycle
 from services.common.node_tls import NodeTls
+from services.common.tls import verifying_channel_credentials
 
 T = TypeVar("T")
 CALL_TIMEOUT_S = 60.0
@@ -57,12 +61,31 @@ class AdminNode:
     def __init__(self, node_tls: NodeTls, secret: str) -> None:
         config: ShoalConfig = node_tls.config
         self.config = config
+        self.node_tls = node_tls
+        self.lifecycle = Lifecycle("admin")  # this process's restart (served by start_server)
         self.internal: Metadata = bearer_metadata(secret)
         self._storage_channel = node_tls.channel("storage", config.storage.max_message_bytes)
         # The replicator's mutual-TLS port, or its plain port in insecure mode.
         self._replicator_channel = node_tls.replicator_channel(config.storage.max_message_bytes)
         self.storage = storage_pb2_grpc.StorageServiceStub(self._storage_channel)
         self.replicator = replicator_pb2_grpc.ReplicatorServiceStub(self._replicator_channel)
+        self.lifecycles = {
+            "storage": lifecycle_pb2_grpc.LifecycleServiceStub(self._storage_channel),
+            "replicator": lifecycle_pb2_grpc.LifecycleServiceStub(self._replicator_channel),
+        }
+
+    def member_channel(self, host: str) -> grpc.aio.Channel:
+        """A channel to the admin service of the member ``host``: on this node's admin port
+        (members are configured alike), over TLS trusting this node's CA when this node's
+        admin port serves TLS."""
+        address = f"[{host}]" if ":" in host else host
+        address = f"{address}:{self.config.operations_api.port}"
+        options = channel_options(self.config.storage.max_message_bytes)
+        material = self.node_tls.material
+        if material is None or not self.node_tls.serves_tls("admin"):
+            return grpc.aio.insecure_channel(address, options=options)
+        credentials = verifying_channel_credentials(material.certificate_authority)
+        return grpc.aio.secure_channel(address, credentials, options=options)
 
     async def close(self) -> None:
         await self._storage_channel.close()

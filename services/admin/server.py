@@ -10,7 +10,7 @@ import orjson
 from shoal.admin.v1 import admin_pb2 as apb
 from shoal.admin.v1 import admin_pb2_grpc
 
-from services.admin import analytics, harper
+from services.admin import analytics, clusterwide, harper
 from services.admin.backup import Backups, drain
 from services.admin.certificates import (
     Certificates,
@@ -18,6 +18,7 @@ from services.admin.certificates import (
     certificate_message,
 )
 from services.admin.cluster import Cluster
+from services.admin.configuration import settings_from
 from services.admin.exchange import Exchange, JoinRequest, authorization_header
 from services.admin.node import AdminNode, Caller, current_caller
 from services.admin.nodes import Nodes, node_message, row_from_route
@@ -220,3 +221,37 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self._caller(context).require_super_user("remove_certificate")
         row = await self.certificates.remove(request.name)
         return apb.RemoveCertificateResponse(certificate=certificate_message(row))
+
+    # -- cluster-wide operations --------------------------------------------------------
+
+    async def SetConfiguration(
+        self, request: apb.SetConfigurationRequest, context: Ctx
+    ) -> apb.SetConfigurationResponse:
+        caller = self._caller(context)
+        caller.require_super_user("set_configuration")
+        try:
+            settings = orjson.loads(request.settings)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidArgument(f"set_configuration: settings are not valid JSON: {exc}") from exc
+        if not isinstance(settings, dict):
+            raise InvalidArgument("set_configuration: settings must be a JSON object")
+        settings = settings_from(settings)
+        keys = await self.cluster.set_configuration(settings)
+        reply = apb.SetConfigurationResponse(keys=keys)
+        if request.replicated:
+            names = await clusterwide.members(self.nodes, self.cluster)
+            operation = {"operation": "set_configuration", **settings}
+            results = await clusterwide.fan_out(self.node, names, operation, caller.metadata)
+            reply.replicated.extend(r.message() for r in results)
+        return reply
+
+    async def Restart(self, request: apb.RestartRequest, context: Ctx) -> apb.RestartResponse:
+        caller = self._caller(context)
+        caller.require_super_user("restart")
+        services = clusterwide.services_to_restart(request.services)
+        done = await clusterwide.restart(
+            self.node, self.nodes, self.cluster, services, request.replicated, caller.metadata
+        )
+        return apb.RestartResponse(
+            services=done.services, replicated=[r.message() for r in done.replicated]
+        )

@@ -28,10 +28,13 @@ from typing import Any, Protocol
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from shoal.lifecycle.v1.lifecycle_pb2_grpc import add_LifecycleServiceServicer_to_server
 
 from services.common.auth import Identity, current_identity
 from services.common.config import ShoalConfig
 from services.common.errors import Internal, ShoalError, Unavailable
+from services.common.lifecycle import SERVICE_NAME as LIFECYCLE_SERVICE
+from services.common.lifecycle import Lifecycle, LifecycleServicer
 from services.common.metrics import MethodStats, MetricsServer, RpcMetrics, Source, start_metrics
 from services.common.tls import TlsMaterial, server_credentials
 
@@ -330,6 +333,8 @@ class ServerSpec:
     # The process's statuses and health port (start_health_port), stopped last; None:
     # statuses of the main port only.
     health: HealthPort | None = None
+    # Restart in place (shoal.lifecycle.v1, served beside the service); None: a new one.
+    lifecycle: Lifecycle | None = None
 
 
 class RunningServer:
@@ -384,12 +389,16 @@ async def start_server(spec: ServerSpec) -> RunningServer:
         maximum_concurrent_rpcs=spec.max_concurrent_rpcs,
     )
     spec.register(server)
+    if spec.lifecycle is None:
+        spec.lifecycle = Lifecycle(spec.name)
+    add_LifecycleServiceServicer_to_server(LifecycleServicer(spec.lifecycle), server)
     health_servicer = (
         spec.health.servicer if spec.health is not None else health.aio.HealthServicer()
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        [*spec.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        [*spec.service_names, LIFECYCLE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME],
+        server,
     )
     try:
         if spec.tls is not None:
@@ -409,18 +418,25 @@ async def start_server(spec: ServerSpec) -> RunningServer:
 
 async def serve_until_signalled(
     running: RunningServer, extra_tasks: Iterable[asyncio.Task[Any]] = ()
-) -> None:
-    """Serve until SIGTERM/SIGINT, then stop gracefully (health first, then the server)."""
+) -> bool:
+    """Serve until SIGTERM/SIGINT or a restart request (LifecycleService.Restart), then
+    stop gracefully (health first, then the server). True when a restart was requested:
+    the caller then starts the process anew (``service_main`` does)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    waiters = [asyncio.create_task(stop.wait()), *extra_tasks]
+    lifecycle = running.spec.lifecycle
+    restart = lifecycle.restart_requested if lifecycle is not None else asyncio.Event()
+    waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(restart.wait())]
+    waiters += extra_tasks
     done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     for task in done:
-        if task is not waiters[0] and task.exception() is not None:
+        if task not in waiters[:2] and task.exception() is not None:
             log.error("%s: background task failed: %r", running.spec.name, task.exception())
-    log.info("%s shutting down", running.spec.name)
+    restarting = restart.is_set() and not stop.is_set()
+    log.info("%s %s", running.spec.name, "restarting" if restarting else "shutting down")
     await running.stop()
     for task in waiters:
         task.cancel()
+    return restarting

@@ -9,6 +9,7 @@ import sys
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from shoal.lifecycle.v1.lifecycle_pb2_grpc import add_LifecycleServiceServicer_to_server
 from shoal.replicator.v1 import replicator_pb2, replicator_pb2_grpc
 
 from services.common.auth import read_node_secret
@@ -25,6 +26,8 @@ from services.common.grpcserver import (
     start_health_port,
 )
 from services.common.hlc import wall_clock_ms
+from services.common.lifecycle import SERVICE_NAME as LIFECYCLE_SERVICE
+from services.common.lifecycle import Lifecycle, LifecycleServicer
 from services.common.node_tls import prepare
 from services.common.tls_source import TlsError, TlsSource, reloading_server_credentials
 from services.replicator import sampler
@@ -37,7 +40,7 @@ log = logging.getLogger("shoal.replicator")
 SERVICE_NAME = replicator_pb2.DESCRIPTOR.services_by_name["ReplicatorService"].full_name
 
 
-async def run(config: ShoalConfig) -> None:
+async def run(config: ShoalConfig) -> bool:
     health_port = await start_health_port(config, "replicator", [SERVICE_NAME])
     try:
         # tls.* names the node's certificates from here on (generated on the first start
@@ -81,10 +84,12 @@ async def run(config: ShoalConfig) -> None:
     replicator_pb2_grpc.add_ReplicatorServiceServicer_to_server(
         ReplicatorServicer(replicator, secret), server
     )
+    spec.lifecycle = Lifecycle("replicator")
+    add_LifecycleServiceServicer_to_server(LifecycleServicer(spec.lifecycle, secret), server)
     health_servicer = health_port.servicer
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        [SERVICE_NAME, LIFECYCLE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     plain = spec.address
     if server.add_insecure_port(plain) == 0:
@@ -108,7 +113,7 @@ async def run(config: ShoalConfig) -> None:
     if config.analytics.enabled:
         clock = wall_clock_ms(config.testing.clock_offset_ms)
         tasks.append(asyncio.create_task(sampler.run(replicator, storage, clock), name="analytics"))
-    await serve_until_signalled(running, tasks)
+    return await serve_until_signalled(running, tasks)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,7 +57,7 @@ def open_engine(config: ShoalConfig) -> Engine:
     return engine
 
 
-async def run(config: ShoalConfig) -> None:
+async def run(config: ShoalConfig) -> bool:
     health = await start_health_port(config, "storage", [SERVICE_NAME])
     try:
         # tls.* names the node's certificates from here on: generated on the first start
@@ -111,7 +111,7 @@ async def run(config: ShoalConfig) -> None:
         raise
     purge = asyncio.create_task(_purge_loop(engine, config))
     history = asyncio.create_task(analytics.run(servicer.analytics, sampler.sample))
-    await serve_until_signalled(running, [purge, history])
+    return await serve_until_signalled(running, [purge, history])
 
 
 def main(argv: list[str] | None = None) -> int:

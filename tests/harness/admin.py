@@ -41,5 +41,11 @@ class AdminClient:
         assert code == 0, f"{operation['operation']} failed ({code}): {result}"
         return result
 
+    def ok_within(self, operation: dict[str, Any], timeout: float) -> Any:
+        """Like ``ok``, for a long operation (a rolling restart)."""
+        result, code = self.execute(operation, timeout)
+        assert code == 0, f"{operation['operation']} failed ({code}): {result}"
+        return result
+
     def call(self, method: str, request: Any, timeout: float = 30.0) -> Any:
         return getattr(self.stub, method)(request, metadata=self.metadata, timeout=timeout)

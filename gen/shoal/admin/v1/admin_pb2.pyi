@@ -63,6 +63,159 @@ RESTORE_MODE_LOG: RestoreMode.ValueType  # 3
 Global___RestoreMode: _TypeAlias = RestoreMode  # noqa: Y015
 
 @_typing.final
+class NodeResult(_message.Message):
+    """The outcome of a cluster-wide operation on one member."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    """The member's name."""
+    ok: _builtins.bool
+    """True when the member did it."""
+    error: _builtins.str
+    """Why it did not (empty when ok)."""
+    code: _builtins.int
+    """The gRPC status code of the failure (0 when ok)."""
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        ok: _builtins.bool = ...,
+        error: _builtins.str = ...,
+        code: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "error", b"error", "node", b"node", "ok", b"ok"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeResult: _TypeAlias = NodeResult  # noqa: Y015
+
+@_typing.final
+class SetConfigurationRequest(_message.Message):
+    """Request of SetConfiguration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    REPLICATED_FIELD_NUMBER: _builtins.int
+    settings: _builtins.bytes
+    """A JSON object of keys and values: dotted keys of shoal.yaml ("logging.level") or
+    Harper's underscore form ("logging_level"); null removes a key (its default
+    applies).
+    """
+    replicated: _builtins.bool
+    """Also make the change on every member of the cluster."""
+    def __init__(
+        self,
+        *,
+        settings: _builtins.bytes = ...,
+        replicated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replicated", b"replicated", "settings", b"settings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetConfigurationRequest: _TypeAlias = SetConfigurationRequest  # noqa: Y015
+
+@_typing.final
+class SetConfigurationResponse(_message.Message):
+    """Response of SetConfiguration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    REPLICATED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The dotted keys changed on this node."""
+
+    @_builtins.property
+    def replicated(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeResult]:
+        """Per member, with `replicated`."""
+
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[_builtins.str] | None = ...,
+        replicated: _abc.Iterable[Global___NodeResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "replicated", b"replicated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetConfigurationResponse: _TypeAlias = SetConfigurationResponse  # noqa: Y015
+
+@_typing.final
+class RestartRequest(_message.Message):
+    """Request of Restart."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICES_FIELD_NUMBER: _builtins.int
+    REPLICATED_FIELD_NUMBER: _builtins.int
+    replicated: _builtins.bool
+    """A rolling restart of every member of the cluster, then this node."""
+    @_builtins.property
+    def services(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Services to restart: storage, replicator, admin (empty: all three)."""
+
+    def __init__(
+        self,
+        *,
+        services: _abc.Iterable[_builtins.str] | None = ...,
+        replicated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replicated", b"replicated", "services", b"services"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestartRequest: _TypeAlias = RestartRequest  # noqa: Y015
+
+@_typing.final
+class RestartResponse(_message.Message):
+    """Response of Restart."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICES_FIELD_NUMBER: _builtins.int
+    REPLICATED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def services(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The services of this node restarted (admin: restarting once this answer is sent);
+        empty when a rolling restart stopped before this node.
+        """
+
+    @_builtins.property
+    def replicated(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeResult]:
+        """Per member, with `replicated`, in the order they were restarted."""
+
+    def __init__(
+        self,
+        *,
+        services: _abc.Iterable[_builtins.str] | None = ...,
+        replicated: _abc.Iterable[Global___NodeResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replicated", b"replicated", "services", b"services"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestartResponse: _TypeAlias = RestartResponse  # noqa: Y015
+
+@_typing.final
 class ExecuteRequest(_message.Message):
     """Request of Execute."""
 

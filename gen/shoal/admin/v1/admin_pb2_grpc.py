@@ -125,6 +125,16 @@ class AdminServiceStub:
                 request_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.RemoveCertificateRequest.SerializeToString,
                 response_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.RemoveCertificateResponse.FromString,
                 _registered_method=True)
+        self.SetConfiguration = channel.unary_unary(
+                '/shoal.admin.v1.AdminService/SetConfiguration',
+                request_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.SetConfigurationRequest.SerializeToString,
+                response_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.SetConfigurationResponse.FromString,
+                _registered_method=True)
+        self.Restart = channel.unary_unary(
+                '/shoal.admin.v1.AdminService/Restart',
+                request_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.RestartRequest.SerializeToString,
+                response_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.RestartResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -377,6 +387,40 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetConfiguration(self, request, context):
+        """Changes keys of this node's shoal.yaml (Harper's set_configuration): the file with
+        the changes is validated as a whole, exactly as at start-up, then written
+        atomically; the changes take effect at the next restart. With `replicated`, the
+        same change is then made on every member of the cluster (system.hdb_nodes and
+        routes) through its admin service, with the caller's credentials; each member's
+        outcome is in `replicated`. An invalid change is refused before any node is
+        changed. Super user.
+        Errors: INVALID_ARGUMENT (not a JSON object, an unknown key, a key that cannot be
+        set this way, a value the configuration refuses; every problem is named),
+        PERMISSION_DENIED, FAILED_PRECONDITION (the node runs without a configuration file).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Restart(self, request, context):
+        """Restarts this node's services in place (Harper's restart and restart_service): one
+        service after another, each stopped gracefully and started anew, the next only
+        once the previous serves again; then waits until the node is caught up (connected
+        again to the peers it was connected to, with a small backlog). The admin service
+        itself restarts last, after answering. With `replicated`, a rolling restart of the
+        cluster first: each member in turn (through its admin service, with the caller's
+        credentials), the next only after the previous is back and caught up, then this
+        node; it stops at the first member that fails or does not come back in time, and
+        then restarts neither the rest nor this node. Super user.
+        Errors: INVALID_ARGUMENT (an unknown service), PERMISSION_DENIED, UNAVAILABLE (a
+        service of this node did not answer), DEADLINE_EXCEEDED (a service did not come
+        back, or the node did not catch up, in time).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -469,6 +513,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RemoveCertificate,
                     request_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.RemoveCertificateRequest.FromString,
                     response_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.RemoveCertificateResponse.SerializeToString,
+            ),
+            'SetConfiguration': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetConfiguration,
+                    request_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.SetConfigurationRequest.FromString,
+                    response_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.SetConfigurationResponse.SerializeToString,
+            ),
+            'Restart': grpc.unary_unary_rpc_method_handler(
+                    servicer.Restart,
+                    request_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.RestartRequest.FromString,
+                    response_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.RestartResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -958,6 +1012,60 @@ class AdminService:
             '/shoal.admin.v1.AdminService/RemoveCertificate',
             shoal_dot_admin_dot_v1_dot_admin__pb2.RemoveCertificateRequest.SerializeToString,
             shoal_dot_admin_dot_v1_dot_admin__pb2.RemoveCertificateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetConfiguration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.admin.v1.AdminService/SetConfiguration',
+            shoal_dot_admin_dot_v1_dot_admin__pb2.SetConfigurationRequest.SerializeToString,
+            shoal_dot_admin_dot_v1_dot_admin__pb2.SetConfigurationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Restart(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.admin.v1.AdminService/Restart',
+            shoal_dot_admin_dot_v1_dot_admin__pb2.RestartRequest.SerializeToString,
+            shoal_dot_admin_dot_v1_dot_admin__pb2.RestartResponse.FromString,
             options,
             channel_credentials,
             insecure,

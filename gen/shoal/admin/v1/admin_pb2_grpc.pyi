@@ -219,6 +219,32 @@ class AdminServiceStub:
     PERMISSION_DENIED, FAILED_PRECONDITION (a certificate this node's `tls.*` uses:
     replace the files and restart instead), UNAVAILABLE.
     """
+    SetConfiguration: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetConfigurationRequest, _admin_pb2.SetConfigurationResponse]
+    """Changes keys of this node's shoal.yaml (Harper's set_configuration): the file with
+    the changes is validated as a whole, exactly as at start-up, then written
+    atomically; the changes take effect at the next restart. With `replicated`, the
+    same change is then made on every member of the cluster (system.hdb_nodes and
+    routes) through its admin service, with the caller's credentials; each member's
+    outcome is in `replicated`. An invalid change is refused before any node is
+    changed. Super user.
+    Errors: INVALID_ARGUMENT (not a JSON object, an unknown key, a key that cannot be
+    set this way, a value the configuration refuses; every problem is named),
+    PERMISSION_DENIED, FAILED_PRECONDITION (the node runs without a configuration file).
+    """
+    Restart: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RestartRequest, _admin_pb2.RestartResponse]
+    """Restarts this node's services in place (Harper's restart and restart_service): one
+    service after another, each stopped gracefully and started anew, the next only
+    once the previous serves again; then waits until the node is caught up (connected
+    again to the peers it was connected to, with a small backlog). The admin service
+    itself restarts last, after answering. With `replicated`, a rolling restart of the
+    cluster first: each member in turn (through its admin service, with the caller's
+    credentials), the next only after the previous is back and caught up, then this
+    node; it stops at the first member that fails or does not come back in time, and
+    then restarts neither the rest nor this node. Super user.
+    Errors: INVALID_ARGUMENT (an unknown service), PERMISSION_DENIED, UNAVAILABLE (a
+    service of this node did not answer), DEADLINE_EXCEEDED (a service did not come
+    back, or the node did not catch up, in time).
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -398,6 +424,32 @@ class AdminServiceAsyncStub(AdminServiceStub):
     Errors: INVALID_ARGUMENT (a bad name), NOT_FOUND (no certificate of that name),
     PERMISSION_DENIED, FAILED_PRECONDITION (a certificate this node's `tls.*` uses:
     replace the files and restart instead), UNAVAILABLE.
+    """
+    SetConfiguration: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetConfigurationRequest, _admin_pb2.SetConfigurationResponse]  # type: ignore[assignment]
+    """Changes keys of this node's shoal.yaml (Harper's set_configuration): the file with
+    the changes is validated as a whole, exactly as at start-up, then written
+    atomically; the changes take effect at the next restart. With `replicated`, the
+    same change is then made on every member of the cluster (system.hdb_nodes and
+    routes) through its admin service, with the caller's credentials; each member's
+    outcome is in `replicated`. An invalid change is refused before any node is
+    changed. Super user.
+    Errors: INVALID_ARGUMENT (not a JSON object, an unknown key, a key that cannot be
+    set this way, a value the configuration refuses; every problem is named),
+    PERMISSION_DENIED, FAILED_PRECONDITION (the node runs without a configuration file).
+    """
+    Restart: _aio.UnaryUnaryMultiCallable[_admin_pb2.RestartRequest, _admin_pb2.RestartResponse]  # type: ignore[assignment]
+    """Restarts this node's services in place (Harper's restart and restart_service): one
+    service after another, each stopped gracefully and started anew, the next only
+    once the previous serves again; then waits until the node is caught up (connected
+    again to the peers it was connected to, with a small backlog). The admin service
+    itself restarts last, after answering. With `replicated`, a rolling restart of the
+    cluster first: each member in turn (through its admin service, with the caller's
+    credentials), the next only after the previous is back and caught up, then this
+    node; it stops at the first member that fails or does not come back in time, and
+    then restarts neither the rest nor this node. Super user.
+    Errors: INVALID_ARGUMENT (an unknown service), PERMISSION_DENIED, UNAVAILABLE (a
+    service of this node did not answer), DEADLINE_EXCEEDED (a service did not come
+    back, or the node did not catch up, in time).
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -683,6 +735,44 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (a bad name), NOT_FOUND (no certificate of that name),
         PERMISSION_DENIED, FAILED_PRECONDITION (a certificate this node's `tls.*` uses:
         replace the files and restart instead), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def SetConfiguration(
+        self,
+        request: _admin_pb2.SetConfigurationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetConfigurationResponse, _abc.Awaitable[_admin_pb2.SetConfigurationResponse]]:
+        """Changes keys of this node's shoal.yaml (Harper's set_configuration): the file with
+        the changes is validated as a whole, exactly as at start-up, then written
+        atomically; the changes take effect at the next restart. With `replicated`, the
+        same change is then made on every member of the cluster (system.hdb_nodes and
+        routes) through its admin service, with the caller's credentials; each member's
+        outcome is in `replicated`. An invalid change is refused before any node is
+        changed. Super user.
+        Errors: INVALID_ARGUMENT (not a JSON object, an unknown key, a key that cannot be
+        set this way, a value the configuration refuses; every problem is named),
+        PERMISSION_DENIED, FAILED_PRECONDITION (the node runs without a configuration file).
+        """
+
+    @_abc_1.abstractmethod
+    def Restart(
+        self,
+        request: _admin_pb2.RestartRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RestartResponse, _abc.Awaitable[_admin_pb2.RestartResponse]]:
+        """Restarts this node's services in place (Harper's restart and restart_service): one
+        service after another, each stopped gracefully and started anew, the next only
+        once the previous serves again; then waits until the node is caught up (connected
+        again to the peers it was connected to, with a small backlog). The admin service
+        itself restarts last, after answering. With `replicated`, a rolling restart of the
+        cluster first: each member in turn (through its admin service, with the caller's
+        credentials), the next only after the previous is back and caught up, then this
+        node; it stops at the first member that fails or does not come back in time, and
+        then restarts neither the rest nor this node. Super user.
+        Errors: INVALID_ARGUMENT (an unknown service), PERMISSION_DENIED, UNAVAILABLE (a
+        service of this node did not answer), DEADLINE_EXCEEDED (a service did not come
+        back, or the node did not catch up, in time).
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
