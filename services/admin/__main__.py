@@ -42,7 +42,7 @@ async def run(config: ShoalConfig) -> bool:
         max_message_bytes=config.storage.max_message_bytes,
         on_stop=[node.close],
         grace_s=5.0,
-        tls=node_tls.server_material("admin"),
+        tls=node_tls.server_source("admin"),
         health=health,
         lifecycle=node.lifecycle,
     )

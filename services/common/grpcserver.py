@@ -36,7 +36,7 @@ from services.common.errors import Internal, ShoalError, Unavailable
 from services.common.lifecycle import SERVICE_NAME as LIFECYCLE_SERVICE
 from services.common.lifecycle import Lifecycle, LifecycleServicer
 from services.common.metrics import MethodStats, MetricsServer, RpcMetrics, Source, start_metrics
-from services.common.tls import TlsMaterial, server_credentials
+from services.common.tls_source import TlsSource, reloading_server_credentials
 
 log = logging.getLogger("shoal.grpc")
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -328,8 +328,9 @@ class ServerSpec:
     pre_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     grace_s: float = 10.0
-    # Serve TLS with this material (a client port of a node with TLS); None: plaintext.
-    tls: TlsMaterial | None = None
+    # Serve TLS from these files, re-read when they change (a client port of a node with
+    # TLS); None: plaintext.
+    tls: TlsSource | None = None
     # The process's statuses and health port (start_health_port), stopped last; None:
     # statuses of the main port only.
     health: HealthPort | None = None
@@ -402,7 +403,8 @@ async def start_server(spec: ServerSpec) -> RunningServer:
     )
     try:
         if spec.tls is not None:
-            port = server.add_secure_port(spec.address, server_credentials(spec.tls))
+            credentials = reloading_server_credentials(spec.tls, require_client_auth=False)
+            port = server.add_secure_port(spec.address, credentials)
         else:
             port = server.add_insecure_port(spec.address)
     except RuntimeError as exc:

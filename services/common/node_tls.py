@@ -21,6 +21,7 @@ from services.common.config import ShoalConfig
 from services.common.errors import FailedPrecondition
 from services.common.grpcserver import channel_options
 from services.common.tls import TlsMaterial, load_tls, verifying_channel_credentials, with_tls_files
+from services.common.tls_source import TlsError, TlsSource
 
 CLIENT_PORTS = ("storage", "admin")
 
@@ -59,9 +60,15 @@ class NodeTls:
             return self.config.storage.tls
         return self.config.operations_api.tls
 
-    def server_material(self, service: str) -> TlsMaterial | None:
-        """What the port of ``service`` serves TLS with; None when it is plaintext."""
-        return self.material if self.serves_tls(service) else None
+    def server_source(self, service: str) -> TlsSource | None:
+        """What the port of ``service`` serves TLS with, re-read when the files change
+        (as on the replication port); None when it is plaintext."""
+        if not self.serves_tls(service):
+            return None
+        try:
+            return TlsSource.from_config(self.config, label=f"{service} TLS")
+        except TlsError as exc:
+            raise FailedPrecondition(f"cannot use this node's TLS files (tls.*): {exc}") from exc
 
     def target_name_override(self, address: str) -> str | None:
         """The name to check the node's certificate against when dialing ``address``, or

@@ -59,15 +59,6 @@ def load_tls(config: ShoalConfig) -> TlsMaterial | None:
     )
 
 
-def mutual_server_credentials(material: TlsMaterial) -> grpc.ServerCredentials:
-    """Server credentials that require a client certificate from a trusted CA."""
-    return grpc.ssl_server_credentials(
-        [(material.private_key, material.certificate)],
-        root_certificates=material.trusted,
-        require_client_auth=True,
-    )
-
-
 def mutual_channel_credentials(material: TlsMaterial) -> grpc.ChannelCredentials:
     """Channel credentials presenting this node's certificate."""
     return grpc.ssl_channel_credentials(
@@ -109,14 +100,6 @@ def with_tls_files(config: ShoalConfig) -> ShoalConfig:
         certificate_authority=files.certificate_authority.relative_to(config.root_path),
     )
     return dataclasses.replace(config, tls=generated)
-
-
-def server_credentials(material: TlsMaterial) -> grpc.ServerCredentials:
-    """Credentials of a client port (storage, admin): TLS with the node's certificate.
-    Clients are not asked for a certificate; they sign in with a password or a token."""
-    return grpc.ssl_server_credentials(
-        [(material.private_key, material.certificate)], require_client_auth=False
-    )
 
 
 def verifying_channel_credentials(certificate_authority: bytes) -> grpc.ChannelCredentials:

@@ -286,12 +286,15 @@ def _configuration(material: TlsMaterial) -> grpc.ServerCertificateConfiguration
     )
 
 
-def reloading_server_credentials(source: TlsSource) -> grpc.ServerCredentials:
-    """Mutual-TLS server credentials that serve, to each new connection, the current
-    certificate and trust of ``source`` (client certificates required)."""
+def reloading_server_credentials(
+    source: TlsSource, require_client_auth: bool = True
+) -> grpc.ServerCredentials:
+    """Server credentials that serve, to each new connection, the current certificate and
+    trust of ``source``: mutual TLS (client certificates required) unless
+    ``require_client_auth`` is false (client ports, where users sign in)."""
     fetcher = _ServerConfigFetcher(source)
     # gRPC reads a None answer as "no change"; its type stubs do not say so.
     fetch = cast(Callable[[], grpc.ServerCertificateConfiguration], fetcher)
     return grpc.dynamic_ssl_server_credentials(
-        fetcher.initial(), fetch, require_client_authentication=True
+        fetcher.initial(), fetch, require_client_authentication=require_client_auth
     )

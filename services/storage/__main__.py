@@ -90,7 +90,7 @@ async def run(config: ShoalConfig) -> bool:
         max_concurrent_rpcs=config.storage.max_concurrent_rpcs,
         pre_stop=[begin_shutdown],
         on_stop=[close],
-        tls=node_tls.server_material("storage"),
+        tls=node_tls.server_source("storage"),
         health=health,
     )
     sampler = StorageSampler(engine, spec.rpc_metrics)  # counts what happens from here on

@@ -24,6 +24,7 @@ from tests.harness.wait import wait_for
 pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
 
 SECURE_PORT = 9933
+CLIENT_PORTS = (9926, 9925)  # storage, admin
 
 
 def _node(
@@ -60,8 +61,10 @@ def _rotate(node: Node, ca: CertificateAuthority) -> str:
     return serial_of(certificate)
 
 
-def _served_serial(node: Node, ca: CertificateAuthority, tmp_path: Path) -> str:
-    """The serial of the certificate ``node``'s secure port presents to a new connection
+def _served_serial(
+    node: Node, ca: CertificateAuthority, tmp_path: Path, port: int = SECURE_PORT
+) -> str:
+    """The serial of the certificate ``node``'s ``port`` presents to a new connection
     (read with Python's ssl module, trusting ``ca``, with a client certificate from it)."""
     key, cert = ca.issue("probe", ["probe"])
     (tmp_path / "probe.key").write_bytes(key)
@@ -69,7 +72,7 @@ def _served_serial(node: Node, ca: CertificateAuthority, tmp_path: Path) -> str:
     context = ssl.create_default_context(cadata=ca.pem.decode())
     context.set_alpn_protocols(["h2"])
     context.load_cert_chain(tmp_path / "probe.crt", tmp_path / "probe.key")
-    raw = socket.create_connection((node.host, SECURE_PORT), timeout=5)
+    raw = socket.create_connection((node.host, port), timeout=5)
     with context.wrap_socket(raw, server_hostname=node.host) as tls:
         der = tls.getpeercert(binary_form=True)
     assert der is not None
@@ -105,10 +108,17 @@ def test_rotated_certificates_are_used_without_a_restart(
     a_old = serial_of(_files(a)[0].read_bytes())
     b_old = serial_of(_files(b)[0].read_bytes())
     assert _served_serial(b, ca, tmp_path) == b_old
+    assert [_served_serial(b, ca, tmp_path, port) for port in CLIENT_PORTS] == [b_old, b_old]
 
-    # The server side: new connections to b get b's new certificate.
+    # The server side: new connections to b get b's new certificate, on the client ports
+    # (storage, admin) too.
     b_new = _rotate(b, ca)
-    wait_for(lambda: _served_serial(b, ca, tmp_path) == b_new, 10, "b to serve its new cert")
+    for port in (SECURE_PORT, *CLIENT_PORTS):
+        wait_for(
+            partial(lambda p: _served_serial(b, ca, tmp_path, p) == b_new, port),
+            10,
+            f"b's port {port} to serve its new certificate",
+        )
 
     # The dialer side: a's new certificate is what a presents on its next dial. b revokes
     # a's old serial, which cuts the live session (established with the old certificate);
@@ -142,6 +152,9 @@ def test_a_certificate_from_an_untrusted_ca_cuts_new_connections_only(
     a.client().create_table("data", "dog")
     a.client().insert("data", "dog", [{"id": 1}])
     wait_for(lambda: _ids(b) == {1}, 30, "the first write on b")
+    # Opened now, while a's storage port still serves a certificate of the cluster's CA.
+    writer = a.client()
+    writer.get("data", "dog", [1])
 
     rogue_serial = _rotate(a, rogue)
     # New connections to a get the rogue certificate: a client trusting the cluster's CA
@@ -149,8 +162,10 @@ def test_a_certificate_from_an_untrusted_ca_cuts_new_connections_only(
     with pytest.raises(ssl.SSLCertVerificationError):
         _served_serial(a, ca, tmp_path)
     assert _served_serial(a, rogue, tmp_path) == rogue_serial
+    # So do new connections to its client ports.
+    assert _served_serial(a, rogue, tmp_path, CLIENT_PORTS[0]) == rogue_serial
     # The live session was established with the old certificate and keeps running.
-    a.client().insert("data", "dog", [{"id": 2}])
+    writer.insert("data", "dog", [{"id": 2}])
     wait_for(lambda: _ids(b) == {1, 2}, 30, "a write over the live session")
     assert _connected(a, b.name)
 
@@ -163,7 +178,7 @@ def test_a_certificate_from_an_untrusted_ca_cuts_new_connections_only(
 
     wait_for(refused, 30, "a's new dials to fail")
     assert f"(serial {rogue_serial}, issued by CN=Rogue CA)" in _last_error(a, b.name)
-    a.client().insert("data", "dog", [{"id": 3}])
+    writer.insert("data", "dog", [{"id": 3}])
     log = a.log_path("replicator").read_text()
     assert f"now using the certificate with serial {rogue_serial}" in log
     assert 3 not in _ids(b)
