@@ -699,12 +699,36 @@ def cluster_add_node(
     start_time: Annotated[
         str | None, typer.Option(help="ISO time: start there instead of copying")
     ] = None,
+    join_user: Annotated[
+        str | None,
+        typer.Option(
+            help="join with temporary credentials: run this on the NEW node (--node);"
+            " HOSTNAME is then the member that signs its certificate, and this is a super"
+            " user there (used once, never stored)"
+        ),
+    ] = None,
+    join_password: Annotated[
+        str | None,
+        typer.Option(envvar="SHOAL_JOIN_PASSWORD", help="the --join-user's password"),
+    ] = None,
+    verify_tls: Annotated[
+        bool,
+        typer.Option(
+            help="with --join-user: check the member's certificate against this node's"
+            " CAs; --no-verify-tls trusts the certificate it presents for this one call"
+        ),
+    ] = True,
     node: AdminNodeOption = "127.0.0.1",
     username: UserOption = "admin",
     password: PasswordOption = "",
 ) -> None:
     """Add a node to the cluster; every member learns of it and connects."""
     body: dict[str, Any] = {"operation": "add_node", "hostname": hostname}
+    if join_user:
+        if not join_password:
+            _fail("--join-user needs --join-password or SHOAL_JOIN_PASSWORD", 2)
+        body["authorization"] = {"username": join_user, "password": join_password}
+        body["verify_tls"] = verify_tls
     if url:
         body["url"] = url
     if not (sends and receives):

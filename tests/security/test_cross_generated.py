@@ -10,8 +10,11 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import ipaddress
+import os
 import secrets
 import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,7 @@ from services.common import certs
 from tests.conftest import MakeNode
 from tests.harness.client import expect_error
 from tests.harness.cluster import FAST_REPLICATION
-from tests.harness.node import Node
+from tests.harness.node import PASSWORD, Node
 from tests.harness.wait import wait_for
 
 ALL = ("storage", "replicator", "admin")
@@ -100,6 +103,25 @@ def _replicates_both_ways(target: Node, joiner: Node) -> None:
     )
 
 
+def _cli(node: Node, *args: str, join_password: str) -> subprocess.CompletedProcess[str]:
+    """The `shoal` command line against ``node``'s admin port, as its super user."""
+    env = {
+        **os.environ,
+        "SHOAL_USERNAME": "admin",
+        "SHOAL_PASSWORD": PASSWORD,
+        "SHOAL_JOIN_PASSWORD": join_password,
+        "SHOAL_CA": str(node.keys_path / "ca.crt"),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args, "--node", node.host],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+
+
 def test_add_node_with_temporary_credentials(make_node: MakeNode, tmp_path: Path) -> None:
     target, joiner = _pair(make_node)
     password = _temporary_super_user(target)
@@ -110,8 +132,16 @@ def test_add_node_with_temporary_credentials(make_node: MakeNode, tmp_path: Path
         _load(joiner.keys_path / "node.crt").verify_directly_issued_by(target_ca)
     admin = joiner.admin()
 
-    # Wrong password: refused by the target, nothing changed on either side.
+    # Wrong password (with the command line): refused by the target, nothing changed on
+    # either side.
     keys_before = _keys(joiner)
+    refused = _cli(
+        joiner,
+        "cluster", "add-node", target.name, "--join-user", TEMP_USER, "--no-verify-tls",
+        join_password=password + "-wrong",
+    )  # fmt: skip
+    assert refused.returncode == PERMISSION_DENIED, refused.stderr
+    assert "refused the temporary credentials" in refused.stderr
     wrong = {
         "operation": "add_node",
         "hostname": target.name,
