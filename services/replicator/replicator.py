@@ -257,7 +257,7 @@ class Replicator:
 
     def replicated_databases(self) -> tuple[str, ...] | None:
         """``replication.databases`` (None: every database); `system` always replicates."""
-        databases = self.config.replication.databases
+        databases = self.config.replication.database_names
         if databases is None or members.DATABASE in databases:
             return databases
         return (*databases, members.DATABASE)
