@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import grpc
 import pytest
 
 from tests.conftest import MakeCluster
+from tests.harness.cluster import line
 from tests.harness.node import Node
 from tests.harness.wait import wait_for
 
@@ -18,7 +20,7 @@ DATABASES = ["*", {"name": "metrics", "sharded": True}]
 SHARDS = [1, 1, 2, 2]
 
 
-def _ids(node: Node, database: str, table: str) -> set[str]:
+def _ids(node: Node, database: str, table: str) -> set[Any]:
     try:
         return {r["id"] for r in node.internal_client().all_records(database, table)}
     except grpc.RpcError as exc:
@@ -36,9 +38,18 @@ def _ensure_table(node: Node, database: str, table: str) -> None:
             raise
 
 
-def _shards_of_rows(node: Node) -> dict[str, Any]:
+def _holds(node: Node, database: str, table: str, ids: set[Any]) -> bool:
+    return _ids(node, database, table) == ids
+
+
+def _has(node: Node, database: str, table: str, key: Any) -> bool:
+    return key in _ids(node, database, table)
+
+
+def _rows_name_shards(node: Node, shards: dict[str, int]) -> bool:
+    """True when ``node``'s system.hdb_nodes holds exactly these nodes with these shards."""
     rows = node.internal_client().all_records("system", "hdb_nodes", "name")
-    return {r["name"]: r.get("shard") for r in rows}
+    return {r["name"]: r.get("shard") for r in rows} == shards
 
 
 def test_sharded_database_never_leaves_its_shard(make_cluster: MakeCluster) -> None:
@@ -77,12 +88,12 @@ def test_sharded_database_never_leaves_its_shard(make_cluster: MakeCluster) -> N
     }
     for i, node in enumerate(nodes):
         wait_for(
-            lambda node=node: _ids(node, "shared", "s") == everywhere,
+            partial(_holds, node, "shared", "s", everywhere),
             60,
             f"every unsharded row on {node.name}",
         )
         wait_for(
-            lambda node=node, i=i: _ids(node, "metrics", "m") == expected[SHARDS[i]],
+            partial(_holds, node, "metrics", "m", expected[SHARDS[i]]),
             60,
             f"its shard's rows of metrics on {node.name}",
         )
@@ -93,9 +104,7 @@ def test_sharded_database_never_leaves_its_shard(make_cluster: MakeCluster) -> N
     nodes[0].client().insert("metrics", "m", [{"id": "late", "shard": 1}])
     nodes[0].client().insert("shared", "s", [{"id": "marker"}])
     for node in nodes:
-        wait_for(
-            lambda node=node: "marker" in _ids(node, "shared", "s"), 60, f"marker on {node.name}"
-        )
+        wait_for(partial(_has, node, "shared", "s", "marker"), 60, f"marker on {node.name}")
     wait_for(lambda: "late" in _ids(nodes[1], "metrics", "m"), 60, "the late row in shard 1")
     for i, node in enumerate(nodes):
         rows = node.internal_client().all_records("metrics", "m")
@@ -124,7 +133,7 @@ def test_sharded_database_never_leaves_its_shard(make_cluster: MakeCluster) -> N
     # Each node's row in system.hdb_nodes carries its shard, on every node.
     names = {node.name: shard for node, shard in zip(nodes, SHARDS, strict=True)}
     for node in nodes:
-        wait_for(lambda node=node: _shards_of_rows(node) == names, 30, "shards in hdb_nodes")
+        wait_for(partial(_rows_name_shards, node, names), 30, "shards in hdb_nodes")
 
 
 def test_cluster_status_shows_shards(make_cluster: MakeCluster) -> None:
@@ -148,3 +157,27 @@ def test_cluster_status_shows_shards(make_cluster: MakeCluster) -> None:
     a.client().insert("shared", "s", [{"id": 1}])
     wait_for(lambda: _ids(b, "shared", "s") == {1}, 30, "the unsharded row on b")
     assert _ids(b, "metrics", "m") == set()
+
+
+def test_a_relay_never_carries_a_sharded_database_out_of_its_shard(
+    make_cluster: MakeCluster,
+) -> None:
+    # a - b - c in a line: b relays a's transactions to c. a and b are of shard 1, c of 2.
+    cluster = make_cluster(
+        size=3,
+        topology=line,
+        config={"replication": {"databases": DATABASES}},
+        node_config={i: {"replication": {"shard": s}} for i, s in enumerate([1, 1, 2])},
+    )
+    cluster.wait_connected()
+    a, b, c = cluster[0], cluster[1], cluster[2]
+    _ensure_table(a, "metrics", "m")
+    _ensure_table(a, "shared", "s")
+    a.client().insert("metrics", "m", [{"id": "from_a"}])
+    a.client().insert("shared", "s", [{"id": "marker"}])
+    wait_for(lambda: _ids(c, "shared", "s") == {"marker"}, 60, "the relayed marker on c")
+    wait_for(lambda: _ids(b, "metrics", "m") == {"from_a"}, 60, "the sharded row on b")
+    # b got the sharded row before the marker and relayed the marker, not the row.
+    assert _ids(c, "metrics", "m") == set()
+    assert list(b.connection(c.name).withheld_databases) == ["metrics"]
+    assert "refused" not in c.connection(b.name).last_connection_error
