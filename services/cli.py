@@ -609,16 +609,29 @@ def cluster_status(
             "dialed": c["dialed"],
             "latency ms": round(c["latency"], 2),
             "back-pressure %": c["backPressurePercent"],
+            "shard": "" if c.get("shard") is None else c["shard"],
             "databases": ", ".join(s["database"] for s in c["database_sockets"]),
             "last error": c["lastConnectionError"] or "",
         }
         for c in status["connections"]
     ]
-    typer.echo(f"node {status['node_name']}", err=True)
+    shard = status.get("shard")
+    typer.echo(
+        f"node {status['node_name']}" + ("" if shard is None else f" (shard {shard})"), err=True
+    )
     _print(
         rows,
         output,
-        ["peer", "connected", "dialed", "latency ms", "back-pressure %", "databases", "last error"],
+        [
+            "peer",
+            "connected",
+            "dialed",
+            "latency ms",
+            "back-pressure %",
+            "shard",
+            "databases",
+            "last error",
+        ],
     )
 
 

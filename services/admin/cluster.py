@@ -49,6 +49,7 @@ class Cluster:
             is_enabled=True,
             connections=reply.connections,
             removed=reply.removed,
+            shard=reply.shard if reply.HasField("shard") else None,
         )
 
     def configuration(self) -> dict[str, Any]:

@@ -910,6 +910,8 @@ def _connection_json(c: rpb.Connection) -> Json:
         "connectedSince": c.connected_since.ToMilliseconds()
         if c.HasField("connected_since")
         else None,
+        "shard": c.shard if c.HasField("shard") else None,
+        "withheldDatabases": list(c.withheld_databases),
         "database_sockets": sockets,
     }
 
@@ -922,6 +924,7 @@ async def cluster_status(ex: Execute, body: Body) -> Json:
         "is_enabled": reply.is_enabled,
         "connections": [_connection_json(c) for c in reply.connections],
         "removed": reply.removed,
+        "shard": reply.shard if reply.HasField("shard") else None,
     }
 
 

@@ -73,6 +73,19 @@ class Subscription:
 
 
 @dataclass(frozen=True)
+class ReplicatedDatabase:
+    """One entry of ``replication.databases``: a database this node replicates, and how.
+
+    The name ``*`` stands for every database (with no other settings)."""
+
+    name: str
+    sharded: bool = False  # flows only between nodes of the same replication.shard
+
+
+ALL_DATABASES = "*"
+
+
+@dataclass(frozen=True)
 class Route:
     """A peer this node dials."""
 
@@ -125,7 +138,8 @@ class ReplicationConfig:
     port: int = DEFAULT_REPLICATION_PORT
     secure_port: int | None = DEFAULT_REPLICATION_SECURE_PORT
     routes: tuple[Route, ...] = ()
-    databases: tuple[str, ...] | None = None  # None means every database ('*')
+    # None means every database ('*'); a list may hold '*' too, with per-database entries
+    databases: tuple[ReplicatedDatabase, ...] | None = None
     max_clock_skew_s: float = 60.0
     enable_root_cas: bool = False
     heartbeat_interval_s: float = 2.0
@@ -141,6 +155,18 @@ class ReplicationConfig:
     url: str | None = None  # how peers reach this node; None: derived from hostname and ports
     gossip: bool = True  # also dial every member of system.hdb_nodes, not only routes
     shard: int | None = None
+
+    @property
+    def database_names(self) -> tuple[str, ...] | None:
+        """The databases replicated; None for every database ('*')."""
+        if self.databases is None or any(d.name == ALL_DATABASES for d in self.databases):
+            return None
+        return tuple(d.name for d in self.databases)
+
+    @property
+    def sharded_databases(self) -> tuple[str, ...]:
+        """The databases declared ``sharded: true``."""
+        return tuple(d.name for d in self.databases or () if d.sharded)
 
 
 @dataclass(frozen=True)
@@ -562,6 +588,51 @@ def _parse_route(reader: _Reader, index: int, item: object) -> Route | None:
     )
 
 
+def _parse_database(reader: _Reader, index: int, item: object) -> ReplicatedDatabase | None:
+    """One entry of ``replication.databases``: a name, ``'*'``, or ``{name, sharded}``."""
+    name = f"databases[{index}]"
+    if isinstance(item, str):
+        if item != ALL_DATABASES and not _NAME_RE.match(item):
+            reader.problem(name, item, "not a valid database name")
+            return None
+        return ReplicatedDatabase(item)
+    if not isinstance(item, Mapping):
+        reader.problem(name, item, "expected a database name or {name, sharded}")
+        return None
+    entry = _Reader(item, reader.key(name), reader._problems, {})
+    database = entry.string("name", "")
+    sharded = entry.boolean("sharded", False)
+    entry.finish()  # an unknown key is an error naming it
+    if not _NAME_RE.match(database) and database != ALL_DATABASES:
+        entry.problem("name", database or None, "a database name is required")
+        return None
+    if database == ALL_DATABASES and sharded:
+        entry.problem("sharded", sharded, "'*' cannot be sharded; list each sharded database")
+        return None
+    if database == "system" and sharded:
+        entry.problem("sharded", sharded, "the system database always replicates to every node")
+        return None
+    return ReplicatedDatabase(database, sharded)
+
+
+def _parse_databases(reader: _Reader) -> tuple[ReplicatedDatabase, ...] | None:
+    """``replication.databases``: ``'*'`` (None) or a list of entries."""
+    present, raw = reader.raw("databases")
+    if not present or raw is None or raw == ALL_DATABASES:
+        return None
+    if not isinstance(raw, list):
+        reader.problem("databases", raw, "expected '*' or a list of database names or entries")
+        return None
+    entries = [_parse_database(reader, i, item) for i, item in enumerate(raw)]
+    seen: set[str] = set()
+    for entry in entries:
+        if entry is not None and entry.name in seen:
+            reader.problem("databases", entry.name, "the same database is listed twice")
+        if entry is not None:
+            seen.add(entry.name)
+    return tuple(e for e in entries if e is not None)
+
+
 def _advertised_url(reader: _Reader, hostname: str) -> str | None:
     url = reader.optional_string("url")
     if url is None:
@@ -602,15 +673,7 @@ def _parse_replication(reader: _Reader) -> ReplicationConfig:
         if route.hostname in seen:
             reader.problem("routes", route.hostname, "the same peer is listed twice")
         seen.add(route.hostname)
-    databases: tuple[str, ...] | None = None
-    present, raw_dbs = reader.raw("databases")
-    if present and raw_dbs is not None and raw_dbs != "*":
-        if isinstance(raw_dbs, list) and all(
-            isinstance(d, str) and _NAME_RE.match(d) for d in raw_dbs
-        ):
-            databases = tuple(raw_dbs)
-        else:
-            reader.problem("databases", raw_dbs, "expected '*' or a list of database names")
+    databases = _parse_databases(reader)
     config = ReplicationConfig(
         hostname=hostname,
         port=port,

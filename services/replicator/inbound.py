@@ -113,11 +113,15 @@ class Inbound:
             self.resubscribe.clear()
             positions = await session.storage.positions()
             self.excluded = session.replicator.exclusions_for(session.peer)
+            flows = session.flows
             tables = session.subscribed_tables()
             if tables is not None:
-                databases = sorted({d for d, _ in tables if session.flows.covers(d)})
+                tables = {(d, t) for d, t in tables if flows.covers(d)}
+                databases = sorted({d for d, _ in tables})
             else:
-                databases = [] if session.flows.all_databases else sorted(session.flows.databases)
+                databases = (
+                    [] if flows.all_databases else sorted(filter(flows.covers, flows.databases))
+                )
             subscribe = rpb.Subscribe(
                 generation=self.generation,
                 databases=databases,
@@ -220,7 +224,13 @@ class Inbound:
     async def _apply(self, batches: list[rpb.Batch]) -> _Refused | None:
         session = self.session
         last = batches[-1]
-        transactions = [t for b in batches for t in b.transactions]
+        received = [t for b in batches for t in b.transactions]
+        transactions = self._admitted(received)
+        if received and not transactions:
+            # Every one refused: acknowledge anyway, so the sender's window moves on.
+            sequence = max(b.sequence for b in batches)
+            ack = rpb.Ack(generation=last.generation, sequence=sequence)
+            await session.send(rpb.PeerMessage(ack=ack))
         if transactions:
             if session.revoked:
                 raise PeerRevoked(f"the certificate of {session.peer} was revoked")
@@ -253,6 +263,23 @@ class Inbound:
                 lag_ms = version_ms(last.sender_time) - version_ms(db.last_received_version)
                 db.backlog_seconds = max(0.0, lag_ms / 1000)
         return None
+
+    def _admitted(self, transactions: list[types_pb2.Transaction]) -> list[types_pb2.Transaction]:
+        """``transactions`` without those of a database withheld by shard, which the peer
+        must not send (it is not of this node's shard): they are refused, never applied.
+        Positions are per database, so leaving them out skips nothing else."""
+        withheld = self.session.flows.withheld
+        refused = [t for t in transactions if t.database in withheld]
+        if not refused:
+            return transactions
+        databases = ", ".join(sorted({t.database for t in refused}))
+        reason = (
+            f"refused {len(refused)} transactions of {databases} from {self.session.peer}:"
+            " sharded, and the peer is not of this node's shard"
+        )
+        log.warning("%s", reason)
+        self.session.state.last_error = reason
+        return [t for t in transactions if t.database not in withheld]
 
     # -- copies ----------------------------------------------------------------------------
 
@@ -309,6 +336,8 @@ class Inbound:
 
     async def _copy(self, database: str, progress: spb.CopyProgress | None) -> None:
         session = self.session
+        if database in session.flows.withheld:
+            return  # sharded, and the peer is not of this node's shard
         self._copy_id += 1
         copy_id = self._copy_id
         tables = self.session.subscribed_tables()

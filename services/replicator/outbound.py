@@ -140,6 +140,9 @@ class Outbound:
             tables=tables,
             positions=message.positions,
             exclude_origins=sorted({*message.exclude_origins, session.peer}),
+            # Sharded databases of another shard never leave, whatever the peer asks and
+            # whoever wrote them (relayed transactions included).
+            exclude_databases=sorted(session.flows.withheld),
             default_version=message.default_version,
             max_batch_transactions=config.batch_transactions,
             max_batch_bytes=config.batch_bytes,
@@ -219,6 +222,18 @@ class Outbound:
 
     async def _run_copy(self, message: rpb.CopyRequest) -> None:
         session = self.session
+        if message.database in session.flows.withheld:
+            await session.send(
+                rpb.PeerMessage(
+                    copy_chunk=rpb.CopyChunk(
+                        copy_id=message.copy_id,
+                        done=True,
+                        error=f"{message.database} is sharded and {session.peer} is not of"
+                        f" the shard of {session.replicator.name}",
+                    )
+                )
+            )
+            return
         tables = [
             t.table
             for t in self._tables(

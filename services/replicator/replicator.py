@@ -111,6 +111,14 @@ class Replicator:
     # -- life ------------------------------------------------------------------------------
 
     def start(self) -> None:
+        sharded = self.config.replication.sharded_databases
+        if sharded and self.config.replication.shard is None:
+            log.warning(
+                "%s %s sharded but replication.shard is not set: this node keeps them to"
+                " itself (a node with no shard shares no sharded database)",
+                ", ".join(sharded),
+                "is" if len(sharded) == 1 else "are",
+            )
         for route in self.routes.values():
             self._start_dialing(route)
         self._watch_task = asyncio.create_task(self.watcher.run(), name="membership")
@@ -249,6 +257,8 @@ class Replicator:
             sends=sends,
             receives=receives,
             join=rpb.Join(url=self.watcher.url) if join else None,
+            shard=self.config.replication.shard,
+            sharded_databases=self.config.replication.sharded_databases,
         )
 
     async def _databases(self) -> list[str]:
@@ -257,7 +267,7 @@ class Replicator:
 
     def replicated_databases(self) -> tuple[str, ...] | None:
         """``replication.databases`` (None: every database); `system` always replicates."""
-        databases = self.config.replication.databases
+        databases = self.config.replication.database_names
         if databases is None or members.DATABASE in databases:
             return databases
         return (*databases, members.DATABASE)
@@ -527,6 +537,7 @@ class Replicator:
         if mine is not None and database not in mine:
             return []
         written = {(database, t) for t in tables}
+        sharded = database in self.config.replication.sharded_databases
         peers = []
         for name in sorted({*self.routes, *self.sessions} - {self.name}):
             session = self.sessions.get(name)
@@ -539,10 +550,19 @@ class Replicator:
                 route = self.routes.get(name)
                 if route is None or not route.replicates.sends:
                     continue
+                if sharded and not self._same_shard(name):
+                    continue
                 published = published_tables(route)
             if published is None or written <= published:
                 peers.append(name)
         return peers
+
+    def _same_shard(self, peer: str) -> bool:
+        """True when ``peer``'s row in system.hdb_nodes names this node's shard."""
+        row = self.membership.rows.get(peer)
+        shard = row.get("shard") if row is not None else None
+        mine = self.config.replication.shard
+        return mine is not None and isinstance(shard, int) and shard == mine
 
     # -- status ------------------------------------------------------------------------------
 
@@ -551,4 +571,5 @@ class Replicator:
             node_name=self.name,
             connections=[state.to_proto() for _, state in sorted(self.peers.items())],
             removed=self.removed,
+            shard=self.config.replication.shard,
         )

@@ -55,8 +55,12 @@ class Flows:
     receives: bool
     all_databases: bool
     databases: frozenset[str]  # the flow's databases when not all
+    # Sharded databases that flow neither way: the two nodes are not of the same shard.
+    withheld: frozenset[str] = frozenset()
 
     def covers(self, database: str) -> bool:
+        if database in self.withheld:
+            return False
         return self.all_databases or database in self.databases
 
 
@@ -83,7 +87,27 @@ def flows(mine: rpb.Hello, theirs: rpb.Hello) -> Flows:
         receives=mine.receives and theirs.sends,
         all_databases=all_dbs,
         databases=dbs,
+        withheld=withheld_databases(mine, theirs),
     )
+
+
+def shard_of(hello: rpb.Hello) -> int | None:
+    """The shard a Hello announces (None: the node has none)."""
+    return hello.shard if hello.HasField("shard") else None
+
+
+def withheld_databases(mine: rpb.Hello, theirs: rpb.Hello) -> frozenset[str]:
+    """Sharded databases that must not flow between the two nodes of these Hellos.
+
+    A database either side declares sharded flows only when both nodes have a shard and it
+    is the same one; a node with no shard shares no sharded database with anyone. The
+    rule is symmetric, so both sides compute the same set; ``system`` is never withheld.
+    """
+    mine_shard, their_shard = shard_of(mine), shard_of(theirs)
+    if mine_shard is not None and mine_shard == their_shard:
+        return frozenset()
+    sharded = {*mine.sharded_databases, *theirs.sharded_databases}
+    return frozenset(sharded - {members.DATABASE})
 
 
 class Session:
@@ -181,13 +205,16 @@ class Session:
         self.state.dialed = self.dialed
         self.state.sends = self.flows.sends
         self.state.receives = self.flows.receives
+        self.state.shard = shard_of(self.theirs)
+        self.state.withheld = sorted(self.flows.withheld)
         log.info(
-            "connected to %s (%s, %s; sends=%s receives=%s)",
+            "connected to %s (%s, %s; sends=%s receives=%s%s)",
             self.peer,
             self.address,
             "dialed" if self.dialed else "accepted",
             self.flows.sends,
             self.flows.receives,
+            f"; withheld by shard: {', '.join(self.state.withheld)}" if self.flows.withheld else "",
         )
         self.spawn(self._reader(), "reader")
         self.spawn(self._writer(), "writer")

@@ -47,6 +47,8 @@ class PeerState:
     back_pressure_percent: float = 0.0
     last_error: str = ""
     connected_since_ms: int = 0
+    shard: int | None = None  # the peer's, from its Hello
+    withheld: list[str] = field(default_factory=list)  # sharded databases not flowing
     databases: dict[str, DatabaseState] = field(default_factory=dict)
     # Subscription traffic with this peer since the process started (for metrics):
     # transactions and the serialized size of the batches carrying them.
@@ -72,6 +74,8 @@ class PeerState:
             latency_ms=self.latency_ms,
             back_pressure_percent=self.back_pressure_percent,
             last_connection_error=self.last_error,
+            shard=self.shard,
+            withheld_databases=self.withheld,
         )
         if self.connected and self.connected_since_ms:
             connection.connected_since.CopyFrom(_timestamp(self.connected_since_ms))

@@ -134,6 +134,7 @@ class SubscribeSpec:
     tables: set[tuple[str, str]] | None
     positions: dict[tuple[str, str], int]
     exclude: set[str]
+    exclude_databases: set[str]
     default_version: int
     max_transactions: int
     max_bytes: int
@@ -157,6 +158,7 @@ def subscribe_spec(request: storage_pb2.SubscribeRequest) -> SubscribeSpec:
         tables={(t.database, t.table) for t in request.tables} or None,
         positions=positions,
         exclude=set(request.exclude_origins),
+        exclude_databases=set(request.exclude_databases),
         default_version=request.default_version,
         max_transactions=request.max_batch_transactions or DEFAULT_BATCH_TRANSACTIONS,
         max_bytes=request.max_batch_bytes or DEFAULT_BATCH_BYTES,
@@ -197,7 +199,7 @@ def start_time(engine: Engine, spec: SubscribeSpec) -> int:
     """The local time to start scanning from, or FAILED_PRECONDITION if truncated."""
     databases = spec.databases if spec.databases is not None else set(engine.catalog.databases)
     start: int | None = None
-    for database in databases:
+    for database in databases - spec.exclude_databases:
         known = set(logged_origins(engine, database))
         known.update(o for (d, o) in engine.horizons if d == database)
         for origin in known:
@@ -261,6 +263,8 @@ async def subscribe(
             cursor = keys.read_u64(key) + 1
             txn = types_pb2.Transaction.FromString(value)
             if spec.databases is not None and txn.database not in spec.databases:
+                continue
+            if txn.database in spec.exclude_databases:
                 continue
             if txn.origin in spec.exclude:
                 continue

@@ -140,7 +140,7 @@ def test_harper_key_names(tmp_path: Path) -> None:
     assert config.tls.certificate_authority == Path("keys/ca.pem")
     assert config.replication.port == 9002
     assert config.replication.secure_port == 9003
-    assert config.replication.databases == ("dev", "data")
+    assert config.replication.database_names == ("dev", "data")
     assert config.replication.routes == (
         Route(hostname="server-two"),
         Route(hostname="server-three", port=9933),
@@ -267,7 +267,7 @@ def test_every_problem_is_reported_at_once() -> None:
             "replication.routes[0].colour",
             "",
         ),
-        ({"replication": {"databases": ["ok", "not ok"]}}, "replication.databases", "'not ok'"),
+        ({"replication": {"databases": ["ok", "not ok"]}}, "replication.databases[1]", "'not ok'"),
         ({"replication": {"peerTimeout": "3s"}}, "replication.peerTimeout", "3.0"),
         ({"admin": {"username": "no spaces"}}, "admin.username", "'no spaces'"),
         ({"testing": {"clockOffsetMs": 1.5}}, "testing.clockOffsetMs", "1.5"),

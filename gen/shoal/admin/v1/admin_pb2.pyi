@@ -514,12 +514,17 @@ class ClusterStatusResponse(_message.Message):
     IS_ENABLED_FIELD_NUMBER: _builtins.int
     CONNECTIONS_FIELD_NUMBER: _builtins.int
     REMOVED_FIELD_NUMBER: _builtins.int
+    SHARD_FIELD_NUMBER: _builtins.int
     node_name: _builtins.str
     """This node's name."""
     is_enabled: _builtins.bool
     """True when replication runs on this node."""
     removed: _builtins.bool
     """True when this node was removed from the cluster (see ReplicatorService.Status)."""
+    shard: _builtins.int
+    """This node's shard (replication.shard); unset when it has none. Each connection
+    shows its peer's shard and the sharded databases withheld from it.
+    """
     @_builtins.property
     def connections(self) -> _containers.RepeatedCompositeFieldContainer[_replicator_pb2.Connection]:
         """Connections and configured routes, with per-database state."""
@@ -531,12 +536,15 @@ class ClusterStatusResponse(_message.Message):
         is_enabled: _builtins.bool = ...,
         connections: _abc.Iterable[_replicator_pb2.Connection] | None = ...,
         removed: _builtins.bool = ...,
+        shard: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_shard", b"_shard", "shard", b"shard"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connections", b"connections", "is_enabled", b"is_enabled", "node_name", b"node_name", "removed", b"removed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_shard", b"_shard", "connections", b"connections", "is_enabled", b"is_enabled", "node_name", b"node_name", "removed", b"removed", "shard", b"shard"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__shard: _TypeAlias = _typing.Literal["shard"]  # noqa: Y015
+    _WhichOneofArgType__shard: _TypeAlias = _typing.Literal["_shard", b"_shard"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__shard) -> _WhichOneofReturnType__shard | None: ...
 
 Global___ClusterStatusResponse: _TypeAlias = ClusterStatusResponse  # noqa: Y015
 

@@ -512,6 +512,8 @@ class Hello(_message.Message):
     RECEIVES_FIELD_NUMBER: _builtins.int
     NODE_TIME_FIELD_NUMBER: _builtins.int
     JOIN_FIELD_NUMBER: _builtins.int
+    SHARD_FIELD_NUMBER: _builtins.int
+    SHARDED_DATABASES_FIELD_NUMBER: _builtins.int
     protocol_min: _builtins.int
     """Lowest protocol version the sender speaks."""
     protocol_max: _builtins.int
@@ -530,6 +532,8 @@ class Hello(_message.Message):
     """The sender wants to receive the peer's data on this connection."""
     node_time: _builtins.int
     """The sender's hybrid clock (informational)."""
+    shard: _builtins.int
+    """The sender's shard (replication.shard); unset when it has none."""
     @_builtins.property
     def databases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The databases the sender replicates when not all."""
@@ -544,6 +548,15 @@ class Hello(_message.Message):
         system.hdb_nodes list the listener. It asks to be admitted even if the listener does
         not know it yet (an add_node on one member reaches the others only once the new node
         connects). Listeners ignore it in their reply.
+        """
+
+    @_builtins.property
+    def sharded_databases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The databases the sender declares sharded (replication.databases entries with
+        `sharded: true`). On this connection, a database that either side declares sharded
+        flows (data, copies, relayed transactions) only when both nodes have a shard and it
+        is the same one; both sides compute this from the two Hellos, the sender filters
+        and the receiver refuses what does not belong. `system` is never sharded.
         """
 
     def __init__(
@@ -561,12 +574,16 @@ class Hello(_message.Message):
         receives: _builtins.bool = ...,
         node_time: _builtins.int = ...,
         join: Global___Join | None = ...,
+        shard: _builtins.int | None = ...,
+        sharded_databases: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["join", b"join"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_shard", b"_shard", "join", b"join", "shard", b"shard"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_databases", b"all_databases", "databases", b"databases", "expected_name", b"expected_name", "join", b"join", "known_databases", b"known_databases", "node_name", b"node_name", "node_time", b"node_time", "protocol_max", b"protocol_max", "protocol_min", b"protocol_min", "protocol_version", b"protocol_version", "receives", b"receives", "sends", b"sends"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_shard", b"_shard", "all_databases", b"all_databases", "databases", b"databases", "expected_name", b"expected_name", "join", b"join", "known_databases", b"known_databases", "node_name", b"node_name", "node_time", b"node_time", "protocol_max", b"protocol_max", "protocol_min", b"protocol_min", "protocol_version", b"protocol_version", "receives", b"receives", "sends", b"sends", "shard", b"shard", "sharded_databases", b"sharded_databases"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__shard: _TypeAlias = _typing.Literal["shard"]  # noqa: Y015
+    _WhichOneofArgType__shard: _TypeAlias = _typing.Literal["_shard", b"_shard"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__shard) -> _WhichOneofReturnType__shard | None: ...
 
 Global___Hello: _TypeAlias = Hello  # noqa: Y015
 
@@ -1051,6 +1068,8 @@ class Connection(_message.Message):
     LAST_CONNECTION_ERROR_FIELD_NUMBER: _builtins.int
     CONNECTED_SINCE_FIELD_NUMBER: _builtins.int
     DATABASES_FIELD_NUMBER: _builtins.int
+    SHARD_FIELD_NUMBER: _builtins.int
+    WITHHELD_DATABASES_FIELD_NUMBER: _builtins.int
     peer: _builtins.str
     """Peer node name."""
     address: _builtins.str
@@ -1069,6 +1088,8 @@ class Connection(_message.Message):
     """Share of the send window in use (100 = the peer is not keeping up)."""
     last_connection_error: _builtins.str
     """The last error that ended or refused a connection, or refused data."""
+    shard: _builtins.int
+    """The peer's shard, as its Hello said (unset when it has none, or before it connected)."""
     @_builtins.property
     def connected_since(self) -> _timestamp_pb2.Timestamp:
         """When the current connection was established."""
@@ -1076,6 +1097,12 @@ class Connection(_message.Message):
     @_builtins.property
     def databases(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatabaseStatus]:
         """Per-database state."""
+
+    @_builtins.property
+    def withheld_databases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Sharded databases that do not flow on this connection, either way, because the two
+        nodes are not of the same shard (see Hello.sharded_databases).
+        """
 
     def __init__(
         self,
@@ -1091,12 +1118,16 @@ class Connection(_message.Message):
         last_connection_error: _builtins.str = ...,
         connected_since: _timestamp_pb2.Timestamp | None = ...,
         databases: _abc.Iterable[Global___DatabaseStatus] | None = ...,
+        shard: _builtins.int | None = ...,
+        withheld_databases: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["connected_since", b"connected_since"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_shard", b"_shard", "connected_since", b"connected_since", "shard", b"shard"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "back_pressure_percent", b"back_pressure_percent", "connected", b"connected", "connected_since", b"connected_since", "databases", b"databases", "dialed", b"dialed", "last_connection_error", b"last_connection_error", "latency_ms", b"latency_ms", "peer", b"peer", "receives", b"receives", "sends", b"sends"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_shard", b"_shard", "address", b"address", "back_pressure_percent", b"back_pressure_percent", "connected", b"connected", "connected_since", b"connected_since", "databases", b"databases", "dialed", b"dialed", "last_connection_error", b"last_connection_error", "latency_ms", b"latency_ms", "peer", b"peer", "receives", b"receives", "sends", b"sends", "shard", b"shard", "withheld_databases", b"withheld_databases"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__shard: _TypeAlias = _typing.Literal["shard"]  # noqa: Y015
+    _WhichOneofArgType__shard: _TypeAlias = _typing.Literal["_shard", b"_shard"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__shard) -> _WhichOneofReturnType__shard | None: ...
 
 Global___Connection: _TypeAlias = Connection  # noqa: Y015
 
@@ -1109,12 +1140,15 @@ class StatusResponse(_message.Message):
     NODE_NAME_FIELD_NUMBER: _builtins.int
     CONNECTIONS_FIELD_NUMBER: _builtins.int
     REMOVED_FIELD_NUMBER: _builtins.int
+    SHARD_FIELD_NUMBER: _builtins.int
     node_name: _builtins.str
     """This node's name."""
     removed: _builtins.bool
     """True when this node's own entry in system.hdb_nodes was deleted (remove_node): it
     no longer dials the members, and they refuse it, until a member adds it back.
     """
+    shard: _builtins.int
+    """This node's shard (replication.shard); unset when it has none."""
     @_builtins.property
     def connections(self) -> _containers.RepeatedCompositeFieldContainer[Global___Connection]:
         """Connections and configured routes."""
@@ -1125,11 +1159,14 @@ class StatusResponse(_message.Message):
         node_name: _builtins.str = ...,
         connections: _abc.Iterable[Global___Connection] | None = ...,
         removed: _builtins.bool = ...,
+        shard: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_shard", b"_shard", "shard", b"shard"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connections", b"connections", "node_name", b"node_name", "removed", b"removed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_shard", b"_shard", "connections", b"connections", "node_name", b"node_name", "removed", b"removed", "shard", b"shard"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__shard: _TypeAlias = _typing.Literal["shard"]  # noqa: Y015
+    _WhichOneofArgType__shard: _TypeAlias = _typing.Literal["_shard", b"_shard"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__shard) -> _WhichOneofReturnType__shard | None: ...
 
 Global___StatusResponse: _TypeAlias = StatusResponse  # noqa: Y015

@@ -1913,6 +1913,7 @@ class SubscribeRequest(_message.Message):
     MAX_BATCH_BYTES_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     LINGER_MS_FIELD_NUMBER: _builtins.int
+    EXCLUDE_DATABASES_FIELD_NUMBER: _builtins.int
     default_version: _builtins.int
     """Start position for a (database, origin) pair absent from `positions`: 0 streams
     from the beginning of the log; a later version starts there (Harper's startTime)
@@ -1948,6 +1949,13 @@ class SubscribeRequest(_message.Message):
     def exclude_origins(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Origins whose transactions must not be sent (the subscriber gets them elsewhere)."""
 
+    @_builtins.property
+    def exclude_databases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Databases whose transactions must not be sent, even when `databases` is empty (the
+        sharded databases of another shard than the subscriber's). Their log is not checked
+        either: no LOG_TRUNCATED for them.
+        """
+
     def __init__(
         self,
         *,
@@ -1960,10 +1968,11 @@ class SubscribeRequest(_message.Message):
         max_batch_bytes: _builtins.int = ...,
         heartbeat_interval_ms: _builtins.int = ...,
         linger_ms: _builtins.int = ...,
+        exclude_databases: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["databases", b"databases", "default_version", b"default_version", "exclude_origins", b"exclude_origins", "heartbeat_interval_ms", b"heartbeat_interval_ms", "linger_ms", b"linger_ms", "max_batch_bytes", b"max_batch_bytes", "max_batch_transactions", b"max_batch_transactions", "positions", b"positions", "tables", b"tables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["databases", b"databases", "default_version", b"default_version", "exclude_databases", b"exclude_databases", "exclude_origins", b"exclude_origins", "heartbeat_interval_ms", b"heartbeat_interval_ms", "linger_ms", b"linger_ms", "max_batch_bytes", b"max_batch_bytes", "max_batch_transactions", b"max_batch_transactions", "positions", b"positions", "tables", b"tables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
