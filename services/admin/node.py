@@ -21,7 +21,12 @@ from shoal.storage.v1 import storage_pb2_grpc
 
 from services.common.auth import Identity, acting_for_metadata, bearer_metadata, identity
 from services.common.config import ShoalConfig
-from services.common.errors import PermissionDenied, Unauthenticated, from_rpc_error
+from services.common.errors import (
+    FailedPrecondition,
+    PermissionDenied,
+    Unauthenticated,
+    from_rpc_error,
+)
 from services.common.grpcserver import channel_options
 from services.common.lifecycle import Lifecycle
 from services.common.node_tls import NodeTls
@@ -37,6 +42,19 @@ class Caller:
 
     identity: Identity
     metadata: Metadata
+
+    def member_metadata(self, operation: str) -> Metadata:
+        """The credentials to send other members' admin services for ``operation``: the
+        caller's own. A caller signed in by its client certificate has none (its storage
+        calls carry this node's secret, which must never leave the node), so
+        FailedPrecondition asks for a password."""
+        if isinstance(self.identity, CertificateIdentity):
+            raise FailedPrecondition(
+                f"{operation} runs on other members with the caller's credentials, and"
+                f" {self.identity.name} signed in with a client certificate, which other"
+                " members do not see: sign in with a password for it"
+            )
+        return self.metadata
 
     def require_super_user(self, operation: str) -> None:
         if not self.identity.super_user:

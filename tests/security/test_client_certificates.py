@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ ALL = ("storage", "replicator", "admin")
 PORTS = ("storage", "admin")
 REQUIRED = {"required": True}
 PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]
+FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]
 READ_DOGS = {
     "super_user": False,
     "dev": {"tables": {"dog": {"read": True, "insert": False, "update": False, "delete": False}}},
@@ -83,12 +85,14 @@ def _read_dog(node: Node, service: str, pair: KeyPair, user: str | None = None) 
         with _storage(node, pair, user) as client:
             return client.get("dev", "dog", [1])
     with _admin(node, pair, user) as admin:
-        return admin.ok({"operation": "search_by_id", "database": "dev", "table": "dog", "ids": [1]})
+        return admin.ok(
+            {"operation": "search_by_id", "database": "dev", "table": "dog", "ids": [1]}
+        )
 
 
 def _calls(node: Node, pair: KeyPair, user: str | None = None) -> dict[str, Callable[[], Any]]:
     """One authenticated call per port, presenting ``pair``."""
-    return {service: (lambda s=service: _read_dog(node, s, pair, user)) for service in PORTS}
+    return {service: partial(_read_dog, node, service, pair, user) for service in PORTS}
 
 
 def _prepare_data(node: Node, admin_pair: KeyPair) -> None:
@@ -124,7 +128,10 @@ def test_a_certificate_signs_in_its_common_name(
     make_node: MakeNode, tmp_path: Path, ca: CertificateAuthority
 ) -> None:
     node = _start(
-        make_node, tmp_path, ca, {"storage": {"mtls": REQUIRED}, "operationsApi": {"mtls": REQUIRED}}
+        make_node,
+        tmp_path,
+        ca,
+        {"storage": {"mtls": REQUIRED}, "operationsApi": {"mtls": REQUIRED}},
     )
     admin_pair, ann_pair = ca.issue("admin", ["admin"]), ca.issue("ann", ["ann"])
     _prepare_data(node, admin_pair)  # certificate and password: the password's user
@@ -160,6 +167,11 @@ def test_a_certificate_signs_in_its_common_name(
             {"id": 4}
         ]})  # fmt: skip
         assert admin.ok({"operation": "cluster_status"})["node_name"] == node.name
+        # The node secret never leaves the node: members would need the caller's password.
+        result, code = admin.execute(
+            {"operation": "restart", "services": ["replicator"], "replicated": True}
+        )
+        assert code == FAILED_PRECONDITION and "client certificate" in result["error"]
     with _storage(node, admin_pair) as admin_storage:
         assert [r["id"] for r in admin_storage.get("dev", "dog", [3, 4])] == [3, 4]
 
@@ -185,10 +197,17 @@ def test_a_required_certificate_is_checked_in_the_handshake(
     make_node: MakeNode, tmp_path: Path, ca: CertificateAuthority
 ) -> None:
     node = _start(
-        make_node, tmp_path, ca, {"storage": {"mtls": REQUIRED}, "operationsApi": {"mtls": REQUIRED}}
+        make_node,
+        tmp_path,
+        ca,
+        {"storage": {"mtls": REQUIRED}, "operationsApi": {"mtls": REQUIRED}},
     )
     other = CertificateAuthority.create("Another CA")
-    refused: list[KeyPair] = [None, other.issue("admin", ["admin"]), self_signed("admin", ["admin"])]
+    refused: list[KeyPair] = [
+        None,
+        other.issue("admin", ["admin"]),
+        self_signed("admin", ["admin"]),
+    ]
     for pair in refused:
         # A password is not enough: without a certificate of the node's CA the
         # connection ends in the TLS handshake, before any call.
