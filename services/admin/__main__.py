@@ -9,6 +9,7 @@ from shoal.admin.v1 import admin_pb2, admin_pb2_grpc
 from services.admin.node import AdminNode, StorageAuthenticator
 from services.admin.server import AdminServicer
 from services.common.auth import read_node_secret
+from services.common.client_certificates import ClientCertificates
 from services.common.config import ShoalConfig
 from services.common.entry import service_main
 from services.common.grpcserver import (
@@ -33,6 +34,7 @@ async def run(config: ShoalConfig) -> bool:
         raise
     node = AdminNode(node_tls, secret)
     servicer = AdminServicer(node)
+    tls_source = node_tls.server_source("admin")
     spec = ServerSpec(
         name="admin",
         address=f"{config.host}:{config.operations_api.port}",
@@ -42,7 +44,8 @@ async def run(config: ShoalConfig) -> bool:
         max_message_bytes=config.storage.max_message_bytes,
         on_stop=[node.close],
         grace_s=5.0,
-        tls=node_tls.server_source("admin"),
+        tls=tls_source,
+        client_certificates=ClientCertificates.from_config(config, "admin", tls_source),
         health=health,
         lifecycle=node.lifecycle,
     )

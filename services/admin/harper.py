@@ -465,7 +465,8 @@ def _replicated(ex: Execute, body: Body) -> bool:
 async def _on_members(ex: Execute, body: Body, result: dict[str, Any]) -> Json:
     """``result`` plus, in ``replicated``, each member's outcome of the same operation."""
     names = await clusterwide.members(ex.nodes, ex.cluster)
-    results = await clusterwide.fan_out(ex.node, names, body.data, ex.caller.metadata)
+    metadata = ex.caller.member_metadata(f"{body.operation} with 'replicated'")
+    results = await clusterwide.fan_out(ex.node, names, body.data, metadata)
     return {**result, "replicated": [r.json() for r in results]}
 
 
@@ -1029,9 +1030,10 @@ async def restart(ex: Execute, body: Body) -> Json:
     ex.caller.require_super_user(body.operation)
     replicated = _replicated(ex, body)
     services = _restart_services(body)
-    done = await clusterwide.restart(
-        ex.node, ex.nodes, ex.cluster, services, replicated, ex.caller.metadata
+    metadata = (
+        ex.caller.member_metadata(f"{body.operation} with 'replicated'") if replicated else ()
     )
+    done = await clusterwide.restart(ex.node, ex.nodes, ex.cluster, services, replicated, metadata)
     if done.services:
         here = [s for s in done.services if s != "admin"]
         message = f"restarted {', '.join(here)}" if here else ""

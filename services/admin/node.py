@@ -19,13 +19,17 @@ from shoal.replicator.v1 import replicator_pb2_grpc
 from shoal.storage.v1 import storage_pb2 as spb
 from shoal.storage.v1 import storage_pb2_grpc
 
-from services.common.auth import Identity, bearer_metadata, identity
+from services.common.auth import Identity, acting_for_metadata, bearer_metadata, identity
 from services.common.config import ShoalConfig
-from services.common.errors import PermissionDenied, Unauthenticated, from_rpc_error
+from services.common.errors import (
+    FailedPrecondition,
+    PermissionDenied,
+    Unauthenticated,
+    from_rpc_error,
+)
 from services.common.grpcserver import channel_options
 from services.common.lifecycle import Lifecycle
 from services.common.node_tls import NodeTls
-from services.common.tls import verifying_channel_credentials
 
 T = TypeVar("T")
 CALL_TIMEOUT_S = 60.0
@@ -38,6 +42,19 @@ class Caller:
 
     identity: Identity
     metadata: Metadata
+
+    def member_metadata(self, operation: str) -> Metadata:
+        """The credentials to send other members' admin services for ``operation``: the
+        caller's own. A caller signed in by its client certificate has none (its storage
+        calls carry this node's secret, which must never leave the node), so
+        FailedPrecondition asks for a password."""
+        if isinstance(self.identity, CertificateIdentity):
+            raise FailedPrecondition(
+                f"{operation} runs on other members with the caller's credentials, and"
+                f" {self.identity.name} signed in with a client certificate, which other"
+                " members do not see: sign in with a password for it"
+            )
+        return self.metadata
 
     def require_super_user(self, operation: str) -> None:
         if not self.identity.super_user:
@@ -63,6 +80,7 @@ class AdminNode:
         self.config = config
         self.node_tls = node_tls
         self.lifecycle = Lifecycle("admin")  # this process's restart (served by start_server)
+        self.secret = secret
         self.internal: Metadata = bearer_metadata(secret)
         self._storage_channel = node_tls.channel("storage", config.storage.max_message_bytes)
         # The replicator's mutual-TLS port, or its plain port in insecure mode.
@@ -81,10 +99,9 @@ class AdminNode:
         address = f"[{host}]" if ":" in host else host
         address = f"{address}:{self.config.operations_api.port}"
         options = channel_options(self.config.storage.max_message_bytes)
-        material = self.node_tls.material
-        if material is None or not self.node_tls.serves_tls("admin"):
+        if self.node_tls.material is None or not self.node_tls.serves_tls("admin"):
             return grpc.aio.insecure_channel(address, options=options)
-        credentials = verifying_channel_credentials(material.certificate_authority)
+        credentials = self.node_tls.client_port_credentials("admin")
         return grpc.aio.secure_channel(address, credentials, options=options)
 
     async def close(self) -> None:
@@ -115,14 +132,41 @@ class AdminNode:
             raise from_rpc_error(exc, "storage") from exc
 
 
+@dataclass(frozen=True)
+class CertificateIdentity(Identity):
+    """An admin caller authenticated by its client certificate (``operationsApi.mtls``):
+    it has no credentials to forward, so storage calls act for it with the node secret
+    (``forward``, see ``services.common.auth``)."""
+
+    forward: Metadata = ()
+
+
 class StorageAuthenticator:
-    """Authenticates admin callers through the node's storage (where users live)."""
+    """Authenticates admin callers through the node's storage (where users live).
+
+    A caller with an ``authorization`` header is checked by storage with those
+    credentials, which later calls forward. A caller without one, whose verified client
+    certificate names a user, is checked by storage with the node secret acting for that
+    user (it must exist and be active); later calls act for the user the same way, and
+    storage applies the user's role to each."""
 
     def __init__(self, node: AdminNode) -> None:
         self._node = node
 
-    async def authenticate(self, metadata: tuple[tuple[str, str | bytes], ...]) -> Identity:
+    async def authenticate(
+        self,
+        metadata: tuple[tuple[str, str | bytes], ...],
+        certificate_user: str | None = None,
+    ) -> Identity:
         credentials = forwarded(metadata)
+        if not credentials and certificate_user is not None:
+            acting = acting_for_metadata(self._node.secret, certificate_user)
+            reply = await self._node.call(
+                self._node.storage.Authenticate, spb.AuthenticateRequest(), acting
+            )
+            return CertificateIdentity(
+                name=reply.username, super_user=reply.super_user, forward=acting
+            )
         if not credentials:
             raise Unauthenticated(
                 "authentication required: send 'authorization: Basic <base64 user:password>'"
@@ -135,4 +179,7 @@ class StorageAuthenticator:
 
 def current_caller(metadata: Sequence[tuple[str, str | bytes]]) -> Caller:
     """The caller of the RPC being served (authenticated by the interceptor)."""
-    return Caller(identity(), forwarded(metadata))
+    who = identity()
+    if isinstance(who, CertificateIdentity):
+        return Caller(who, who.forward)
+    return Caller(who, forwarded(metadata))

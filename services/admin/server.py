@@ -241,7 +241,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         if request.replicated:
             names = await clusterwide.members(self.nodes, self.cluster)
             operation = {"operation": "set_configuration", **settings}
-            results = await clusterwide.fan_out(self.node, names, operation, caller.metadata)
+            metadata = caller.member_metadata("set_configuration with replicated")
+            results = await clusterwide.fan_out(self.node, names, operation, metadata)
             reply.replicated.extend(r.message() for r in results)
         return reply
 
@@ -249,8 +250,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         caller = self._caller(context)
         caller.require_super_user("restart")
         services = clusterwide.services_to_restart(request.services)
+        metadata = caller.member_metadata("restart with replicated") if request.replicated else ()
         done = await clusterwide.restart(
-            self.node, self.nodes, self.cluster, services, request.replicated, caller.metadata
+            self.node, self.nodes, self.cluster, services, request.replicated, metadata
         )
         return apb.RestartResponse(
             services=done.services, replicated=[r.message() for r in done.replicated]

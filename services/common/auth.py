@@ -5,6 +5,12 @@ replicator and admin processes send ``authorization: Bearer <node secret>``, whe
 secret is 32 random bytes the storage process writes to ``<rootPath>/keys/node.secret``
 (mode 0600) at first start; ``SHOAL_NODE_SECRET`` overrides the file (containers that do
 not share the data volume).
+
+A node's admin process acts for a caller its port authenticated by a client certificate
+(``operationsApi.mtls``, no password to forward) with the node secret plus
+``shoal-acting-for: <user>`` (percent-encoded UTF-8): storage then authenticates the call
+as that user (it must exist and be active) and applies the user's role. Storage honours
+the header only with the node secret; from anyone else it refuses the call.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import contextvars
 import os
 import secrets
 import time
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +32,7 @@ from services.common.errors import Unauthenticated
 NODE_SECRET_ENV = "SHOAL_NODE_SECRET"
 NODE_SECRET_FILE = "node.secret"
 INTERNAL_USER_PREFIX = "node:"
+ACTING_FOR_HEADER = "shoal-acting-for"
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,25 @@ def basic_metadata(username: str, password: str) -> tuple[tuple[str, str], ...]:
 def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
     """Call metadata carrying a bearer token."""
     return (("authorization", f"Bearer {token}"),)
+
+
+def acting_for(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    """The user named by ``shoal-acting-for`` metadata, or None."""
+    for key, value in metadata or ():
+        if key.lower() == ACTING_FOR_HEADER:
+            text = value.decode(errors="replace") if isinstance(value, bytes) else value
+            return urllib.parse.unquote(text)
+    return None
+
+
+def acting_for_metadata(secret: str, username: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata with which a node's own service acts for ``username``."""
+    return (*bearer_metadata(secret), (ACTING_FOR_HEADER, urllib.parse.quote(username, safe="")))
+
+
+def has_authorization(metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
+    """Whether the call carries an ``authorization`` header."""
+    return any(key.lower() == "authorization" for key, _ in metadata or ())
 
 
 def _write_private(path: Path, data: str) -> None:

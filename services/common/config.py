@@ -108,6 +108,26 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class MtlsConfig:
+    """``storage.mtls`` / ``operationsApi.mtls``: client certificates on a client port.
+
+    ``enabled``: the port asks for a client certificate, verified against the node's
+    trusted CAs; ``required``: a connection without one fails the TLS handshake (gRPC for
+    Python cannot ask for an optional one, so an enabled port requires it);
+    ``user_from_common_name``: a call without ``authorization`` is the user named by the
+    certificate's common name (Harper's ``user: Common Name``); false: the certificate
+    only gates the connection (Harper's ``user: null``).
+    """
+
+    enabled: bool = False
+    required: bool = False
+    user_from_common_name: bool = True
+
+
+MTLS_USER_COMMON_NAME = "Common Name"
+
+
+@dataclass(frozen=True)
 class StorageConfig:
     """``storage.*``: the storage service."""
 
@@ -120,6 +140,7 @@ class StorageConfig:
     max_sort_rows: int = 1_000_000
     purge_interval_s: float = 3600.0
     tls: bool = True  # serve TLS when the node has TLS material; false: plaintext
+    mtls: MtlsConfig = field(default_factory=MtlsConfig)  # client certificates
 
 
 @dataclass(frozen=True)
@@ -128,6 +149,7 @@ class OperationsApiConfig:
 
     port: int = DEFAULT_ADMIN_PORT
     tls: bool = True  # serve TLS when the node has TLS material; false: plaintext
+    mtls: MtlsConfig = field(default_factory=MtlsConfig)  # client certificates
 
 
 @dataclass(frozen=True)
@@ -723,6 +745,42 @@ def _paths(reader: _Reader, name: str) -> tuple[Path, ...]:
     return tuple(Path(item) for item in items)
 
 
+def _mtls(reader: _Reader, name: str) -> MtlsConfig:
+    """``false`` / ``true`` / ``{required, user}`` (every sub-key is read, so environment
+    overrides such as ``SHOAL_STORAGE_MTLS_REQUIRED`` work too)."""
+    present, value = reader.raw(name)
+    enabled = present and (value is True or isinstance(value, Mapping))
+    if present and value is not None and not isinstance(value, bool | Mapping):
+        reader.problem(name, value, "expected true, false or {required: true, user: ...}")
+    sub = _Reader(
+        value if isinstance(value, Mapping) else {},
+        reader.key(name),
+        reader._problems,
+        reader._env,
+        reader._trace,
+    )
+    required_given, _ = sub.raw("required")
+    required = sub.boolean("required", False)
+    user_given, user = sub.raw("user")
+    enabled = enabled or required_given or user_given
+    from_common_name = True
+    if user_given:
+        if user is None:
+            from_common_name = False
+        elif user != MTLS_USER_COMMON_NAME:
+            sub.problem("user", user, f"expected {MTLS_USER_COMMON_NAME!r} or null")
+    sub.finish()
+    if enabled and not required:
+        sub.problem(
+            "required",
+            required,
+            "must be true: a port with client certificates requires them (gRPC for Python"
+            " cannot ask for an optional client certificate); write"
+            f" {name}: {{required: true}}",
+        )
+    return MtlsConfig(enabled=enabled, required=required, user_from_common_name=from_common_name)
+
+
 def parse_config(
     data: Mapping[str, Any],
     *,
@@ -765,14 +823,23 @@ def parse_config(
         max_sort_rows=st.integer("maxSortRows", 1_000_000, 1, 1_000_000_000),
         purge_interval_s=st.duration("purgeInterval", 3600.0),
         tls=st.boolean("tls", True),
+        mtls=_mtls(st, "mtls"),
     )
+    if storage.mtls.enabled and not storage.tls:
+        st.problem("mtls", True, "client certificates need TLS on the port (storage.tls: true)")
     st.finish()
 
     ops = top.section("operationsApi")
     net = ops.section("network")
     operations_api = OperationsApiConfig(
-        port=net.port("port", DEFAULT_ADMIN_PORT), tls=ops.boolean("tls", True)
+        port=net.port("port", DEFAULT_ADMIN_PORT),
+        tls=ops.boolean("tls", True),
+        mtls=_mtls(ops, "mtls"),
     )
+    if operations_api.mtls.enabled and not operations_api.tls:
+        ops.problem(
+            "mtls", True, "client certificates need TLS on the port (operationsApi.tls: true)"
+        )
     net.finish()
     ops.finish()
 
@@ -792,6 +859,13 @@ def parse_config(
             given, missing = missing, given
         problems.append(f"tls.{missing}: missing (tls.{given} is set; they go together)")
     tl.finish()
+    if replication.secure_port is None and tls.certificate is None:
+        for key, port_config in (("storage", storage), ("operationsApi", operations_api)):
+            if port_config.mtls.enabled:
+                problems.append(
+                    f"{key}.mtls: client certificates need TLS, and this node is in insecure"
+                    " mode (replication.securePort: null without tls.*)"
+                )
 
     ad = top.section("admin")
     admin = AdminBootstrap(

@@ -8,7 +8,9 @@ and time every call by final status (``RpcMetrics``, exported as gRFC A66 metric
 every server, need no credentials and are not counted.
 
 A client port (storage, admin) serves TLS with the node's certificate when the node has
-TLS material (``ServerSpec.tls``). Each process also has a plaintext health port
+TLS material (``ServerSpec.tls``); with client certificates on (``storage.mtls``,
+``operationsApi.mtls``: ``ServerSpec.client_certificates``) it requires one, and hands the
+user it names to the authenticator. Each process also has a plaintext health port
 (``HealthPort``, ``health.*`` in shoal.yaml) that serves ``grpc.health.v1`` and nothing
 else, for orchestrator probes: it starts first (NOT_SERVING while the process starts),
 shares the main port's statuses, and stops last (NOT_SERVING while it drains).
@@ -31,6 +33,7 @@ from grpc_reflection.v1alpha import reflection
 from shoal.lifecycle.v1.lifecycle_pb2_grpc import add_LifecycleServiceServicer_to_server
 
 from services.common.auth import Identity, current_identity
+from services.common.client_certificates import ClientCertificates
 from services.common.config import ShoalConfig
 from services.common.errors import Internal, ShoalError, Unavailable
 from services.common.lifecycle import SERVICE_NAME as LIFECYCLE_SERVICE
@@ -43,9 +46,16 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
 class Authenticator(Protocol):
-    """Maps call metadata to an identity, raising Unauthenticated."""
+    """Maps call metadata to an identity, raising Unauthenticated.
 
-    async def authenticate(self, metadata: tuple[tuple[str, str | bytes], ...]) -> Identity: ...
+    ``certificate_user`` is the user the call's verified client certificate names (see
+    ``client_certificates``), or None; an ``authorization`` header wins over it."""
+
+    async def authenticate(
+        self,
+        metadata: tuple[tuple[str, str | bytes], ...],
+        certificate_user: str | None = None,
+    ) -> Identity: ...
 
 
 def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -86,9 +96,13 @@ class ShoalInterceptor(grpc.aio.ServerInterceptor):
     services."""
 
     def __init__(
-        self, authenticator: Authenticator | None, metrics: RpcMetrics | None = None
+        self,
+        authenticator: Authenticator | None,
+        metrics: RpcMetrics | None = None,
+        client_certificates: ClientCertificates | None = None,
     ) -> None:
         self._authenticator = authenticator
+        self._edge = _Edge(authenticator, client_certificates)
         self.metrics = metrics if metrics is not None else RpcMetrics()
         # Wrapped handlers, built once per method (the metadata is read from each call's
         # context), so a call costs no new closures or handler objects.
@@ -107,14 +121,28 @@ class ShoalInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or _public_service(method):
             return handler
         stats = self.metrics.method(method)
-        wrapped = self._wrapped[method] = _wrap(handler, method, self._authenticator, stats)
+        wrapped = self._wrapped[method] = _wrap(handler, method, self._edge, stats)
         return wrapped
 
 
-async def _enter(context: Ctx, authenticator: Authenticator | None) -> None:
+@dataclass(frozen=True)
+class _Edge:
+    """How a call is authenticated: the authenticator, and the port's client
+    certificates (None: the port asks for none)."""
+
+    authenticator: Authenticator | None
+    client_certificates: ClientCertificates | None = None
+
+
+async def _enter(context: Ctx, edge: _Edge) -> None:
+    authenticator = edge.authenticator
     if authenticator is not None:
         metadata = tuple(context.invocation_metadata() or ())
-        current_identity.set(await authenticator.authenticate(metadata))
+        certificate_user = None
+        if edge.client_certificates is not None:
+            auth_context = context.auth_context() or {}
+            certificate_user = edge.client_certificates.certificate_user(auth_context)
+        current_identity.set(await authenticator.authenticate(metadata, certificate_user))
 
 
 async def _fail(context: Ctx, method: str, exc: BaseException) -> None:
@@ -154,9 +182,7 @@ def _passthrough_status(exc: BaseException, context: Ctx) -> grpc.StatusCode:
     return grpc.StatusCode.CANCELLED
 
 
-def _wrap(
-    handler: Any, method: str, authenticator: Authenticator | None, stats: MethodStats
-) -> Any:
+def _wrap(handler: Any, method: str, edge: _Edge, stats: MethodStats) -> Any:
     passthrough = _PASSTHROUGH
     now = _now
     finish = stats.finish
@@ -168,7 +194,7 @@ def _wrap(
             stats.started += 1
             start = now()
             try:
-                await _enter(context, authenticator)
+                await _enter(context, edge)
                 response = await inner_uu(request, context)
             except passthrough as exc:
                 finish(_passthrough_status(exc, context), now() - start)
@@ -186,7 +212,7 @@ def _wrap(
 
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
-            _wrap_stream(handler.unary_stream, method, authenticator, stats),
+            _wrap_stream(handler.unary_stream, method, edge, stats),
             handler.request_deserializer,
             handler.response_serializer,
         )
@@ -198,7 +224,7 @@ def _wrap(
             stats.started += 1
             start = now()
             try:
-                await _enter(context, authenticator)
+                await _enter(context, edge)
                 response = await inner_su(requests, context)
             except passthrough as exc:
                 finish(_passthrough_status(exc, context), now() - start)
@@ -215,15 +241,13 @@ def _wrap(
         )
 
     return grpc.stream_stream_rpc_method_handler(
-        _wrap_stream(handler.stream_stream, method, authenticator, stats),
+        _wrap_stream(handler.stream_stream, method, edge, stats),
         handler.request_deserializer,
         handler.response_serializer,
     )
 
 
-def _wrap_stream(
-    inner: Any, method: str, authenticator: Authenticator | None, stats: MethodStats
-) -> Any:
+def _wrap_stream(inner: Any, method: str, edge: _Edge, stats: MethodStats) -> Any:
     """Wrap a streaming-response handler: an async generator, or a coroutine that writes
     with ``context.write`` (both are allowed by grpc.aio)."""
     passthrough = _PASSTHROUGH
@@ -235,7 +259,7 @@ def _wrap_stream(
             stats.started += 1
             start = now()
             try:
-                await _enter(context, authenticator)
+                await _enter(context, edge)
                 async for item in inner(request, context):
                     yield item
             except passthrough as exc:
@@ -253,7 +277,7 @@ def _wrap_stream(
         stats.started += 1
         start = now()
         try:
-            await _enter(context, authenticator)
+            await _enter(context, edge)
             response = await inner(request, context)
         except passthrough as exc:
             finish(_passthrough_status(exc, context), now() - start)
@@ -331,6 +355,9 @@ class ServerSpec:
     # Serve TLS from these files, re-read when they change (a client port of a node with
     # TLS); None: plaintext.
     tls: TlsSource | None = None
+    # Require client certificates on the TLS port, and authenticate calls by the user they
+    # name (ClientCertificates.from_config); None: no client certificate is asked for.
+    client_certificates: ClientCertificates | None = None
     # The process's statuses and health port (start_health_port), stopped last; None:
     # statuses of the main port only.
     health: HealthPort | None = None
@@ -385,7 +412,9 @@ def attach_metrics(
 async def start_server(spec: ServerSpec) -> RunningServer:
     """Build, bind and start a server; health reports SERVING once it listens."""
     server = grpc.aio.server(
-        interceptors=[ShoalInterceptor(spec.authenticator, spec.rpc_metrics)],
+        interceptors=[
+            ShoalInterceptor(spec.authenticator, spec.rpc_metrics, spec.client_certificates)
+        ],
         options=server_options(spec.max_message_bytes),
         maximum_concurrent_rpcs=spec.max_concurrent_rpcs,
     )
@@ -403,7 +432,9 @@ async def start_server(spec: ServerSpec) -> RunningServer:
     )
     try:
         if spec.tls is not None:
-            credentials = reloading_server_credentials(spec.tls, require_client_auth=False)
+            credentials = reloading_server_credentials(
+                spec.tls, require_client_auth=spec.client_certificates is not None
+            )
             port = server.add_secure_port(spec.address, credentials)
         else:
             port = server.add_insecure_port(spec.address)
@@ -414,7 +445,10 @@ async def start_server(spec: ServerSpec) -> RunningServer:
     await server.start()
     running = RunningServer(spec, server, health_servicer)
     await running.set_serving(True)
-    log.info("%s listening on %s (%s)", spec.name, spec.address, "TLS" if spec.tls else "plaintext")
+    security = "plaintext"
+    if spec.tls is not None:
+        security = "TLS, client certificates required" if spec.client_certificates else "TLS"
+    log.info("%s listening on %s (%s)", spec.name, spec.address, security)
     return running
 
 

@@ -3,8 +3,10 @@ certificate the node generated on its first start), which of its client ports se
 and the channels between its own processes.
 
 A client port (storage, admin) serves TLS with the node's certificate when the node has
-TLS material, unless ``storage.tls`` / ``operationsApi.tls`` is false. A process dialing
-another process of its node verifies the node's own certificate against the node's CA.
+TLS material, unless ``storage.tls`` / ``operationsApi.tls`` is false, and requires client
+certificates with ``storage.mtls`` / ``operationsApi.mtls``. A process dialing another
+process of its node verifies the node's own certificate against the node's CA, and
+presents the node's certificate to a port that requires one.
 """
 
 from __future__ import annotations
@@ -60,6 +62,29 @@ class NodeTls:
             return self.config.storage.tls
         return self.config.operations_api.tls
 
+    def requires_client_certificates(self, service: str) -> bool:
+        """Whether the port of ``service`` requires client certificates (mtls)."""
+        if not self.serves_tls(service):
+            return False
+        port = self.config.storage if service == "storage" else self.config.operations_api
+        return port.mtls.enabled
+
+    def client_port_credentials(self, service: str) -> grpc.ChannelCredentials:
+        """Credentials to dial the TLS port of ``service`` (on this node or a member,
+        configured alike): verify the node's CA, and present the node's certificate when
+        the port requires client certificates (its common name names no user, so its
+        calls still carry the node secret or a caller's credentials)."""
+        material = self.material
+        if material is None:
+            raise ValueError("this node has no TLS material")
+        if self.requires_client_certificates(service):
+            return grpc.ssl_channel_credentials(
+                root_certificates=material.certificate_authority,
+                private_key=material.private_key,
+                certificate_chain=material.certificate,
+            )
+        return verifying_channel_credentials(material.certificate_authority)
+
     def server_source(self, service: str) -> TlsSource | None:
         """What the port of ``service`` serves TLS with, re-read when the files change
         (as on the replication port); None when it is plaintext."""
@@ -95,7 +120,7 @@ class NodeTls:
         override = self.target_name_override(address)
         if override is not None:
             options.append(("grpc.ssl_target_name_override", override))
-        credentials = verifying_channel_credentials(self.material.certificate_authority)
+        credentials = self.client_port_credentials(service)
         return grpc.aio.secure_channel(address, credentials, options=options)
 
     def replicator_channel(self, max_message_bytes: int) -> grpc.aio.Channel:

@@ -8,6 +8,7 @@ import sys
 
 from shoal.storage.v1 import storage_pb2, storage_pb2_grpc
 
+from services.common.client_certificates import ClientCertificates
 from services.common.config import ShoalConfig
 from services.common.entry import service_main
 from services.common.errors import ShoalError
@@ -78,6 +79,7 @@ async def run(config: ShoalConfig) -> bool:
         await servicer.replicator.close()
         engine.close()
 
+    tls_source = node_tls.server_source("storage")
     spec = ServerSpec(
         name="storage",
         address=f"{config.host}:{config.storage.port}",
@@ -90,7 +92,8 @@ async def run(config: ShoalConfig) -> bool:
         max_concurrent_rpcs=config.storage.max_concurrent_rpcs,
         pre_stop=[begin_shutdown],
         on_stop=[close],
-        tls=node_tls.server_source("storage"),
+        tls=tls_source,
+        client_certificates=ClientCertificates.from_config(config, "storage", tls_source),
         health=health,
     )
     sampler = StorageSampler(engine, spec.rpc_metrics)  # counts what happens from here on

@@ -16,6 +16,12 @@ unknown user costs the same scrypt work as a wrong password. After
 ``authentication.lockoutAttempts`` consecutive failures a user name (known or not) is
 locked for ``authentication.lockoutDuration``: every sign-in fails, cached ones too, and
 costs no scrypt work. Counters live in memory (a restart forgets them).
+
+Without an ``authorization`` header, a call over a connection whose verified client
+certificate names a user (``storage.mtls`` with ``user: Common Name``) is that user, and
+the node's admin process may act for such a user (``shoal-acting-for`` with the node
+secret, see ``services.common.auth``): ``named_user`` checks that the user exists, is
+active and has a role; no password is involved, so no lockout either.
 """
 
 from __future__ import annotations
@@ -38,10 +44,13 @@ from cryptography.exceptions import InvalidKey
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from services.common.auth import (
+    ACTING_FOR_HEADER,
     INTERNAL_USER_PREFIX,
     BasicCredentials,
     BearerToken,
     Identity,
+    acting_for,
+    has_authorization,
     parse_authorization,
     write_private_file,
 )
@@ -405,12 +414,29 @@ class UserStore:
             self._attempts.move_to_end(name)
         return attempts
 
-    async def authenticate(self, metadata: Sequence[tuple[str, str | bytes]]) -> Identity:
+    async def authenticate(
+        self,
+        metadata: Sequence[tuple[str, str | bytes]],
+        certificate_user: str | None = None,
+    ) -> Identity:
+        """Who is calling: the ``authorization`` header's user (or the node-internal
+        identity, or the user it acts for), else the user the call's client certificate
+        names (``storage.mtls``); Unauthenticated otherwise."""
+        if certificate_user is not None and not has_authorization(metadata):
+            return self.named_user(certificate_user, "the client certificate's common name")
         credentials = parse_authorization(metadata)
+        on_behalf = acting_for(metadata)
         if isinstance(credentials, BearerToken):
             if hmac.compare_digest(credentials.token.encode(), self._node_secret.encode()):
+                if on_behalf is not None:
+                    return self.named_user(on_behalf, f"{ACTING_FOR_HEADER} of the admin service")
                 return self._node_identity
             raise Unauthenticated(_FAILED)
+        if on_behalf is not None:
+            raise Unauthenticated(
+                f"{ACTING_FOR_HEADER} is only for this node's own services; sign in as the"
+                " user instead"
+            )
         assert isinstance(credentials, BasicCredentials)
         name = credentials.username
         now = time.monotonic()
@@ -437,6 +463,27 @@ class UserStore:
             self._pending[digest] = pending
             pending.add_done_callback(lambda done: self._settled(digest, done))
         return await asyncio.shield(pending)
+
+    def named_user(self, name: str, named_by: str) -> UserIdentity:
+        """The identity of the existing, active user ``name`` (named by a verified client
+        certificate, or by the admin service acting for such a caller): no password is
+        checked. Unauthenticated says why it cannot be used."""
+        user = self.get(name) if name else None
+        if user is None:
+            raise Unauthenticated(
+                f"no user {name!r} (named by {named_by}): add the user, or sign in with"
+                " 'authorization: Basic <base64 user:password>'"
+            )
+        if not user.active:
+            raise Unauthenticated(f"user {name!r} (named by {named_by}) is not active")
+        permission = self.role(user.role)
+        if permission is None:
+            raise Unauthenticated(
+                f"user {name!r} (named by {named_by}) has role {user.role!r}, which does not exist"
+            )
+        return UserIdentity(
+            name=user.name, super_user=permission.super_user, role=user.role, permission=permission
+        )
 
     def _settled(self, digest: bytes, done: asyncio.Future[Identity]) -> None:
         if self._pending.get(digest) is done:

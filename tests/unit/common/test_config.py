@@ -465,3 +465,50 @@ def test_load_config_empty_file_uses_defaults(tmp_path: Path) -> None:
     config = load_config(file, env={"SHOAL_REPLICATION_HOSTNAME": "server-one"})
     assert config.node_name == "server-one"
     assert config.root_path == tmp_path / "shoal-data"
+
+
+# -- client certificates (storage.mtls, operationsApi.mtls) --------------------------------
+
+
+def test_mtls_is_off_by_default_and_takes_harpers_forms() -> None:
+    config = parse({})
+    assert not config.storage.mtls.enabled and not config.operations_api.mtls.enabled
+    config = parse(
+        {
+            "storage": {"mtls": {"required": True}},
+            "operationsApi": {"mtls": {"required": True, "user": None}},
+        }
+    )
+    assert config.storage.mtls == cfg.MtlsConfig(True, True, True)
+    assert config.operations_api.mtls == cfg.MtlsConfig(True, True, False)
+    assert parse({"storage": {"mtls": False}}).storage.mtls == cfg.MtlsConfig()
+    config = parse({}, {"SHOAL_OPERATIONSAPI_MTLS_REQUIRED": "true"})
+    assert config.operations_api.mtls == cfg.MtlsConfig(True, True, True)
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        ({"storage": {"mtls": True}}, ["storage.mtls.required", "must be true"]),
+        ({"operationsApi": {"mtls": {"user": None}}}, ["operationsApi.mtls.required"]),
+        ({"storage": {"mtls": "yes"}}, ["storage.mtls", "expected true, false"]),
+        (
+            {"storage": {"mtls": {"required": True, "user": "Subject"}}},
+            ["storage.mtls.user", "'Common Name' or null", "Subject"],
+        ),
+        ({"storage": {"mtls": {"required": True, "role": "x"}}}, ["storage.mtls.role: unknown"]),
+        (
+            {"storage": {"tls": False, "mtls": {"required": True}}},
+            ["storage.mtls", "storage.tls: true"],
+        ),
+        (
+            {"replication": {"hostname": "n", "securePort": None},
+             "operationsApi": {"mtls": {"required": True}}},
+            ["operationsApi.mtls", "insecure mode"],
+        ),
+    ],
+)  # fmt: skip
+def test_mtls_problems_name_their_key(data: dict[str, Any], words: list[str]) -> None:
+    text = "\n".join(problems_of(data))
+    for word in words:
+        assert word in text

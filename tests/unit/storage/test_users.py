@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from services.common.auth import basic_metadata
+from services.common.auth import acting_for_metadata, basic_metadata
 from services.common.errors import FailedPrecondition, Unauthenticated
 from services.storage.db import Store
 from services.storage.permissions import UserIdentity
@@ -100,3 +100,34 @@ async def test_changes_forget_cached_sign_ins(store: Store, tmp_path: Path) -> N
         "reader",
         "super_user",
     ]
+
+
+async def test_a_certificate_user_and_the_node_acting_for_a_user(
+    store: Store, tmp_path: Path
+) -> None:
+    store_users = users(store, tmp_path)
+    await store_users.add_user("ann", "pw-ann", "super_user", True)
+    await store_users.add_user("bob", "pw-bob", "super_user", False)
+
+    who = await store_users.authenticate((), certificate_user="ann")
+    assert isinstance(who, UserIdentity) and who.name == "ann" and who.super_user
+    # The header wins over the certificate, and is checked as always.
+    who = await store_users.authenticate(basic_metadata("admin", "admin-password"), "ann")
+    assert who.name == "admin"
+    with pytest.raises(Unauthenticated, match="invalid username or password"):
+        await store_users.authenticate(basic_metadata("ann", "wrong"), "ann")
+    with pytest.raises(Unauthenticated, match="no user 'nobody'"):
+        await store_users.authenticate((), certificate_user="nobody")
+    with pytest.raises(Unauthenticated, match=r"'bob' .* is not active"):
+        await store_users.authenticate((), certificate_user="bob")
+
+    # The node secret may act for a user (named percent-encoded); nobody else may.
+    who = await store_users.authenticate(acting_for_metadata("secret", "ann"))
+    assert who.name == "ann" and not who.internal
+    with pytest.raises(Unauthenticated, match="is not active"):
+        await store_users.authenticate(acting_for_metadata("secret", "bob"))
+    with pytest.raises(Unauthenticated, match="invalid username or password"):
+        await store_users.authenticate(acting_for_metadata("not-the-secret", "ann"))
+    forged = (*basic_metadata("ann", "pw-ann"), ("shoal-acting-for", "admin"))
+    with pytest.raises(Unauthenticated, match="only for this node's own services"):
+        await store_users.authenticate(forged)
