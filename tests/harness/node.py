@@ -188,7 +188,11 @@ class Node:
         ``service``: TLS trusting the node's CA when the port serves TLS, checking the
         node's name when the dialed host is not in its certificate."""
         address = self.address_of(service)
-        options = channel_options()
+        # A channel of its own connection: gRPC otherwise shares connections between
+        # channels to one address, so a client made right after a restart could inherit
+        # the reconnect backoff (and "connection refused") of a channel that saw the
+        # process die, although the new process already serves.
+        options = [*channel_options(), ("grpc.use_local_subchannel_pool", 1)]
         if not self.serves_tls(service):
             return address, None, options
         files = self.certificate_files()
