@@ -167,7 +167,7 @@ def lag(workdir: Path, seconds: float, rate: int = 1000) -> tuple[float, float, 
         acks = asyncio.run(paced_writes(a, rate, seconds, "lag", 0))
         achieved = len(acks) / (time.perf_counter() - started)
         last = max(v for v, _ in acks)
-        wait_for(lambda: all(last in w.seen for w in watchers), 60, "every write on B and C")
+        wait_for(lambda: all(last in w.seen for w in watchers), 300, "every write on B and C")
         for w in watchers:
             w.stop.set()
         lags = sorted((max(w.seen[v] for w in watchers) - t) * 1000 for v, t in acks)
