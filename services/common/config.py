@@ -118,6 +118,15 @@ class OperationsApiConfig:
 
 
 @dataclass(frozen=True)
+class DatabaseEntry:
+    """One entry of ``replication.databases``: a name, or ``{name, sharded, replicateTo}``."""
+
+    name: str
+    sharded: bool = False
+    replicate_to: int | None = None  # None: every node holds every record in full
+
+
+@dataclass(frozen=True)
 class ReplicationConfig:
     """``replication.*``: the replicator service."""
 
@@ -141,6 +150,14 @@ class ReplicationConfig:
     url: str | None = None  # how peers reach this node; None: derived from hostname and ports
     gossip: bool = True  # also dial every member of system.hdb_nodes, not only routes
     shard: int | None = None
+    database_entries: tuple[DatabaseEntry, ...] = ()  # the entries of ``databases``
+
+    def replicate_to(self, database: str) -> int | None:
+        """``replicateTo`` of a database's entry (None: full replication)."""
+        for entry in self.database_entries:
+            if entry.name == database:
+                return entry.replicate_to
+        return None
 
 
 @dataclass(frozen=True)
@@ -562,6 +579,29 @@ def _parse_route(reader: _Reader, index: int, item: object) -> Route | None:
     )
 
 
+def _parse_database_entry(reader: _Reader, index: int, item: object) -> DatabaseEntry | None:
+    name = f"databases[{index}]"
+    if isinstance(item, str):
+        if not _NAME_RE.match(item):
+            reader.problem(name, item, "not a valid database name")
+            return None
+        return DatabaseEntry(item)
+    if not isinstance(item, Mapping):
+        reader.problem(name, item, "expected a database name or {name, sharded, replicateTo}")
+        return None
+    sub = _Reader(item, reader.key(name), reader._problems, {})
+    db = sub.string("name", "")
+    if not _NAME_RE.match(db):
+        sub.problem("name", db, "a database entry needs a valid name")
+    entry = DatabaseEntry(
+        name=db,
+        sharded=sub.boolean("sharded", False),
+        replicate_to=sub.optional_integer("replicateTo", 1, 1000),
+    )
+    sub.finish()
+    return entry
+
+
 def _advertised_url(reader: _Reader, hostname: str) -> str | None:
     url = reader.optional_string("url")
     if url is None:
@@ -603,12 +643,15 @@ def _parse_replication(reader: _Reader) -> ReplicationConfig:
             reader.problem("routes", route.hostname, "the same peer is listed twice")
         seen.add(route.hostname)
     databases: tuple[str, ...] | None = None
+    entries: list[DatabaseEntry] = []
     present, raw_dbs = reader.raw("databases")
     if present and raw_dbs is not None and raw_dbs != "*":
-        if isinstance(raw_dbs, list) and all(
-            isinstance(d, str) and _NAME_RE.match(d) for d in raw_dbs
-        ):
-            databases = tuple(raw_dbs)
+        if isinstance(raw_dbs, list):
+            for i, item in enumerate(raw_dbs):
+                entry = _parse_database_entry(reader, i, item)
+                if entry is not None:
+                    entries.append(entry)
+            databases = tuple(e.name for e in entries)
         else:
             reader.problem("databases", raw_dbs, "expected '*' or a list of database names")
     config = ReplicationConfig(
@@ -632,6 +675,7 @@ def _parse_replication(reader: _Reader) -> ReplicationConfig:
         url=_advertised_url(reader, hostname),
         gossip=reader.boolean("gossip", True),
         shard=reader.optional_integer("shard", 0, 1_000_000),
+        database_entries=tuple(entries),
     )
     if config.peer_timeout_s < 2 * config.heartbeat_interval_s:
         reader.problem(

@@ -145,6 +145,7 @@ class Outbound:
             max_batch_bytes=config.batch_bytes,
             heartbeat_interval_ms=int(config.heartbeat_interval_s * 1000),
             linger_ms=int(config.batch_linger_s * 1000),
+            subscriber=session.peer,
         )
         generation = message.generation
         sequence = 0
@@ -240,6 +241,7 @@ class Outbound:
             tables=tables,
             max_batch_rows=COPY_CHUNK_ROWS,
             max_batch_bytes=COPY_CHUNK_BYTES,
+            subscriber=session.peer,
         )
         if message.HasField("start_after") and message.start_after.table:
             request.start_after.CopyFrom(message.start_after)

@@ -22,7 +22,7 @@ import orjson
 from shoal.storage.v1 import types_pb2
 
 from services.common.errors import InvalidArgument, ResourceExhausted
-from services.storage import keys, merge
+from services.storage import keys, merge, residency
 from services.storage.merge import RecordState, Stamp
 from services.storage.schema import SCHEMA_PREFIX, Table
 
@@ -356,6 +356,11 @@ class LocalTransaction:
         self._tables: dict[str, Table] = {}
         self._records = 0  # records given so far, across the request's operations
         self.reverts: types_pb2.TransactionRef | None = None  # set by a revert
+        self.placement = residency.Placement(engine, database)
+
+    def replicate_to(self, request: types_pb2.ReplicateTo | None) -> None:
+        """The request's residency for records written for the first time."""
+        self.placement.request(request)
 
     def _current(self, table: Table, encoded: list[bytes]) -> list[RecordState | None]:
         """Visible view: pre-transaction state with this transaction's writes applied."""
@@ -516,10 +521,31 @@ class LocalTransaction:
         state_prefix = b"[%d,%s,false," % (version, dumps(engine.node_name))
         audit = {name: keys.audit_prefix(self.database, name) for name in self._tables}
         written: dict[str, int] = {}
+        placement = self.placement if self.placement.active else None
+        if placement is not None:
+            engine.resident_databases.add(self.database)
         for p in self._pending.values():
             name = p.table.name
             written[name] = written.get(name, 0) + 1
-            if p.kind == PUT and p.old is None and p.raw is not None:
+            if placement is not None:
+                residents = placement.residents(p.table, p.encoded, p.old)
+                state = apply_write(p.old, stamp, p.kind, p.doc)
+                state = residency.settle(
+                    p.table, engine.node_name, p.old, state, residents, stamp, False
+                )
+                writer.set_state(p.table, p.encoded, p.old, state)
+                write = add(
+                    table=name,
+                    kind=p.kind,
+                    operation=p.operation,
+                    id=p.id_json,
+                    residents=residents,
+                )
+                if p.kind != DELETE:
+                    write.value = p.raw if p.raw is not None else dumps(p.doc)
+                if p.old is not None and p.old.visible:
+                    write.prior = dumps(p.old.doc)
+            elif p.kind == PUT and p.old is None and p.raw is not None:
                 # The common case of a new record: store the client's JSON as it came
                 # (merge.encode_put_state, inlined).
                 writer.put_new(p.table, p.encoded, p.doc, state_prefix + p.raw + b",{}]")

@@ -31,7 +31,7 @@ from shoal.storage.v1 import storage_pb2, types_pb2
 
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.hlc import format_version
-from services.storage import keys, merge
+from services.storage import keys, merge, residency
 from services.storage.commit import HORIZON_PREFIX, position_key
 from services.storage.engine import Engine
 
@@ -139,6 +139,7 @@ class SubscribeSpec:
     max_bytes: int
     heartbeat_s: float
     linger_s: float
+    subscriber: str = ""
 
 
 def subscribe_spec(request: storage_pb2.SubscribeRequest) -> SubscribeSpec:
@@ -162,6 +163,7 @@ def subscribe_spec(request: storage_pb2.SubscribeRequest) -> SubscribeSpec:
         max_bytes=request.max_batch_bytes or DEFAULT_BATCH_BYTES,
         heartbeat_s=(request.heartbeat_interval_ms or DEFAULT_HEARTBEAT_MS) / 1000,
         linger_s=min(request.linger_ms, 1000) / 1000,
+        subscriber=request.subscriber,
     )
 
 
@@ -224,6 +226,24 @@ def start_time(engine: Engine, spec: SubscribeSpec) -> int:
     return start
 
 
+def _withheld(engine: Engine, txn: types_pb2.Transaction, subscriber: str) -> bool:
+    """Shape a transaction's writes with residents for ``subscriber``: stubs for records
+    it is not a resident of. True when the transaction must not reach it at all: it
+    holds a stub of a record the subscriber is a resident of (this node received only
+    the stub), and a stub must never stand in for the record on a resident."""
+    for w in txn.writes:
+        if not w.residents:
+            continue
+        if subscriber in w.residents:
+            if w.stub:
+                return True
+        elif not w.stub:
+            table = engine.catalog.find_table(txn.database, w.table)
+            if table is not None:
+                residency.stub_write(table, w)
+    return False
+
+
 def _filter(engine: Engine, txn: types_pb2.Transaction, spec: SubscribeSpec) -> bool:
     """Drop what must not travel; False when nothing is left to send."""
     local = {t.name for t in txn.tables if not t.replicate}
@@ -253,6 +273,7 @@ async def subscribe(
     heartbeat interval) and continues after the last entry it read.
     """
     positions = dict(spec.positions)
+    withheld: set[tuple[str, str]] = set()
     cursor = start_time(engine, spec)
     last_wake = 0.0
     while not engine.closing:
@@ -265,7 +286,24 @@ async def subscribe(
             if txn.origin in spec.exclude:
                 continue
             pkey = (txn.database, txn.origin)
+            if pkey in withheld:
+                continue
             if txn.version <= positions.get(pkey, spec.default_version):
+                continue
+            if spec.subscriber and _withheld(engine, txn, spec.subscriber):
+                # Not a word more of this origin on this stream: the subscriber's
+                # position stays before this transaction, and it gets it (and the
+                # rest) from the origin itself or from another relay holding it whole.
+                withheld.add(pkey)
+                log.warning(
+                    "not relaying %s's transactions of %r to %s from %s on: this node holds"
+                    " only stubs of records %s is a resident of",
+                    txn.origin,
+                    txn.database,
+                    spec.subscriber,
+                    format_version(txn.version),
+                    spec.subscriber,
+                )
                 continue
             if pkey not in positions and spec.default_version == 0:
                 # First of its origin in this stream and the subscriber holds nothing of

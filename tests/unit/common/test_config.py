@@ -267,7 +267,17 @@ def test_every_problem_is_reported_at_once() -> None:
             "replication.routes[0].colour",
             "",
         ),
-        ({"replication": {"databases": ["ok", "not ok"]}}, "replication.databases", "'not ok'"),
+        ({"replication": {"databases": ["ok", "not ok"]}}, "replication.databases[1]", "'not ok'"),
+        (
+            {"replication": {"databases": [{"name": "dev", "replicateTo": 0}]}},
+            "replication.databases[0].replicateTo",
+            "0",
+        ),
+        (
+            {"replication": {"databases": [{"name": "dev", "copies": 2}]}},
+            "replication.databases[0].copies",
+            "",
+        ),
         ({"replication": {"peerTimeout": "3s"}}, "replication.peerTimeout", "3.0"),
         ({"admin": {"username": "no spaces"}}, "admin.username", "'no spaces'"),
         ({"testing": {"clockOffsetMs": 1.5}}, "testing.clockOffsetMs", "1.5"),
@@ -465,3 +475,13 @@ def test_load_config_empty_file_uses_defaults(tmp_path: Path) -> None:
     config = load_config(file, env={"SHOAL_REPLICATION_HOSTNAME": "server-one"})
     assert config.node_name == "server-one"
     assert config.root_path == tmp_path / "shoal-data"
+
+
+def test_database_entries_with_replicate_to() -> None:
+    config = parse(
+        {"replication": {"databases": ["system", {"name": "dev", "replicateTo": 2}]}}
+    ).replication
+    assert config.databases == ("system", "dev")
+    assert config.replicate_to("dev") == 2
+    assert config.replicate_to("system") is None
+    assert config.replicate_to("other") is None

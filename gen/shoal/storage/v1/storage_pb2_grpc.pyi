@@ -267,6 +267,13 @@ class StorageServiceStub:
     only.
     Errors: INVALID_ARGUMENT (malformed row or state), PERMISSION_DENIED.
     """
+    ReadResident: _grpc.UnaryUnaryMultiCallable[_storage_pb2.ReadResidentRequest, _storage_pb2.ReadResidentResponse]
+    """Reads records this node holds in full (it is one of their residents), for a peer's
+    read of a record it holds only as a stub. Keys held here only as stubs, or not at
+    all, are listed in `missing`. Node-internal only.
+    Errors: INVALID_ARGUMENT (no ids, invalid id), NOT_FOUND (database or table),
+    PERMISSION_DENIED.
+    """
     GetPositions: _grpc.UnaryUnaryMultiCallable[_storage_pb2.GetPositionsRequest, _storage_pb2.GetPositionsResponse]
     """Reads replication positions, log horizons and copies in progress.
     Errors: PERMISSION_DENIED (not the node identity).
@@ -579,6 +586,13 @@ class StorageServiceAsyncStub(StorageServiceStub):
     and is not merged back. With `complete`, adopts the copy's positions. Node-internal
     only.
     Errors: INVALID_ARGUMENT (malformed row or state), PERMISSION_DENIED.
+    """
+    ReadResident: _aio.UnaryUnaryMultiCallable[_storage_pb2.ReadResidentRequest, _storage_pb2.ReadResidentResponse]  # type: ignore[assignment]
+    """Reads records this node holds in full (it is one of their residents), for a peer's
+    read of a record it holds only as a stub. Keys held here only as stubs, or not at
+    all, are listed in `missing`. Node-internal only.
+    Errors: INVALID_ARGUMENT (no ids, invalid id), NOT_FOUND (database or table),
+    PERMISSION_DENIED.
     """
     GetPositions: _aio.UnaryUnaryMultiCallable[_storage_pb2.GetPositionsRequest, _storage_pb2.GetPositionsResponse]  # type: ignore[assignment]
     """Reads replication positions, log horizons and copies in progress.
@@ -1045,6 +1059,19 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         and is not merged back. With `complete`, adopts the copy's positions. Node-internal
         only.
         Errors: INVALID_ARGUMENT (malformed row or state), PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def ReadResident(
+        self,
+        request: _storage_pb2.ReadResidentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.ReadResidentResponse, _abc.Awaitable[_storage_pb2.ReadResidentResponse]]:
+        """Reads records this node holds in full (it is one of their residents), for a peer's
+        read of a record it holds only as a stub. Keys held here only as stubs, or not at
+        all, are listed in `missing`. Node-internal only.
+        Errors: INVALID_ARGUMENT (no ids, invalid id), NOT_FOUND (database or table),
+        PERMISSION_DENIED.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,228 @@
+"""Replication count and residency (``replicateTo``): each record is whole on exactly N
+nodes and a stub elsewhere; every node answers reads and indexed searches (real
+processes, TLS)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Any
+
+import grpc
+import orjson
+import pytest
+from shoal.storage.v1 import storage_pb2 as pb
+from shoal.storage.v1 import types_pb2
+
+from tests.conftest import MakeCluster
+from tests.harness.client import expect_error
+from tests.harness.cluster import Cluster
+from tests.harness.node import Node
+from tests.harness.wait import wait_for
+
+pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
+
+DB = "app"
+TABLE = "items"
+KEYS = 10_000
+COLORS = ("red", "green", "blue", "white")
+RESIDENCY = {"replication": {"databases": [{"name": DB, "replicateTo": 2}]}}
+
+
+def _record(i: int) -> dict[str, Any]:
+    return {"id": i, "color": COLORS[i % len(COLORS)], "payload": f"item {i} " + "x" * 40}
+
+
+def _states(node: Node) -> dict[Any, list[Any]]:
+    """Every row of the table on one node, read from its storage: id -> decoded state."""
+    client = node.internal_client()
+    out: dict[Any, list[Any]] = {}
+    for chunk in client.stream("Snapshot", pb.SnapshotRequest(database=DB, tables=[TABLE])):
+        for row in chunk.rows:
+            out[orjson.loads(row.id)] = orjson.loads(row.state)
+    return out
+
+
+def _whole(node: Node, state: list[Any]) -> bool:
+    """A row this node holds in full: it is a resident and the row is not a stub."""
+    residency = state[5] if len(state) == 6 else None
+    return residency is not None and node.name in residency[2] and not residency[3]
+
+
+def _filled(make_cluster: MakeCluster) -> Cluster:
+    cluster = make_cluster(size=4, config=RESIDENCY)
+    cluster.wait_connected()
+    cluster.wait_members()
+    cluster[0].client().create_table(DB, TABLE, indexed=["color"])
+    for node in cluster:
+        wait_for(lambda node=node: _has_table(node), 30, f"{node.name} to have {DB}.{TABLE}")
+    batch = 500
+    for n, start in enumerate(range(0, KEYS, batch)):
+        writer = cluster[n % 4].client()  # every node places some records
+        writer.insert(DB, TABLE, [_record(i) for i in range(start, start + batch)])
+    for node in cluster:
+        wait_for(
+            lambda node=node: node.client().describe(DB, TABLE).record_count == KEYS,
+            90,
+            f"{node.name} to count every record",
+        )
+    return cluster
+
+
+def _has_table(node: Node) -> bool:
+    try:
+        node.client().describe(DB, TABLE)
+        return True
+    except grpc.RpcError:
+        return False
+
+
+def test_every_record_is_whole_on_exactly_two_nodes_and_readable_everywhere(
+    make_cluster: MakeCluster,
+) -> None:
+    cluster = _filled(make_cluster)
+    names = {node.name for node in cluster}
+    holders: dict[Any, set[str]] = {i: set() for i in range(KEYS)}
+    residents: dict[Any, tuple[str, ...]] = {}
+
+    def settled() -> bool:
+        for node in cluster:
+            for pk, state in _states(node).items():
+                if _whole(node, state):
+                    holders[pk].add(node.name)
+        return all(len(h) == 2 for h in holders.values())
+
+    wait_for(settled, 60, "every record to be whole on two nodes")
+    for node in cluster:
+        states = _states(node)
+        assert len(states) == KEYS  # a stub or the record on every node
+        for pk, state in states.items():
+            assert len(state) == 6, f"{pk} has no residency on {node.name}"
+            listed = tuple(state[5][2])
+            assert residents.setdefault(pk, listed) == listed  # every node agrees
+            if _whole(node, state):
+                assert state[3] == _record(pk)
+            else:
+                # A stub: key and indexed attributes only, the payload is not here.
+                assert state[3] == {"id": pk, "color": COLORS[pk % len(COLORS)]}
+    assert all(set(residents[pk]) == holders[pk] for pk in holders)
+    assert {n for r in residents.values() for n in r} == names
+
+    # Even spread: each node is a resident of about half the keys (2 of 4), within 10%.
+    per_node = Counter(n for r in residents.values() for n in r)
+    expected = KEYS * 2 / 4
+    for name, count in per_node.items():
+        assert abs(count - expected) <= expected * 0.10, (name, count, per_node)
+
+    # Any node answers get-by-id and indexed searches with whole records.
+    sample = random.Random(7).sample(range(KEYS), 200)
+    for node in cluster:
+        client = node.client()
+        got = client.get(DB, TABLE, sample)
+        assert sorted(got, key=lambda r: r["id"]) == [_record(i) for i in sorted(sample)]
+        reds = client.by_value(DB, TABLE, "color", "red")
+        assert len(reds) == KEYS // 4
+        assert all(r == _record(r["id"]) for r in reds)
+        some = client.by_value(DB, TABLE, "color", "blue", limit=10, get_attributes=["payload"])
+        assert len(some) == 10 and all(r["payload"].startswith("item ") for r in some)
+
+
+def test_a_write_names_its_residents(make_cluster: MakeCluster) -> None:
+    cluster = make_cluster(size=3, config=RESIDENCY)
+    cluster.wait_connected()
+    cluster.wait_members()
+    client = cluster[0].client()
+    client.create_table(DB, TABLE, indexed=["color"])
+    only = cluster[2].name
+    client.call(
+        "Insert",
+        pb.InsertRequest(
+            database=DB,
+            table=TABLE,
+            records=[orjson.dumps(_record(1))],
+            replicate_to=types_pb2.ReplicateTo(nodes=[only]),
+        ),
+    )
+    wait_for(lambda: 1 in _states(cluster[2]), 30, "the record on its resident")
+    assert _whole(cluster[2], _states(cluster[2])[1])
+    # A later write on another node keeps the residents.
+    wait_for(lambda: 1 in _states(cluster[1]), 30, "the stub on node 2")
+    cluster[1].client().update(DB, TABLE, [{"id": 1, "payload": "changed"}])
+    wait_for(
+        lambda: _states(cluster[2])[1][3].get("payload") == "changed",
+        30,
+        "the update to reach the resident",
+    )
+    assert cluster[0].client().get(DB, TABLE, [1]) == [{**_record(1), "payload": "changed"}]
+    assert tuple(_states(cluster[1])[1][5][2]) == (only,)
+    # A count beyond the members, or a name that is not a member, writes nothing.
+    for replicate_to, words in (
+        (types_pb2.ReplicateTo(count=4), ("more than the 3 members",)),
+        (types_pb2.ReplicateTo(nodes=["nobody"]), ("nobody", "not a member")),
+    ):
+        expect_error(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            lambda r=replicate_to: client.call(
+                "Insert",
+                pb.InsertRequest(
+                    database=DB,
+                    table=TABLE,
+                    records=[orjson.dumps(_record(2))],
+                    replicate_to=r,
+                ),
+            ),
+            *words,
+        )
+    assert client.get(DB, TABLE, [2]) == []
+
+
+def test_reads_survive_a_stopped_resident_and_fail_clearly_without_any(
+    make_cluster: MakeCluster,
+) -> None:
+    cluster = make_cluster(size=4, config=RESIDENCY)
+    cluster.wait_connected()
+    cluster.wait_members()
+    writer = cluster[0].client()
+    writer.create_table(DB, TABLE, indexed=["color"])
+    writer.insert(DB, TABLE, [_record(i) for i in range(400)])
+    for node in cluster:
+        wait_for(
+            lambda node=node: node.client().describe(DB, TABLE).record_count == 400,
+            60,
+            f"{node.name} to count every record",
+        )
+    residents = {pk: tuple(state[5][2]) for pk, state in _states(cluster[0]).items()}
+    by_name = {node.name: node for node in cluster}
+    stopped = cluster[3]
+    # Records the stopped node is a resident of, read from a node that is not.
+    reader = next(
+        n for n in cluster.nodes[:3] if any(stopped.name in r and n.name not in r for r in residents.values())
+    )
+    affected = [
+        pk for pk, r in residents.items() if stopped.name in r and reader.name not in r
+    ]
+    # Every resident is whole before the stop.
+    for pk in affected:
+        for name in residents[pk]:
+            wait_for(
+                lambda pk=pk, name=name: _whole(by_name[name], _states(by_name[name])[pk]),
+                30,
+                f"{pk} whole on {name}",
+            )
+    stopped.stop("replicator", "storage")
+    got = reader.client().get(DB, TABLE, affected)
+    assert sorted(got, key=lambda r: r["id"]) == [_record(pk) for pk in sorted(affected)]
+
+    # Stop the other resident of one of them too: that read fails naming both.
+    pk = affected[0]
+    other = next(n for n in residents[pk] if n != stopped.name)
+    by_name[other].stop("replicator", "storage")
+    wait_for(
+        lambda: not (reader.connection(other) and reader.connection(other).connected),
+        30,
+        f"{reader.name} to see {other} gone",
+    )
+    error = expect_error(
+        grpc.StatusCode.UNAVAILABLE, lambda: reader.client().get(DB, TABLE, [pk]), other
+    )
+    assert stopped.name in (error.details() or "")
