@@ -137,6 +137,22 @@ class Body:
             )
         return int(value)
 
+    def replicate_to(self) -> types_pb2.ReplicateTo | None:
+        """``replicateTo`` (or ``replicate_to``): how many nodes hold the records written
+        first in full, or which (node names)."""
+        value = self._get(("replicateTo", "replicate_to"))
+        if value is None:
+            return None
+        if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+            return types_pb2.ReplicateTo(nodes=value)
+        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not whole or not 1 <= value <= MAX_CONFIRMATION:
+            raise InvalidArgument(
+                f"{self.operation}: 'replicateTo' must be a number of nodes (1 or more) or a"
+                f" list of node names, not {orjson.dumps(value).decode()}"
+            )
+        return types_pb2.ReplicateTo(count=int(value))
+
     def flag(self, *names: str, default: bool) -> bool:
         value = self._get(names)
         if value is None:
@@ -247,6 +263,7 @@ async def insert(ex: Execute, body: Body) -> Json:
             table=body.text("table"),
             records=_records(body),
             replicated_confirmation=body.confirmation(),
+            replicate_to=body.replicate_to(),
         ),
     )
     total = len(reply.inserted_ids) + len(reply.skipped_ids)
@@ -265,6 +282,7 @@ async def update(ex: Execute, body: Body) -> Json:
             table=body.text("table"),
             records=_records(body),
             replicated_confirmation=body.confirmation(),
+            replicate_to=body.replicate_to(),
         ),
     )
     total = len(reply.updated_ids) + len(reply.skipped_ids)
@@ -283,6 +301,7 @@ async def upsert(ex: Execute, body: Body) -> Json:
             table=body.text("table"),
             records=_records(body),
             replicated_confirmation=body.confirmation(),
+            replicate_to=body.replicate_to(),
         ),
     )
     return {
@@ -299,6 +318,7 @@ async def delete(ex: Execute, body: Body) -> Json:
             table=body.text("table"),
             ids=_ids(body),
             replicated_confirmation=body.confirmation(),
+            replicate_to=body.replicate_to(),
         ),
     )
     total = len(reply.deleted_ids) + len(reply.skipped_ids)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from functools import partial
 from typing import Any
 
 import grpc
@@ -55,18 +56,23 @@ def _filled(make_cluster: MakeCluster) -> Cluster:
     cluster.wait_members()
     cluster[0].client().create_table(DB, TABLE, indexed=["color"])
     for node in cluster:
-        wait_for(lambda node=node: _has_table(node), 30, f"{node.name} to have {DB}.{TABLE}")
+        wait_for(partial(_has_table, node), 30, f"{node.name} to have {DB}.{TABLE}")
     batch = 500
     for n, start in enumerate(range(0, KEYS, batch)):
         writer = cluster[n % 4].client()  # every node places some records
         writer.insert(DB, TABLE, [_record(i) for i in range(start, start + batch)])
     for node in cluster:
-        wait_for(
-            lambda node=node: node.client().describe(DB, TABLE).record_count == KEYS,
-            90,
-            f"{node.name} to count every record",
-        )
+        wait_for(partial(_counts, node, KEYS), 90, f"{node.name} to count every record")
     return cluster
+
+
+def _counts(node: Node, count: int) -> bool:
+    return bool(node.client().describe(DB, TABLE).record_count == count)
+
+
+def _whole_on(node: Node, pk: Any) -> bool:
+    state = _states(node).get(pk)
+    return state is not None and _whole(node, state)
 
 
 def _has_table(node: Node) -> bool:
@@ -160,18 +166,11 @@ def test_a_write_names_its_residents(make_cluster: MakeCluster) -> None:
         (types_pb2.ReplicateTo(count=4), ("more than the 3 members",)),
         (types_pb2.ReplicateTo(nodes=["nobody"]), ("nobody", "not a member")),
     ):
+        request = pb.InsertRequest(
+            database=DB, table=TABLE, records=[orjson.dumps(_record(2))], replicate_to=replicate_to
+        )
         expect_error(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            lambda r=replicate_to: client.call(
-                "Insert",
-                pb.InsertRequest(
-                    database=DB,
-                    table=TABLE,
-                    records=[orjson.dumps(_record(2))],
-                    replicate_to=r,
-                ),
-            ),
-            *words,
+            grpc.StatusCode.INVALID_ARGUMENT, partial(client.call, "Insert", request), *words
         )
     assert client.get(DB, TABLE, [2]) == []
 
@@ -186,29 +185,21 @@ def test_reads_survive_a_stopped_resident_and_fail_clearly_without_any(
     writer.create_table(DB, TABLE, indexed=["color"])
     writer.insert(DB, TABLE, [_record(i) for i in range(400)])
     for node in cluster:
-        wait_for(
-            lambda node=node: node.client().describe(DB, TABLE).record_count == 400,
-            60,
-            f"{node.name} to count every record",
-        )
+        wait_for(partial(_counts, node, 400), 60, f"{node.name} to count every record")
     residents = {pk: tuple(state[5][2]) for pk, state in _states(cluster[0]).items()}
     by_name = {node.name: node for node in cluster}
     stopped = cluster[3]
     # Records the stopped node is a resident of, read from a node that is not.
     reader = next(
-        n for n in cluster.nodes[:3] if any(stopped.name in r and n.name not in r for r in residents.values())
+        n
+        for n in cluster.nodes[:3]
+        if any(stopped.name in r and n.name not in r for r in residents.values())
     )
-    affected = [
-        pk for pk, r in residents.items() if stopped.name in r and reader.name not in r
-    ]
+    affected = [pk for pk, r in residents.items() if stopped.name in r and reader.name not in r]
     # Every resident is whole before the stop.
     for pk in affected:
         for name in residents[pk]:
-            wait_for(
-                lambda pk=pk, name=name: _whole(by_name[name], _states(by_name[name])[pk]),
-                30,
-                f"{pk} whole on {name}",
-            )
+            wait_for(partial(_whole_on, by_name[name], pk), 30, f"{pk} whole on {name}")
     stopped.stop("replicator", "storage")
     got = reader.client().get(DB, TABLE, affected)
     assert sorted(got, key=lambda r: r["id"]) == [_record(pk) for pk in sorted(affected)]
