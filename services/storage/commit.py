@@ -357,6 +357,7 @@ class LocalTransaction:
         self._records = 0  # records given so far, across the request's operations
         self.reverts: types_pb2.TransactionRef | None = None  # set by a revert
         self.placement = residency.Placement(engine, database)
+        self._rehomed: dict[bytes, tuple[str, ...]] = {}  # data key -> new residents
 
     def replicate_to(self, request: types_pb2.ReplicateTo | None) -> None:
         """The request's residency for records written for the first time."""
@@ -500,6 +501,20 @@ class LocalTransaction:
         raw = orjson.dumps(doc) if kind != DELETE else b""
         self._record(table, (doc, pk, encoded, raw), kind, operation, old, orjson.dumps(pk))
 
+    def rehome(
+        self, table: Table, pk: Any, doc: dict[str, Any], residents: tuple[str, ...]
+    ) -> None:
+        """Give a record new residents (the residency repair): a PATCH of every attribute
+        it has, marked whole, so a new resident holding a stub gets the whole record."""
+        self._tables[table.name] = table
+        encoded = keys.encode_key(pk)
+        old = self._current(table, [encoded])[0]
+        raw = orjson.dumps(doc)
+        self._record(
+            table, (doc, pk, encoded, raw), PATCH, types_pb2.OPERATION_UPDATE, old, orjson.dumps(pk)
+        )
+        self._rehomed[table.prefix + encoded] = residents
+
     def commit(self, extra_schema: Iterable[Table] = ()) -> int:
         """Write the transaction; returns its version (0 when it wrote nothing)."""
         schema_tables = list(extra_schema)
@@ -521,17 +536,25 @@ class LocalTransaction:
         state_prefix = b"[%d,%s,false," % (version, dumps(engine.node_name))
         audit = {name: keys.audit_prefix(self.database, name) for name in self._tables}
         written: dict[str, int] = {}
-        placement = self.placement if self.placement.active else None
+        placement = self.placement if self.placement.active or self._rehomed else None
         if placement is not None:
             engine.resident_databases.add(self.database)
-        for p in self._pending.values():
+        for dkey, p in self._pending.items():
             name = p.table.name
             written[name] = written.get(name, 0) + 1
             if placement is not None:
-                residents = placement.residents(p.table, p.encoded, p.old)
+                rehomed = self._rehomed.get(dkey)
+                residents = rehomed or placement.residents(p.table, p.encoded, p.old)
                 state = apply_write(p.old, stamp, p.kind, p.doc)
                 state = residency.settle(
-                    p.table, engine.node_name, p.old, state, residents, stamp, False
+                    p.table,
+                    engine.node_name,
+                    p.old,
+                    state,
+                    residents,
+                    stamp,
+                    False,
+                    whole=rehomed is not None,
                 )
                 writer.set_state(p.table, p.encoded, p.old, state)
                 write = add(
@@ -540,6 +563,7 @@ class LocalTransaction:
                     operation=p.operation,
                     id=p.id_json,
                     residents=residents,
+                    whole=rehomed is not None,
                 )
                 if p.kind != DELETE:
                     write.value = p.raw if p.raw is not None else dumps(p.doc)

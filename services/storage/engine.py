@@ -136,6 +136,7 @@ class Engine:
         self.copies: dict[str, CopyState] = {}
         # Databases that received records with residents since start (see has_residents).
         self.resident_databases: set[str] = set()
+        self.repair = residency.RepairProgress()
         # Counters since the process started, read by the metrics collector at scrape time.
         self.commits = 0  # atomic writes (local transactions, applies, copies, schema)
         self.local_transactions = 0
@@ -571,7 +572,9 @@ class Engine:
             if type(doc) is not dict:
                 raise InvalidArgument(f"{table.name}: value is not an object")
             new = apply_write(old, stamp, write.kind, doc)
-        new = residency.settle(table, self.node_name, old, new, residents, stamp, write.stub)
+        new = residency.settle(
+            table, self.node_name, old, new, residents, stamp, write.stub, write.whole
+        )
         writer.set_state(table, key, old, new)
 
     def has_residents(self, table: Table) -> bool:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -98,6 +99,7 @@ def settle(
     residents: tuple[str, ...],
     stamp: Stamp,
     stub_write: bool,
+    whole: bool = False,
 ) -> RecordState:
     """The state to store after merging a write that carried ``residents``: residency by
     last-writer-wins on ``stamp``, and the stub form unless ``node`` is a resident."""
@@ -111,6 +113,9 @@ def settle(
         return to_stub(table, new)
     if stub_write:
         new.stub = True  # a stub reached a resident: reads of it go to another resident
+    elif whole and new.stub:
+        new = merge.copy_state(new) if new is old else new
+        new.stub = False  # every attribute arrived (a re-homing)
     return new
 
 
@@ -120,6 +125,7 @@ def stub_write(table: Table, write: types_pb2.Write) -> None:
         write.value = orjson.dumps(stub_doc(table, orjson.loads(write.value)))
     write.prior = b""
     write.stub = True
+    write.whole = False
 
 
 def stub_row(table: Table, raw_state: bytes, subscriber: str) -> bytes:
@@ -134,6 +140,21 @@ def stub_row(table: Table, raw_state: bytes, subscriber: str) -> bytes:
     if state.stub:
         return raw_state
     return merge.encode_state(to_stub(table, state))
+
+
+@dataclass
+class RepairProgress:
+    """What the repair did in its current (or last) pass."""
+
+    running: bool = False
+    passes: int = 0
+    scanned: int = 0
+    needing: int = 0  # records with a resident that is no longer a member
+    rehomed: int = 0  # re-homed by this node in the pass
+    unrecoverable: int = 0  # no remaining resident holds them whole
+    deferred: int = 0  # to re-home here once this node holds them whole
+    started_ms: int = 0
+    finished_ms: int = 0
 
 
 class Placement:

@@ -217,3 +217,59 @@ def test_reads_survive_a_stopped_resident_and_fail_clearly_without_any(
         grpc.StatusCode.UNAVAILABLE, lambda: reader.client().get(DB, TABLE, [pk]), other
     )
     assert stopped.name in (error.details() or "")
+
+
+def _resident_views(cluster: Cluster, live: list[Node]) -> dict[Any, dict[str, bytes]]:
+    """id -> {node: canonical whole state} over the live nodes holding it whole."""
+    views: dict[Any, dict[str, bytes]] = {}
+    for node in live:
+        for pk, state in _states(node).items():
+            if _whole(node, state):
+                views.setdefault(pk, {})[node.name] = orjson.dumps(
+                    state[:5] + [state[5][:3]], option=orjson.OPT_SORT_KEYS
+                )
+    return views
+
+
+def test_removing_a_resident_rehomes_its_records(make_cluster: MakeCluster) -> None:
+    cluster = make_cluster(size=4, config=RESIDENCY, services=("storage", "replicator", "admin"))
+    cluster.wait_connected()
+    cluster.wait_members()
+    writer = cluster[0].client()
+    writer.create_table(DB, TABLE, indexed=["color"])
+    records = 400
+    writer.insert(DB, TABLE, [_record(i) for i in range(records)])
+    for node in cluster:
+        wait_for(partial(_counts, node, records), 60, f"{node.name} to count every record")
+    gone = cluster[3]
+    live = cluster.nodes[:3]
+    residents = {pk: tuple(state[5][2]) for pk, state in _states(cluster[0]).items()}
+    moved = [pk for pk, r in residents.items() if gone.name in r]
+    assert moved
+    wait_for(
+        lambda: (
+            all(len(v) == 2 for v in _resident_views(cluster, cluster.nodes).values())
+            and len(_resident_views(cluster, cluster.nodes)) == records
+        ),
+        60,
+        "every record whole on its two residents",
+    )
+    gone.stop("admin", "replicator", "storage")
+    # Reads of its records still succeed through their other resident.
+    got = cluster[1].client().get(DB, TABLE, moved)
+    assert sorted(got, key=lambda r: r["id"]) == [_record(pk) for pk in sorted(moved)]
+    cluster[0].admin().ok({"operation": "remove_node", "hostname": gone.name})
+
+    def repaired() -> bool:
+        views = _resident_views(cluster, live)
+        return len(views) == records and all(
+            len(v) == 2 and len(set(v.values())) == 1 for v in views.values()
+        )
+
+    wait_for(repaired, 90, "every record back on two live residents, identical")
+    for node in live:
+        for pk, state in _states(node).items():
+            assert gone.name not in state[5][2], (node.name, pk, state)
+    for node in live:
+        got = node.client().get(DB, TABLE, moved)
+        assert sorted(got, key=lambda r: r["id"]) == [_record(pk) for pk in sorted(moved)]

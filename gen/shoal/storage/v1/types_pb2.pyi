@@ -116,6 +116,7 @@ class Write(_message.Message):
     PRIOR_FIELD_NUMBER: _builtins.int
     RESIDENTS_FIELD_NUMBER: _builtins.int
     STUB_FIELD_NUMBER: _builtins.int
+    WHOLE_FIELD_NUMBER: _builtins.int
     table: _builtins.str
     """Table name within the transaction's database."""
     kind: Global___WriteKind.ValueType
@@ -138,6 +139,10 @@ class Write(_message.Message):
     sent to a resident: a sender that holds only a stub stops relaying that origin to
     that resident, which then receives it from the origin itself.
     """
+    whole: _builtins.bool
+    """True when `value` holds every attribute of the record (a re-homing by the residency
+    repair): a new resident that held a stub holds the whole record after merging it.
+    """
     @_builtins.property
     def residents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The record's resident nodes in a database with a replication count (`replicateTo`):
@@ -156,10 +161,11 @@ class Write(_message.Message):
         prior: _builtins.bytes = ...,
         residents: _abc.Iterable[_builtins.str] | None = ...,
         stub: _builtins.bool = ...,
+        whole: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "kind", b"kind", "operation", b"operation", "prior", b"prior", "residents", b"residents", "stub", b"stub", "table", b"table", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "kind", b"kind", "operation", b"operation", "prior", b"prior", "residents", b"residents", "stub", b"stub", "table", b"table", "value", b"value", "whole", b"whole"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
