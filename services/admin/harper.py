@@ -48,6 +48,7 @@ from services.common.routes import to_yaml
 Json = Any
 FORWARD_MARGIN_S = 0.25  # at most this much of an Execute deadline is kept to answer
 MAX_CONFIRMATION = 2**31 - 1  # the typed field is an int32
+RESIDENCY_STATUS_TIMEOUT_S = 5.0
 Handler = Callable[["Execute", "Body"], Awaitable[Json]]
 
 _OPERATIONS_ENUM = {
@@ -942,7 +943,57 @@ async def cluster_status(ex: Execute, body: Body) -> Json:
         "is_enabled": reply.is_enabled,
         "connections": [_connection_json(c) for c in reply.connections],
         "removed": reply.removed,
+        "residency": await _residency_status(ex),
     }
+
+
+def _progress_json(progress: spb.ResidencyProgress) -> Json:
+    return {
+        "running": progress.running,
+        "passes": progress.passes,
+        "scanned": progress.scanned,
+        "needing": progress.needing,
+        "rehomed": progress.rehomed,
+        "deferred": progress.deferred,
+        "unrecoverable": progress.unrecoverable,
+        "dry_run": progress.dry_run,
+        "started_ms": progress.started_ms,
+        "finished_ms": progress.finished_ms,
+    }
+
+
+async def _residency_status(ex: Execute) -> Json:
+    """This node's residency repair and rebalance (from its storage, node identity)."""
+    try:
+        reply = await ex.node.call(
+            ex.node.storage.ResidencyStatus,
+            spb.ResidencyStatusRequest(),
+            ex.node.internal,
+            deadline_s=RESIDENCY_STATUS_TIMEOUT_S,
+        )
+    except ShoalError as exc:
+        return {"error": exc.message}
+    return {
+        "repair": _progress_json(reply.repair),
+        "rebalance": _progress_json(reply.rebalance),
+        "gone": list(reply.gone),
+    }
+
+
+async def rebalance(ex: Execute, body: Body) -> Json:
+    """Move records to where rendezvous hashing over the current members puts them, on
+    every member (each moves the records it is the first resident of); ``dry_run`` only
+    counts. Progress: ``cluster_status`` (``residency.rebalance``) of each node."""
+    ex.caller.require_super_user("rebalance")
+    replicated = body.flag("replicated", default=True)
+    dry_run = body.flag("dry_run", default=False)
+    database = body.text("database", "schema", required=False)
+    reply = await ex.storage("Rebalance", spb.RebalanceRequest(database=database, dry_run=dry_run))
+    result: dict[str, Any] = {
+        "message": "rebalance dry run started" if dry_run else "rebalance started",
+        "progress": _progress_json(reply.progress),
+    }
+    return await _on_members(ex, body, result) if replicated else result
 
 
 def _route_json(route: Route) -> Json:
@@ -1370,6 +1421,7 @@ OPERATIONS: dict[str, Handler] = {
     "remove_certificate": remove_certificate,
     # cluster
     "cluster_status": cluster_status,
+    "rebalance": rebalance,
     "cluster_get_routes": cluster_get_routes,
     "cluster_set_routes": cluster_set_routes,
     "cluster_delete_routes": cluster_delete_routes,

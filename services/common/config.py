@@ -151,6 +151,7 @@ class ReplicationConfig:
     gossip: bool = True  # also dial every member of system.hdb_nodes, not only routes
     shard: int | None = None
     database_entries: tuple[DatabaseEntry, ...] = ()  # the entries of ``databases``
+    residency_repair_after_s: float = 3600.0  # re-home a down member's records; 0: never
 
     def replicate_to(self, database: str) -> int | None:
         """``replicateTo`` of a database's entry (None: full replication)."""
@@ -676,6 +677,7 @@ def _parse_replication(reader: _Reader) -> ReplicationConfig:
         gossip=reader.boolean("gossip", True),
         shard=reader.optional_integer("shard", 0, 1_000_000),
         database_entries=tuple(entries),
+        residency_repair_after_s=reader.duration("residencyRepairAfter", 3600.0),
     )
     if config.peer_timeout_s < 2 * config.heartbeat_interval_s:
         reader.problem(

@@ -20,7 +20,7 @@ from services.common.grpcserver import (
 )
 from services.common.hlc import version_from_ms
 from services.common.node_tls import prepare
-from services.storage import analytics, repair
+from services.storage import analytics
 from services.storage import log as txlog
 from services.storage.engine import Engine
 from services.storage.metrics import disk_metrics, engine_metrics
@@ -111,7 +111,7 @@ async def run(config: ShoalConfig) -> bool:
         raise
     purge = asyncio.create_task(_purge_loop(engine, config))
     history = asyncio.create_task(analytics.run(servicer.analytics, sampler.sample))
-    rehoming = asyncio.create_task(repair.run(engine, engine.repair))
+    rehoming = asyncio.create_task(servicer.residency.run())
     return await serve_until_signalled(running, [purge, history, rehoming])
 
 

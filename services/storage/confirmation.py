@@ -116,6 +116,13 @@ class ReplicatorClient:
                 f" can receive writes to {where}{known}; nothing was written"
             )
 
+    async def status(self, timeout_s: float) -> rpb.StatusResponse:
+        """The replicator's Status (raises the AioRpcError when it does not answer)."""
+        reply: rpb.StatusResponse = await self._replicator().Status(
+            rpb.StatusRequest(), metadata=self._metadata, timeout=timeout_s
+        )
+        return reply
+
     async def fetch(
         self,
         database: str,

@@ -136,7 +136,6 @@ class Engine:
         self.copies: dict[str, CopyState] = {}
         # Databases that received records with residents since start (see has_residents).
         self.resident_databases: set[str] = set()
-        self.repair = residency.RepairProgress()
         # Counters since the process started, read by the metrics collector at scrape time.
         self.commits = 0  # atomic writes (local transactions, applies, copies, schema)
         self.local_transactions = 0
@@ -578,9 +577,12 @@ class Engine:
         writer.set_state(table, key, old, new)
 
     def has_residents(self, table: Table) -> bool:
-        """True when records of the table may have residents (reads then look for stubs):
-        its database has ``replicateTo``, or a write with residents reached it since start."""
-        database = table.database
+        """True when records of the table may have residents (reads then look for stubs)."""
+        return self.database_has_residents(table.database)
+
+    def database_has_residents(self, database: str) -> bool:
+        """The database has ``replicateTo``, or a write with residents reached it since
+        this process started."""
         return (
             self.config.replication.replicate_to(database) is not None
             or database in self.resident_databases

@@ -144,7 +144,7 @@ def stub_row(table: Table, raw_state: bytes, subscriber: str) -> bytes:
 
 @dataclass
 class RepairProgress:
-    """What the repair did in its current (or last) pass."""
+    """What a residency repair or rebalance pass did (the current or last one)."""
 
     running: bool = False
     passes: int = 0
@@ -153,6 +153,7 @@ class RepairProgress:
     rehomed: int = 0  # re-homed by this node in the pass
     unrecoverable: int = 0  # no remaining resident holds them whole
     deferred: int = 0  # to re-home here once this node holds them whole
+    dry_run: bool = False  # a rebalance that only counts
     started_ms: int = 0
     finished_ms: int = 0
 

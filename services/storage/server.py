@@ -55,6 +55,7 @@ from services.storage.permissions import (
     require_super_user,
 )
 from services.storage.readthrough import ResidentReads
+from services.storage.repair import ResidencyWorker
 from services.storage.schema import Database, Table, check_name
 from services.storage.users import User
 
@@ -178,6 +179,21 @@ async def _chunked_async(
         yield make(chunk)
 
 
+def residency_progress(progress: residency.RepairProgress) -> pb.ResidencyProgress:
+    return pb.ResidencyProgress(
+        running=progress.running,
+        passes=progress.passes,
+        scanned=progress.scanned,
+        needing=progress.needing,
+        rehomed=progress.rehomed,
+        deferred=progress.deferred,
+        unrecoverable=progress.unrecoverable,
+        dry_run=progress.dry_run,
+        started_ms=progress.started_ms,
+        finished_ms=progress.finished_ms,
+    )
+
+
 def _sort(keys: Any) -> list[tuple[str, bool]]:
     out = []
     for k in keys:
@@ -210,6 +226,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         self.analytics = AnalyticsTables(engine)
         self.replicator = ReplicatorClient(engine.config, engine.node_secret)
         self.reads = ResidentReads(engine, self.replicator)
+        self.residency = ResidencyWorker(engine, self.replicator)
 
     @staticmethod
     def _caller() -> Identity:
@@ -569,6 +586,33 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         source = search.Reader(self.engine, table).plan(group, sort)
         records = search.run(self.engine, source, group, sort, request.offset, request.limit, [])
         return self.reads.whole(table, records, context.time_remaining())
+
+    async def Rebalance(self, request: pb.RebalanceRequest, context: Ctx) -> pb.RebalanceResponse:
+        who = self._caller()
+        if not who.internal:
+            self._administer("rebalance")
+        if request.database:
+            database = self.engine.catalog.database(request.database)
+            if not self.engine.database_has_residents(database.name):
+                raise InvalidArgument(
+                    f"database {database.name!r} has no residency (no replicateTo in"
+                    " replication.databases and no record written with replicate_to)"
+                )
+        progress = self.residency.start_rebalance(request.database, request.dry_run)
+        return pb.RebalanceResponse(progress=residency_progress(progress))
+
+    async def ResidencyStatus(
+        self, request: pb.ResidencyStatusRequest, context: Ctx
+    ) -> pb.ResidencyStatusResponse:
+        who = self._caller()
+        if not who.internal:
+            self._administer("residency status")
+        worker = self.residency
+        return pb.ResidencyStatusResponse(
+            repair=residency_progress(worker.repair),
+            rebalance=residency_progress(worker.rebalance),
+            gone=sorted(worker.gone),
+        )
 
     async def ReadResident(
         self, request: pb.ReadResidentRequest, context: Ctx

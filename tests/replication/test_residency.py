@@ -15,6 +15,7 @@ import pytest
 from shoal.storage.v1 import storage_pb2 as pb
 from shoal.storage.v1 import types_pb2
 
+from services.storage import keys, residency
 from tests.conftest import MakeCluster
 from tests.harness.client import expect_error
 from tests.harness.cluster import Cluster
@@ -226,7 +227,7 @@ def _resident_views(cluster: Cluster, live: list[Node]) -> dict[Any, dict[str, b
         for pk, state in _states(node).items():
             if _whole(node, state):
                 views.setdefault(pk, {})[node.name] = orjson.dumps(
-                    state[:5] + [state[5][:3]], option=orjson.OPT_SORT_KEYS
+                    [*state[:5], state[5][:3]], option=orjson.OPT_SORT_KEYS
                 )
     return views
 
@@ -273,3 +274,103 @@ def test_removing_a_resident_rehomes_its_records(make_cluster: MakeCluster) -> N
     for node in live:
         got = node.client().get(DB, TABLE, moved)
         assert sorted(got, key=lambda r: r["id"]) == [_record(pk) for pk in sorted(moved)]
+
+
+def _placed_everywhere(cluster: Cluster, records: int) -> bool:
+    """Every record whole on exactly its listed residents, on every node's view."""
+    views = _resident_views(cluster, cluster.nodes)
+    if len(views) != records:
+        return False
+    listed = {pk: set(state[5][2]) for pk, state in _states(cluster[0]).items()}
+    return all(set(v) == listed[pk] and len(set(v.values())) == 1 for pk, v in views.items())
+
+
+def test_adding_a_node_moves_nothing_until_a_rebalance(make_cluster: MakeCluster) -> None:
+    cluster = make_cluster(
+        start=False, size=4, config=RESIDENCY, services=("storage", "replicator", "admin")
+    )
+    first, late = cluster.nodes[:3], cluster[3]
+    for node in first:
+        node.start()
+    writer = cluster[0].client()
+    wait_for(
+        lambda: (
+            {r["name"] for r in writer.all_records("system", "hdb_nodes", "name")}
+            >= {n.name for n in first}
+        ),
+        30,
+        "the first three members",
+    )
+    writer.create_table(DB, TABLE, indexed=["color"])
+    records = 400
+    writer.insert(DB, TABLE, [_record(i) for i in range(records)])
+    for node in first:
+        wait_for(partial(_counts, node, records), 60, f"{node.name} to count every record")
+    late.start()
+    cluster.wait_members()
+    wait_for(partial(_counts, late, records), 60, "the new node to count every record")
+    before = {pk: tuple(state[5][2]) for pk, state in _states(cluster[0]).items()}
+    assert all(late.name not in r for r in before.values())  # nothing moved to it
+
+    admin = cluster[0].admin()
+    dry = admin.ok({"operation": "rebalance", "database": DB, "dry_run": True})
+    assert dry["message"] == "rebalance dry run started"
+    assert all(r["ok"] for r in dry["replicated"])
+
+    def finished(node: Node) -> dict[str, Any] | None:
+        status = node.admin().ok({"operation": "cluster_status"})["residency"]["rebalance"]
+        return status if status["passes"] and not status["running"] else None
+
+    counted = [wait_for(partial(finished, n), 30, f"{n.name} dry run") for n in cluster]
+    # Rendezvous over 4 nodes instead of 3 moves about a quarter of the residencies.
+    would_move = sum(c["rehomed"] for c in counted)
+    assert records * 0.25 < would_move < records * 0.75, counted
+    assert all(c["dry_run"] for c in counted)
+    assert {pk: tuple(s[5][2]) for pk, s in _states(cluster[0]).items()} == before
+
+    admin.ok({"operation": "rebalance", "database": DB})
+    wait_for(lambda: _placed_everywhere(cluster, records), 90, "the rebalance to settle")
+    after = {pk: tuple(state[5][2]) for pk, state in _states(cluster[0]).items()}
+    members = [n.name for n in cluster]
+    for pk, residents in after.items():
+        ideal = residency.rendezvous(DB, TABLE, keys.encode_key(pk), members, 2)
+        assert residents == ideal
+    assert sum(late.name in r for r in after.values()) > records * 0.3
+    for node in cluster:
+        got = node.client().get(DB, TABLE, list(range(0, records, 7)))
+        assert got == [_record(i) for i in range(0, records, 7)]
+
+
+def test_a_member_down_too_long_has_its_records_rehomed(make_cluster: MakeCluster) -> None:
+    config = {"replication": {**RESIDENCY["replication"], "residencyRepairAfter": "3s"}}
+    cluster = make_cluster(size=4, config=config, services=("storage", "replicator", "admin"))
+    cluster.wait_connected()
+    cluster.wait_members()
+    writer = cluster[0].client()
+    writer.create_table(DB, TABLE, indexed=["color"])
+    records = 200
+    writer.insert(DB, TABLE, [_record(i) for i in range(records)])
+    wait_for(lambda: _placed_everywhere(cluster, records), 60, "every record placed")
+    down = cluster[2]
+    live = [n for n in cluster if n is not down]
+    down.stop("admin", "replicator", "storage")
+
+    def repaired() -> bool:
+        views = _resident_views(cluster, live)
+        return len(views) == records and all(
+            len(v) == 2 and len(set(v.values())) == 1 for v in views.values()
+        )
+
+    wait_for(repaired, 90, "every record back on two live residents")
+    status = cluster[0].admin().ok({"operation": "cluster_status"})["residency"]
+    assert status["gone"] == [down.name]
+    # When it comes back it learns its records moved and keeps stubs of them.
+    down.start()
+    wait_for(
+        lambda: (
+            all(_whole(down, s) == (down.name in s[5][2]) for s in _states(down).values())
+            and not any(down.name in s[5][2] for s in _states(down).values())
+        ),
+        60,
+        "the returning node to hold only stubs",
+    )

@@ -2178,6 +2178,171 @@ class ReadResidentResponse(_message.Message):
 Global___ReadResidentResponse: _TypeAlias = ReadResidentResponse  # noqa: Y015
 
 @_typing.final
+class RebalanceRequest(_message.Message):
+    """Request of Rebalance."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    database: _builtins.str
+    """Database to rebalance; empty for every database with residency."""
+    dry_run: _builtins.bool
+    """Count what would move, move nothing."""
+    def __init__(
+        self,
+        *,
+        database: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "dry_run", b"dry_run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RebalanceRequest: _TypeAlias = RebalanceRequest  # noqa: Y015
+
+@_typing.final
+class RebalanceResponse(_message.Message):
+    """Response of Rebalance."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def progress(self) -> Global___ResidencyProgress:
+        """The rebalance as started (or as already running)."""
+
+    def __init__(
+        self,
+        *,
+        progress: Global___ResidencyProgress | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RebalanceResponse: _TypeAlias = RebalanceResponse  # noqa: Y015
+
+@_typing.final
+class ResidencyStatusRequest(_message.Message):
+    """Request of ResidencyStatus."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResidencyStatusRequest: _TypeAlias = ResidencyStatusRequest  # noqa: Y015
+
+@_typing.final
+class ResidencyStatusResponse(_message.Message):
+    """Response of ResidencyStatus."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPAIR_FIELD_NUMBER: _builtins.int
+    REBALANCE_FIELD_NUMBER: _builtins.int
+    GONE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def repair(self) -> Global___ResidencyProgress:
+        """The background repair (records of removed or long-down members)."""
+
+    @_builtins.property
+    def rebalance(self) -> Global___ResidencyProgress:
+        """The last rebalance started on this node."""
+
+    @_builtins.property
+    def gone(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Members this node counts as gone: removed, or down longer than
+        replication.residencyRepairAfter.
+        """
+
+    def __init__(
+        self,
+        *,
+        repair: Global___ResidencyProgress | None = ...,
+        rebalance: Global___ResidencyProgress | None = ...,
+        gone: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rebalance", b"rebalance", "repair", b"repair"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gone", b"gone", "rebalance", b"rebalance", "repair", b"repair"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResidencyStatusResponse: _TypeAlias = ResidencyStatusResponse  # noqa: Y015
+
+@_typing.final
+class ResidencyProgress(_message.Message):
+    """One pass of the residency repair or of a rebalance on one node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNNING_FIELD_NUMBER: _builtins.int
+    PASSES_FIELD_NUMBER: _builtins.int
+    SCANNED_FIELD_NUMBER: _builtins.int
+    NEEDING_FIELD_NUMBER: _builtins.int
+    REHOMED_FIELD_NUMBER: _builtins.int
+    DEFERRED_FIELD_NUMBER: _builtins.int
+    UNRECOVERABLE_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    STARTED_MS_FIELD_NUMBER: _builtins.int
+    FINISHED_MS_FIELD_NUMBER: _builtins.int
+    running: _builtins.bool
+    """A pass is running."""
+    passes: _builtins.int
+    """Passes run since the storage service started."""
+    scanned: _builtins.int
+    """Records read in the current (or last) pass."""
+    needing: _builtins.int
+    """Records whose residents must change (the repair: a resident is gone; a rebalance:
+    the residents differ from the current placement), whichever node re-homes them.
+    """
+    rehomed: _builtins.int
+    """Records this node re-homed (a dry run: would re-home)."""
+    deferred: _builtins.int
+    """Records this node must re-home once it holds them in full."""
+    unrecoverable: _builtins.int
+    """Records none of whose remaining residents holds them in full (the repair)."""
+    dry_run: _builtins.bool
+    """The pass only counted (a dry-run rebalance)."""
+    started_ms: _builtins.int
+    """When the pass started and finished (Unix milliseconds; 0 while running / never)."""
+    finished_ms: _builtins.int
+    """When the pass finished."""
+    def __init__(
+        self,
+        *,
+        running: _builtins.bool = ...,
+        passes: _builtins.int = ...,
+        scanned: _builtins.int = ...,
+        needing: _builtins.int = ...,
+        rehomed: _builtins.int = ...,
+        deferred: _builtins.int = ...,
+        unrecoverable: _builtins.int = ...,
+        dry_run: _builtins.bool = ...,
+        started_ms: _builtins.int = ...,
+        finished_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deferred", b"deferred", "dry_run", b"dry_run", "finished_ms", b"finished_ms", "needing", b"needing", "passes", b"passes", "rehomed", b"rehomed", "running", b"running", "scanned", b"scanned", "started_ms", b"started_ms", "unrecoverable", b"unrecoverable"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResidencyProgress: _TypeAlias = ResidencyProgress  # noqa: Y015
+
+@_typing.final
 class SnapshotRequest(_message.Message):
     """Request of Snapshot."""
 

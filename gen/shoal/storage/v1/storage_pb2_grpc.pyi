@@ -274,6 +274,21 @@ class StorageServiceStub:
     Errors: INVALID_ARGUMENT (no ids, invalid id), NOT_FOUND (database or table),
     PERMISSION_DENIED.
     """
+    Rebalance: _grpc.UnaryUnaryMultiCallable[_storage_pb2.RebalanceRequest, _storage_pb2.RebalanceResponse]
+    """Starts moving records whose residents are not where rendezvous hashing over the
+    current members would put them (after nodes were added): this node re-homes the
+    records it is the first resident of (by name) and holds in full, in the background;
+    progress in ResidencyStatus (and cluster_status). With `dry_run`, only counts what
+    would move. A rebalance already running is not started twice (the answer shows it).
+    Super user only.
+    Errors: NOT_FOUND (database), INVALID_ARGUMENT (a database without residency),
+    PERMISSION_DENIED.
+    """
+    ResidencyStatus: _grpc.UnaryUnaryMultiCallable[_storage_pb2.ResidencyStatusRequest, _storage_pb2.ResidencyStatusResponse]
+    """The residency repair and rebalance of this node: what they did in their current or
+    last pass. Node-internal identity or a super user.
+    Errors: PERMISSION_DENIED.
+    """
     GetPositions: _grpc.UnaryUnaryMultiCallable[_storage_pb2.GetPositionsRequest, _storage_pb2.GetPositionsResponse]
     """Reads replication positions, log horizons and copies in progress.
     Errors: PERMISSION_DENIED (not the node identity).
@@ -593,6 +608,21 @@ class StorageServiceAsyncStub(StorageServiceStub):
     all, are listed in `missing`. Node-internal only.
     Errors: INVALID_ARGUMENT (no ids, invalid id), NOT_FOUND (database or table),
     PERMISSION_DENIED.
+    """
+    Rebalance: _aio.UnaryUnaryMultiCallable[_storage_pb2.RebalanceRequest, _storage_pb2.RebalanceResponse]  # type: ignore[assignment]
+    """Starts moving records whose residents are not where rendezvous hashing over the
+    current members would put them (after nodes were added): this node re-homes the
+    records it is the first resident of (by name) and holds in full, in the background;
+    progress in ResidencyStatus (and cluster_status). With `dry_run`, only counts what
+    would move. A rebalance already running is not started twice (the answer shows it).
+    Super user only.
+    Errors: NOT_FOUND (database), INVALID_ARGUMENT (a database without residency),
+    PERMISSION_DENIED.
+    """
+    ResidencyStatus: _aio.UnaryUnaryMultiCallable[_storage_pb2.ResidencyStatusRequest, _storage_pb2.ResidencyStatusResponse]  # type: ignore[assignment]
+    """The residency repair and rebalance of this node: what they did in their current or
+    last pass. Node-internal identity or a super user.
+    Errors: PERMISSION_DENIED.
     """
     GetPositions: _aio.UnaryUnaryMultiCallable[_storage_pb2.GetPositionsRequest, _storage_pb2.GetPositionsResponse]  # type: ignore[assignment]
     """Reads replication positions, log horizons and copies in progress.
@@ -1072,6 +1102,33 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         all, are listed in `missing`. Node-internal only.
         Errors: INVALID_ARGUMENT (no ids, invalid id), NOT_FOUND (database or table),
         PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def Rebalance(
+        self,
+        request: _storage_pb2.RebalanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.RebalanceResponse, _abc.Awaitable[_storage_pb2.RebalanceResponse]]:
+        """Starts moving records whose residents are not where rendezvous hashing over the
+        current members would put them (after nodes were added): this node re-homes the
+        records it is the first resident of (by name) and holds in full, in the background;
+        progress in ResidencyStatus (and cluster_status). With `dry_run`, only counts what
+        would move. A rebalance already running is not started twice (the answer shows it).
+        Super user only.
+        Errors: NOT_FOUND (database), INVALID_ARGUMENT (a database without residency),
+        PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def ResidencyStatus(
+        self,
+        request: _storage_pb2.ResidencyStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.ResidencyStatusResponse, _abc.Awaitable[_storage_pb2.ResidencyStatusResponse]]:
+        """The residency repair and rebalance of this node: what they did in their current or
+        last pass. Node-internal identity or a super user.
+        Errors: PERMISSION_DENIED.
         """
 
     @_abc_1.abstractmethod
