@@ -4,11 +4,14 @@ and prints `name value` lines.
 
     python bench/residency.py [--records N] [--payload BYTES]
 
-Figures (bytes of each node's storage directory, RocksDB files and write-ahead log,
-after every node counts every record and storage has stopped):
-  full_node<i>_bytes, full_total_bytes          every node holds every record
-  residency2_node<i>_bytes, residency2_total_bytes   replicateTo: 2
-  residency2_vs_full                            residency2_total / full_total
+Figures, for full replication (`full_`) and `replicateTo: 2` (`residency2_`):
+  <mode>_node<i>_bytes, <mode>_total_bytes   each node's storage directory (RocksDB
+                                            files and write-ahead log) once every node
+                                            counts every record and storage stopped
+  <mode>_node<i>_record_bytes               the record states it holds (whole records and
+                                            stubs), without log, indexes or overhead
+  residency2_vs_full                        total disk, residency2 / full
+  residency2_vs_full_records                total record bytes, residency2 / full
 """
 
 from __future__ import annotations
@@ -48,6 +51,18 @@ def count(node: Node) -> int:
         return 0
 
 
+def caught_up(node: Node, records: int) -> bool:
+    return count(node) == records
+
+
+def record_bytes(node: Node) -> int:
+    """Bytes of the record states a node holds (whole records and stubs), from its
+    storage's Snapshot: the data alone, without the log, indexes or RocksDB overhead."""
+    client = node.internal_client()
+    chunks = client.stream("Snapshot", pb.SnapshotRequest(database=DB, tables=[TABLE]))
+    return sum(len(row.state) for chunk in chunks for row in chunk.rows)
+
+
 def has_table(node: Node) -> bool:
     try:
         node.client().describe(DB, TABLE)
@@ -60,8 +75,10 @@ def directory_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def fill(workdir: Path, name: str, records: int, payload: int, config: dict[str, Any]) -> list[int]:
-    """Bytes per node after filling a 4-node cluster."""
+def fill(
+    workdir: Path, name: str, records: int, payload: int, config: dict[str, Any]
+) -> tuple[list[int], list[int]]:
+    """(disk bytes, record-state bytes) per node after filling a 4-node cluster."""
     cluster = Cluster(workdir / name, size=4, config=config).start()
     try:
         cluster.wait_connected()
@@ -80,10 +97,12 @@ def fill(workdir: Path, name: str, records: int, payload: int, config: dict[str,
                 ),
             )
         for node in cluster:
-            wait_for(lambda node=node: count(node) == records, 300, f"{node.name} to catch up")
+            wait_for(partial(caught_up, node, records), 300, f"{node.name} to catch up")
+        logical = [record_bytes(node) for node in cluster]
         for node in cluster:
             node.stop()
-        return [directory_bytes(Path(node.config["rootPath"]) / "database") for node in cluster]
+        disk = [directory_bytes(Path(node.config["rootPath"]) / "database") for node in cluster]
+        return disk, logical
     finally:
         cluster.close()
 
@@ -95,14 +114,20 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
         workdir = Path(tmp)
-        full = fill(workdir, "full", args.records, args.payload, {})
+        full, full_data = fill(workdir, "full", args.records, args.payload, {})
         residency = {"replication": {"databases": [{"name": DB, "replicateTo": 2}]}}
-        resident = fill(workdir, "residency2", args.records, args.payload, residency)
-    for label, sizes in (("full", full), ("residency2", resident)):
+        resident, resident_data = fill(workdir, "residency2", args.records, args.payload, residency)
+    for label, sizes, data in (
+        ("full", full, full_data),
+        ("residency2", resident, resident_data),
+    ):
         for i, size in enumerate(sizes):
             print(f"{label}_node{i + 1}_bytes {size}")
         print(f"{label}_total_bytes {sum(sizes)}")
+        for i, size in enumerate(data):
+            print(f"{label}_node{i + 1}_record_bytes {size}")
     print(f"residency2_vs_full {sum(resident) / sum(full):.3f}")
+    print(f"residency2_vs_full_records {sum(resident_data) / sum(full_data):.3f}")
 
 
 if __name__ == "__main__":

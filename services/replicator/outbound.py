@@ -23,6 +23,7 @@ from shoal.storage.v1 import storage_pb2 as spb
 from shoal.storage.v1 import types_pb2
 
 from services.common.errors import error_info, error_reason
+from services.common.hlc import format_version
 from services.replicator.local import StorageUnavailable
 from services.replicator.window import Window
 
@@ -153,6 +154,8 @@ class Outbound:
         stream = session.storage.subscribe(request)
         try:
             async for reply in stream:
+                if reply.withheld:
+                    self._withheld(list(reply.withheld))
                 if not reply.transactions:
                     if reply.caught_up and not was_caught_up:
                         was_caught_up = True
@@ -209,6 +212,23 @@ class Outbound:
             raise StorageUnavailable(f"storage Subscribe failed: {exc.details()}") from exc
         finally:
             stream.cancel()
+
+    def _withheld(self, positions: list[types_pb2.Position]) -> None:
+        """Storage stopped relaying some origins to this peer (residency): say so in the
+        connection's status, with what to do."""
+        session = self.session
+        what = ", ".join(
+            f"{p.origin}'s transactions of {p.database!r} from {format_version(p.version)}"
+            for p in positions
+        )
+        reason = (
+            f"not relaying {what} to {session.peer}: this node holds only stubs of records"
+            f" {session.peer} is a resident of; {session.peer} must connect to"
+            f" {', '.join(sorted({p.origin for p in positions}))} directly (residency needs a"
+            " full mesh)"
+        )
+        session.state.last_error = reason
+        log.warning("%s", reason)
 
     # -- copies ----------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ HLC_KEY = b"hlc"
 POSITION_PREFIX = b"pos/"
 HORIZON_PREFIX = b"hzn/"
 COUNT_PREFIX = b"count/"
+RESIDENCY_PREFIX = b"residency/"  # databases that hold records with residents
 
 
 def position_key(prefix: bytes, database: str, origin: str) -> bytes:
@@ -90,6 +91,7 @@ class BatchWriter:
         self.horizons: dict[tuple[str, str], int] = {}
         self.last_version = 0
         self.empty = True
+        self.residency_marks: set[str] = set()
 
     # -- records -------------------------------------------------------------------
 
@@ -240,6 +242,13 @@ class BatchWriter:
             )
             self.empty = False
 
+    def mark_residency(self, database: str) -> None:
+        """Remember (durably, in this batch) that the database holds records with residents."""
+        if database in self.engine.resident_databases or database in self.residency_marks:
+            return
+        self.residency_marks.add(database)
+        self.batch.put(RESIDENCY_PREFIX + database.encode(), b"", self._h["meta"])
+
     def mark_schema(self, database: str) -> None:
         self.dirty_databases.add(database)
         self.empty = False
@@ -273,6 +282,7 @@ class BatchWriter:
             engine.counts[table_id] = max(0, engine.counts.get(table_id, 0) + delta)
         engine.positions.update(self.positions)
         engine.horizons.update(self.horizons)
+        engine.resident_databases.update(self.residency_marks)
         engine.commits += 1
         engine.notify_commit()
         return True
@@ -538,7 +548,7 @@ class LocalTransaction:
         written: dict[str, int] = {}
         placement = self.placement if self.placement.active or self._rehomed else None
         if placement is not None:
-            engine.resident_databases.add(self.database)
+            writer.mark_residency(self.database)
         for dkey, p in self._pending.items():
             name = p.table.name
             written[name] = written.get(name, 0) + 1

@@ -37,6 +37,7 @@ from services.storage.commit import (
     PATCH,
     POSITION_PREFIX,
     PUT,
+    RESIDENCY_PREFIX,
     BatchWriter,
     LocalTransaction,
     apply_write,
@@ -177,6 +178,8 @@ class Engine:
         for key, value in self.store.scan("meta", COPY_PREFIX, keys.prefix_end(COPY_PREFIX)):
             database = key[len(COPY_PREFIX) :].decode()
             self.copies[database] = CopyState.decode(database, value)
+        for key, _ in self.store.scan("meta", RESIDENCY_PREFIX, keys.prefix_end(RESIDENCY_PREFIX)):
+            self.resident_databases.add(key[len(RESIDENCY_PREFIX) :].decode())
         stored = meta.get(HLC_KEY)
         last = keys.read_u64(stored) if stored else 0
         self.clock = HybridClock(wall_clock_ms(self.config.testing.clock_offset_ms), last)
@@ -560,7 +563,7 @@ class Engine:
         """Merge a write of a record with residents: its full form here on a resident,
         its stub elsewhere (services/storage/residency.py)."""
         residents = tuple(write.residents)
-        self.resident_databases.add(table.database)
+        writer.mark_residency(table.database)
         if write.kind == DELETE:
             new = merge.delete(old, stamp)
         else:

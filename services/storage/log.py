@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 from shoal.storage.v1 import storage_pb2, types_pb2
@@ -140,6 +140,8 @@ class SubscribeSpec:
     heartbeat_s: float
     linger_s: float
     subscriber: str = ""
+    # (database, origin, version) withheld from the subscriber, to report (see subscribe)
+    withheld: list[types_pb2.Position] = field(default_factory=list)
 
 
 def subscribe_spec(request: storage_pb2.SubscribeRequest) -> SubscribeSpec:
@@ -295,6 +297,11 @@ async def subscribe(
                 # position stays before this transaction, and it gets it (and the
                 # rest) from the origin itself or from another relay holding it whole.
                 withheld.add(pkey)
+                spec.withheld.append(
+                    types_pb2.Position(
+                        database=txn.database, origin=txn.origin, version=txn.version
+                    )
+                )
                 log.warning(
                     "not relaying %s's transactions of %r to %s from %s on: this node holds"
                     " only stubs of records %s is a resident of",

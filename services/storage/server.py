@@ -834,8 +834,12 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         async for txn in log.subscribe(self.engine, spec):
             if txn is None:
                 yield pb.SubscribeResponse(
-                    transactions=batch, caught_up=True, node_time=self.engine.clock.peek()
+                    transactions=batch,
+                    caught_up=True,
+                    node_time=self.engine.clock.peek(),
+                    withheld=spec.withheld,
                 )
+                del spec.withheld[:]
                 batch = []
                 size = 0
                 continue

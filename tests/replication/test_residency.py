@@ -18,7 +18,7 @@ from shoal.storage.v1 import types_pb2
 from services.storage import keys, residency
 from tests.conftest import MakeCluster
 from tests.harness.client import expect_error
-from tests.harness.cluster import Cluster
+from tests.harness.cluster import Cluster, line
 from tests.harness.node import Node
 from tests.harness.wait import wait_for
 
@@ -374,3 +374,34 @@ def test_a_member_down_too_long_has_its_records_rehomed(make_cluster: MakeCluste
         60,
         "the returning node to hold only stubs",
     )
+
+
+def test_a_relay_never_passes_a_stub_to_a_resident_and_says_so(make_cluster: MakeCluster) -> None:
+    """A - B - C in a line: B holds only a stub of a record whose residents are A and C,
+    so it stops relaying A's transactions to C and its status says what to do."""
+    cluster = make_cluster(size=3, topology=line, config=RESIDENCY)
+    cluster.wait_connected()
+    cluster.wait_members()
+    a, b, c = cluster.nodes
+    a.client().create_table(DB, TABLE, indexed=["color"])
+    wait_for(partial(_has_table, c), 30, "the table on c")
+    a.client().call(
+        "Insert",
+        pb.InsertRequest(
+            database=DB,
+            table=TABLE,
+            records=[orjson.dumps(_record(1))],
+            replicate_to=types_pb2.ReplicateTo(nodes=[a.name, c.name]),
+        ),
+    )
+    wait_for(lambda: 1 in _states(b), 30, "the stub on b")
+    assert _states(b)[1][3] == {"id": 1, "color": COLORS[1]}
+
+    def reported() -> str | None:
+        view = b.connection(c.name)
+        error = view.last_connection_error if view is not None else ""
+        return error if "not relaying" in error else None
+
+    error = wait_for(reported, 30, "b to report what it withholds from c")
+    assert a.name in error and "full mesh" in error
+    assert 1 not in _states(c)  # neither the stub nor anything that would pass for it

@@ -2030,6 +2030,7 @@ class SubscribeResponse(_message.Message):
     TRANSACTIONS_FIELD_NUMBER: _builtins.int
     CAUGHT_UP_FIELD_NUMBER: _builtins.int
     NODE_TIME_FIELD_NUMBER: _builtins.int
+    WITHHELD_FIELD_NUMBER: _builtins.int
     caught_up: _builtins.bool
     """True when the stream has reached the end of the log (nothing more is pending)."""
     node_time: _builtins.int
@@ -2038,16 +2039,26 @@ class SubscribeResponse(_message.Message):
     def transactions(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Transaction]:
         """Whole transactions in this node's commit order."""
 
+    @_builtins.property
+    def withheld(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Position]:
+        """(database, origin, version) whose transactions this stream stopped sending from
+        `version` on: this node holds only stubs of records the subscriber is a resident of
+        (it received them by relay), and a stub never stands in for a record on a resident.
+        The subscriber's position stays before them; it gets them from the origin directly
+        (residency needs a full mesh). Reported once per stream.
+        """
+
     def __init__(
         self,
         *,
         transactions: _abc.Iterable[_types_pb2.Transaction] | None = ...,
         caught_up: _builtins.bool = ...,
         node_time: _builtins.int = ...,
+        withheld: _abc.Iterable[_types_pb2.Position] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "node_time", b"node_time", "transactions", b"transactions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "node_time", b"node_time", "transactions", b"transactions", "withheld", b"withheld"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
