@@ -120,7 +120,7 @@ def test_merged_residency_is_the_newest_in_any_order(
     def state(row: tuple[int, str, tuple[str, ...], bool]) -> RecordState:
         version, origin, residents, stub = row
         s = RecordState((version, origin), False, {"id": 1}, {})
-        s.residents, s.residents_stamp = residents, (version, origin)
+        s.residents, s.residents_stamp, s.stub = residents, (version, origin), stub
         return s
 
     newest = max(rows, key=lambda r: (r[0], r[1]))
