@@ -48,7 +48,6 @@ from services.common.routes import to_yaml
 Json = Any
 FORWARD_MARGIN_S = 0.25  # at most this much of an Execute deadline is kept to answer
 MAX_CONFIRMATION = 2**31 - 1  # the typed field is an int32
-RESIDENCY_STATUS_TIMEOUT_S = 5.0
 Handler = Callable[["Execute", "Body"], Awaitable[Json]]
 
 _OPERATIONS_ENUM = {
@@ -943,7 +942,15 @@ async def cluster_status(ex: Execute, body: Body) -> Json:
         "is_enabled": reply.is_enabled,
         "connections": [_connection_json(c) for c in reply.connections],
         "removed": reply.removed,
-        "residency": await _residency_status(ex),
+        "residency": (
+            {
+                "repair": _progress_json(reply.residency.repair),
+                "rebalance": _progress_json(reply.residency.rebalance),
+                "gone": list(reply.residency.gone),
+            }
+            if reply.HasField("residency")
+            else {"error": reply.residency_error}
+        ),
     }
 
 
@@ -959,24 +966,6 @@ def _progress_json(progress: spb.ResidencyProgress) -> Json:
         "dry_run": progress.dry_run,
         "started_ms": progress.started_ms,
         "finished_ms": progress.finished_ms,
-    }
-
-
-async def _residency_status(ex: Execute) -> Json:
-    """This node's residency repair and rebalance (from its storage, node identity)."""
-    try:
-        reply = await ex.node.call(
-            ex.node.storage.ResidencyStatus,
-            spb.ResidencyStatusRequest(),
-            ex.node.internal,
-            deadline_s=RESIDENCY_STATUS_TIMEOUT_S,
-        )
-    except ShoalError as exc:
-        return {"error": exc.message}
-    return {
-        "repair": _progress_json(reply.repair),
-        "rebalance": _progress_json(reply.rebalance),
-        "gone": list(reply.gone),
     }
 
 

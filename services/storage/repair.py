@@ -213,8 +213,8 @@ class ResidencyWorker:
         last: set[str] | None = None
         while not self.engine.closing:
             try:
-                live = await self.live_members()
                 tables = residency_tables(self.engine)
+                live = await self.live_members() if tables else set()
                 if tables and live != last:
                     await run_pass(self.engine, tables, live, repaired(live), self.repair)
                     if self.repair.needing:
