@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import orjson
 import pytest
+from shoal.admin.v1 import admin_pb2 as apb
 from shoal.storage.v1 import storage_pb2 as pb
 from shoal.storage.v1 import types_pb2
 
@@ -405,3 +406,27 @@ def test_a_relay_never_passes_a_stub_to_a_resident_and_says_so(make_cluster: Mak
     error = wait_for(reported, 30, "b to report what it withholds from c")
     assert a.name in error and "full mesh" in error
     assert 1 not in _states(c)  # neither the stub nor anything that would pass for it
+
+
+def test_rebalance_typed_rpc_and_errors(make_cluster: MakeCluster) -> None:
+    cluster = make_cluster(size=2, config=RESIDENCY, services=("storage", "replicator", "admin"))
+    cluster.wait_connected()
+    cluster[0].client().create_table(DB, TABLE)
+    cluster[0].client().create_table("plain", "t")
+    admin = cluster[0].admin()
+    reply = admin.call(
+        "Rebalance", apb.RebalanceRequest(database=DB, dry_run=True, replicated=True)
+    )
+    assert reply.progress.dry_run and [r.ok for r in reply.replicated] == [True]
+    status = admin.call("ClusterStatus", apb.ClusterStatusRequest())
+    assert status.HasField("residency") and not status.residency_error
+    expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        partial(admin.call, "Rebalance", apb.RebalanceRequest(database="plain")),
+        "'plain' has no residency",
+    )
+    expect_error(
+        grpc.StatusCode.NOT_FOUND,
+        partial(admin.call, "Rebalance", apb.RebalanceRequest(database="nowhere")),
+        "nowhere",
+    )
