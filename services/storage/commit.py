@@ -555,6 +555,11 @@ class LocalTransaction:
             if placement is not None:
                 rehomed = self._rehomed.get(dkey)
                 residents = rehomed or placement.residents(p.table, p.encoded, p.old)
+                # The stamp of the choice: this write when it places (or re-homes) the
+                # record, else the one that chose the residents it keeps.
+                chosen: Stamp = stamp
+                if rehomed is None and p.old is not None and p.old.residents:
+                    chosen = p.old.residents_stamp
                 state = apply_write(p.old, stamp, p.kind, p.doc)
                 state = residency.settle(
                     p.table,
@@ -562,7 +567,7 @@ class LocalTransaction:
                     p.old,
                     state,
                     residents,
-                    stamp,
+                    chosen,
                     False,
                     whole=rehomed is not None,
                 )
@@ -574,6 +579,8 @@ class LocalTransaction:
                     id=p.id_json,
                     residents=residents,
                     whole=rehomed is not None,
+                    residents_version=chosen[0],
+                    residents_origin=chosen[1],
                 )
                 if p.kind != DELETE:
                     write.value = p.raw if p.raw is not None else dumps(p.doc)

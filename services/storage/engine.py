@@ -574,8 +574,11 @@ class Engine:
             if type(doc) is not dict:
                 raise InvalidArgument(f"{table.name}: value is not an object")
             new = apply_write(old, stamp, write.kind, doc)
+        chosen = (
+            (write.residents_version, write.residents_origin) if write.residents_version else stamp
+        )
         new = residency.settle(
-            table, self.node_name, old, new, residents, stamp, write.stub, write.whole
+            table, self.node_name, old, new, residents, chosen, write.stub, write.whole
         )
         writer.set_state(table, key, old, new)
 

@@ -34,6 +34,7 @@ from services.common.hlc import format_version
 from services.storage import keys, merge, residency
 from services.storage.commit import HORIZON_PREFIX, position_key
 from services.storage.engine import Engine
+from services.storage.schema import Table
 
 log = logging.getLogger("shoal.storage.log")
 
@@ -230,20 +231,36 @@ def start_time(engine: Engine, spec: SubscribeSpec) -> int:
 
 def _withheld(engine: Engine, txn: types_pb2.Transaction, subscriber: str) -> bool:
     """Shape a transaction's writes with residents for ``subscriber``: stubs for records
-    it is not a resident of. True when the transaction must not reach it at all: it
-    holds a stub of a record the subscriber is a resident of (this node received only
-    the stub), and a stub must never stand in for the record on a resident."""
+    it is not a resident of, neither by the write nor by the record as this node holds it
+    now (a re-homing this node already knows of counts). True when the transaction must
+    not reach it at all: this node holds only a stub of a write the subscriber is a
+    resident of (it received it by relay), and a stub must never stand in for the record
+    on a resident."""
     for w in txn.writes:
         if not w.residents:
             continue
         if subscriber in w.residents:
             if w.stub:
                 return True
-        elif not w.stub:
-            table = engine.catalog.find_table(txn.database, w.table)
-            if table is not None:
-                residency.stub_write(table, w)
+            continue
+        if w.stub:
+            continue
+        table = engine.catalog.find_table(txn.database, w.table)
+        if table is None:
+            continue
+        if subscriber not in _current_residents(engine, table, w.id):
+            residency.stub_write(table, w)
     return False
+
+
+def _current_residents(engine: Engine, table: Table, id_json: bytes) -> tuple[str, ...]:
+    """The residents of a record as this node holds it now (empty when unknown)."""
+    try:
+        key = keys.encode_key(orjson.loads(id_json))
+    except (orjson.JSONDecodeError, keys.InvalidKey):
+        return ()
+    raw = engine.store.data.get(table.prefix + key)
+    return merge.decode_state(raw).residents if raw is not None else ()
 
 
 def _filter(engine: Engine, txn: types_pb2.Transaction, spec: SubscribeSpec) -> bool:

@@ -117,6 +117,8 @@ class Write(_message.Message):
     RESIDENTS_FIELD_NUMBER: _builtins.int
     STUB_FIELD_NUMBER: _builtins.int
     WHOLE_FIELD_NUMBER: _builtins.int
+    RESIDENTS_VERSION_FIELD_NUMBER: _builtins.int
+    RESIDENTS_ORIGIN_FIELD_NUMBER: _builtins.int
     table: _builtins.str
     """Table name within the transaction's database."""
     kind: Global___WriteKind.ValueType
@@ -143,6 +145,14 @@ class Write(_message.Message):
     """True when `value` holds every attribute of the record (a re-homing by the residency
     repair): a new resident that held a stub holds the whole record after merging it.
     """
+    residents_version: _builtins.int
+    """The write that chose `residents` (the record's first write, or its last re-homing),
+    carried unchanged by later writes. Residency is last-writer-wins on this stamp, so a
+    write sent before a re-homing reached its origin does not undo the re-homing. Unset
+    (0): the write's own version and origin.
+    """
+    residents_origin: _builtins.str
+    """The origin of that write."""
     @_builtins.property
     def residents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The record's resident nodes in a database with a replication count (`replicateTo`):
@@ -162,10 +172,12 @@ class Write(_message.Message):
         residents: _abc.Iterable[_builtins.str] | None = ...,
         stub: _builtins.bool = ...,
         whole: _builtins.bool = ...,
+        residents_version: _builtins.int = ...,
+        residents_origin: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "kind", b"kind", "operation", b"operation", "prior", b"prior", "residents", b"residents", "stub", b"stub", "table", b"table", "value", b"value", "whole", b"whole"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "kind", b"kind", "operation", b"operation", "prior", b"prior", "residents", b"residents", "residents_origin", b"residents_origin", "residents_version", b"residents_version", "stub", b"stub", "table", b"table", "value", b"value", "whole", b"whole"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
