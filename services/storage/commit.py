@@ -367,7 +367,8 @@ class LocalTransaction:
         self._records = 0  # records given so far, across the request's operations
         self.reverts: types_pb2.TransactionRef | None = None  # set by a revert
         self.placement = residency.Placement(engine, database)
-        self._rehomed: dict[bytes, tuple[str, ...]] = {}  # data key -> new residents
+        # data key -> (table, primary key, new residents), see rehome
+        self._rehomed: dict[bytes, tuple[Table, Any, tuple[str, ...]]] = {}
 
     def replicate_to(self, request: types_pb2.ReplicateTo | None) -> None:
         """The request's residency for records written for the first time."""
@@ -511,24 +512,54 @@ class LocalTransaction:
         raw = orjson.dumps(doc) if kind != DELETE else b""
         self._record(table, (doc, pk, encoded, raw), kind, operation, old, orjson.dumps(pk))
 
-    def rehome(
-        self, table: Table, pk: Any, doc: dict[str, Any], residents: tuple[str, ...]
-    ) -> None:
-        """Give a record new residents (the residency repair): a PATCH of every attribute
-        it has, marked whole, so a new resident holding a stub gets the whole record."""
+    def rehome(self, table: Table, pk: Any, residents: tuple[str, ...]) -> None:
+        """Give a record new residents (the residency repair and rebalance). Its data does
+        not change: the write carries the record's whole state (``Write.whole``, merged as
+        a copied row is, keeping every attribute's version), so a new resident holding a
+        stub holds the whole record after it and nothing newer is overwritten."""
         self._tables[table.name] = table
+        self._rehomed[table.prefix + keys.encode_key(pk)] = (table, pk, residents)
+
+    def _log_rehome(
+        self,
+        table: Table,
+        pk: Any,
+        residents: tuple[str, ...],
+        stamp: Stamp,
+        txn: types_pb2.Transaction,
+    ) -> None:
+        """A re-homing: the record's state with its new residents, stored and logged."""
         encoded = keys.encode_key(pk)
-        old = self._current(table, [encoded])[0]
-        raw = orjson.dumps(doc)
-        self._record(
-            table, (doc, pk, encoded, raw), PATCH, types_pb2.OPERATION_UPDATE, old, orjson.dumps(pk)
+        old = self.writer.load(table, [encoded])[0]
+        if old is None or not old.visible:
+            return  # deleted meanwhile: nothing to re-home
+        new = residency.settle(
+            table, self.engine.node_name, old, merge.copy_state(old), residents, stamp, False, True
         )
-        self._rehomed[table.prefix + encoded] = residents
+        self.writer.set_state(table, encoded, old, new)
+        state = merge.copy_state(old)
+        state.residents, state.residents_stamp, state.stub = residents, stamp, False
+        txn.writes.add(
+            table=table.name,
+            kind=PATCH,
+            operation=types_pb2.OPERATION_UPDATE,
+            id=orjson.dumps(pk),
+            value=merge.encode_state(state),
+            residents=residents,
+            whole=True,
+            residents_version=stamp[0],
+            residents_origin=stamp[1],
+        )
+        self.writer.batch.put(
+            keys.audit_prefix(self.database, table.name) + encoded + keys.u64(stamp[0]),
+            b"",
+            self.writer.logkey,
+        )
 
     def commit(self, extra_schema: Iterable[Table] = ()) -> int:
         """Write the transaction; returns its version (0 when it wrote nothing)."""
         schema_tables = list(extra_schema)
-        if not self._pending and not schema_tables:
+        if not self._pending and not schema_tables and not self._rehomed:
             return 0
         engine = self.engine
         version = engine.clock.now()
@@ -549,27 +580,21 @@ class LocalTransaction:
         placement = self.placement if self.placement.active or self._rehomed else None
         if placement is not None:
             writer.mark_residency(self.database)
-        for dkey, p in self._pending.items():
+        for table, pk, residents in self._rehomed.values():
+            self._log_rehome(table, pk, residents, stamp, txn)
+        for p in self._pending.values():
             name = p.table.name
             written[name] = written.get(name, 0) + 1
             if placement is not None:
-                rehomed = self._rehomed.get(dkey)
-                residents = rehomed or placement.residents(p.table, p.encoded, p.old)
-                # The stamp of the choice: this write when it places (or re-homes) the
-                # record, else the one that chose the residents it keeps.
+                residents = placement.residents(p.table, p.encoded, p.old)
+                # The stamp of the choice: this write when it places the record, else
+                # the one that chose the residents it keeps.
                 chosen: Stamp = stamp
-                if rehomed is None and p.old is not None and p.old.residents:
+                if p.old is not None and p.old.residents:
                     chosen = p.old.residents_stamp
                 state = apply_write(p.old, stamp, p.kind, p.doc)
                 state = residency.settle(
-                    p.table,
-                    engine.node_name,
-                    p.old,
-                    state,
-                    residents,
-                    chosen,
-                    False,
-                    whole=rehomed is not None,
+                    p.table, engine.node_name, p.old, state, residents, chosen, False
                 )
                 writer.set_state(p.table, p.encoded, p.old, state)
                 write = add(
@@ -578,7 +603,6 @@ class LocalTransaction:
                     operation=p.operation,
                     id=p.id_json,
                     residents=residents,
-                    whole=rehomed is not None,
                     residents_version=chosen[0],
                     residents_origin=chosen[1],
                 )

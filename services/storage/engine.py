@@ -564,7 +564,15 @@ class Engine:
         its stub elsewhere (services/storage/residency.py)."""
         residents = tuple(write.residents)
         writer.mark_residency(table.database)
-        if write.kind == DELETE:
+        if write.whole:
+            try:
+                theirs = merge.decode_state(write.value)
+            except ValueError as exc:
+                raise InvalidArgument(
+                    f"{table.name}: a re-homing's state is invalid: {exc}"
+                ) from exc
+            new = merge.merge_states(old, theirs)
+        elif write.kind == DELETE:
             new = merge.delete(old, stamp)
         else:
             try:

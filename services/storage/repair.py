@@ -3,7 +3,9 @@
 **Repair.** Every few seconds storage reads the members (the live rows of
 ``system.hdb_nodes``) and, from its replicator's status, which of them are connected.
 A member is *gone* when it was removed (its row deleted) or when it has not been
-connected for ``replication.residencyRepairAfter`` (0: never for that reason). When the
+connected for ``replication.residencyRepairAfter`` (0: never for that reason), counted
+only while this node is connected to at least half of the other members (a node cut
+off from the cluster, or starting, must not re-home everything to itself). When the
 set of live members changed since the last pass (and once at start), storage scans the
 tables with residents: a record with a gone resident is re-homed by exactly one node,
 the first by name of its live residents, if that node holds it whole (every such node
@@ -15,11 +17,11 @@ best rendezvous scores among the other live members.
 those rendezvous hashing over the live members gives now (nodes were added) are re-homed
 the same way, by their first live resident; a dry run only counts them.
 
-A re-homing is a PATCH of every attribute with the new residents, marked ``whole``, so a
-new resident holding a stub holds the whole record after it, and an old resident keeps
-only the stub (``residency.settle``). It replicates like any write, at a new version: a
-write of the record committed elsewhere earlier and not received here yet loses to it
-attribute by attribute (the usual last-writer-wins). A record none of whose live
+A re-homing is a write that carries the record's whole state with its new residents
+(``Write.whole``): receivers merge it as a copied row, keeping every attribute's own
+version, so it overwrites nothing newer; a new resident holding a stub holds the whole
+record after it, and an old resident keeps only the stub (``residency.settle``). Only
+the residency choice gets the re-homing's new version. A record none of whose live
 residents holds it whole cannot be re-homed (counted as ``unrecoverable``).
 """
 
@@ -160,7 +162,7 @@ def _rehome(engine: Engine, table: Table, todo: list[Move]) -> int:
         state = merge.decode_state(value)
         if not state.visible or not residency.holds_full(state, engine.node_name):
             continue
-        txn.rehome(table, pk, dict(state.doc), residents)
+        txn.rehome(table, pk, residents)
         moved += 1
     txn.commit()
     return moved
@@ -194,8 +196,13 @@ class ResidencyWorker:
         if after > 0:
             connected = await self._connected()
             now = time.monotonic()
-            if connected is not None:
-                for name in members - {self.engine.node_name}:
+            others = members - {self.engine.node_name}
+            if connected is not None and 2 * len(others & connected) < len(others):
+                # Connected to fewer than half of the others: this node is more likely
+                # the one cut off (or just starting); it counts nobody as down.
+                self._down_since.clear()
+            elif connected is not None:
+                for name in others:
                     if name in connected:
                         self._down_since.pop(name, None)
                     else:

@@ -120,12 +120,14 @@ def settle(
 
 
 def stub_write(table: Table, write: types_pb2.Write) -> None:
-    """Turn a logged write into its stub (in place)."""
-    if write.kind != types_pb2.WRITE_KIND_DELETE and write.value:
+    """Turn a logged write into its stub (in place); a re-homing (``whole``) carries the
+    stub of the record's state."""
+    if write.whole:
+        write.value = merge.encode_state(to_stub(table, merge.decode_state(write.value)))
+    elif write.kind != types_pb2.WRITE_KIND_DELETE and write.value:
         write.value = orjson.dumps(stub_doc(table, orjson.loads(write.value)))
     write.prior = b""
     write.stub = True
-    write.whole = False
 
 
 def stub_row(table: Table, raw_state: bytes, subscriber: str) -> bytes:

@@ -261,6 +261,8 @@ def plan(engine: Engine, local: LocalTransaction, target: types_pb2.Transaction)
     tables: dict[str, Table] = {}
     undos: list[Undo] = []
     for write in target.writes:
+        if write.whole:
+            continue  # a re-homing (residency) changed no attribute: nothing to undo
         table = tables.get(write.table) or engine.catalog.find_table(target.database, write.table)
         if table is None:
             raise NotFound(

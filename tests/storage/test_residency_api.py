@@ -62,7 +62,8 @@ def test_a_write_sent_before_a_rehoming_does_not_undo_it(node: Node) -> None:
     )
     assert state_of(internal, 1)[3] == doc  # a resident: whole
     # z re-homes it to y and w; then x, which had not seen that yet, patches it.
-    rehome = placed(patch("items", 1, {**doc}), ["w", "y"], (t2, "z"), whole=True)
+    rehome = placed(patch("items", 1, {}), ["w", "y"], (t2, "z"), whole=True)
+    rehome.value = orjson.dumps([t1, "x", False, doc, {}, [t2, "z", ["w", "y"], False]])
     late = placed(patch("items", 1, {"id": 1, "body": "late"}), [me, "y"], (t1, "x"))
     apply(
         internal,
@@ -103,3 +104,34 @@ def test_subscribe_sends_whole_writes_to_residents_and_stubs_to_others(node: Nod
     # A copy for a non-resident carries the stub too.
     rows = [r for m in snapshot(internal, "app", subscriber="r3") for r in m.rows]
     assert orjson.loads(rows[0].state)[3] == {"id": 7, "color": "blue"}
+
+
+def test_a_rehoming_overwrites_nothing_newer(node: Node) -> None:
+    """A re-homing carries the state its node had; a write that node had not seen yet
+    keeps its value here (attribute versions are kept, only the residency is new)."""
+    internal = node.internal_client()
+    me = node.name
+    t1, t3, t4 = now_version(), now_version() + 30, now_version() + 40
+    doc = {"id": 2, "color": "red", "body": "first"}
+    apply(
+        internal,
+        remote(
+            t1,
+            placed(put("items", 2, doc), [me, "y"], (t1, "x")),
+            origin="x",
+            database="app",
+            tables=(SCHEMA,),
+        ),
+        remote(
+            t3,
+            placed(patch("items", 2, {"id": 2, "body": "newer"}), [me, "y"], (t1, "x")),
+            origin="x",
+            database="app",
+        ),
+    )
+    rehome = placed(patch("items", 2, {}), [me, "w"], (t4, "y"), whole=True)
+    rehome.value = orjson.dumps([t1, "x", False, doc, {}, [t4, "y", [me, "w"], False]])
+    apply(internal, remote(t4, rehome, origin="y", database="app"))
+    state = state_of(internal, 2)
+    assert state[3] == {"id": 2, "color": "red", "body": "newer"}
+    assert state[5][:4] == [t4, "y", sorted([me, "w"]), False]

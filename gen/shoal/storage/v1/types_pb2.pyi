@@ -142,8 +142,10 @@ class Write(_message.Message):
     that resident, which then receives it from the origin itself.
     """
     whole: _builtins.bool
-    """True when `value` holds every attribute of the record (a re-homing by the residency
-    repair): a new resident that held a stub holds the whole record after merging it.
+    """A re-homing (residency repair or rebalance): `value` is the record's state (the
+    SnapshotRow.state form, with the new residents), merged as a copied row, so every
+    attribute keeps its own version; a new resident that held a stub holds the whole
+    record after it. `kind` is PATCH, changing no attribute.
     """
     residents_version: _builtins.int
     """The write that chose `residents` (the record's first write, or its last re-homing),
