@@ -571,7 +571,7 @@ class Engine:
                 raise InvalidArgument(
                     f"{table.name}: a re-homing's state is invalid: {exc}"
                 ) from exc
-            new = merge.merge_states(old, theirs)
+            new = residency.merge_whole(old, theirs, self.node_name)
         elif write.kind == DELETE:
             new = merge.delete(old, stamp)
         else:
@@ -585,9 +585,7 @@ class Engine:
         chosen = (
             (write.residents_version, write.residents_origin) if write.residents_version else stamp
         )
-        new = residency.settle(
-            table, self.node_name, old, new, residents, chosen, write.stub, write.whole
-        )
+        new = residency.settle(table, self.node_name, old, new, residents, chosen, write.stub)
         writer.set_state(table, key, old, new)
 
     def has_residents(self, table: Table) -> bool:

@@ -119,6 +119,22 @@ def settle(
     return new
 
 
+def merge_whole(old: RecordState | None, theirs: RecordState, node: str) -> RecordState:
+    """Merge a re-homing's whole state into what this node holds. A stub here has the
+    same versions as the whole record with fewer attributes, so the whole state is the
+    base and the stub's writes merge into it; what the stub saw newer than the whole
+    state (a newer whole-record write) is known here only as a stub: marked so."""
+    if old is None or holds_full(old, node):
+        return merge.merge_states(old, theirs)
+    new = merge.merge_states(merge.copy_state(theirs), old)
+    if new is theirs:
+        new = merge.copy_state(new)
+    if theirs.residents_stamp >= old.residents_stamp:
+        new.residents, new.residents_stamp = theirs.residents, theirs.residents_stamp
+    new.stub = old.base > theirs.base
+    return new
+
+
 def stub_write(table: Table, write: types_pb2.Write) -> None:
     """Turn a logged write into its stub (in place); a re-homing (``whole``) carries the
     stub of the record's state."""

@@ -130,3 +130,17 @@ def test_merged_residency_is_the_newest_in_any_order(
             merged = merge.merge_states(merged, state(row))
         assert merged is not None
         assert merged.residents == newest[2]
+
+
+def test_a_rehoming_makes_a_stub_whole_and_keeps_newer_writes() -> None:
+    whole = RecordState((5, "n1"), False, {"id": 1, "color": "red", "body": "x"}, {})
+    whole.residents, whole.residents_stamp = ("n3", "n4"), (9, "n2")
+    stub = residency.to_stub(TABLE, whole)
+    stub.residents, stub.residents_stamp = ("n1", "n2"), (5, "n1")
+    stub = merge.patch(stub, (7, "n4"), {"color": "blue"})  # newer, seen here only
+    merged = residency.merge_whole(stub, whole, "n3")
+    assert merged.doc == {"id": 1, "color": "blue", "body": "x"}
+    assert merged.residents == ("n3", "n4") and not merged.stub
+    # A newer whole-record write known here only as a stub: the result is a stub.
+    newer = merge.put(stub, (8, "n1"), {"id": 1, "color": "green"})
+    assert residency.merge_whole(newer, whole, "n3").stub
