@@ -534,7 +534,7 @@ class LocalTransaction:
         if old is None or not old.visible:
             return  # deleted meanwhile: nothing to re-home
         new = residency.settle(
-            table, self.engine.node_name, old, merge.copy_state(old), residents, stamp, False, True
+            table, self.engine.node_name, old, merge.copy_state(old), residents, stamp, False
         )
         self.writer.set_state(table, encoded, old, new)
         state = merge.copy_state(old)

@@ -99,7 +99,6 @@ def settle(
     residents: tuple[str, ...],
     stamp: Stamp,
     stub_write: bool,
-    whole: bool = False,
 ) -> RecordState:
     """The state to store after merging a write that carried ``residents``: residency by
     last-writer-wins on ``stamp``, and the stub form unless ``node`` is a resident."""
@@ -113,9 +112,6 @@ def settle(
         return to_stub(table, new)
     if stub_write:
         new.stub = True  # a stub reached a resident: reads of it go to another resident
-    elif whole and new.stub:
-        new = merge.copy_state(new) if new is old else new
-        new.stub = False  # every attribute arrived (a re-homing)
     return new
 
 

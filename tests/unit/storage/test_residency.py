@@ -94,11 +94,6 @@ def test_settle_keeps_the_newest_residency_and_stubs_non_residents() -> None:
         "n1",
         "n2",
     )
-    # A whole re-homing makes a new resident's stub whole.
-    stub = residency.to_stub(TABLE, old)
-    whole = merge.patch(stub, (12, "n1"), {"id": 1, "color": "red", "body": "x"})
-    done = residency.settle(TABLE, "n3", stub, whole, ("n1", "n3"), (12, "n1"), False, whole=True)
-    assert not done.stub and done.doc["body"] == "x"
 
 
 states = st.builds(
