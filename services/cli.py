@@ -765,6 +765,24 @@ def cluster_remove_node(
     _print(_execute(node, body, username, password), "json")
 
 
+@cluster_app.command("rebalance")
+def cluster_rebalance(
+    database: Annotated[
+        str | None, typer.Argument(help="a database with replicateTo (default: all)")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="only count what would move")] = False,
+    node: AdminNodeOption = "127.0.0.1",
+    username: UserOption = "admin",
+    password: PasswordOption = "",
+) -> None:
+    """Move records to where the current members would place them (residency), on every
+    member; progress in `cluster status -o json` (residency.rebalance)."""
+    body: dict[str, Any] = {"operation": "rebalance", "dry_run": dry_run}
+    if database:
+        body["database"] = database
+    _print(_execute(node, body, username, password), "json")
+
+
 # -- users and roles --------------------------------------------------------------------
 
 

@@ -16,12 +16,15 @@ from typing import Any
 import yaml
 from shoal.admin.v1 import admin_pb2 as apb
 from shoal.replicator.v1 import replicator_pb2 as rpb
+from shoal.storage.v1 import storage_pb2 as spb
 
 from services.admin.configuration import changed_config, write_config
 from services.admin.node import AdminNode
 from services.common.config import ConfigError, Route, load_config
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument, ShoalError
 from services.common.routes import from_proto, to_proto, write_routes
+
+RESIDENCY_STATUS_TIMEOUT_S = 5.0  # the storage's residency status in ClusterStatus
 
 
 @dataclass
@@ -44,13 +47,24 @@ class Cluster:
         reply = await self.node.call(
             self.node.replicator.Status, rpb.StatusRequest(), self.node.internal, "the replicator"
         )
-        return apb.ClusterStatusResponse(
+        status = apb.ClusterStatusResponse(
             node_name=reply.node_name,
             is_enabled=True,
             connections=reply.connections,
             removed=reply.removed,
             shard=reply.shard if reply.HasField("shard") else None,
         )
+        try:
+            residency = await self.node.call(
+                self.node.storage.ResidencyStatus,
+                spb.ResidencyStatusRequest(),
+                self.node.internal,
+                deadline_s=RESIDENCY_STATUS_TIMEOUT_S,
+            )
+            status.residency.CopyFrom(residency)
+        except ShoalError as exc:
+            status.residency_error = exc.message
+        return status
 
     def configuration(self) -> dict[str, Any]:
         """This node's shoal.yaml as JSON, without the bootstrap credentials (``admin``)."""

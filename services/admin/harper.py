@@ -137,6 +137,22 @@ class Body:
             )
         return int(value)
 
+    def replicate_to(self) -> types_pb2.ReplicateTo | None:
+        """``replicateTo`` (or ``replicate_to``): how many nodes hold the records written
+        first in full, or which (node names)."""
+        value = self._get(("replicateTo", "replicate_to"))
+        if value is None:
+            return None
+        if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+            return types_pb2.ReplicateTo(nodes=value)
+        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not whole or not 1 <= value <= MAX_CONFIRMATION:
+            raise InvalidArgument(
+                f"{self.operation}: 'replicateTo' must be a number of nodes (1 or more) or a"
+                f" list of node names, not {orjson.dumps(value).decode()}"
+            )
+        return types_pb2.ReplicateTo(count=int(value))
+
     def flag(self, *names: str, default: bool) -> bool:
         value = self._get(names)
         if value is None:
@@ -247,6 +263,7 @@ async def insert(ex: Execute, body: Body) -> Json:
             table=body.text("table"),
             records=_records(body),
             replicated_confirmation=body.confirmation(),
+            replicate_to=body.replicate_to(),
         ),
     )
     total = len(reply.inserted_ids) + len(reply.skipped_ids)
@@ -265,6 +282,7 @@ async def update(ex: Execute, body: Body) -> Json:
             table=body.text("table"),
             records=_records(body),
             replicated_confirmation=body.confirmation(),
+            replicate_to=body.replicate_to(),
         ),
     )
     total = len(reply.updated_ids) + len(reply.skipped_ids)
@@ -283,6 +301,7 @@ async def upsert(ex: Execute, body: Body) -> Json:
             table=body.text("table"),
             records=_records(body),
             replicated_confirmation=body.confirmation(),
+            replicate_to=body.replicate_to(),
         ),
     )
     return {
@@ -299,6 +318,7 @@ async def delete(ex: Execute, body: Body) -> Json:
             table=body.text("table"),
             ids=_ids(body),
             replicated_confirmation=body.confirmation(),
+            replicate_to=body.replicate_to(),
         ),
     )
     total = len(reply.deleted_ids) + len(reply.skipped_ids)
@@ -926,7 +946,47 @@ async def cluster_status(ex: Execute, body: Body) -> Json:
         "connections": [_connection_json(c) for c in reply.connections],
         "removed": reply.removed,
         "shard": reply.shard if reply.HasField("shard") else None,
+        "residency": (
+            {
+                "repair": _progress_json(reply.residency.repair),
+                "rebalance": _progress_json(reply.residency.rebalance),
+                "gone": list(reply.residency.gone),
+            }
+            if reply.HasField("residency")
+            else {"error": reply.residency_error}
+        ),
     }
+
+
+def _progress_json(progress: spb.ResidencyProgress) -> Json:
+    return {
+        "running": progress.running,
+        "passes": progress.passes,
+        "scanned": progress.scanned,
+        "needing": progress.needing,
+        "rehomed": progress.rehomed,
+        "deferred": progress.deferred,
+        "unrecoverable": progress.unrecoverable,
+        "dry_run": progress.dry_run,
+        "started_ms": progress.started_ms,
+        "finished_ms": progress.finished_ms,
+    }
+
+
+async def rebalance(ex: Execute, body: Body) -> Json:
+    """Move records to where rendezvous hashing over the current members puts them, on
+    every member (each moves the records it is the first resident of); ``dry_run`` only
+    counts. Progress: ``cluster_status`` (``residency.rebalance``) of each node."""
+    ex.caller.require_super_user("rebalance")
+    replicated = body.flag("replicated", default=True)
+    dry_run = body.flag("dry_run", default=False)
+    database = body.text("database", "schema", required=False)
+    reply = await ex.storage("Rebalance", spb.RebalanceRequest(database=database, dry_run=dry_run))
+    result: dict[str, Any] = {
+        "message": "rebalance dry run started" if dry_run else "rebalance started",
+        "progress": _progress_json(reply.progress),
+    }
+    return await _on_members(ex, body, result) if replicated else result
 
 
 def _route_json(route: Route) -> Json:
@@ -1355,6 +1415,7 @@ OPERATIONS: dict[str, Handler] = {
     "remove_certificate": remove_certificate,
     # cluster
     "cluster_status": cluster_status,
+    "rebalance": rebalance,
     "cluster_get_routes": cluster_get_routes,
     "cluster_set_routes": cluster_set_routes,
     "cluster_delete_routes": cluster_delete_routes,

@@ -9,6 +9,7 @@ import grpc
 import orjson
 from shoal.admin.v1 import admin_pb2 as apb
 from shoal.admin.v1 import admin_pb2_grpc
+from shoal.storage.v1 import storage_pb2 as spb
 
 from services.admin import analytics, clusterwide, harper
 from services.admin.backup import Backups, drain
@@ -245,6 +246,26 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             results = await clusterwide.fan_out(self.node, names, operation, metadata)
             reply.replicated.extend(r.message() for r in results)
         return reply
+
+    async def Rebalance(self, request: apb.RebalanceRequest, context: Ctx) -> apb.RebalanceResponse:
+        caller = self._caller(context)
+        caller.require_super_user("rebalance")
+        reply = await self.node.call(
+            self.node.storage.Rebalance,
+            spb.RebalanceRequest(database=request.database, dry_run=request.dry_run),
+            caller.metadata,
+        )
+        response = apb.RebalanceResponse(progress=reply.progress)
+        if request.replicated:
+            names = await clusterwide.members(self.nodes, self.cluster)
+            operation = {
+                "operation": "rebalance",
+                "database": request.database,
+                "dry_run": request.dry_run,
+            }
+            results = await clusterwide.fan_out(self.node, names, operation, caller.metadata)
+            response.replicated.extend(r.message() for r in results)
+        return response
 
     async def Restart(self, request: apb.RestartRequest, context: Ctx) -> apb.RestartResponse:
         caller = self._caller(context)

@@ -80,6 +80,7 @@ class ReplicatedDatabase:
 
     name: str
     sharded: bool = False  # flows only between nodes of the same replication.shard
+    replicate_to: int | None = None  # residents per record; None: every node in full
 
 
 ALL_DATABASES = "*"
@@ -177,6 +178,14 @@ class ReplicationConfig:
     url: str | None = None  # how peers reach this node; None: derived from hostname and ports
     gossip: bool = True  # also dial every member of system.hdb_nodes, not only routes
     shard: int | None = None
+    residency_repair_after_s: float = 3600.0  # re-home a down member's records; 0: never
+
+    def replicate_to(self, database: str) -> int | None:
+        """``replicateTo`` of a database's entry (None: full replication)."""
+        for entry in self.databases or ():
+            if entry.name == database:
+                return entry.replicate_to
+        return None
 
     @property
     def database_names(self) -> tuple[str, ...] | None:
@@ -611,7 +620,8 @@ def _parse_route(reader: _Reader, index: int, item: object) -> Route | None:
 
 
 def _parse_database(reader: _Reader, index: int, item: object) -> ReplicatedDatabase | None:
-    """One entry of ``replication.databases``: a name, ``'*'``, or ``{name, sharded}``."""
+    """One entry of ``replication.databases``: a name, ``'*'``, or
+    ``{name, sharded, replicateTo}``."""
     name = f"databases[{index}]"
     if isinstance(item, str):
         if item != ALL_DATABASES and not _NAME_RE.match(item):
@@ -619,11 +629,12 @@ def _parse_database(reader: _Reader, index: int, item: object) -> ReplicatedData
             return None
         return ReplicatedDatabase(item)
     if not isinstance(item, Mapping):
-        reader.problem(name, item, "expected a database name or {name, sharded}")
+        reader.problem(name, item, "expected a database name or {name, sharded, replicateTo}")
         return None
     entry = _Reader(item, reader.key(name), reader._problems, {})
     database = entry.string("name", "")
     sharded = entry.boolean("sharded", False)
+    replicate_to = entry.optional_integer("replicateTo", 1, 1000)
     entry.finish()  # an unknown key is an error naming it
     if not _NAME_RE.match(database) and database != ALL_DATABASES:
         entry.problem("name", database or None, "a database name is required")
@@ -631,10 +642,14 @@ def _parse_database(reader: _Reader, index: int, item: object) -> ReplicatedData
     if database == ALL_DATABASES and sharded:
         entry.problem("sharded", sharded, "'*' cannot be sharded; list each sharded database")
         return None
-    if database == "system" and sharded:
-        entry.problem("sharded", sharded, "the system database always replicates to every node")
+    if database == ALL_DATABASES and replicate_to is not None:
+        entry.problem("replicateTo", replicate_to, "'*' cannot have residents; name the database")
         return None
-    return ReplicatedDatabase(database, sharded)
+    if database == "system" and (sharded or replicate_to is not None):
+        key, value = ("sharded", sharded) if sharded else ("replicateTo", replicate_to)
+        entry.problem(key, value, "the system database always replicates to every node")
+        return None
+    return ReplicatedDatabase(database, sharded, replicate_to)
 
 
 def _parse_databases(reader: _Reader) -> tuple[ReplicatedDatabase, ...] | None:
@@ -717,6 +732,7 @@ def _parse_replication(reader: _Reader) -> ReplicationConfig:
         url=_advertised_url(reader, hostname),
         gossip=reader.boolean("gossip", True),
         shard=reader.optional_integer("shard", 0, 1_000_000),
+        residency_repair_after_s=reader.duration("residencyRepairAfter", 3600.0),
     )
     if config.peer_timeout_s < 2 * config.heartbeat_interval_s:
         reader.problem(

@@ -90,6 +90,16 @@ class LocalStorage:
             request, metadata=self._metadata, timeout=CALL_TIMEOUT_S
         )
 
+    async def read_resident(
+        self, database: str, table: str, ids: Sequence[bytes], timeout_s: float
+    ) -> pb.ReadResidentResponse:
+        """Records this node holds in full; raises the AioRpcError when refused."""
+        return await self._stub.ReadResident(
+            pb.ReadResidentRequest(database=database, table=table, ids=ids),
+            metadata=self._metadata,
+            timeout=timeout_s,
+        )
+
     async def record_analytics(
         self, samples: Sequence[pb.AnalyticsSample], timeout_s: float
     ) -> pb.RecordAnalyticsResponse:

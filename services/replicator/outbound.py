@@ -23,6 +23,7 @@ from shoal.storage.v1 import storage_pb2 as spb
 from shoal.storage.v1 import types_pb2
 
 from services.common.errors import error_info, error_reason
+from services.common.hlc import format_version
 from services.replicator.local import StorageUnavailable
 from services.replicator.window import Window
 
@@ -148,6 +149,7 @@ class Outbound:
             max_batch_bytes=config.batch_bytes,
             heartbeat_interval_ms=int(config.heartbeat_interval_s * 1000),
             linger_ms=int(config.batch_linger_s * 1000),
+            subscriber=session.peer,
         )
         generation = message.generation
         sequence = 0
@@ -155,6 +157,8 @@ class Outbound:
         stream = session.storage.subscribe(request)
         try:
             async for reply in stream:
+                if reply.withheld:
+                    self._withheld(list(reply.withheld))
                 if not reply.transactions:
                     if reply.caught_up and not was_caught_up:
                         was_caught_up = True
@@ -212,6 +216,23 @@ class Outbound:
         finally:
             stream.cancel()
 
+    def _withheld(self, positions: list[types_pb2.Position]) -> None:
+        """Storage stopped relaying some origins to this peer (residency): say so in the
+        connection's status, with what to do."""
+        session = self.session
+        what = ", ".join(
+            f"{p.origin}'s transactions of {p.database!r} from {format_version(p.version)}"
+            for p in positions
+        )
+        reason = (
+            f"not relaying {what} to {session.peer}: this node holds only stubs of records"
+            f" {session.peer} is a resident of; {session.peer} must connect to"
+            f" {', '.join(sorted({p.origin for p in positions}))} directly (residency needs a"
+            " full mesh)"
+        )
+        session.state.last_error = reason
+        log.warning("%s", reason)
+
     # -- copies ----------------------------------------------------------------------------
 
     def on_copy_request(self, message: rpb.CopyRequest) -> None:
@@ -255,6 +276,7 @@ class Outbound:
             tables=tables,
             max_batch_rows=COPY_CHUNK_ROWS,
             max_batch_bytes=COPY_CHUNK_BYTES,
+            subscriber=session.peer,
         )
         if message.HasField("start_after") and message.start_after.table:
             request.start_after.CopyFrom(message.start_after)

@@ -49,6 +49,7 @@ from services.common.config import (
 from services.common.tls_source import TlsSource
 from services.replicator.admission import Admission, joined_row
 from services.replicator.confirmation import Confirmations
+from services.replicator.fetch import Fetches
 from services.replicator.handshake import (
     PROTOCOL_MAX,
     PROTOCOL_MIN,
@@ -90,6 +91,7 @@ class Replicator:
         self.membership = members.Membership()
         self.routes: dict[str, Route] = dict(self.configured)
         self.sessions: dict[str, Session] = {}
+        self.fetches = Fetches(self)
         self.peers: dict[str, PeerState] = {
             r.hostname: PeerState(r.hostname) for r in config.replication.routes
         }

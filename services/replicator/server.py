@@ -83,6 +83,12 @@ class ReplicatorServicer(replicator_pb2_grpc.ReplicatorServiceServicer):
             peers=self.replicator.recipients(request.database, request.tables)
         )
 
+    async def FetchRecords(
+        self, request: rpb.FetchRecordsRequest, context: Ctx
+    ) -> rpb.FetchRecordsResponse:
+        self._internal(context)
+        return await self.replicator.fetches.fetch(request)
+
     async def WaitReplicated(
         self, request: rpb.WaitReplicatedRequest, context: Ctx
     ) -> rpb.WaitReplicatedResponse:

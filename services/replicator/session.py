@@ -27,6 +27,7 @@ from shoal.replicator.v1 import replicator_pb2 as rpb
 
 from services.common import members
 from services.common.config import Route
+from services.replicator import fetch
 from services.replicator.inbound import Inbound
 from services.replicator.outbound import Outbound
 from services.replicator.peercheck import PeerCertificate
@@ -40,6 +41,7 @@ MEMBERSHIP_TABLE = (members.DATABASE, members.TABLE)
 log = logging.getLogger("shoal.replicator.session")
 
 OUTGOING_QUEUE = 64
+MAX_FETCHES = 16  # a peer's fetches answered at once on one connection
 GOODBYE_TIMEOUT_S = 2.0
 
 
@@ -147,6 +149,7 @@ class Session:
         self._heartbeats: dict[int, float] = {}
         self._next_heartbeat = 0
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._fetches = 0
         self._failure: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.inbound = Inbound(self)
         self.outbound = Outbound(self)
@@ -310,6 +313,10 @@ class Session:
             await self.outbound.on_ack(message.ack)
         elif kind == "copy_request":
             self.outbound.on_copy_request(message.copy_request)
+        elif kind == "fetch_request":
+            self._on_fetch(message.fetch_request)
+        elif kind == "fetch_reply":
+            self.replicator.fetches.resolve(message.fetch_reply)
         elif kind == "goodbye":
             reason = message.goodbye.reason or "the peer said goodbye"
             if message.goodbye.code not in (rpb.GOODBYE_CODE_SHUTDOWN, rpb.GOODBYE_CODE_DUPLICATE):
@@ -319,6 +326,29 @@ class Session:
             raise SessionEnded(f"goodbye from {self.peer}: {reason}")
         else:
             raise SessionEnded(f"unexpected {kind} message from {self.peer}")
+
+    def _on_fetch(self, request: rpb.FetchRequest) -> None:
+        """A peer reads records this node is a resident of: answered in a task of its
+        own (the reader goes on), only with data this node sends the peer anyway."""
+        refusal = ""
+        if not self.flows.sends or not self.flows.covers(request.database):
+            refusal = f"{self.replicator.name} does not send {request.database!r} to {self.peer}"
+        elif self._fetches >= MAX_FETCHES:
+            refusal = f"{self.replicator.name} is busy answering {MAX_FETCHES} reads"
+        if refusal:
+            reply = rpb.FetchReply(id=request.id, error=refusal)
+            with contextlib.suppress(asyncio.QueueFull):
+                self.out.put_nowait(rpb.PeerMessage(fetch_reply=reply))
+            return
+        self._fetches += 1
+
+        async def answer() -> None:
+            try:
+                await fetch.serve(self, request)
+            finally:
+                self._fetches -= 1
+
+        self.spawn(answer(), "fetch")
 
     async def _heartbeat(self) -> None:
         interval = self.config.heartbeat_interval_s

@@ -114,7 +114,8 @@ async def run(config: ShoalConfig) -> bool:
         raise
     purge = asyncio.create_task(_purge_loop(engine, config))
     history = asyncio.create_task(analytics.run(servicer.analytics, sampler.sample))
-    return await serve_until_signalled(running, [purge, history])
+    rehoming = asyncio.create_task(servicer.residency.run())
+    return await serve_until_signalled(running, [purge, history, rehoming])
 
 
 def main(argv: list[str] | None = None) -> int:

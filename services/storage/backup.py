@@ -347,8 +347,11 @@ class RestoreSession:
                     value = orjson.loads(w.value)
                 except orjson.JSONDecodeError:
                     value = None
-                if type(value) is not dict:
-                    raise InvalidArgument(f"{where}: a write's value is not a JSON object")
+                if type(value) is not (list if w.whole else dict):
+                    raise InvalidArgument(
+                        f"{where}: a write's value is not a JSON "
+                        + ("record state" if w.whole else "object")
+                    )
 
     # -- writes ----------------------------------------------------------------------
 

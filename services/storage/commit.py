@@ -22,7 +22,7 @@ import orjson
 from shoal.storage.v1 import types_pb2
 
 from services.common.errors import InvalidArgument, ResourceExhausted
-from services.storage import keys, merge
+from services.storage import keys, merge, residency
 from services.storage.merge import RecordState, Stamp
 from services.storage.schema import SCHEMA_PREFIX, Table
 
@@ -37,6 +37,7 @@ HLC_KEY = b"hlc"
 POSITION_PREFIX = b"pos/"
 HORIZON_PREFIX = b"hzn/"
 COUNT_PREFIX = b"count/"
+RESIDENCY_PREFIX = b"residency/"  # databases that hold records with residents
 
 
 def position_key(prefix: bytes, database: str, origin: str) -> bytes:
@@ -90,6 +91,7 @@ class BatchWriter:
         self.horizons: dict[tuple[str, str], int] = {}
         self.last_version = 0
         self.empty = True
+        self.residency_marks: set[str] = set()
 
     # -- records -------------------------------------------------------------------
 
@@ -240,6 +242,13 @@ class BatchWriter:
             )
             self.empty = False
 
+    def mark_residency(self, database: str) -> None:
+        """Remember (durably, in this batch) that the database holds records with residents."""
+        if database in self.engine.resident_databases or database in self.residency_marks:
+            return
+        self.residency_marks.add(database)
+        self.batch.put(RESIDENCY_PREFIX + database.encode(), b"", self._h["meta"])
+
     def mark_schema(self, database: str) -> None:
         self.dirty_databases.add(database)
         self.empty = False
@@ -273,6 +282,7 @@ class BatchWriter:
             engine.counts[table_id] = max(0, engine.counts.get(table_id, 0) + delta)
         engine.positions.update(self.positions)
         engine.horizons.update(self.horizons)
+        engine.resident_databases.update(self.residency_marks)
         engine.commits += 1
         engine.notify_commit()
         return True
@@ -356,6 +366,13 @@ class LocalTransaction:
         self._tables: dict[str, Table] = {}
         self._records = 0  # records given so far, across the request's operations
         self.reverts: types_pb2.TransactionRef | None = None  # set by a revert
+        self.placement = residency.Placement(engine, database)
+        # data key -> (table, primary key, new residents), see rehome
+        self._rehomed: dict[bytes, tuple[Table, Any, tuple[str, ...]]] = {}
+
+    def replicate_to(self, request: types_pb2.ReplicateTo | None) -> None:
+        """The request's residency for records written for the first time."""
+        self.placement.request(request)
 
     def _current(self, table: Table, encoded: list[bytes]) -> list[RecordState | None]:
         """Visible view: pre-transaction state with this transaction's writes applied."""
@@ -495,10 +512,54 @@ class LocalTransaction:
         raw = orjson.dumps(doc) if kind != DELETE else b""
         self._record(table, (doc, pk, encoded, raw), kind, operation, old, orjson.dumps(pk))
 
+    def rehome(self, table: Table, pk: Any, residents: tuple[str, ...]) -> None:
+        """Give a record new residents (the residency repair and rebalance). Its data does
+        not change: the write carries the record's whole state (``Write.whole``, merged as
+        a copied row is, keeping every attribute's version), so a new resident holding a
+        stub holds the whole record after it and nothing newer is overwritten."""
+        self._tables[table.name] = table
+        self._rehomed[table.prefix + keys.encode_key(pk)] = (table, pk, residents)
+
+    def _log_rehome(
+        self,
+        table: Table,
+        pk: Any,
+        residents: tuple[str, ...],
+        stamp: Stamp,
+        txn: types_pb2.Transaction,
+    ) -> None:
+        """A re-homing: the record's state with its new residents, stored and logged."""
+        encoded = keys.encode_key(pk)
+        old = self.writer.load(table, [encoded])[0]
+        if old is None or not old.visible:
+            return  # deleted meanwhile: nothing to re-home
+        new = residency.settle(
+            table, self.engine.node_name, old, merge.copy_state(old), residents, stamp, False
+        )
+        self.writer.set_state(table, encoded, old, new)
+        state = merge.copy_state(old)
+        state.residents, state.residents_stamp, state.stub = residents, stamp, False
+        txn.writes.add(
+            table=table.name,
+            kind=PATCH,
+            operation=types_pb2.OPERATION_UPDATE,
+            id=orjson.dumps(pk),
+            value=merge.encode_state(state),
+            residents=residents,
+            whole=True,
+            residents_version=stamp[0],
+            residents_origin=stamp[1],
+        )
+        self.writer.batch.put(
+            keys.audit_prefix(self.database, table.name) + encoded + keys.u64(stamp[0]),
+            b"",
+            self.writer.logkey,
+        )
+
     def commit(self, extra_schema: Iterable[Table] = ()) -> int:
         """Write the transaction; returns its version (0 when it wrote nothing)."""
         schema_tables = list(extra_schema)
-        if not self._pending and not schema_tables:
+        if not self._pending and not schema_tables and not self._rehomed:
             return 0
         engine = self.engine
         version = engine.clock.now()
@@ -516,10 +577,40 @@ class LocalTransaction:
         state_prefix = b"[%d,%s,false," % (version, dumps(engine.node_name))
         audit = {name: keys.audit_prefix(self.database, name) for name in self._tables}
         written: dict[str, int] = {}
+        placement = self.placement if self.placement.active or self._rehomed else None
+        if placement is not None:
+            writer.mark_residency(self.database)
+        for table, pk, residents in self._rehomed.values():
+            self._log_rehome(table, pk, residents, stamp, txn)
         for p in self._pending.values():
             name = p.table.name
             written[name] = written.get(name, 0) + 1
-            if p.kind == PUT and p.old is None and p.raw is not None:
+            if placement is not None:
+                residents = placement.residents(p.table, p.encoded, p.old)
+                # The stamp of the choice: this write when it places the record, else
+                # the one that chose the residents it keeps.
+                chosen: Stamp = stamp
+                if p.old is not None and p.old.residents:
+                    chosen = p.old.residents_stamp
+                state = apply_write(p.old, stamp, p.kind, p.doc)
+                state = residency.settle(
+                    p.table, engine.node_name, p.old, state, residents, chosen, False
+                )
+                writer.set_state(p.table, p.encoded, p.old, state)
+                write = add(
+                    table=name,
+                    kind=p.kind,
+                    operation=p.operation,
+                    id=p.id_json,
+                    residents=residents,
+                    residents_version=chosen[0],
+                    residents_origin=chosen[1],
+                )
+                if p.kind != DELETE:
+                    write.value = p.raw if p.raw is not None else dumps(p.doc)
+                if p.old is not None and p.old.visible:
+                    write.prior = dumps(p.old.doc)
+            elif p.kind == PUT and p.old is None and p.raw is not None:
                 # The common case of a new record: store the client's JSON as it came
                 # (merge.encode_put_state, inlined).
                 writer.put_new(p.table, p.encoded, p.doc, state_prefix + p.raw + b",{}]")

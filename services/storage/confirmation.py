@@ -116,6 +116,45 @@ class ReplicatorClient:
                 f" can receive writes to {where}{known}; nothing was written"
             )
 
+    async def status(self, timeout_s: float) -> rpb.StatusResponse:
+        """The replicator's Status (raises the AioRpcError when it does not answer)."""
+        reply: rpb.StatusResponse = await self._replicator().Status(
+            rpb.StatusRequest(), metadata=self._metadata, timeout=timeout_s
+        )
+        return reply
+
+    async def fetch(
+        self,
+        database: str,
+        table: str,
+        ids: list[bytes],
+        residents: tuple[str, ...],
+        budget_s: float,
+    ) -> rpb.FetchRecordsResponse:
+        """Whole records from their residents (residency read-through); Unavailable, with
+        the replicator's sentence naming the residents, when none answered."""
+        try:
+            reply: rpb.FetchRecordsResponse = await self._replicator().FetchRecords(
+                rpb.FetchRecordsRequest(
+                    database=database,
+                    table=table,
+                    ids=ids,
+                    residents=residents,
+                    timeout_ms=max(1, int(budget_s * 1000)),
+                ),
+                metadata=self._metadata,
+                timeout=budget_s + RPC_SLACK_S,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and exc.details():
+                raise Unavailable(exc.details() or "") from exc
+            raise Unavailable(
+                f"cannot read {database}.{table} records held by {', '.join(residents)}: this"
+                f" node's replicator at {self.address} did not answer"
+                f" ({exc.details() or exc.code().name})"
+            ) from exc
+        return reply
+
     async def wait(self, database: str, version: int, count: int, budget_s: float) -> None:
         """Wait until ``count`` peers committed ``version``; DeadlineExceeded (saying the
         write is committed locally) when ``budget_s`` runs out first."""

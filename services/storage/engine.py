@@ -28,7 +28,7 @@ from services.common.errors import (
     PermissionDenied,
 )
 from services.common.hlc import HybridClock, format_version, wall_clock_ms
-from services.storage import keys, merge
+from services.storage import keys, merge, residency
 from services.storage.commit import (
     COUNT_PREFIX,
     DELETE,
@@ -37,6 +37,7 @@ from services.storage.commit import (
     PATCH,
     POSITION_PREFIX,
     PUT,
+    RESIDENCY_PREFIX,
     BatchWriter,
     LocalTransaction,
     apply_write,
@@ -134,6 +135,8 @@ class Engine:
         self.positions: dict[tuple[str, str], int] = {}
         self.horizons: dict[tuple[str, str], int] = {}
         self.copies: dict[str, CopyState] = {}
+        # Databases that received records with residents since start (see has_residents).
+        self.resident_databases: set[str] = set()
         # Counters since the process started, read by the metrics collector at scrape time.
         self.commits = 0  # atomic writes (local transactions, applies, copies, schema)
         self.local_transactions = 0
@@ -175,6 +178,8 @@ class Engine:
         for key, value in self.store.scan("meta", COPY_PREFIX, keys.prefix_end(COPY_PREFIX)):
             database = key[len(COPY_PREFIX) :].decode()
             self.copies[database] = CopyState.decode(database, value)
+        for key, _ in self.store.scan("meta", RESIDENCY_PREFIX, keys.prefix_end(RESIDENCY_PREFIX)):
+            self.resident_databases.add(key[len(RESIDENCY_PREFIX) :].decode())
         stored = meta.get(HLC_KEY)
         last = keys.read_u64(stored) if stored else 0
         self.clock = HybridClock(wall_clock_ms(self.config.testing.clock_offset_ms), last)
@@ -520,7 +525,9 @@ class Engine:
             audit = keys.audit_prefix(database, table_name)
             for w, key, old in zip(group, encoded, states, strict=True):
                 kind = w.kind
-                if kind == DELETE:
+                if w.residents:
+                    self._apply_resident(writer, table, key, old, w, stamp)
+                elif kind == DELETE:
                     writer.set_state(table, key, old, merge.delete(old, stamp))
                 else:
                     raw = w.value
@@ -543,6 +550,55 @@ class Engine:
         writer.set_position(database, origin, version)
 
     # -- copy (receive side of Snapshot) ------------------------------------------------
+
+    def _apply_resident(
+        self,
+        writer: BatchWriter,
+        table: Table,
+        key: bytes,
+        old: merge.RecordState | None,
+        write: types_pb2.Write,
+        stamp: merge.Stamp,
+    ) -> None:
+        """Merge a write of a record with residents: its full form here on a resident,
+        its stub elsewhere (services/storage/residency.py)."""
+        residents = tuple(write.residents)
+        writer.mark_residency(table.database)
+        if write.whole:
+            try:
+                theirs = merge.decode_state(write.value)
+            except ValueError as exc:
+                raise InvalidArgument(
+                    f"{table.name}: a re-homing's state is invalid: {exc}"
+                ) from exc
+            new = residency.merge_whole(old, theirs, self.node_name)
+        elif write.kind == DELETE:
+            new = merge.delete(old, stamp)
+        else:
+            try:
+                doc = orjson.loads(write.value)
+            except orjson.JSONDecodeError as exc:
+                raise InvalidArgument(f"{table.name}: value is not JSON") from exc
+            if type(doc) is not dict:
+                raise InvalidArgument(f"{table.name}: value is not an object")
+            new = apply_write(old, stamp, write.kind, doc)
+        chosen = (
+            (write.residents_version, write.residents_origin) if write.residents_version else stamp
+        )
+        new = residency.settle(table, self.node_name, old, new, residents, chosen, write.stub)
+        writer.set_state(table, key, old, new)
+
+    def has_residents(self, table: Table) -> bool:
+        """True when records of the table may have residents (reads then look for stubs)."""
+        return self.database_has_residents(table.database)
+
+    def database_has_residents(self, database: str) -> bool:
+        """The database has ``replicateTo``, or a write with residents reached it since
+        this process started."""
+        return (
+            self.config.replication.replicate_to(database) is not None
+            or database in self.resident_databases
+        )
 
     def merge_snapshot(
         self,

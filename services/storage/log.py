@@ -24,16 +24,17 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 from shoal.storage.v1 import storage_pb2, types_pb2
 
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.hlc import format_version
-from services.storage import keys, merge
+from services.storage import keys, merge, residency
 from services.storage.commit import HORIZON_PREFIX, position_key
 from services.storage.engine import Engine
+from services.storage.schema import Table
 
 log = logging.getLogger("shoal.storage.log")
 
@@ -140,6 +141,9 @@ class SubscribeSpec:
     max_bytes: int
     heartbeat_s: float
     linger_s: float
+    subscriber: str = ""
+    # (database, origin, version) withheld from the subscriber, to report (see subscribe)
+    withheld: list[types_pb2.Position] = field(default_factory=list)
 
 
 def subscribe_spec(request: storage_pb2.SubscribeRequest) -> SubscribeSpec:
@@ -164,6 +168,7 @@ def subscribe_spec(request: storage_pb2.SubscribeRequest) -> SubscribeSpec:
         max_bytes=request.max_batch_bytes or DEFAULT_BATCH_BYTES,
         heartbeat_s=(request.heartbeat_interval_ms or DEFAULT_HEARTBEAT_MS) / 1000,
         linger_s=min(request.linger_ms, 1000) / 1000,
+        subscriber=request.subscriber,
     )
 
 
@@ -226,6 +231,40 @@ def start_time(engine: Engine, spec: SubscribeSpec) -> int:
     return start
 
 
+def _withheld(engine: Engine, txn: types_pb2.Transaction, subscriber: str) -> bool:
+    """Shape a transaction's writes with residents for ``subscriber``: stubs for records
+    it is not a resident of, neither by the write nor by the record as this node holds it
+    now (a re-homing this node already knows of counts). True when the transaction must
+    not reach it at all: this node holds only a stub of a write the subscriber is a
+    resident of (it received it by relay), and a stub must never stand in for the record
+    on a resident."""
+    for w in txn.writes:
+        if not w.residents:
+            continue
+        if subscriber in w.residents:
+            if w.stub:
+                return True
+            continue
+        if w.stub:
+            continue
+        table = engine.catalog.find_table(txn.database, w.table)
+        if table is None:
+            continue
+        if subscriber not in _current_residents(engine, table, w.id):
+            residency.stub_write(table, w)
+    return False
+
+
+def _current_residents(engine: Engine, table: Table, id_json: bytes) -> tuple[str, ...]:
+    """The residents of a record as this node holds it now (empty when unknown)."""
+    try:
+        key = keys.encode_key(orjson.loads(id_json))
+    except (orjson.JSONDecodeError, keys.InvalidKey):
+        return ()
+    raw = engine.store.data.get(table.prefix + key)
+    return merge.decode_state(raw).residents if raw is not None else ()
+
+
 def _filter(engine: Engine, txn: types_pb2.Transaction, spec: SubscribeSpec) -> bool:
     """Drop what must not travel; False when nothing is left to send."""
     local = {t.name for t in txn.tables if not t.replicate}
@@ -255,6 +294,7 @@ async def subscribe(
     heartbeat interval) and continues after the last entry it read.
     """
     positions = dict(spec.positions)
+    withheld: set[tuple[str, str]] = set()
     cursor = start_time(engine, spec)
     last_wake = 0.0
     while not engine.closing:
@@ -269,7 +309,29 @@ async def subscribe(
             if txn.origin in spec.exclude:
                 continue
             pkey = (txn.database, txn.origin)
+            if pkey in withheld:
+                continue
             if txn.version <= positions.get(pkey, spec.default_version):
+                continue
+            if spec.subscriber and _withheld(engine, txn, spec.subscriber):
+                # Not a word more of this origin on this stream: the subscriber's
+                # position stays before this transaction, and it gets it (and the
+                # rest) from the origin itself or from another relay holding it whole.
+                withheld.add(pkey)
+                spec.withheld.append(
+                    types_pb2.Position(
+                        database=txn.database, origin=txn.origin, version=txn.version
+                    )
+                )
+                log.warning(
+                    "not relaying %s's transactions of %r to %s from %s on: this node holds"
+                    " only stubs of records %s is a resident of",
+                    txn.origin,
+                    txn.database,
+                    spec.subscriber,
+                    format_version(txn.version),
+                    spec.subscriber,
+                )
                 continue
             if pkey not in positions and spec.default_version == 0:
                 # First of its origin in this stream and the subscriber holds nothing of

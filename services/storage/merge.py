@@ -24,7 +24,9 @@ hypothesis. A record is visible when ``doc`` is not empty (a PUT always carries 
 primary key). A DELETE with no later PATCH leaves a tombstone: empty doc, base kept.
 
 Stored encoding (also the Snapshot row format): the JSON array
-``[base_version, base_origin, deleted, doc, {attribute: [version, origin]}]``.
+``[base_version, base_origin, deleted, doc, {attribute: [version, origin]}]``, with a
+sixth element ``[residents_version, residents_origin, [node, ...], stub]`` for a record
+with residents (databases with a replication count).
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ class RecordState:
     deleted: bool = False
     doc: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, Stamp] = field(default_factory=dict)
+    # Residency (databases with a replication count): the record's resident nodes, the
+    # write that set them (last-writer-wins), and whether this node holds only a stub
+    # (the primary key and indexed attributes). See services/storage/residency.py.
+    residents: tuple[str, ...] = ()
+    residents_stamp: Stamp = ZERO
+    stub: bool = False
 
     @property
     def visible(self) -> bool:
@@ -63,15 +71,31 @@ class RecordState:
 
 def encode_state(state: RecordState) -> bytes:
     """Stored form of a state."""
-    return orjson.dumps(
-        [
-            state.base[0],
-            state.base[1],
-            state.deleted,
-            state.doc,
-            {k: [v[0], v[1]] for k, v in state.versions.items()},
-        ]
-    )
+    parts: list[Any] = [
+        state.base[0],
+        state.base[1],
+        state.deleted,
+        state.doc,
+        {k: [v[0], v[1]] for k, v in state.versions.items()},
+    ]
+    if state.residents:
+        stamp = state.residents_stamp
+        parts.append([stamp[0], stamp[1], list(state.residents), state.stub])
+    return orjson.dumps(parts)
+
+
+def _residency(raw: Any) -> tuple[tuple[str, ...], Stamp, bool]:
+    if not (
+        type(raw) is list
+        and len(raw) == 4
+        and type(raw[0]) is int
+        and type(raw[1]) is str
+        and type(raw[2]) is list
+        and all(type(n) is str for n in raw[2])
+        and type(raw[3]) is bool
+    ):
+        raise ValueError("residency must be [version, origin, [node, ...], stub]")
+    return tuple(raw[2]), (raw[0], raw[1]), raw[3]
 
 
 def encode_put_state(version: int, origin_json: bytes, doc_json: bytes) -> bytes:
@@ -91,6 +115,11 @@ def decode_state(data: bytes) -> RecordState:
     except orjson.JSONDecodeError as exc:
         raise ValueError(f"record state is not JSON: {exc}") from exc
     # Exact type checks (type(x) is int also rules out bool), cheapest first.
+    if type(raw) is list and len(raw) == 6:
+        residents, residents_stamp, stub = _residency(raw.pop())
+        state = decode_state(orjson.dumps(raw))
+        state.residents, state.residents_stamp, state.stub = residents, residents_stamp, stub
+        return state
     if not (
         type(raw) is list
         and len(raw) == 5
@@ -129,7 +158,7 @@ def put(state: RecordState | None, stamp: Stamp, doc: dict[str, Any]) -> RecordS
     newer = {k: v for k, v in state.versions.items() if v > stamp}
     for name in newer:
         new_doc[name] = state.doc[name]
-    return RecordState(stamp, False, new_doc, newer)
+    return _keep(state, RecordState(stamp, False, new_doc, newer))
 
 
 def delete(state: RecordState | None, stamp: Stamp) -> RecordState:
@@ -139,7 +168,7 @@ def delete(state: RecordState | None, stamp: Stamp) -> RecordState:
     if stamp <= state.base:
         return state
     newer = {k: v for k, v in state.versions.items() if v > stamp}
-    return RecordState(stamp, True, {k: state.doc[k] for k in newer}, newer)
+    return _keep(state, RecordState(stamp, True, {k: state.doc[k] for k in newer}, newer))
 
 
 def patch(state: RecordState | None, stamp: Stamp, attributes: dict[str, Any]) -> RecordState:
@@ -161,7 +190,14 @@ def patch(state: RecordState | None, stamp: Stamp, attributes: dict[str, Any]) -
             versions[name] = stamp
     if not changed:
         return state
-    return RecordState(state.base, state.deleted, doc, versions)
+    return _keep(state, RecordState(state.base, state.deleted, doc, versions))
+
+
+def _keep(old: RecordState, new: RecordState) -> RecordState:
+    """``new`` with ``old``'s residency (writes change residency separately)."""
+    if old.residents:
+        new.residents, new.residents_stamp, new.stub = old.residents, old.residents_stamp, old.stub
+    return new
 
 
 def merge_states(mine: RecordState | None, theirs: RecordState) -> RecordState:
@@ -182,4 +218,23 @@ def merge_states(mine: RecordState | None, theirs: RecordState) -> RecordState:
         state = mine if mine is not None else RecordState()
     for name, stamp in theirs.versions.items():
         state = patch(state, stamp, {name: theirs.doc[name]})
+    if theirs.residents and theirs.residents_stamp > state.residents_stamp:
+        if state is mine:
+            state = copy_state(state)
+        state.residents, state.residents_stamp = theirs.residents, theirs.residents_stamp
+    if theirs.stub and not state.stub and state is not mine:
+        state.stub = True  # some of what it brought is only a stub
     return state
+
+
+def copy_state(state: RecordState) -> RecordState:
+    """A shallow copy (to change residency without touching a state read elsewhere)."""
+    return RecordState(
+        state.base,
+        state.deleted,
+        state.doc,
+        state.versions,
+        state.residents,
+        state.residents_stamp,
+        state.stub,
+    )

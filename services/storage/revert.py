@@ -33,7 +33,7 @@ from shoal.storage.v1 import storage_pb2, types_pb2
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.hlc import version_as_ms, version_from_ms
-from services.storage import keys
+from services.storage import keys, residency
 from services.storage.commit import DELETE, PATCH, PUT, LocalTransaction
 from services.storage.engine import Engine
 from services.storage.log import logged_origins
@@ -261,6 +261,8 @@ def plan(engine: Engine, local: LocalTransaction, target: types_pb2.Transaction)
     tables: dict[str, Table] = {}
     undos: list[Undo] = []
     for write in target.writes:
+        if write.whole:
+            continue  # a re-homing (residency) changed no attribute: nothing to undo
         table = tables.get(write.table) or engine.catalog.find_table(target.database, write.table)
         if table is None:
             raise NotFound(
@@ -270,6 +272,17 @@ def plan(engine: Engine, local: LocalTransaction, target: types_pb2.Transaction)
         tables[write.table] = table
         pk = orjson.loads(write.id)
         state = local.writer.load(table, [keys.encode_key(pk)])[0]
+        if write.residents and (
+            write.stub or state is None or not residency.holds_full(state, engine.node_name)
+        ):
+            residents = ", ".join(state.residents if state and state.residents else write.residents)
+            raise FailedPrecondition(
+                f"{engine.node_name} holds only a stub of {table.name} {pk!r}, so its log does"
+                f" not know the record as it was; revert the transaction on one of its"
+                f" residents ({residents})",
+                reason="NOT_RESIDENT",
+                metadata={"residents": residents},
+            )
         undos.append(
             undo_write(
                 table.name,

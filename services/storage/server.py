@@ -25,7 +25,17 @@ from services.common.errors import (
     ShoalError,
 )
 from services.common.hlc import version_from_ms
-from services.storage import backup, commit, csvload, log, revert, search, snapshot
+from services.storage import (
+    backup,
+    commit,
+    csvload,
+    log,
+    merge,
+    residency,
+    revert,
+    search,
+    snapshot,
+)
 from services.storage.analytics import AnalyticsTables
 from services.storage.commit import OperationResult, parse_id
 from services.storage.confirmation import ReplicatorClient, requested, wait_budget
@@ -44,6 +54,8 @@ from services.storage.permissions import (
     require_reads_in,
     require_super_user,
 )
+from services.storage.readthrough import ResidentReads
+from services.storage.repair import ResidencyWorker
 from services.storage.schema import Database, Table, check_name
 from services.storage.users import User
 
@@ -137,6 +149,51 @@ async def _chunked(
         yield make(chunk)
 
 
+def _replicate_to(request: Any) -> types_pb2.ReplicateTo | None:
+    """A write request's ``replicate_to`` when given."""
+    if not request.HasField("replicate_to"):
+        return None
+    value: types_pb2.ReplicateTo = request.replicate_to
+    if not value.count and not value.nodes:
+        return None
+    return value
+
+
+async def _chunked_async(
+    docs: AsyncIterator[dict[str, Any]],
+    attributes: list[str],
+    make: Callable[[list[bytes]], Msg],
+) -> AsyncIterator[Msg]:
+    """Bounded response chunks of projected records from an async source."""
+    chunk: list[bytes] = []
+    size = 0
+    async for doc in docs:
+        record = orjson.dumps(search.project(doc, attributes))
+        chunk.append(record)
+        size += len(record)
+        if len(chunk) >= CHUNK_RECORDS or size >= CHUNK_BYTES:
+            yield make(chunk)
+            chunk = []
+            size = 0
+    if chunk:
+        yield make(chunk)
+
+
+def residency_progress(progress: residency.RepairProgress) -> pb.ResidencyProgress:
+    return pb.ResidencyProgress(
+        running=progress.running,
+        passes=progress.passes,
+        scanned=progress.scanned,
+        needing=progress.needing,
+        rehomed=progress.rehomed,
+        deferred=progress.deferred,
+        unrecoverable=progress.unrecoverable,
+        dry_run=progress.dry_run,
+        started_ms=progress.started_ms,
+        finished_ms=progress.finished_ms,
+    )
+
+
 def _sort(keys: Any) -> list[tuple[str, bool]]:
     out = []
     for k in keys:
@@ -168,6 +225,8 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         self.restores: set[str] = set()  # databases with a Restore stream running
         self.analytics = AnalyticsTables(engine)
         self.replicator = ReplicatorClient(engine.config, engine.node_secret)
+        self.reads = ResidentReads(engine, self.replicator)
+        self.residency = ResidencyWorker(engine, self.replicator)
 
     @staticmethod
     def _caller() -> Identity:
@@ -321,6 +380,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         payload: Sequence[bytes],
         confirmation: int,
         method: str | None = None,
+        replicate_to: types_pb2.ReplicateTo | None = None,
     ) -> tuple[OperationResult, int]:
         who = self._caller()
         require(who, op, database, table_name)
@@ -332,6 +392,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
 
         def write() -> tuple[OperationResult, int]:
             txn = self.engine.transaction(database, who.name, who.internal)
+            txn.replicate_to(replicate_to)
             result = getattr(txn, method or op)(table, payload)
             return result, txn.commit()
 
@@ -345,6 +406,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
             "insert",
             request.records,
             request.replicated_confirmation,
+            replicate_to=_replicate_to(request),
         )
         return pb.InsertResponse(
             inserted_ids=result.written, skipped_ids=result.skipped, version=version
@@ -358,6 +420,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
             "update",
             request.records,
             request.replicated_confirmation,
+            replicate_to=_replicate_to(request),
         )
         return pb.UpdateResponse(
             updated_ids=result.written, skipped_ids=result.skipped, version=version
@@ -373,6 +436,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
             request.records,
             request.replicated_confirmation,
             method,
+            _replicate_to(request),
         )
         return pb.UpsertResponse(upserted_ids=result.written, version=version)
 
@@ -384,6 +448,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
             "delete",
             request.ids,
             request.replicated_confirmation,
+            replicate_to=_replicate_to(request),
         )
         return pb.DeleteResponse(
             deleted_ids=result.written, skipped_ids=result.skipped, version=version
@@ -408,6 +473,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
 
         def write() -> tuple[list[pb.TransactResult], int]:
             txn = self.engine.transaction(request.database, who.name, who.internal)
+            txn.replicate_to(_replicate_to(request))
             results = []
             for i, op in enumerate(request.operations):
                 try:
@@ -446,6 +512,13 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         encoded = [parse_id(raw, i)[1] for i, raw in enumerate(request.ids)]
         reader = search.Reader(self.engine, table)
         attributes = list(request.get_attributes)
+        if self.engine.has_residents(table):
+            docs = self.reads.by_ids(table, encoded, context.time_remaining())
+            async for chunk in _chunked_async(
+                docs, attributes, lambda c: pb.SearchByIdResponse(records=c)
+            ):
+                yield chunk
+            return
         records = (
             orjson.dumps(search.project(s.doc, attributes)) for _, s in reader.by_ids(encoded)
         )
@@ -469,6 +542,13 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         group = (
             condition if isinstance(condition, search.Group) else search.Group(False, (condition,))
         )
+        if self.engine.has_residents(table):
+            docs = self._resident_search(table, group, request, context)
+            async for chunk in _chunked_async(
+                docs, list(request.get_attributes), lambda c: pb.SearchByValueResponse(records=c)
+            ):
+                yield chunk
+            return
         records = self._search(table, group, request)
         async for chunk in _chunked(records, lambda c: pb.SearchByValueResponse(records=c)):
             yield chunk
@@ -479,9 +559,79 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         require(self._caller(), READ, request.database, request.table)
         table = self.engine.catalog.table(request.database, request.table)
         group = search.parse_group(request.operator, request.conditions)
+        if self.engine.has_residents(table):
+            docs = self._resident_search(table, group, request, context)
+            async for chunk in _chunked_async(
+                docs,
+                list(request.get_attributes),
+                lambda c: pb.SearchByConditionsResponse(records=c),
+            ):
+                yield chunk
+            return
         records = self._search(table, group, request)
         async for chunk in _chunked(records, lambda c: pb.SearchByConditionsResponse(records=c)):
             yield chunk
+
+    def _resident_search(
+        self,
+        table: Table,
+        group: search.Group,
+        request: pb.SearchByValueRequest | pb.SearchByConditionsRequest,
+        context: Ctx,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """A search in a table with residents: it runs on what this node holds (whole
+        records and stubs, whose indexed attributes it matches), and the records held
+        here only as stubs are then read from their residents."""
+        sort = _sort(request.sort)
+        source = search.Reader(self.engine, table).plan(group, sort)
+        records = search.run(self.engine, source, group, sort, request.offset, request.limit, [])
+        return self.reads.whole(table, records, context.time_remaining())
+
+    async def Rebalance(self, request: pb.RebalanceRequest, context: Ctx) -> pb.RebalanceResponse:
+        who = self._caller()
+        if not who.internal:
+            self._administer("rebalance")
+        if request.database:
+            database = self.engine.catalog.database(request.database)
+            if not self.engine.database_has_residents(database.name):
+                raise InvalidArgument(
+                    f"database {database.name!r} has no residency (no replicateTo in"
+                    " replication.databases and no record written with replicate_to)"
+                )
+        progress = self.residency.start_rebalance(request.database, request.dry_run)
+        return pb.RebalanceResponse(progress=residency_progress(progress))
+
+    async def ResidencyStatus(
+        self, request: pb.ResidencyStatusRequest, context: Ctx
+    ) -> pb.ResidencyStatusResponse:
+        who = self._caller()
+        if not who.internal:
+            self._administer("residency status")
+        worker = self.residency
+        return pb.ResidencyStatusResponse(
+            repair=residency_progress(worker.repair),
+            rebalance=residency_progress(worker.rebalance),
+            gone=sorted(worker.gone),
+        )
+
+    async def ReadResident(
+        self, request: pb.ReadResidentRequest, context: Ctx
+    ) -> pb.ReadResidentResponse:
+        self._internal()
+        table = self.engine.catalog.table(request.database, request.table)
+        if not request.ids:
+            raise InvalidArgument("no ids given")
+        encoded = [parse_id(raw, i)[1] for i, raw in enumerate(request.ids)]
+        raw = self.engine.store.multi_get("data", [table.prefix + e for e in encoded])
+        reply = pb.ReadResidentResponse()
+        node = self.engine.node_name
+        for id_json, value in zip(request.ids, raw, strict=True):
+            state = None if value is None else merge.decode_state(value)
+            if state is not None and state.visible and residency.holds_full(state, node):
+                reply.records.append(orjson.dumps(state.doc))
+            else:
+                reply.missing.append(id_json)
+        return reply
 
     def _search(
         self,
@@ -684,8 +834,12 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         async for txn in log.subscribe(self.engine, spec):
             if txn is None:
                 yield pb.SubscribeResponse(
-                    transactions=batch, caught_up=True, node_time=self.engine.clock.peek()
+                    transactions=batch,
+                    caught_up=True,
+                    node_time=self.engine.clock.peek(),
+                    withheld=spec.withheld,
                 )
+                del spec.withheld[:]
                 batch = []
                 size = 0
                 continue

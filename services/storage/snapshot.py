@@ -21,7 +21,7 @@ import rocksdict
 from shoal.storage.v1 import storage_pb2, types_pb2
 
 from services.common.errors import InvalidArgument
-from services.storage import keys
+from services.storage import keys, residency
 from services.storage.commit import table_schema
 from services.storage.engine import Engine
 from services.storage.schema import Table
@@ -76,6 +76,7 @@ def plan_snapshot(engine: Engine, request: storage_pb2.SnapshotRequest) -> Snaps
         start_key,
         request.max_batch_rows or DEFAULT_ROWS,
         request.max_batch_bytes or DEFAULT_BYTES,
+        request.subscriber,
     )
     return SnapshotPlan(header, batches)
 
@@ -87,6 +88,7 @@ def row_batches(
     start_key: bytes,
     max_rows: int,
     max_bytes: int,
+    subscriber: str = "",
 ) -> Iterator[list[types_pb2.SnapshotRow]]:
     """Rows of ``tables`` (in the order given) read through one data-CF iterator, in
     batches bounded in count and bytes; ``start_table`` resumes after ``start_key``."""
@@ -104,6 +106,8 @@ def row_batches(
                 break
             pk, _ = keys.decode_value(key, len(prefix))
             state = iterator.value()
+            if subscriber:
+                state = residency.stub_row(table, state, subscriber)
             batch.append(types_pb2.SnapshotRow(table=table.name, id=orjson.dumps(pk), state=state))
             size += len(state) + len(key)
             if len(batch) >= max_rows or size >= max_bytes:

@@ -268,6 +268,16 @@ def test_every_problem_is_reported_at_once() -> None:
             "",
         ),
         ({"replication": {"databases": ["ok", "not ok"]}}, "replication.databases[1]", "'not ok'"),
+        (
+            {"replication": {"databases": [{"name": "dev", "replicateTo": 0}]}},
+            "replication.databases[0].replicateTo",
+            "0",
+        ),
+        (
+            {"replication": {"databases": [{"name": "dev", "copies": 2}]}},
+            "replication.databases[0].copies",
+            "",
+        ),
         ({"replication": {"peerTimeout": "3s"}}, "replication.peerTimeout", "3.0"),
         ({"admin": {"username": "no spaces"}}, "admin.username", "'no spaces'"),
         ({"testing": {"clockOffsetMs": 1.5}}, "testing.clockOffsetMs", "1.5"),
@@ -512,3 +522,13 @@ def test_mtls_problems_name_their_key(data: dict[str, Any], words: list[str]) ->
     text = "\n".join(problems_of(data))
     for word in words:
         assert word in text
+
+
+def test_database_entries_with_replicate_to() -> None:
+    config = parse(
+        {"replication": {"databases": ["system", {"name": "dev", "replicateTo": 2}]}}
+    ).replication
+    assert config.database_names == ("system", "dev")
+    assert config.replicate_to("dev") == 2
+    assert config.replicate_to("system") is None
+    assert config.replicate_to("other") is None

@@ -1,4 +1,4 @@
-"""``replication.databases`` entries (names, '*', ``{name, sharded}``) and
+"""``replication.databases`` entries (names, '*', ``{name, sharded, replicateTo}``) and
 ``replication.shard``."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from services.common.config import ReplicatedDatabase
-from tests.unit.common.test_config import one_problem, parse
+from tests.unit.common.test_config import one_problem, parse, problems_of
 
 
 def databases(value: Any) -> tuple[ReplicatedDatabase, ...] | None:
@@ -72,7 +72,11 @@ def test_entries_from_the_environment() -> None:
             ["dev", {"name": "bad name"}],
             "replication.databases[1].name: a database name is required (got 'bad name')",
         ),
-        ([7], "replication.databases[0]: expected a database name or {name, sharded} (got 7)"),
+        (
+            [7],
+            "replication.databases[0]: expected a database name or"
+            " {name, sharded, replicateTo} (got 7)",
+        ),
         (
             [{"name": "*", "sharded": True}],
             "replication.databases[0].sharded: '*' cannot be sharded",
@@ -99,3 +103,16 @@ def test_bad_entries_name_the_key(value: Any, expected: str) -> None:
 )
 def test_bad_shard(value: Any, expected: str) -> None:
     assert one_problem({"replication": {"shard": value}}) == expected
+
+
+@pytest.mark.parametrize(
+    ("entry", "key"),
+    [
+        ({"name": "*", "replicateTo": 2}, "replication.databases[0].replicateTo"),
+        ({"name": "system", "replicateTo": 2}, "replication.databases[0].replicateTo"),
+        ({"name": "dev", "replicateTo": 0}, "replication.databases[0].replicateTo"),
+    ],
+)
+def test_replicate_to_is_checked_with_the_entry(entry: dict[str, object], key: str) -> None:
+    problems = problems_of({"replication": {"databases": [entry]}})
+    assert len(problems) == 1 and problems[0].startswith(f"{key}: "), problems

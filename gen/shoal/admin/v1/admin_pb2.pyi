@@ -22,6 +22,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from shoal.replicator.v1 import replicator_pb2 as _replicator_pb2
+from shoal.storage.v1 import storage_pb2 as _storage_pb2
 from shoal.storage.v1 import types_pb2 as _types_pb2
 import builtins as _builtins
 import sys
@@ -61,6 +62,66 @@ RESTORE_MODE_SNAPSHOT_AND_LOG: RestoreMode.ValueType  # 2
 RESTORE_MODE_LOG: RestoreMode.ValueType  # 3
 """An empty database, then the log replayed from its first transaction."""
 Global___RestoreMode: _TypeAlias = RestoreMode  # noqa: Y015
+
+@_typing.final
+class RebalanceRequest(_message.Message):
+    """Request of Rebalance."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    REPLICATED_FIELD_NUMBER: _builtins.int
+    database: _builtins.str
+    """Database to rebalance; empty for every database with residency."""
+    dry_run: _builtins.bool
+    """Count what would move, move nothing."""
+    replicated: _builtins.bool
+    """Also start it on every member of the cluster."""
+    def __init__(
+        self,
+        *,
+        database: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
+        replicated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "dry_run", b"dry_run", "replicated", b"replicated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RebalanceRequest: _TypeAlias = RebalanceRequest  # noqa: Y015
+
+@_typing.final
+class RebalanceResponse(_message.Message):
+    """Response of Rebalance."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    REPLICATED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def progress(self) -> _storage_pb2.ResidencyProgress:
+        """This node's pass as started (or as already running)."""
+
+    @_builtins.property
+    def replicated(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeResult]:
+        """Per member, with `replicated`."""
+
+    def __init__(
+        self,
+        *,
+        progress: _storage_pb2.ResidencyProgress | None = ...,
+        replicated: _abc.Iterable[Global___NodeResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress", "replicated", b"replicated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RebalanceResponse: _TypeAlias = RebalanceResponse  # noqa: Y015
 
 @_typing.final
 class NodeResult(_message.Message):
@@ -515,6 +576,8 @@ class ClusterStatusResponse(_message.Message):
     CONNECTIONS_FIELD_NUMBER: _builtins.int
     REMOVED_FIELD_NUMBER: _builtins.int
     SHARD_FIELD_NUMBER: _builtins.int
+    RESIDENCY_FIELD_NUMBER: _builtins.int
+    RESIDENCY_ERROR_FIELD_NUMBER: _builtins.int
     node_name: _builtins.str
     """This node's name."""
     is_enabled: _builtins.bool
@@ -525,9 +588,15 @@ class ClusterStatusResponse(_message.Message):
     """This node's shard (replication.shard); unset when it has none. Each connection
     shows its peer's shard and the sharded databases withheld from it.
     """
+    residency_error: _builtins.str
+    """Why `residency` is missing (the node's storage did not answer), else empty."""
     @_builtins.property
     def connections(self) -> _containers.RepeatedCompositeFieldContainer[_replicator_pb2.Connection]:
         """Connections and configured routes, with per-database state."""
+
+    @_builtins.property
+    def residency(self) -> _storage_pb2.ResidencyStatusResponse:
+        """This node's residency repair and rebalance (databases with replicateTo)."""
 
     def __init__(
         self,
@@ -537,10 +606,12 @@ class ClusterStatusResponse(_message.Message):
         connections: _abc.Iterable[_replicator_pb2.Connection] | None = ...,
         removed: _builtins.bool = ...,
         shard: _builtins.int | None = ...,
+        residency: _storage_pb2.ResidencyStatusResponse | None = ...,
+        residency_error: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_shard", b"_shard", "shard", b"shard"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_shard", b"_shard", "residency", b"residency", "shard", b"shard"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_shard", b"_shard", "connections", b"connections", "is_enabled", b"is_enabled", "node_name", b"node_name", "removed", b"removed", "shard", b"shard"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_shard", b"_shard", "connections", b"connections", "is_enabled", b"is_enabled", "node_name", b"node_name", "removed", b"removed", "residency", b"residency", "residency_error", b"residency_error", "shard", b"shard"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__shard: _TypeAlias = _typing.Literal["shard"]  # noqa: Y015
     _WhichOneofArgType__shard: _TypeAlias = _typing.Literal["_shard", b"_shard"]  # noqa: Y015

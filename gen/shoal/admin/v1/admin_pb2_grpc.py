@@ -135,6 +135,11 @@ class AdminServiceStub:
                 request_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.RestartRequest.SerializeToString,
                 response_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.RestartResponse.FromString,
                 _registered_method=True)
+        self.Rebalance = channel.unary_unary(
+                '/shoal.admin.v1.AdminService/Rebalance',
+                request_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.RebalanceRequest.SerializeToString,
+                response_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.RebalanceResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -421,6 +426,19 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rebalance(self, request, context):
+        """Moves records of databases with residency (replicateTo) to where rendezvous hashing
+        over the current members puts them (adding a node moves nothing by itself): this
+        node and, with `replicated`, every member start a background pass in which each
+        re-homes the records it is the first resident of. `dry_run` only counts. Progress:
+        each node's ClusterStatus (`residency.rebalance`). Super user.
+        Errors: NOT_FOUND (database), INVALID_ARGUMENT (a database without residency),
+        PERMISSION_DENIED, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -523,6 +541,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.Restart,
                     request_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.RestartRequest.FromString,
                     response_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.RestartResponse.SerializeToString,
+            ),
+            'Rebalance': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rebalance,
+                    request_deserializer=shoal_dot_admin_dot_v1_dot_admin__pb2.RebalanceRequest.FromString,
+                    response_serializer=shoal_dot_admin_dot_v1_dot_admin__pb2.RebalanceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1066,6 +1089,33 @@ class AdminService:
             '/shoal.admin.v1.AdminService/Restart',
             shoal_dot_admin_dot_v1_dot_admin__pb2.RestartRequest.SerializeToString,
             shoal_dot_admin_dot_v1_dot_admin__pb2.RestartResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rebalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.admin.v1.AdminService/Rebalance',
+            shoal_dot_admin_dot_v1_dot_admin__pb2.RebalanceRequest.SerializeToString,
+            shoal_dot_admin_dot_v1_dot_admin__pb2.RebalanceResponse.FromString,
             options,
             channel_credentials,
             insecure,

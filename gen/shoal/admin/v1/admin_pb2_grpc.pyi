@@ -245,6 +245,15 @@ class AdminServiceStub:
     service of this node did not answer), DEADLINE_EXCEEDED (a service did not come
     back, or the node did not catch up, in time).
     """
+    Rebalance: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RebalanceRequest, _admin_pb2.RebalanceResponse]
+    """Moves records of databases with residency (replicateTo) to where rendezvous hashing
+    over the current members puts them (adding a node moves nothing by itself): this
+    node and, with `replicated`, every member start a background pass in which each
+    re-homes the records it is the first resident of. `dry_run` only counts. Progress:
+    each node's ClusterStatus (`residency.rebalance`). Super user.
+    Errors: NOT_FOUND (database), INVALID_ARGUMENT (a database without residency),
+    PERMISSION_DENIED, UNAVAILABLE.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -450,6 +459,15 @@ class AdminServiceAsyncStub(AdminServiceStub):
     Errors: INVALID_ARGUMENT (an unknown service), PERMISSION_DENIED, UNAVAILABLE (a
     service of this node did not answer), DEADLINE_EXCEEDED (a service did not come
     back, or the node did not catch up, in time).
+    """
+    Rebalance: _aio.UnaryUnaryMultiCallable[_admin_pb2.RebalanceRequest, _admin_pb2.RebalanceResponse]  # type: ignore[assignment]
+    """Moves records of databases with residency (replicateTo) to where rendezvous hashing
+    over the current members puts them (adding a node moves nothing by itself): this
+    node and, with `replicated`, every member start a background pass in which each
+    re-homes the records it is the first resident of. `dry_run` only counts. Progress:
+    each node's ClusterStatus (`residency.rebalance`). Super user.
+    Errors: NOT_FOUND (database), INVALID_ARGUMENT (a database without residency),
+    PERMISSION_DENIED, UNAVAILABLE.
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -773,6 +791,21 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (an unknown service), PERMISSION_DENIED, UNAVAILABLE (a
         service of this node did not answer), DEADLINE_EXCEEDED (a service did not come
         back, or the node did not catch up, in time).
+        """
+
+    @_abc_1.abstractmethod
+    def Rebalance(
+        self,
+        request: _admin_pb2.RebalanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RebalanceResponse, _abc.Awaitable[_admin_pb2.RebalanceResponse]]:
+        """Moves records of databases with residency (replicateTo) to where rendezvous hashing
+        over the current members puts them (adding a node moves nothing by itself): this
+        node and, with `replicated`, every member start a background pass in which each
+        re-homes the records it is the first resident of. `dry_run` only counts. Progress:
+        each node's ClusterStatus (`residency.rebalance`). Super user.
+        Errors: NOT_FOUND (database), INVALID_ARGUMENT (a database without residency),
+        PERMISSION_DENIED, UNAVAILABLE.
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -100,6 +100,84 @@ GOODBYE_CODE_REMOVED: GoodbyeCode.ValueType  # 9
 Global___GoodbyeCode: _TypeAlias = GoodbyeCode  # noqa: Y015
 
 @_typing.final
+class FetchRecordsRequest(_message.Message):
+    """Request of FetchRecords."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    TABLE_FIELD_NUMBER: _builtins.int
+    IDS_FIELD_NUMBER: _builtins.int
+    RESIDENTS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    database: _builtins.str
+    """Database name."""
+    table: _builtins.str
+    """Table name."""
+    timeout_ms: _builtins.int
+    """How long to try, in milliseconds."""
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Keys, as JSON scalars."""
+
+    @_builtins.property
+    def residents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The records' resident nodes."""
+
+    def __init__(
+        self,
+        *,
+        database: _builtins.str = ...,
+        table: _builtins.str = ...,
+        ids: _abc.Iterable[_builtins.bytes] | None = ...,
+        residents: _abc.Iterable[_builtins.str] | None = ...,
+        timeout_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "ids", b"ids", "residents", b"residents", "table", b"table", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchRecordsRequest: _TypeAlias = FetchRecordsRequest  # noqa: Y015
+
+@_typing.final
+class FetchRecordsResponse(_message.Message):
+    """Response of FetchRecords."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    MISSING_FIELD_NUMBER: _builtins.int
+    SERVED_BY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def records(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Whole records (JSON objects) found."""
+
+    @_builtins.property
+    def missing(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Keys no resident holds (deleted, or not yet replicated to them)."""
+
+    @_builtins.property
+    def served_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The residents that answered."""
+
+    def __init__(
+        self,
+        *,
+        records: _abc.Iterable[_builtins.bytes] | None = ...,
+        missing: _abc.Iterable[_builtins.bytes] | None = ...,
+        served_by: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["missing", b"missing", "records", b"records", "served_by", b"served_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchRecordsResponse: _TypeAlias = FetchRecordsResponse  # noqa: Y015
+
+@_typing.final
 class ListRecipientsRequest(_message.Message):
     """Request of ListRecipients."""
 
@@ -425,6 +503,8 @@ class PeerMessage(_message.Message):
     COPY_CHUNK_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     HEARTBEAT_REPLY_FIELD_NUMBER: _builtins.int
+    FETCH_REQUEST_FIELD_NUMBER: _builtins.int
+    FETCH_REPLY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello:
         """Handshake, first message each way."""
@@ -469,6 +549,14 @@ class PeerMessage(_message.Message):
     def heartbeat_reply(self) -> Global___HeartbeatReply:
         """Answer to a Heartbeat."""
 
+    @_builtins.property
+    def fetch_request(self) -> Global___FetchRequest:
+        """Read records this node holds in full (residency)."""
+
+    @_builtins.property
+    def fetch_reply(self) -> Global___FetchReply:
+        """Answer to a FetchRequest."""
+
     def __init__(
         self,
         *,
@@ -483,16 +571,92 @@ class PeerMessage(_message.Message):
         copy_chunk: Global___CopyChunk | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
         heartbeat_reply: Global___HeartbeatReply | None = ...,
+        fetch_request: Global___FetchRequest | None = ...,
+        fetch_reply: Global___FetchReply | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "batch", b"batch", "body", b"body", "copy_chunk", b"copy_chunk", "copy_request", b"copy_request", "goodbye", b"goodbye", "heartbeat", b"heartbeat", "heartbeat_reply", b"heartbeat_reply", "hello", b"hello", "subscribe", b"subscribe", "subscribe_error", b"subscribe_error", "unsubscribe", b"unsubscribe"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "batch", b"batch", "body", b"body", "copy_chunk", b"copy_chunk", "copy_request", b"copy_request", "fetch_reply", b"fetch_reply", "fetch_request", b"fetch_request", "goodbye", b"goodbye", "heartbeat", b"heartbeat", "heartbeat_reply", b"heartbeat_reply", "hello", b"hello", "subscribe", b"subscribe", "subscribe_error", b"subscribe_error", "unsubscribe", b"unsubscribe"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "batch", b"batch", "body", b"body", "copy_chunk", b"copy_chunk", "copy_request", b"copy_request", "goodbye", b"goodbye", "heartbeat", b"heartbeat", "heartbeat_reply", b"heartbeat_reply", "hello", b"hello", "subscribe", b"subscribe", "subscribe_error", b"subscribe_error", "unsubscribe", b"unsubscribe"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "batch", b"batch", "body", b"body", "copy_chunk", b"copy_chunk", "copy_request", b"copy_request", "fetch_reply", b"fetch_reply", "fetch_request", b"fetch_request", "goodbye", b"goodbye", "heartbeat", b"heartbeat", "heartbeat_reply", b"heartbeat_reply", "hello", b"hello", "subscribe", b"subscribe", "subscribe_error", b"subscribe_error", "unsubscribe", b"unsubscribe"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "goodbye", "subscribe", "unsubscribe", "batch", "ack", "subscribe_error", "copy_request", "copy_chunk", "heartbeat", "heartbeat_reply"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "goodbye", "subscribe", "unsubscribe", "batch", "ack", "subscribe_error", "copy_request", "copy_chunk", "heartbeat", "heartbeat_reply", "fetch_request", "fetch_reply"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___PeerMessage: _TypeAlias = PeerMessage  # noqa: Y015
+
+@_typing.final
+class FetchRequest(_message.Message):
+    """A peer reads records this node is a resident of (see FetchRecords)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    DATABASE_FIELD_NUMBER: _builtins.int
+    TABLE_FIELD_NUMBER: _builtins.int
+    IDS_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Echoed in the reply."""
+    database: _builtins.str
+    """Database name."""
+    table: _builtins.str
+    """Table name."""
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Keys, as JSON scalars."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        database: _builtins.str = ...,
+        table: _builtins.str = ...,
+        ids: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "id", b"id", "ids", b"ids", "table", b"table"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchRequest: _TypeAlias = FetchRequest  # noqa: Y015
+
+@_typing.final
+class FetchReply(_message.Message):
+    """Answer to a FetchRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
+    MISSING_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The FetchRequest's id."""
+    error: _builtins.str
+    """Set when the read failed (a sentence for people); records and missing are empty."""
+    @_builtins.property
+    def records(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Whole records held here in full."""
+
+    @_builtins.property
+    def missing(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Keys not held here in full."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        records: _abc.Iterable[_builtins.bytes] | None = ...,
+        missing: _abc.Iterable[_builtins.bytes] | None = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "missing", b"missing", "records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchReply: _TypeAlias = FetchReply  # noqa: Y015
 
 @_typing.final
 class Hello(_message.Message):

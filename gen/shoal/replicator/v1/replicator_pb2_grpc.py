@@ -60,6 +60,11 @@ class ReplicatorServiceStub:
                 request_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.WaitReplicatedRequest.SerializeToString,
                 response_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.WaitReplicatedResponse.FromString,
                 _registered_method=True)
+        self.FetchRecords = channel.unary_unary(
+                '/shoal.replicator.v1.ReplicatorService/FetchRecords',
+                request_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.FetchRecordsRequest.SerializeToString,
+                response_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.FetchRecordsResponse.FromString,
+                _registered_method=True)
 
 
 class ReplicatorServiceServicer:
@@ -139,6 +144,19 @@ class ReplicatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchRecords(self, request, context):
+        """Reads records from their residents: for a read on this node of records it holds only
+        as stubs. Asks the connected residents one after the other, lowest heartbeat latency
+        first, over their replication connections (FetchRequest), each within what is left
+        of `timeout_ms`, until every key is answered. Node-internal identity.
+        Errors: INVALID_ARGUMENT (no database, table, ids or residents; timeout_ms 0 or more
+        than a minute), UNAVAILABLE (no resident answered in time: the message names the
+        residents and why each failed), UNAUTHENTICATED, PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +184,11 @@ def add_ReplicatorServiceServicer_to_server(servicer, server):
                     servicer.WaitReplicated,
                     request_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.WaitReplicatedRequest.FromString,
                     response_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.WaitReplicatedResponse.SerializeToString,
+            ),
+            'FetchRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchRecords,
+                    request_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.FetchRecordsRequest.FromString,
+                    response_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.FetchRecordsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -304,6 +327,33 @@ class ReplicatorService:
             '/shoal.replicator.v1.ReplicatorService/WaitReplicated',
             shoal_dot_replicator_dot_v1_dot_replicator__pb2.WaitReplicatedRequest.SerializeToString,
             shoal_dot_replicator_dot_v1_dot_replicator__pb2.WaitReplicatedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.replicator.v1.ReplicatorService/FetchRecords',
+            shoal_dot_replicator_dot_v1_dot_replicator__pb2.FetchRecordsRequest.SerializeToString,
+            shoal_dot_replicator_dot_v1_dot_replicator__pb2.FetchRecordsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -105,6 +105,15 @@ class ReplicatorServiceStub:
     Errors: INVALID_ARGUMENT (no database, version 0, count below 1, timeout_ms 0 or
     more than an hour), UNAUTHENTICATED, PERMISSION_DENIED.
     """
+    FetchRecords: _grpc.UnaryUnaryMultiCallable[_replicator_pb2.FetchRecordsRequest, _replicator_pb2.FetchRecordsResponse]
+    """Reads records from their residents: for a read on this node of records it holds only
+    as stubs. Asks the connected residents one after the other, lowest heartbeat latency
+    first, over their replication connections (FetchRequest), each within what is left
+    of `timeout_ms`, until every key is answered. Node-internal identity.
+    Errors: INVALID_ARGUMENT (no database, table, ids or residents; timeout_ms 0 or more
+    than a minute), UNAVAILABLE (no resident answered in time: the message names the
+    residents and why each failed), UNAUTHENTICATED, PERMISSION_DENIED.
+    """
 
 @_typing.type_check_only
 class ReplicatorServiceAsyncStub(ReplicatorServiceStub):
@@ -163,6 +172,15 @@ class ReplicatorServiceAsyncStub(ReplicatorServiceStub):
     Node-internal identity.
     Errors: INVALID_ARGUMENT (no database, version 0, count below 1, timeout_ms 0 or
     more than an hour), UNAUTHENTICATED, PERMISSION_DENIED.
+    """
+    FetchRecords: _aio.UnaryUnaryMultiCallable[_replicator_pb2.FetchRecordsRequest, _replicator_pb2.FetchRecordsResponse]  # type: ignore[assignment]
+    """Reads records from their residents: for a read on this node of records it holds only
+    as stubs. Asks the connected residents one after the other, lowest heartbeat latency
+    first, over their replication connections (FetchRequest), each within what is left
+    of `timeout_ms`, until every key is answered. Node-internal identity.
+    Errors: INVALID_ARGUMENT (no database, table, ids or residents; timeout_ms 0 or more
+    than a minute), UNAVAILABLE (no resident answered in time: the message names the
+    residents and why each failed), UNAUTHENTICATED, PERMISSION_DENIED.
     """
 
 class ReplicatorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -249,6 +267,21 @@ class ReplicatorServiceServicer(metaclass=_abc_1.ABCMeta):
         Node-internal identity.
         Errors: INVALID_ARGUMENT (no database, version 0, count below 1, timeout_ms 0 or
         more than an hour), UNAUTHENTICATED, PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def FetchRecords(
+        self,
+        request: _replicator_pb2.FetchRecordsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_replicator_pb2.FetchRecordsResponse, _abc.Awaitable[_replicator_pb2.FetchRecordsResponse]]:
+        """Reads records from their residents: for a read on this node of records it holds only
+        as stubs. Asks the connected residents one after the other, lowest heartbeat latency
+        first, over their replication connections (FetchRequest), each within what is left
+        of `timeout_ms`, until every key is answered. Node-internal identity.
+        Errors: INVALID_ARGUMENT (no database, table, ids or residents; timeout_ms 0 or more
+        than a minute), UNAVAILABLE (no resident answered in time: the message names the
+        residents and why each failed), UNAUTHENTICATED, PERMISSION_DENIED.
         """
 
 def add_ReplicatorServiceServicer_to_server(servicer: ReplicatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

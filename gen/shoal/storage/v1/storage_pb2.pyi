@@ -698,6 +698,7 @@ class InsertRequest(_message.Message):
     TABLE_FIELD_NUMBER: _builtins.int
     RECORDS_FIELD_NUMBER: _builtins.int
     REPLICATED_CONFIRMATION_FIELD_NUMBER: _builtins.int
+    REPLICATE_TO_FIELD_NUMBER: _builtins.int
     database: _builtins.str
     """Database name."""
     table: _builtins.str
@@ -711,6 +712,13 @@ class InsertRequest(_message.Message):
     def records(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """Records as JSON objects; each must carry the primary key."""
 
+    @_builtins.property
+    def replicate_to(self) -> _types_pb2.ReplicateTo:
+        """Residency of records written for the first time (databases with `replicateTo`, or
+        any database when given): a count or the resident node names. INVALID_ARGUMENT when
+        the count exceeds the members or a name is not a member; nothing is written then.
+        """
+
     def __init__(
         self,
         *,
@@ -718,10 +726,11 @@ class InsertRequest(_message.Message):
         table: _builtins.str = ...,
         records: _abc.Iterable[_builtins.bytes] | None = ...,
         replicated_confirmation: _builtins.int = ...,
+        replicate_to: _types_pb2.ReplicateTo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["replicate_to", b"replicate_to"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "records", b"records", "replicated_confirmation", b"replicated_confirmation", "table", b"table"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "records", b"records", "replicate_to", b"replicate_to", "replicated_confirmation", b"replicated_confirmation", "table", b"table"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -771,6 +780,7 @@ class UpdateRequest(_message.Message):
     TABLE_FIELD_NUMBER: _builtins.int
     RECORDS_FIELD_NUMBER: _builtins.int
     REPLICATED_CONFIRMATION_FIELD_NUMBER: _builtins.int
+    REPLICATE_TO_FIELD_NUMBER: _builtins.int
     database: _builtins.str
     """Database name."""
     table: _builtins.str
@@ -784,6 +794,13 @@ class UpdateRequest(_message.Message):
     def records(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """Partial records as JSON objects; each must carry the primary key."""
 
+    @_builtins.property
+    def replicate_to(self) -> _types_pb2.ReplicateTo:
+        """Residency of records written for the first time (databases with `replicateTo`, or
+        any database when given): a count or the resident node names. INVALID_ARGUMENT when
+        the count exceeds the members or a name is not a member; nothing is written then.
+        """
+
     def __init__(
         self,
         *,
@@ -791,10 +808,11 @@ class UpdateRequest(_message.Message):
         table: _builtins.str = ...,
         records: _abc.Iterable[_builtins.bytes] | None = ...,
         replicated_confirmation: _builtins.int = ...,
+        replicate_to: _types_pb2.ReplicateTo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["replicate_to", b"replicate_to"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "records", b"records", "replicated_confirmation", b"replicated_confirmation", "table", b"table"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "records", b"records", "replicate_to", b"replicate_to", "replicated_confirmation", b"replicated_confirmation", "table", b"table"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -845,6 +863,7 @@ class UpsertRequest(_message.Message):
     RECORDS_FIELD_NUMBER: _builtins.int
     MERGE_FIELD_NUMBER: _builtins.int
     REPLICATED_CONFIRMATION_FIELD_NUMBER: _builtins.int
+    REPLICATE_TO_FIELD_NUMBER: _builtins.int
     database: _builtins.str
     """Database name."""
     table: _builtins.str
@@ -864,6 +883,13 @@ class UpsertRequest(_message.Message):
     def records(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """Records as JSON objects; each must carry the primary key."""
 
+    @_builtins.property
+    def replicate_to(self) -> _types_pb2.ReplicateTo:
+        """Residency of records written for the first time (databases with `replicateTo`, or
+        any database when given): a count or the resident node names. INVALID_ARGUMENT when
+        the count exceeds the members or a name is not a member; nothing is written then.
+        """
+
     def __init__(
         self,
         *,
@@ -872,10 +898,11 @@ class UpsertRequest(_message.Message):
         records: _abc.Iterable[_builtins.bytes] | None = ...,
         merge: _builtins.bool = ...,
         replicated_confirmation: _builtins.int = ...,
+        replicate_to: _types_pb2.ReplicateTo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["replicate_to", b"replicate_to"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "merge", b"merge", "records", b"records", "replicated_confirmation", b"replicated_confirmation", "table", b"table"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "merge", b"merge", "records", b"records", "replicate_to", b"replicate_to", "replicated_confirmation", b"replicated_confirmation", "table", b"table"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -919,6 +946,7 @@ class DeleteRequest(_message.Message):
     TABLE_FIELD_NUMBER: _builtins.int
     IDS_FIELD_NUMBER: _builtins.int
     REPLICATED_CONFIRMATION_FIELD_NUMBER: _builtins.int
+    REPLICATE_TO_FIELD_NUMBER: _builtins.int
     database: _builtins.str
     """Database name."""
     table: _builtins.str
@@ -932,6 +960,13 @@ class DeleteRequest(_message.Message):
     def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """Keys to delete, as JSON scalars."""
 
+    @_builtins.property
+    def replicate_to(self) -> _types_pb2.ReplicateTo:
+        """Residency of records written for the first time (databases with `replicateTo`, or
+        any database when given): a count or the resident node names. INVALID_ARGUMENT when
+        the count exceeds the members or a name is not a member; nothing is written then.
+        """
+
     def __init__(
         self,
         *,
@@ -939,10 +974,11 @@ class DeleteRequest(_message.Message):
         table: _builtins.str = ...,
         ids: _abc.Iterable[_builtins.bytes] | None = ...,
         replicated_confirmation: _builtins.int = ...,
+        replicate_to: _types_pb2.ReplicateTo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["replicate_to", b"replicate_to"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "ids", b"ids", "replicated_confirmation", b"replicated_confirmation", "table", b"table"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "ids", b"ids", "replicate_to", b"replicate_to", "replicated_confirmation", b"replicated_confirmation", "table", b"table"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1059,6 +1095,7 @@ class TransactRequest(_message.Message):
     DATABASE_FIELD_NUMBER: _builtins.int
     OPERATIONS_FIELD_NUMBER: _builtins.int
     REPLICATED_CONFIRMATION_FIELD_NUMBER: _builtins.int
+    REPLICATE_TO_FIELD_NUMBER: _builtins.int
     database: _builtins.str
     """Database all operations belong to."""
     replicated_confirmation: _builtins.int
@@ -1070,16 +1107,24 @@ class TransactRequest(_message.Message):
     def operations(self) -> _containers.RepeatedCompositeFieldContainer[Global___TransactOperation]:
         """Operations in order."""
 
+    @_builtins.property
+    def replicate_to(self) -> _types_pb2.ReplicateTo:
+        """Residency of records written for the first time (databases with `replicateTo`, or
+        any database when given): a count or the resident node names. INVALID_ARGUMENT when
+        the count exceeds the members or a name is not a member; nothing is written then.
+        """
+
     def __init__(
         self,
         *,
         database: _builtins.str = ...,
         operations: _abc.Iterable[Global___TransactOperation] | None = ...,
         replicated_confirmation: _builtins.int = ...,
+        replicate_to: _types_pb2.ReplicateTo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["replicate_to", b"replicate_to"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "operations", b"operations", "replicated_confirmation", b"replicated_confirmation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "operations", b"operations", "replicate_to", b"replicate_to", "replicated_confirmation", b"replicated_confirmation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1914,6 +1959,7 @@ class SubscribeRequest(_message.Message):
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     LINGER_MS_FIELD_NUMBER: _builtins.int
     EXCLUDE_DATABASES_FIELD_NUMBER: _builtins.int
+    SUBSCRIBER_FIELD_NUMBER: _builtins.int
     default_version: _builtins.int
     """Start position for a (database, origin) pair absent from `positions`: 0 streams
     from the beginning of the log; a later version starts there (Harper's startTime)
@@ -1932,6 +1978,11 @@ class SubscribeRequest(_message.Message):
     lingers), wait this long before reading the log, so commits arriving together travel
     in one message: a little latency under load for much less work per transaction.
     0 sends every commit at once.
+    """
+    subscriber: _builtins.str
+    """The node this stream is for. In databases with residency each write is sent in full
+    to the record's residents and as a stub (primary key and indexed attributes) to every
+    other node; empty sends every write as logged.
     """
     @_builtins.property
     def databases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -1969,10 +2020,11 @@ class SubscribeRequest(_message.Message):
         heartbeat_interval_ms: _builtins.int = ...,
         linger_ms: _builtins.int = ...,
         exclude_databases: _abc.Iterable[_builtins.str] | None = ...,
+        subscriber: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["databases", b"databases", "default_version", b"default_version", "exclude_databases", b"exclude_databases", "exclude_origins", b"exclude_origins", "heartbeat_interval_ms", b"heartbeat_interval_ms", "linger_ms", b"linger_ms", "max_batch_bytes", b"max_batch_bytes", "max_batch_transactions", b"max_batch_transactions", "positions", b"positions", "tables", b"tables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["databases", b"databases", "default_version", b"default_version", "exclude_databases", b"exclude_databases", "exclude_origins", b"exclude_origins", "heartbeat_interval_ms", b"heartbeat_interval_ms", "linger_ms", b"linger_ms", "max_batch_bytes", b"max_batch_bytes", "max_batch_transactions", b"max_batch_transactions", "positions", b"positions", "subscriber", b"subscriber", "tables", b"tables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1987,6 +2039,7 @@ class SubscribeResponse(_message.Message):
     TRANSACTIONS_FIELD_NUMBER: _builtins.int
     CAUGHT_UP_FIELD_NUMBER: _builtins.int
     NODE_TIME_FIELD_NUMBER: _builtins.int
+    WITHHELD_FIELD_NUMBER: _builtins.int
     caught_up: _builtins.bool
     """True when the stream has reached the end of the log (nothing more is pending)."""
     node_time: _builtins.int
@@ -1995,16 +2048,26 @@ class SubscribeResponse(_message.Message):
     def transactions(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Transaction]:
         """Whole transactions in this node's commit order."""
 
+    @_builtins.property
+    def withheld(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Position]:
+        """(database, origin, version) whose transactions this stream stopped sending from
+        `version` on: this node holds only stubs of records the subscriber is a resident of
+        (it received them by relay), and a stub never stands in for a record on a resident.
+        The subscriber's position stays before them; it gets them from the origin directly
+        (residency needs a full mesh). Reported once per stream.
+        """
+
     def __init__(
         self,
         *,
         transactions: _abc.Iterable[_types_pb2.Transaction] | None = ...,
         caught_up: _builtins.bool = ...,
         node_time: _builtins.int = ...,
+        withheld: _abc.Iterable[_types_pb2.Position] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "node_time", b"node_time", "transactions", b"transactions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "node_time", b"node_time", "transactions", b"transactions", "withheld", b"withheld"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2073,6 +2136,233 @@ class ApplyResponse(_message.Message):
 Global___ApplyResponse: _TypeAlias = ApplyResponse  # noqa: Y015
 
 @_typing.final
+class ReadResidentRequest(_message.Message):
+    """Request of ReadResident."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    TABLE_FIELD_NUMBER: _builtins.int
+    IDS_FIELD_NUMBER: _builtins.int
+    database: _builtins.str
+    """Database name."""
+    table: _builtins.str
+    """Table name."""
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Keys to read, as JSON scalars."""
+
+    def __init__(
+        self,
+        *,
+        database: _builtins.str = ...,
+        table: _builtins.str = ...,
+        ids: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "ids", b"ids", "table", b"table"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadResidentRequest: _TypeAlias = ReadResidentRequest  # noqa: Y015
+
+@_typing.final
+class ReadResidentResponse(_message.Message):
+    """Response of ReadResident."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    MISSING_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def records(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Whole records (JSON objects) held here in full, in request order."""
+
+    @_builtins.property
+    def missing(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Keys not held here in full (a stub, a tombstone or nothing)."""
+
+    def __init__(
+        self,
+        *,
+        records: _abc.Iterable[_builtins.bytes] | None = ...,
+        missing: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["missing", b"missing", "records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadResidentResponse: _TypeAlias = ReadResidentResponse  # noqa: Y015
+
+@_typing.final
+class RebalanceRequest(_message.Message):
+    """Request of Rebalance."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    database: _builtins.str
+    """Database to rebalance; empty for every database with residency."""
+    dry_run: _builtins.bool
+    """Count what would move, move nothing."""
+    def __init__(
+        self,
+        *,
+        database: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "dry_run", b"dry_run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RebalanceRequest: _TypeAlias = RebalanceRequest  # noqa: Y015
+
+@_typing.final
+class RebalanceResponse(_message.Message):
+    """Response of Rebalance."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def progress(self) -> Global___ResidencyProgress:
+        """The rebalance as started (or as already running)."""
+
+    def __init__(
+        self,
+        *,
+        progress: Global___ResidencyProgress | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RebalanceResponse: _TypeAlias = RebalanceResponse  # noqa: Y015
+
+@_typing.final
+class ResidencyStatusRequest(_message.Message):
+    """Request of ResidencyStatus."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResidencyStatusRequest: _TypeAlias = ResidencyStatusRequest  # noqa: Y015
+
+@_typing.final
+class ResidencyStatusResponse(_message.Message):
+    """Response of ResidencyStatus."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPAIR_FIELD_NUMBER: _builtins.int
+    REBALANCE_FIELD_NUMBER: _builtins.int
+    GONE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def repair(self) -> Global___ResidencyProgress:
+        """The background repair (records of removed or long-down members)."""
+
+    @_builtins.property
+    def rebalance(self) -> Global___ResidencyProgress:
+        """The last rebalance started on this node."""
+
+    @_builtins.property
+    def gone(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Members this node counts as gone: removed, or down longer than
+        replication.residencyRepairAfter.
+        """
+
+    def __init__(
+        self,
+        *,
+        repair: Global___ResidencyProgress | None = ...,
+        rebalance: Global___ResidencyProgress | None = ...,
+        gone: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rebalance", b"rebalance", "repair", b"repair"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gone", b"gone", "rebalance", b"rebalance", "repair", b"repair"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResidencyStatusResponse: _TypeAlias = ResidencyStatusResponse  # noqa: Y015
+
+@_typing.final
+class ResidencyProgress(_message.Message):
+    """One pass of the residency repair or of a rebalance on one node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNNING_FIELD_NUMBER: _builtins.int
+    PASSES_FIELD_NUMBER: _builtins.int
+    SCANNED_FIELD_NUMBER: _builtins.int
+    NEEDING_FIELD_NUMBER: _builtins.int
+    REHOMED_FIELD_NUMBER: _builtins.int
+    DEFERRED_FIELD_NUMBER: _builtins.int
+    UNRECOVERABLE_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    STARTED_MS_FIELD_NUMBER: _builtins.int
+    FINISHED_MS_FIELD_NUMBER: _builtins.int
+    running: _builtins.bool
+    """A pass is running."""
+    passes: _builtins.int
+    """Passes run since the storage service started."""
+    scanned: _builtins.int
+    """Records read in the current (or last) pass."""
+    needing: _builtins.int
+    """Records whose residents must change (the repair: a resident is gone; a rebalance:
+    the residents differ from the current placement), whichever node re-homes them.
+    """
+    rehomed: _builtins.int
+    """Records this node re-homed (a dry run: would re-home)."""
+    deferred: _builtins.int
+    """Records this node must re-home once it holds them in full."""
+    unrecoverable: _builtins.int
+    """Records none of whose remaining residents holds them in full (the repair)."""
+    dry_run: _builtins.bool
+    """The pass only counted (a dry-run rebalance)."""
+    started_ms: _builtins.int
+    """When the pass started and finished (Unix milliseconds; 0 while running / never)."""
+    finished_ms: _builtins.int
+    """When the pass finished."""
+    def __init__(
+        self,
+        *,
+        running: _builtins.bool = ...,
+        passes: _builtins.int = ...,
+        scanned: _builtins.int = ...,
+        needing: _builtins.int = ...,
+        rehomed: _builtins.int = ...,
+        deferred: _builtins.int = ...,
+        unrecoverable: _builtins.int = ...,
+        dry_run: _builtins.bool = ...,
+        started_ms: _builtins.int = ...,
+        finished_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deferred", b"deferred", "dry_run", b"dry_run", "finished_ms", b"finished_ms", "needing", b"needing", "passes", b"passes", "rehomed", b"rehomed", "running", b"running", "scanned", b"scanned", "started_ms", b"started_ms", "unrecoverable", b"unrecoverable"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResidencyProgress: _TypeAlias = ResidencyProgress  # noqa: Y015
+
+@_typing.final
 class SnapshotRequest(_message.Message):
     """Request of Snapshot."""
 
@@ -2083,12 +2373,17 @@ class SnapshotRequest(_message.Message):
     MAX_BATCH_ROWS_FIELD_NUMBER: _builtins.int
     MAX_BATCH_BYTES_FIELD_NUMBER: _builtins.int
     TABLES_FIELD_NUMBER: _builtins.int
+    SUBSCRIBER_FIELD_NUMBER: _builtins.int
     database: _builtins.str
     """Database to copy."""
     max_batch_rows: _builtins.int
     """Maximum rows per message; 0 means 1000."""
     max_batch_bytes: _builtins.int
     """Maximum bytes per message; 0 means 1 MiB."""
+    subscriber: _builtins.str
+    """The node the copy is for: rows of records it is not a resident of are sent as stubs
+    (see SubscribeRequest.subscriber); empty sends rows as stored.
+    """
     @_builtins.property
     def start_after(self) -> _types_pb2.SnapshotKey:
         """Resume after this key; unset starts at the first row."""
@@ -2105,10 +2400,11 @@ class SnapshotRequest(_message.Message):
         max_batch_rows: _builtins.int = ...,
         max_batch_bytes: _builtins.int = ...,
         tables: _abc.Iterable[_builtins.str] | None = ...,
+        subscriber: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["start_after", b"start_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "max_batch_bytes", b"max_batch_bytes", "max_batch_rows", b"max_batch_rows", "start_after", b"start_after", "tables", b"tables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "max_batch_bytes", b"max_batch_bytes", "max_batch_rows", b"max_batch_rows", "start_after", b"start_after", "subscriber", b"subscriber", "tables", b"tables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

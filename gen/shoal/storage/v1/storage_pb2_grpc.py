@@ -165,6 +165,21 @@ class StorageServiceStub:
                 request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.MergeSnapshotRequest.SerializeToString,
                 response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.MergeSnapshotResponse.FromString,
                 _registered_method=True)
+        self.ReadResident = channel.unary_unary(
+                '/shoal.storage.v1.StorageService/ReadResident',
+                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ReadResidentRequest.SerializeToString,
+                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ReadResidentResponse.FromString,
+                _registered_method=True)
+        self.Rebalance = channel.unary_unary(
+                '/shoal.storage.v1.StorageService/Rebalance',
+                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RebalanceRequest.SerializeToString,
+                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RebalanceResponse.FromString,
+                _registered_method=True)
+        self.ResidencyStatus = channel.unary_unary(
+                '/shoal.storage.v1.StorageService/ResidencyStatus',
+                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ResidencyStatusRequest.SerializeToString,
+                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ResidencyStatusResponse.FromString,
+                _registered_method=True)
         self.GetPositions = channel.unary_unary(
                 '/shoal.storage.v1.StorageService/GetPositions',
                 request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsRequest.SerializeToString,
@@ -544,6 +559,40 @@ class StorageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadResident(self, request, context):
+        """Reads records this node holds in full (it is one of their residents), for a peer's
+        read of a record it holds only as a stub. Keys held here only as stubs, or not at
+        all, are listed in `missing`. Node-internal only.
+        Errors: INVALID_ARGUMENT (no ids, invalid id), NOT_FOUND (database or table),
+        PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rebalance(self, request, context):
+        """Starts moving records whose residents are not where rendezvous hashing over the
+        current members would put them (after nodes were added): this node re-homes the
+        records it is the first resident of (by name) and holds in full, in the background;
+        progress in ResidencyStatus (and cluster_status). With `dry_run`, only counts what
+        would move. A rebalance already running is not started twice (the answer shows it).
+        Super user only.
+        Errors: NOT_FOUND (database), INVALID_ARGUMENT (a database without residency),
+        PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResidencyStatus(self, request, context):
+        """The residency repair and rebalance of this node: what they did in their current or
+        last pass. Node-internal identity or a super user.
+        Errors: PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetPositions(self, request, context):
         """Reads replication positions, log horizons and copies in progress.
         Errors: PERMISSION_DENIED (not the node identity).
@@ -831,6 +880,21 @@ def add_StorageServiceServicer_to_server(servicer, server):
                     servicer.MergeSnapshot,
                     request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.MergeSnapshotRequest.FromString,
                     response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.MergeSnapshotResponse.SerializeToString,
+            ),
+            'ReadResident': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadResident,
+                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ReadResidentRequest.FromString,
+                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ReadResidentResponse.SerializeToString,
+            ),
+            'Rebalance': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rebalance,
+                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RebalanceRequest.FromString,
+                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RebalanceResponse.SerializeToString,
+            ),
+            'ResidencyStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResidencyStatus,
+                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ResidencyStatusRequest.FromString,
+                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ResidencyStatusResponse.SerializeToString,
             ),
             'GetPositions': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPositions,
@@ -1601,6 +1665,87 @@ class StorageService:
             '/shoal.storage.v1.StorageService/MergeSnapshot',
             shoal_dot_storage_dot_v1_dot_storage__pb2.MergeSnapshotRequest.SerializeToString,
             shoal_dot_storage_dot_v1_dot_storage__pb2.MergeSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadResident(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.storage.v1.StorageService/ReadResident',
+            shoal_dot_storage_dot_v1_dot_storage__pb2.ReadResidentRequest.SerializeToString,
+            shoal_dot_storage_dot_v1_dot_storage__pb2.ReadResidentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rebalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.storage.v1.StorageService/Rebalance',
+            shoal_dot_storage_dot_v1_dot_storage__pb2.RebalanceRequest.SerializeToString,
+            shoal_dot_storage_dot_v1_dot_storage__pb2.RebalanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResidencyStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.storage.v1.StorageService/ResidencyStatus',
+            shoal_dot_storage_dot_v1_dot_storage__pb2.ResidencyStatusRequest.SerializeToString,
+            shoal_dot_storage_dot_v1_dot_storage__pb2.ResidencyStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

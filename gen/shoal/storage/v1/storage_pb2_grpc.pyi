@@ -267,6 +267,28 @@ class StorageServiceStub:
     only.
     Errors: INVALID_ARGUMENT (malformed row or state), PERMISSION_DENIED.
     """
+    ReadResident: _grpc.UnaryUnaryMultiCallable[_storage_pb2.ReadResidentRequest, _storage_pb2.ReadResidentResponse]
+    """Reads records this node holds in full (it is one of their residents), for a peer's
+    read of a record it holds only as a stub. Keys held here only as stubs, or not at
+    all, are listed in `missing`. Node-internal only.
+    Errors: INVALID_ARGUMENT (no ids, invalid id), NOT_FOUND (database or table),
+    PERMISSION_DENIED.
+    """
+    Rebalance: _grpc.UnaryUnaryMultiCallable[_storage_pb2.RebalanceRequest, _storage_pb2.RebalanceResponse]
+    """Starts moving records whose residents are not where rendezvous hashing over the
+    current members would put them (after nodes were added): this node re-homes the
+    records it is the first resident of (by name) and holds in full, in the background;
+    progress in ResidencyStatus (and cluster_status). With `dry_run`, only counts what
+    would move. A rebalance already running is not started twice (the answer shows it).
+    Super user only.
+    Errors: NOT_FOUND (database), INVALID_ARGUMENT (a database without residency),
+    PERMISSION_DENIED.
+    """
+    ResidencyStatus: _grpc.UnaryUnaryMultiCallable[_storage_pb2.ResidencyStatusRequest, _storage_pb2.ResidencyStatusResponse]
+    """The residency repair and rebalance of this node: what they did in their current or
+    last pass. Node-internal identity or a super user.
+    Errors: PERMISSION_DENIED.
+    """
     GetPositions: _grpc.UnaryUnaryMultiCallable[_storage_pb2.GetPositionsRequest, _storage_pb2.GetPositionsResponse]
     """Reads replication positions, log horizons and copies in progress.
     Errors: PERMISSION_DENIED (not the node identity).
@@ -579,6 +601,28 @@ class StorageServiceAsyncStub(StorageServiceStub):
     and is not merged back. With `complete`, adopts the copy's positions. Node-internal
     only.
     Errors: INVALID_ARGUMENT (malformed row or state), PERMISSION_DENIED.
+    """
+    ReadResident: _aio.UnaryUnaryMultiCallable[_storage_pb2.ReadResidentRequest, _storage_pb2.ReadResidentResponse]  # type: ignore[assignment]
+    """Reads records this node holds in full (it is one of their residents), for a peer's
+    read of a record it holds only as a stub. Keys held here only as stubs, or not at
+    all, are listed in `missing`. Node-internal only.
+    Errors: INVALID_ARGUMENT (no ids, invalid id), NOT_FOUND (database or table),
+    PERMISSION_DENIED.
+    """
+    Rebalance: _aio.UnaryUnaryMultiCallable[_storage_pb2.RebalanceRequest, _storage_pb2.RebalanceResponse]  # type: ignore[assignment]
+    """Starts moving records whose residents are not where rendezvous hashing over the
+    current members would put them (after nodes were added): this node re-homes the
+    records it is the first resident of (by name) and holds in full, in the background;
+    progress in ResidencyStatus (and cluster_status). With `dry_run`, only counts what
+    would move. A rebalance already running is not started twice (the answer shows it).
+    Super user only.
+    Errors: NOT_FOUND (database), INVALID_ARGUMENT (a database without residency),
+    PERMISSION_DENIED.
+    """
+    ResidencyStatus: _aio.UnaryUnaryMultiCallable[_storage_pb2.ResidencyStatusRequest, _storage_pb2.ResidencyStatusResponse]  # type: ignore[assignment]
+    """The residency repair and rebalance of this node: what they did in their current or
+    last pass. Node-internal identity or a super user.
+    Errors: PERMISSION_DENIED.
     """
     GetPositions: _aio.UnaryUnaryMultiCallable[_storage_pb2.GetPositionsRequest, _storage_pb2.GetPositionsResponse]  # type: ignore[assignment]
     """Reads replication positions, log horizons and copies in progress.
@@ -1045,6 +1089,46 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         and is not merged back. With `complete`, adopts the copy's positions. Node-internal
         only.
         Errors: INVALID_ARGUMENT (malformed row or state), PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def ReadResident(
+        self,
+        request: _storage_pb2.ReadResidentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.ReadResidentResponse, _abc.Awaitable[_storage_pb2.ReadResidentResponse]]:
+        """Reads records this node holds in full (it is one of their residents), for a peer's
+        read of a record it holds only as a stub. Keys held here only as stubs, or not at
+        all, are listed in `missing`. Node-internal only.
+        Errors: INVALID_ARGUMENT (no ids, invalid id), NOT_FOUND (database or table),
+        PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def Rebalance(
+        self,
+        request: _storage_pb2.RebalanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.RebalanceResponse, _abc.Awaitable[_storage_pb2.RebalanceResponse]]:
+        """Starts moving records whose residents are not where rendezvous hashing over the
+        current members would put them (after nodes were added): this node re-homes the
+        records it is the first resident of (by name) and holds in full, in the background;
+        progress in ResidencyStatus (and cluster_status). With `dry_run`, only counts what
+        would move. A rebalance already running is not started twice (the answer shows it).
+        Super user only.
+        Errors: NOT_FOUND (database), INVALID_ARGUMENT (a database without residency),
+        PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def ResidencyStatus(
+        self,
+        request: _storage_pb2.ResidencyStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.ResidencyStatusResponse, _abc.Awaitable[_storage_pb2.ResidencyStatusResponse]]:
+        """The residency repair and rebalance of this node: what they did in their current or
+        last pass. Node-internal identity or a super user.
+        Errors: PERMISSION_DENIED.
         """
 
     @_abc_1.abstractmethod

@@ -114,6 +114,11 @@ class Write(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
     PRIOR_FIELD_NUMBER: _builtins.int
+    RESIDENTS_FIELD_NUMBER: _builtins.int
+    STUB_FIELD_NUMBER: _builtins.int
+    WHOLE_FIELD_NUMBER: _builtins.int
+    RESIDENTS_VERSION_FIELD_NUMBER: _builtins.int
+    RESIDENTS_ORIGIN_FIELD_NUMBER: _builtins.int
     table: _builtins.str
     """Table name within the transaction's database."""
     kind: Global___WriteKind.ValueType
@@ -130,6 +135,33 @@ class Write(_message.Message):
     """JSON object: the visible record just before this write on the node that logged it,
     empty when there was none. Enough to revert the write. Not used by the merge.
     """
+    stub: _builtins.bool
+    """True when `value` holds only the primary key and the indexed attributes (the form a
+    sender gives a node that is not a resident) and `prior` is empty. A stub is never
+    sent to a resident: a sender that holds only a stub stops relaying that origin to
+    that resident, which then receives it from the origin itself.
+    """
+    whole: _builtins.bool
+    """A re-homing (residency repair or rebalance): `value` is the record's state (the
+    SnapshotRow.state form, with the new residents), merged as a copied row, so every
+    attribute keeps its own version; a new resident that held a stub holds the whole
+    record after it. `kind` is PATCH, changing no attribute.
+    """
+    residents_version: _builtins.int
+    """The write that chose `residents` (the record's first write, or its last re-homing),
+    carried unchanged by later writes. Residency is last-writer-wins on this stamp, so a
+    write sent before a re-homing reached its origin does not undo the re-homing. Unset
+    (0): the write's own version and origin.
+    """
+    residents_origin: _builtins.str
+    """The origin of that write."""
+    @_builtins.property
+    def residents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The record's resident nodes in a database with a replication count (`replicateTo`):
+        they hold it in full; every other node holds a stub. Chosen when the record is first
+        written and kept by later writes. Empty when every node holds every record.
+        """
+
     def __init__(
         self,
         *,
@@ -139,14 +171,51 @@ class Write(_message.Message):
         id: _builtins.bytes = ...,
         value: _builtins.bytes = ...,
         prior: _builtins.bytes = ...,
+        residents: _abc.Iterable[_builtins.str] | None = ...,
+        stub: _builtins.bool = ...,
+        whole: _builtins.bool = ...,
+        residents_version: _builtins.int = ...,
+        residents_origin: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "kind", b"kind", "operation", b"operation", "prior", b"prior", "table", b"table", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "kind", b"kind", "operation", b"operation", "prior", b"prior", "residents", b"residents", "residents_origin", b"residents_origin", "residents_version", b"residents_version", "stub", b"stub", "table", b"table", "value", b"value", "whole", b"whole"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Write: _TypeAlias = Write  # noqa: Y015
+
+@_typing.final
+class ReplicateTo(_message.Message):
+    """How many nodes hold a written record in full, for a database with residency: a count
+    (the record's residents are chosen by rendezvous hashing of its key over the members)
+    or a list of node names. Only decides the residents of records written for the first
+    time; a record keeps its residents on later writes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """Number of resident nodes (1 or more); 0 with no nodes: the database's replicateTo."""
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The resident nodes by name (replication.hostname); overrides count."""
+
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        nodes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "nodes", b"nodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicateTo: _TypeAlias = ReplicateTo  # noqa: Y015
 
 @_typing.final
 class TableSchema(_message.Message):

@@ -1,0 +1,134 @@
+"""Residency benchmark: disk used per node in a 4-node cluster with `replicateTo: 2`
+against full replication. Starts its own clusters (real processes, TLS between peers)
+and prints `name value` lines.
+
+    python bench/residency.py [--records N] [--payload BYTES]
+
+Figures, for full replication (`full_`) and `replicateTo: 2` (`residency2_`):
+  <mode>_node<i>_bytes, <mode>_total_bytes   each node's storage directory (RocksDB
+                                            files and write-ahead log) once every node
+                                            counts every record and storage stopped
+  <mode>_node<i>_record_bytes               the record states it holds (whole records and
+                                            stubs), without log, indexes or overhead
+  residency2_vs_full                        total disk, residency2 / full
+  residency2_vs_full_records                total record bytes, residency2 / full
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import grpc
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shoal.storage.v1 import storage_pb2 as pb
+
+from tests.harness.cluster import Cluster
+from tests.harness.node import Node
+from tests.harness.wait import wait_for
+
+DB = "bench"
+TABLE = "docs"
+
+
+def record(i: int, payload: int) -> bytes:
+    # Random bytes as hex: RocksDB's compression must not make the payload free.
+    return orjson.dumps({"id": i, "group": i % 16, "body": os.urandom(payload // 2).hex()})
+
+
+def count(node: Node) -> int:
+    try:
+        return int(node.client().describe(DB, TABLE).record_count)
+    except grpc.RpcError:
+        return 0
+
+
+def caught_up(node: Node, records: int) -> bool:
+    return count(node) == records
+
+
+def record_bytes(node: Node) -> int:
+    """Bytes of the record states a node holds (whole records and stubs), from its
+    storage's Snapshot: the data alone, without the log, indexes or RocksDB overhead."""
+    client = node.internal_client()
+    chunks = client.stream("Snapshot", pb.SnapshotRequest(database=DB, tables=[TABLE]))
+    return sum(len(row.state) for chunk in chunks for row in chunk.rows)
+
+
+def has_table(node: Node) -> bool:
+    try:
+        node.client().describe(DB, TABLE)
+        return True
+    except grpc.RpcError:
+        return False
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def fill(
+    workdir: Path, name: str, records: int, payload: int, config: dict[str, Any]
+) -> tuple[list[int], list[int]]:
+    """(disk bytes, record-state bytes) per node after filling a 4-node cluster."""
+    cluster = Cluster(workdir / name, size=4, config=config).start()
+    try:
+        cluster.wait_connected()
+        cluster.wait_members()
+        cluster[0].client().create_table(DB, TABLE, indexed=["group"])
+        for node in cluster:
+            wait_for(partial(has_table, node), 30, f"{node.name} to have the table")
+        batch = 500
+        for n, start in enumerate(range(0, records, batch)):
+            cluster[n % 4].client().call(
+                "Insert",
+                pb.InsertRequest(
+                    database=DB,
+                    table=TABLE,
+                    records=[record(i, payload) for i in range(start, min(records, start + batch))],
+                ),
+            )
+        for node in cluster:
+            wait_for(partial(caught_up, node, records), 300, f"{node.name} to catch up")
+        logical = [record_bytes(node) for node in cluster]
+        for node in cluster:
+            node.stop()
+        disk = [directory_bytes(Path(node.config["rootPath"]) / "database") for node in cluster]
+        return disk, logical
+    finally:
+        cluster.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--records", type=int, default=20_000)
+    parser.add_argument("--payload", type=int, default=1000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
+        workdir = Path(tmp)
+        full, full_data = fill(workdir, "full", args.records, args.payload, {})
+        residency = {"replication": {"databases": [{"name": DB, "replicateTo": 2}]}}
+        resident, resident_data = fill(workdir, "residency2", args.records, args.payload, residency)
+    for label, sizes, data in (
+        ("full", full, full_data),
+        ("residency2", resident, resident_data),
+    ):
+        for i, size in enumerate(sizes):
+            print(f"{label}_node{i + 1}_bytes {size}")
+        print(f"{label}_total_bytes {sum(sizes)}")
+        for i, size in enumerate(data):
+            print(f"{label}_node{i + 1}_record_bytes {size}")
+    print(f"residency2_vs_full {sum(resident) / sum(full):.3f}")
+    print(f"residency2_vs_full_records {sum(resident_data) / sum(full_data):.3f}")
+
+
+if __name__ == "__main__":
+    main()
