@@ -33,6 +33,7 @@ from shoal.storage.v1 import storage_pb2 as pb
 from shoal.storage.v1 import storage_pb2_grpc
 
 from services.common.auth import basic_metadata, bearer_metadata
+from services.common.hlc import version_from_ms
 from tests.harness.cluster import Cluster, mesh
 from tests.harness.node import PASSWORD, Node
 from tests.harness.wait import wait_for
@@ -94,8 +95,13 @@ class Arrivals:
     def _run(self) -> None:
         channel = self.node.channel("storage")
         stub = storage_pb2_grpc.StorageServiceStub(channel)
+        # From now on: a watcher wants new commits, not a history (which a node that got
+        # the database by a copy does not have, and says so with LOG_TRUNCATED).
+        since = version_from_ms(int(time.time() * 1000) - 1000)
         stream = stub.Subscribe(
-            pb.SubscribeRequest(databases=["bench"], heartbeat_interval_ms=200),
+            pb.SubscribeRequest(
+                databases=["bench"], heartbeat_interval_ms=200, default_version=since
+            ),
             metadata=bearer_metadata(self.node.node_secret()),
         )
         try:
@@ -106,8 +112,9 @@ class Arrivals:
                 self.ready.set()
                 if self.stop.is_set():
                     break
-        except grpc.RpcError:
-            pass
+        except grpc.RpcError as exc:
+            if not self.stop.is_set():
+                print(f"# watching {self.node.name} failed: {exc}", file=sys.stderr)
         finally:
             stream.cancel()
             channel.close()
@@ -157,6 +164,7 @@ def lag(workdir: Path, seconds: float, rate: int = 1000) -> tuple[float, float, 
     cluster = Cluster(workdir / "lag", size=3, topology=mesh).start()
     try:
         a, b, c = cluster[0], cluster[1], cluster[2]
+        cluster.wait_connected()
         a.client().create_table("bench", "lag")
         cluster.wait_converged(["bench"])
         watchers = [Arrivals(b), Arrivals(c)]
