@@ -20,7 +20,6 @@ NODE = shutil.which("node")
 UNAUTHENTICATED = 16
 
 
-
 def run_client(node: Node, password: str) -> subprocess.CompletedProcess[str]:
     # `make setup` installs the client's packages with npm: Node.js is part of the
     # project's toolchain, so a machine without it fails here rather than skipping.

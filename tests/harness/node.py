@@ -331,6 +331,16 @@ class Node:
                 return connection
         return None
 
+    def connected(self, peer: str) -> bool:
+        """Whether this node's replicator has a live session with ``peer``."""
+        connection = self.connection(peer)
+        return connection is not None and bool(connection.connected)
+
+    def last_error(self, peer: str) -> str:
+        """The last connection error this node shows for ``peer`` ("" when none)."""
+        connection = self.connection(peer)
+        return str(connection.last_connection_error) if connection is not None else ""
+
     def close(self) -> None:
         for client in self._clients:
             with contextlib.suppress(Exception):

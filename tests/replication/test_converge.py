@@ -77,7 +77,7 @@ def test_a_database_copied_onto_a_node_is_passed_on(make_node: MakeNode, then_wr
         services=ALL,
         config={"replication": {**FAST_REPLICATION, "gossip": False, "routes": [c.name]}},
     )
-    wait_for(lambda: _connected(b, c.name), 30, "b to connect to c")
+    wait_for(lambda: b.connected(c.name), 30, "b to connect to c")
     b.admin().ok({"operation": "cluster_set_routes", "routes": [c.name, a.name]})
     wait_for(lambda: Cluster.digest(b, ["dev"]) == Cluster.digest(a, ["dev"]), 30, "b to copy dev")
     if then_write:
@@ -88,9 +88,4 @@ def test_a_database_copied_onto_a_node_is_passed_on(make_node: MakeNode, then_wr
         "c to get dev from b",
     )
     assert len(c.client().all_records("dev", "dog")) == (51 if then_write else 50)
-    assert not _connected(c, a.name)
-
-
-def _connected(node: Node, peer: str) -> bool:
-    connection = node.connection(peer)
-    return connection is not None and bool(connection.connected)
+    assert not c.connected(a.name)

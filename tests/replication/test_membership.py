@@ -30,14 +30,9 @@ def _unrouted(make_cluster: MakeCluster, size: int) -> Cluster:
     )
 
 
-def _connected(node: Node, peer: str) -> bool:
-    connection = node.connection(peer)
-    return connection is not None and connection.connected
-
-
 def _wait_mesh(nodes: list[Node], timeout: float = 30.0) -> None:
     def all_connected() -> bool:
-        return all(_connected(a, b.name) for a in nodes for b in nodes if a is not b)
+        return all(a.connected(b.name) for a in nodes for b in nodes if a is not b)
 
     wait_for(all_connected, timeout, "every node connected to every other")
 
@@ -96,7 +91,7 @@ def test_remove_node_propagates_and_closes_connections(make_cluster: MakeCluster
     removed = b.admin().ok({"operation": "remove_node", "hostname": c.name})
     assert removed == {"message": f"Successfully removed '{c.name}' from cluster"}
     wait_for(
-        lambda: not _connected(a, c.name) and not _connected(b, c.name),
+        lambda: not a.connected(c.name) and not b.connected(c.name),
         20,
         "a and b to drop their connections with c",
     )
@@ -108,7 +103,7 @@ def test_remove_node_propagates_and_closes_connections(make_cluster: MakeCluster
     c.client().insert("data", "late", [{"id": 1}])
     wait_for(lambda: c.status().removed, 20, "c to learn it was removed")
     assert c.admin().ok({"operation": "cluster_status"})["removed"] is True
-    assert not _connected(a, c.name) and not _connected(b, c.name)
+    assert not a.connected(c.name) and not b.connected(c.name)
     assert "data" not in {
         d.name for d in a.client().call("DescribeAll", spb.DescribeAllRequest()).databases
     }
@@ -224,7 +219,7 @@ def test_configure_cluster_replaces_the_membership(make_cluster: MakeCluster) ->
     result = admin.ok({"operation": "configure_cluster", "connections": [{"hostname": c.name}]})
     assert result["added"] == [c.name] and result["removed"] == [b.name]
     _wait_mesh([a, c])
-    wait_for(lambda: not _connected(a, b.name), 20, "a to drop b")
+    wait_for(lambda: not a.connected(b.name), 20, "a to drop b")
     assert _members(a) == {a.name, c.name}
     refused = admin.execute(
         {"operation": "configure_cluster", "connections": [{"hostname": c.name}, "junk"]}

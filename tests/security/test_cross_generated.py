@@ -56,11 +56,6 @@ def _fingerprints(pem: bytes) -> set[bytes]:
     return {c.fingerprint(hashes.SHA256()) for c in x509.load_pem_x509_certificates(pem)}
 
 
-def _connected(node: Node, peer: str) -> bool:
-    connection = node.connection(peer)
-    return connection is not None and connection.connected
-
-
 def _temporary_super_user(target: Node) -> str:
     """A super user of ``target`` made for the exchange; its password, unique to the test."""
     password = "xgen-" + secrets.token_hex(12)
@@ -78,7 +73,7 @@ def _pair(make_node: MakeNode) -> tuple[Node, Node]:
 
 def _replicates_both_ways(target: Node, joiner: Node) -> None:
     wait_for(
-        lambda: _connected(joiner, target.name) and _connected(target, joiner.name),
+        lambda: joiner.connected(target.name) and target.connected(joiner.name),
         30,
         "the two nodes to connect over mutual TLS",
     )

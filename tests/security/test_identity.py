@@ -58,11 +58,6 @@ def _members(node: Node) -> dict[str, dict[str, Any]]:
     return {r["name"]: r for r in rows}
 
 
-def _connected(node: Node, peer: str) -> bool:
-    connection = node.connection(peer)
-    return connection is not None and bool(connection.connected)
-
-
 def test_an_unknown_dialer_is_refused_unless_it_joins(make_node: MakeNode, tmp_path: Path) -> None:
     ca = CertificateAuthority.create()
     host = next_address()
@@ -116,7 +111,7 @@ def test_a_node_that_joins_one_member_reaches_every_member(
     cluster = make_cluster(size=2)
     a, b = cluster
     assert cluster.ca is not None
-    wait_for(partial(_connected, a, b.name), 30, "a and b to connect")
+    wait_for(partial(a.connected, b.name), 30, "a and b to connect")
     host = next_address()
     # c knows only a; nobody runs add_node for it.
     c = make_node(
@@ -128,9 +123,9 @@ def test_a_node_that_joins_one_member_reaches_every_member(
             "tls": cluster.ca.write_node_files(tmp_path / host / "tls", host, [host]),
         },
     )
-    wait_for(partial(_connected, c, a.name), 30, "c to reach a")
-    wait_for(partial(_connected, b, c.name), 30, "b to learn of c and connect")
-    assert _connected(c, b.name)
+    wait_for(partial(c.connected, a.name), 30, "c to reach a")
+    wait_for(partial(b.connected, c.name), 30, "b to learn of c and connect")
+    assert c.connected(b.name)
     names = {a.name, b.name, c.name}
     for node in (a, b, c):
 

@@ -74,16 +74,6 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
         assert made.subnet.leftovers() == [], "namespaces or links were left behind"
 
 
-def _connected(node: Node, peer: str) -> bool:
-    connection = node.connection(peer)
-    return connection is not None and bool(connection.connected)
-
-
-def _last_error(node: Node, peer: str) -> str:
-    connection = node.connection(peer)
-    return str(connection.last_connection_error) if connection is not None else ""
-
-
 def _databases(node: Node) -> set[str]:
     reply = node.internal_client().call("DescribeAll", pb.DescribeAllRequest())
     return {d.name for d in reply.databases}
@@ -131,22 +121,22 @@ def test_plain_port_admits_only_known_addresses(lab: Lab, make_node: MakeNode) -
     intruder.client().create_table("loot", "secrets")
     intruder.client().insert("loot", "secrets", [{"id": 1, "pin": 1234}])
 
-    wait_for(partial(_connected, listener, legit.name), 30, "the legitimate peer to connect")
+    wait_for(partial(listener.connected, legit.name), 30, "the legitimate peer to connect")
     refusal = f"refusing the plain-port connection from {intruder.host}"
     wait_for(
-        lambda: refusal in _last_error(listener, intruder.name),
+        lambda: refusal in listener.last_error(intruder.name),
         30,
         "the listener to refuse the intruder",
     )
     # The intruder sees why, and the listener logged it.
     wait_for(
-        lambda: refusal in _last_error(intruder, listener.name),
+        lambda: refusal in intruder.last_error(listener.name),
         30,
         "the intruder to be told why",
     )
-    assert "not an address of a route or member" in _last_error(intruder, listener.name)
+    assert "not an address of a route or member" in intruder.last_error(listener.name)
     assert refusal in listener.log_path("replicator").read_text()
-    assert not _connected(listener, intruder.name)
+    assert not listener.connected(intruder.name)
 
     # The legitimate peer replicates both ways.
     legit.client().create_table("data", "dog")
@@ -177,7 +167,7 @@ def test_plain_port_admits_only_known_addresses(lab: Lab, make_node: MakeNode) -
     assert {r["id"] for r in _records(listener, "data", "dog")} == {1, 2, 3}
     assert "loot" not in _databases(listener)
     assert intruder.name not in _members(listener)
-    assert _connected(listener, legit.name)
+    assert listener.connected(legit.name)
 
 
 def test_a_known_name_from_an_unknown_address_cannot_join(lab: Lab, make_node: MakeNode) -> None:
@@ -193,5 +183,5 @@ def test_a_known_name_from_an_unknown_address_cannot_join(lab: Lab, make_node: M
     )
     assert joined["body"] == "goodbye" and joined["code"] == rpb.GOODBYE_CODE_UNAUTHORIZED
     assert f"connection from {stranger.host} " in joined["reason"]
-    assert "saying it is" in _last_error(listener, stranger.name)
+    assert "saying it is" in listener.last_error(stranger.name)
     assert stranger.name not in _members(listener)

@@ -79,16 +79,6 @@ def _served_serial(
     return format(x509.load_der_x509_certificate(der).serial_number, "X")
 
 
-def _connected(node: Node, peer: str) -> bool:
-    connection = node.connection(peer)
-    return connection is not None and bool(connection.connected)
-
-
-def _last_error(node: Node, peer: str) -> str:
-    connection = node.connection(peer)
-    return str(connection.last_connection_error) if connection is not None else ""
-
-
 def _pids(*nodes: Node) -> dict[str, int]:
     return {f"{n.name} {s}": p.pid for n in nodes for s, p in n.processes.items()}
 
@@ -103,7 +93,7 @@ def test_rotated_certificates_are_used_without_a_restart(
     ca = CertificateAuthority.create()
     b = _node(make_node, tmp_path, ca, routes=[], services=("storage", "replicator", "admin"))
     a = _node(make_node, tmp_path, ca, routes=[b.name])  # only a dials
-    wait_for(partial(_connected, b, a.name), 30, "a to connect to b")
+    wait_for(partial(b.connected, a.name), 30, "a to connect to b")
     pids = _pids(a, b)
     a_old = serial_of(_files(a)[0].read_bytes())
     b_old = serial_of(_files(b)[0].read_bytes())
@@ -127,14 +117,14 @@ def test_rotated_certificates_are_used_without_a_restart(
     assert _served_serial(a, ca, tmp_path) == a_new
     b.admin().ok({"operation": "update_node", "hostname": a.name, "revoked_certificates": [a_old]})
     wait_for(
-        lambda: f"(serial {a_old}) is revoked" in _last_error(b, a.name),
+        lambda: f"(serial {a_old}) is revoked" in b.last_error(a.name),
         20,
         "b to cut the session made with a's old certificate",
     )
     a.client().create_table("data", "dog")
     a.client().insert("data", "dog", [{"id": 1}])
     wait_for(lambda: _ids(b) == {1}, 30, "a's write to reach b over a new session")
-    assert _connected(b, a.name) and _connected(a, b.name)
+    assert b.connected(a.name) and a.connected(b.name)
     assert _pids(a, b) == pids, "a process was restarted"
     for node, old, new in ((a, a_old, a_new), (b, b_old, b_new)):
         log = node.log_path("replicator").read_text()
@@ -148,7 +138,7 @@ def test_a_certificate_from_an_untrusted_ca_cuts_new_connections_only(
     rogue = CertificateAuthority.create("Rogue CA")
     b = _node(make_node, tmp_path, ca, routes=[])
     a = _node(make_node, tmp_path, ca, routes=[b.name])
-    wait_for(partial(_connected, b, a.name), 30, "a to connect to b")
+    wait_for(partial(b.connected, a.name), 30, "a to connect to b")
     a.client().create_table("data", "dog")
     a.client().insert("data", "dog", [{"id": 1}])
     wait_for(lambda: _ids(b) == {1}, 30, "the first write on b")
@@ -167,17 +157,17 @@ def test_a_certificate_from_an_untrusted_ca_cuts_new_connections_only(
     # The live session was established with the old certificate and keeps running.
     writer.insert("data", "dog", [{"id": 2}])
     wait_for(lambda: _ids(b) == {1, 2}, 30, "a write over the live session")
-    assert _connected(a, b.name)
+    assert a.connected(b.name)
 
     # Once that session ends, a cannot make a new one: b's TLS refuses a's certificate.
     b.restart("replicator")
 
     def refused() -> bool:
-        error = _last_error(a, b.name)
-        return not _connected(a, b.name) and "does not accept this node's certificate" in error
+        error = a.last_error(b.name)
+        return not a.connected(b.name) and "does not accept this node's certificate" in error
 
     wait_for(refused, 30, "a's new dials to fail")
-    assert f"(serial {rogue_serial}, issued by CN=Rogue CA)" in _last_error(a, b.name)
+    assert f"(serial {rogue_serial}, issued by CN=Rogue CA)" in a.last_error(b.name)
     writer.insert("data", "dog", [{"id": 3}])
     log = a.log_path("replicator").read_text()
     assert f"now using the certificate with serial {rogue_serial}" in log

@@ -88,16 +88,6 @@ def _hello(
             return exc
 
 
-def _last_error(node: Node, peer: str) -> str:
-    connection = node.connection(peer)
-    return str(connection.last_connection_error) if connection is not None else ""
-
-
-def _connected(node: Node, peer: str) -> bool:
-    connection = node.connection(peer)
-    return connection is not None and bool(connection.connected)
-
-
 def test_only_the_correct_certificate_connects(make_node: MakeNode, tmp_path: Path) -> None:
     ca = CertificateAuthority.create()
     other_ca = CertificateAuthority.create("Another CA")
@@ -176,7 +166,7 @@ def test_only_the_correct_certificate_connects(make_node: MakeNode, tmp_path: Pa
         # routed peer, the status also carries the node's own failed dials to it).
         assert words in node.log_path("replicator").read_text(), kind
         if kind != "revoked by route":
-            assert words in _last_error(node, peers[kind]), kind
+            assert words in node.last_error(peers[kind]), kind
     correct = outcomes["correct"]
     assert isinstance(correct, rpb.PeerMessage), correct
     assert correct.WhichOneof("body") == "hello" and correct.hello.node_name == node.name
@@ -204,19 +194,19 @@ def test_the_dialer_checks_the_server_certificate(make_node: MakeNode, tmp_path:
             ]
         },
     )
-    wait_for(partial(_connected, dialer, good.name), 30, "the dialer to reach the good server")
+    wait_for(partial(dialer.connected, good.name), 30, "the dialer to reach the good server")
     wait_for(
-        lambda: "certificate is not valid for" in _last_error(dialer, misnamed.name),
+        lambda: "certificate is not valid for" in dialer.last_error(misnamed.name),
         30,
         "the dialer to refuse the misnamed server",
     )
     wait_for(
-        lambda: f"(serial {revoked_serial}) is revoked" in _last_error(dialer, revoked.name),
+        lambda: f"(serial {revoked_serial}) is revoked" in dialer.last_error(revoked.name),
         30,
         "the dialer to refuse the revoked server",
     )
     # Neither server ever had a session with the dialer: it stopped before its Hello.
-    assert not _connected(dialer, misnamed.name) and not _connected(dialer, revoked.name)
+    assert not dialer.connected(misnamed.name) and not dialer.connected(revoked.name)
     assert misnamed.connection(dialer.name) is None
     assert revoked.connection(dialer.name) is None
 
@@ -234,7 +224,7 @@ def test_unreadable_crl_fails_closed_then_recovers(make_node: MakeNode, tmp_path
     assert refused.goodbye.code == rpb.GOODBYE_CODE_UNAUTHORIZED
     assert "refusing every peer" in refused.goodbye.reason
     assert "is not a PEM or DER revocation list" in refused.goodbye.reason
-    assert "tls.crlFailClosed" in _last_error(node, name)
+    assert "tls.crlFailClosed" in node.last_error(name)
 
     # A CRL another CA signed is not trusted either.
     crl.write_bytes(CertificateAuthority.create("Rogue CA").crl([]))
@@ -292,7 +282,7 @@ def test_live_revocation_under_load(make_cluster: MakeCluster) -> None:
     a, b, c = cluster
     cluster.wait_members()
     for node, peer in ((a, c), (b, c), (a, b)):
-        wait_for(partial(_connected, node, peer.name), 30, f"{node.name} to reach {peer.name}")
+        wait_for(partial(node.connected, peer.name), 30, f"{node.name} to reach {peer.name}")
     c.client().create_table("data", "w")
     cluster.wait_converged(["data"])
     serial = serial_of(Path(c.config["tls"]["certificate"]).read_bytes())
@@ -352,7 +342,7 @@ def test_live_revocation_under_load(make_cluster: MakeCluster) -> None:
         ids = {r["id"] for r in node.client().all_records("data", "w")}
         assert {"from-a", "from-b"} <= ids
         assert not ids & late, f"{node.name} applied c's writes after the revocation"
-        assert not _connected(node, c.name)
+        assert not node.connected(c.name)
     # The revocation round-trips through system.hdb_nodes (c, cut off at once, may never
     # receive it).
     for node in (a, b):
@@ -399,7 +389,7 @@ def test_junk_on_the_tls_port_leaves_replication_running(
     cluster = make_cluster(size=2)
     a, b = cluster
     assert cluster.ca is not None
-    wait_for(partial(_connected, a, b.name), 30, "the two nodes to connect")
+    wait_for(partial(a.connected, b.name), 30, "the two nodes to connect")
     a.client().create_table("data", "dog")
     cluster.wait_converged(["data"])
 
@@ -412,7 +402,7 @@ def test_junk_on_the_tls_port_leaves_replication_running(
         cluster.wait_converged(["data"])
         assert b.running("replicator") and b.health("replicator")
         a.restart("replicator")
-        wait_for(partial(_connected, b, a.name), 30, "a to reconnect to b")
+        wait_for(partial(b.connected, a.name), 30, "a to reconnect to b")
         a.client().insert("data", "dog", [{"id": 3, "name": "Tiny"}])
         cluster.wait_converged(["data"])
         assert {r["id"] for r in b.client().all_records("data", "dog")} == {1, 2, 3}

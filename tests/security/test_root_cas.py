@@ -79,16 +79,6 @@ def _hello(node: Node, name: str, key: bytes, cert: bytes, trust: bytes) -> str:
             return str(exc.code().name)
 
 
-def _connected(node: Node, peer: str) -> bool:
-    connection = node.connection(peer)
-    return connection is not None and bool(connection.connected)
-
-
-def _last_error(node: Node, peer: str) -> str:
-    connection = node.connection(peer)
-    return str(connection.last_connection_error) if connection is not None else ""
-
-
 def test_root_cas_are_trusted_both_ways(make_node: MakeNode, tmp_path: Path) -> None:
     cluster_ca = CertificateAuthority.create("Cluster CA")
     public = CertificateAuthority.create("Public Root CA")
@@ -103,9 +93,9 @@ def test_root_cas_are_trusted_both_ways(make_node: MakeNode, tmp_path: Path) -> 
     m = _node(make_node, tmp_path, cluster_ca, {"routes": [d.name]}, env)
 
     # Dialing: n accepts d's certificate (through the system bundle), m does not.
-    wait_for(partial(_connected, n, d.name), 30, "n to connect to d")
+    wait_for(partial(n.connected, d.name), 30, "n to connect to d")
     wait_for(
-        lambda: "presents a certificate this node does not accept" in _last_error(m, d.name),
+        lambda: "presents a certificate this node does not accept" in m.last_error(d.name),
         30,
         "m to refuse d's certificate",
     )
