@@ -113,35 +113,38 @@ class NodeTls:
         """An asyncio channel to this node's ``storage`` or ``admin`` port."""
         config = self.config
         port = config.storage.port if service == "storage" else config.operations_api.port
-        address = config.local_address(port)
-        options: list[tuple[str, Any]] = channel_options(max_message_bytes)
-        if self.material is None or not self.serves_tls(service):
-            return grpc.aio.insecure_channel(address, options=options)
-        override = self.target_name_override(address)
-        if override is not None:
-            options.append(("grpc.ssl_target_name_override", override))
-        credentials = self.client_port_credentials(service)
-        return grpc.aio.secure_channel(address, credentials, options=options)
+        credentials = None
+        if self.material is not None and self.serves_tls(service):
+            credentials = self.client_port_credentials(service)
+        return self._dial(config.local_address(port), credentials, max_message_bytes)
 
     def replicator_channel(self, max_message_bytes: int) -> grpc.aio.Channel:
         """An asyncio channel to this node's replicator: its mutual-TLS port
         (``replication.securePort``) with the node's own certificate as the client's,
         or the plain port (``replication.port``) in insecure mode."""
         config = self.config
-        options: list[tuple[str, Any]] = channel_options(max_message_bytes)
         secure_port = config.replication.secure_port
         if self.material is None or secure_port is None:
             address = config.local_address(config.replication.port)
-            return grpc.aio.insecure_channel(address, options=options)
-        address = config.local_address(secure_port)
-        override = self.target_name_override(address)
-        if override is not None:
-            options.append(("grpc.ssl_target_name_override", override))
+            return self._dial(address, None, max_message_bytes)
         credentials = grpc.ssl_channel_credentials(
             root_certificates=self.material.trusted,
             private_key=self.material.private_key,
             certificate_chain=self.material.certificate,
         )
+        return self._dial(config.local_address(secure_port), credentials, max_message_bytes)
+
+    def _dial(
+        self, address: str, credentials: grpc.ChannelCredentials | None, max_message_bytes: int
+    ) -> grpc.aio.Channel:
+        """A channel to one of this node's own ports: plaintext without ``credentials``,
+        else TLS checking the node's name when the dialed host is not in its certificate."""
+        options: list[tuple[str, Any]] = channel_options(max_message_bytes)
+        if credentials is None:
+            return grpc.aio.insecure_channel(address, options=options)
+        override = self.target_name_override(address)
+        if override is not None:
+            options.append(("grpc.ssl_target_name_override", override))
         return grpc.aio.secure_channel(address, credentials, options=options)
 
 
