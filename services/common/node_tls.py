@@ -122,17 +122,22 @@ class NodeTls:
         """An asyncio channel to this node's replicator: its mutual-TLS port
         (``replication.securePort``) with the node's own certificate as the client's,
         or the plain port (``replication.port``) in insecure mode."""
-        config = self.config
-        secure_port = config.replication.secure_port
-        if self.material is None or secure_port is None:
-            address = config.local_address(config.replication.port)
+        address = self.replicator_address()
+        if self.material is None or self.config.replication.secure_port is None:
             return self._dial(address, None, max_message_bytes)
         credentials = grpc.ssl_channel_credentials(
             root_certificates=self.material.trusted,
             private_key=self.material.private_key,
             certificate_chain=self.material.certificate,
         )
-        return self._dial(config.local_address(secure_port), credentials, max_message_bytes)
+        return self._dial(address, credentials, max_message_bytes)
+
+    def replicator_address(self) -> str:
+        """Where this node's processes reach its replicator (see ``replicator_channel``)."""
+        replication = self.config.replication
+        if self.material is None or replication.secure_port is None:
+            return self.config.local_address(replication.port)
+        return self.config.local_address(replication.secure_port)
 
     def _dial(
         self, address: str, credentials: grpc.ChannelCredentials | None, max_message_bytes: int

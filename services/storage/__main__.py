@@ -70,7 +70,7 @@ async def run(config: ShoalConfig) -> bool:
         await health.stop()
         raise
     record_node_certificates(engine, config)
-    servicer = StorageServicer(engine)
+    servicer = StorageServicer(engine, node_tls)
 
     async def begin_shutdown() -> None:
         engine.begin_shutdown()

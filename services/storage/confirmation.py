@@ -27,9 +27,8 @@ from shoal.replicator.v1 import replicator_pb2_grpc
 
 from services.common.auth import bearer_metadata
 from services.common.backoff import Backoff
-from services.common.config import ShoalConfig
 from services.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
-from services.common.grpcserver import channel_options
+from services.common.node_tls import NodeTls
 
 DEFAULT_WAIT_S = 30.0  # when the call has no deadline
 MAX_WAIT_S = 3600.0  # the replicator's bound on one wait
@@ -73,18 +72,17 @@ def not_confirmed(version: int, count: int, peers: list[str], waited_s: float) -
 class ReplicatorClient:
     """This node's replicator, for write confirmation (node-internal identity)."""
 
-    def __init__(self, config: ShoalConfig, node_secret: str) -> None:
-        self.address = config.local_address(config.replication.port)
-        self._max_message_bytes = config.storage.max_message_bytes
+    def __init__(self, node_tls: NodeTls, node_secret: str) -> None:
+        self.address = node_tls.replicator_address()
+        self._node_tls = node_tls
+        self._max_message_bytes = node_tls.config.storage.max_message_bytes
         self._metadata = bearer_metadata(node_secret)
         self._channel: grpc.aio.Channel | None = None
         self._stub: replicator_pb2_grpc.ReplicatorServiceAsyncStub | None = None
 
     def _replicator(self) -> replicator_pb2_grpc.ReplicatorServiceAsyncStub:
         if self._stub is None:  # created on first use, inside the event loop
-            self._channel = grpc.aio.insecure_channel(
-                self.address, options=channel_options(self._max_message_bytes)
-            )
+            self._channel = self._node_tls.replicator_channel(self._max_message_bytes)
             self._stub = replicator_pb2_grpc.ReplicatorServiceStub(self._channel)
         return self._stub
 

@@ -25,6 +25,7 @@ from services.common.errors import (
     ShoalError,
 )
 from services.common.hlc import version_from_ms
+from services.common.node_tls import NodeTls
 from services.storage import (
     backup,
     commit,
@@ -219,12 +220,12 @@ async def _drain(iterator: AsyncIterator[pb.LoadCsvRequest], limit: int) -> None
 class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     """gRPC handlers over one Engine."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, node_tls: NodeTls) -> None:
         self.engine = engine
         self.users = engine.users
         self.restores: set[str] = set()  # databases with a Restore stream running
         self.analytics = AnalyticsTables(engine)
-        self.replicator = ReplicatorClient(engine.config, engine.node_secret)
+        self.replicator = ReplicatorClient(node_tls, engine.node_secret)
         self.reads = ResidentReads(engine, self.replicator)
         self.residency = ResidencyWorker(engine, self.replicator)
 
