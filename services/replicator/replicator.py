@@ -438,7 +438,15 @@ class Replicator:
                 log.warning("refused %s from %s: %s", theirs.node_name, address, exc.reason)
             await stream.send(goodbye(exc.code, exc.reason))
             return
-        await stream.send(rpb.PeerMessage(hello=mine))
+        try:
+            await stream.send(rpb.PeerMessage(hello=mine))
+        except BaseException:
+            # The peer went away (or the call was cancelled) before the session ran: it
+            # must not stay registered, or every later connection of the peer would be
+            # refused as a duplicate of it.
+            if self.sessions.get(session.peer) is session:
+                del self.sessions[session.peer]
+            raise
         await self._run_session(session)
 
     def known(self) -> set[str]:
