@@ -62,6 +62,7 @@ from services.local import (
     healthy,
     local_cluster_configs,
     local_password,
+    local_username,
     pid_path,
     run_services,
     serving_on,
@@ -227,7 +228,7 @@ def local_up(
         _fail(str(exc), 2)
         return
     secure = all(c.tls.certificate is not None for c in configs)
-    cli_config = write_cli_config(data, password, tls=secure)
+    cli_config = write_cli_config(data, password, tls=secure, username=local_username(configs[0]))
     typer.echo(f"starting {nodes} nodes in {data}/ ...", err=True)
     try:
         supervisor = run_services(paths, SERVICES, {"SHOAL_ADMIN_PASSWORD": password}, logs=True)
@@ -609,6 +610,7 @@ def cluster_status(
             "dialed": c["dialed"],
             "latency ms": round(c["latency"], 2),
             "back-pressure %": c["backPressurePercent"],
+            "log margin": _duration(c.get("logMarginSeconds")),
             "shard": "" if c.get("shard") is None else c["shard"],
             "databases": ", ".join(s["database"] for s in c["database_sockets"]),
             "last error": c["lastConnectionError"] or "",
@@ -628,11 +630,27 @@ def cluster_status(
             "dialed",
             "latency ms",
             "back-pressure %",
+            "log margin",
             "shard",
             "databases",
             "last error",
         ],
     )
+
+
+def _duration(seconds: float | None) -> str:
+    """A log margin for people: '2d 4h', '35m', 'copy needed'; empty when unknown."""
+    if seconds is None:
+        return ""
+    if seconds <= 0:
+        return "copy needed"
+    minutes = int(seconds // 60)
+    days, hours, mins = minutes // 1440, minutes // 60 % 24, minutes % 60
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {mins}m"
+    return f"{mins}m" if mins else f"{int(seconds)}s"
 
 
 @routes_app.command("list")

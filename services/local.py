@@ -235,17 +235,25 @@ def local_cluster_configs(data: Path, nodes: int, tls: bool = True) -> list[Path
     return paths
 
 
-def write_cli_config(data: Path, password: str, tls: bool, host: str = "127.0.0.1") -> Path:
+def write_cli_config(
+    data: Path, password: str, tls: bool, host: str = "127.0.0.1", username: str = "admin"
+) -> Path:
     """Write ``<data>/cli.yaml`` (0600): what the ``shoal`` CLI needs to use the local
     cluster (``export SHOAL_CLI_CONFIG=<data>/cli.yaml``): node, user, password and, when
     the nodes serve TLS, the cluster's CA (``ca:``, relative to the file)."""
-    values: dict[str, str] = {"node": host, "username": "admin", "password": password}
+    values: dict[str, str] = {"node": host, "username": username, "password": password}
     if tls:
         values["ca"] = f"{LOCAL_CA_DIR}/{certs.CA_CERT_FILE}"
     path = data / CLI_CONFIG_FILE
     text = "# The local cluster, for the shoal CLI (made by `shoal local up`).\n"
     write_private_file(path, text + yaml.safe_dump(values, sort_keys=False))
     return path
+
+
+def local_username(config: ShoalConfig) -> str:
+    """The super user a new local node creates: $SHOAL_ADMIN_USERNAME, or the configured
+    ``admin.username`` (storage's bootstrap makes the same choice)."""
+    return os.environ.get("SHOAL_ADMIN_USERNAME") or config.admin.username
 
 
 def local_password(data: Path) -> str:

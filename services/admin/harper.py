@@ -933,6 +933,7 @@ def _connection_json(c: rpb.Connection) -> Json:
         else None,
         "shard": c.shard if c.HasField("shard") else None,
         "withheldDatabases": list(c.withheld_databases),
+        "logMarginSeconds": c.log_margin_seconds if c.HasField("log_margin_seconds") else None,
         "database_sockets": sockets,
     }
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -88,6 +89,10 @@ class Inbound:
         self._held: rpb.PeerMessage | None = None
         self.excluded: list[str] = []
         self._copy_id = 0
+        self._copies_seen: dict[str, int] = {}  # the copy gate's counts at the subscription
+        # The subscription covers some tables only, or starts at a time: positions the
+        # transactions bring do not stand for every write (ApplyRequest.partial).
+        self.partial = False
         config = session.config
         self._skew_ms = int(config.max_clock_skew_s * 1000)
         self._pause = Backoff(
@@ -130,6 +135,8 @@ class Inbound:
                 exclude_origins=self.excluded,
                 default_version=self._start_version(),
             )
+            self._copies_seen = session.replicator.copies.snapshot()
+            self.partial = tables is not None or subscribe.default_version != 0
             await session.send(rpb.PeerMessage(subscribe=subscribe))
             outcome = await self._consume(self.generation)
             if isinstance(outcome, _Truncated):
@@ -140,7 +147,7 @@ class Inbound:
                 )
                 databases = [outcome.database] if outcome.database else self._flow_databases()
                 for database in databases:
-                    await self._copy(database, None)
+                    await self._copy(database, None, self._copies_seen.get(database, 0))
             elif isinstance(outcome, _Refused):
                 session.state.last_error = outcome.reason
                 await session.send(
@@ -235,7 +242,7 @@ class Inbound:
             if session.revoked:
                 raise PeerRevoked(f"the certificate of {session.peer} was revoked")
             try:
-                reply = await session.storage.apply(transactions, self._skew_ms)
+                reply = await session.storage.apply(transactions, self._skew_ms, self.partial)
             except grpc.aio.AioRpcError as exc:
                 if (
                     exc.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -324,20 +331,69 @@ class Inbound:
     async def _copy_unsynced(self) -> None:
         if self._start_version():
             return
-        positions = await self.session.storage.positions()
+        session = self.session
+        seen = session.replicator.copies.snapshot()
+        positions = await session.storage.positions()
         # A database this node holds any position for (its own commits included) is
         # subscribed to, not copied: the peer's log brings what is missing, and a
-        # LOG_TRUNCATED answer leads to a copy then.
+        # LOG_TRUNCATED answer leads to a copy then. An unfinished copy from this peer
+        # is resumed; one from another peer is that peer's to resume.
         synced = {p.database for p in positions.positions}
-        copying = {c.database: c for c in positions.copies}
+        mine = {c.database: c for c in positions.copies if c.source == session.peer}
         for database in self._flow_databases():
-            if database in copying or database not in synced:
-                await self._copy(database, copying.get(database))
+            if database in mine or database not in synced:
+                await self._copy(database, mine.get(database), seen.get(database, 0))
 
-    async def _copy(self, database: str, progress: spb.CopyProgress | None) -> None:
+    async def _take(self, lock: asyncio.Lock, database: str) -> None:
+        """Acquire the database's copy gate. Meanwhile, what arrives is of the
+        subscription that ended (the copy comes first): it is read and dropped, so the
+        session's reader never blocks on a full queue."""
+        if lock.locked():
+            log.info(
+                "waiting for the copy of %s from another peer before copying it from %s",
+                database,
+                self.session.peer,
+            )
+        self._held = None
+        acquire = asyncio.ensure_future(lock.acquire())
+        try:
+            while not acquire.done():
+                get = asyncio.ensure_future(self.queue.get())
+                await asyncio.wait({acquire, get}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+        except BaseException:
+            if acquire.done() and not acquire.cancelled():
+                lock.release()
+            else:
+                acquire.cancel()
+            raise
+
+    async def _copy(self, database: str, progress: spb.CopyProgress | None, since: int) -> None:
+        """Copy ``database`` from the peer (resuming ``progress``), unless a copy of it
+        completed since the gate's count was ``since``."""
         session = self.session
         if database in session.flows.withheld:
             return  # sharded, and the peer is not of this node's shard
+        gate = session.replicator.copies
+        lock = gate.lock(database)
+        await self._take(lock, database)
+        try:
+            if gate.completed(database) > since:
+                log.info(
+                    "%s was copied from another peer meanwhile; not copying it from %s",
+                    database,
+                    session.peer,
+                )
+                return
+            if await self._run_copy(database, progress):
+                gate.finished(database)
+        finally:
+            lock.release()
+
+    async def _run_copy(self, database: str, progress: spb.CopyProgress | None) -> bool:
+        """One part of a copy: request it, merge every chunk. True when it completed."""
+        session = self.session
         self._copy_id += 1
         copy_id = self._copy_id
         tables = self.session.subscribed_tables()
@@ -346,19 +402,25 @@ class Inbound:
             database=database,
             tables=sorted(t for d, t in tables or () if d == database),
         )
+        after: types_pb2.SnapshotKey | None = None
         if progress is not None and progress.last_key.table:
-            request.start_after.CopyFrom(progress.last_key)
+            after = progress.last_key
+            request.start_after.CopyFrom(after)
             log.info(
-                "resuming copy of %s from %s after %s",
+                "resuming copy of %s from %s after %s id %s (%d rows merged so far)",
                 database,
                 session.peer,
-                progress.last_key.table,
+                after.table,
+                after.id.decode(errors="replace"),
+                progress.rows,
             )
         else:
             log.info("copying %s from %s", database, session.peer)
         await session.send(rpb.PeerMessage(copy_request=request))
         started = time.monotonic()
         rate = session.config.copy_rows_per_second
+        part = secrets.randbits(63) or 1
+        first = True
         merged = 0
         status = session.state.database(database)
         # The peer's state outlives this session: a copy cut off here (the session is
@@ -380,20 +442,39 @@ class Inbound:
                 if chunk.error:
                     log.warning("%s cannot copy %s: %s", session.peer, database, chunk.error)
                     status.copy = None
-                    return
+                    return False
                 if session.revoked:
                     raise PeerRevoked(f"the certificate of {session.peer} was revoked")
-                reply = await session.storage.merge_snapshot(
-                    spb.MergeSnapshotRequest(
-                        source=session.peer,
-                        database=database,
-                        positions=chunk.positions,
-                        tables=chunk.tables,
-                        rows=chunk.rows,
-                        estimated_rows=chunk.estimated_rows,
-                        complete=chunk.done,
-                    )
+                merge = spb.MergeSnapshotRequest(
+                    source=session.peer,
+                    database=database,
+                    positions=chunk.positions,
+                    tables=chunk.tables,
+                    rows=chunk.rows,
+                    estimated_rows=chunk.estimated_rows,
+                    complete=chunk.done,
+                    part=part,
+                    begins_part=first,
+                    partial=first and (chunk.partial or bool(request.tables)),
                 )
+                if after is not None:
+                    merge.after.CopyFrom(after)
+                try:
+                    reply = await session.storage.merge_snapshot(merge)
+                except grpc.aio.AioRpcError as exc:
+                    if error_reason(exc) != "COPY_OUT_OF_ORDER":
+                        raise
+                    log.warning(
+                        "the copy of %s from %s cannot go on: %s",
+                        database,
+                        session.peer,
+                        exc.details(),
+                    )
+                    return False
+                first = False
+                if chunk.rows:
+                    last = chunk.rows[-1]
+                    after = types_pb2.SnapshotKey(table=last.table, id=last.id)
                 status.copy = shown = reply.progress
                 merged += len(chunk.rows)
                 if rate:
@@ -410,7 +491,7 @@ class Inbound:
                         time.monotonic() - started,
                     )
                     status.copy = None
-                    return
+                    return True
         finally:
             if shown is not None and status.copy is shown:
                 status.copy = None

@@ -66,11 +66,16 @@ class LocalStorage:
         return [db.name for db in reply.databases]
 
     async def apply(
-        self, transactions: Sequence[types_pb2.Transaction], max_clock_skew_ms: int
+        self,
+        transactions: Sequence[types_pb2.Transaction],
+        max_clock_skew_ms: int,
+        partial: bool = False,
     ) -> pb.ApplyResponse:
         """Apply a batch; raises the AioRpcError for refusals (e.g. CLOCK_SKEW)."""
         return await self._stub.Apply(
-            pb.ApplyRequest(transactions=transactions, max_clock_skew_ms=max_clock_skew_ms),
+            pb.ApplyRequest(
+                transactions=transactions, max_clock_skew_ms=max_clock_skew_ms, partial=partial
+            ),
             metadata=self._metadata,
             timeout=CALL_TIMEOUT_S,
         )

@@ -291,6 +291,7 @@ class Outbound:
                             tables=reply.tables,
                             estimated_rows=reply.estimated_rows,
                             rows=reply.rows,
+                            partial=reply.partial,
                         )
                     )
                 )

@@ -49,6 +49,7 @@ from services.common.config import (
 from services.common.tls_source import TlsSource
 from services.replicator.admission import Admission, joined_row
 from services.replicator.confirmation import Confirmations
+from services.replicator.copies import CopyGate
 from services.replicator.fetch import Fetches
 from services.replicator.handshake import (
     PROTOCOL_MAX,
@@ -92,6 +93,7 @@ class Replicator:
         self.routes: dict[str, Route] = dict(self.configured)
         self.sessions: dict[str, Session] = {}
         self.fetches = Fetches(self)
+        self.copies = CopyGate()
         self.peers: dict[str, PeerState] = {
             r.hostname: PeerState(r.hostname) for r in config.replication.routes
         }
@@ -579,7 +581,10 @@ class Replicator:
     def status(self) -> rpb.StatusResponse:
         return rpb.StatusResponse(
             node_name=self.name,
-            connections=[state.to_proto() for _, state in sorted(self.peers.items())],
+            connections=[
+                state.to_proto(self.config.logging.audit_retention_s)
+                for _, state in sorted(self.peers.items())
+            ],
             removed=self.removed,
             shard=self.config.replication.shard,
         )

@@ -267,6 +267,7 @@ class Session:
         if self.replicator.sessions.get(self.peer) in (None, self):
             # Only the peer's current session speaks for it (a replaced one must not).
             self.state.connected = False
+            self.state.last_connected_ms = now_ms()
             self.state.back_pressure_percent = 0.0
         self.finished.set()
         log.info("disconnected from %s: %s", self.peer, self.end_reason)

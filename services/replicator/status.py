@@ -47,6 +47,7 @@ class PeerState:
     back_pressure_percent: float = 0.0
     last_error: str = ""
     connected_since_ms: int = 0
+    last_connected_ms: int = 0  # when a connection with the peer was last up
     shard: int | None = None  # the peer's, from its Hello
     withheld: list[str] = field(default_factory=list)  # sharded databases not flowing
     databases: dict[str, DatabaseState] = field(default_factory=dict)
@@ -63,7 +64,8 @@ class PeerState:
             state = self.databases[name] = DatabaseState()
         return state
 
-    def to_proto(self) -> rpb.Connection:
+    def to_proto(self, retention_s: float) -> rpb.Connection:
+        """The Status RPC's view; ``retention_s`` is logging.auditRetention."""
         connection = rpb.Connection(
             peer=self.peer,
             address=self.address,
@@ -79,6 +81,10 @@ class PeerState:
         )
         if self.connected and self.connected_since_ms:
             connection.connected_since.CopyFrom(_timestamp(self.connected_since_ms))
+        if self.connected:
+            connection.log_margin_seconds = retention_s
+        elif self.last_connected_ms:
+            connection.log_margin_seconds = retention_s - (now_ms() - self.last_connected_ms) / 1000
         for name, db in sorted(self.databases.items()):
             status = rpb.DatabaseStatus(
                 database=name,

@@ -268,7 +268,7 @@ class RestoreSession:
         engine = self.engine
         if name in self._running:
             raise FailedPrecondition(f"a restore of database {name!r} is already running")
-        copy = engine.copies.get(name)
+        copy = next((c for (d, _), c in engine.copies.items() if d == name), None)
         if copy is not None:
             raise FailedPrecondition(
                 f"a copy of database {name!r} from {copy.source} into this node is in"

@@ -92,6 +92,7 @@ class BatchWriter:
         self.last_version = 0
         self.empty = True
         self.residency_marks: set[str] = set()
+        self.partial_marks: set[str] = set()
 
     # -- records -------------------------------------------------------------------
 
@@ -283,6 +284,7 @@ class BatchWriter:
         engine.positions.update(self.positions)
         engine.horizons.update(self.horizons)
         engine.resident_databases.update(self.residency_marks)
+        engine.partial_databases.update(self.partial_marks)
         engine.commits += 1
         engine.notify_commit()
         return True

@@ -108,4 +108,7 @@ class Store:
         self.db.flush_wal(True)
 
     def close(self) -> None:
+        """Close the database (its column families first: each holds it open)."""
+        for family in self.cf.values():
+            family.close()
         self.db.close()

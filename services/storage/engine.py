@@ -12,7 +12,6 @@ import asyncio
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import orjson
 from shoal.storage.v1 import types_pb2
@@ -28,7 +27,7 @@ from services.common.errors import (
     PermissionDenied,
 )
 from services.common.hlc import HybridClock, format_version, wall_clock_ms
-from services.storage import keys, merge, residency
+from services.storage import copy, keys, merge, residency
 from services.storage.commit import (
     COUNT_PREFIX,
     DELETE,
@@ -44,6 +43,7 @@ from services.storage.commit import (
     index_values,
     table_schema,
 )
+from services.storage.copy import CopyState
 from services.storage.db import Store
 from services.storage.schema import (
     NEXT_TABLE_ID_KEY,
@@ -58,7 +58,6 @@ from services.storage.users import UserStore
 log = logging.getLogger("shoal.storage")
 
 NODE_NAME_KEY = b"node_name"
-COPY_PREFIX = b"copy/"
 CHUNK = 10_000
 RESERVED_DATABASES = ("system",)
 SYSTEM_DATABASE = "system"
@@ -79,50 +78,6 @@ class ApplyResult:
     positions: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
-@dataclass
-class CopyState:
-    """A copy into this node that has started and not completed."""
-
-    database: str
-    source: str
-    positions: dict[str, int]
-    rows: int = 0
-    merged_bytes: int = 0
-    estimated_rows: int = 0
-    last_table: str = ""
-    last_id: bytes = b""
-    tables: list[str] = field(default_factory=list)  # the source's replicated tables
-
-    def encode(self) -> bytes:
-        return orjson.dumps(
-            {
-                "source": self.source,
-                "positions": self.positions,
-                "rows": self.rows,
-                "bytes": self.merged_bytes,
-                "estimatedRows": self.estimated_rows,
-                "lastTable": self.last_table,
-                "lastId": self.last_id.decode(),
-                "tables": self.tables,
-            }
-        )
-
-    @staticmethod
-    def decode(database: str, raw: bytes) -> CopyState:
-        data = orjson.loads(raw)
-        return CopyState(
-            database=database,
-            source=data["source"],
-            positions={k: int(v) for k, v in data["positions"].items()},
-            rows=data["rows"],
-            merged_bytes=data["bytes"],
-            estimated_rows=data["estimatedRows"],
-            last_table=data["lastTable"],
-            last_id=data["lastId"].encode(),
-            tables=list(data.get("tables", [])),
-        )
-
-
 class Engine:
     """A node's data: open it with ``open()``, close with ``close()``."""
 
@@ -134,7 +89,10 @@ class Engine:
         self.counts: dict[int, int] = {}
         self.positions: dict[tuple[str, str], int] = {}
         self.horizons: dict[tuple[str, str], int] = {}
-        self.copies: dict[str, CopyState] = {}
+        # Copies into this node that have started and not completed, per (database, source).
+        self.copies: dict[tuple[str, str], CopyState] = {}
+        # Databases whose positions do not stand for every write they cover (copy.py).
+        self.partial_databases: set[str] = set()
         # Databases that received records with residents since start (see has_residents).
         self.resident_databases: set[str] = set()
         # Counters since the process started, read by the metrics collector at scrape time.
@@ -175,9 +133,7 @@ class Engine:
             for key, value in self.store.scan("meta", prefix, keys.prefix_end(prefix)):
                 db_name, _, origin = key[len(prefix) :].partition(b"\x00")
                 target[(db_name.decode(), origin.decode())] = keys.read_u64(value)
-        for key, value in self.store.scan("meta", COPY_PREFIX, keys.prefix_end(COPY_PREFIX)):
-            database = key[len(COPY_PREFIX) :].decode()
-            self.copies[database] = CopyState.decode(database, value)
+        copy.load(self)
         for key, _ in self.store.scan("meta", RESIDENCY_PREFIX, keys.prefix_end(RESIDENCY_PREFIX)):
             self.resident_databases.add(key[len(RESIDENCY_PREFIX) :].decode())
         stored = meta.get(HLC_KEY)
@@ -449,9 +405,13 @@ class Engine:
         return table
 
     def apply(
-        self, transactions: list[types_pb2.Transaction], max_clock_skew_ms: int
+        self,
+        transactions: list[types_pb2.Transaction],
+        max_clock_skew_ms: int,
+        partial: bool = False,
     ) -> ApplyResult:
-        """Apply transactions committed elsewhere (see the Apply RPC contract)."""
+        """Apply transactions committed elsewhere (see the Apply RPC contract); with
+        ``partial``, their databases' positions are marked partial (copy.py)."""
         for i, txn in enumerate(transactions):
             if not txn.origin or not txn.database or txn.version == 0:
                 raise InvalidArgument(f"transaction {i}: origin, database and version are required")
@@ -475,6 +435,8 @@ class Engine:
                     result.skipped += 1
                     continue
                 self._apply_one(writer, txn)
+                if partial:
+                    copy.mark_partial(self, writer, txn.database)
                 result.applied += 1
         except Exception:
             self.reload_catalog()
@@ -599,161 +561,6 @@ class Engine:
             self.config.replication.replicate_to(database) is not None
             or database in self.resident_databases
         )
-
-    def merge_snapshot(
-        self,
-        source: str,
-        database: str,
-        positions: list[types_pb2.Position],
-        tables: list[types_pb2.TableSchema],
-        rows: list[types_pb2.SnapshotRow],
-        estimated_rows: int,
-        complete: bool,
-    ) -> CopyState:
-        """Merge copied rows and persist the copy's progress in the same write."""
-        check_name("database", database)
-        if not source:
-            raise InvalidArgument("source is required")
-        incoming = {p.origin: p.version for p in positions if p.database in ("", database)}
-        parsed: list[tuple[str, Any, bytes, merge.RecordState]] = []
-        raw_states: list[bytes] = []
-        max_version = 0
-        decode = merge.decode_state
-        loads = orjson.loads
-        encode_key = keys.encode_key
-        for i, row in enumerate(rows):
-            raw_id, raw_state, table_name = row.id, row.state, row.table
-            try:
-                pk = loads(raw_id)
-                encoded = encode_key(pk)
-            except (orjson.JSONDecodeError, keys.InvalidKey) as exc:
-                raise InvalidArgument(f"id {i}: invalid primary key {raw_id!r}: {exc}") from exc
-            try:
-                theirs = decode(raw_state)
-            except ValueError as exc:
-                raise InvalidArgument(f"row {i} ({table_name} {pk!r}): {exc}") from exc
-            newest = theirs.base[0]
-            if theirs.versions:
-                newest = max(newest, *(v for v, _ in theirs.versions.values()))
-            max_version = max(max_version, newest)
-            parsed.append((table_name, pk, encoded, theirs))
-            raw_states.append(raw_state)
-        copy = self.copies.get(database)
-        if copy is None:
-            copy = CopyState(database, source, dict(incoming))
-        else:
-            copy.source = source
-            if incoming:
-                copy.positions = {
-                    o: min(v, incoming[o]) for o, v in copy.positions.items() if o in incoming
-                }
-        if estimated_rows:
-            copy.estimated_rows = estimated_rows
-        if tables:
-            copy.tables = sorted(t.name for t in tables)
-        writer = BatchWriter(self)
-        try:
-            for schema in tables:
-                self._ensure_table(writer, database, schema)
-            by_table: dict[str, list[int]] = {}
-            for i, item in enumerate(parsed):
-                by_table.setdefault(item[0], []).append(i)
-            for table_name, positions_in_chunk in by_table.items():
-                table = self.catalog.find_table(database, table_name) or self._ensure_table(
-                    writer,
-                    database,
-                    types_pb2.TableSchema(name=table_name, primary_key="id", replicate=True),
-                )
-                olds = writer.load(table, [parsed[i][2] for i in positions_in_chunk])
-                for i, old in zip(positions_in_chunk, olds, strict=True):
-                    _, _, encoded, theirs = parsed[i]
-                    if old is None and self._already_seen(database, theirs):
-                        continue  # deleted here, tombstone purged: do not resurrect it
-                    if old is None and theirs.base != merge.ZERO and not theirs.deleted:
-                        # A row this node lacks: store the sender's state bytes as they are.
-                        writer.put_new(table, encoded, theirs.doc, raw_states[i])
-                    else:
-                        writer.set_state(table, encoded, old, merge.merge_states(old, theirs))
-            end = (rows[-1].table, parsed[-1][2]) if rows else None
-            if rows or complete:
-                self._drop_purged(writer, copy, parsed, None if complete else end)
-        except Exception:
-            self.reload_catalog()
-            raise
-        if rows:
-            copy.rows += len(rows)
-            copy.merged_bytes += sum(len(r.state) for r in rows)
-            copy.last_table = rows[-1].table
-            copy.last_id = rows[-1].id
-        if max_version:
-            self.clock.observe(max_version)
-            writer.last_version = max(writer.last_version, self.clock.last)
-        handle = self.store.handle["meta"]
-        if complete:
-            for origin, version in copy.positions.items():
-                if version > self.positions.get((database, origin), 0):
-                    writer.set_position(database, origin, version)
-                    writer.raise_horizon(database, origin, version)
-            writer.batch.delete(COPY_PREFIX + database.encode(), handle)
-        else:
-            writer.batch.put(COPY_PREFIX + database.encode(), copy.encode(), handle)
-        writer.empty = False
-        writer.commit()
-        if complete:
-            self.copies.pop(database, None)
-        else:
-            self.copies[database] = copy
-        return copy
-
-    def _already_seen(self, database: str, state: merge.RecordState) -> bool:
-        """True when this node has applied every write the state reflects (all its
-        versions are within this node's positions)."""
-        stamps = list(state.versions.values())
-        if state.base != merge.ZERO:
-            stamps.append(state.base)
-        positions = self.positions
-        return bool(stamps) and all(v <= positions.get((database, o), 0) for v, o in stamps)
-
-    def _drop_purged(
-        self,
-        writer: BatchWriter,
-        copy: CopyState,
-        parsed: list[tuple[str, Any, bytes, merge.RecordState]],
-        end: tuple[str, bytes] | None,
-    ) -> None:
-        """Remove rows the source deleted and purged (see the MergeSnapshot contract).
-
-        In the key range this merge covers (after the copy's last key, through ``end``), a
-        row of ours that the source did not send, and whose every write the source has
-        already applied (all its versions are within the copy's positions), was deleted
-        on the source and its tombstone purged: keeping it would resurrect it. Rows with
-        any write the source has not seen survive. Tables the source lacks are untouched.
-        """
-        incoming: dict[str, set[bytes]] = {}
-        for table_name, _pk, encoded, _state in parsed:
-            incoming.setdefault(table_name, set()).add(encoded)
-        start_table = copy.last_table
-        start_key = keys.encode_key(orjson.loads(copy.last_id)) if copy.last_id else b""
-        for name in copy.tables:
-            if name < start_table or (end is not None and name > end[0]):
-                continue
-            table = self.catalog.find_table(copy.database, name)
-            if table is None:
-                continue
-            low = table.prefix + (start_key + b"\x00" if name == start_table and start_key else b"")
-            high = table.prefix + end[1] + b"\x00" if end is not None and name == end[0] else None
-            seen = incoming.get(name, set())
-            n = len(table.prefix)
-            for key, value in self.store.scan("data", low, high or keys.prefix_end(table.prefix)):
-                encoded = key[n:]
-                if encoded in seen or key in writer.overlay:
-                    continue
-                state = merge.decode_state(value)
-                stamps = list(state.versions.values())
-                if state.base != merge.ZERO:
-                    stamps.append(state.base)
-                if stamps and all(v <= copy.positions.get(o, 0) for v, o in stamps):
-                    writer.remove(table, encoded, state)
 
     def schema_of(self, table: Table) -> types_pb2.TableSchema:
         return table_schema(table, with_attributes=True)

@@ -40,7 +40,8 @@ from services.storage import (
 from services.storage.analytics import AnalyticsTables
 from services.storage.commit import OperationResult, parse_id
 from services.storage.confirmation import ReplicatorClient, requested, wait_budget
-from services.storage.engine import RESERVED_DATABASES, CopyState, Engine
+from services.storage.copy import CopyState, merge_snapshot
+from services.storage.engine import RESERVED_DATABASES, Engine
 from services.storage.permissions import (
     DELETE,
     INSERT,
@@ -119,6 +120,7 @@ def copy_progress(copy: CopyState, complete: bool = False) -> pb.CopyProgress:
         estimated_rows=copy.estimated_rows,
         last_key=types_pb2.SnapshotKey(table=copy.last_table, id=copy.last_id),
         complete=complete,
+        part=copy.part,
     )
 
 
@@ -854,7 +856,9 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
 
     async def Apply(self, request: pb.ApplyRequest, context: Ctx) -> pb.ApplyResponse:
         self._internal()
-        result = self.engine.apply(list(request.transactions), request.max_clock_skew_ms)
+        result = self.engine.apply(
+            list(request.transactions), request.max_clock_skew_ms, request.partial
+        )
         return pb.ApplyResponse(
             applied=result.applied,
             skipped=result.skipped,
@@ -877,15 +881,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         self, request: pb.MergeSnapshotRequest, context: Ctx
     ) -> pb.MergeSnapshotResponse:
         self._internal()
-        copy = self.engine.merge_snapshot(
-            request.source,
-            request.database,
-            list(request.positions),
-            list(request.tables),
-            list(request.rows),
-            request.estimated_rows,
-            request.complete,
-        )
+        copy = merge_snapshot(self.engine, request)
         return pb.MergeSnapshotResponse(progress=copy_progress(copy, request.complete))
 
     async def GetPositions(
@@ -906,7 +902,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
             horizons=pick(self.engine.horizons),
             copies=[
                 copy_progress(c)
-                for d, c in sorted(self.engine.copies.items())
+                for (d, _), c in sorted(self.engine.copies.items())
                 if not wanted or d == wanted
             ],
             node_name=self.engine.node_name,

@@ -68,6 +68,7 @@ def plan_snapshot(engine: Engine, request: storage_pb2.SnapshotRequest) -> Snaps
         positions=positions,
         tables=[table_schema(t, with_attributes=True) for t in replicated],
         estimated_rows=sum(engine.counts.get(t.table_id, 0) for t in tables),
+        partial=database.name in engine.partial_databases,
     )
     batches = row_batches(
         iterator,

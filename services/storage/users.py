@@ -333,7 +333,7 @@ class UserStore:
         if self.any_user():
             return
         password = password or os.environ.get("SHOAL_ADMIN_PASSWORD")
-        username = os.environ.get("SHOAL_ADMIN_USERNAME", username)
+        username = os.environ.get("SHOAL_ADMIN_USERNAME") or username
         if not password:
             password = secrets.token_urlsafe(18)
             path = keys_path / INITIAL_PASSWORD_FILE

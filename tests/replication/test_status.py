@@ -45,6 +45,22 @@ def test_status_reports_each_connection_and_database(make_cluster: MakeCluster) 
     wait_for(lambda: a.connection(b.name).latency_ms > 0, 20, "a latency measurement")
 
 
+def test_status_shows_how_long_a_peer_can_stay_away(make_cluster: MakeCluster) -> None:
+    """The log margin: the whole retention while a peer is connected, counting down once
+    it is gone (cluster_status in Harper JSON as `logMarginSeconds`)."""
+    cluster = make_cluster(size=2, config={"logging": {"auditRetention": "1h"}})
+    cluster.wait_connected()
+    a, b = cluster[0], cluster[1]
+    assert a.connection(b.name).log_margin_seconds == 3600
+    b.stop("replicator", "storage")
+    wait_for(lambda: not a.connected(b.name), 30, f"{a.name} to see {b.name} gone")
+    first = a.connection(b.name).log_margin_seconds
+    assert 3500 < first < 3600
+    wait_for(
+        lambda: a.connection(b.name).log_margin_seconds < first - 0.5, 10, "the margin to shrink"
+    )
+
+
 def test_copy_progress_is_visible(make_cluster: MakeCluster) -> None:
     cluster = make_cluster(
         size=2, start=False, node_config={1: {"replication": {"copyRowsPerSecond": 4000}}}

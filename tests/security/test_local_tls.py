@@ -6,6 +6,7 @@ import ipaddress
 import stat
 from pathlib import Path
 
+import pytest
 import yaml
 from cryptography import x509
 from typer.testing import CliRunner
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 from services.cli import app
 from services.common import certs
 from services.common.config import load_config
-from services.local import local_cluster_configs
+from services.local import local_cluster_configs, local_username, write_cli_config
 
 
 def _mode(path: Path) -> int:
@@ -52,6 +53,21 @@ def test_local_cluster_configs_use_tls_with_certificates_of_one_ca(tmp_path: Pat
     assert (tmp_path / "node1" / "keys" / "node.crt").read_bytes() == node1_cert
     node4 = x509.load_pem_x509_certificate((tmp_path / "node4" / "keys" / "node.crt").read_bytes())
     node4.verify_directly_issued_by(ca)
+
+
+def test_the_cli_config_names_the_super_user_the_nodes_create(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`shoal local up` writes cli.yaml with the user storage creates: the configured
+    admin.username, or $SHOAL_ADMIN_USERNAME when set (which storage's bootstrap uses)."""
+    [path] = local_cluster_configs(tmp_path, 1, tls=False)
+    config = load_config(path)
+    monkeypatch.delenv("SHOAL_ADMIN_USERNAME", raising=False)
+    assert local_username(config) == "admin"
+    monkeypatch.setenv("SHOAL_ADMIN_USERNAME", "ops")
+    assert local_username(config) == "ops"
+    written = write_cli_config(tmp_path, "pw", tls=False, username=local_username(config))
+    assert yaml.safe_load(written.read_text())["username"] == "ops"
 
 
 def test_insecure_local_cluster_has_no_tls(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from shoal.storage.v1 import types_pb2
 
 from tests.conftest import MakeNode
 from tests.harness.client import StorageClient, error_info
+from tests.harness.copying import merge_request, until_caught_up
 from tests.harness.node import Node
 from tests.harness.wait import wait_for
 
@@ -28,20 +29,6 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 def now_version(offset_ms: int = 0) -> int:
     return (time.time_ns() // 1_000_000 + offset_ms) << 16
-
-
-def until_caught_up(internal: StorageClient, request: pb.SubscribeRequest) -> list[Any]:
-    """Subscribe messages up to and including the first one marked caught_up."""
-    stream = internal.stub.Subscribe(request, metadata=internal.metadata, timeout=30)
-    messages = []
-    try:
-        for message in stream:
-            messages.append(message)
-            if message.caught_up:
-                break
-    finally:
-        stream.cancel()
-    return messages
 
 
 def sent(messages: list[Any]) -> list[types_pb2.Transaction]:
@@ -698,21 +685,22 @@ def test_merge_snapshot_into_another_node_survives_kill(make_node: MakeNode) -> 
     assert len(all_rows) == 40 + 300
     source_version = positions(src_internal)[("dev", source.name)]
 
-    def merge(rows: list[types_pb2.SnapshotRow], complete: bool = False) -> Any:
-        return dst_internal.call(
+    part = 11
+    after: types_pb2.SnapshotKey | None = None
+
+    def merge(rows: list[types_pb2.SnapshotRow], complete: bool = False, header: Any = None) -> Any:
+        nonlocal after
+        progress = dst_internal.call(
             "MergeSnapshot",
-            pb.MergeSnapshotRequest(
-                source=source.name,
-                database="dev",
-                positions=header.positions,
-                tables=header.tables,
-                rows=rows,
-                estimated_rows=header.estimated_rows,
-                complete=complete,
+            merge_request(
+                source.name, "dev", part, rows, header=header, after=after, complete=complete
             ),
         ).progress
+        if rows:
+            after = types_pb2.SnapshotKey(table=rows[-1].table, id=rows[-1].id)
+        return progress
 
-    first = merge(all_rows[:60])
+    first = merge(all_rows[:60], header=header)
     assert (first.rows, first.estimated_rows, first.complete) == (60, 330, False)
     assert (first.last_key.table, first.last_key.id) == (all_rows[59].table, all_rows[59].id)
     second = merge(all_rows[60:120])
@@ -744,7 +732,8 @@ def test_merge_snapshot_into_another_node_survives_kill(make_node: MakeNode) -> 
     )
     rest = rows_of(resumed)
     assert rest == all_rows[120:]
-    merge(rest[:100])
+    part = 12
+    merge(rest[:100], header=resumed[0])
     done = merge(rest[100:], complete=True)
     assert done.complete
     assert done.rows == len(all_rows)
@@ -786,20 +775,25 @@ def test_merge_snapshot_keeps_the_lowest_positions_of_its_parts(node: Node) -> N
         state = orjson.dumps([version, origin, False, {"id": key, "from": origin}, {}])
         return types_pb2.SnapshotRow(table="dog", id=orjson.dumps(key), state=state)
 
+    after: types_pb2.SnapshotKey | None = None
+
     def merge(part: dict[str, int], rows: list[types_pb2.SnapshotRow], complete: bool) -> Any:
-        return internal.call(
+        """Each call is one part of the copy (a resumed Snapshot with its own positions)."""
+        nonlocal after
+        header = pb.SnapshotResponse(
+            positions=[
+                types_pb2.Position(database="dev", origin=o, version=v) for o, v in part.items()
+            ],
+            tables=[schema],
+        )
+        progress = internal.call(
             "MergeSnapshot",
-            pb.MergeSnapshotRequest(
-                source="src",
-                database="dev",
-                positions=[
-                    types_pb2.Position(database="dev", origin=o, version=v) for o, v in part.items()
-                ],
-                tables=[schema],
-                rows=rows,
-                complete=complete,
+            merge_request(
+                "src", "dev", len(rows) + 1, rows, header=header, after=after, complete=complete
             ),
         ).progress
+        after = types_pb2.SnapshotKey(table=rows[-1].table, id=rows[-1].id)
+        return progress
 
     merge({"a": base + 100, "b": base + 50}, [row(1, base + 10, "a")], False)
     merge({"a": base + 90, "b": base + 70, "c": base + 5}, [row(2, base + 20, "b")], False)
@@ -816,6 +810,7 @@ def test_merge_snapshot_keeps_the_lowest_positions_of_its_parts(node: Node) -> N
         {"id": 3, "from": "c"},
     ]
     # A second, older copy never lowers adopted positions.
+    after = None
     merge({"a": base + 1}, [row(1, base + 1, "a")], True)
     assert positions(internal, "dev")[("dev", "a")] == base + 90
     assert client.get("dev", "dog", [1]) == [{"id": 1, "from": "a"}]
@@ -825,14 +820,26 @@ def test_merge_snapshot_errors_change_nothing(node: Node) -> None:
     internal = node.internal_client()
     node.client().create_table("dev", "dog")
     good = types_pb2.SnapshotRow(table="dog", id=b"1", state=b'[5,"x",false,{"id":1},{}]')
+    two = types_pb2.SnapshotRow(table="dog", id=b"2", state=b'[5,"x",false,{"id":2},{}]')
     cases: list[tuple[pb.MergeSnapshotRequest, list[str]]] = [
-        (pb.MergeSnapshotRequest(database="dev", rows=[good]), ["source"]),
-        (pb.MergeSnapshotRequest(source="x", database="bad name", rows=[good]), ["database name"]),
+        (
+            pb.MergeSnapshotRequest(database="dev", rows=[good], part=7, begins_part=True),
+            ["source"],
+        ),
+        (
+            pb.MergeSnapshotRequest(
+                source="x", database="bad name", rows=[good], part=7, begins_part=True
+            ),
+            ["database name"],
+        ),
+        (pb.MergeSnapshotRequest(source="x", database="dev", rows=[good]), ["part"]),
         (
             pb.MergeSnapshotRequest(
                 source="x",
                 database="dev",
                 rows=[good, types_pb2.SnapshotRow(table="dog", id=b"2", state=b"[1,2]")],
+                part=7,
+                begins_part=True,
             ),
             ["row 1"],
         ),
@@ -841,12 +848,44 @@ def test_merge_snapshot_errors_change_nothing(node: Node) -> None:
                 source="x",
                 database="dev",
                 rows=[good, types_pb2.SnapshotRow(table="dog", id=b"null", state=good.state)],
+                part=7,
+                begins_part=True,
             ),
             ["id 1"],
+        ),
+        (
+            pb.MergeSnapshotRequest(
+                source="x", database="dev", rows=[two, good], part=7, begins_part=True
+            ),
+            ["row 1", "key order"],
+        ),
+        (
+            pb.MergeSnapshotRequest(
+                source="x", database="dev", rows=[good, good], part=7, begins_part=True
+            ),
+            ["row 1", "key order"],
         ),
     ]
     for request, words in cases:
         internal.expect(INVALID, "MergeSnapshot", request, *words)
+    # Requests that do not continue a copy: refused before anything is merged.
+    out_of_order = [
+        (pb.MergeSnapshotRequest(source="x", database="dev", part=7, rows=[good]), ["no copy"]),
+        (
+            pb.MergeSnapshotRequest(
+                source="x",
+                database="dev",
+                part=7,
+                begins_part=True,
+                after=types_pb2.SnapshotKey(table="dog", id=b"1"),
+                rows=[two],
+            ),
+            ["no copy"],
+        ),
+    ]
+    for request, words in out_of_order:
+        error = internal.expect(PRECONDITION, "MergeSnapshot", request, *words)
+        assert error_info(error).reason == "COPY_OUT_OF_ORDER"
     assert node.client().all_records("dev", "dog") == []
     reply = internal.call("GetPositions", pb.GetPositionsRequest())
     assert list(reply.copies) == []

@@ -11,6 +11,7 @@ from shoal.storage.v1 import storage_pb2 as pb
 from shoal.storage.v1 import types_pb2
 
 from tests.harness.client import StorageClient
+from tests.harness.copying import until_caught_up
 from tests.harness.node import Node
 from tests.storage.test_replication_api import (
     apply,
@@ -20,7 +21,6 @@ from tests.storage.test_replication_api import (
     remote,
     sent,
     snapshot,
-    until_caught_up,
 )
 
 SCHEMA = types_pb2.TableSchema(

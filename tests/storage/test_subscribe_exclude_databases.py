@@ -10,9 +10,10 @@ from shoal.storage.v1 import storage_pb2 as pb
 from shoal.storage.v1 import types_pb2
 
 from tests.harness.client import StorageClient
+from tests.harness.copying import until_caught_up
 from tests.harness.node import Node
 from tests.harness.wait import wait_for
-from tests.storage.test_replication_api import PRECONDITION, sent, until_caught_up
+from tests.storage.test_replication_api import PRECONDITION, sent
 
 
 def test_excluded_databases_are_never_sent_nor_checked(node: Node, client: StorageClient) -> None:

@@ -1053,6 +1053,7 @@ class CopyChunk(_message.Message):
     ROWS_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    PARTIAL_FIELD_NUMBER: _builtins.int
     copy_id: _builtins.int
     """The CopyRequest this answers."""
     estimated_rows: _builtins.int
@@ -1061,6 +1062,10 @@ class CopyChunk(_message.Message):
     """Last chunk of the copy."""
     error: _builtins.str
     """Set (with done) when the copy failed on the sender."""
+    partial: _builtins.bool
+    """First chunk only: the sender's positions for the database are partial
+    (shoal.storage.v1.SnapshotResponse.partial).
+    """
     @_builtins.property
     def positions(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Position]:
         """First chunk only: positions the copy is consistent with."""
@@ -1083,10 +1088,11 @@ class CopyChunk(_message.Message):
         rows: _abc.Iterable[_types_pb2.SnapshotRow] | None = ...,
         done: _builtins.bool = ...,
         error: _builtins.str = ...,
+        partial: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["copy_id", b"copy_id", "done", b"done", "error", b"error", "estimated_rows", b"estimated_rows", "positions", b"positions", "rows", b"rows", "tables", b"tables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["copy_id", b"copy_id", "done", b"done", "error", b"error", "estimated_rows", b"estimated_rows", "partial", b"partial", "positions", b"positions", "rows", b"rows", "tables", b"tables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1234,6 +1240,7 @@ class Connection(_message.Message):
     DATABASES_FIELD_NUMBER: _builtins.int
     SHARD_FIELD_NUMBER: _builtins.int
     WITHHELD_DATABASES_FIELD_NUMBER: _builtins.int
+    LOG_MARGIN_SECONDS_FIELD_NUMBER: _builtins.int
     peer: _builtins.str
     """Peer node name."""
     address: _builtins.str
@@ -1254,6 +1261,13 @@ class Connection(_message.Message):
     """The last error that ended or refused a connection, or refused data."""
     shard: _builtins.int
     """The peer's shard, as its Hello said (unset when it has none, or before it connected)."""
+    log_margin_seconds: _builtins.float
+    """How much longer the peer can stay away before this node's log may no longer hold
+    what it has not received, and it needs a copy: logging.auditRetention while it is
+    connected, less the time since it was last connected otherwise (negative once that
+    has passed). Retention runs every storage.purgeInterval, so the log may hold on up
+    to that much longer. Unset for a peer not connected since this replicator started.
+    """
     @_builtins.property
     def connected_since(self) -> _timestamp_pb2.Timestamp:
         """When the current connection was established."""
@@ -1284,13 +1298,19 @@ class Connection(_message.Message):
         databases: _abc.Iterable[Global___DatabaseStatus] | None = ...,
         shard: _builtins.int | None = ...,
         withheld_databases: _abc.Iterable[_builtins.str] | None = ...,
+        log_margin_seconds: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_shard", b"_shard", "connected_since", b"connected_since", "shard", b"shard"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_log_margin_seconds", b"_log_margin_seconds", "_shard", b"_shard", "connected_since", b"connected_since", "log_margin_seconds", b"log_margin_seconds", "shard", b"shard"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_shard", b"_shard", "address", b"address", "back_pressure_percent", b"back_pressure_percent", "connected", b"connected", "connected_since", b"connected_since", "databases", b"databases", "dialed", b"dialed", "last_connection_error", b"last_connection_error", "latency_ms", b"latency_ms", "peer", b"peer", "receives", b"receives", "sends", b"sends", "shard", b"shard", "withheld_databases", b"withheld_databases"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_log_margin_seconds", b"_log_margin_seconds", "_shard", b"_shard", "address", b"address", "back_pressure_percent", b"back_pressure_percent", "connected", b"connected", "connected_since", b"connected_since", "databases", b"databases", "dialed", b"dialed", "last_connection_error", b"last_connection_error", "latency_ms", b"latency_ms", "log_margin_seconds", b"log_margin_seconds", "peer", b"peer", "receives", b"receives", "sends", b"sends", "shard", b"shard", "withheld_databases", b"withheld_databases"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__log_margin_seconds: _TypeAlias = _typing.Literal["log_margin_seconds"]  # noqa: Y015
+    _WhichOneofArgType__log_margin_seconds: _TypeAlias = _typing.Literal["_log_margin_seconds", b"_log_margin_seconds"]  # noqa: Y015
     _WhichOneofReturnType__shard: _TypeAlias = _typing.Literal["shard"]  # noqa: Y015
     _WhichOneofArgType__shard: _TypeAlias = _typing.Literal["_shard", b"_shard"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__log_margin_seconds) -> _WhichOneofReturnType__log_margin_seconds | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__shard) -> _WhichOneofReturnType__shard | None: ...
 
 Global___Connection: _TypeAlias = Connection  # noqa: Y015

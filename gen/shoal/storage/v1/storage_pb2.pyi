@@ -2081,9 +2081,15 @@ class ApplyRequest(_message.Message):
 
     TRANSACTIONS_FIELD_NUMBER: _builtins.int
     MAX_CLOCK_SKEW_MS_FIELD_NUMBER: _builtins.int
+    PARTIAL_FIELD_NUMBER: _builtins.int
     max_clock_skew_ms: _builtins.int
     """Refuse the request if a version is this far ahead of this node's clock; 0 disables
     the check.
+    """
+    partial: _builtins.bool
+    """The transactions come from a subscription to some tables only, or from a start
+    time: this node's positions for their databases then no longer stand for every
+    write they cover, and are marked partial (see SnapshotResponse.partial).
     """
     @_builtins.property
     def transactions(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Transaction]:
@@ -2094,10 +2100,11 @@ class ApplyRequest(_message.Message):
         *,
         transactions: _abc.Iterable[_types_pb2.Transaction] | None = ...,
         max_clock_skew_ms: _builtins.int = ...,
+        partial: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_clock_skew_ms", b"max_clock_skew_ms", "transactions", b"transactions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_clock_skew_ms", b"max_clock_skew_ms", "partial", b"partial", "transactions", b"transactions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2420,8 +2427,14 @@ class SnapshotResponse(_message.Message):
     TABLES_FIELD_NUMBER: _builtins.int
     ESTIMATED_ROWS_FIELD_NUMBER: _builtins.int
     ROWS_FIELD_NUMBER: _builtins.int
+    PARTIAL_FIELD_NUMBER: _builtins.int
     estimated_rows: _builtins.int
     """First message only: estimated number of rows in the database."""
+    partial: _builtins.bool
+    """First message only: this node's positions for the database do not stand for every
+    row it holds (it received some tables only, or from a start time, or copied from
+    such a node), so a receiver must not remove a row for being absent here.
+    """
     @_builtins.property
     def positions(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Position]:
         """First message only: positions the copy is consistent with."""
@@ -2441,10 +2454,11 @@ class SnapshotResponse(_message.Message):
         tables: _abc.Iterable[_types_pb2.TableSchema] | None = ...,
         estimated_rows: _builtins.int = ...,
         rows: _abc.Iterable[_types_pb2.SnapshotRow] | None = ...,
+        partial: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimated_rows", b"estimated_rows", "positions", b"positions", "rows", b"rows", "tables", b"tables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimated_rows", b"estimated_rows", "partial", b"partial", "positions", b"positions", "rows", b"rows", "tables", b"tables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2463,6 +2477,10 @@ class MergeSnapshotRequest(_message.Message):
     ROWS_FIELD_NUMBER: _builtins.int
     ESTIMATED_ROWS_FIELD_NUMBER: _builtins.int
     COMPLETE_FIELD_NUMBER: _builtins.int
+    PART_FIELD_NUMBER: _builtins.int
+    BEGINS_PART_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    PARTIAL_FIELD_NUMBER: _builtins.int
     source: _builtins.str
     """Node the rows come from."""
     database: _builtins.str
@@ -2471,6 +2489,21 @@ class MergeSnapshotRequest(_message.Message):
     """The source's estimate of the total rows, for progress."""
     complete: _builtins.bool
     """The copy is finished: adopt its positions and forget its progress."""
+    part: _builtins.int
+    """Names the part (one Snapshot stream) the rows come from; chosen at random by the
+    receiver for each part, never 0.
+    """
+    begins_part: _builtins.bool
+    """The first request of a part, carrying its Snapshot's positions, schema and
+    `partial`. With `after` unset it starts a new copy from `source` (an unfinished one
+    from it is replaced); with `after` set it resumes the copy, which must have stopped
+    at exactly that key.
+    """
+    partial: _builtins.bool
+    """With `begins_part`: the source's Snapshot was `partial`, or the copy covers only
+    some tables. Nothing is removed for being absent, and on completion this node's
+    positions for the database become partial too.
+    """
     @_builtins.property
     def positions(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Position]:
         """The positions of the Snapshot the rows come from. The stored copy keeps, per
@@ -2485,6 +2518,12 @@ class MergeSnapshotRequest(_message.Message):
     def rows(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.SnapshotRow]:
         """Rows to merge, in key order."""
 
+    @_builtins.property
+    def after(self) -> _types_pb2.SnapshotKey:
+        """The key this request's rows follow in the source's order (tables by name, rows by
+        key): unset at the start of the database, otherwise the copy's last merged key.
+        """
+
     def __init__(
         self,
         *,
@@ -2495,10 +2534,14 @@ class MergeSnapshotRequest(_message.Message):
         rows: _abc.Iterable[_types_pb2.SnapshotRow] | None = ...,
         estimated_rows: _builtins.int = ...,
         complete: _builtins.bool = ...,
+        part: _builtins.int = ...,
+        begins_part: _builtins.bool = ...,
+        after: _types_pb2.SnapshotKey | None = ...,
+        partial: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["after", b"after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "database", b"database", "estimated_rows", b"estimated_rows", "positions", b"positions", "rows", b"rows", "source", b"source", "tables", b"tables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "begins_part", b"begins_part", "complete", b"complete", "database", b"database", "estimated_rows", b"estimated_rows", "part", b"part", "partial", b"partial", "positions", b"positions", "rows", b"rows", "source", b"source", "tables", b"tables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2541,6 +2584,7 @@ class CopyProgress(_message.Message):
     ESTIMATED_ROWS_FIELD_NUMBER: _builtins.int
     LAST_KEY_FIELD_NUMBER: _builtins.int
     COMPLETE_FIELD_NUMBER: _builtins.int
+    PART_FIELD_NUMBER: _builtins.int
     database: _builtins.str
     """Database being copied."""
     source: _builtins.str
@@ -2553,6 +2597,8 @@ class CopyProgress(_message.Message):
     """The source's estimate of the total rows."""
     complete: _builtins.bool
     """True once the copy has completed."""
+    part: _builtins.int
+    """The part that merged last (MergeSnapshotRequest.part)."""
     @_builtins.property
     def last_key(self) -> _types_pb2.SnapshotKey:
         """Last merged key: the next part resumes after it."""
@@ -2567,10 +2613,11 @@ class CopyProgress(_message.Message):
         estimated_rows: _builtins.int = ...,
         last_key: _types_pb2.SnapshotKey | None = ...,
         complete: _builtins.bool = ...,
+        part: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_key", b"last_key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "complete", b"complete", "database", b"database", "estimated_rows", b"estimated_rows", "last_key", b"last_key", "rows", b"rows", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "complete", b"complete", "database", b"database", "estimated_rows", b"estimated_rows", "last_key", b"last_key", "part", b"part", "rows", b"rows", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -544,16 +544,33 @@ class StorageServiceServicer:
 
     def MergeSnapshot(self, request, context):
         """The receive side of a copy: merges snapshot rows, and stores the copy's progress in
-        the same atomic write, so a copy resumes from its last merged key. Rows only this
-        node has survive when they carry a write the source has not seen; a row the source
-        did not send although it had seen every write of it (all its versions are within
-        the copy's positions) was deleted there with its tombstone purged, and is removed
-        here too, so a node that missed a delete for longer than the retention horizon does
-        not resurrect it. Symmetrically, a row this node lacks although it has applied every
-        write of it (all its versions are within this node's positions) was deleted here,
-        and is not merged back. With `complete`, adopts the copy's positions. Node-internal
-        only.
-        Errors: INVALID_ARGUMENT (malformed row or state), PERMISSION_DENIED.
+        the same atomic write, so a copy resumes from its last merged key. Progress is kept
+        per (database, source): copies of one database from several sources never share it.
+        A copy is a sequence of parts (one Snapshot stream each, named by `part`); a part
+        begins with `begins_part` and either starts the copy afresh (`after` unset) or
+        resumes it exactly where it stopped (`after` = its last merged key). Every request
+        names the key its rows follow (`after`); a request that does not continue its copy
+        (another part, another key) is refused and changes nothing.
+
+        Invariant (why a copy never deletes an acknowledged write): a row of this node is
+        removed only when all of these hold:
+        1. it lies inside the key range this request covers, between `after` and the
+        request's last row (through the end of the database with `complete`), a range
+        the same source has now sent completely in this copy;
+        2. the source did not send it;
+        3. every write the row carries is within the copy's positions (the lowest of its
+        parts' positions, per origin): the source had applied all of them, and holding
+        no row means it deleted the record and purged the tombstone;
+        4. the source's positions are not `partial`.
+        A row carrying any write the source has not applied, this node's own acknowledged
+        writes included, is never removed. Symmetrically, a row this node lacks although it
+        has applied every write of it (and its own positions are not partial) was deleted
+        here, and is not merged back. With `complete`, adopts the copy's positions (never
+        lowering one) and forgets every unfinished copy of the database, whatever its
+        source. Node-internal only.
+        Errors: INVALID_ARGUMENT (malformed row or state, no source or part),
+        FAILED_PRECONDITION with reason COPY_OUT_OF_ORDER (the request does not continue its
+        copy: the caller starts the copy again), PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
