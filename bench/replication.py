@@ -93,8 +93,8 @@ class Arrivals:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        channel = self.node.channel("storage")
-        stub = storage_pb2_grpc.StorageServiceStub(channel)
+        channel = self.node.socket_channel("storage")
+        stub = storage_pb2_grpc.StorageNodeServiceStub(channel)
         # From now on: a watcher wants new commits, not a history (which a node that got
         # the database by a copy does not have, and says so with LOG_TRUNCATED).
         since = version_from_ms(int(time.time() * 1000) - 1000)

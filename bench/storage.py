@@ -59,9 +59,14 @@ async def concurrent_calls(make_call: Callable[[int], Awaitable[None]], seconds:
     return counter[0] / (time.perf_counter() - start)
 
 
-async def run(address: str, secret: str, records: int, seconds: float) -> dict[str, float]:
+async def run(
+    address: str, socket: str, secret: str, records: int, seconds: float
+) -> dict[str, float]:
+    """``address``: the storage port; ``socket``: its node-local socket (for Apply)."""
     channel = grpc.aio.insecure_channel(address, options=channel_options())
     stub = storage_pb2_grpc.StorageServiceStub(channel)
+    node_channel = grpc.aio.insecure_channel(socket, options=channel_options())
+    node_stub = storage_pb2_grpc.StorageNodeServiceStub(node_channel)
     md = basic_metadata("admin", PASSWORD)
     internal = bearer_metadata(secret)
     await stub.CreateTable(pb.CreateTableRequest(database="bench", table="rpc"), metadata=md)
@@ -134,9 +139,10 @@ async def run(address: str, secret: str, records: int, seconds: float) -> dict[s
         txns.append(txn)
     start = time.perf_counter()
     for txn in txns:
-        await stub.Apply(pb.ApplyRequest(transactions=[txn]), metadata=internal, timeout=60)
+        await node_stub.Apply(pb.ApplyRequest(transactions=[txn]), metadata=internal, timeout=60)
     results["apply_records_per_s"] = records / (time.perf_counter() - start)
     await channel.close()
+    await node_channel.close()
     return results
 
 
@@ -150,7 +156,13 @@ def main() -> int:
         try:
             node.start("storage")
             results = asyncio.run(
-                run(node.storage_address, node.node_secret(), args.records, args.seconds)
+                run(
+                    node.storage_address,
+                    node.socket_address("storage"),
+                    node.node_secret(),
+                    args.records,
+                    args.seconds,
+                )
             )
         finally:
             node.close()

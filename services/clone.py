@@ -2,7 +2,8 @@
 
 1. Read the source's configuration (``get_configuration``, without its bootstrap
    credentials) and write DIR/shoal.yaml for the new node: the cluster-wide settings are
-   kept; what belongs to one node is not (``rootPath``, ``host``, ``replication.hostname``,
+   kept; what belongs to one node is not (``rootPath``, ``socketsPath``, ``host``,
+   ``replication.hostname``,
    ``url``, ``shard``, ``routes``, ``storage.path``, ``tls``, ``admin``, ``testing``). The
    new node routes to the source. With the cluster's CA folder (``--ca-dir``), the new
    node gets a certificate from it (``tls.*``); without, unless the cluster is in insecure
@@ -32,7 +33,7 @@ import yaml
 
 from services.common import certs
 
-NODE_LOCAL_KEYS = ("rootPath", "host", "admin", "tls", "testing")
+NODE_LOCAL_KEYS = ("rootPath", "socketsPath", "host", "admin", "tls", "testing")
 CONFIG_FILE = "shoal.yaml"
 KEYS_FOLDER = "keys"
 NODE_LOCAL_REPLICATION_KEYS = ("hostname", "url", "shard", "routes")

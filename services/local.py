@@ -39,11 +39,13 @@ CLI_CONFIG_FILE = "cli.yaml"
 
 
 def service_address(config: ShoalConfig, service: str) -> str:
+    """Where the supervisor asks ``service`` whether it serves without a health port: the
+    client port of storage and admin, the node-local socket of the replicator."""
     if service == "storage":
         return config.local_address(config.storage.port)
     if service == "admin":
         return config.local_address(config.operations_api.port)
-    return config.local_address(config.replication.port)
+    return config.socket_address("replicator")
 
 
 @dataclass(frozen=True)
@@ -197,9 +199,10 @@ def local_cluster_configs(data: Path, nodes: int, tls: bool = True) -> list[Path
 
     With ``tls`` (the default), a new config gets a certificate signed by the cluster's
     own CA (made once in ``<data>/ca``): ``<data>/node<i>/keys/node.key`` (0600),
-    ``node.crt`` (CN and IP SAN 127.0.0.i) and ``ca.crt``. Without, a new config is in
-    insecure mode (``replication.securePort: null``). Existing configs are kept as they
-    are."""
+    ``node.crt`` (CN and IP SAN 127.0.0.i) and ``ca.crt``; replication is on the mutual-TLS
+    port only. Without, a new config is in insecure mode (``replication.securePort:
+    null``, the plain port open to ``allowedSources: [127.0.0.1]``). Existing configs are
+    kept as they are."""
     hosts = [f"127.0.0.{i}" for i in range(1, nodes + 1)]
     paths = []
     for i, host in enumerate(hosts, start=1):
@@ -212,7 +215,11 @@ def local_cluster_configs(data: Path, nodes: int, tls: bool = True) -> list[Path
                 "routes": [h for h in hosts if h != host],
             }
             if not tls:
-                replication["securePort"] = None  # insecure mode: plaintext everywhere
+                # Insecure mode: plaintext everywhere. Every node of one machine dials from
+                # 127.0.0.1, which is allowed to speak for any of them (and so is any
+                # process of this machine: development only).
+                replication["securePort"] = None
+                replication["allowedSources"] = ["127.0.0.1"]
             config: dict[str, Any] = {
                 "rootPath": ".",
                 "host": host,

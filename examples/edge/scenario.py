@@ -46,11 +46,17 @@ class Outcome:
 
 
 def write_configs(workdir: Path, cloud_host: str, edge_host: str) -> tuple[Path, Path]:
-    # Insecure mode (securePort: null): plaintext on one machine, no certificates.
+    # Insecure mode (securePort: null): plaintext on one machine, no certificates. Both
+    # dial from 127.0.0.1 (every node of one machine does), which the cloud must allow to
+    # join as the edge; a real edge joins the cloud with a certificate instead.
     cloud = {
         "rootPath": "cloud",
         "host": cloud_host,
-        "replication": {"hostname": cloud_host, "securePort": None},
+        "replication": {
+            "hostname": cloud_host,
+            "securePort": None,
+            "allowedSources": ["127.0.0.1"],
+        },
     }
     edge = {
         "rootPath": "edge",

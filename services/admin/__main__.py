@@ -13,6 +13,7 @@ from services.common.client_certificates import ClientCertificates
 from services.common.config import ShoalConfig
 from services.common.entry import service_main
 from services.common.grpcserver import (
+    NodeSocket,
     ServerSpec,
     attach_metrics,
     serve_until_signalled,
@@ -29,6 +30,7 @@ async def run(config: ShoalConfig) -> bool:
     try:
         node_tls = prepare(config)
         secret = await read_node_secret(config.keys_path)
+        socket = NodeSocket.prepare(config, "admin")
     except BaseException:
         await health.stop()
         raise
@@ -48,6 +50,9 @@ async def run(config: ShoalConfig) -> bool:
         client_certificates=ClientCertificates.from_config(config, "admin", tls_source),
         health=health,
         lifecycle=node.lifecycle,
+        # Super users restart members through their admin ports (rolling restarts).
+        lifecycle_on_port=True,
+        socket=socket.path,
     )
     attach_metrics(spec, config)
     running = await start_server(spec)

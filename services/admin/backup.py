@@ -130,7 +130,7 @@ class BackupStream:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         node = self._node
-        call = node.storage.Backup(
+        call = node.storage_node.Backup(
             spb.BackupRequest(database=self._database), metadata=node.internal
         )
         writer: ArchiveWriter | None = None
@@ -379,7 +379,7 @@ class Backups:
     ) -> spb.RestoreResponse:
         """One Restore call: the header, then (unless ``base`` is None) the archives."""
         node = self.node
-        call: Any = node.storage.Restore(metadata=node.internal)
+        call: Any = node.storage_node.Restore(metadata=node.internal)
         header = spb.RestoreHeader(
             database=plan.database,
             positions=_positions(plan.database, plan.positions),

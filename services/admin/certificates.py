@@ -109,7 +109,9 @@ class Certificates:
     async def read(self) -> dict[str, table.Row]:
         """The table's certificates, by name."""
         request = spb.SnapshotRequest(database=table.DATABASE, tables=[table.TABLE])
-        chunks = await self.node.stream(self.node.storage.Snapshot, request, self.node.internal)
+        chunks = await self.node.stream(
+            self.node.storage_node.Snapshot, request, self.node.internal
+        )
         return table.live_rows(r for c in chunks for r in c.rows)
 
     async def list(self) -> list[table.Row]:

@@ -29,7 +29,7 @@ from services.common.errors import (
 )
 from services.common.grpcserver import channel_options
 from services.common.lifecycle import Lifecycle
-from services.common.node_tls import NodeTls
+from services.common.node_tls import NodeTls, node_channel
 
 T = TypeVar("T")
 CALL_TIMEOUT_S = 60.0
@@ -82,11 +82,13 @@ class AdminNode:
         self.lifecycle = Lifecycle("admin")  # this process's restart (served by start_server)
         self.secret = secret
         self.internal: Metadata = bearer_metadata(secret)
-        self._storage_channel = node_tls.channel("storage", config.storage.max_message_bytes)
-        # The replicator's mutual-TLS port, or its plain port in insecure mode.
-        self._replicator_channel = node_tls.replicator_channel(config.storage.max_message_bytes)
+        # The node-local sockets of storage and the replicator.
+        max_bytes = config.storage.max_message_bytes
+        self._storage_channel = node_channel(config, "storage", max_bytes)
+        self._replicator_channel = node_channel(config, "replicator", max_bytes)
         self.storage = storage_pb2_grpc.StorageServiceStub(self._storage_channel)
-        self.replicator = replicator_pb2_grpc.ReplicatorServiceStub(self._replicator_channel)
+        self.storage_node = storage_pb2_grpc.StorageNodeServiceStub(self._storage_channel)
+        self.replicator = replicator_pb2_grpc.ReplicatorNodeServiceStub(self._replicator_channel)
         self.lifecycles = {
             "storage": lifecycle_pb2_grpc.LifecycleServiceStub(self._storage_channel),
             "replicator": lifecycle_pb2_grpc.LifecycleServiceStub(self._replicator_channel),

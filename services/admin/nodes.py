@@ -95,7 +95,9 @@ class Nodes:
     async def read(self) -> members.Membership:
         """This node's hdb_nodes, tombstones included."""
         request = spb.SnapshotRequest(database=members.DATABASE, tables=[members.TABLE])
-        chunks = await self.node.stream(self.node.storage.Snapshot, request, self.node.internal)
+        chunks = await self.node.stream(
+            self.node.storage_node.Snapshot, request, self.node.internal
+        )
         return members.parse_rows([r for c in chunks for r in c.rows], self.name)
 
     async def _write(self, rows: Iterable[Row]) -> None:

@@ -14,10 +14,12 @@ with dots as underscores, e.g. ``SHOAL_REPLICATION_HOSTNAME=server-one`` or
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
 import socket
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,6 +31,9 @@ import yaml
 DEFAULT_ADMIN_PORT = 9925
 DEFAULT_STORAGE_PORT = 9926
 DEFAULT_REPLICATION_PORT = 9932
+SOCKET_SUFFIX = ".sock"
+MAX_SOCKET_PATH = 107  # bytes of a Unix socket path (sun_path, less its final NUL)
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_REPLICATION_SECURE_PORT = 9933
 DEFAULT_METRICS_STORAGE_PORT = 9941
 DEFAULT_METRICS_REPLICATOR_PORT = 9942
@@ -158,8 +163,11 @@ class ReplicationConfig:
     """``replication.*``: the replicator service."""
 
     hostname: str
-    port: int = DEFAULT_REPLICATION_PORT
+    # The plain port: closed (None) by default whenever securePort is open.
+    port: int | None = None
     secure_port: int | None = DEFAULT_REPLICATION_SECURE_PORT
+    # Source addresses (networks) that may speak for any route or member on the plain port.
+    allowed_sources: tuple[IPNetwork, ...] = ()
     routes: tuple[Route, ...] = ()
     # None means every database ('*'); a list may hold '*' too, with per-database entries
     databases: tuple[ReplicatedDatabase, ...] | None = None
@@ -304,6 +312,8 @@ class ShoalConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     analytics: AnalyticsConfig = field(default_factory=AnalyticsConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    # Folder of the node-local sockets of its services (node-internal RPCs).
+    sockets_path: Path | None = None
     source: Path | None = None
 
     @property
@@ -315,6 +325,25 @@ class ShoalConfig:
     def storage_path(self) -> Path:
         """The RocksDB directory."""
         return self.root_path / self.storage.path
+
+    @property
+    def sockets_folder(self) -> Path:
+        """The folder of the node-local sockets (``socketsPath``, mode 0700): by default
+        ``<rootPath>/sockets``, or, when a socket path there would be too long for a Unix
+        socket, a folder of the system's temporary folder named after ``rootPath`` (the
+        same for the node's three processes)."""
+        if self.sockets_path is not None:
+            return self.sockets_path
+        folder = self.root_path / "sockets"
+        if _socket_path_fits(folder):
+            return folder
+        digest = hashlib.sha256(str(self.root_path).encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / f"shoal-{digest}"
+
+    def socket_address(self, service: str) -> str:
+        """The gRPC address of the node-local socket of ``service`` (``storage``,
+        ``replicator`` or ``admin``), where its node-internal RPCs are served."""
+        return f"unix:{self.sockets_folder / (service + SOCKET_SUFFIX)}"
 
     @property
     def keys_path(self) -> Path:
@@ -684,15 +713,49 @@ def _advertised_url(reader: _Reader, hostname: str) -> str | None:
     return url
 
 
+def _socket_path_fits(folder: Path) -> bool:
+    """Whether every socket of a node fits a Unix socket path in ``folder``."""
+    return len(str(folder / ("replicator" + SOCKET_SUFFIX)).encode()) <= MAX_SOCKET_PATH
+
+
+def _networks(reader: _Reader, key: str) -> tuple[IPNetwork, ...]:
+    """A list of IP addresses or networks (``10.0.0.0/8``, ``127.0.0.1``)."""
+    present, raw = reader.raw(key)
+    if not present or raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+        reader.problem(key, raw, "expected a list of IP addresses or networks")
+        return ()
+    networks: list[IPNetwork] = []
+    for item in raw:
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            reader.problem(key, item, "not an IP address or network (e.g. 10.0.0.0/8)")
+    return tuple(networks)
+
+
 def _parse_replication(reader: _Reader) -> ReplicationConfig:
     hostname = reader.string("hostname", socket.gethostname())
     if not _valid_hostname(hostname):
         reader.problem("hostname", hostname, "not a valid host name or address")
-    port = reader.port("port", DEFAULT_REPLICATION_PORT)
     present, raw_secure = reader.raw("securePort")
     secure_port: int | None = DEFAULT_REPLICATION_SECURE_PORT
     if present:
         secure_port = None if raw_secure is None else reader.port("securePort", 0) or None
+    # The plain port is open only when asked for, or when there is no TLS port at all.
+    present, raw_port = reader.raw("port")
+    port: int | None = None if secure_port is not None else DEFAULT_REPLICATION_PORT
+    if present:
+        port = None if raw_port is None else reader.port("port", 0) or None
+    if port is None and secure_port is None:
+        reader.problem(
+            "port",
+            raw_port,
+            "replication.port and replication.securePort cannot both be null: the node"
+            " would have no replication port",
+        )
+    allowed_sources = _networks(reader, "allowedSources")
     routes: list[Route] = []
     present, raw_routes = reader.raw("routes")
     if present and raw_routes is not None:
@@ -715,6 +778,7 @@ def _parse_replication(reader: _Reader) -> ReplicationConfig:
         hostname=hostname,
         port=port,
         secure_port=secure_port,
+        allowed_sources=allowed_sources,
         routes=tuple(routes),
         databases=databases,
         max_clock_skew_s=reader.duration("maxClockSkew", 60.0),
@@ -819,6 +883,21 @@ def parse_config(
     host = top.string("host", "127.0.0.1")
     if not _valid_hostname(host) and host not in ("0.0.0.0", "::"):
         top.problem("host", host, "not a valid address to listen on")
+    sockets: Path | None = None
+    raw_sockets = top.optional_string("socketsPath")
+    if raw_sockets is not None:
+        sockets = Path(raw_sockets).expanduser()
+        if not sockets.is_absolute():
+            sockets = root / sockets
+    folder = sockets if sockets is not None else root / "sockets"
+    longest = folder / ("replicator" + SOCKET_SUFFIX)
+    if sockets is not None and not _socket_path_fits(folder):
+        top.problem(
+            "socketsPath",
+            str(longest.parent),
+            f"a socket path there would be {len(str(longest).encode())} bytes, more than the"
+            f" {MAX_SOCKET_PATH} a Unix socket allows: set socketsPath to a shorter folder",
+        )
 
     lg = top.section("logging")
     logging_config = LoggingConfig(
@@ -938,8 +1017,9 @@ def parse_config(
     ports = {
         "operationsApi.network.port": operations_api.port,
         "storage.port": storage.port,
-        "replication.port": replication.port,
     }
+    if replication.port is not None:
+        ports["replication.port"] = replication.port
     if replication.secure_port is not None:
         ports["replication.securePort"] = replication.secure_port
     if metrics.enabled:
@@ -973,6 +1053,7 @@ def parse_config(
         metrics=metrics,
         analytics=analytics,
         health=health,
+        sockets_path=sockets,
         source=source,
     )
 

@@ -14,17 +14,28 @@ user it names to the authenticator. Each process also has a plaintext health por
 (``HealthPort``, ``health.*`` in shoal.yaml) that serves ``grpc.health.v1`` and nothing
 else, for orchestrator probes: it starts first (NOT_SERVING while the process starts),
 shares the main port's statuses, and stops last (NOT_SERVING while it drains).
+
+Node-internal RPCs (what only the node's own services call: replication, positions,
+restarts, ...) are served on a second server bound to a Unix socket in the node's
+``socketsPath`` (folder 0700, socket 0600), never on a TCP port: ``NodeSocket``. The
+socket serves the service's client RPCs too, so the node's processes reach each other
+there whatever the client ports' TLS settings.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
+import os
 import signal
+import socket
+import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
@@ -361,17 +372,31 @@ class ServerSpec:
     # The process's statuses and health port (start_health_port), stopped last; None:
     # statuses of the main port only.
     health: HealthPort | None = None
-    # Restart in place (shoal.lifecycle.v1, served beside the service); None: a new one.
+    # Restart in place (shoal.lifecycle.v1, served on the node socket); None: a new one.
     lifecycle: Lifecycle | None = None
+    # The node-local socket (NodeSocket.path) serving the client services plus
+    # ``register_internal``'s node-internal ones; None: no socket.
+    socket: Path | None = None
+    register_internal: Callable[[grpc.aio.Server], None] | None = None
+    # Serve shoal.lifecycle.v1 on the TCP port too (admin: for super users' rolling
+    # restarts across nodes), not only on the socket.
+    lifecycle_on_port: bool = False
 
 
 class RunningServer:
-    """A started server with its health servicer."""
+    """A started server (and its node socket's) with its health servicer."""
 
-    def __init__(self, spec: ServerSpec, server: grpc.aio.Server, health_servicer: Any) -> None:
+    def __init__(
+        self,
+        spec: ServerSpec,
+        server: grpc.aio.Server,
+        health_servicer: Any,
+        socket_server: grpc.aio.Server | None = None,
+    ) -> None:
         self.spec = spec
         self.server = server
         self.health = health_servicer
+        self.socket_server = socket_server
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -386,7 +411,13 @@ class RunningServer:
         await self.set_serving(False)
         for hook in self.spec.pre_stop:
             await hook()
-        await self.server.stop(self.spec.grace_s)
+        stopping = [self.server.stop(self.spec.grace_s)]
+        if self.socket_server is not None:
+            stopping.append(self.socket_server.stop(self.spec.grace_s))
+        await asyncio.gather(*stopping)
+        if self.spec.socket is not None:
+            with contextlib.suppress(OSError):
+                self.spec.socket.unlink()
         for hook in self.spec.on_stop:
             await hook()
         if self.spec.health is not None:
@@ -409,26 +440,115 @@ def attach_metrics(
     return server
 
 
+class NodeSocket:
+    """The node-local socket of one service: ``<socketsPath>/<service>.sock``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @staticmethod
+    def prepare(config: ShoalConfig, service: str) -> NodeSocket:
+        """Make the folder (0700) and clear a socket a previous start left behind; a
+        socket another process still serves is not taken over (Unavailable)."""
+        folder = config.sockets_folder
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        info = folder.lstat()
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            raise Unavailable(
+                f"{folder} (the node's socketsPath) must be a folder of this process's user,"
+                " not a link or another user's folder"
+            )
+        os.chmod(folder, 0o700)
+        path = folder / f"{service}.sock"
+        if path.exists() or path.is_symlink():
+            if _answers(path):
+                raise Unavailable(
+                    f"{service} is already running for this node ({path} answers): stop it"
+                    " first (one process per service and node)"
+                )
+            path.unlink()
+        return NodeSocket(path)
+
+    @property
+    def address(self) -> str:
+        return f"unix:{self.path}"
+
+    async def start(
+        self,
+        name: str,
+        register: Callable[[grpc.aio.Server], None],
+        interceptors: Sequence[grpc.aio.ServerInterceptor],
+        health_servicer: Any,
+        service_names: Sequence[str],
+        max_message_bytes: int,
+    ) -> grpc.aio.Server:
+        """A server on the socket (mode 0600) with ``register``'s services, health and
+        reflection."""
+        server = grpc.aio.server(
+            interceptors=list(interceptors), options=server_options(max_message_bytes)
+        )
+        register(server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+        try:
+            port = server.add_insecure_port(self.address)
+        except RuntimeError as exc:
+            raise Unavailable(f"{name} cannot listen on {self.path}: {exc}") from exc
+        if port == 0:
+            raise Unavailable(f"{name} cannot listen on {self.path}")
+        await server.start()
+        os.chmod(self.path, 0o600)
+        log.info("%s node-internal RPCs on %s", name, self.path)
+        return server
+
+
+def _answers(path: Path) -> bool:
+    """Whether a process accepts connections on the Unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 async def start_server(spec: ServerSpec) -> RunningServer:
-    """Build, bind and start a server; health reports SERVING once it listens."""
+    """Build, bind and start a server (and its node socket's); health reports SERVING
+    once they listen."""
+    if spec.lifecycle is None:
+        spec.lifecycle = Lifecycle(spec.name)
+    lifecycle = spec.lifecycle
+
+    def interceptors() -> list[grpc.aio.ServerInterceptor]:
+        return [ShoalInterceptor(spec.authenticator, spec.rpc_metrics, spec.client_certificates)]
+
+    def register_port(server: grpc.aio.Server) -> None:
+        spec.register(server)
+        if spec.lifecycle_on_port:
+            add_LifecycleServiceServicer_to_server(LifecycleServicer(lifecycle), server)
+
+    def register_socket(server: grpc.aio.Server) -> None:
+        spec.register(server)
+        if spec.register_internal is not None:
+            spec.register_internal(server)
+        add_LifecycleServiceServicer_to_server(LifecycleServicer(lifecycle), server)
+
     server = grpc.aio.server(
-        interceptors=[
-            ShoalInterceptor(spec.authenticator, spec.rpc_metrics, spec.client_certificates)
-        ],
+        interceptors=interceptors(),
         options=server_options(spec.max_message_bytes),
         maximum_concurrent_rpcs=spec.max_concurrent_rpcs,
     )
-    spec.register(server)
-    if spec.lifecycle is None:
-        spec.lifecycle = Lifecycle(spec.name)
-    add_LifecycleServiceServicer_to_server(LifecycleServicer(spec.lifecycle), server)
+    register_port(server)
     health_servicer = (
         spec.health.servicer if spec.health is not None else health.aio.HealthServicer()
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    on_port = [*spec.service_names, *([LIFECYCLE_SERVICE] if spec.lifecycle_on_port else [])]
     reflection.enable_server_reflection(
-        [*spec.service_names, LIFECYCLE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME],
-        server,
+        [*on_port, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     try:
         if spec.tls is not None:
@@ -442,8 +562,18 @@ async def start_server(spec: ServerSpec) -> RunningServer:
         raise Unavailable(f"{spec.name} cannot listen on {spec.address}: {exc}") from exc
     if port == 0:
         raise Unavailable(f"{spec.name} cannot listen on {spec.address} (address in use?)")
+    socket_server = None
+    if spec.socket is not None:
+        socket_server = await NodeSocket(spec.socket).start(
+            spec.name,
+            register_socket,
+            [ShoalInterceptor(spec.authenticator, spec.rpc_metrics)],
+            health_servicer,
+            [*spec.service_names, LIFECYCLE_SERVICE],
+            spec.max_message_bytes,
+        )
     await server.start()
-    running = RunningServer(spec, server, health_servicer)
+    running = RunningServer(spec, server, health_servicer, socket_server)
     await running.set_serving(True)
     security = "plaintext"
     if spec.tls is not None:

@@ -43,7 +43,7 @@ def advertised_url(config: ShoalConfig, secure: bool) -> str:
     if replication.url:
         return replication.url
     host = f"[{replication.hostname}]" if ":" in replication.hostname else replication.hostname
-    if secure and replication.secure_port is not None:
+    if replication.secure_port is not None and (secure or replication.port is None):
         return f"shoals://{host}:{replication.secure_port}"
     return f"ws://{host}:{replication.port}"
 

@@ -4,16 +4,14 @@ and the channels between its own processes.
 
 A client port (storage, admin) serves TLS with the node's certificate when the node has
 TLS material, unless ``storage.tls`` / ``operationsApi.tls`` is false, and requires client
-certificates with ``storage.mtls`` / ``operationsApi.mtls``. A process dialing another
-process of its node verifies the node's own certificate against the node's CA, and
-presents the node's certificate to a port that requires one.
+certificates with ``storage.mtls`` / ``operationsApi.mtls``. A node's processes reach
+each other on their node-local sockets (``node_channel``), not on these ports.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 from cryptography import x509
@@ -26,6 +24,16 @@ from services.common.tls import TlsMaterial, load_tls, verifying_channel_credent
 from services.common.tls_source import TlsError, TlsSource
 
 CLIENT_PORTS = ("storage", "admin")
+
+
+def node_channel(config: ShoalConfig, service: str, max_message_bytes: int) -> grpc.aio.Channel:
+    """An asyncio channel to the node-local socket of one of this node's services
+    (``storage``, ``replicator`` or ``admin``): its node-internal RPCs and its client
+    RPCs, whatever its ports' TLS (the socket is 0600 in a 0700 folder; calls still
+    carry the node secret or a caller's credentials)."""
+    return grpc.aio.insecure_channel(
+        config.socket_address(service), options=channel_options(max_message_bytes)
+    )
 
 
 def names_host(certificate_pem: bytes, host: str) -> bool:
@@ -108,49 +116,6 @@ class NodeTls:
         if self.material is None or names_host(self.material.certificate, _host_of(address)):
             return None
         return self.config.node_name
-
-    def channel(self, service: str, max_message_bytes: int) -> grpc.aio.Channel:
-        """An asyncio channel to this node's ``storage`` or ``admin`` port."""
-        config = self.config
-        port = config.storage.port if service == "storage" else config.operations_api.port
-        credentials = None
-        if self.material is not None and self.serves_tls(service):
-            credentials = self.client_port_credentials(service)
-        return self._dial(config.local_address(port), credentials, max_message_bytes)
-
-    def replicator_channel(self, max_message_bytes: int) -> grpc.aio.Channel:
-        """An asyncio channel to this node's replicator: its mutual-TLS port
-        (``replication.securePort``) with the node's own certificate as the client's,
-        or the plain port (``replication.port``) in insecure mode."""
-        address = self.replicator_address()
-        if self.material is None or self.config.replication.secure_port is None:
-            return self._dial(address, None, max_message_bytes)
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=self.material.trusted,
-            private_key=self.material.private_key,
-            certificate_chain=self.material.certificate,
-        )
-        return self._dial(address, credentials, max_message_bytes)
-
-    def replicator_address(self) -> str:
-        """Where this node's processes reach its replicator (see ``replicator_channel``)."""
-        replication = self.config.replication
-        if self.material is None or replication.secure_port is None:
-            return self.config.local_address(replication.port)
-        return self.config.local_address(replication.secure_port)
-
-    def _dial(
-        self, address: str, credentials: grpc.ChannelCredentials | None, max_message_bytes: int
-    ) -> grpc.aio.Channel:
-        """A channel to one of this node's own ports: plaintext without ``credentials``,
-        else TLS checking the node's name when the dialed host is not in its certificate."""
-        options: list[tuple[str, Any]] = channel_options(max_message_bytes)
-        if credentials is None:
-            return grpc.aio.insecure_channel(address, options=options)
-        override = self.target_name_override(address)
-        if override is not None:
-            options.append(("grpc.ssl_target_name_override", override))
-        return grpc.aio.secure_channel(address, credentials, options=options)
 
 
 def prepare(config: ShoalConfig) -> NodeTls:

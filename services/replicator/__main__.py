@@ -17,6 +17,7 @@ from services.common.config import ShoalConfig
 from services.common.entry import service_main
 from services.common.errors import Unavailable
 from services.common.grpcserver import (
+    NodeSocket,
     RunningServer,
     ServerSpec,
     ShoalInterceptor,
@@ -34,10 +35,11 @@ from services.replicator import sampler
 from services.replicator.local import LocalStorage
 from services.replicator.metrics import replicator_metrics
 from services.replicator.replicator import Replicator
-from services.replicator.server import ReplicatorServicer
+from services.replicator.server import ReplicatorNodeServicer, ReplicatorServicer
 
 log = logging.getLogger("shoal.replicator")
 SERVICE_NAME = replicator_pb2.DESCRIPTOR.services_by_name["ReplicatorService"].full_name
+NODE_SERVICE_NAME = replicator_pb2.DESCRIPTOR.services_by_name["ReplicatorNodeService"].full_name
 
 
 async def run(config: ShoalConfig) -> bool:
@@ -48,6 +50,7 @@ async def run(config: ShoalConfig) -> bool:
         node_tls = prepare(config)
         config = node_tls.config
         secret = await read_node_secret(config.keys_path)
+        socket = NodeSocket.prepare(config, "replicator")
     except BaseException:
         await health_port.stop()
         raise
@@ -55,45 +58,40 @@ async def run(config: ShoalConfig) -> bool:
         tls = TlsSource.from_config(config, label="replication TLS")
     except TlsError as exc:
         raise SystemExit(f"replicator: {exc}") from exc
-    storage = LocalStorage(
-        config.local_address(config.storage.port),
-        secret,
-        config.storage.max_message_bytes,
-        node_tls.channel("storage", config.storage.max_message_bytes),
-    )
+    storage = LocalStorage(config, secret)
     replicator = Replicator(config, storage, tls)
+    ports = [f"{config.host}:{p}" for p in (config.replication.port,) if p is not None]
     spec = ServerSpec(
         name="replicator",
-        address=f"{config.host}:{config.replication.port}",
-        service_names=[SERVICE_NAME],
+        address=", ".join(ports) or f"{config.host}:{config.replication.secure_port}",
+        service_names=[SERVICE_NAME, NODE_SERVICE_NAME],
         register=lambda _: None,
         authenticator=None,
         pre_stop=[replicator.close],
         on_stop=[storage.close],
         grace_s=5.0,
         health=health_port,
+        socket=socket.path,
     )
     try:
         attach_metrics(spec, config, loop_sources=[replicator_metrics(replicator)])
     except Unavailable as exc:
         raise SystemExit(f"replicator: {exc.message}") from exc
+    interceptors = [ShoalInterceptor(None, spec.rpc_metrics)]
     server = grpc.aio.server(
-        interceptors=[ShoalInterceptor(None, spec.rpc_metrics)],
-        options=server_options(config.storage.max_message_bytes),
+        interceptors=interceptors, options=server_options(config.storage.max_message_bytes)
     )
     replicator_pb2_grpc.add_ReplicatorServiceServicer_to_server(
-        ReplicatorServicer(replicator, secret), server
+        ReplicatorServicer(replicator), server
     )
-    spec.lifecycle = Lifecycle("replicator")
-    add_LifecycleServiceServicer_to_server(LifecycleServicer(spec.lifecycle, secret), server)
     health_servicer = health_port.servicer
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        [SERVICE_NAME, LIFECYCLE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    plain = spec.address
-    if server.add_insecure_port(plain) == 0:
-        raise SystemExit(f"replicator: cannot listen on {plain}")
+    for plain in ports:
+        if server.add_insecure_port(plain) == 0:
+            raise SystemExit(f"replicator: cannot listen on {plain}")
     if config.replication.secure_port is not None:
         secure = f"{config.host}:{config.replication.secure_port}"
         if tls is None:
@@ -102,13 +100,37 @@ async def run(config: ShoalConfig) -> bool:
             )
         elif server.add_secure_port(secure, reloading_server_credentials(tls)) == 0:
             raise SystemExit(f"replicator: cannot listen on {secure}")
+    spec.lifecycle = Lifecycle("replicator")
+    lifecycle = LifecycleServicer(spec.lifecycle, secret)
+
+    def register_socket(node_server: grpc.aio.Server) -> None:
+        replicator_pb2_grpc.add_ReplicatorNodeServiceServicer_to_server(
+            ReplicatorNodeServicer(replicator, secret), node_server
+        )
+        add_LifecycleServiceServicer_to_server(lifecycle, node_server)
+
+    try:
+        socket_server = await socket.start(
+            "replicator",
+            register_socket,
+            interceptors,
+            health_servicer,
+            [NODE_SERVICE_NAME, LIFECYCLE_SERVICE],
+            config.storage.max_message_bytes,
+        )
+    except Unavailable as exc:
+        raise SystemExit(f"replicator: {exc.message}") from exc
     await server.start()
 
-    running = RunningServer(spec, server, health_servicer)
+    running = RunningServer(spec, server, health_servicer, socket_server)
     await running.set_serving(True)
     replicator.start()
     routes = ", ".join(r.hostname for r in config.replication.routes) or "none"
-    log.info("replicator %s listening on %s (routes: %s)", config.node_name, plain, routes)
+    listening = ", ".join(
+        [*(f"{p} (plain)" for p in ports)]
+        + ([f"{config.host}:{config.replication.secure_port} (mutual TLS)"] if tls else [])
+    )
+    log.info("replicator %s listening on %s (routes: %s)", config.node_name, listening, routes)
     tasks: list[asyncio.Task[None]] = []
     if config.analytics.enabled:
         clock = wall_clock_ms(config.testing.clock_offset_ms)

@@ -2,22 +2,24 @@
 
 Checked by the listener after the Hello, on both replication ports:
 
-* **Known source address (plain port only).** Without TLS nothing vouches for a name, so
-  the connection's source address must be an address of a known host: the hosts of the
-  configured routes and of the live rows of ``system.hdb_nodes`` (resolved with the
-  system resolver, cached for ``RESOLVE_TTL_S``), this node's own ``hostname`` and
-  ``host``, and the addresses of this machine's interfaces. The last are there because
-  nodes on one machine cannot be told apart by address: every dial to 127.0.0.x leaves
-  from 127.0.0.1. So the plain port trusts processes on its own machine (and network
-  namespace), which is one more reason it is for development and private networks.
+* **Source address (plain port only).** Without TLS nothing vouches for a name, so the
+  connection's source address must be an address of the node it claims to be (a route
+  or a live member of ``system.hdb_nodes``, its name resolved with the system resolver
+  and cached for ``RESOLVE_TTL_S``), or fall in ``replication.allowedSources``, the
+  explicit list of addresses and networks that may speak for any name. Nothing is
+  trusted implicitly, this machine's own addresses included: nodes on one machine all
+  dial from 127.0.0.1 (a connection to 127.0.0.x leaves from 127.0.0.1), so a same-host
+  development cluster lists 127.0.0.1 there (``shoal local up --insecure`` does), and
+  then any process of that machine may speak for any of them.
 * **Known identity.** The dialer's node name (on the TLS port, already one of its
   certificate's names) must be a configured route or a live member (a row of
   ``system.hdb_nodes``).
 * **Join.** A dialer the listener does not know is admitted when its Hello carries a
   ``join``: Shoal dials only peers its own routes or membership list, so ``add_node`` run
   on one member reaches the others this way. The credential is the transport's: a
-  certificate from a trusted CA naming the dialer (TLS port), or a known source address
-  (plain port). The listener then records the dialer in its ``system.hdb_nodes``.
+  certificate from a trusted CA naming the dialer (TLS port), or a source address in
+  ``replication.allowedSources`` (plain port). The listener then records the dialer in
+  its ``system.hdb_nodes``.
 
 A removed node (a tombstone) is refused before this, join or not (replicator.py).
 """
@@ -30,13 +32,12 @@ import logging
 import socket
 import time
 import urllib.parse
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
 
-import psutil
 from shoal.replicator.v1 import replicator_pb2 as rpb
 
 from services.common import members
-from services.common.config import ConfigError
+from services.common.config import ConfigError, IPNetwork
 from services.replicator.handshake import Refused
 
 log = logging.getLogger("shoal.replicator")
@@ -71,34 +72,11 @@ def _literal(host: str) -> IPAddress | None:
         return None
 
 
-def _machine_addresses() -> frozenset[IPAddress]:
-    """Addresses assigned to this machine's interfaces (in its network namespace)."""
-    found: set[IPAddress] = set()
-    for addresses in psutil.net_if_addrs().values():
-        for entry in addresses:
-            if entry.family in (socket.AF_INET, socket.AF_INET6):
-                address = _literal(entry.address.split("%", 1)[0])
-                if address is not None:
-                    found.add(address)
-    return frozenset(found)
-
-
 class KnownAddresses:
     """Resolves host names to addresses, with a cache and a deadline per resolution."""
 
     def __init__(self) -> None:
         self._cache: dict[str, tuple[float, frozenset[IPAddress]]] = {}
-        self._machine: tuple[float, frozenset[IPAddress]] = (0.0, frozenset())
-
-    def machine(self, max_age_s: float = RESOLVE_TTL_S) -> frozenset[IPAddress]:
-        at, addresses = self._machine
-        if time.monotonic() - at > max_age_s:
-            try:
-                addresses = _machine_addresses()
-            except OSError as exc:
-                log.warning("cannot list this machine's addresses: %s", exc)
-            self._machine = (time.monotonic(), addresses)
-        return self._machine[1]
 
     async def resolve(self, host: str, max_age_s: float = RESOLVE_TTL_S) -> frozenset[IPAddress]:
         literal = _literal(host)
@@ -125,47 +103,44 @@ class KnownAddresses:
             del self._cache[stale]
         return addresses
 
-    async def of(
-        self, peers: Collection[str], own: Iterable[str], max_age_s: float = RESOLVE_TTL_S
-    ) -> frozenset[IPAddress]:
-        """Every address a known peer may dial from (see the module comment)."""
-        peer_addresses = await self._all(peers, max_age_s)
-        own_addresses = await self._all(own, max_age_s)
-        return peer_addresses | own_addresses | self.machine(max_age_s)
-
-    async def _all(self, hosts: Iterable[str], max_age_s: float) -> frozenset[IPAddress]:
-        resolved = await asyncio.gather(*(self.resolve(h, max_age_s) for h in set(hosts)))
-        return frozenset().union(*resolved)
-
 
 class Admission:
     """The admission checks of one node (see the module comment)."""
 
-    def __init__(self, name: str, own_hosts: Iterable[str]) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
-        self.own_hosts = tuple(h for h in own_hosts if h and h not in ("0.0.0.0", "::"))
         self.addresses = KnownAddresses()
 
-    async def check_address(self, peer: str, claimed: str, known_hosts: Collection[str]) -> None:
+    async def check_address(
+        self,
+        peer: str,
+        claimed: str,
+        known: Collection[str],
+        allowed: Collection[IPNetwork],
+    ) -> None:
         """Plain port: Refused (UNAUTHORIZED, naming the address) unless ``peer``'s source
-        address belongs to a known host."""
+        address is in ``allowed`` or, for a known name, is an address of that name."""
         source = source_address(peer)
         if source is not None:
-            hosts = [h for h in known_hosts if h != self.name]
-            known = await self.addresses.of(hosts, self.own_hosts)
-            if source not in known:
-                # Maybe a host moved: resolve again what is older than a second, once.
-                known = await self.addresses.of(hosts, self.own_hosts, REFRESH_AFTER_S)
-            if source in known:
+            if any(source in network for network in allowed):
                 return
+            if claimed in known and claimed != self.name:
+                if source in await self.addresses.resolve(claimed):
+                    return
+                # Maybe the host moved: resolve again what is older than a second, once.
+                if source in await self.addresses.resolve(claimed, REFRESH_AFTER_S):
+                    return
         shown = str(source) if source is not None else peer
-        who = f" (saying it is {claimed})" if claimed else ""
+        who = f" saying it is {claimed}" if claimed else ""
+        if claimed in known:
+            why = f"{shown} is not an address of {claimed}"
+        else:
+            why = f"{claimed or 'it'} is not a route or member of {self.name}"
         raise Refused(
             rpb.GOODBYE_CODE_UNAUTHORIZED,
-            f"refusing the plain-port connection from {shown}{who}: {shown} is not an address"
-            f" of a route or member of {self.name} (replication.routes, system.hdb_nodes);"
-            " without TLS only known addresses may replicate. Add the node with add_node"
-            " (or a route) by a name that resolves to this address, or use mutual TLS",
+            f"refusing the plain-port connection from {shown}{who}: {why}, and {shown} is not"
+            " in replication.allowedSources. Without TLS a node must dial from an address"
+            " its name resolves to, or from an allowed source; or use mutual TLS",
         )
 
     def check_identity(self, hello: rpb.Hello, known: Collection[str], secure: bool) -> bool:

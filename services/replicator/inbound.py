@@ -272,9 +272,21 @@ class Inbound:
         return None
 
     def _admitted(self, transactions: list[types_pb2.Transaction]) -> list[types_pb2.Transaction]:
-        """``transactions`` without those of a database withheld by shard, which the peer
-        must not send (it is not of this node's shard): they are refused, never applied.
-        Positions are per database, so leaving them out skips nothing else."""
+        """``transactions`` without those no peer may send: a database withheld by shard
+        (the peer is not of this node's shard), or this node's own transactions (this
+        node is where they come from; one arriving from a peer is forged or replayed).
+        They are refused and logged, never applied. Positions are per (database, origin),
+        so leaving them out skips nothing else."""
+        me = self.session.replicator.name
+        own = [t for t in transactions if t.origin == me]
+        if own:
+            reason = (
+                f"refused {len(own)} transactions from {self.session.peer} that claim to come"
+                f" from this node ({me}), first {own[0].database} version {own[0].version}"
+            )
+            log.warning("%s", reason)
+            self.session.state.last_error = reason
+            transactions = [t for t in transactions if t.origin != me]
         withheld = self.session.flows.withheld
         refused = [t for t in transactions if t.database in withheld]
         if not refused:
@@ -340,8 +352,13 @@ class Inbound:
         # is resumed; one from another peer is that peer's to resume.
         synced = {p.database for p in positions.positions}
         mine = {c.database: c for c in positions.copies if c.source == session.peer}
+        others = {c.database for c in positions.copies if c.source != session.peer}
         for database in self._flow_databases():
             if database in mine or database not in synced:
+                if database not in mine and database in others:
+                    # Another peer's copy of it stopped half-way: give that peer's session
+                    # a moment to take the gate and resume it, rather than start afresh.
+                    await asyncio.sleep(2 * session.config.heartbeat_interval_s)
                 await self._copy(database, mine.get(database), seen.get(database, 0))
 
     async def _take(self, lock: asyncio.Lock, database: str) -> None:

@@ -15,7 +15,8 @@ from shoal.storage.v1 import storage_pb2 as pb
 from shoal.storage.v1 import storage_pb2_grpc, types_pb2
 
 from services.common.auth import bearer_metadata
-from services.common.grpcserver import channel_options
+from services.common.config import ShoalConfig
+from services.common.node_tls import node_channel
 
 CALL_TIMEOUT_S = 60.0
 
@@ -27,20 +28,12 @@ class StorageUnavailable(Exception):
 class LocalStorage:
     """Node-internal client of the storage service."""
 
-    def __init__(
-        self,
-        address: str,
-        token: str,
-        max_message_bytes: int,
-        channel: grpc.aio.Channel | None = None,
-    ) -> None:
-        """``channel``: how to reach storage (TLS when its port serves TLS, see
-        ``node_tls.NodeTls.channel``); a plaintext channel to ``address`` by default."""
-        self.address = address
-        self._channel = channel or grpc.aio.insecure_channel(
-            address, options=channel_options(max_message_bytes)
-        )
+    def __init__(self, config: ShoalConfig, token: str) -> None:
+        """Storage on the node-local socket (``socketsPath``/storage.sock)."""
+        self.address = config.socket_address("storage")
+        self._channel = node_channel(config, "storage", config.storage.max_message_bytes)
         self._stub = storage_pb2_grpc.StorageServiceStub(self._channel)
+        self._node = storage_pb2_grpc.StorageNodeServiceStub(self._channel)
         self._metadata = bearer_metadata(token)
 
     async def close(self) -> None:
@@ -48,7 +41,7 @@ class LocalStorage:
 
     async def positions(self, database: str = "") -> pb.GetPositionsResponse:
         try:
-            return await self._stub.GetPositions(
+            return await self._node.GetPositions(
                 pb.GetPositionsRequest(database=database),
                 metadata=self._metadata,
                 timeout=CALL_TIMEOUT_S,
@@ -72,7 +65,7 @@ class LocalStorage:
         partial: bool = False,
     ) -> pb.ApplyResponse:
         """Apply a batch; raises the AioRpcError for refusals (e.g. CLOCK_SKEW)."""
-        return await self._stub.Apply(
+        return await self._node.Apply(
             pb.ApplyRequest(
                 transactions=transactions, max_clock_skew_ms=max_clock_skew_ms, partial=partial
             ),
@@ -83,15 +76,15 @@ class LocalStorage:
     def subscribe(
         self, request: pb.SubscribeRequest
     ) -> grpc.aio.UnaryStreamCall[pb.SubscribeRequest, pb.SubscribeResponse]:
-        return self._stub.Subscribe(request, metadata=self._metadata)
+        return self._node.Subscribe(request, metadata=self._metadata)
 
     def snapshot(
         self, request: pb.SnapshotRequest
     ) -> grpc.aio.UnaryStreamCall[pb.SnapshotRequest, pb.SnapshotResponse]:
-        return self._stub.Snapshot(request, metadata=self._metadata)
+        return self._node.Snapshot(request, metadata=self._metadata)
 
     async def merge_snapshot(self, request: pb.MergeSnapshotRequest) -> pb.MergeSnapshotResponse:
-        return await self._stub.MergeSnapshot(
+        return await self._node.MergeSnapshot(
             request, metadata=self._metadata, timeout=CALL_TIMEOUT_S
         )
 
@@ -99,7 +92,7 @@ class LocalStorage:
         self, database: str, table: str, ids: Sequence[bytes], timeout_s: float
     ) -> pb.ReadResidentResponse:
         """Records this node holds in full; raises the AioRpcError when refused."""
-        return await self._stub.ReadResident(
+        return await self._node.ReadResident(
             pb.ReadResidentRequest(database=database, table=table, ids=ids),
             metadata=self._metadata,
             timeout=timeout_s,
@@ -109,7 +102,7 @@ class LocalStorage:
         self, samples: Sequence[pb.AnalyticsSample], timeout_s: float
     ) -> pb.RecordAnalyticsResponse:
         """Record analytics samples; raises the AioRpcError when refused or unreachable."""
-        return await self._stub.RecordAnalytics(
+        return await self._node.RecordAnalytics(
             pb.RecordAnalyticsRequest(samples=samples), metadata=self._metadata, timeout=timeout_s
         )
 

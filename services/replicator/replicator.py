@@ -105,7 +105,7 @@ class Replicator:
         self._session_changed = asyncio.Event()
         self._refused_as_removed: set[str] = set()  # members that refused us as removed
         self.peercheck = PeerCheck.from_config(config, tls)
-        self.admission = Admission(self.name, (config.replication.hostname, config.host))
+        self.admission = Admission(self.name)
         self.watcher = MembershipWatcher(config, storage, tls is not None, self.set_membership)
         self.confirmations = Confirmations(self.name)
         self._watch_task: asyncio.Task[None] | None = None
@@ -401,7 +401,12 @@ class Replicator:
         secure = transport_names is not None
         try:
             if not secure:
-                await self.admission.check_address(address, theirs.node_name, self.known())
+                await self.admission.check_address(
+                    address,
+                    theirs.node_name,
+                    self.known(),
+                    self.config.replication.allowed_sources,
+                )
             version = choose_version(theirs)
             check_dialer(self.name, theirs, transport_names)
             if certificate is not None:

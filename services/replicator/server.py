@@ -1,4 +1,6 @@
-"""The ReplicatorService handlers: peers' Replicate streams and the Status RPC."""
+"""The replicator's gRPC handlers: peers' Replicate streams (ReplicatorService, on the
+replication ports) and the node-internal RPCs (ReplicatorNodeService, on the node-local
+socket only)."""
 
 from __future__ import annotations
 
@@ -24,11 +26,10 @@ MAX_WAIT_MS = 3_600_000
 
 
 class ReplicatorServicer(replicator_pb2_grpc.ReplicatorServiceServicer):
-    """gRPC edge of the replicator."""
+    """The peers' edge of the replicator."""
 
-    def __init__(self, replicator: Replicator, node_secret: str) -> None:
+    def __init__(self, replicator: Replicator) -> None:
         self.replicator = replicator
-        self._secret = node_secret
 
     async def Replicate(  # type: ignore[override]
         self, request_iterator: AsyncIterator[rpb.ReplicateRequest], context: Ctx
@@ -52,6 +53,14 @@ class ReplicatorServicer(replicator_pb2_grpc.ReplicatorServiceServicer):
             )
         except ConnectionLost:
             return
+
+
+class ReplicatorNodeServicer(replicator_pb2_grpc.ReplicatorNodeServiceServicer):
+    """The node's own services' edge of the replicator (node identity only)."""
+
+    def __init__(self, replicator: Replicator, node_secret: str) -> None:
+        self.replicator = replicator
+        self._secret = node_secret
 
     def _internal(self, context: Ctx) -> None:
         credentials = parse_authorization(tuple(context.invocation_metadata() or ()))

@@ -13,6 +13,7 @@ from services.common.config import ShoalConfig
 from services.common.entry import service_main
 from services.common.errors import ShoalError
 from services.common.grpcserver import (
+    NodeSocket,
     ServerSpec,
     attach_metrics,
     serve_until_signalled,
@@ -26,6 +27,7 @@ from services.storage import log as txlog
 from services.storage.engine import Engine
 from services.storage.metrics import disk_metrics, engine_metrics
 from services.storage.node_certificates import record_node_certificates
+from services.storage.node_server import StorageNodeServicer
 from services.storage.sampler import StorageSampler
 from services.storage.server import StorageServicer
 
@@ -66,11 +68,13 @@ async def run(config: ShoalConfig) -> bool:
         node_tls = prepare(config)
         config = node_tls.config
         engine = await asyncio.to_thread(open_engine, config)
+        socket = NodeSocket.prepare(config, "storage")
     except BaseException:
         await health.stop()
         raise
     record_node_certificates(engine, config)
-    servicer = StorageServicer(engine, node_tls)
+    servicer = StorageServicer(engine)
+    node_servicer = StorageNodeServicer(engine, servicer.analytics, servicer.restores)
 
     async def begin_shutdown() -> None:
         engine.begin_shutdown()
@@ -86,6 +90,10 @@ async def run(config: ShoalConfig) -> bool:
         service_names=[SERVICE_NAME],
         register=lambda server: storage_pb2_grpc.add_StorageServiceServicer_to_server(
             servicer, server
+        ),
+        socket=socket.path,
+        register_internal=lambda server: storage_pb2_grpc.add_StorageNodeServiceServicer_to_server(
+            node_servicer, server
         ),
         authenticator=engine.users,
         max_message_bytes=config.storage.max_message_bytes,

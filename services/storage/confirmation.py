@@ -27,8 +27,9 @@ from shoal.replicator.v1 import replicator_pb2_grpc
 
 from services.common.auth import bearer_metadata
 from services.common.backoff import Backoff
+from services.common.config import ShoalConfig
 from services.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
-from services.common.node_tls import NodeTls
+from services.common.node_tls import node_channel
 
 DEFAULT_WAIT_S = 30.0  # when the call has no deadline
 MAX_WAIT_S = 3600.0  # the replicator's bound on one wait
@@ -72,18 +73,18 @@ def not_confirmed(version: int, count: int, peers: list[str], waited_s: float) -
 class ReplicatorClient:
     """This node's replicator, for write confirmation (node-internal identity)."""
 
-    def __init__(self, node_tls: NodeTls, node_secret: str) -> None:
-        self.address = node_tls.replicator_address()
-        self._node_tls = node_tls
-        self._max_message_bytes = node_tls.config.storage.max_message_bytes
+    def __init__(self, config: ShoalConfig, node_secret: str) -> None:
+        self.address = config.socket_address("replicator")
+        self._config = config
         self._metadata = bearer_metadata(node_secret)
         self._channel: grpc.aio.Channel | None = None
-        self._stub: replicator_pb2_grpc.ReplicatorServiceAsyncStub | None = None
+        self._stub: replicator_pb2_grpc.ReplicatorNodeServiceAsyncStub | None = None
 
-    def _replicator(self) -> replicator_pb2_grpc.ReplicatorServiceAsyncStub:
+    def _replicator(self) -> replicator_pb2_grpc.ReplicatorNodeServiceAsyncStub:
         if self._stub is None:  # created on first use, inside the event loop
-            self._channel = self._node_tls.replicator_channel(self._max_message_bytes)
-            self._stub = replicator_pb2_grpc.ReplicatorServiceStub(self._channel)
+            max_bytes = self._config.storage.max_message_bytes
+            self._channel = node_channel(self._config, "replicator", max_bytes)
+            self._stub = replicator_pb2_grpc.ReplicatorNodeServiceStub(self._channel)
         return self._stub
 
     async def close(self) -> None:

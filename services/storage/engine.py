@@ -415,6 +415,12 @@ class Engine:
         for i, txn in enumerate(transactions):
             if not txn.origin or not txn.database or txn.version == 0:
                 raise InvalidArgument(f"transaction {i}: origin, database and version are required")
+            own = self.positions.get((txn.database, txn.origin), 0)
+            if txn.origin == self.node_name and txn.version > own:
+                raise InvalidArgument(
+                    f"transaction {i} claims to come from this node ({txn.origin}) at a version"
+                    " it never committed: a node's own writes start only on that node"
+                )
             check_name("database", txn.database)
             if max_clock_skew_ms:
                 ahead = self.clock.ahead_ms(txn.version)

@@ -401,7 +401,7 @@ def test_an_interrupted_restore_is_replaced_by_the_next_one(
         release.wait(30)
 
     internal = target.internal_client()
-    future = internal.stub.Restore.future(requests(), metadata=internal.metadata, timeout=60)
+    future = internal.node_stub.Restore.future(requests(), metadata=internal.metadata, timeout=60)
     described = wait_for(
         lambda: (
             target.client()

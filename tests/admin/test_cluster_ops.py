@@ -92,8 +92,9 @@ def test_typed_route_and_status_rpcs(make_cluster: MakeCluster) -> None:
 
 
 def _instance(node: Node, service: str) -> str:
-    """The current start of one of the node's processes (shoal.lifecycle.v1)."""
-    with node.channel(service) as channel:
+    """The current start of one of the node's processes (shoal.lifecycle.v1, on its
+    node-local socket)."""
+    with node.socket_channel(service) as channel:
         stub = lifecycle_pb2_grpc.LifecycleServiceStub(channel)
         reply = stub.GetInstance(
             lpb.GetInstanceRequest(), metadata=bearer_metadata(node.node_secret()), timeout=5

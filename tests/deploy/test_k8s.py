@@ -134,11 +134,13 @@ def test_each_container_opens_what_the_pod_declares(
         assert config.node_name == f"{POD}.shoal-headless"
         assert config.host == "0.0.0.0"
         declared = ports(item)
-        opened = {
+        opened: dict[str, int] = {
             "storage": {"grpc-storage": config.storage.port},
             "admin": {"grpc-admin": config.operations_api.port},
-            "replicator": {"grpc-repl": config.replication.port},
+            "replicator": {},
         }[service]
+        if service == "replicator" and config.replication.port is not None:
+            opened["grpc-repl"] = config.replication.port  # the plain port, when open
         opened[HEALTH_PORT[service]] = config.health.port(service)
         opened[f"metrics-{'repl' if service == 'replicator' else service}"] = config.metrics.port(
             service
@@ -292,3 +294,22 @@ def test_init_container_issues_the_pod_certificate(
         f"shoal.{NAMESPACE}.svc",
     ):
         assert f"DNS:{name}" in details.subject_alternative_names
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_pod_s_services_share_a_writable_sockets_folder(
+    rendered: dict[str, list[dict[str, Any]]], target: str
+) -> None:
+    """Each service serves its node-internal RPCs on a socket in socketsPath and calls the
+    others' there: all three containers must mount the same volume there, writable."""
+    docs = rendered[target]
+    volumes = set()
+    for service in ("storage", "replicator", "admin"):
+        item = container(docs, service)
+        folder = config_of(docs, item).sockets_folder
+        volume = mounted(item, folder)
+        assert volume is not None, f"{service}: {folder} is on no volume"
+        [mount] = [m for m in item["volumeMounts"] if m["name"] == volume]
+        assert not mount.get("readOnly", False), f"{service}: {folder} is read-only"
+        volumes.add(volume)
+    assert len(volumes) == 1, f"the services' sockets are on different volumes: {volumes}"

@@ -80,6 +80,8 @@ class StorageClient:
         self.address = address
         self.channel = channel or grpc.insecure_channel(address, options=channel_options())
         self.stub = storage_pb2_grpc.StorageServiceStub(self.channel)
+        # The node-internal RPCs (served on the node-local socket only).
+        self.node_stub = storage_pb2_grpc.StorageNodeServiceStub(self.channel)
         self.metadata = tuple(metadata)
 
     @classmethod
@@ -95,11 +97,16 @@ class StorageClient:
     def close(self) -> None:
         self.channel.close()
 
+    def _method(self, method: str) -> Any:
+        """A StorageService method, or else a StorageNodeService one."""
+        found = getattr(self.stub, method, None)
+        return found if found is not None else getattr(self.node_stub, method)
+
     def call(self, method: str, request: Any, timeout: float = 30.0) -> Any:
-        return getattr(self.stub, method)(request, metadata=self.metadata, timeout=timeout)
+        return self._method(method)(request, metadata=self.metadata, timeout=timeout)
 
     def stream(self, method: str, request: Any, timeout: float = 60.0) -> list[Any]:
-        return list(getattr(self.stub, method)(request, metadata=self.metadata, timeout=timeout))
+        return list(self._method(method)(request, metadata=self.metadata, timeout=timeout))
 
     def expect(
         self, code: grpc.StatusCode, method: str, request: Any, *words: str

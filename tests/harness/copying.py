@@ -46,7 +46,7 @@ def merge_request(
 
 def until_caught_up(internal: StorageClient, request: pb.SubscribeRequest) -> list[Any]:
     """Subscribe messages up to and including the first one marked caught_up."""
-    stream = internal.stub.Subscribe(request, metadata=internal.metadata, timeout=30)
+    stream = internal.node_stub.Subscribe(request, metadata=internal.metadata, timeout=30)
     messages = []
     try:
         for message in stream:

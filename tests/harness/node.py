@@ -6,10 +6,13 @@ file next to its config, and is stopped by ``close()`` even when the test fails:
 SIGTERM with a deadline, then SIGKILL.
 
 A node made without ``tls`` in its config runs in insecure mode (``replication.securePort:
-null``: plaintext everywhere) unless the test sets ``replication.securePort`` itself, in
-which case the node generates its certificates on its first start. ``channel``,
-``client``, ``admin`` and ``internal_client`` speak TLS to a port that serves it, trusting
-the node's CA; ``health`` probes the plaintext health ports.
+null``: plaintext everywhere, the plain replication port open to 127.0.0.1, where every
+node of this machine dials from) unless the test sets ``replication.securePort`` itself,
+in which case the node generates its certificates on its first start. ``channel``,
+``client`` and ``admin`` speak TLS to a port that serves it, trusting the node's CA;
+``internal_client`` and ``status`` use the node-local sockets (in a short folder of their
+own: a Unix socket path is limited to 107 bytes); ``health`` probes the plaintext health
+ports.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +78,11 @@ class Node:
         self.root.mkdir(parents=True, exist_ok=True)
         self.config_path = self.root / "shoal.yaml"
         self.services = services
+        self.sockets = Path(tempfile.mkdtemp(prefix="shoal-"))
         self.config: dict[str, Any] = deep_merge(
             {
                 "rootPath": str(self.root / "data"),
+                "socketsPath": str(self.sockets),
                 "host": self.host,
                 "replication": {"hostname": self.name},
                 "admin": {"username": "admin", "password": PASSWORD},
@@ -91,10 +98,14 @@ class Node:
 
     def written_config(self) -> dict[str, Any]:
         """The config as written: without ``tls`` and ``replication.securePort``, in
-        insecure mode (``securePort: null``)."""
+        insecure mode (``securePort: null``, plain port open to ``allowedSources``
+        127.0.0.1 unless the test says otherwise)."""
         config = copy.deepcopy(self.config)
+        replication = config["replication"]
         if "tls" not in config:
-            config["replication"].setdefault("securePort", None)
+            replication.setdefault("securePort", None)
+        if replication.get("securePort", 9933) is None:
+            replication.setdefault("allowedSources", ["127.0.0.1"])
         return config
 
     def write_config(self) -> None:
@@ -143,7 +154,20 @@ class Node:
         if service == "admin":
             port = self.config.get("operationsApi", {}).get("network", {}).get("port", 9925)
             return f"{self.host}:{port}"
-        return f"{self.host}:{self.config.get('replication', {}).get('port', 9932)}"
+        replication = self.written_config()["replication"]
+        plain = 9932 if replication.get("securePort", 9933) is None else None
+        port = replication.get("port", plain)
+        assert port is not None, f"the plain replication port of {self.name} is closed"
+        return f"{self.host}:{port}"
+
+    def socket_address(self, service: str) -> str:
+        """The node-local socket of ``service`` (its node-internal RPCs)."""
+        return f"unix:{self.sockets / (service + '.sock')}"
+
+    def socket_channel(self, service: str) -> grpc.Channel:
+        """A channel to the node-local socket of ``service``."""
+        options = [*channel_options(), ("grpc.use_local_subchannel_pool", 1)]
+        return grpc.insecure_channel(self.socket_address(service), options=options)
 
     # -- TLS ---------------------------------------------------------------------------
 
@@ -224,6 +248,8 @@ class Node:
         when the node has no health ports."""
         if self.config.get("health", {}).get("enabled", True) is not False:
             channel = grpc.insecure_channel(self.health_address(service))
+        elif service == "replicator":
+            channel = self.socket_channel(service)  # its plain port may be closed
         else:
             channel = self.channel(service)
         with channel:
@@ -303,8 +329,10 @@ class Node:
         return client
 
     def internal_client(self) -> StorageClient:
+        """The node identity on storage's node-local socket (StorageNodeService and
+        StorageService), as the node's replicator and admin call it."""
         client = StorageClient.bearer(
-            self.storage_address, self.node_secret(), self.channel("storage")
+            self.socket_address("storage"), self.node_secret(), self.socket_channel("storage")
         )
         self._clients.append(client)
         return client
@@ -315,9 +343,8 @@ class Node:
 
         from services.common.auth import bearer_metadata
 
-        address = f"{self.host}:{self.config['replication'].get('port', 9932)}"
-        with grpc.insecure_channel(address) as channel:
-            stub = replicator_pb2_grpc.ReplicatorServiceStub(channel)
+        with self.socket_channel("replicator") as channel:
+            stub = replicator_pb2_grpc.ReplicatorNodeServiceStub(channel)
             return stub.Status(
                 replicator_pb2.StatusRequest(),
                 metadata=bearer_metadata(self.node_secret()),
@@ -345,4 +372,7 @@ class Node:
         for client in self._clients:
             with contextlib.suppress(Exception):
                 client.close()
-        self.stop()
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.sockets, ignore_errors=True)

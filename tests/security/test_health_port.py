@@ -51,8 +51,10 @@ def test_each_process_answers_plaintext_probes_on_its_health_port(tls_node: Node
         address = tls_node.health_address(service)
         assert _check(address) == SERVING, service
         assert _check(address, SERVICE_NAMES[service]) == SERVING, service
-        # The main port still serves health too (over TLS for storage and admin).
-        with tls_node.channel(service) as channel:
+        # The main port still serves health too (over TLS for storage and admin; the
+        # replicator's plain port is closed with TLS, so its node-local socket).
+        main = tls_node.socket_channel if service == "replicator" else tls_node.channel
+        with main(service) as channel:
             stub: Any = health_pb2_grpc.HealthStub(channel)
             reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
             assert reply.status == SERVING
@@ -77,7 +79,7 @@ def test_the_health_port_serves_nothing_else(tls_node: Node) -> None:
             lambda: stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5),
         )
     with grpc.insecure_channel(tls_node.health_address("replicator")) as channel:
-        replicator = replicator_pb2_grpc.ReplicatorServiceStub(channel)
+        replicator = replicator_pb2_grpc.ReplicatorNodeServiceStub(channel)
         expect_error(unimplemented, lambda: replicator.Status(rpb.StatusRequest(), timeout=5))
     with grpc.insecure_channel(tls_node.health_address("admin")) as channel:
         admin = admin_pb2_grpc.AdminServiceStub(channel)

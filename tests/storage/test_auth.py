@@ -75,7 +75,7 @@ def test_calls_without_valid_credentials_are_unauthenticated(make_node: MakeNode
         )
     bad_token = raw_client(node, (("authorization", "Bearer not-the-secret"),))
     error = bad_token.expect(
-        UNAUTHENTICATED, "GetPositions", pb.GetPositionsRequest(), "invalid username or password"
+        UNAUTHENTICATED, "DescribeAll", pb.DescribeAllRequest(), "invalid username or password"
     )
     # Nothing was written by any of the refused calls.
     assert node.client().all_records("dev", "dog") == []
@@ -124,14 +124,23 @@ def test_internal_rpcs_are_denied_to_users(node: Node, client: StorageClient) ->
                     types_pb2.SnapshotRow(table="dog", id=b"3", state=b'[1,"x",false,{"id":3},{}]')
                 ],
                 complete=True,
+                part=1,
+                begins_part=True,
             ),
         ),
         ("GetPositions", pb.GetPositionsRequest()),
     ]
+    # The super user on the node's own socket: refused, the node identity only.
+    on_socket = StorageClient.basic(
+        node.socket_address("storage"), "admin", PASSWORD, node.socket_channel("storage")
+    )
+    node._clients.append(on_socket)
     for method, request in calls:
-        error = client.expect(DENIED, method, request, "reserved", "node")
+        error = on_socket.expect(DENIED, method, request, "reserved", "node")
         info = error_info(error)
         assert (info.domain, info.reason) == ("shoal", "PERMISSION_DENIED")
+        # On the client port they do not exist.
+        client.expect(grpc.StatusCode.UNIMPLEMENTED, method, request)
     # Nothing was applied or merged.
     assert client.all_records("dev", "dog") == [{"id": 1}]
     positions = node.internal_client().call("GetPositions", pb.GetPositionsRequest(database="dev"))

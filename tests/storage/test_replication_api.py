@@ -113,7 +113,7 @@ def test_subscribe_sends_the_log_then_tails_new_commits(node: Node, client: Stor
     request = pb.SubscribeRequest(
         databases=["dev"], max_batch_transactions=5, heartbeat_interval_ms=60_000
     )
-    stream = internal.stub.Subscribe(request, metadata=internal.metadata, timeout=60)
+    stream = internal.node_stub.Subscribe(request, metadata=internal.metadata, timeout=60)
     received: list[types_pb2.Transaction] = []
     sizes: list[int] = []
     try:
@@ -288,7 +288,7 @@ def test_replicate_false_tables_never_travel(node: Node, client: StorageClient) 
         )
 
     request = pb.SubscribeRequest(databases=["dev"], heartbeat_interval_ms=60_000)
-    stream = internal.stub.Subscribe(request, metadata=internal.metadata, timeout=30)
+    stream = internal.node_stub.Subscribe(request, metadata=internal.metadata, timeout=30)
     try:
         backlog: list[types_pb2.Transaction] = []
         for message in stream:
@@ -339,7 +339,7 @@ def test_subscribe_heartbeats_byte_bounds_and_relays_applied(
     assert all(len(m.transactions) <= 2 for m in pairs)
     assert len(pairs) < len(tiny)
 
-    stream = internal.stub.Subscribe(
+    stream = internal.node_stub.Subscribe(
         pb.SubscribeRequest(databases=["dev"], heartbeat_interval_ms=100),
         metadata=internal.metadata,
         timeout=30,
@@ -637,7 +637,7 @@ def test_snapshot_reads_one_consistent_point(node: Node, client: StorageClient) 
     for start in range(0, 4000, 1000):
         client.insert("dev", "dog", [{"id": i, "pad": pad} for i in range(start, start + 1000)])
     version = client.transactions("dev")[-1].version
-    stream = internal.stub.Snapshot(
+    stream = internal.node_stub.Snapshot(
         pb.SnapshotRequest(database="dev", max_batch_rows=50),
         metadata=internal.metadata,
         timeout=60,

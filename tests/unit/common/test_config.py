@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -61,8 +62,12 @@ def test_defaults(tmp_path: Path) -> None:
     assert config.host == "127.0.0.1"
     assert config.storage.port == cfg.DEFAULT_STORAGE_PORT == 9926
     assert config.operations_api.port == cfg.DEFAULT_ADMIN_PORT == 9925
-    assert config.replication.port == cfg.DEFAULT_REPLICATION_PORT == 9932
+    # Replication over mutual TLS only: the plain port is closed unless asked for.
+    assert config.replication.port is None
     assert config.replication.secure_port == cfg.DEFAULT_REPLICATION_SECURE_PORT == 9933
+    assert config.replication.allowed_sources == ()
+    assert config.sockets_folder == tmp_path / "shoal-data" / "sockets"
+    assert config.socket_address("storage") == f"unix:{tmp_path}/shoal-data/sockets/storage.sock"
     assert config.replication.routes == ()
     assert config.replication.databases is None
     assert config.replication.max_clock_skew_s == 60.0
@@ -316,6 +321,47 @@ def test_secure_port_can_be_turned_off() -> None:
     config = parse({"replication": {"securePort": None, "port": 9933}})
     assert config.replication.secure_port is None
     assert config.replication.port == 9933
+    insecure = parse({"replication": {"securePort": None}})
+    assert insecure.replication.port == cfg.DEFAULT_REPLICATION_PORT == 9932
+
+
+def test_the_plain_port_opens_only_when_asked_for() -> None:
+    assert parse({"replication": {}}).replication.port is None
+    assert parse({"replication": {"port": None}}).replication.port is None
+    both = parse({"replication": {"port": 9932}})
+    assert (both.replication.port, both.replication.secure_port) == (9932, 9933)
+    problem = one_problem({"replication": {"port": None, "securePort": None}})
+    assert problem.startswith("replication.port: replication.port and")
+    assert "cannot both be null" in problem
+
+
+def test_allowed_sources_are_addresses_or_networks() -> None:
+    config = parse({"replication": {"allowedSources": ["127.0.0.1", "10.1.0.0/16", "::1"]}})
+    assert [str(n) for n in config.replication.allowed_sources] == [
+        "127.0.0.1/32",
+        "10.1.0.0/16",
+        "::1/128",
+    ]
+    problem = one_problem({"replication": {"allowedSources": ["10.1.0.0/16", "nope"]}})
+    assert problem.startswith("replication.allowedSources: not an IP address or network")
+    assert "'nope'" in problem
+    problem = one_problem({"replication": {"allowedSources": "127.0.0.1"}})
+    assert "expected a list" in problem
+
+
+def test_sockets_path_is_checked_against_the_socket_limit(tmp_path: Path) -> None:
+    config = parse({"socketsPath": "/run/shoal"})
+    assert config.socket_address("replicator") == "unix:/run/shoal/replicator.sock"
+    problem = one_problem({"socketsPath": "/" + "x" * 100})
+    assert problem.startswith("socketsPath:")
+    assert "more than the 107 a Unix socket allows" in problem
+    # Without socketsPath, a rootPath too deep for sockets falls back to a folder of the
+    # temporary folder named after it: the same for every process of the node.
+    deep = parse({"rootPath": "/" + "d" * 100})
+    folder = deep.sockets_folder
+    assert folder.parent == Path(tempfile.gettempdir()) and folder.name.startswith("shoal-")
+    assert parse({"rootPath": "/" + "d" * 100}).sockets_folder == folder
+    assert parse({"rootPath": "/" + "e" * 100}).sockets_folder != folder
 
 
 def test_config_error_message_lists_problems_and_source() -> None:

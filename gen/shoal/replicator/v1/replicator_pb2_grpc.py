@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class ReplicatorServiceStub:
-    """Peer replication and replication status of one node.
+    """Peer replication: the only service on the replication ports (9933 mutual TLS, 9932
+    plain when opened).
     """
 
     def __init__(self, channel):
@@ -40,35 +41,11 @@ class ReplicatorServiceStub:
                 request_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.ReplicateRequest.SerializeToString,
                 response_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.ReplicateResponse.FromString,
                 _registered_method=True)
-        self.Status = channel.unary_unary(
-                '/shoal.replicator.v1.ReplicatorService/Status',
-                request_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.StatusRequest.SerializeToString,
-                response_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.StatusResponse.FromString,
-                _registered_method=True)
-        self.SetRoutes = channel.unary_unary(
-                '/shoal.replicator.v1.ReplicatorService/SetRoutes',
-                request_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.SetRoutesRequest.SerializeToString,
-                response_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.SetRoutesResponse.FromString,
-                _registered_method=True)
-        self.ListRecipients = channel.unary_unary(
-                '/shoal.replicator.v1.ReplicatorService/ListRecipients',
-                request_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.ListRecipientsRequest.SerializeToString,
-                response_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.ListRecipientsResponse.FromString,
-                _registered_method=True)
-        self.WaitReplicated = channel.unary_unary(
-                '/shoal.replicator.v1.ReplicatorService/WaitReplicated',
-                request_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.WaitReplicatedRequest.SerializeToString,
-                response_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.WaitReplicatedResponse.FromString,
-                _registered_method=True)
-        self.FetchRecords = channel.unary_unary(
-                '/shoal.replicator.v1.ReplicatorService/FetchRecords',
-                request_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.FetchRecordsRequest.SerializeToString,
-                response_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.FetchRecordsResponse.FromString,
-                _registered_method=True)
 
 
 class ReplicatorServiceServicer:
-    """Peer replication and replication status of one node.
+    """Peer replication: the only service on the replication ports (9933 mutual TLS, 9932
+    plain when opened).
     """
 
     def Replicate(self, request_iterator, context):
@@ -79,8 +56,9 @@ class ReplicatorServiceServicer:
         with that peer already exists and wins the tie-break (DUPLICATE: the connection
         dialed by the node with the smaller name is kept), the dialer was removed from the
         cluster (REMOVED), or the dialer may not replicate with this node (UNAUTHORIZED):
-        - on the plain port, its source address is not an address of a configured route,
-        of a member (system.hdb_nodes) or of this node (the reason names the address);
+        - on the plain port, its source address is neither in replication.allowedSources
+        nor an address of the node it claims to be (its route's or member row's host;
+        the reason names the address);
         - on the mutual-TLS port, its certificate does not name the node it claims to be,
         or is revoked (routes' revokedCertificates, hdb_nodes' revoked_certificates, CRLs);
         - its node name is neither a configured route nor a live member of system.hdb_nodes
@@ -91,6 +69,102 @@ class ReplicatorServiceServicer:
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
+
+
+def add_ReplicatorServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Replicate': grpc.stream_stream_rpc_method_handler(
+                    servicer.Replicate,
+                    request_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.ReplicateRequest.FromString,
+                    response_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.ReplicateResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'shoal.replicator.v1.ReplicatorService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('shoal.replicator.v1.ReplicatorService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ReplicatorService:
+    """Peer replication: the only service on the replication ports (9933 mutual TLS, 9932
+    plain when opened).
+    """
+
+    @staticmethod
+    def Replicate(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/shoal.replicator.v1.ReplicatorService/Replicate',
+            shoal_dot_replicator_dot_v1_dot_replicator__pb2.ReplicateRequest.SerializeToString,
+            shoal_dot_replicator_dot_v1_dot_replicator__pb2.ReplicateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class ReplicatorNodeServiceStub:
+    """The replicator's node-internal RPCs, for the node's own storage and admin: status,
+    routes, write confirmation and residency read-through. Served only on the node-local
+    socket (`socketsPath`/replicator.sock, mode 0600), never on a replication port, and
+    only to the node identity (`authorization: Bearer <node secret>`).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Status = channel.unary_unary(
+                '/shoal.replicator.v1.ReplicatorNodeService/Status',
+                request_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.StatusRequest.SerializeToString,
+                response_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.StatusResponse.FromString,
+                _registered_method=True)
+        self.SetRoutes = channel.unary_unary(
+                '/shoal.replicator.v1.ReplicatorNodeService/SetRoutes',
+                request_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.SetRoutesRequest.SerializeToString,
+                response_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.SetRoutesResponse.FromString,
+                _registered_method=True)
+        self.ListRecipients = channel.unary_unary(
+                '/shoal.replicator.v1.ReplicatorNodeService/ListRecipients',
+                request_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.ListRecipientsRequest.SerializeToString,
+                response_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.ListRecipientsResponse.FromString,
+                _registered_method=True)
+        self.WaitReplicated = channel.unary_unary(
+                '/shoal.replicator.v1.ReplicatorNodeService/WaitReplicated',
+                request_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.WaitReplicatedRequest.SerializeToString,
+                response_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.WaitReplicatedResponse.FromString,
+                _registered_method=True)
+        self.FetchRecords = channel.unary_unary(
+                '/shoal.replicator.v1.ReplicatorNodeService/FetchRecords',
+                request_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.FetchRecordsRequest.SerializeToString,
+                response_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.FetchRecordsResponse.FromString,
+                _registered_method=True)
+
+
+class ReplicatorNodeServiceServicer:
+    """The replicator's node-internal RPCs, for the node's own storage and admin: status,
+    routes, write confirmation and residency read-through. Served only on the node-local
+    socket (`socketsPath`/replicator.sock, mode 0600), never on a replication port, and
+    only to the node identity (`authorization: Bearer <node secret>`).
+    """
 
     def Status(self, request, context):
         """Replication status per connection and database (what cluster_status shows). Needs the
@@ -158,13 +232,8 @@ class ReplicatorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_ReplicatorServiceServicer_to_server(servicer, server):
+def add_ReplicatorNodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Replicate': grpc.stream_stream_rpc_method_handler(
-                    servicer.Replicate,
-                    request_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.ReplicateRequest.FromString,
-                    response_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.ReplicateResponse.SerializeToString,
-            ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
                     request_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.StatusRequest.FromString,
@@ -192,42 +261,18 @@ def add_ReplicatorServiceServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'shoal.replicator.v1.ReplicatorService', rpc_method_handlers)
+            'shoal.replicator.v1.ReplicatorNodeService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('shoal.replicator.v1.ReplicatorService', rpc_method_handlers)
+    server.add_registered_method_handlers('shoal.replicator.v1.ReplicatorNodeService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class ReplicatorService:
-    """Peer replication and replication status of one node.
+class ReplicatorNodeService:
+    """The replicator's node-internal RPCs, for the node's own storage and admin: status,
+    routes, write confirmation and residency read-through. Served only on the node-local
+    socket (`socketsPath`/replicator.sock, mode 0600), never on a replication port, and
+    only to the node identity (`authorization: Bearer <node secret>`).
     """
-
-    @staticmethod
-    def Replicate(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
-            target,
-            '/shoal.replicator.v1.ReplicatorService/Replicate',
-            shoal_dot_replicator_dot_v1_dot_replicator__pb2.ReplicateRequest.SerializeToString,
-            shoal_dot_replicator_dot_v1_dot_replicator__pb2.ReplicateResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
 
     @staticmethod
     def Status(request,
@@ -243,7 +288,7 @@ class ReplicatorService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/shoal.replicator.v1.ReplicatorService/Status',
+            '/shoal.replicator.v1.ReplicatorNodeService/Status',
             shoal_dot_replicator_dot_v1_dot_replicator__pb2.StatusRequest.SerializeToString,
             shoal_dot_replicator_dot_v1_dot_replicator__pb2.StatusResponse.FromString,
             options,
@@ -270,7 +315,7 @@ class ReplicatorService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/shoal.replicator.v1.ReplicatorService/SetRoutes',
+            '/shoal.replicator.v1.ReplicatorNodeService/SetRoutes',
             shoal_dot_replicator_dot_v1_dot_replicator__pb2.SetRoutesRequest.SerializeToString,
             shoal_dot_replicator_dot_v1_dot_replicator__pb2.SetRoutesResponse.FromString,
             options,
@@ -297,7 +342,7 @@ class ReplicatorService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/shoal.replicator.v1.ReplicatorService/ListRecipients',
+            '/shoal.replicator.v1.ReplicatorNodeService/ListRecipients',
             shoal_dot_replicator_dot_v1_dot_replicator__pb2.ListRecipientsRequest.SerializeToString,
             shoal_dot_replicator_dot_v1_dot_replicator__pb2.ListRecipientsResponse.FromString,
             options,
@@ -324,7 +369,7 @@ class ReplicatorService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/shoal.replicator.v1.ReplicatorService/WaitReplicated',
+            '/shoal.replicator.v1.ReplicatorNodeService/WaitReplicated',
             shoal_dot_replicator_dot_v1_dot_replicator__pb2.WaitReplicatedRequest.SerializeToString,
             shoal_dot_replicator_dot_v1_dot_replicator__pb2.WaitReplicatedResponse.FromString,
             options,
@@ -351,7 +396,7 @@ class ReplicatorService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/shoal.replicator.v1.ReplicatorService/FetchRecords',
+            '/shoal.replicator.v1.ReplicatorNodeService/FetchRecords',
             shoal_dot_replicator_dot_v1_dot_replicator__pb2.FetchRecordsRequest.SerializeToString,
             shoal_dot_replicator_dot_v1_dot_replicator__pb2.FetchRecordsResponse.FromString,
             options,

@@ -46,7 +46,9 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ReplicatorServiceStub:
-    """Peer replication and replication status of one node."""
+    """Peer replication: the only service on the replication ports (9933 mutual TLS, 9932
+    plain when opened).
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -60,8 +62,9 @@ class ReplicatorServiceStub:
     with that peer already exists and wins the tie-break (DUPLICATE: the connection
     dialed by the node with the smaller name is kept), the dialer was removed from the
     cluster (REMOVED), or the dialer may not replicate with this node (UNAUTHORIZED):
-      - on the plain port, its source address is not an address of a configured route,
-        of a member (system.hdb_nodes) or of this node (the reason names the address);
+      - on the plain port, its source address is neither in replication.allowedSources
+        nor an address of the node it claims to be (its route's or member row's host;
+        the reason names the address);
       - on the mutual-TLS port, its certificate does not name the node it claims to be,
         or is revoked (routes' revokedCertificates, hdb_nodes' revoked_certificates, CRLs);
       - its node name is neither a configured route nor a live member of system.hdb_nodes
@@ -69,6 +72,75 @@ class ReplicatorServiceStub:
     Errors as gRPC status: UNAUTHENTICATED when the transport identity is missing,
     INVALID_ARGUMENT when the first message is not a Hello.
     """
+
+@_typing.type_check_only
+class ReplicatorServiceAsyncStub(ReplicatorServiceStub):
+    """Peer replication: the only service on the replication ports (9933 mutual TLS, 9932
+    plain when opened).
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Replicate: _aio.StreamStreamMultiCallable[_replicator_pb2.ReplicateRequest, _replicator_pb2.ReplicateResponse]  # type: ignore[assignment]
+    """The peer stream (see the package comment). The first message each way is a Hello.
+    The listener refuses with a Goodbye, then closes, when: the protocol versions do not
+    overlap (code PROTOCOL), the dialer dialed a different name than the listener's
+    (NAME_MISMATCH), the dialer is the listener itself (SELF_CONNECTION), a connection
+    with that peer already exists and wins the tie-break (DUPLICATE: the connection
+    dialed by the node with the smaller name is kept), the dialer was removed from the
+    cluster (REMOVED), or the dialer may not replicate with this node (UNAUTHORIZED):
+      - on the plain port, its source address is neither in replication.allowedSources
+        nor an address of the node it claims to be (its route's or member row's host;
+        the reason names the address);
+      - on the mutual-TLS port, its certificate does not name the node it claims to be,
+        or is revoked (routes' revokedCertificates, hdb_nodes' revoked_certificates, CRLs);
+      - its node name is neither a configured route nor a live member of system.hdb_nodes
+        and its Hello carries no `join` (see Join for when a join is admitted).
+    Errors as gRPC status: UNAUTHENTICATED when the transport identity is missing,
+    INVALID_ARGUMENT when the first message is not a Hello.
+    """
+
+class ReplicatorServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Peer replication: the only service on the replication ports (9933 mutual TLS, 9932
+    plain when opened).
+    """
+
+    @_abc_1.abstractmethod
+    def Replicate(
+        self,
+        request_iterator: _MaybeAsyncIterator[_replicator_pb2.ReplicateRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_replicator_pb2.ReplicateResponse], _abc.AsyncIterator[_replicator_pb2.ReplicateResponse]]:
+        """The peer stream (see the package comment). The first message each way is a Hello.
+        The listener refuses with a Goodbye, then closes, when: the protocol versions do not
+        overlap (code PROTOCOL), the dialer dialed a different name than the listener's
+        (NAME_MISMATCH), the dialer is the listener itself (SELF_CONNECTION), a connection
+        with that peer already exists and wins the tie-break (DUPLICATE: the connection
+        dialed by the node with the smaller name is kept), the dialer was removed from the
+        cluster (REMOVED), or the dialer may not replicate with this node (UNAUTHORIZED):
+          - on the plain port, its source address is neither in replication.allowedSources
+            nor an address of the node it claims to be (its route's or member row's host;
+            the reason names the address);
+          - on the mutual-TLS port, its certificate does not name the node it claims to be,
+            or is revoked (routes' revokedCertificates, hdb_nodes' revoked_certificates, CRLs);
+          - its node name is neither a configured route nor a live member of system.hdb_nodes
+            and its Hello carries no `join` (see Join for when a join is admitted).
+        Errors as gRPC status: UNAUTHENTICATED when the transport identity is missing,
+        INVALID_ARGUMENT when the first message is not a Hello.
+        """
+
+def add_ReplicatorServiceServicer_to_server(servicer: ReplicatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class ReplicatorNodeServiceStub:
+    """The replicator's node-internal RPCs, for the node's own storage and admin: status,
+    routes, write confirmation and residency read-through. Served only on the node-local
+    socket (`socketsPath`/replicator.sock, mode 0600), never on a replication port, and
+    only to the node identity (`authorization: Bearer <node secret>`).
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> ReplicatorNodeServiceAsyncStub: ...
     Status: _grpc.UnaryUnaryMultiCallable[_replicator_pb2.StatusRequest, _replicator_pb2.StatusResponse]
     """Replication status per connection and database (what cluster_status shows). Needs the
     node-internal identity (`authorization: Bearer <node secret>`).
@@ -116,27 +188,14 @@ class ReplicatorServiceStub:
     """
 
 @_typing.type_check_only
-class ReplicatorServiceAsyncStub(ReplicatorServiceStub):
-    """Peer replication and replication status of one node."""
+class ReplicatorNodeServiceAsyncStub(ReplicatorNodeServiceStub):
+    """The replicator's node-internal RPCs, for the node's own storage and admin: status,
+    routes, write confirmation and residency read-through. Served only on the node-local
+    socket (`socketsPath`/replicator.sock, mode 0600), never on a replication port, and
+    only to the node identity (`authorization: Bearer <node secret>`).
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
-    Replicate: _aio.StreamStreamMultiCallable[_replicator_pb2.ReplicateRequest, _replicator_pb2.ReplicateResponse]  # type: ignore[assignment]
-    """The peer stream (see the package comment). The first message each way is a Hello.
-    The listener refuses with a Goodbye, then closes, when: the protocol versions do not
-    overlap (code PROTOCOL), the dialer dialed a different name than the listener's
-    (NAME_MISMATCH), the dialer is the listener itself (SELF_CONNECTION), a connection
-    with that peer already exists and wins the tie-break (DUPLICATE: the connection
-    dialed by the node with the smaller name is kept), the dialer was removed from the
-    cluster (REMOVED), or the dialer may not replicate with this node (UNAUTHORIZED):
-      - on the plain port, its source address is not an address of a configured route,
-        of a member (system.hdb_nodes) or of this node (the reason names the address);
-      - on the mutual-TLS port, its certificate does not name the node it claims to be,
-        or is revoked (routes' revokedCertificates, hdb_nodes' revoked_certificates, CRLs);
-      - its node name is neither a configured route nor a live member of system.hdb_nodes
-        and its Hello carries no `join` (see Join for when a join is admitted).
-    Errors as gRPC status: UNAUTHENTICATED when the transport identity is missing,
-    INVALID_ARGUMENT when the first message is not a Hello.
-    """
     Status: _aio.UnaryUnaryMultiCallable[_replicator_pb2.StatusRequest, _replicator_pb2.StatusResponse]  # type: ignore[assignment]
     """Replication status per connection and database (what cluster_status shows). Needs the
     node-internal identity (`authorization: Bearer <node secret>`).
@@ -183,31 +242,12 @@ class ReplicatorServiceAsyncStub(ReplicatorServiceStub):
     residents and why each failed), UNAUTHENTICATED, PERMISSION_DENIED.
     """
 
-class ReplicatorServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Peer replication and replication status of one node."""
-
-    @_abc_1.abstractmethod
-    def Replicate(
-        self,
-        request_iterator: _MaybeAsyncIterator[_replicator_pb2.ReplicateRequest],
-        context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_replicator_pb2.ReplicateResponse], _abc.AsyncIterator[_replicator_pb2.ReplicateResponse]]:
-        """The peer stream (see the package comment). The first message each way is a Hello.
-        The listener refuses with a Goodbye, then closes, when: the protocol versions do not
-        overlap (code PROTOCOL), the dialer dialed a different name than the listener's
-        (NAME_MISMATCH), the dialer is the listener itself (SELF_CONNECTION), a connection
-        with that peer already exists and wins the tie-break (DUPLICATE: the connection
-        dialed by the node with the smaller name is kept), the dialer was removed from the
-        cluster (REMOVED), or the dialer may not replicate with this node (UNAUTHORIZED):
-          - on the plain port, its source address is not an address of a configured route,
-            of a member (system.hdb_nodes) or of this node (the reason names the address);
-          - on the mutual-TLS port, its certificate does not name the node it claims to be,
-            or is revoked (routes' revokedCertificates, hdb_nodes' revoked_certificates, CRLs);
-          - its node name is neither a configured route nor a live member of system.hdb_nodes
-            and its Hello carries no `join` (see Join for when a join is admitted).
-        Errors as gRPC status: UNAUTHENTICATED when the transport identity is missing,
-        INVALID_ARGUMENT when the first message is not a Hello.
-        """
+class ReplicatorNodeServiceServicer(metaclass=_abc_1.ABCMeta):
+    """The replicator's node-internal RPCs, for the node's own storage and admin: status,
+    routes, write confirmation and residency read-through. Served only on the node-local
+    socket (`socketsPath`/replicator.sock, mode 0600), never on a replication port, and
+    only to the node identity (`authorization: Bearer <node secret>`).
+    """
 
     @_abc_1.abstractmethod
     def Status(
@@ -284,4 +324,4 @@ class ReplicatorServiceServicer(metaclass=_abc_1.ABCMeta):
         residents and why each failed), UNAUTHENTICATED, PERMISSION_DENIED.
         """
 
-def add_ReplicatorServiceServicer_to_server(servicer: ReplicatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+def add_ReplicatorNodeServiceServicer_to_server(servicer: ReplicatorNodeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

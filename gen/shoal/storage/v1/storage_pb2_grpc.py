@@ -145,31 +145,6 @@ class StorageServiceStub:
                 request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RevertTransactionRequest.SerializeToString,
                 response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RevertTransactionResponse.FromString,
                 _registered_method=True)
-        self.Subscribe = channel.unary_stream(
-                '/shoal.storage.v1.StorageService/Subscribe',
-                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.SubscribeRequest.SerializeToString,
-                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.SubscribeResponse.FromString,
-                _registered_method=True)
-        self.Apply = channel.unary_unary(
-                '/shoal.storage.v1.StorageService/Apply',
-                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ApplyRequest.SerializeToString,
-                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ApplyResponse.FromString,
-                _registered_method=True)
-        self.Snapshot = channel.unary_stream(
-                '/shoal.storage.v1.StorageService/Snapshot',
-                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.SnapshotRequest.SerializeToString,
-                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.SnapshotResponse.FromString,
-                _registered_method=True)
-        self.MergeSnapshot = channel.unary_unary(
-                '/shoal.storage.v1.StorageService/MergeSnapshot',
-                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.MergeSnapshotRequest.SerializeToString,
-                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.MergeSnapshotResponse.FromString,
-                _registered_method=True)
-        self.ReadResident = channel.unary_unary(
-                '/shoal.storage.v1.StorageService/ReadResident',
-                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ReadResidentRequest.SerializeToString,
-                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ReadResidentResponse.FromString,
-                _registered_method=True)
         self.Rebalance = channel.unary_unary(
                 '/shoal.storage.v1.StorageService/Rebalance',
                 request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RebalanceRequest.SerializeToString,
@@ -179,26 +154,6 @@ class StorageServiceStub:
                 '/shoal.storage.v1.StorageService/ResidencyStatus',
                 request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ResidencyStatusRequest.SerializeToString,
                 response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ResidencyStatusResponse.FromString,
-                _registered_method=True)
-        self.GetPositions = channel.unary_unary(
-                '/shoal.storage.v1.StorageService/GetPositions',
-                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsRequest.SerializeToString,
-                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsResponse.FromString,
-                _registered_method=True)
-        self.RecordAnalytics = channel.unary_unary(
-                '/shoal.storage.v1.StorageService/RecordAnalytics',
-                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RecordAnalyticsRequest.SerializeToString,
-                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RecordAnalyticsResponse.FromString,
-                _registered_method=True)
-        self.Backup = channel.unary_stream(
-                '/shoal.storage.v1.StorageService/Backup',
-                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.BackupRequest.SerializeToString,
-                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.BackupResponse.FromString,
-                _registered_method=True)
-        self.Restore = channel.stream_unary(
-                '/shoal.storage.v1.StorageService/Restore',
-                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RestoreRequest.SerializeToString,
-                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RestoreResponse.FromString,
                 _registered_method=True)
         self.AddUser = channel.unary_unary(
                 '/shoal.storage.v1.StorageService/AddUser',
@@ -502,91 +457,6 @@ class StorageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Subscribe(self, request, context):
-        """Streams committed transactions for replication: first every logged transaction after
-        the given positions, in this node's commit order, then new commits as they happen
-        (the stream wakes on commit; there is no polling interval). Batches hold whole
-        transactions and are bounded in count and bytes. Writes to tables with
-        `replicate: false` are never sent. Node-internal identity only.
-        Errors: INVALID_ARGUMENT (bad limits), PERMISSION_DENIED (not the node identity),
-        FAILED_PRECONDITION with reason LOG_TRUNCATED when a requested position is older than
-        the retained log, so the caller must copy (Snapshot) instead.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Apply(self, request, context):
-        """Applies transactions that were committed on other nodes, merging them record by
-        record, keeping their origin and version, re-logging them so they can be relayed, and
-        storing the new positions in the same atomic write as the data. Transactions at or
-        below the stored position of their (database, origin) are skipped, so re-applying is
-        a no-op. Missing databases, tables and attributes are created from the transaction's
-        schema. Advances this node's clock past every applied version. Node-internal only.
-        Errors: INVALID_ARGUMENT (malformed transaction), PERMISSION_DENIED,
-        FAILED_PRECONDITION with reason CLOCK_SKEW when a version is further ahead of this
-        node's clock than `max_clock_skew_ms` (nothing is applied).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Snapshot(self, request, context):
-        """Streams every row of a database (records and tombstones, with their versions) in
-        key order from one consistent point, starting after `start_after` when given. The
-        first message carries the positions the copy is consistent with and the schema.
-        Node-internal only.
-        Errors: INVALID_ARGUMENT, PERMISSION_DENIED, NOT_FOUND (database).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def MergeSnapshot(self, request, context):
-        """The receive side of a copy: merges snapshot rows, and stores the copy's progress in
-        the same atomic write, so a copy resumes from its last merged key. Progress is kept
-        per (database, source): copies of one database from several sources never share it.
-        A copy is a sequence of parts (one Snapshot stream each, named by `part`); a part
-        begins with `begins_part` and either starts the copy afresh (`after` unset) or
-        resumes it exactly where it stopped (`after` = its last merged key). Every request
-        names the key its rows follow (`after`); a request that does not continue its copy
-        (another part, another key) is refused and changes nothing.
-
-        Invariant (why a copy never deletes an acknowledged write): a row of this node is
-        removed only when all of these hold:
-        1. it lies inside the key range this request covers, between `after` and the
-        request's last row (through the end of the database with `complete`), a range
-        the same source has now sent completely in this copy;
-        2. the source did not send it;
-        3. every write the row carries is within the copy's positions (the lowest of its
-        parts' positions, per origin): the source had applied all of them, and holding
-        no row means it deleted the record and purged the tombstone;
-        4. the source's positions are not `partial`.
-        A row carrying any write the source has not applied, this node's own acknowledged
-        writes included, is never removed. Symmetrically, a row this node lacks although it
-        has applied every write of it (and its own positions are not partial) was deleted
-        here, and is not merged back. With `complete`, adopts the copy's positions (never
-        lowering one) and forgets every unfinished copy of the database, whatever its
-        source. Node-internal only.
-        Errors: INVALID_ARGUMENT (malformed row or state, no source or part),
-        FAILED_PRECONDITION with reason COPY_OUT_OF_ORDER (the request does not continue its
-        copy: the caller starts the copy again), PERMISSION_DENIED.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def ReadResident(self, request, context):
-        """Reads records this node holds in full (it is one of their residents), for a peer's
-        read of a record it holds only as a stub. Keys held here only as stubs, or not at
-        all, are listed in `missing`. Node-internal only.
-        Errors: INVALID_ARGUMENT (no ids, invalid id), NOT_FOUND (database or table),
-        PERMISSION_DENIED.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def Rebalance(self, request, context):
         """Starts moving records whose residents are not where rendezvous hashing over the
         current members would put them (after nodes were added): this node re-homes the
@@ -605,70 +475,6 @@ class StorageServiceServicer:
         """The residency repair and rebalance of this node: what they did in their current or
         last pass. Node-internal identity or a super user.
         Errors: PERMISSION_DENIED.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def GetPositions(self, request, context):
-        """Reads replication positions, log horizons and copies in progress.
-        Errors: PERMISSION_DENIED (not the node identity).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def RecordAnalytics(self, request, context):
-        """Records per-second analytics samples of this node's services into the node-local
-        table `system.hdb_raw_analytics` (`replicate: false`). The rows are written outside
-        the transaction log: they are never replicated, never in the audit or transaction
-        log, and not counted as commits or transactions. A sample for the same metric, second
-        and labels as an existing row replaces it, so a retried request changes nothing.
-        Storage samples its own metrics; the replicator sends its samples here.
-        Node-internal only.
-        Errors: INVALID_ARGUMENT (no samples, an unknown metric, labels other than the
-        metric's, a time that is not a whole second, a value that is not finite),
-        PERMISSION_DENIED (not the node identity), RESOURCE_EXHAUSTED (more than 10,000
-        samples in one request).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Backup(self, request, context):
-        """Streams a backup of one database from one consistent point: first a header (schema
-        of every table, `replicate: false` ones included; positions; log horizons; this
-        node's clock), then every row (records and tombstones with their versions) of every
-        table in Snapshot order, then the database's retained transaction log in this node's
-        commit order. Every message holds rows or transactions, never both, bounded in count
-        and bytes. Node-internal only (the admin service checks the caller is a super user).
-        Errors: INVALID_ARGUMENT (bad name or limits, the reserved database "system"),
-        PERMISSION_DENIED, NOT_FOUND (database).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Restore(self, request_iterator, context):
-        """Restores a backup into a database that does not exist or has no rows. The first
-        message is the header; then messages with rows, then messages with transactions.
-        Rows are merged as they are. A transaction at or below the header's position of its
-        origin is already reflected by the rows and is only written to this node's log (so
-        the audit log and relaying keep working); one above it and at or below
-        `replay_until` is applied as Apply does (point-in-time replay); later ones are
-        skipped. Per origin, transactions must arrive in increasing version order. When the
-        stream ends, the database's positions become the header's (raised by what was
-        replayed) and its log horizons the header's. With `dry_run`, everything is checked
-        and nothing is written. A real restore marks the database until it completes; an
-        interrupted restore leaves the mark, and the next restore of that database drops
-        the partial database and starts over. The last message has `complete`; a stream
-        that ends without it is interrupted. Node-internal only.
-        Errors: INVALID_ARGUMENT (no header first, a second header, rows after
-        transactions, a malformed row, state or transaction, a table missing from the
-        header, versions of an origin out of order, the reserved database "system", no
-        `complete` at the end),
-        PERMISSION_DENIED, FAILED_PRECONDITION (the database has rows, a copy or restore of
-        it is running, a table exists with another primary key).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -878,31 +684,6 @@ def add_StorageServiceServicer_to_server(servicer, server):
                     request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RevertTransactionRequest.FromString,
                     response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RevertTransactionResponse.SerializeToString,
             ),
-            'Subscribe': grpc.unary_stream_rpc_method_handler(
-                    servicer.Subscribe,
-                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.SubscribeRequest.FromString,
-                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.SubscribeResponse.SerializeToString,
-            ),
-            'Apply': grpc.unary_unary_rpc_method_handler(
-                    servicer.Apply,
-                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ApplyRequest.FromString,
-                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ApplyResponse.SerializeToString,
-            ),
-            'Snapshot': grpc.unary_stream_rpc_method_handler(
-                    servicer.Snapshot,
-                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.SnapshotRequest.FromString,
-                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.SnapshotResponse.SerializeToString,
-            ),
-            'MergeSnapshot': grpc.unary_unary_rpc_method_handler(
-                    servicer.MergeSnapshot,
-                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.MergeSnapshotRequest.FromString,
-                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.MergeSnapshotResponse.SerializeToString,
-            ),
-            'ReadResident': grpc.unary_unary_rpc_method_handler(
-                    servicer.ReadResident,
-                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ReadResidentRequest.FromString,
-                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ReadResidentResponse.SerializeToString,
-            ),
             'Rebalance': grpc.unary_unary_rpc_method_handler(
                     servicer.Rebalance,
                     request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RebalanceRequest.FromString,
@@ -912,26 +693,6 @@ def add_StorageServiceServicer_to_server(servicer, server):
                     servicer.ResidencyStatus,
                     request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ResidencyStatusRequest.FromString,
                     response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ResidencyStatusResponse.SerializeToString,
-            ),
-            'GetPositions': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetPositions,
-                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsRequest.FromString,
-                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsResponse.SerializeToString,
-            ),
-            'RecordAnalytics': grpc.unary_unary_rpc_method_handler(
-                    servicer.RecordAnalytics,
-                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RecordAnalyticsRequest.FromString,
-                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RecordAnalyticsResponse.SerializeToString,
-            ),
-            'Backup': grpc.unary_stream_rpc_method_handler(
-                    servicer.Backup,
-                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.BackupRequest.FromString,
-                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.BackupResponse.SerializeToString,
-            ),
-            'Restore': grpc.stream_unary_rpc_method_handler(
-                    servicer.Restore,
-                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RestoreRequest.FromString,
-                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RestoreResponse.SerializeToString,
             ),
             'AddUser': grpc.unary_unary_rpc_method_handler(
                     servicer.AddUser,
@@ -1585,141 +1346,6 @@ class StorageService:
             _registered_method=True)
 
     @staticmethod
-    def Subscribe(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/shoal.storage.v1.StorageService/Subscribe',
-            shoal_dot_storage_dot_v1_dot_storage__pb2.SubscribeRequest.SerializeToString,
-            shoal_dot_storage_dot_v1_dot_storage__pb2.SubscribeResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Apply(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/shoal.storage.v1.StorageService/Apply',
-            shoal_dot_storage_dot_v1_dot_storage__pb2.ApplyRequest.SerializeToString,
-            shoal_dot_storage_dot_v1_dot_storage__pb2.ApplyResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Snapshot(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/shoal.storage.v1.StorageService/Snapshot',
-            shoal_dot_storage_dot_v1_dot_storage__pb2.SnapshotRequest.SerializeToString,
-            shoal_dot_storage_dot_v1_dot_storage__pb2.SnapshotResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def MergeSnapshot(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/shoal.storage.v1.StorageService/MergeSnapshot',
-            shoal_dot_storage_dot_v1_dot_storage__pb2.MergeSnapshotRequest.SerializeToString,
-            shoal_dot_storage_dot_v1_dot_storage__pb2.MergeSnapshotResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ReadResident(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/shoal.storage.v1.StorageService/ReadResident',
-            shoal_dot_storage_dot_v1_dot_storage__pb2.ReadResidentRequest.SerializeToString,
-            shoal_dot_storage_dot_v1_dot_storage__pb2.ReadResidentResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
     def Rebalance(request,
             target,
             options=(),
@@ -1763,114 +1389,6 @@ class StorageService:
             '/shoal.storage.v1.StorageService/ResidencyStatus',
             shoal_dot_storage_dot_v1_dot_storage__pb2.ResidencyStatusRequest.SerializeToString,
             shoal_dot_storage_dot_v1_dot_storage__pb2.ResidencyStatusResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def GetPositions(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/shoal.storage.v1.StorageService/GetPositions',
-            shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsRequest.SerializeToString,
-            shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def RecordAnalytics(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/shoal.storage.v1.StorageService/RecordAnalytics',
-            shoal_dot_storage_dot_v1_dot_storage__pb2.RecordAnalyticsRequest.SerializeToString,
-            shoal_dot_storage_dot_v1_dot_storage__pb2.RecordAnalyticsResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Backup(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/shoal.storage.v1.StorageService/Backup',
-            shoal_dot_storage_dot_v1_dot_storage__pb2.BackupRequest.SerializeToString,
-            shoal_dot_storage_dot_v1_dot_storage__pb2.BackupResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Restore(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_unary(
-            request_iterator,
-            target,
-            '/shoal.storage.v1.StorageService/Restore',
-            shoal_dot_storage_dot_v1_dot_storage__pb2.RestoreRequest.SerializeToString,
-            shoal_dot_storage_dot_v1_dot_storage__pb2.RestoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -2114,6 +1632,537 @@ class StorageService:
             '/shoal.storage.v1.StorageService/Authenticate',
             shoal_dot_storage_dot_v1_dot_storage__pb2.AuthenticateRequest.SerializeToString,
             shoal_dot_storage_dot_v1_dot_storage__pb2.AuthenticateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class StorageNodeServiceStub:
+    """The node-internal half of storage: replication (the log, applying other nodes'
+    transactions, copies), reads for a peer's read-through, positions and analytics. Served
+    only on the node-local socket (`socketsPath`/storage.sock, mode 0600), never on the
+    client port, and only to the node identity (`authorization: Bearer <node secret>`): a
+    client port published by a load balancer or a service mesh exposes none of it.
+    Every RPC: PERMISSION_DENIED for any other identity.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Subscribe = channel.unary_stream(
+                '/shoal.storage.v1.StorageNodeService/Subscribe',
+                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.SubscribeRequest.SerializeToString,
+                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.SubscribeResponse.FromString,
+                _registered_method=True)
+        self.Apply = channel.unary_unary(
+                '/shoal.storage.v1.StorageNodeService/Apply',
+                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ApplyRequest.SerializeToString,
+                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ApplyResponse.FromString,
+                _registered_method=True)
+        self.Snapshot = channel.unary_stream(
+                '/shoal.storage.v1.StorageNodeService/Snapshot',
+                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.SnapshotResponse.FromString,
+                _registered_method=True)
+        self.MergeSnapshot = channel.unary_unary(
+                '/shoal.storage.v1.StorageNodeService/MergeSnapshot',
+                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.MergeSnapshotRequest.SerializeToString,
+                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.MergeSnapshotResponse.FromString,
+                _registered_method=True)
+        self.ReadResident = channel.unary_unary(
+                '/shoal.storage.v1.StorageNodeService/ReadResident',
+                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ReadResidentRequest.SerializeToString,
+                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ReadResidentResponse.FromString,
+                _registered_method=True)
+        self.GetPositions = channel.unary_unary(
+                '/shoal.storage.v1.StorageNodeService/GetPositions',
+                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsRequest.SerializeToString,
+                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsResponse.FromString,
+                _registered_method=True)
+        self.RecordAnalytics = channel.unary_unary(
+                '/shoal.storage.v1.StorageNodeService/RecordAnalytics',
+                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RecordAnalyticsRequest.SerializeToString,
+                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RecordAnalyticsResponse.FromString,
+                _registered_method=True)
+        self.Backup = channel.unary_stream(
+                '/shoal.storage.v1.StorageNodeService/Backup',
+                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.BackupRequest.SerializeToString,
+                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.BackupResponse.FromString,
+                _registered_method=True)
+        self.Restore = channel.stream_unary(
+                '/shoal.storage.v1.StorageNodeService/Restore',
+                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RestoreRequest.SerializeToString,
+                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RestoreResponse.FromString,
+                _registered_method=True)
+
+
+class StorageNodeServiceServicer:
+    """The node-internal half of storage: replication (the log, applying other nodes'
+    transactions, copies), reads for a peer's read-through, positions and analytics. Served
+    only on the node-local socket (`socketsPath`/storage.sock, mode 0600), never on the
+    client port, and only to the node identity (`authorization: Bearer <node secret>`): a
+    client port published by a load balancer or a service mesh exposes none of it.
+    Every RPC: PERMISSION_DENIED for any other identity.
+    """
+
+    def Subscribe(self, request, context):
+        """Streams committed transactions for replication: first every logged transaction after
+        the given positions, in this node's commit order, then new commits as they happen
+        (the stream wakes on commit; there is no polling interval). Batches hold whole
+        transactions and are bounded in count and bytes. Writes to tables with
+        `replicate: false` are never sent. Node-internal identity only.
+        Errors: INVALID_ARGUMENT (bad limits), PERMISSION_DENIED (not the node identity),
+        FAILED_PRECONDITION with reason LOG_TRUNCATED when a requested position is older than
+        the retained log, so the caller must copy (Snapshot) instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Apply(self, request, context):
+        """Applies transactions that were committed on other nodes, merging them record by
+        record, keeping their origin and version, re-logging them so they can be relayed, and
+        storing the new positions in the same atomic write as the data. Transactions at or
+        below the stored position of their (database, origin) are skipped, so re-applying is
+        a no-op. Missing databases, tables and attributes are created from the transaction's
+        schema. Advances this node's clock past every applied version. Node-internal only.
+        Errors: INVALID_ARGUMENT (malformed transaction, or one whose origin is this node at a
+        version this node never committed, above its own position: nothing is applied),
+        PERMISSION_DENIED,
+        FAILED_PRECONDITION with reason CLOCK_SKEW when a version is further ahead of this
+        node's clock than `max_clock_skew_ms` (nothing is applied).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Snapshot(self, request, context):
+        """Streams every row of a database (records and tombstones, with their versions) in
+        key order from one consistent point, starting after `start_after` when given. The
+        first message carries the positions the copy is consistent with and the schema.
+        Node-internal only.
+        Errors: INVALID_ARGUMENT, PERMISSION_DENIED, NOT_FOUND (database).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MergeSnapshot(self, request, context):
+        """The receive side of a copy: merges snapshot rows, and stores the copy's progress in
+        the same atomic write, so a copy resumes from its last merged key. Progress is kept
+        per (database, source): copies of one database from several sources never share it.
+        A copy is a sequence of parts (one Snapshot stream each, named by `part`); a part
+        begins with `begins_part` and either starts the copy afresh (`after` unset) or
+        resumes it exactly where it stopped (`after` = its last merged key). Every request
+        names the key its rows follow (`after`); a request that does not continue its copy
+        (another part, another key) is refused and changes nothing.
+
+        Invariant (why a copy never deletes an acknowledged write): a row of this node is
+        removed only when all of these hold:
+        1. it lies inside the key range this request covers, between `after` and the
+        request's last row (through the end of the database with `complete`), a range
+        the same source has now sent completely in this copy;
+        2. the source did not send it;
+        3. every write the row carries is within the copy's positions (the lowest of its
+        parts' positions, per origin): the source had applied all of them, and holding
+        no row means it deleted the record and purged the tombstone;
+        4. the source's positions are not `partial`.
+        A row carrying any write the source has not applied, this node's own acknowledged
+        writes included, is never removed. Symmetrically, a row this node lacks although it
+        has applied every write of it (and its own positions are not partial) was deleted
+        here, and is not merged back. With `complete`, adopts the copy's positions (never
+        lowering one) and forgets every unfinished copy of the database, whatever its
+        source. Node-internal only.
+        Errors: INVALID_ARGUMENT (malformed row or state, no source or part),
+        FAILED_PRECONDITION with reason COPY_OUT_OF_ORDER (the request does not continue its
+        copy: the caller starts the copy again), PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadResident(self, request, context):
+        """Reads records this node holds in full (it is one of their residents), for a peer's
+        read of a record it holds only as a stub. Keys held here only as stubs, or not at
+        all, are listed in `missing`. Node-internal only.
+        Errors: INVALID_ARGUMENT (no ids, invalid id), NOT_FOUND (database or table),
+        PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPositions(self, request, context):
+        """Reads replication positions, log horizons and copies in progress.
+        Errors: PERMISSION_DENIED (not the node identity).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordAnalytics(self, request, context):
+        """Records per-second analytics samples of this node's services into the node-local
+        table `system.hdb_raw_analytics` (`replicate: false`). The rows are written outside
+        the transaction log: they are never replicated, never in the audit or transaction
+        log, and not counted as commits or transactions. A sample for the same metric, second
+        and labels as an existing row replaces it, so a retried request changes nothing.
+        Storage samples its own metrics; the replicator sends its samples here.
+        Node-internal only.
+        Errors: INVALID_ARGUMENT (no samples, an unknown metric, labels other than the
+        metric's, a time that is not a whole second, a value that is not finite),
+        PERMISSION_DENIED (not the node identity), RESOURCE_EXHAUSTED (more than 10,000
+        samples in one request).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Backup(self, request, context):
+        """Streams a backup of one database from one consistent point: first a header (schema
+        of every table, `replicate: false` ones included; positions; log horizons; this
+        node's clock), then every row (records and tombstones with their versions) of every
+        table in Snapshot order, then the database's retained transaction log in this node's
+        commit order. Every message holds rows or transactions, never both, bounded in count
+        and bytes. Node-internal only (the admin service checks the caller is a super user).
+        Errors: INVALID_ARGUMENT (bad name or limits, the reserved database "system"),
+        PERMISSION_DENIED, NOT_FOUND (database).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Restore(self, request_iterator, context):
+        """Restores a backup into a database that does not exist or has no rows. The first
+        message is the header; then messages with rows, then messages with transactions.
+        Rows are merged as they are. A transaction at or below the header's position of its
+        origin is already reflected by the rows and is only written to this node's log (so
+        the audit log and relaying keep working); one above it and at or below
+        `replay_until` is applied as Apply does (point-in-time replay); later ones are
+        skipped. Per origin, transactions must arrive in increasing version order. When the
+        stream ends, the database's positions become the header's (raised by what was
+        replayed) and its log horizons the header's. With `dry_run`, everything is checked
+        and nothing is written. A real restore marks the database until it completes; an
+        interrupted restore leaves the mark, and the next restore of that database drops
+        the partial database and starts over. The last message has `complete`; a stream
+        that ends without it is interrupted. Node-internal only.
+        Errors: INVALID_ARGUMENT (no header first, a second header, rows after
+        transactions, a malformed row, state or transaction, a table missing from the
+        header, versions of an origin out of order, the reserved database "system", no
+        `complete` at the end),
+        PERMISSION_DENIED, FAILED_PRECONDITION (the database has rows, a copy or restore of
+        it is running, a table exists with another primary key).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_StorageNodeServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Subscribe': grpc.unary_stream_rpc_method_handler(
+                    servicer.Subscribe,
+                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.SubscribeRequest.FromString,
+                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.SubscribeResponse.SerializeToString,
+            ),
+            'Apply': grpc.unary_unary_rpc_method_handler(
+                    servicer.Apply,
+                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ApplyRequest.FromString,
+                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ApplyResponse.SerializeToString,
+            ),
+            'Snapshot': grpc.unary_stream_rpc_method_handler(
+                    servicer.Snapshot,
+                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.SnapshotRequest.FromString,
+                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.SnapshotResponse.SerializeToString,
+            ),
+            'MergeSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeSnapshot,
+                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.MergeSnapshotRequest.FromString,
+                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.MergeSnapshotResponse.SerializeToString,
+            ),
+            'ReadResident': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadResident,
+                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ReadResidentRequest.FromString,
+                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ReadResidentResponse.SerializeToString,
+            ),
+            'GetPositions': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPositions,
+                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsRequest.FromString,
+                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsResponse.SerializeToString,
+            ),
+            'RecordAnalytics': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordAnalytics,
+                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RecordAnalyticsRequest.FromString,
+                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RecordAnalyticsResponse.SerializeToString,
+            ),
+            'Backup': grpc.unary_stream_rpc_method_handler(
+                    servicer.Backup,
+                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.BackupRequest.FromString,
+                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.BackupResponse.SerializeToString,
+            ),
+            'Restore': grpc.stream_unary_rpc_method_handler(
+                    servicer.Restore,
+                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RestoreRequest.FromString,
+                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RestoreResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'shoal.storage.v1.StorageNodeService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('shoal.storage.v1.StorageNodeService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class StorageNodeService:
+    """The node-internal half of storage: replication (the log, applying other nodes'
+    transactions, copies), reads for a peer's read-through, positions and analytics. Served
+    only on the node-local socket (`socketsPath`/storage.sock, mode 0600), never on the
+    client port, and only to the node identity (`authorization: Bearer <node secret>`): a
+    client port published by a load balancer or a service mesh exposes none of it.
+    Every RPC: PERMISSION_DENIED for any other identity.
+    """
+
+    @staticmethod
+    def Subscribe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/shoal.storage.v1.StorageNodeService/Subscribe',
+            shoal_dot_storage_dot_v1_dot_storage__pb2.SubscribeRequest.SerializeToString,
+            shoal_dot_storage_dot_v1_dot_storage__pb2.SubscribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Apply(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.storage.v1.StorageNodeService/Apply',
+            shoal_dot_storage_dot_v1_dot_storage__pb2.ApplyRequest.SerializeToString,
+            shoal_dot_storage_dot_v1_dot_storage__pb2.ApplyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Snapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/shoal.storage.v1.StorageNodeService/Snapshot',
+            shoal_dot_storage_dot_v1_dot_storage__pb2.SnapshotRequest.SerializeToString,
+            shoal_dot_storage_dot_v1_dot_storage__pb2.SnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergeSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.storage.v1.StorageNodeService/MergeSnapshot',
+            shoal_dot_storage_dot_v1_dot_storage__pb2.MergeSnapshotRequest.SerializeToString,
+            shoal_dot_storage_dot_v1_dot_storage__pb2.MergeSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadResident(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.storage.v1.StorageNodeService/ReadResident',
+            shoal_dot_storage_dot_v1_dot_storage__pb2.ReadResidentRequest.SerializeToString,
+            shoal_dot_storage_dot_v1_dot_storage__pb2.ReadResidentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPositions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.storage.v1.StorageNodeService/GetPositions',
+            shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsRequest.SerializeToString,
+            shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordAnalytics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.storage.v1.StorageNodeService/RecordAnalytics',
+            shoal_dot_storage_dot_v1_dot_storage__pb2.RecordAnalyticsRequest.SerializeToString,
+            shoal_dot_storage_dot_v1_dot_storage__pb2.RecordAnalyticsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/shoal.storage.v1.StorageNodeService/Backup',
+            shoal_dot_storage_dot_v1_dot_storage__pb2.BackupRequest.SerializeToString,
+            shoal_dot_storage_dot_v1_dot_storage__pb2.BackupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Restore(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/shoal.storage.v1.StorageNodeService/Restore',
+            shoal_dot_storage_dot_v1_dot_storage__pb2.RestoreRequest.SerializeToString,
+            shoal_dot_storage_dot_v1_dot_storage__pb2.RestoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
