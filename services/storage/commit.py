@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from shoal.storage.v1 import types_pb2
 
-from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common import jsoninput
+from services.common.errors import InvalidArgument, ResourceExhausted, shown
 from services.storage import keys, merge, residency
 from services.storage.merge import RecordState, Stamp
 from services.storage.schema import SCHEMA_PREFIX, Table
@@ -319,12 +320,13 @@ class OperationResult:
 Parsed = tuple[dict[str, Any], Any, bytes, bytes]  # (doc, pk, encoded pk, raw JSON)
 
 
-def parse_record(raw: bytes, table: Table, position: int) -> Parsed:
-    """(doc, pk, encoded pk, raw) of a JSON record; INVALID_ARGUMENT naming the record."""
+def parse_record(raw: bytes, table: Table, position: int, max_depth: int) -> Parsed:
+    """(doc, pk, encoded pk, raw) of a JSON record, held to the nesting and integer
+    limits (``jsoninput``); INVALID_ARGUMENT naming the record."""
     try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidArgument(f"record {position}: not valid JSON ({exc})") from exc
+        doc = jsoninput.loads(raw, max_depth)
+    except jsoninput.Refused as exc:
+        raise InvalidArgument(f"record {position}: {exc}") from None
     if type(doc) is not dict:
         raise InvalidArgument(f"record {position}: must be a JSON object")
     try:
@@ -336,20 +338,22 @@ def parse_record(raw: bytes, table: Table, position: int) -> Parsed:
     try:
         encoded = keys.encode_key(pk)
     except keys.InvalidKey as exc:
-        raise InvalidArgument(f"record {position}: invalid primary key {pk!r}: {exc}") from exc
+        raise InvalidArgument(
+            f"record {position}: invalid primary key {shown(pk)}: {exc}"
+        ) from None
     return doc, pk, encoded, raw
 
 
 def parse_id(raw: bytes, position: int) -> tuple[Any, bytes]:
     """(pk, encoded pk) of a JSON scalar id; INVALID_ARGUMENT naming it."""
     try:
-        pk = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidArgument(f"id {position}: not valid JSON ({exc})") from exc
+        pk = jsoninput.loads(raw, jsoninput.MAX_NESTING_DEPTH)
+    except jsoninput.Refused as exc:
+        raise InvalidArgument(f"id {position}: {exc}") from None
     try:
         return pk, keys.encode_key(pk)
     except keys.InvalidKey as exc:
-        raise InvalidArgument(f"id {position}: invalid primary key {pk!r}: {exc}") from exc
+        raise InvalidArgument(f"id {position}: invalid primary key {shown(pk)}: {exc}") from None
 
 
 class LocalTransaction:
@@ -425,7 +429,8 @@ class LocalTransaction:
                 " (storage.maxRecordsPerRequest)"
             )
         self._tables[table.name] = table
-        parsed = [parse_record(r, table, i) for i, r in enumerate(records)]
+        depth = self.engine.config.storage.max_nesting_depth
+        parsed = [parse_record(r, table, i, depth) for i, r in enumerate(records)]
         if len({p[2] for p in parsed}) != len(parsed):
             seen: set[bytes] = set()
             for i, (_, pk, encoded, _) in enumerate(parsed):
@@ -611,7 +616,7 @@ class LocalTransaction:
                 if p.kind != DELETE:
                     write.value = p.raw if p.raw is not None else dumps(p.doc)
                 if p.old is not None and p.old.visible:
-                    write.prior = dumps(p.old.doc)
+                    write.prior = merge.doc_json(p.old.doc)
             elif p.kind == PUT and p.old is None and p.raw is not None:
                 # The common case of a new record: store the client's JSON as it came
                 # (merge.encode_put_state, inlined).
@@ -625,7 +630,7 @@ class LocalTransaction:
                 if p.kind != DELETE:
                     write.value = p.raw if p.raw is not None else dumps(p.doc)
                 if p.old is not None and p.old.visible:
-                    write.prior = dumps(p.old.doc)
+                    write.prior = merge.doc_json(p.old.doc)
             put(audit[name] + p.encoded + lt, b"", writer.logkey)
         touched = dict(self._tables)
         for table in schema_tables:

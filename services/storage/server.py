@@ -17,6 +17,7 @@ from shoal.storage.v1 import storage_pb2 as pb
 from shoal.storage.v1 import storage_pb2_grpc, types_pb2
 
 from services.common import analytics as metrics_catalog
+from services.common import jsoninput
 from services.common.auth import Identity, identity
 from services.common.errors import (
     InvalidArgument,
@@ -59,6 +60,7 @@ from services.storage.permissions import (
 from services.storage.readthrough import ResidentReads
 from services.storage.repair import ResidencyWorker
 from services.storage.schema import Database, Table, check_name
+from services.storage.unreadable import Unreadable
 from services.storage.users import User
 
 Msg = TypeVar("Msg")
@@ -166,12 +168,16 @@ async def _chunked_async(
     docs: AsyncIterator[dict[str, Any]],
     attributes: list[str],
     make: Callable[[list[bytes]], Msg],
+    unreadable: Unreadable,
 ) -> AsyncIterator[Msg]:
-    """Bounded response chunks of projected records from an async source."""
+    """Bounded response chunks of projected records from an async source (records that
+    cannot be serialized are left out and noted in ``unreadable``)."""
     chunk: list[bytes] = []
     size = 0
     async for doc in docs:
-        record = orjson.dumps(search.project(doc, attributes))
+        record = unreadable.render(search.project(doc, attributes))
+        if record is None:
+            continue
         chunk.append(record)
         size += len(record)
         if len(chunk) >= CHUNK_RECORDS or size >= CHUNK_BYTES:
@@ -515,18 +521,23 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         encoded = [parse_id(raw, i)[1] for i, raw in enumerate(request.ids)]
         reader = search.Reader(self.engine, table)
         attributes = list(request.get_attributes)
+        unreadable = reader.unreadable
         if self.engine.has_residents(table):
             docs = self.reads.by_ids(table, encoded, context.time_remaining())
             async for chunk in _chunked_async(
-                docs, attributes, lambda c: pb.SearchByIdResponse(records=c)
+                docs, attributes, lambda c: pb.SearchByIdResponse(records=c), unreadable
             ):
                 yield chunk
-            return
-        records = (
-            orjson.dumps(search.project(s.doc, attributes)) for _, s in reader.by_ids(encoded)
-        )
-        async for chunk in _chunked(records, lambda c: pb.SearchByIdResponse(records=c)):
-            yield chunk
+        else:
+            render = unreadable.render
+            records = (
+                record
+                for _, s in reader.by_ids(encoded)
+                if (record := render(search.project(s.doc, attributes))) is not None
+            )
+            async for chunk in _chunked(records, lambda c: pb.SearchByIdResponse(records=c)):
+                yield chunk
+        unreadable.check()
 
     async def SearchByValue(
         self, request: pb.SearchByValueRequest, context: Ctx
@@ -538,22 +549,16 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         if not request.value:
             raise InvalidArgument('value is required (a JSON value; "*" matches every record)')
         try:
-            value = orjson.loads(request.value)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidArgument(f"value is not valid JSON: {exc}") from exc
+            value = jsoninput.loads(request.value, self.engine.config.storage.max_nesting_depth)
+        except jsoninput.Refused as exc:
+            raise InvalidArgument(f"value: {exc}") from None
         condition = search.value_condition(request.attribute, value)
         group = (
             condition if isinstance(condition, search.Group) else search.Group(False, (condition,))
         )
-        if self.engine.has_residents(table):
-            docs = self._resident_search(table, group, request, context)
-            async for chunk in _chunked_async(
-                docs, list(request.get_attributes), lambda c: pb.SearchByValueResponse(records=c)
-            ):
-                yield chunk
-            return
-        records = self._search(table, group, request)
-        async for chunk in _chunked(records, lambda c: pb.SearchByValueResponse(records=c)):
+        async for chunk in self._search(
+            table, group, request, context, lambda c: pb.SearchByValueResponse(records=c)
+        ):
             yield chunk
 
     async def SearchByConditions(
@@ -561,34 +566,45 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     ) -> AsyncIterator[pb.SearchByConditionsResponse]:
         require(self._caller(), READ, request.database, request.table)
         table = self.engine.catalog.table(request.database, request.table)
-        group = search.parse_group(request.operator, request.conditions)
-        if self.engine.has_residents(table):
-            docs = self._resident_search(table, group, request, context)
-            async for chunk in _chunked_async(
-                docs,
-                list(request.get_attributes),
-                lambda c: pb.SearchByConditionsResponse(records=c),
-            ):
-                yield chunk
-            return
-        records = self._search(table, group, request)
-        async for chunk in _chunked(records, lambda c: pb.SearchByConditionsResponse(records=c)):
+        group = search.parse_group(
+            request.operator, request.conditions, self.engine.config.storage.max_nesting_depth
+        )
+        async for chunk in self._search(
+            table, group, request, context, lambda c: pb.SearchByConditionsResponse(records=c)
+        ):
             yield chunk
 
-    def _resident_search(
+    async def _search(
         self,
         table: Table,
         group: search.Group,
         request: pb.SearchByValueRequest | pb.SearchByConditionsRequest,
         context: Ctx,
-    ) -> AsyncIterator[dict[str, Any]]:
-        """A search in a table with residents: it runs on what this node holds (whole
-        records and stubs, whose indexed attributes it matches), and the records held
-        here only as stubs are then read from their residents."""
+        make: Callable[[list[bytes]], Msg],
+    ) -> AsyncIterator[Msg]:
+        """Plan and run a search with the request's sort, offset, limit and projection.
+        In a table with residents it runs on what this node holds (whole records and
+        stubs, whose indexed attributes it matches), and the records held here only as
+        stubs are then read from their residents. Records that cannot be returned are
+        skipped, and named at the end (DATA_LOSS, see unreadable.py)."""
         sort = _sort(request.sort)
-        source = search.Reader(self.engine, table).plan(group, sort)
-        records = search.run(self.engine, source, group, sort, request.offset, request.limit, [])
-        return self.reads.whole(table, records, context.time_remaining())
+        reader = search.Reader(self.engine, table)
+        source = reader.plan(group, sort)
+        attributes = list(request.get_attributes)
+        unreadable = reader.unreadable
+        offset, limit = request.offset, request.limit
+        if self.engine.has_residents(table):
+            records = search.run(self.engine, source, group, sort, offset, limit, [], unreadable)
+            docs = self.reads.whole(table, records, context.time_remaining())
+            async for chunk in _chunked_async(docs, attributes, make, unreadable):
+                yield chunk
+        else:
+            records = search.run(
+                self.engine, source, group, sort, offset, limit, attributes, unreadable
+            )
+            async for chunk in _chunked(records, make):
+                yield chunk
+        unreadable.check()
 
     async def Rebalance(self, request: pb.RebalanceRequest, context: Ctx) -> pb.RebalanceResponse:
         who = self._caller()
@@ -630,30 +646,14 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         node = self.engine.node_name
         for id_json, value in zip(request.ids, raw, strict=True):
             state = None if value is None else merge.decode_state(value)
+            record = b""
             if state is not None and state.visible and residency.holds_full(state, node):
-                reply.records.append(orjson.dumps(state.doc))
+                record = merge.doc_json(state.doc)  # empty when it cannot be serialized
+            if record:
+                reply.records.append(record)
             else:
                 reply.missing.append(id_json)
         return reply
-
-    def _search(
-        self,
-        table: Table,
-        group: search.Group,
-        request: pb.SearchByValueRequest | pb.SearchByConditionsRequest,
-    ) -> Iterator[bytes]:
-        """Plan and run a search with the request's sort, offset, limit and projection."""
-        sort = _sort(request.sort)
-        source = search.Reader(self.engine, table).plan(group, sort)
-        return search.run(
-            self.engine,
-            source,
-            group,
-            sort,
-            request.offset,
-            request.limit,
-            list(request.get_attributes),
-        )
 
     # -- CSV -------------------------------------------------------------------------
 
@@ -684,7 +684,8 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         method = OPERATION_ACTIONS[operation]
         require(who, method, header.database, header.table)
         table = self.engine.catalog.table(header.database, header.table)
-        parser = csvload.CsvParser()
+        depth = self.engine.config.storage.max_nesting_depth
+        parser = csvload.CsvParser(max_depth=depth)
         response = pb.LoadCsvResponse()
         pending: list[tuple[int, bytes]] = []
         seen: set[bytes] = set()
@@ -705,7 +706,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         def take(rows: Iterator[tuple[int, bytes]]) -> None:
             for line, record in rows:
                 try:
-                    encoded = commit.parse_record(record, table, line)[2]
+                    encoded = commit.parse_record(record, table, line, depth)[2]
                 except InvalidArgument as exc:
                     parser.row_failed(line, exc.message.split(": ", 1)[-1])
                     continue
