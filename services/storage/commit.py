@@ -347,7 +347,7 @@ def parse_record(raw: bytes, table: Table, position: int, max_depth: int) -> Par
 def parse_id(raw: bytes, position: int) -> tuple[Any, bytes]:
     """(pk, encoded pk) of a JSON scalar id; INVALID_ARGUMENT naming it."""
     try:
-        pk = jsoninput.loads(raw, jsoninput.MAX_NESTING_DEPTH)
+        pk = jsoninput.loads(raw, jsoninput.MAX_NESTING_DEPTH, "an id is a string or a number")
     except jsoninput.Refused as exc:
         raise InvalidArgument(f"id {position}: {exc}") from None
     try:

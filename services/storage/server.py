@@ -126,11 +126,20 @@ def copy_progress(copy: CopyState, complete: bool = False) -> pb.CopyProgress:
     )
 
 
+def _ms(value: timestamp_pb2.Timestamp, name: str) -> int:
+    """A request's time in Unix milliseconds; INVALID_ARGUMENT when it is not a valid
+    Timestamp (seconds from year 1 to 9999, nanos below a second)."""
+    try:
+        return int(value.ToMilliseconds())
+    except ValueError as exc:
+        raise InvalidArgument(f"{name} is not a valid time: {exc}") from None
+
+
 def _time_range(
     start: timestamp_pb2.Timestamp, end: timestamp_pb2.Timestamp, has_start: bool, has_end: bool
 ) -> tuple[int, int | None]:
-    lo = version_from_ms(start.ToMilliseconds()) if has_start else 0
-    hi = version_from_ms(end.ToMilliseconds()) if has_end else None
+    lo = version_from_ms(_ms(start, "start_time")) if has_start else 0
+    hi = version_from_ms(_ms(end, "end_time")) if has_end else None
     if hi is not None and hi < lo:
         raise InvalidArgument("end_time is before start_time")
     return lo, hi
@@ -802,7 +811,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
             self.engine.catalog.database(request.database)
         if not request.HasField("before"):
             raise InvalidArgument("before is required")
-        ms = request.before.ToMilliseconds()
+        ms = _ms(request.before, "before")
         if ms > self.engine.clock.physical_ms():
             raise InvalidArgument("before is in the future")
         entries, tombstones = log.purge_before(self.engine, version_from_ms(ms), request.database)
