@@ -22,7 +22,7 @@ import orjson
 from shoal.storage.v1 import types_pb2
 
 from services.common import jsoninput
-from services.common.errors import InvalidArgument, ResourceExhausted, shown
+from services.common.errors import DataLoss, InvalidArgument, ResourceExhausted, shown
 from services.storage import keys, merge, residency
 from services.storage.merge import RecordState, Stamp
 from services.storage.schema import SCHEMA_PREFIX, Table
@@ -131,7 +131,7 @@ class BatchWriter:
         dkey = table.prefix + encoded_pk
         self.overlay[dkey] = new
         put = self.batch.put
-        put(dkey, encoded_state or merge.encode_state(new), self._data)
+        put(dkey, encoded_state or _encoded(table, encoded_pk, new), self._data)
         new_doc = new.doc
         if old is None:
             # A record this node never had: add index entries, no diff needed.
@@ -564,8 +564,16 @@ class LocalTransaction:
         )
 
     def commit(self, extra_schema: Iterable[Table] = ()) -> int:
-        """Write the transaction; returns its version (0 when it wrote nothing)."""
-        schema_tables = list(extra_schema)
+        """Write the transaction; returns its version (0 when it wrote nothing). When it
+        fails before the write (a record that cannot be stored), nothing is written and
+        the in-memory schema is read back from the store."""
+        try:
+            return self._commit(list(extra_schema))
+        except Exception:
+            self.engine.reload_catalog()
+            raise
+
+    def _commit(self, schema_tables: list[Table]) -> int:
         if not self._pending and not schema_tables and not self._rehomed:
             return 0
         engine = self.engine
@@ -647,6 +655,22 @@ class LocalTransaction:
             key = (self.database, name)
             by_table[key] = by_table.get(key, 0) + count
         return version
+
+
+def _encoded(table: Table, encoded_pk: bytes, state: RecordState) -> bytes:
+    """The stored form of a state; DATA_LOSS when it cannot be written: a record an older
+    version stored nested deeper than JSON output allows, written again without
+    replacing its deep attributes."""
+    try:
+        return merge.encode_state(state)
+    except orjson.JSONEncodeError:
+        pk = keys.decode_value(encoded_pk)[0]
+        raise DataLoss(
+            f"record {shown(pk)} of {table.database}.{table.name} nests deeper than JSON"
+            " output allows (stored before storage.maxNestingDepth existed) and cannot be"
+            " written back: delete it, or write new values for its deep attributes",
+            reason="UNREADABLE_RECORDS",
+        ) from None
 
 
 def _visible(state: RecordState | None) -> bool:

@@ -294,7 +294,17 @@ def test_a_record_older_code_stored_too_deep_does_not_fail_reads_of_the_others(
     for scan in scans:
         records = readable(scan)
         assert sorted(r["id"] for r in records) == ["a", "c", "d"]  # type: ignore[index]
-    # The operator can remove it, and the table reads whole again.
+    # A write that keeps its deep attribute cannot store it back; one that replaces it
+    # can, and so can a delete. Then the table reads whole again.
+    expect_error(
+        grpc.StatusCode.DATA_LOSS,
+        partial(client.update, "dev", "t", [{"id": "b", "w": 1}]),
+        "'b'",
+        "delete it",
+    )
+    assert "w" not in {a.name for a in client.describe("dev", "t").attributes}
+    client.upsert("dev", "t", [{"id": "b", "v": "bee"}])
+    assert client.get("dev", "t", ["b"]) == [{"id": "b", "v": "bee"}]
     assert client.delete("dev", "t", ["b"]).deleted_ids == [b'"b"']
     assert sorted(r["id"] for r in client.all_records("dev", "t")) == ["a", "c", "d"]
 
