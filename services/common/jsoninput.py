@@ -22,7 +22,6 @@ that scan says the document might break a limit.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import orjson
@@ -35,8 +34,11 @@ MIN_NESTING_DEPTH = 8  # system tables (membership rows, certificates) need a fe
 INT_MIN = -(2**63)
 INT_MAX = 2**64 - 1
 _INT_DIGITS = len(str(INT_MAX))  # 20
-# An integer outside the 64-bit range has at least 19 digits (-9223372036854775809).
-_LONG_NUMBER = re.compile(rb"[0-9]{19}")
+# One pass over the text maps every digit to 0 and every { to [: then an object or array
+# opens at each [, and an integer outside the 64-bit range (at least 19 digits, as
+# -9223372036854775809) leaves a run of 19 zeros.
+_SCAN = bytes.maketrans(b"123456789{", b"000000000[")
+_LONG_NUMBER = b"0" * 19
 _SHOWN_DIGITS = 40
 STORAGE_LIMIT = "storage.maxNestingDepth"
 
@@ -67,7 +69,8 @@ def loads(raw: bytes | str, max_depth: int, limit: str = STORAGE_LIMIT) -> Any:
     except orjson.JSONDecodeError as exc:
         if "depth limit" in str(exc):  # deeper than orjson's own 1,024 levels
             raise TooDeep(too_deep(max_depth, limit)) from None
-        if "infinity" in str(exc):
+        if "infinity" in str(exc):  # an integer that long is out of range first
+            _check_integers(data)
             raise NotJson("a number is too large for a double (above about 1.8e308)") from None
         raise NotJson(f"not valid JSON ({exc})") from None
     check_text(data, value, max_depth, limit)
@@ -76,9 +79,10 @@ def loads(raw: bytes | str, max_depth: int, limit: str = STORAGE_LIMIT) -> Any:
 
 def check_text(data: bytes, value: Any, max_depth: int, limit: str = STORAGE_LIMIT) -> None:
     """Both limits for ``value``, parsed from ``data`` by orjson (Refused when broken)."""
-    if data.count(b"[") + data.count(b"{") > max_depth and depth_of(value, max_depth) > max_depth:
+    scanned = data.translate(_SCAN)
+    if scanned.count(b"[") > max_depth and depth_of(value, max_depth) > max_depth:
         raise TooDeep(too_deep(max_depth, limit))
-    if _LONG_NUMBER.search(data) is not None:
+    if _LONG_NUMBER in scanned:
         _check_integers(data)
 
 
