@@ -35,6 +35,8 @@ from tests.harness.hostile import digest
 from tests.harness.node import Node
 from tests.harness.wait import wait_for
 
+pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
+
 DEFAULT_LIMIT = 64  # storage.maxNestingDepth unless set
 MAX_LIMIT = 200  # the highest it can be set (docs/configuration.md)
 INT_MIN, INT_MAX = -(2**63), 2**64 - 1  # integers kept exact
