@@ -1,11 +1,13 @@
 """The gRPC server edge shared by every Shoal service.
 
 One interceptor does what every handler would otherwise repeat: authenticate the caller
-(setting ``auth.current_identity`` for the handler), turn ``ShoalError`` into a rich
-``google.rpc.Status``, turn anything unexpected into INTERNAL with a log line, and count
-and time every call by final status (``RpcMetrics``, exported as gRFC A66 metrics by
-``services.common.metrics``). Health (``grpc.health.v1``) and reflection are added to
-every server, need no credentials and are not counted.
+(setting ``auth.current_identity`` for the handler), answer a request that is not a
+valid protobuf message (a string that is not UTF-8) with INVALID_ARGUMENT where gRPC
+would say UNKNOWN, turn ``ShoalError`` into a rich ``google.rpc.Status``, turn anything
+unexpected into INTERNAL with a log line, and count and time every call by final status
+(``RpcMetrics``, exported as gRFC A66 metrics by ``services.common.metrics``). Health
+(``grpc.health.v1``) and reflection are added to every server, need no credentials and
+are not counted.
 
 A client port (storage, admin) serves TLS with the node's certificate when the node has
 TLS material (``ServerSpec.tls``); with client certificates on (``storage.mtls``,
