@@ -38,16 +38,24 @@ from services.admin.nodes import (
     start_time_text,
     validated_row,
 )
-from services.common import sysinfo
+from services.common import jsoninput, sysinfo
 from services.common.analytics import AGGREGATE_PERIOD_MS, MAX_TIME_MS
 from services.common.config import Route, parse_route_url
-from services.common.errors import InvalidArgument, ShoalError
+from services.common.errors import DataLoss, InvalidArgument, ShoalError
 from services.common.hlc import version_as_ms
 from services.common.routes import to_yaml
 
 Json = Any
 FORWARD_MARGIN_S = 0.25  # at most this much of an Execute deadline is kept to answer
 MAX_CONFIRMATION = 2**31 - 1  # the typed field is an int32
+MAX_UINT64 = 2**64 - 1  # counts (limit, offset) are uint64 fields
+MAX_UINT32 = 2**32 - 1
+MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last time a Timestamp holds
+# Levels an operation may nest: its records are held to storage.maxNestingDepth by
+# storage; the operation itself to the ceiling of that setting plus the few levels that
+# hold a record in an operation (`{"records": [...]}`) or in an answer. Anything deeper
+# could not be serialized again (services/common/jsoninput.py).
+MAX_OPERATION_DEPTH = jsoninput.MAX_NESTING_DEPTH + 8
 Handler = Callable[["Execute", "Body"], Awaitable[Json]]
 
 _OPERATIONS_ENUM = {
@@ -68,6 +76,12 @@ _COMPARATORS.update(
         "less_than_or_equal": spb.COMPARATOR_LESS_THAN_EQUAL,
     }
 )
+
+
+def _shown_json(value: Any) -> str:
+    """A JSON value for a message, cut short."""
+    text = orjson.dumps(value).decode()
+    return text if len(text) <= 40 else text[:40] + "…"
 
 
 def harper_time(version: int) -> float:
@@ -111,12 +125,31 @@ class Body:
             raise InvalidArgument(f"{self.operation}: '{names[0]}' must be an array")
         return value
 
-    def number(self, *names: str, default: int = 0) -> int:
+    def number(self, *names: str, default: int = 0, maximum: int = MAX_UINT64) -> int:
+        """A whole number from 0 to ``maximum`` (``2.0`` is 2; ``1.5`` is refused, not cut)."""
         value = self._get(names)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise InvalidArgument(f"{self.operation}: '{names[0]}' must be a non-negative number")
+        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not whole or not 0 <= value <= maximum:
+            raise InvalidArgument(
+                f"{self.operation}: '{names[0]}' must be a whole number from 0 to {maximum},"
+                f" not {_shown_json(value)}"
+            )
+        return int(value)
+
+    def millis(self, value: Any, name: str) -> int:
+        """``value`` as a time in Unix milliseconds (fractions are cut, as Harper's
+        timestamps carry them), within what a protobuf Timestamp holds."""
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not 0 <= value <= MAX_MS
+        ):
+            raise InvalidArgument(
+                f"{self.operation}: '{name}' must be a time in Unix milliseconds (0 to"
+                f" {MAX_MS}), not {_shown_json(value)}"
+            )
         return int(value)
 
     def confirmation(self) -> int:
@@ -165,12 +198,8 @@ class Body:
         value = self._get(names)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise InvalidArgument(
-                f"{self.operation}: '{names[0]}' must be a time in Unix milliseconds"
-            )
         ts = timestamp_pb2.Timestamp()
-        ts.FromMilliseconds(int(value))
+        ts.FromMilliseconds(self.millis(value, names[0]))
         return ts
 
 
@@ -218,9 +247,9 @@ class Execute:
 async def run(execute: Execute, raw: bytes) -> tuple[Json, int]:
     """Run one JSON operation; returns (Harper response or {"error": ...}, gRPC code)."""
     try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        return {"error": f"the operation is not valid JSON: {exc}"}, InvalidArgument.code.value[0]
+        data = jsoninput.loads(raw, MAX_OPERATION_DEPTH, "the limit of an operation")
+    except jsoninput.Refused as exc:
+        return {"error": f"the operation is refused: {exc}"}, InvalidArgument.code.value[0]
     if not isinstance(data, dict):
         return {"error": "the operation must be a JSON object"}, InvalidArgument.code.value[0]
     body = Body(data)
@@ -235,6 +264,23 @@ async def run(execute: Execute, raw: bytes) -> tuple[Json, int]:
         return await handler(execute, body), 0
     except ShoalError as exc:
         return {"error": exc.message}, exc.code.value[0]
+
+
+def answer(result: Json, code: int) -> apb.ExecuteResponse:
+    """An operation's answer, as JSON. A record stored before storage.maxNestingDepth
+    existed may nest deeper than JSON output allows (a log entry holding one): the
+    answer is then an error naming the cause (DATA_LOSS), never a failed call."""
+    try:
+        return apb.ExecuteResponse(result=orjson.dumps(result), code=code)
+    except orjson.JSONEncodeError as exc:
+        error = (
+            f"the answer cannot be written as JSON ({exc}): it holds a record nested deeper"
+            " than JSON output allows, stored before storage.maxNestingDepth existed; read"
+            " the records one by one and delete or rewrite that one"
+        )
+        return apb.ExecuteResponse(
+            result=orjson.dumps({"error": error}), code=DataLoss.code.value[0]
+        )
 
 
 # -- data and schema (delegated to storage) ------------------------------------------------
@@ -607,9 +653,9 @@ async def read_audit_log(ex: Execute, body: Body) -> Json:
             raise InvalidArgument(
                 "read_audit_log: 'search_values' must hold [from] or [from, to] times"
             )
-        request.start_time.FromMilliseconds(int(values[0]))
+        request.start_time.FromMilliseconds(body.millis(values[0], "search_values"))
         if len(values) > 1:
-            request.end_time.FromMilliseconds(int(values[1]))
+            request.end_time.FromMilliseconds(body.millis(values[1], "search_values"))
     elif search_type:
         raise InvalidArgument(
             "read_audit_log: 'search_type' must be hash_value, username or timestamp"
@@ -796,7 +842,7 @@ async def restore_backup(ex: Execute, body: Body) -> Json:
         isinstance(raw_until, bool) or not isinstance(raw_until, int | float)
     ):
         raise InvalidArgument("restore_backup: 'until' must be a time in Unix milliseconds")
-    until = None if raw_until is None else int(raw_until)
+    until = None if raw_until is None else body.millis(raw_until, "until")
     backups = Backups(ex.node)
     name = body.text("backup", "name")
     log_name = body.text("log_backup", required=False)
@@ -831,7 +877,7 @@ def _time_ms(body: Body, name: str, default: int) -> int:
     value = body._get((name,))
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= MAX_MS:
         raise InvalidArgument(f"{body.operation}: '{name}' must be a time in Unix milliseconds")
     return int(value)
 
@@ -842,7 +888,7 @@ async def get_analytics(ex: Execute, body: Body) -> Json:
         metric=body.text("metric"),
         start_ms=_time_ms(body, "start_time", 0),
         end_ms=_time_ms(body, "end_time", MAX_TIME_MS),
-        period_ms=body.number("period", default=AGGREGATE_PERIOD_MS),
+        period_ms=body.number("period", default=AGGREGATE_PERIOD_MS, maximum=MAX_UINT32),
         attributes=tuple(_attributes(body)),
         conditions=tuple(_conditions(body.array("conditions", required=False), body.operation)),
     )

@@ -55,7 +55,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             harper.deadline_of(context.time_remaining()),
         )
         result, code = await harper.run(execute, request.operation)
-        return apb.ExecuteResponse(result=orjson.dumps(result), code=code)
+        return harper.answer(result, code)
 
     # -- backups ------------------------------------------------------------------------
 

@@ -28,6 +28,12 @@ from typing import Any
 
 import yaml
 
+from services.common.jsoninput import (
+    DEFAULT_NESTING_DEPTH,
+    MAX_NESTING_DEPTH,
+    MIN_NESTING_DEPTH,
+)
+
 DEFAULT_ADMIN_PORT = 9925
 DEFAULT_STORAGE_PORT = 9926
 DEFAULT_REPLICATION_PORT = 9932
@@ -144,6 +150,8 @@ class StorageConfig:
     max_records_per_request: int = 100_000
     max_concurrent_rpcs: int = 1000
     max_sort_rows: int = 1_000_000
+    # Levels of arrays and objects a JSON document may nest (services/common/jsoninput.py).
+    max_nesting_depth: int = DEFAULT_NESTING_DEPTH
     purge_interval_s: float = 3600.0
     tls: bool = True  # serve TLS when the node has TLS material; false: plaintext
     mtls: MtlsConfig = field(default_factory=MtlsConfig)  # client certificates
@@ -916,6 +924,9 @@ def parse_config(
         max_records_per_request=st.integer("maxRecordsPerRequest", 100_000, 1, 10_000_000),
         max_concurrent_rpcs=st.integer("maxConcurrentRpcs", 1000, 1, 100_000),
         max_sort_rows=st.integer("maxSortRows", 1_000_000, 1, 1_000_000_000),
+        max_nesting_depth=st.integer(
+            "maxNestingDepth", DEFAULT_NESTING_DEPTH, MIN_NESTING_DEPTH, MAX_NESTING_DEPTH
+        ),
         purge_interval_s=st.duration("purgeInterval", 3600.0),
         tls=st.boolean("tls", True),
         mtls=_mtls(st, "mtls"),

@@ -16,6 +16,31 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 ERROR_DOMAIN = "shoal"
+# A status travels in the response's trailers twice (the message, percent-encoded, and
+# the google.rpc.Status with it, in base64), and gRPC clients refuse trailers above 16 KiB
+# by default: the call would end RESOURCE_EXHAUSTED on the client instead of this error.
+# Messages and ErrorInfo metadata values are cut to these sizes (UTF-8 bytes).
+MAX_MESSAGE_BYTES = 1024
+MAX_METADATA_BYTES = 2048
+SHOWN_CHARS = 64
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` for a message, cut to about ``limit`` characters: requests can
+    carry names, ids and values of any size, and a message repeats them."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value)} characters)" if isinstance(value, str | bytes) else ""
+    return f"{text[:limit]}…{size}"
+
+
+def cut(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes (a whole character last), marked."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[: limit - 64].decode(errors="ignore") + f"… (cut: {len(data)} bytes in all)"
 
 
 class ShoalError(Exception):
@@ -39,12 +64,14 @@ class ShoalError(Exception):
 
     def to_status(self) -> grpc.Status:
         """The rich gRPC status for this error (message plus ErrorInfo detail)."""
+        metadata = {k: cut(v, MAX_METADATA_BYTES) for k, v in self.metadata.items()}
         info = error_details_pb2.ErrorInfo(
-            reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata
+            reason=self.reason, domain=ERROR_DOMAIN, metadata=metadata
         )
         detail = any_pb2.Any()
         detail.Pack(info)
-        status = status_pb2.Status(code=self.code.value[0], message=self.message, details=[detail])
+        message = cut(self.message, MAX_MESSAGE_BYTES)
+        status = status_pb2.Status(code=self.code.value[0], message=message, details=[detail])
         return rpc_status.to_status(status)
 
 
@@ -128,6 +155,13 @@ class Unimplemented(ShoalError):
     default_reason = "UNIMPLEMENTED"
 
 
+class DataLoss(ShoalError):
+    """Stored data cannot be read (it was written by older code, or is damaged)."""
+
+    code = grpc.StatusCode.DATA_LOSS
+    default_reason = "DATA_LOSS"
+
+
 class Internal(ShoalError):
     """A bug or a broken invariant; the message says what."""
 
@@ -139,7 +173,10 @@ def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     """The ``google.rpc.ErrorInfo`` detail of a received error, or None when it has none."""
     if not isinstance(error, grpc.Call | grpc.aio.AioRpcError):
         return None
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    try:
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    except ValueError:  # a status detail that contradicts the call's own code
+        return None
     if status is None:
         return None
     for detail in status.details:
@@ -169,6 +206,7 @@ _BY_CODE: dict[grpc.StatusCode, type[ShoalError]] = {
         Unavailable,
         Aborted,
         DeadlineExceeded,
+        DataLoss,
         Internal,
     )
 }

@@ -1,11 +1,13 @@
 """The gRPC server edge shared by every Shoal service.
 
 One interceptor does what every handler would otherwise repeat: authenticate the caller
-(setting ``auth.current_identity`` for the handler), turn ``ShoalError`` into a rich
-``google.rpc.Status``, turn anything unexpected into INTERNAL with a log line, and count
-and time every call by final status (``RpcMetrics``, exported as gRFC A66 metrics by
-``services.common.metrics``). Health (``grpc.health.v1``) and reflection are added to
-every server, need no credentials and are not counted.
+(setting ``auth.current_identity`` for the handler), answer a request that is not a
+valid protobuf message (a string that is not UTF-8) with INVALID_ARGUMENT where gRPC
+would say UNKNOWN, turn ``ShoalError`` into a rich ``google.rpc.Status``, turn anything
+unexpected into INTERNAL with a log line, and count and time every call by final status
+(``RpcMetrics``, exported as gRFC A66 metrics by ``services.common.metrics``). Health
+(``grpc.health.v1``) and reflection are added to every server, need no credentials and
+are not counted.
 
 A client port (storage, admin) serves TLS with the node's certificate when the node has
 TLS material (``ServerSpec.tls``); with client certificates on (``storage.mtls``,
@@ -46,7 +48,7 @@ from shoal.lifecycle.v1.lifecycle_pb2_grpc import add_LifecycleServiceServicer_t
 from services.common.auth import Identity, current_identity
 from services.common.client_certificates import ClientCertificates
 from services.common.config import ShoalConfig
-from services.common.errors import Internal, ShoalError, Unavailable
+from services.common.errors import Internal, InvalidArgument, ShoalError, Unavailable
 from services.common.lifecycle import SERVICE_NAME as LIFECYCLE_SERVICE
 from services.common.lifecycle import Lifecycle, LifecycleServicer
 from services.common.metrics import MethodStats, MetricsServer, RpcMetrics, Source, start_metrics
@@ -193,10 +195,65 @@ def _passthrough_status(exc: BaseException, context: Ctx) -> grpc.StatusCode:
     return grpc.StatusCode.CANCELLED
 
 
+class _Undecodable:
+    """A request message that did not parse (invalid UTF-8 in a string field, a
+    truncated field, nesting beyond protobuf's limit). gRPC would end the call UNKNOWN;
+    the handler's wrapper answers INVALID_ARGUMENT instead, once the caller is known."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def error(self) -> InvalidArgument:
+        return InvalidArgument(
+            f"the request is not a valid protobuf message ({self.reason}); string fields"
+            " must hold valid UTF-8"
+        )
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserializer``, returning an ``_Undecodable`` instead of raising."""
+    if deserializer is None:
+        return None
+    parse = deserializer
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:
+            return _Undecodable(f"{type(exc).__name__}: {exc}")
+
+    return deserialize
+
+
+def _check(request: Any) -> None:
+    if type(request) is _Undecodable:
+        raise request.error()
+
+
+UNDECODABLE_DRAIN_BYTES = 64 * 1024 * 1024
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A client stream's messages; at one that did not parse, the rest of the stream is
+    read (bounded) and dropped, so the caller sees INVALID_ARGUMENT as the call's status."""
+    async for request in requests:
+        if type(request) is _Undecodable:
+            seen = 0
+            async for rest in requests:
+                seen += rest.ByteSize() if hasattr(rest, "ByteSize") else 0
+                if seen > UNDECODABLE_DRAIN_BYTES:
+                    break
+            raise request.error()
+        yield request
+
+
 def _wrap(handler: Any, method: str, edge: _Edge, stats: MethodStats) -> Any:
     passthrough = _PASSTHROUGH
     now = _now
     finish = stats.finish
+    deserializer = _tolerant(handler.request_deserializer)
 
     if handler.unary_unary is not None:
         inner_uu = handler.unary_unary
@@ -206,6 +263,7 @@ def _wrap(handler: Any, method: str, edge: _Edge, stats: MethodStats) -> Any:
             start = now()
             try:
                 await _enter(context, edge)
+                _check(request)
                 response = await inner_uu(request, context)
             except passthrough as exc:
                 finish(_passthrough_status(exc, context), now() - start)
@@ -218,13 +276,13 @@ def _wrap(handler: Any, method: str, edge: _Edge, stats: MethodStats) -> Any:
                 return response
 
         return grpc.unary_unary_rpc_method_handler(
-            unary_unary, handler.request_deserializer, handler.response_serializer
+            unary_unary, deserializer, handler.response_serializer
         )
 
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
             _wrap_stream(handler.unary_stream, method, edge, stats),
-            handler.request_deserializer,
+            deserializer,
             handler.response_serializer,
         )
 
@@ -236,7 +294,7 @@ def _wrap(handler: Any, method: str, edge: _Edge, stats: MethodStats) -> Any:
             start = now()
             try:
                 await _enter(context, edge)
-                response = await inner_su(requests, context)
+                response = await inner_su(_checked(requests), context)
             except passthrough as exc:
                 finish(_passthrough_status(exc, context), now() - start)
                 raise
@@ -248,7 +306,7 @@ def _wrap(handler: Any, method: str, edge: _Edge, stats: MethodStats) -> Any:
                 return response
 
         return grpc.stream_unary_rpc_method_handler(
-            stream_unary, handler.request_deserializer, handler.response_serializer
+            stream_unary, deserializer, handler.response_serializer
         )
 
     return grpc.stream_stream_rpc_method_handler(
@@ -271,6 +329,7 @@ def _wrap_stream(inner: Any, method: str, edge: _Edge, stats: MethodStats) -> An
             start = now()
             try:
                 await _enter(context, edge)
+                _check(request)
                 async for item in inner(request, context):
                     yield item
             except passthrough as exc:
@@ -289,6 +348,7 @@ def _wrap_stream(inner: Any, method: str, edge: _Edge, stats: MethodStats) -> An
         start = now()
         try:
             await _enter(context, edge)
+            _check(request)
             response = await inner(request, context)
         except passthrough as exc:
             finish(_passthrough_status(exc, context), now() - start)

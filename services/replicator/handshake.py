@@ -25,6 +25,10 @@ class Refused(Exception):
         self.reason = reason
 
 
+class NotHello(Refused):
+    """The peer's first message was neither a Hello nor a Goodbye."""
+
+
 def goodbye(code: rpb.GoodbyeCode.ValueType, reason: str) -> rpb.PeerMessage:
     return rpb.PeerMessage(goodbye=rpb.Goodbye(code=code, reason=reason))
 
@@ -41,7 +45,9 @@ async def receive_hello(stream: PeerStream, timeout_s: float) -> rpb.Hello:
     if kind == "goodbye":
         raise Refused(message.goodbye.code, message.goodbye.reason)
     if kind != "hello":
-        raise Refused(rpb.GOODBYE_CODE_PROTOCOL_ERROR, f"expected Hello, got {kind}")
+        raise NotHello(
+            rpb.GOODBYE_CODE_PROTOCOL_ERROR, f"expected Hello, got {kind or 'an empty message'}"
+        )
     return message.hello
 
 

@@ -46,6 +46,7 @@ from services.common.config import (
     Route,
     ShoalConfig,
 )
+from services.common.errors import InvalidArgument
 from services.common.tls_source import TlsSource
 from services.replicator.admission import Admission, joined_row
 from services.replicator.confirmation import Confirmations
@@ -54,6 +55,7 @@ from services.replicator.fetch import Fetches
 from services.replicator.handshake import (
     PROTOCOL_MAX,
     PROTOCOL_MIN,
+    NotHello,
     Refused,
     check_dialer,
     choose_version,
@@ -397,7 +399,15 @@ class Replicator:
         if self._closing:
             await stream.send(goodbye(rpb.GOODBYE_CODE_SHUTDOWN, f"{self.name} is shutting down"))
             return
-        theirs = await receive_hello(stream, HANDSHAKE_TIMEOUT_S)
+        try:
+            theirs = await receive_hello(stream, HANDSHAKE_TIMEOUT_S)
+        except NotHello as exc:
+            raise InvalidArgument(
+                f"the first message of a Replicate stream must be a Hello ({exc.reason})"
+            ) from None
+        except Refused as exc:  # the dialer said Goodbye first: nothing to answer
+            log.info("%s said goodbye before its Hello: %s", address, exc.reason)
+            return
         secure = transport_names is not None
         try:
             if not secure:

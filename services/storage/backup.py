@@ -33,7 +33,8 @@ import rocksdict
 from shoal.storage.v1 import storage_pb2 as pb
 from shoal.storage.v1 import types_pb2
 
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common import jsoninput
+from services.common.errors import FailedPrecondition, InvalidArgument, shown
 from services.common.hlc import MAX_VERSION
 from services.storage import keys, merge
 from services.storage import log as txlog
@@ -219,6 +220,7 @@ class RestoreSession:
 
     def __init__(self, engine: Engine, header: pb.RestoreHeader, running: set[str]) -> None:
         self.engine = engine
+        self._depth = engine.config.storage.max_nesting_depth
         self.database = header.database
         self.dry_run = header.dry_run
         self.replay_until = header.replay_until
@@ -305,9 +307,11 @@ class RestoreSession:
             try:
                 encoded = keys.encode_key(orjson.loads(row.id))
             except (orjson.JSONDecodeError, keys.InvalidKey) as exc:
-                raise InvalidArgument(f"{where}: invalid primary key {row.id!r}: {exc}") from None
+                raise InvalidArgument(
+                    f"{where}: invalid primary key {shown(row.id)}: {exc}"
+                ) from None
             try:
-                state = merge.decode_state(row.state)
+                state = merge.decode_incoming_state(row.state, self._depth)
             except ValueError as exc:
                 raise InvalidArgument(f"{where}: {exc}") from None
             order = (row.table, encoded)
@@ -341,17 +345,22 @@ class RestoreSession:
             try:
                 keys.encode_key(orjson.loads(w.id))
             except (orjson.JSONDecodeError, keys.InvalidKey) as exc:
-                raise InvalidArgument(f"{where}: invalid record id {w.id!r}: {exc}") from None
-            if w.kind != DELETE:
-                try:
-                    value = orjson.loads(w.value)
-                except orjson.JSONDecodeError:
-                    value = None
-                if type(value) is not (list if w.whole else dict):
-                    raise InvalidArgument(
-                        f"{where}: a write's value is not a JSON "
-                        + ("record state" if w.whole else "object")
-                    )
+                raise InvalidArgument(f"{where}: invalid record id {shown(w.id)}: {exc}") from None
+            try:
+                self._check_values(w)
+            except jsoninput.Refused as exc:
+                raise InvalidArgument(f"{where}: a write to {w.table!r}: {exc}") from None
+
+    def _check_values(self, w: types_pb2.Write) -> None:
+        """A logged write's value and prior, held to the JSON limits: the log RPCs return
+        them as they are (jsoninput.Refused when they break one, or are not JSON)."""
+        if w.kind != DELETE:
+            if w.whole:
+                merge.decode_incoming_state(w.value, self._depth)
+            elif type(jsoninput.loads(w.value, self._depth)) is not dict:
+                raise jsoninput.NotJson("its value is not a JSON object")
+        if w.prior and type(jsoninput.loads(w.prior, self._depth)) is not dict:
+            raise jsoninput.NotJson("its prior record is not a JSON object")
 
     # -- writes ----------------------------------------------------------------------
 

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from shoal.storage.v1 import types_pb2
 
-from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common import jsoninput
+from services.common.errors import DataLoss, InvalidArgument, ResourceExhausted, shown
 from services.storage import keys, merge, residency
 from services.storage.merge import RecordState, Stamp
 from services.storage.schema import SCHEMA_PREFIX, Table
@@ -130,7 +131,7 @@ class BatchWriter:
         dkey = table.prefix + encoded_pk
         self.overlay[dkey] = new
         put = self.batch.put
-        put(dkey, encoded_state or merge.encode_state(new), self._data)
+        put(dkey, encoded_state or _encoded(table, encoded_pk, new), self._data)
         new_doc = new.doc
         if old is None:
             # A record this node never had: add index entries, no diff needed.
@@ -319,12 +320,13 @@ class OperationResult:
 Parsed = tuple[dict[str, Any], Any, bytes, bytes]  # (doc, pk, encoded pk, raw JSON)
 
 
-def parse_record(raw: bytes, table: Table, position: int) -> Parsed:
-    """(doc, pk, encoded pk, raw) of a JSON record; INVALID_ARGUMENT naming the record."""
+def parse_record(raw: bytes, table: Table, position: int, max_depth: int) -> Parsed:
+    """(doc, pk, encoded pk, raw) of a JSON record, held to the nesting and integer
+    limits (``jsoninput``); INVALID_ARGUMENT naming the record."""
     try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidArgument(f"record {position}: not valid JSON ({exc})") from exc
+        doc = jsoninput.loads(raw, max_depth)
+    except jsoninput.Refused as exc:
+        raise InvalidArgument(f"record {position}: {exc}") from None
     if type(doc) is not dict:
         raise InvalidArgument(f"record {position}: must be a JSON object")
     try:
@@ -336,20 +338,22 @@ def parse_record(raw: bytes, table: Table, position: int) -> Parsed:
     try:
         encoded = keys.encode_key(pk)
     except keys.InvalidKey as exc:
-        raise InvalidArgument(f"record {position}: invalid primary key {pk!r}: {exc}") from exc
+        raise InvalidArgument(
+            f"record {position}: invalid primary key {shown(pk)}: {exc}"
+        ) from None
     return doc, pk, encoded, raw
 
 
 def parse_id(raw: bytes, position: int) -> tuple[Any, bytes]:
     """(pk, encoded pk) of a JSON scalar id; INVALID_ARGUMENT naming it."""
     try:
-        pk = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidArgument(f"id {position}: not valid JSON ({exc})") from exc
+        pk = jsoninput.loads(raw, jsoninput.MAX_NESTING_DEPTH, "an id is a string or a number")
+    except jsoninput.Refused as exc:
+        raise InvalidArgument(f"id {position}: {exc}") from None
     try:
         return pk, keys.encode_key(pk)
     except keys.InvalidKey as exc:
-        raise InvalidArgument(f"id {position}: invalid primary key {pk!r}: {exc}") from exc
+        raise InvalidArgument(f"id {position}: invalid primary key {shown(pk)}: {exc}") from None
 
 
 class LocalTransaction:
@@ -425,7 +429,8 @@ class LocalTransaction:
                 " (storage.maxRecordsPerRequest)"
             )
         self._tables[table.name] = table
-        parsed = [parse_record(r, table, i) for i, r in enumerate(records)]
+        depth = self.engine.config.storage.max_nesting_depth
+        parsed = [parse_record(r, table, i, depth) for i, r in enumerate(records)]
         if len({p[2] for p in parsed}) != len(parsed):
             seen: set[bytes] = set()
             for i, (_, pk, encoded, _) in enumerate(parsed):
@@ -559,8 +564,16 @@ class LocalTransaction:
         )
 
     def commit(self, extra_schema: Iterable[Table] = ()) -> int:
-        """Write the transaction; returns its version (0 when it wrote nothing)."""
-        schema_tables = list(extra_schema)
+        """Write the transaction; returns its version (0 when it wrote nothing). When it
+        fails before the write (a record that cannot be stored), nothing is written and
+        the in-memory schema is read back from the store."""
+        try:
+            return self._commit(list(extra_schema))
+        except Exception:
+            self.engine.reload_catalog()
+            raise
+
+    def _commit(self, schema_tables: list[Table]) -> int:
         if not self._pending and not schema_tables and not self._rehomed:
             return 0
         engine = self.engine
@@ -611,7 +624,7 @@ class LocalTransaction:
                 if p.kind != DELETE:
                     write.value = p.raw if p.raw is not None else dumps(p.doc)
                 if p.old is not None and p.old.visible:
-                    write.prior = dumps(p.old.doc)
+                    write.prior = merge.doc_json(p.old.doc)
             elif p.kind == PUT and p.old is None and p.raw is not None:
                 # The common case of a new record: store the client's JSON as it came
                 # (merge.encode_put_state, inlined).
@@ -625,7 +638,7 @@ class LocalTransaction:
                 if p.kind != DELETE:
                     write.value = p.raw if p.raw is not None else dumps(p.doc)
                 if p.old is not None and p.old.visible:
-                    write.prior = dumps(p.old.doc)
+                    write.prior = merge.doc_json(p.old.doc)
             put(audit[name] + p.encoded + lt, b"", writer.logkey)
         touched = dict(self._tables)
         for table in schema_tables:
@@ -642,6 +655,22 @@ class LocalTransaction:
             key = (self.database, name)
             by_table[key] = by_table.get(key, 0) + count
         return version
+
+
+def _encoded(table: Table, encoded_pk: bytes, state: RecordState) -> bytes:
+    """The stored form of a state; DATA_LOSS when it cannot be written: a record an older
+    version stored nested deeper than JSON output allows, written again without
+    replacing its deep attributes."""
+    try:
+        return merge.encode_state(state)
+    except orjson.JSONEncodeError:
+        pk = keys.decode_value(encoded_pk)[0]
+        raise DataLoss(
+            f"record {shown(pk)} of {table.database}.{table.name} nests deeper than JSON"
+            " output allows (stored before storage.maxNestingDepth existed) and cannot be"
+            " written back: delete it, or write new values for its deep attributes",
+            reason="UNREADABLE_RECORDS",
+        ) from None
 
 
 def _visible(state: RecordState | None) -> bool:

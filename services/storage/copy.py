@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from shoal.storage.v1 import storage_pb2, types_pb2
 
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument, shown
 from services.storage import keys, merge
 from services.storage.commit import BatchWriter
 from services.storage.schema import check_name
@@ -196,9 +196,10 @@ Parsed = tuple[str, Any, bytes, merge.RecordState]  # (table, pk, encoded pk, st
 
 
 def _parse_rows(
-    rows: Iterable[types_pb2.SnapshotRow], after: Key | None
+    rows: Iterable[types_pb2.SnapshotRow], after: Key | None, max_depth: int
 ) -> tuple[list[Parsed], list[bytes], int]:
-    """Rows decoded and checked to follow ``after`` in strictly increasing key order."""
+    """Rows decoded, held to the JSON limits (records at most ``max_depth`` levels), and
+    checked to follow ``after`` in strictly increasing key order."""
     parsed: list[Parsed] = []
     raw_states: list[bytes] = []
     max_version = 0
@@ -208,11 +209,11 @@ def _parse_rows(
             pk = orjson.loads(row.id)
             encoded = keys.encode_key(pk)
         except (orjson.JSONDecodeError, keys.InvalidKey) as exc:
-            raise InvalidArgument(f"id {i}: invalid primary key {row.id!r}: {exc}") from exc
+            raise InvalidArgument(f"id {i}: invalid primary key {shown(row.id)}: {exc}") from None
         try:
-            theirs = merge.decode_state(row.state)
+            theirs = merge.decode_incoming_state(row.state, max_depth)
         except ValueError as exc:
-            raise InvalidArgument(f"row {i} ({row.table} {pk!r}): {exc}") from exc
+            raise InvalidArgument(f"row {i} ({row.table} {shown(pk)}): {exc}") from None
         position = (row.table, encoded)
         if previous is not None and position <= previous:
             raise InvalidArgument(
@@ -236,7 +237,9 @@ def merge_snapshot(engine: Engine, request: storage_pb2.MergeSnapshotRequest) ->
         raise InvalidArgument("part is required (a non-zero token naming the copy's part)")
     copy = _next_state(engine, request)
     start = _request_key(request.after, "after")
-    parsed, raw_states, max_version = _parse_rows(request.rows, start)
+    parsed, raw_states, max_version = _parse_rows(
+        request.rows, start, engine.config.storage.max_nesting_depth
+    )
     if request.estimated_rows:
         copy.estimated_rows = request.estimated_rows
     if request.begins_part and request.tables:

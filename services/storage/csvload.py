@@ -2,9 +2,14 @@
 so memory stays bounded whatever the file size.
 
 Typing of fields (as Harper's CSV loads do): an empty field leaves the attribute out;
-``true``/``false`` become booleans; text that parses as a JSON number becomes a number;
-text starting with ``{`` or ``[`` that parses as JSON becomes that object or array;
-everything else stays a string.
+``true``/``false`` become booleans; text that parses as a JSON number becomes a number
+(an integer outside the 64-bit range stays a string, which keeps it exact); text
+starting with ``{`` or ``[`` that parses as JSON becomes that object or array, held to
+the nesting limit (a row nesting deeper fails); everything else stays a string.
+
+A field longer than ``MAX_FIELD_CHARS`` stops the load with INVALID_ARGUMENT naming its
+line (the csv module cannot find where its row ends, so no later row can be read); as
+with any error that stops a load, only batches committed before it stay.
 """
 
 from __future__ import annotations
@@ -18,30 +23,33 @@ from typing import Any
 
 import orjson
 
+from services.common import jsoninput
 from services.common.errors import InvalidArgument
 
 MAX_ERRORS = 100
 BATCH_ROWS = 1000
+MAX_FIELD_CHARS = csv.field_size_limit()  # 131,072 (the csv module's limit)
 
 
-def convert(text: str) -> Any:
-    """Typed value of one CSV field (see the module docstring)."""
+def convert(text: str, max_depth: int) -> Any:
+    """Typed value of one CSV field (see the module docstring); jsoninput.Refused for
+    an object or array beyond the limits (``max_depth`` levels, 64-bit integers)."""
     if text == "true":
         return True
     if text == "false":
         return False
     if text[:1] in "-0123456789":
         try:
-            number = orjson.loads(text)
-        except orjson.JSONDecodeError:
+            number = jsoninput.loads(text, 0)
+        except jsoninput.Refused:  # not a number, or an integer beyond 64 bits
             return text
         if isinstance(number, int | float) and not isinstance(number, bool):
             return number
         return text
     if text[:1] in "{[":
         try:
-            return orjson.loads(text)
-        except orjson.JSONDecodeError:
+            return jsoninput.loads(text, max_depth)
+        except jsoninput.NotJson:
             return text
     return text
 
@@ -58,6 +66,7 @@ class RowIssue:
 class CsvParser:
     """Feeds chunks in, yields (line number, JSON record) out."""
 
+    max_depth: int = jsoninput.DEFAULT_NESTING_DEPTH  # of a record (storage.maxNestingDepth)
     header: list[str] | None = None
     _decoder: codecs.IncrementalDecoder = field(
         default_factory=codecs.getincrementaldecoder("utf-8-sig")
@@ -86,7 +95,7 @@ class CsvParser:
         held: tuple[list[str], int, int] | None = None  # (row, offset in text, its lines)
         offset = 0
         lines = 0
-        for row in reader:
+        for row in _rows(reader, self._lines + 1):
             if held is not None:
                 yield from self._take(held[0], held[2])
             held = (row, offset, reader.line_num - lines)
@@ -110,11 +119,17 @@ class CsvParser:
         if len(row) != len(self.header):
             self._issue(f"has {len(row)} fields, the header has {len(self.header)}")
             return
-        doc = {
-            name: convert(value)
-            for name, value in zip(self.header, row, strict=True)
-            if value != ""
-        }
+        try:
+            doc = {
+                name: convert(value, self.max_depth)
+                for name, value in zip(self.header, row, strict=True)
+                if value != ""
+            }
+        except jsoninput.Refused as exc:
+            self._issue(f"has a field that is refused: {exc}")
+            return
+        # Each value is within the limit; the record, one level more, is checked with
+        # every other record (commit.parse_record).
         yield self._line, orjson.dumps(doc)
 
     def _start(self, row: list[str]) -> None:
@@ -132,3 +147,23 @@ class CsvParser:
 
     def row_failed(self, line: int, message: str) -> None:
         self._issue(message, line)
+
+
+def _rows(reader: Any, first_line: int) -> Iterator[list[str]]:
+    """The rows of a csv reader; INVALID_ARGUMENT naming the line for what it refuses (a
+    field longer than MAX_FIELD_CHARS)."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            line = first_line + reader.line_num - 1
+            if "field larger than field limit" in str(exc):
+                raise InvalidArgument(
+                    f"line {line} has a field longer than {MAX_FIELD_CHARS} characters (the"
+                    " CSV field limit); the load stopped there: only batches committed"
+                    " before it stay"
+                ) from None
+            raise InvalidArgument(f"the CSV cannot be read at line {line}: {exc}") from None
+        yield row

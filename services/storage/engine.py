@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import orjson
 from shoal.storage.v1 import types_pb2
 
-from services.common import analytics
+from services.common import analytics, jsoninput
 from services.common.auth import load_or_create_node_secret
 from services.common.config import ShoalConfig
 from services.common.errors import (
@@ -476,7 +476,8 @@ class Engine:
         local_time = self.clock.now()
         lt = keys.u64(local_time)
         stamp = (version, origin)
-        loads = orjson.loads
+        depth = self.config.storage.max_nesting_depth
+        loads = jsoninput.loads
         encode_key = keys.encode_key
         state_prefix = b"[%d,%s,false," % (version, orjson.dumps(origin))
         put = writer.batch.put
@@ -486,9 +487,9 @@ class Engine:
                 default = types_pb2.TableSchema(name=table_name, primary_key="id", replicate=True)
                 table = self._ensure_table(writer, database, default)
             try:
-                encoded = [encode_key(loads(w.id)) for w in group]
-            except (orjson.JSONDecodeError, keys.InvalidKey) as exc:
-                raise InvalidArgument(f"{origin} {table_name}: invalid record id ({exc})") from exc
+                encoded = [encode_key(loads(w.id, depth)) for w in group]
+            except (jsoninput.Refused, keys.InvalidKey) as exc:
+                raise InvalidArgument(f"{origin} {table_name}: invalid record id ({exc})") from None
             states = writer.load(table, encoded)
             audit = keys.audit_prefix(database, table_name)
             for w, key, old in zip(group, encoded, states, strict=True):
@@ -500,9 +501,9 @@ class Engine:
                 else:
                     raw = w.value
                     try:
-                        doc = loads(raw)
-                    except orjson.JSONDecodeError as exc:
-                        raise InvalidArgument(f"{origin} {table_name}: value is not JSON") from exc
+                        doc = loads(raw, depth)
+                    except jsoninput.Refused as exc:
+                        raise InvalidArgument(f"{origin} {table_name}: value {exc}") from None
                     if type(doc) is not dict:
                         raise InvalidArgument(f"{origin} {table_name}: value is not an object")
                     if kind == PUT and old is None:
@@ -510,7 +511,7 @@ class Engine:
                     else:
                         writer.set_state(table, key, old, apply_write(old, stamp, kind, doc))
                 if old is not None and old.visible:
-                    w.prior = orjson.dumps(old.doc)
+                    w.prior = merge.doc_json(old.doc)
                 elif w.prior:
                     w.prior = b""
                 put(audit + key + lt, b"", writer.logkey)
@@ -532,21 +533,22 @@ class Engine:
         its stub elsewhere (services/storage/residency.py)."""
         residents = tuple(write.residents)
         writer.mark_residency(table.database)
+        depth = self.config.storage.max_nesting_depth
         if write.whole:
             try:
-                theirs = merge.decode_state(write.value)
+                theirs = merge.decode_incoming_state(write.value, depth)
             except ValueError as exc:
                 raise InvalidArgument(
                     f"{table.name}: a re-homing's state is invalid: {exc}"
-                ) from exc
+                ) from None
             new = residency.merge_whole(old, theirs, self.node_name)
         elif write.kind == DELETE:
             new = merge.delete(old, stamp)
         else:
             try:
-                doc = orjson.loads(write.value)
-            except orjson.JSONDecodeError as exc:
-                raise InvalidArgument(f"{table.name}: value is not JSON") from exc
+                doc = jsoninput.loads(write.value, depth)
+            except jsoninput.Refused as exc:
+                raise InvalidArgument(f"{table.name}: value {exc}") from None
             if type(doc) is not dict:
                 raise InvalidArgument(f"{table.name}: value is not an object")
             new = apply_write(old, stamp, write.kind, doc)

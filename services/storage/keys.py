@@ -83,7 +83,11 @@ def encode_value(value: Any) -> bytes:
 
 
 def encode_key(value: Any) -> bytes:
-    """Encoding of a primary key: a string, or a number exactly representable as a double."""
+    """Encoding of a primary key: a string, or a number within ±2^53.
+
+    Keys hold numbers as doubles, and within ±2^53 every integer is a distinct double;
+    beyond it neighbouring integers share one (2^53 + 1 would be the key 2^53), so larger
+    numbers, integers or not, are refused rather than merged with another key."""
     if type(value) is int and -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
         return _encode_number(float(value))
     if isinstance(value, str):
@@ -92,10 +96,13 @@ def encode_key(value: Any) -> bytes:
         return b"\x05" + value.encode("utf-8").replace(b"\x00", b"\x00\xff") + b"\x00\x01"
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidKey("a primary key must be a string or a number")
-    if isinstance(value, int) and not -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
-        raise InvalidKey("a numeric primary key must be within ±2^53")
     if isinstance(value, float) and not math.isfinite(value):
         raise InvalidKey("a numeric primary key must be finite")
+    if not -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
+        raise InvalidKey(
+            "a numeric primary key must be within ±2^53 (9007199254740992), where every"
+            " integer is exact; use a string for larger ids"
+        )
     return _encode_number(float(value))
 
 

@@ -36,6 +36,8 @@ from typing import Any
 
 import orjson
 
+from services.common import jsoninput
+
 Stamp = tuple[int, str]
 ZERO: Stamp = (0, "")
 
@@ -108,16 +110,45 @@ def encode_put_state(version: int, origin_json: bytes, doc_json: bytes) -> bytes
     return b"[%d,%s,false,%s,{}]" % (version, origin_json, doc_json)
 
 
+def doc_json(doc: dict[str, Any]) -> bytes:
+    """A record's visible attributes as JSON (a log entry's ``prior``, a resident's
+    answer); empty when they cannot be serialized: a record nested deeper than JSON
+    output allows, stored before the nesting limit existed, can then still be deleted or
+    overwritten (that write cannot be reverted)."""
+    try:
+        return orjson.dumps(doc)
+    except orjson.JSONEncodeError:
+        return b""
+
+
 def decode_state(data: bytes) -> RecordState:
     """Parse a stored state; raises ValueError when malformed."""
     try:
         raw = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise ValueError(f"record state is not JSON: {exc}") from exc
+    return state_of(raw)
+
+
+def decode_incoming_state(data: bytes, max_depth: int) -> RecordState:
+    """Parse a state that comes from outside this node (a copied or restored row, a
+    re-homing): as ``decode_state``, and held to the JSON limits, its record to at most
+    ``max_depth`` levels (``jsoninput``). Raises ValueError (jsoninput.Refused included)."""
+    try:
+        raw = jsoninput.loads(data, jsoninput.MAX_NESTING_DEPTH + 1)
+    except jsoninput.Refused as exc:
+        raise jsoninput.Refused(f"record state: {exc}") from None
+    state = state_of(raw)
+    jsoninput.check_depth(state.doc, max_depth)
+    return state
+
+
+def state_of(raw: Any) -> RecordState:
+    """The state a parsed JSON value describes; raises ValueError when malformed."""
     # Exact type checks (type(x) is int also rules out bool), cheapest first.
     if type(raw) is list and len(raw) == 6:
         residents, residents_stamp, stub = _residency(raw.pop())
-        state = decode_state(orjson.dumps(raw))
+        state = state_of(raw)
         state.residents, state.residents_stamp, state.stub = residents, residents_stamp, stub
         return state
     if not (

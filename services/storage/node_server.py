@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-import orjson
 from shoal.storage.v1 import storage_pb2 as pb
 from shoal.storage.v1 import storage_pb2_grpc, types_pb2
 
@@ -225,8 +224,11 @@ class StorageNodeServicer(storage_pb2_grpc.StorageNodeServiceServicer):
         node = self.engine.node_name
         for id_json, value in zip(request.ids, raw, strict=True):
             state = None if value is None else merge.decode_state(value)
+            record = b""
             if state is not None and state.visible and residency.holds_full(state, node):
-                reply.records.append(orjson.dumps(state.doc))
+                record = merge.doc_json(state.doc)  # empty when it cannot be serialized
+            if record:
+                reply.records.append(record)
             else:
                 reply.missing.append(id_json)
         return reply

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from services.common.errors import AlreadyExists, InvalidArgument, NotFound
+from services.common.errors import AlreadyExists, InvalidArgument, NotFound, shown
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_$][A-Za-z0-9_$-]{0,249}$")
 SCHEMA_PREFIX = b"schema/"
@@ -32,7 +32,7 @@ def check_name(kind: str, name: str) -> str:
         raise InvalidArgument(f"{kind} name is required")
     if not NAME_PATTERN.match(name):
         raise InvalidArgument(
-            f"invalid {kind} name {name!r}: use 1-250 characters from A-Z a-z 0-9 _ $ -"
+            f"invalid {kind} name {shown(name)}: use 1-250 characters from A-Z a-z 0-9 _ $ -"
             " (not starting with -)"
         )
     return name

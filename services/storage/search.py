@@ -23,10 +23,12 @@ from typing import Any
 import orjson
 from shoal.storage.v1 import storage_pb2
 
-from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common import jsoninput
+from services.common.errors import InvalidArgument, ResourceExhausted, shown
 from services.storage import keys, merge
 from services.storage.engine import Engine
 from services.storage.schema import Table
+from services.storage.unreadable import Unreadable
 
 C = storage_pb2
 Doc = dict[str, Any]
@@ -62,7 +64,10 @@ def sort_key(value: Any) -> tuple[int, Any]:
     """A total order over JSON values (missing first, then null, bool, number, string)."""
     cls = _class(value)
     if cls in (5, 6):
-        return cls, orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+        try:
+            return cls, orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:  # nested too deep to serialize: sorts last
+            return cls, b"\xff"
     if cls == 1:
         return cls, 0
     return cls, value
@@ -140,20 +145,20 @@ class Group:
         return all(c.matches(doc) for c in self.conditions)
 
 
-def _json(raw: bytes, what: str) -> Any:
+def _json(raw: bytes, what: str, max_depth: int) -> Any:
     try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidArgument(f"{what} is not valid JSON: {exc}") from exc
+        return jsoninput.loads(raw, max_depth)
+    except jsoninput.Refused as exc:
+        raise InvalidArgument(f"{what}: {exc}") from None
 
 
-def parse_comparison(c: storage_pb2.Comparison) -> Compare:
+def parse_comparison(c: storage_pb2.Comparison, max_depth: int) -> Compare:
     if not c.attribute:
         raise InvalidArgument("a condition needs an attribute")
     if c.comparator not in _NAMES or c.comparator == C.COMPARATOR_UNSPECIFIED:
         raise InvalidArgument(f"condition on {c.attribute!r}: comparator is required")
     name = _NAMES[c.comparator]
-    value = _json(c.value, f"value of condition {c.attribute} {name}")
+    value = _json(c.value, f"value of condition {shown(c.attribute)} {name}", max_depth)
     if c.comparator == C.COMPARATOR_BETWEEN:
         if not (isinstance(value, list) and len(value) == 2):
             raise InvalidArgument(f"{c.attribute} between: value must be [low, high]")
@@ -175,16 +180,19 @@ def parse_comparison(c: storage_pb2.Comparison) -> Compare:
     return Compare(c.attribute, c.comparator, value)
 
 
-def parse_group(operator: int, conditions: Any, depth: int = 0) -> Group:
+def parse_group(operator: int, conditions: Any, max_depth: int, depth: int = 0) -> Group:
+    """Conditions joined by ``operator``; ``max_depth`` limits the nesting of values."""
     if depth > 16:
         raise InvalidArgument("conditions are nested more than 16 levels deep")
     parsed: list[Compare | Group] = []
     for cond in conditions:
         kind = cond.WhichOneof("kind")
         if kind == "comparison":
-            parsed.append(parse_comparison(cond.comparison))
+            parsed.append(parse_comparison(cond.comparison, max_depth))
         elif kind == "group":
-            parsed.append(parse_group(cond.group.operator, cond.group.conditions, depth + 1))
+            parsed.append(
+                parse_group(cond.group.operator, cond.group.conditions, max_depth, depth + 1)
+            )
         else:
             raise InvalidArgument("a condition must hold a comparison or a group")
     return Group(operator == C.LOGICAL_OPERATOR_OR, tuple(parsed))
@@ -246,15 +254,24 @@ class Reader:
         self.engine = engine
         self.table = table
         self.prefix = keys.table_prefix(table.table_id)
+        # Records met that cannot be returned: skipped, named once the read ends.
+        self.unreadable = Unreadable(table)
 
     # candidate producers
+
+    def _decoded(self, encoded: bytes, value: bytes) -> merge.RecordState | None:
+        try:
+            return merge.decode_state(value)
+        except ValueError:
+            self.unreadable.add_key(encoded)
+            return None
 
     def _states(self, encoded: list[bytes]) -> Candidates:
         raw = self.engine.store.multi_get("data", [self.prefix + e for e in encoded])
         for e, value in zip(encoded, raw, strict=True):
             if value is not None:
-                state = merge.decode_state(value)
-                if state.visible:
+                state = self._decoded(e, value)
+                if state is not None and state.visible:
                     yield e, state
 
     def scan(
@@ -264,8 +281,8 @@ class Reader:
         hi = end or keys.prefix_end(self.prefix)
         n = len(self.prefix)
         for key, value in self.engine.store.scan("data", lo, hi, reverse=reverse):
-            state = merge.decode_state(value)
-            if state.visible:
+            state = self._decoded(key[n:], value)
+            if state is not None and state.visible:
                 yield key[n:], state
 
     def index_scan(
@@ -389,8 +406,10 @@ def run(
     offset: int,
     limit: int,
     attributes: list[str],
+    unreadable: Unreadable,
 ) -> Iterator[bytes]:
-    """Execute a planned search; yields JSON records."""
+    """Execute a planned search; yields JSON records. Records that cannot be serialized
+    are skipped and noted in ``unreadable`` (the caller fails the read after the rest)."""
     docs: Iterator[Doc] = (state.doc for _, state in source.fetch())
     if condition is not None and condition.conditions:
         docs = (d for d in docs if condition.matches(d))
@@ -413,11 +432,15 @@ def run(
         docs = _exact_order(docs, sort[0][0], sort[0][1])
     skipped = 0
     sent = 0
+    render = unreadable.render
     for doc in docs:
         if skipped < offset:
             skipped += 1
             continue
-        yield orjson.dumps(project(doc, attributes))
+        record = render(project(doc, attributes))
+        if record is None:
+            continue
+        yield record
         sent += 1
         if limit and sent >= limit:
             return

@@ -16,6 +16,7 @@ from google.protobuf import timestamp_pb2
 from shoal.storage.v1 import storage_pb2 as pb
 from shoal.storage.v1 import storage_pb2_grpc, types_pb2
 
+from services.common import jsoninput
 from services.common.auth import Identity, identity
 from services.common.errors import (
     InvalidArgument,
@@ -52,6 +53,7 @@ from services.storage.permissions import (
 from services.storage.readthrough import ResidentReads
 from services.storage.repair import ResidencyWorker
 from services.storage.schema import Database, Table, check_name
+from services.storage.unreadable import Unreadable
 from services.storage.users import User
 
 Msg = TypeVar("Msg")
@@ -104,11 +106,20 @@ def role_info(name: str, permission: Permission) -> pb.Role:
     return pb.Role(name=name, permission=permission.json)
 
 
+def _ms(value: timestamp_pb2.Timestamp, name: str) -> int:
+    """A request's time in Unix milliseconds; INVALID_ARGUMENT when it is not a valid
+    Timestamp (seconds from year 1 to 9999, nanos below a second)."""
+    try:
+        return int(value.ToMilliseconds())
+    except ValueError as exc:
+        raise InvalidArgument(f"{name} is not a valid time: {exc}") from None
+
+
 def _time_range(
     start: timestamp_pb2.Timestamp, end: timestamp_pb2.Timestamp, has_start: bool, has_end: bool
 ) -> tuple[int, int | None]:
-    lo = version_from_ms(start.ToMilliseconds()) if has_start else 0
-    hi = version_from_ms(end.ToMilliseconds()) if has_end else None
+    lo = version_from_ms(_ms(start, "start_time")) if has_start else 0
+    hi = version_from_ms(_ms(end, "end_time")) if has_end else None
     if hi is not None and hi < lo:
         raise InvalidArgument("end_time is before start_time")
     return lo, hi
@@ -146,12 +157,16 @@ async def _chunked_async(
     docs: AsyncIterator[dict[str, Any]],
     attributes: list[str],
     make: Callable[[list[bytes]], Msg],
+    unreadable: Unreadable,
 ) -> AsyncIterator[Msg]:
-    """Bounded response chunks of projected records from an async source."""
+    """Bounded response chunks of projected records from an async source (records that
+    cannot be serialized are left out and noted in ``unreadable``)."""
     chunk: list[bytes] = []
     size = 0
     async for doc in docs:
-        record = orjson.dumps(search.project(doc, attributes))
+        record = unreadable.render(search.project(doc, attributes))
+        if record is None:
+            continue
         chunk.append(record)
         size += len(record)
         if len(chunk) >= CHUNK_RECORDS or size >= CHUNK_BYTES:
@@ -495,18 +510,23 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         encoded = [parse_id(raw, i)[1] for i, raw in enumerate(request.ids)]
         reader = search.Reader(self.engine, table)
         attributes = list(request.get_attributes)
+        unreadable = reader.unreadable
         if self.engine.has_residents(table):
             docs = self.reads.by_ids(table, encoded, context.time_remaining())
             async for chunk in _chunked_async(
-                docs, attributes, lambda c: pb.SearchByIdResponse(records=c)
+                docs, attributes, lambda c: pb.SearchByIdResponse(records=c), unreadable
             ):
                 yield chunk
-            return
-        records = (
-            orjson.dumps(search.project(s.doc, attributes)) for _, s in reader.by_ids(encoded)
-        )
-        async for chunk in _chunked(records, lambda c: pb.SearchByIdResponse(records=c)):
-            yield chunk
+        else:
+            render = unreadable.render
+            records = (
+                record
+                for _, s in reader.by_ids(encoded)
+                if (record := render(search.project(s.doc, attributes))) is not None
+            )
+            async for chunk in _chunked(records, lambda c: pb.SearchByIdResponse(records=c)):
+                yield chunk
+        unreadable.check()
 
     async def SearchByValue(
         self, request: pb.SearchByValueRequest, context: Ctx
@@ -518,22 +538,16 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         if not request.value:
             raise InvalidArgument('value is required (a JSON value; "*" matches every record)')
         try:
-            value = orjson.loads(request.value)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidArgument(f"value is not valid JSON: {exc}") from exc
+            value = jsoninput.loads(request.value, self.engine.config.storage.max_nesting_depth)
+        except jsoninput.Refused as exc:
+            raise InvalidArgument(f"value: {exc}") from None
         condition = search.value_condition(request.attribute, value)
         group = (
             condition if isinstance(condition, search.Group) else search.Group(False, (condition,))
         )
-        if self.engine.has_residents(table):
-            docs = self._resident_search(table, group, request, context)
-            async for chunk in _chunked_async(
-                docs, list(request.get_attributes), lambda c: pb.SearchByValueResponse(records=c)
-            ):
-                yield chunk
-            return
-        records = self._search(table, group, request)
-        async for chunk in _chunked(records, lambda c: pb.SearchByValueResponse(records=c)):
+        async for chunk in self._search(
+            table, group, request, context, lambda c: pb.SearchByValueResponse(records=c)
+        ):
             yield chunk
 
     async def SearchByConditions(
@@ -541,34 +555,45 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     ) -> AsyncIterator[pb.SearchByConditionsResponse]:
         require(self._caller(), READ, request.database, request.table)
         table = self.engine.catalog.table(request.database, request.table)
-        group = search.parse_group(request.operator, request.conditions)
-        if self.engine.has_residents(table):
-            docs = self._resident_search(table, group, request, context)
-            async for chunk in _chunked_async(
-                docs,
-                list(request.get_attributes),
-                lambda c: pb.SearchByConditionsResponse(records=c),
-            ):
-                yield chunk
-            return
-        records = self._search(table, group, request)
-        async for chunk in _chunked(records, lambda c: pb.SearchByConditionsResponse(records=c)):
+        group = search.parse_group(
+            request.operator, request.conditions, self.engine.config.storage.max_nesting_depth
+        )
+        async for chunk in self._search(
+            table, group, request, context, lambda c: pb.SearchByConditionsResponse(records=c)
+        ):
             yield chunk
 
-    def _resident_search(
+    async def _search(
         self,
         table: Table,
         group: search.Group,
         request: pb.SearchByValueRequest | pb.SearchByConditionsRequest,
         context: Ctx,
-    ) -> AsyncIterator[dict[str, Any]]:
-        """A search in a table with residents: it runs on what this node holds (whole
-        records and stubs, whose indexed attributes it matches), and the records held
-        here only as stubs are then read from their residents."""
+        make: Callable[[list[bytes]], Msg],
+    ) -> AsyncIterator[Msg]:
+        """Plan and run a search with the request's sort, offset, limit and projection.
+        In a table with residents it runs on what this node holds (whole records and
+        stubs, whose indexed attributes it matches), and the records held here only as
+        stubs are then read from their residents. Records that cannot be returned are
+        skipped, and named at the end (DATA_LOSS, see unreadable.py)."""
         sort = _sort(request.sort)
-        source = search.Reader(self.engine, table).plan(group, sort)
-        records = search.run(self.engine, source, group, sort, request.offset, request.limit, [])
-        return self.reads.whole(table, records, context.time_remaining())
+        reader = search.Reader(self.engine, table)
+        source = reader.plan(group, sort)
+        attributes = list(request.get_attributes)
+        unreadable = reader.unreadable
+        offset, limit = request.offset, request.limit
+        if self.engine.has_residents(table):
+            records = search.run(self.engine, source, group, sort, offset, limit, [], unreadable)
+            docs = self.reads.whole(table, records, context.time_remaining())
+            async for chunk in _chunked_async(docs, attributes, make, unreadable):
+                yield chunk
+        else:
+            records = search.run(
+                self.engine, source, group, sort, offset, limit, attributes, unreadable
+            )
+            async for chunk in _chunked(records, make):
+                yield chunk
+        unreadable.check()
 
     async def Rebalance(self, request: pb.RebalanceRequest, context: Ctx) -> pb.RebalanceResponse:
         who = self._caller()
@@ -595,25 +620,6 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
             repair=residency_progress(worker.repair),
             rebalance=residency_progress(worker.rebalance),
             gone=sorted(worker.gone),
-        )
-
-    def _search(
-        self,
-        table: Table,
-        group: search.Group,
-        request: pb.SearchByValueRequest | pb.SearchByConditionsRequest,
-    ) -> Iterator[bytes]:
-        """Plan and run a search with the request's sort, offset, limit and projection."""
-        sort = _sort(request.sort)
-        source = search.Reader(self.engine, table).plan(group, sort)
-        return search.run(
-            self.engine,
-            source,
-            group,
-            sort,
-            request.offset,
-            request.limit,
-            list(request.get_attributes),
         )
 
     # -- CSV -------------------------------------------------------------------------
@@ -645,7 +651,8 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         method = OPERATION_ACTIONS[operation]
         require(who, method, header.database, header.table)
         table = self.engine.catalog.table(header.database, header.table)
-        parser = csvload.CsvParser()
+        depth = self.engine.config.storage.max_nesting_depth
+        parser = csvload.CsvParser(max_depth=depth)
         response = pb.LoadCsvResponse()
         pending: list[tuple[int, bytes]] = []
         seen: set[bytes] = set()
@@ -666,7 +673,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         def take(rows: Iterator[tuple[int, bytes]]) -> None:
             for line, record in rows:
                 try:
-                    encoded = commit.parse_record(record, table, line)[2]
+                    encoded = commit.parse_record(record, table, line, depth)[2]
                 except InvalidArgument as exc:
                     parser.row_failed(line, exc.message.split(": ", 1)[-1])
                     continue
@@ -762,7 +769,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
             self.engine.catalog.database(request.database)
         if not request.HasField("before"):
             raise InvalidArgument("before is required")
-        ms = request.before.ToMilliseconds()
+        ms = _ms(request.before, "before")
         if ms > self.engine.clock.physical_ms():
             raise InvalidArgument("before is in the future")
         entries, tombstones = log.purge_before(self.engine, version_from_ms(ms), request.database)

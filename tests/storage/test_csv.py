@@ -88,7 +88,7 @@ def test_typed_values_from_chunks_split_anywhere(client: StorageClient) -> None:
                 "tags": [],
                 "meta": {},
                 "note": "x",
-                "code": 1.2345678901234568e22,
+                "code": "12345678901234567890123",  # beyond 64 bits: kept exact, as text
                 "big": False,
             },
             {
@@ -118,22 +118,31 @@ def test_row_errors_are_reported_and_do_not_stop_the_load(client: StorageClient)
         b"4,f,ok,extra\n"  # line 9: too many fields
         b"5,g,ok\n"  # line 10
         b"[1],h,array id\n"  # line 11: invalid primary key
-        b"6,i,last row without newline"  # line 12
+        b'7,j,"' + b"[" * 64 + b"]" * 64 + b'"\n'  # line 12: a record 65 levels deep
+        b"18446744073709551616,k,beyond 64 bits\n"  # line 13: the id stays text
+        b"6,i,last row without newline"  # line 14
     )
     for chunk in (7, 1, len(data)):
         client.call("DropTable", pb.DropTableRequest(database="dev", table="dog"))
         client.create_table("dev", "dog")
         client.insert("dev", "dog", [{"id": 1, "name": "existing"}])
         reply = load(client, data, chunk=chunk)
-        assert counts(reply) == (9, 3, 1, 5), chunk
-        assert [e.line for e in reply.errors] == [5, 6, 7, 9, 11], chunk
+        assert counts(reply) == (11, 4, 1, 6), chunk
+        assert [e.line for e in reply.errors] == [5, 6, 7, 9, 11, 12], chunk
         messages = {e.line: e.message for e in reply.errors}
         assert "fields" in messages[5]
         assert "3" in messages[9] and "4" in messages[9]
         assert "primary key" in messages[6]
         assert "primary key" in messages[7]
         assert "primary key" in messages[11]
-        assert [r["id"] for r in client.all_records("dev", "dog")] == [1, 2, 5, 6]
+        assert "more than 64 levels" in messages[12]
+        assert [r["id"] for r in client.all_records("dev", "dog")] == [
+            1,
+            2,
+            5,
+            6,
+            "18446744073709551616",
+        ]
         assert client.get("dev", "dog", [1, 2, 6]) == [
             {"id": 1, "name": "existing"},
             {"id": 2, "name": "b", "note": "a note over\ntwo lines"},

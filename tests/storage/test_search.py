@@ -479,6 +479,8 @@ def test_condition_errors(db: StorageClient) -> None:
         (raw("", pb.COMPARATOR_EQUALS, b"1"), ["attribute"]),
         (raw("age", pb.COMPARATOR_EQUALS, b"{bad"), ["json"]),
         (raw("age", pb.COMPARATOR_EQUALS, b""), ["json"]),
+        (raw("age", pb.COMPARATOR_EQUALS, b"18446744073709551616"), ["64-bit"]),
+        (raw("age", pb.COMPARATOR_BETWEEN, b"[1, " + b"[" * 64 + b"]" * 64 + b"]"), ["levels"]),
         (cond("age", "between", 5), ["between", "[low, high]"]),
         (cond("age", "between", [5]), ["between", "[low, high]"]),
         (cond("age", "between", [1, 2, 3]), ["between", "[low, high]"]),

@@ -201,6 +201,10 @@ BAD_RECORDS: list[tuple[list[bytes], list[str]]] = [
     ([b'{"id": [1]}'], ["record 0", "primary key"]),
     ([b'{"id": ""}'], ["record 0", "primary key", "empty"]),
     ([b'{"id": 9007199254740993}'], ["record 0", "primary key"]),
+    ([b'{"id": 9007199254740994.0}'], ["record 0", "primary key", "2^53"]),
+    ([b'{"id": 18446744073709551617}'], ["record 0", "64-bit"]),
+    ([b'{"id": 5, "n": -9223372036854775809}'], ["record 0", "64-bit"]),
+    ([b'{"id": 5, "deep": ' + b"[" * 64 + b"]" * 64 + b"}"], ["record 0", "64 levels"]),
     ([b'{"id": 5}', b'{"id": 6}', b'{"id": 5.0}'], ["record 2", "twice"]),
     ([b'{"id": "x"}', b'{"id": "x", "b": 1}'], ["record 1", "twice"]),
     ([b'{"id": 1, "name": "clash"}', b'{"id": 1}'], ["record 1", "twice"]),
@@ -214,6 +218,8 @@ BAD_IDS: list[tuple[list[bytes], list[str]]] = [
     ([b"null"], ["id 0", "primary key"]),
     ([b"2", b"[1]"], ["id 1", "primary key"]),
     ([b'""'], ["id 0", "primary key"]),
+    ([b"18446744073709551616"], ["id 0", "64-bit"]),
+    ([b"1e300"], ["id 0", "2^53"]),
     ([], ["no ids"]),
 ]
 

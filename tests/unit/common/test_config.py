@@ -286,6 +286,9 @@ def test_every_problem_is_reported_at_once() -> None:
         ({"replication": {"peerTimeout": "3s"}}, "replication.peerTimeout", "3.0"),
         ({"admin": {"username": "no spaces"}}, "admin.username", "'no spaces'"),
         ({"testing": {"clockOffsetMs": 1.5}}, "testing.clockOffsetMs", "1.5"),
+        # Above what every read path can serialize again (services/common/jsoninput.py).
+        ({"storage": {"maxNestingDepth": 201}}, "storage.maxNestingDepth", "201"),
+        ({"storage": {"maxNestingDepth": 7}}, "storage.maxNestingDepth", "7"),
     ],
 )
 def test_each_problem_names_its_key_and_value(data: dict[str, Any], key: str, bad: str) -> None:

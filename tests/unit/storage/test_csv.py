@@ -12,11 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.common import jsoninput
 from services.common.errors import InvalidArgument
 from services.storage import csvload
 from services.storage.csvload import CsvParser, convert
 
 BOM = b"\xef\xbb\xbf"
+DEPTH = jsoninput.DEFAULT_NESTING_DEPTH
 
 Result = tuple[list[tuple[int, dict[str, Any]]], list[tuple[int, str]], int]
 
@@ -137,7 +139,9 @@ def oracle(data: bytes) -> Result:
                 (line, f"line {line} has {len(row)} fields, the header has {len(header)}")
             )
             continue
-        doc = {name: convert(value) for name, value in zip(header, row, strict=True) if value}
+        doc = {
+            name: convert(value, DEPTH) for name, value in zip(header, row, strict=True) if value
+        }
         records.append((line, orjson.loads(orjson.dumps(doc))))
     return records, issues, len(issues)
 
@@ -312,9 +316,35 @@ def test_truncated_utf8_at_the_end_is_rejected() -> None:
         ('"quoted"', '"quoted"'),
         ("hello", "hello"),
         ("é", "é"),
+        # Integers beyond 64 bits stay exact, as text.
+        ("18446744073709551615", 2**64 - 1),
+        ("18446744073709551616", "18446744073709551616"),
+        ("-9223372036854775809", "-9223372036854775809"),
     ],
 )
 def test_convert(text: str, value: Any) -> None:
-    converted = convert(text)
+    converted = convert(text, DEPTH)
     assert converted == value
     assert type(converted) is type(value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[" * (DEPTH + 1) + "]" * (DEPTH + 1), '{"a": 18446744073709551616}', "[" * 300 + "]" * 300],
+)
+def test_convert_refuses_json_beyond_the_limits(text: str) -> None:
+    with pytest.raises(jsoninput.Refused):
+        convert(text, DEPTH)
+
+
+@pytest.mark.parametrize("chunk", [1 << 20, 4096])
+def test_a_field_over_the_csv_limit_names_its_line(chunk: int) -> None:
+    data = b"id,v\n1,a\n2,b\n3," + b"x" * (csvload.MAX_FIELD_CHARS + 1) + b"\n4,d\n"
+    parser = CsvParser()
+    rows: list[int] = []
+    with pytest.raises(InvalidArgument) as caught:
+        for start in range(0, len(data), chunk):
+            rows.extend(line for line, _ in parser.feed(data[start : start + chunk]))
+        rows.extend(line for line, _ in parser.feed(b"", final=True))
+    assert "line 4 has a field longer than 131072 characters" in caught.value.message
+    assert all(line < 4 for line in rows)

@@ -21,7 +21,10 @@ finite_floats = st.floats(allow_nan=False, allow_infinity=False)
 texts = st.text(
     alphabet=st.sampled_from("\x00\x01\x7fa\u00ff") | st.characters(codec="utf-8"), max_size=12
 )
-key_values = safe_ints | finite_floats | texts.filter(bool)
+key_floats = st.floats(
+    min_value=-float(keys.MAX_SAFE_INTEGER), max_value=float(keys.MAX_SAFE_INTEGER)
+)
+key_values = safe_ints | key_floats | texts.filter(bool)
 scalars = st.none() | st.booleans() | safe_ints | finite_floats | texts
 
 
@@ -87,7 +90,7 @@ def test_safe_integers_decode_as_int(value: int) -> None:
 @SETTINGS
 @given(finite_floats.filter(lambda f: not f.is_integer()))
 def test_fractions_decode_as_the_same_float(value: float) -> None:
-    decoded, _ = keys.decode_value(keys.encode_key(value))
+    decoded, _ = keys.decode_value(keys.encode_value(value))
     assert type(decoded) is float
     assert decoded == value
 
@@ -95,8 +98,8 @@ def test_fractions_decode_as_the_same_float(value: float) -> None:
 def test_integral_floats_decode_as_int() -> None:
     assert keys.decode_value(keys.encode_key(3.0)) == (3, 9)
     assert type(keys.decode_value(keys.encode_key(-2.0))[0]) is int
-    big = float(2**60)
-    value, _ = keys.decode_value(keys.encode_key(big))
+    big = float(2**60)  # an indexed value; as a key it is out of range
+    value, _ = keys.decode_value(keys.encode_value(big))
     assert type(value) is float
     assert value == big
 
@@ -262,6 +265,10 @@ def test_string_prefix_is_a_prefix_of_every_extension(prefix: str) -> None:
         2**53 + 1,
         -(2**53) - 1,
         10**400,
+        # Doubles beyond 2^53 too: the integer literal 2^64 + 1 arrives as the double 2^64.
+        float(2**53 + 2),
+        float(2**64),
+        -1e300,
     ],
     ids=repr,
 )

@@ -16,6 +16,13 @@ Names of databases, tables and attributes: 1 to 250 characters from
 [A-Za-z0-9_$-], not starting with "-"; anything else is INVALID_ARGUMENT. A request that
 fails validation changes nothing.
 
+JSON (records, ids, values) is held to two limits wherever it enters, here and from
+peers and backups: at most `storage.maxNestingDepth` levels of arrays and objects
+(default 64), and integers within the 64-bit range (-2^63 to 2^64-1), which are kept
+exact; beyond either, the request is INVALID_ARGUMENT naming the item and the limit. A
+request that is not a valid protobuf message (a string field that is not UTF-8) is
+INVALID_ARGUMENT too.
+
 Authorization follows Harper's roles. Users and roles are local to each node and never
 replicated. The node-internal identity and users whose role has `super_user` may call
 every RPC of StorageService. Other users need, on the table

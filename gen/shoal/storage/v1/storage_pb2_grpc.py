@@ -304,9 +304,10 @@ class StorageServiceServicer:
         REPLICATION_NOT_CONFIRMED, metadata `version`, `confirmed`, `missing`: the write IS
         committed locally and will still replicate; the message says how many of the N
         confirmations are missing).
-        Errors: INVALID_ARGUMENT (no records, a record that is not a JSON object, a missing or
-        invalid primary key, the same key twice in the request), NOT_FOUND (database or
-        table), RESOURCE_EXHAUSTED (request larger than the configured limits).
+        Errors: INVALID_ARGUMENT (no records, a record that is not a JSON object or is beyond
+        the JSON limits, a missing or invalid primary key, the same key twice in the request),
+        NOT_FOUND (database or table), RESOURCE_EXHAUSTED (request larger than the configured
+        limits).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -355,7 +356,13 @@ class StorageServiceServicer:
     def SearchById(self, request, context):
         """Reads records by primary key, in the order asked; keys that do not exist are left
         out. Answers arrive in chunks bounded in count and bytes.
-        Errors: INVALID_ARGUMENT, NOT_FOUND (database or table).
+
+        Unreadable records (SearchById, SearchByValue, SearchByConditions): a record stored
+        by an older version nested deeper than JSON output allows, or whose stored state is
+        damaged, is skipped; every other record is returned, then the stream ends with
+        DATA_LOSS, reason UNREADABLE_RECORDS, ErrorInfo metadata `table`, `count` and `ids`
+        (a JSON array of the first of their ids). Deleting or rewriting them ends it.
+        Errors: INVALID_ARGUMENT, NOT_FOUND (database or table), DATA_LOSS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -366,7 +373,8 @@ class StorageServiceServicer:
         wildcards (`abc*` is a prefix search, `*` matches every record). Uses the
         attribute's index when it has one (or the primary key order), otherwise scans.
         Errors: INVALID_ARGUMENT (bad value or sort), NOT_FOUND (database or table),
-        RESOURCE_EXHAUSTED (an unindexed sort over more rows than the configured limit).
+        RESOURCE_EXHAUSTED (an unindexed sort over more rows than the configured limit),
+        DATA_LOSS (unreadable records, see SearchById).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -378,8 +386,9 @@ class StorageServiceServicer:
         the search; an OR of indexed conditions unions index scans; otherwise the table is
         scanned.
         Errors: INVALID_ARGUMENT (unknown comparator, BETWEEN without two bounds, a value
-        of the wrong shape), NOT_FOUND, RESOURCE_EXHAUSTED (an unindexed sort, or an OR of
-        indexed conditions, over more rows than storage.maxSortRows).
+        of the wrong shape, groups nested more than 16 levels), NOT_FOUND, RESOURCE_EXHAUSTED
+        (an unindexed sort, or an OR of indexed conditions, over more rows than
+        storage.maxSortRows), DATA_LOSS (unreadable records, see SearchById).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -390,8 +399,11 @@ class StorageServiceServicer:
         are chunks of the file in order. Rows commit in batches as they arrive, so memory
         stays bounded whatever the file size; a row that fails is reported with its line
         number and does not stop the load. Not all-or-nothing: batches before a failure stay.
+        A row whose JSON cells are beyond the JSON limits fails like any bad row; a field
+        longer than 131,072 characters stops the load (its row's end cannot be found).
         Errors: INVALID_ARGUMENT (no header first, header twice, empty or malformed CSV header
-        row, no primary key column), NOT_FOUND (database or table).
+        row, no primary key column, a field longer than 131,072 characters, naming its line),
+        NOT_FOUND (database or table).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -400,7 +412,8 @@ class StorageServiceServicer:
     def ReadTransactionLog(self, request, context):
         """Streams committed transactions of a database from the log, oldest first, by the time
         they were committed on this node.
-        Errors: INVALID_ARGUMENT (end before start), NOT_FOUND (database).
+        Errors: INVALID_ARGUMENT (end before start, a time that is not a valid Timestamp),
+        NOT_FOUND (database).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -419,7 +432,8 @@ class StorageServiceServicer:
         """Deletes log entries committed on this node before a time, and purges tombstones
         older than it. Positions before the new horizon can no longer be served by Subscribe
         (it answers FAILED_PRECONDITION, and the replicator copies instead).
-        Errors: INVALID_ARGUMENT (a time in the future), NOT_FOUND (database).
+        Errors: INVALID_ARGUMENT (a time in the future or not a valid Timestamp), NOT_FOUND
+        (database).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

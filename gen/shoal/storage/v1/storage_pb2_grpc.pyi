@@ -16,6 +16,13 @@ Names of databases, tables and attributes: 1 to 250 characters from
 [A-Za-z0-9_$-], not starting with "-"; anything else is INVALID_ARGUMENT. A request that
 fails validation changes nothing.
 
+JSON (records, ids, values) is held to two limits wherever it enters, here and from
+peers and backups: at most `storage.maxNestingDepth` levels of arrays and objects
+(default 64), and integers within the 64-bit range (-2^63 to 2^64-1), which are kept
+exact; beyond either, the request is INVALID_ARGUMENT naming the item and the limit. A
+request that is not a valid protobuf message (a string field that is not UTF-8) is
+INVALID_ARGUMENT too.
+
 Authorization follows Harper's roles. Users and roles are local to each node and never
 replicated. The node-internal identity and users whose role has `super_user` may call
 every RPC of StorageService. Other users need, on the table
@@ -127,9 +134,10 @@ class StorageServiceStub:
     REPLICATION_NOT_CONFIRMED, metadata `version`, `confirmed`, `missing`: the write IS
     committed locally and will still replicate; the message says how many of the N
     confirmations are missing).
-    Errors: INVALID_ARGUMENT (no records, a record that is not a JSON object, a missing or
-    invalid primary key, the same key twice in the request), NOT_FOUND (database or
-    table), RESOURCE_EXHAUSTED (request larger than the configured limits).
+    Errors: INVALID_ARGUMENT (no records, a record that is not a JSON object or is beyond
+    the JSON limits, a missing or invalid primary key, the same key twice in the request),
+    NOT_FOUND (database or table), RESOURCE_EXHAUSTED (request larger than the configured
+    limits).
     """
     Update: _grpc.UnaryUnaryMultiCallable[_storage_pb2.UpdateRequest, _storage_pb2.UpdateResponse]
     """Merges the given attributes into existing records in one transaction; attributes not
@@ -158,14 +166,21 @@ class StorageServiceStub:
     SearchById: _grpc.UnaryStreamMultiCallable[_storage_pb2.SearchByIdRequest, _storage_pb2.SearchByIdResponse]
     """Reads records by primary key, in the order asked; keys that do not exist are left
     out. Answers arrive in chunks bounded in count and bytes.
-    Errors: INVALID_ARGUMENT, NOT_FOUND (database or table).
+
+    Unreadable records (SearchById, SearchByValue, SearchByConditions): a record stored
+    by an older version nested deeper than JSON output allows, or whose stored state is
+    damaged, is skipped; every other record is returned, then the stream ends with
+    DATA_LOSS, reason UNREADABLE_RECORDS, ErrorInfo metadata `table`, `count` and `ids`
+    (a JSON array of the first of their ids). Deleting or rewriting them ends it.
+    Errors: INVALID_ARGUMENT, NOT_FOUND (database or table), DATA_LOSS.
     """
     SearchByValue: _grpc.UnaryStreamMultiCallable[_storage_pb2.SearchByValueRequest, _storage_pb2.SearchByValueResponse]
     """Finds records whose attribute equals a value, or matches a string pattern with `*`
     wildcards (`abc*` is a prefix search, `*` matches every record). Uses the
     attribute's index when it has one (or the primary key order), otherwise scans.
     Errors: INVALID_ARGUMENT (bad value or sort), NOT_FOUND (database or table),
-    RESOURCE_EXHAUSTED (an unindexed sort over more rows than the configured limit).
+    RESOURCE_EXHAUSTED (an unindexed sort over more rows than the configured limit),
+    DATA_LOSS (unreadable records, see SearchById).
     """
     SearchByConditions: _grpc.UnaryStreamMultiCallable[_storage_pb2.SearchByConditionsRequest, _storage_pb2.SearchByConditionsResponse]
     """Finds records matching conditions joined by AND/OR, with optional nested groups,
@@ -173,21 +188,26 @@ class StorageServiceStub:
     the search; an OR of indexed conditions unions index scans; otherwise the table is
     scanned.
     Errors: INVALID_ARGUMENT (unknown comparator, BETWEEN without two bounds, a value
-    of the wrong shape), NOT_FOUND, RESOURCE_EXHAUSTED (an unindexed sort, or an OR of
-    indexed conditions, over more rows than storage.maxSortRows).
+    of the wrong shape, groups nested more than 16 levels), NOT_FOUND, RESOURCE_EXHAUSTED
+    (an unindexed sort, or an OR of indexed conditions, over more rows than
+    storage.maxSortRows), DATA_LOSS (unreadable records, see SearchById).
     """
     LoadCsv: _grpc.StreamUnaryMultiCallable[_storage_pb2.LoadCsvRequest, _storage_pb2.LoadCsvResponse]
     """Bulk-loads CSV: the first message is a header naming the table and action, the rest
     are chunks of the file in order. Rows commit in batches as they arrive, so memory
     stays bounded whatever the file size; a row that fails is reported with its line
     number and does not stop the load. Not all-or-nothing: batches before a failure stay.
+    A row whose JSON cells are beyond the JSON limits fails like any bad row; a field
+    longer than 131,072 characters stops the load (its row's end cannot be found).
     Errors: INVALID_ARGUMENT (no header first, header twice, empty or malformed CSV header
-    row, no primary key column), NOT_FOUND (database or table).
+    row, no primary key column, a field longer than 131,072 characters, naming its line),
+    NOT_FOUND (database or table).
     """
     ReadTransactionLog: _grpc.UnaryStreamMultiCallable[_storage_pb2.ReadTransactionLogRequest, _storage_pb2.ReadTransactionLogResponse]
     """Streams committed transactions of a database from the log, oldest first, by the time
     they were committed on this node.
-    Errors: INVALID_ARGUMENT (end before start), NOT_FOUND (database).
+    Errors: INVALID_ARGUMENT (end before start, a time that is not a valid Timestamp),
+    NOT_FOUND (database).
     """
     ReadAuditLog: _grpc.UnaryStreamMultiCallable[_storage_pb2.ReadAuditLogRequest, _storage_pb2.ReadAuditLogResponse]
     """Streams audit entries of one table (transactions with only that table's writes),
@@ -198,7 +218,8 @@ class StorageServiceStub:
     """Deletes log entries committed on this node before a time, and purges tombstones
     older than it. Positions before the new horizon can no longer be served by Subscribe
     (it answers FAILED_PRECONDITION, and the replicator copies instead).
-    Errors: INVALID_ARGUMENT (a time in the future), NOT_FOUND (database).
+    Errors: INVALID_ARGUMENT (a time in the future or not a valid Timestamp), NOT_FOUND
+    (database).
     """
     RevertTransaction: _grpc.UnaryUnaryMultiCallable[_storage_pb2.RevertTransactionRequest, _storage_pb2.RevertTransactionResponse]
     """Reverts a logged transaction (named by database, origin and version, as the log RPCs
@@ -366,9 +387,10 @@ class StorageServiceAsyncStub(StorageServiceStub):
     REPLICATION_NOT_CONFIRMED, metadata `version`, `confirmed`, `missing`: the write IS
     committed locally and will still replicate; the message says how many of the N
     confirmations are missing).
-    Errors: INVALID_ARGUMENT (no records, a record that is not a JSON object, a missing or
-    invalid primary key, the same key twice in the request), NOT_FOUND (database or
-    table), RESOURCE_EXHAUSTED (request larger than the configured limits).
+    Errors: INVALID_ARGUMENT (no records, a record that is not a JSON object or is beyond
+    the JSON limits, a missing or invalid primary key, the same key twice in the request),
+    NOT_FOUND (database or table), RESOURCE_EXHAUSTED (request larger than the configured
+    limits).
     """
     Update: _aio.UnaryUnaryMultiCallable[_storage_pb2.UpdateRequest, _storage_pb2.UpdateResponse]  # type: ignore[assignment]
     """Merges the given attributes into existing records in one transaction; attributes not
@@ -397,14 +419,21 @@ class StorageServiceAsyncStub(StorageServiceStub):
     SearchById: _aio.UnaryStreamMultiCallable[_storage_pb2.SearchByIdRequest, _storage_pb2.SearchByIdResponse]  # type: ignore[assignment]
     """Reads records by primary key, in the order asked; keys that do not exist are left
     out. Answers arrive in chunks bounded in count and bytes.
-    Errors: INVALID_ARGUMENT, NOT_FOUND (database or table).
+
+    Unreadable records (SearchById, SearchByValue, SearchByConditions): a record stored
+    by an older version nested deeper than JSON output allows, or whose stored state is
+    damaged, is skipped; every other record is returned, then the stream ends with
+    DATA_LOSS, reason UNREADABLE_RECORDS, ErrorInfo metadata `table`, `count` and `ids`
+    (a JSON array of the first of their ids). Deleting or rewriting them ends it.
+    Errors: INVALID_ARGUMENT, NOT_FOUND (database or table), DATA_LOSS.
     """
     SearchByValue: _aio.UnaryStreamMultiCallable[_storage_pb2.SearchByValueRequest, _storage_pb2.SearchByValueResponse]  # type: ignore[assignment]
     """Finds records whose attribute equals a value, or matches a string pattern with `*`
     wildcards (`abc*` is a prefix search, `*` matches every record). Uses the
     attribute's index when it has one (or the primary key order), otherwise scans.
     Errors: INVALID_ARGUMENT (bad value or sort), NOT_FOUND (database or table),
-    RESOURCE_EXHAUSTED (an unindexed sort over more rows than the configured limit).
+    RESOURCE_EXHAUSTED (an unindexed sort over more rows than the configured limit),
+    DATA_LOSS (unreadable records, see SearchById).
     """
     SearchByConditions: _aio.UnaryStreamMultiCallable[_storage_pb2.SearchByConditionsRequest, _storage_pb2.SearchByConditionsResponse]  # type: ignore[assignment]
     """Finds records matching conditions joined by AND/OR, with optional nested groups,
@@ -412,21 +441,26 @@ class StorageServiceAsyncStub(StorageServiceStub):
     the search; an OR of indexed conditions unions index scans; otherwise the table is
     scanned.
     Errors: INVALID_ARGUMENT (unknown comparator, BETWEEN without two bounds, a value
-    of the wrong shape), NOT_FOUND, RESOURCE_EXHAUSTED (an unindexed sort, or an OR of
-    indexed conditions, over more rows than storage.maxSortRows).
+    of the wrong shape, groups nested more than 16 levels), NOT_FOUND, RESOURCE_EXHAUSTED
+    (an unindexed sort, or an OR of indexed conditions, over more rows than
+    storage.maxSortRows), DATA_LOSS (unreadable records, see SearchById).
     """
     LoadCsv: _aio.StreamUnaryMultiCallable[_storage_pb2.LoadCsvRequest, _storage_pb2.LoadCsvResponse]  # type: ignore[assignment]
     """Bulk-loads CSV: the first message is a header naming the table and action, the rest
     are chunks of the file in order. Rows commit in batches as they arrive, so memory
     stays bounded whatever the file size; a row that fails is reported with its line
     number and does not stop the load. Not all-or-nothing: batches before a failure stay.
+    A row whose JSON cells are beyond the JSON limits fails like any bad row; a field
+    longer than 131,072 characters stops the load (its row's end cannot be found).
     Errors: INVALID_ARGUMENT (no header first, header twice, empty or malformed CSV header
-    row, no primary key column), NOT_FOUND (database or table).
+    row, no primary key column, a field longer than 131,072 characters, naming its line),
+    NOT_FOUND (database or table).
     """
     ReadTransactionLog: _aio.UnaryStreamMultiCallable[_storage_pb2.ReadTransactionLogRequest, _storage_pb2.ReadTransactionLogResponse]  # type: ignore[assignment]
     """Streams committed transactions of a database from the log, oldest first, by the time
     they were committed on this node.
-    Errors: INVALID_ARGUMENT (end before start), NOT_FOUND (database).
+    Errors: INVALID_ARGUMENT (end before start, a time that is not a valid Timestamp),
+    NOT_FOUND (database).
     """
     ReadAuditLog: _aio.UnaryStreamMultiCallable[_storage_pb2.ReadAuditLogRequest, _storage_pb2.ReadAuditLogResponse]  # type: ignore[assignment]
     """Streams audit entries of one table (transactions with only that table's writes),
@@ -437,7 +471,8 @@ class StorageServiceAsyncStub(StorageServiceStub):
     """Deletes log entries committed on this node before a time, and purges tombstones
     older than it. Positions before the new horizon can no longer be served by Subscribe
     (it answers FAILED_PRECONDITION, and the replicator copies instead).
-    Errors: INVALID_ARGUMENT (a time in the future), NOT_FOUND (database).
+    Errors: INVALID_ARGUMENT (a time in the future or not a valid Timestamp), NOT_FOUND
+    (database).
     """
     RevertTransaction: _aio.UnaryUnaryMultiCallable[_storage_pb2.RevertTransactionRequest, _storage_pb2.RevertTransactionResponse]  # type: ignore[assignment]
     """Reverts a logged transaction (named by database, origin and version, as the log RPCs
@@ -662,9 +697,10 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         REPLICATION_NOT_CONFIRMED, metadata `version`, `confirmed`, `missing`: the write IS
         committed locally and will still replicate; the message says how many of the N
         confirmations are missing).
-        Errors: INVALID_ARGUMENT (no records, a record that is not a JSON object, a missing or
-        invalid primary key, the same key twice in the request), NOT_FOUND (database or
-        table), RESOURCE_EXHAUSTED (request larger than the configured limits).
+        Errors: INVALID_ARGUMENT (no records, a record that is not a JSON object or is beyond
+        the JSON limits, a missing or invalid primary key, the same key twice in the request),
+        NOT_FOUND (database or table), RESOURCE_EXHAUSTED (request larger than the configured
+        limits).
         """
 
     @_abc_1.abstractmethod
@@ -723,7 +759,13 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_storage_pb2.SearchByIdResponse], _abc.AsyncIterator[_storage_pb2.SearchByIdResponse]]:
         """Reads records by primary key, in the order asked; keys that do not exist are left
         out. Answers arrive in chunks bounded in count and bytes.
-        Errors: INVALID_ARGUMENT, NOT_FOUND (database or table).
+
+        Unreadable records (SearchById, SearchByValue, SearchByConditions): a record stored
+        by an older version nested deeper than JSON output allows, or whose stored state is
+        damaged, is skipped; every other record is returned, then the stream ends with
+        DATA_LOSS, reason UNREADABLE_RECORDS, ErrorInfo metadata `table`, `count` and `ids`
+        (a JSON array of the first of their ids). Deleting or rewriting them ends it.
+        Errors: INVALID_ARGUMENT, NOT_FOUND (database or table), DATA_LOSS.
         """
 
     @_abc_1.abstractmethod
@@ -736,7 +778,8 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         wildcards (`abc*` is a prefix search, `*` matches every record). Uses the
         attribute's index when it has one (or the primary key order), otherwise scans.
         Errors: INVALID_ARGUMENT (bad value or sort), NOT_FOUND (database or table),
-        RESOURCE_EXHAUSTED (an unindexed sort over more rows than the configured limit).
+        RESOURCE_EXHAUSTED (an unindexed sort over more rows than the configured limit),
+        DATA_LOSS (unreadable records, see SearchById).
         """
 
     @_abc_1.abstractmethod
@@ -750,8 +793,9 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         the search; an OR of indexed conditions unions index scans; otherwise the table is
         scanned.
         Errors: INVALID_ARGUMENT (unknown comparator, BETWEEN without two bounds, a value
-        of the wrong shape), NOT_FOUND, RESOURCE_EXHAUSTED (an unindexed sort, or an OR of
-        indexed conditions, over more rows than storage.maxSortRows).
+        of the wrong shape, groups nested more than 16 levels), NOT_FOUND, RESOURCE_EXHAUSTED
+        (an unindexed sort, or an OR of indexed conditions, over more rows than
+        storage.maxSortRows), DATA_LOSS (unreadable records, see SearchById).
         """
 
     @_abc_1.abstractmethod
@@ -764,8 +808,11 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         are chunks of the file in order. Rows commit in batches as they arrive, so memory
         stays bounded whatever the file size; a row that fails is reported with its line
         number and does not stop the load. Not all-or-nothing: batches before a failure stay.
+        A row whose JSON cells are beyond the JSON limits fails like any bad row; a field
+        longer than 131,072 characters stops the load (its row's end cannot be found).
         Errors: INVALID_ARGUMENT (no header first, header twice, empty or malformed CSV header
-        row, no primary key column), NOT_FOUND (database or table).
+        row, no primary key column, a field longer than 131,072 characters, naming its line),
+        NOT_FOUND (database or table).
         """
 
     @_abc_1.abstractmethod
@@ -776,7 +823,8 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_storage_pb2.ReadTransactionLogResponse], _abc.AsyncIterator[_storage_pb2.ReadTransactionLogResponse]]:
         """Streams committed transactions of a database from the log, oldest first, by the time
         they were committed on this node.
-        Errors: INVALID_ARGUMENT (end before start), NOT_FOUND (database).
+        Errors: INVALID_ARGUMENT (end before start, a time that is not a valid Timestamp),
+        NOT_FOUND (database).
         """
 
     @_abc_1.abstractmethod
@@ -799,7 +847,8 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         """Deletes log entries committed on this node before a time, and purges tombstones
         older than it. Positions before the new horizon can no longer be served by Subscribe
         (it answers FAILED_PRECONDITION, and the replicator copies instead).
-        Errors: INVALID_ARGUMENT (a time in the future), NOT_FOUND (database).
+        Errors: INVALID_ARGUMENT (a time in the future or not a valid Timestamp), NOT_FOUND
+        (database).
         """
 
     @_abc_1.abstractmethod

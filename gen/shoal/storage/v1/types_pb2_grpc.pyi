@@ -8,8 +8,11 @@ Encoding conventions used throughout shoal.storage.v1:
   * Records travel as UTF-8 JSON objects in `bytes` fields. JSON is the one document
     format every language already has, keeps Harper's dynamic attributes, and costs a
     single parse per record on either side.
+    Every JSON document is held to `storage.maxNestingDepth` levels of arrays and
+    objects and to integers within the 64-bit range, wherever it enters.
   * Primary keys ("ids") travel as UTF-8 JSON scalars in `bytes` fields: `"abc"` or `42`.
-    A key is a string or a number; booleans, null, objects and arrays are refused.
+    A key is a string or a number within ±2^53 (where every integer is exact; larger
+    ids are strings); booleans, null, objects and arrays are refused.
   * A version is a hybrid logical clock value: the upper 48 bits are Unix time in
     milliseconds, the lower 16 bits a logical counter. Versions are unique per node and
     never go backwards across restarts; (version, origin) orders all writes cluster-wide.
