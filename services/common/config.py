@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from services.common.metrics_web import MetricsWebConfig, parse_web_config
+
 DEFAULT_ADMIN_PORT = 9925
 DEFAULT_STORAGE_PORT = 9926
 DEFAULT_REPLICATION_PORT = 9932
@@ -236,12 +238,16 @@ class TestingConfig:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    """``metrics.*``: the Prometheus endpoint of each service (on the node's ``host``)."""
+    """``metrics.*``: the Prometheus endpoint of each service (on ``metrics.host``, by
+    default the node's ``host``), with an optional exporter-style web config."""
 
     enabled: bool = True
     storage_port: int = DEFAULT_METRICS_STORAGE_PORT
     replicator_port: int = DEFAULT_METRICS_REPLICATOR_PORT
     admin_port: int = DEFAULT_METRICS_ADMIN_PORT
+    host: str | None = None  # the address to listen on; None: the node's host
+    web_config_file: Path | None = None  # exporter-toolkit web config (TLS, basic auth)
+    web: MetricsWebConfig = field(default_factory=MetricsWebConfig)
 
     def port(self, service: str) -> int:
         """The metrics port of ``storage``, ``replicator`` or ``admin``."""
@@ -905,11 +911,25 @@ def parse_config(
     te.finish()
 
     me = top.section("metrics")
+    metrics_host = me.optional_string("host")
+    listens_anywhere = metrics_host in ("0.0.0.0", "::")
+    if metrics_host is not None and not _valid_hostname(metrics_host) and not listens_anywhere:
+        me.problem("host", metrics_host, "not a valid address to listen on")
+    web_config_file = _optional_path(me, "webConfigFile")
+    web = MetricsWebConfig()
+    if web_config_file is not None:
+        if not web_config_file.is_absolute():
+            web_config_file = root / web_config_file
+        web, web_problems = parse_web_config(web_config_file)
+        problems.extend(f"metrics.webConfigFile: {p}" for p in web_problems)
     metrics = MetricsConfig(
         enabled=me.boolean("enabled", True),
         storage_port=me.port("storagePort", DEFAULT_METRICS_STORAGE_PORT),
         replicator_port=me.port("replicatorPort", DEFAULT_METRICS_REPLICATOR_PORT),
         admin_port=me.port("adminPort", DEFAULT_METRICS_ADMIN_PORT),
+        host=metrics_host,
+        web_config_file=web_config_file,
+        web=web,
     )
     me.finish()
 

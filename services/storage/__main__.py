@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 
 from shoal.storage.v1 import storage_pb2, storage_pb2_grpc
@@ -23,6 +24,7 @@ from services.common.hlc import version_from_ms
 from services.common.node_tls import prepare
 from services.storage import analytics
 from services.storage import log as txlog
+from services.storage.db import PRIVATE_UMASK
 from services.storage.engine import Engine
 from services.storage.metrics import disk_metrics, engine_metrics
 from services.storage.node_certificates import record_node_certificates
@@ -59,6 +61,9 @@ def open_engine(config: ShoalConfig) -> Engine:
 
 
 async def run(config: ShoalConfig) -> bool:
+    # Everything this process creates is private to its user: RocksDB's files above all
+    # (files it writes with an explicit mode, such as certificates, keep theirs).
+    os.umask(PRIVATE_UMASK)
     health = await start_health_port(config, "storage", [SERVICE_NAME])
     try:
         # tls.* names the node's certificates from here on: generated on the first start
