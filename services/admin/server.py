@@ -40,9 +40,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self.certificates = Certificates(node)
         self.exchange = Exchange(node, self.nodes)
 
-    @staticmethod
-    def _caller(context: Ctx) -> Caller:
-        return current_caller(tuple(context.invocation_metadata() or ()))
+    def _caller(self, context: Ctx) -> Caller:
+        return current_caller(tuple(context.invocation_metadata() or ()), self.node.secret)
 
     async def Execute(self, request: apb.ExecuteRequest, context: Ctx) -> apb.ExecuteResponse:
         execute = harper.Execute(

@@ -215,10 +215,15 @@ class TlsConfig:
 
 @dataclass(frozen=True)
 class AuthenticationConfig:
-    """``authentication.*``: sign-in lockout of the storage service."""
+    """``authentication.*``: sign-in throttling of the storage service, per user name and
+    source address (see services/storage/throttle.py)."""
 
-    lockout_attempts: int = 5  # 0: never lock
-    lockout_duration_s: float = 300.0
+    lockout_attempts: int = 5  # failures of one name from one address before waits; 0: never
+    lockout_duration_s: float = 300.0  # the longest wait, and how long failures are remembered
+    initial_backoff_s: float = 1.0  # the first wait; it doubles with each further failure
+    source_lockout_attempts: int = 100  # failures from one address (any names); 0: never
+    tracked_failures: int = 100_000  # (name, address) and address entries kept at most
+    max_concurrent_verifications: int = 2  # scrypt checks at once (16 MiB each)
 
 
 @dataclass(frozen=True)
@@ -901,7 +906,19 @@ def parse_config(
     authentication = AuthenticationConfig(
         lockout_attempts=au.integer("lockoutAttempts", 5, 0, 1000),
         lockout_duration_s=au.duration("lockoutDuration", 300.0),
+        initial_backoff_s=au.duration("initialBackoff", 1.0),
+        source_lockout_attempts=au.integer("sourceLockoutAttempts", 100, 0, 1_000_000),
+        tracked_failures=au.integer("trackedFailures", 100_000, 100, 10_000_000),
+        max_concurrent_verifications=au.integer("maxConcurrentVerifications", 2, 1, 64),
     )
+    if authentication.initial_backoff_s <= 0:
+        au.problem("initialBackoff", authentication.initial_backoff_s, "must be above 0")
+    if authentication.lockout_duration_s < authentication.initial_backoff_s:
+        au.problem(
+            "lockoutDuration",
+            authentication.lockout_duration_s,
+            "must be at least authentication.initialBackoff",
+        )
     au.finish()
 
     te = top.section("testing")

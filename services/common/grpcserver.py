@@ -39,6 +39,7 @@ from services.common.errors import Internal, ShoalError, Unavailable
 from services.common.lifecycle import SERVICE_NAME as LIFECYCLE_SERVICE
 from services.common.lifecycle import Lifecycle, LifecycleServicer
 from services.common.metrics import MethodStats, MetricsServer, RpcMetrics, Source, start_metrics
+from services.common.sources import current_peer
 from services.common.tls_source import TlsSource, reloading_server_credentials
 
 log = logging.getLogger("shoal.grpc")
@@ -135,6 +136,7 @@ class _Edge:
 
 
 async def _enter(context: Ctx, edge: _Edge) -> None:
+    current_peer.set(context.peer())
     authenticator = edge.authenticator
     if authenticator is not None:
         metadata = tuple(context.invocation_metadata() or ())
