@@ -38,7 +38,7 @@ from services.admin.nodes import (
     start_time_text,
     validated_row,
 )
-from services.common import sysinfo
+from services.common import jsonbytes, sysinfo
 from services.common.analytics import AGGREGATE_PERIOD_MS, MAX_TIME_MS
 from services.common.config import Route, parse_route_url
 from services.common.errors import InvalidArgument, ShoalError
@@ -244,11 +244,11 @@ def _records(body: Body) -> list[bytes]:
     records = body.array("records")
     if not all(isinstance(r, dict) for r in records):
         raise InvalidArgument(f"{body.operation}: every record must be a JSON object")
-    return [orjson.dumps(r) for r in records]
+    return [jsonbytes.dumps(r) for r in records]
 
 
 def _ids(body: Body) -> list[bytes]:
-    return [orjson.dumps(v) for v in body.array("ids", "hash_values")]
+    return [jsonbytes.dumps(v) for v in body.array("ids", "hash_values")]
 
 
 def _loads(values: Any) -> list[Any]:
@@ -599,7 +599,7 @@ async def read_audit_log(ex: Execute, body: Body) -> Json:
     values = body.array("search_values", required=False)
     request = spb.ReadAuditLogRequest(database=database, table=table, limit=body.number("limit"))
     if search_type == "hash_value":
-        request.ids.extend(orjson.dumps(v) for v in values)
+        request.ids.extend(jsonbytes.dumps(v) for v in values)
     elif search_type == "username":
         request.users.extend(str(v) for v in values)
     elif search_type == "timestamp":

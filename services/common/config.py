@@ -140,6 +140,11 @@ class StorageConfig:
     max_message_bytes: int = 16 * 1024 * 1024
     max_records_per_request: int = 100_000
     max_concurrent_rpcs: int = 1000
+    max_connections: int = 1000  # client connections at once (more are closed at accept)
+    max_streams_per_connection: int = 100  # HTTP/2 concurrent streams of one connection
+    max_streams: int = 64  # streamed responses (searches, log reads) served at once
+    max_streams_per_client: int = 8  # ...of them from one source address
+    stream_idle_timeout_s: float = 60.0  # a stream whose client reads nothing this long ends
     max_sort_rows: int = 1_000_000
     purge_interval_s: float = 3600.0
     tls: bool = True  # serve TLS when the node has TLS material; false: plaintext
@@ -847,6 +852,11 @@ def parse_config(
         max_message_bytes=st.integer("maxMessageBytes", 16 * 1024 * 1024, 1024 * 1024, 1 << 30),
         max_records_per_request=st.integer("maxRecordsPerRequest", 100_000, 1, 10_000_000),
         max_concurrent_rpcs=st.integer("maxConcurrentRpcs", 1000, 1, 100_000),
+        max_connections=st.integer("maxConnections", 1000, 1, 1_000_000),
+        max_streams_per_connection=st.integer("maxStreamsPerConnection", 100, 1, 100_000),
+        max_streams=st.integer("maxStreams", 64, 1, 100_000),
+        max_streams_per_client=st.integer("maxStreamsPerClient", 8, 1, 100_000),
+        stream_idle_timeout_s=st.duration("streamIdleTimeout", 60.0),
         max_sort_rows=st.integer("maxSortRows", 1_000_000, 1, 1_000_000_000),
         purge_interval_s=st.duration("purgeInterval", 3600.0),
         tls=st.boolean("tls", True),
@@ -854,6 +864,8 @@ def parse_config(
     )
     if storage.mtls.enabled and not storage.tls:
         st.problem("mtls", True, "client certificates need TLS on the port (storage.tls: true)")
+    if storage.stream_idle_timeout_s < 1.0:
+        st.problem("streamIdleTimeout", storage.stream_idle_timeout_s, "must be at least 1s")
     st.finish()
 
     ops = top.section("operationsApi")

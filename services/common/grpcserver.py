@@ -39,7 +39,8 @@ from services.common.errors import Internal, ShoalError, Unavailable
 from services.common.lifecycle import SERVICE_NAME as LIFECYCLE_SERVICE
 from services.common.lifecycle import Lifecycle, LifecycleServicer
 from services.common.metrics import MethodStats, MetricsServer, RpcMetrics, Source, start_metrics
-from services.common.sources import current_peer
+from services.common.sources import call_source, enter_call
+from services.common.streams import StreamGuard
 from services.common.tls_source import TlsSource, reloading_server_credentials
 
 log = logging.getLogger("shoal.grpc")
@@ -101,9 +102,10 @@ class ShoalInterceptor(grpc.aio.ServerInterceptor):
         authenticator: Authenticator | None,
         metrics: RpcMetrics | None = None,
         client_certificates: ClientCertificates | None = None,
+        streams: StreamGuard | None = None,
     ) -> None:
         self._authenticator = authenticator
-        self._edge = _Edge(authenticator, client_certificates)
+        self._edge = _Edge(authenticator, client_certificates, streams)
         self.metrics = metrics if metrics is not None else RpcMetrics()
         # Wrapped handlers, built once per method (the metadata is read from each call's
         # context), so a call costs no new closures or handler objects.
@@ -133,10 +135,11 @@ class _Edge:
 
     authenticator: Authenticator | None
     client_certificates: ClientCertificates | None = None
+    streams: StreamGuard | None = None  # admission and idle timeout of streamed responses
 
 
 async def _enter(context: Ctx, edge: _Edge) -> None:
-    current_peer.set(context.peer())
+    enter_call(context.peer())
     authenticator = edge.authenticator
     if authenticator is not None:
         metadata = tuple(context.invocation_metadata() or ())
@@ -262,7 +265,11 @@ def _wrap_stream(inner: Any, method: str, edge: _Edge, stats: MethodStats) -> An
             start = now()
             try:
                 await _enter(context, edge)
-                async for item in inner(request, context):
+                items = inner(request, context)
+                who = current_identity.get(None)
+                if edge.streams is not None and (who is None or not who.internal):
+                    items = edge.streams.guarded(items, context, call_source(), method)
+                async for item in items:
                     yield item
             except passthrough as exc:
                 finish(_passthrough_status(exc, context), now() - start)
@@ -365,6 +372,8 @@ class ServerSpec:
     health: HealthPort | None = None
     # Restart in place (shoal.lifecycle.v1, served beside the service); None: a new one.
     lifecycle: Lifecycle | None = None
+    # Connection and stream limits (services/common/streams.py); None: gRPC's defaults.
+    streams: StreamGuard | None = None
 
 
 class RunningServer:
@@ -413,11 +422,16 @@ def attach_metrics(
 
 async def start_server(spec: ServerSpec) -> RunningServer:
     """Build, bind and start a server; health reports SERVING once it listens."""
+    options = server_options(spec.max_message_bytes)
+    if spec.streams is not None:
+        options += spec.streams.limits.server_options()
     server = grpc.aio.server(
         interceptors=[
-            ShoalInterceptor(spec.authenticator, spec.rpc_metrics, spec.client_certificates)
+            ShoalInterceptor(
+                spec.authenticator, spec.rpc_metrics, spec.client_certificates, spec.streams
+            )
         ],
-        options=server_options(spec.max_message_bytes),
+        options=options,
         maximum_concurrent_rpcs=spec.max_concurrent_rpcs,
     )
     spec.register(server)

@@ -28,6 +28,20 @@ IPV6_PREFIX = 64
 
 # The peer of the RPC being served (``context.peer()``), set by the server edge.
 current_peer: contextvars.ContextVar[str] = contextvars.ContextVar("shoal_peer", default="")
+# The caller's address as the authenticator established it (the one the admin service
+# vouched for, else the peer's); "" until then.
+current_source: contextvars.ContextVar[str] = contextvars.ContextVar("shoal_source", default="")
+
+
+def enter_call(peer: str) -> None:
+    """Record the peer of the RPC being served (the server edge calls this first)."""
+    current_peer.set(peer)
+    current_source.set("")
+
+
+def call_source() -> str:
+    """The address of the RPC being served: the established one, else the peer's."""
+    return current_source.get() or source_text(current_peer.get())
 
 
 def source_address(peer: str) -> IPAddress | None:

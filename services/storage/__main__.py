@@ -22,6 +22,7 @@ from services.common.grpcserver import (
 )
 from services.common.hlc import version_from_ms
 from services.common.node_tls import prepare
+from services.common.streams import StreamGuard, StreamLimits
 from services.storage import analytics
 from services.storage import log as txlog
 from services.storage.db import PRIVATE_UMASK
@@ -43,6 +44,18 @@ async def _purge_loop(engine: Engine, config: ShoalConfig) -> None:
         entries, tombstones = txlog.purge_before(engine, version_from_ms(cutoff_ms), "")
         if entries or tombstones:
             log.info("retention: removed %d log entries and %d tombstones", entries, tombstones)
+
+
+def stream_limits(config: ShoalConfig) -> StreamLimits:
+    """``storage.maxConnections``, ``maxStreams*`` and ``streamIdleTimeout``."""
+    storage = config.storage
+    return StreamLimits(
+        max_connections=storage.max_connections,
+        max_streams_per_connection=storage.max_streams_per_connection,
+        max_streams=storage.max_streams,
+        max_streams_per_client=storage.max_streams_per_client,
+        idle_timeout_s=storage.stream_idle_timeout_s,
+    )
 
 
 def open_engine(config: ShoalConfig) -> Engine:
@@ -85,6 +98,7 @@ async def run(config: ShoalConfig) -> bool:
         engine.close()
 
     tls_source = node_tls.server_source("storage")
+    streams = StreamGuard(stream_limits(config), "storage")
     spec = ServerSpec(
         name="storage",
         address=f"{config.host}:{config.storage.port}",
@@ -100,6 +114,7 @@ async def run(config: ShoalConfig) -> bool:
         tls=tls_source,
         client_certificates=ClientCertificates.from_config(config, "storage", tls_source),
         health=health,
+        streams=streams,
     )
     sampler = StorageSampler(engine, spec.rpc_metrics)  # counts what happens from here on
     metrics = None
@@ -107,7 +122,7 @@ async def run(config: ShoalConfig) -> bool:
         metrics = attach_metrics(
             spec,
             config,
-            loop_sources=[engine_metrics(engine)],
+            loop_sources=[engine_metrics(engine), streams.collect],
             thread_sources=[disk_metrics(config.storage_path)],
         )
         running = await start_server(spec)

@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 from shoal.storage.v1 import storage_pb2
 
+from services.common import jsonbytes
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.storage import keys, merge
 from services.storage.engine import Engine
@@ -417,7 +418,7 @@ def run(
         if skipped < offset:
             skipped += 1
             continue
-        yield orjson.dumps(project(doc, attributes))
+        yield jsonbytes.dumps(project(doc, attributes))
         sent += 1
         if limit and sent >= limit:
             return

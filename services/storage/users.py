@@ -65,7 +65,13 @@ from services.common.errors import (
     NotFound,
     Unauthenticated,
 )
-from services.common.sources import current_peer, forwarded_source, source_key, source_text
+from services.common.sources import (
+    current_peer,
+    current_source,
+    forwarded_source,
+    source_key,
+    source_text,
+)
 from services.storage import keys
 from services.storage.db import Store
 from services.storage.permissions import (
@@ -449,7 +455,9 @@ class UserStore:
         """Where a sign-in comes from: the address the node's admin service vouches for,
         else the call's own peer address."""
         forwarded = forwarded_source(metadata, self._node_secret)
-        return forwarded if forwarded is not None else source_text(current_peer.get())
+        source = forwarded if forwarded is not None else source_text(current_peer.get())
+        current_source.set(source)
+        return source
 
     def named_user(self, name: str, named_by: str) -> UserIdentity:
         """The identity of the existing, active user ``name`` (named by a verified client

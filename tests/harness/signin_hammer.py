@@ -20,12 +20,11 @@ from typing import Any
 
 import grpc
 import orjson
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from shoal.admin.v1 import admin_pb2, admin_pb2_grpc
 from shoal.storage.v1 import storage_pb2, storage_pb2_grpc
 
 from services.common.auth import basic_metadata
+from tests.harness.status import retry_delay_s
 
 
 def _attempt(stubs: dict[str, Any], port: str, user: str, password: str) -> grpc.RpcError | None:
@@ -42,17 +41,6 @@ def _attempt(stubs: dict[str, Any], port: str, user: str, password: str) -> grpc
             )
     except grpc.RpcError as error:
         return error
-    return None
-
-
-def retry_delay_s(error: grpc.RpcError) -> float | None:
-    """The delay of the error's google.rpc.RetryInfo (None without one)."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            retry = error_details_pb2.RetryInfo()
-            detail.Unpack(retry)
-            return float(retry.retry_delay.ToMilliseconds()) / 1000
     return None
 
 
