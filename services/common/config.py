@@ -158,6 +158,9 @@ class OperationsApiConfig:
     port: int = DEFAULT_ADMIN_PORT
     tls: bool = True  # serve TLS when the node has TLS material; false: plaintext
     mtls: MtlsConfig = field(default_factory=MtlsConfig)  # client certificates
+    max_concurrent_rpcs: int = 16  # calls served at once; more get RESOURCE_EXHAUSTED
+    max_request_memory: int = 384 * 1024 * 1024  # estimated memory of one Execute, at most
+    max_memory: int = 512 * 1024 * 1024  # ...of the Execute calls in progress together
 
 
 @dataclass(frozen=True)
@@ -874,7 +877,18 @@ def parse_config(
         port=net.port("port", DEFAULT_ADMIN_PORT),
         tls=ops.boolean("tls", True),
         mtls=_mtls(ops, "mtls"),
+        max_concurrent_rpcs=ops.integer("maxConcurrentRpcs", 16, 1, 100_000),
+        max_request_memory=ops.integer(
+            "maxRequestMemory", 384 * 1024 * 1024, 16 * 1024 * 1024, 1 << 40
+        ),
+        max_memory=ops.integer("maxMemory", 512 * 1024 * 1024, 16 * 1024 * 1024, 1 << 40),
     )
+    if operations_api.max_memory < operations_api.max_request_memory:
+        ops.problem(
+            "maxMemory",
+            operations_api.max_memory,
+            "must be at least operationsApi.maxRequestMemory",
+        )
     if operations_api.mtls.enabled and not operations_api.tls:
         ops.problem(
             "mtls", True, "client certificates need TLS on the port (operationsApi.tls: true)"
