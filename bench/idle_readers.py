@@ -8,6 +8,7 @@ client meanwhile. Prints ``name value`` lines.
 Figures:
   storage_rss_mb_before       storage's resident memory with the table loaded
   storage_rss_mb_readers      the highest it reached while the readers held their streams
+  streams_started_s           how long until every stream had reached the server
   streams_open                streams the server was serving at once (the rest were refused)
   streams_refused             streams refused at once (RESOURCE_EXHAUSTED, over the limits)
   insert_p50_ms, insert_p99_ms
@@ -87,11 +88,13 @@ def run(node: Node, readers: int, records: int, inserts: int) -> dict[str, float
     results: dict[str, float] = {"storage_rss_mb_before": _rss(node) / MIB}
     started_before = _stream_metrics(node)["started"]
     calls, channels = idle_readers(node, readers)
+    opening = time.monotonic()
     wait_for(
         lambda: _stream_metrics(node)["started"] - started_before >= readers,
-        120,
+        900,
         "every stream to reach the server",
     )
+    results["streams_started_s"] = time.monotonic() - opening
     peak = [_rss(node)]
     stop = threading.Event()
 
@@ -129,9 +132,9 @@ def main() -> int:
     parser.add_argument("--readers", type=int, default=500)
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--inserts", type=int, default=200)
-    parser.add_argument("--config", default="{}", help="extra shoal.yaml keys, as JSON")
+    parser.add_argument("--config", default="{}", help="shoal.yaml keys to add, as JSON")
     args = parser.parse_args()
-    config = orjson.loads(args.config)
+    config = {"replication": {"securePort": 9933}, **orjson.loads(args.config)}
     with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
         node = Node(Path(tmp), name="bench-node", config=config)
         try:
