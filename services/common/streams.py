@@ -89,6 +89,7 @@ class StreamGuard:
         self._per_client: dict[str, int] = {}
         self._refused = {"node": 0, "client": 0}
         self._idle_closed = 0
+        self._aborting: set[asyncio.Task[None]] = set()
 
     @property
     def open(self) -> int:
@@ -177,7 +178,9 @@ class StreamGuard:
             " or ask for fewer at a time (limit and offset)",
             reason="STREAM_IDLE",
         )
-        asyncio.get_running_loop().create_task(_abort(context, error, task))
+        aborting = asyncio.get_running_loop().create_task(_abort(context, error, task))
+        self._aborting.add(aborting)  # a task nobody holds may be collected mid-way
+        aborting.add_done_callback(self._aborting.discard)
         slot.release()
 
     def collect(self) -> list[Metric]:
