@@ -50,7 +50,7 @@ def _hammer(namespace: str, host: str, *args: str) -> dict[str, Any]:
         [
             *(IP, "netns", "exec", namespace, sys.executable, "-m", "tests.harness.signin_hammer"),
             *("--host", host, "--seconds", str(HAMMER_SECONDS), *args),
-        ],
+        ],  # a --seconds in args wins (argparse keeps the last)
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -135,7 +135,10 @@ def test_spraying_user_names_is_throttled_per_address(make_node: MakeNode, subne
     )
     _real_user_signs_in(node)
     baseline = _rss(node, "storage")
-    result = _hammer(namespace, node.host, "--spray", "--user", "user")
+    # A fixed number of attempts (refusals are instant), so a slow machine checks as many.
+    result = _hammer(
+        namespace, node.host, "--spray", "--user", "user", "--count", "120", "--seconds", "60"
+    )
     codes = result["codes"]
     checked = sum(c.get("UNAUTHENTICATED", 0) for c in codes.values())
     # New names each time: 20 checked from this address, then one after each wait.
