@@ -74,8 +74,16 @@ def idle_readers(node: Node, readers: int) -> tuple[list[Any], list[grpc.Channel
     request = pb.SearchByConditionsRequest(
         database="bench", table="wide", conditions=[cond("n", "greater_than_equal", 0)]
     )
+    address, credentials, options = node.channel_args("storage")
+    # A connection of its own each (local subchannel pool, in channel_args), with gRPC's
+    # fixed initial window (no BDP probing), so that this one process can hold 500 of
+    # them: otherwise every connection's window grows to megabytes of unread data here.
+    options = [*options, ("grpc.http2.bdp_probe", 0)]
     for _ in range(readers):
-        channel = node.channel("storage")  # a connection of its own (local subchannel pool)
+        if credentials is None:
+            channel = grpc.insecure_channel(address, options=options)
+        else:
+            channel = grpc.secure_channel(address, credentials, options=options)
         client = StorageClient(node.storage_address, basic_metadata("admin", PASSWORD), channel)
         calls.append(client.stub.SearchByConditions(request, metadata=client.metadata, timeout=600))
         channels.append(channel)

@@ -14,6 +14,9 @@ user it names to the authenticator. Each process also has a plaintext health por
 (``HealthPort``, ``health.*`` in shoal.yaml) that serves ``grpc.health.v1`` and nothing
 else, for orchestrator probes: it starts first (NOT_SERVING while the process starts),
 shares the main port's statuses, and stops last (NOT_SERVING while it drains).
+
+A server with a ``StreamGuard`` (``ServerSpec.streams``, storage's) also limits its
+connections and admits its streamed responses to clients (``streams.py``).
 """
 
 from __future__ import annotations

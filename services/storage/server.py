@@ -67,7 +67,7 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 CHUNK_RECORDS = 1000
 # The most record bytes in one streamed message (a bigger record goes alone): a stream
 # holds about two messages in this process while its client reads (services/common/streams.py).
-CHUNK_BYTES = 256 * 1024
+CHUNK_BYTES = 64 * 1024
 LOG_BATCH = 500  # transactions in one log-read message, at most (and CHUNK_BYTES)
 OPERATION_ACTIONS = {
     types_pb2.OPERATION_INSERT: INSERT,
