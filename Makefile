@@ -84,6 +84,7 @@ bench: setup ## run the benchmarks (each prints `name value` lines)
 	$(BIN)/python bench/replication.py
 	$(BIN)/python bench/confirmation.py
 	$(BIN)/python bench/residency.py
+	$(BIN)/python bench/idle_readers.py
 
 clean: ## remove the virtualenv, node_modules and local data
 	rm -rf $(VENV) node_modules $(NODE_CLIENT)/node_modules $(DATA) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -44,6 +44,7 @@ async def run(config: ShoalConfig) -> bool:
         register=lambda server: admin_pb2_grpc.add_AdminServiceServicer_to_server(servicer, server),
         authenticator=StorageAuthenticator(node),
         max_message_bytes=config.storage.max_message_bytes,
+        max_concurrent_rpcs=config.operations_api.max_concurrent_rpcs,
         on_stop=[node.close],
         grace_s=5.0,
         tls=tls_source,

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import orjson
 from google.protobuf import timestamp_pb2
 from shoal.admin.v1 import admin_pb2 as apb
@@ -27,6 +28,7 @@ from services.admin import analytics as history
 from services.admin import clusterwide, csvload
 from services.admin.backup import Backups
 from services.admin.backup_archive import ArchiveReader
+from services.admin.budget import Reservation
 from services.admin.certificates import Certificates, NewCertificate
 from services.admin.cluster import Cluster
 from services.admin.configuration import settings_from
@@ -38,15 +40,23 @@ from services.admin.nodes import (
     start_time_text,
     validated_row,
 )
-from services.common import jsoninput, sysinfo
+from services.common import jsonbytes, jsoninput, sysinfo
 from services.common.analytics import AGGREGATE_PERIOD_MS, MAX_TIME_MS
 from services.common.config import Route, parse_route_url
-from services.common.errors import DataLoss, InvalidArgument, ShoalError
+from services.common.errors import (
+    DataLoss,
+    InvalidArgument,
+    ResourceExhausted,
+    ShoalError,
+    from_rpc_error,
+)
 from services.common.hlc import version_as_ms
 from services.common.routes import to_yaml
 
 Json = Any
 FORWARD_MARGIN_S = 0.25  # at most this much of an Execute deadline is kept to answer
+RECORDS_ANSWER_FACTOR = 4  # memory per byte of records passed through to the answer
+PARSED_ANSWER_FACTOR = 24  # ...of log entries parsed into objects (measured: up to ~20)
 MAX_CONFIRMATION = 2**31 - 1  # the typed field is an int32
 MAX_UINT64 = 2**64 - 1  # counts (limit, offset) are uint64 fields
 MAX_UINT32 = 2**32 - 1
@@ -219,6 +229,7 @@ class Execute:
     certificates: Certificates
     exchange: Exchange
     deadline: float | None = None  # monotonic; the Execute call's own deadline
+    reservation: Reservation | None = None  # its memory budget (budget.py), grown by answers
 
     def _timeout(self) -> float:
         """A storage call's timeout: the Execute call's time left, less a margin so that
@@ -238,10 +249,38 @@ class Execute:
             deadline_s=self._timeout(),
         )
 
-    async def storage_stream(self, method: str, request: Any) -> list[Any]:
-        return await self.node.stream(
-            getattr(self.node.storage, method), request, self.caller.metadata
+    async def storage_stream(self, method: str, request: Any, parsed: bool = False) -> list[Any]:
+        """Every message of a streaming storage call, with the caller's credentials, up
+        to what one Execute answer can carry (``storage.maxMessageBytes``): beyond it,
+        RESOURCE_EXHAUSTED. Each message grows the call's memory reservation by its size
+        times what it becomes here (``parsed``: JSON parsed into objects; else records
+        passed through as they are)."""
+        factor = PARSED_ANSWER_FACTOR if parsed else RECORDS_ANSWER_FACTOR
+        limit = self.node.config.storage.max_message_bytes
+        call = getattr(self.node.storage, method)(
+            request, metadata=self.caller.metadata, timeout=CALL_TIMEOUT_S
         )
+        chunks: list[Any] = []
+        total = 0
+        try:
+            async for chunk in call:
+                size = chunk.ByteSize()
+                total += size
+                if total > limit:
+                    raise ResourceExhausted(
+                        f"the answer is larger than the {limit} bytes an Execute answer"
+                        " carries (storage.maxMessageBytes): ask for less at a time (limit"
+                        " and offset, get_attributes), or use the typed streaming RPC",
+                        reason="ANSWER_TOO_LARGE",
+                    )
+                if self.reservation is not None:
+                    self.reservation.grow(factor * size, "this answer")
+                chunks.append(chunk)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, "storage") from exc
+        finally:
+            call.cancel()
+        return chunks
 
 
 async def run(execute: Execute, raw: bytes) -> tuple[Json, int]:
@@ -290,11 +329,11 @@ def _records(body: Body) -> list[bytes]:
     records = body.array("records")
     if not all(isinstance(r, dict) for r in records):
         raise InvalidArgument(f"{body.operation}: every record must be a JSON object")
-    return [orjson.dumps(r) for r in records]
+    return [jsonbytes.dumps(r) for r in records]
 
 
 def _ids(body: Body) -> list[bytes]:
-    return [orjson.dumps(v) for v in body.array("ids", "hash_values")]
+    return [jsonbytes.dumps(v) for v in body.array("ids", "hash_values")]
 
 
 def _loads(values: Any) -> list[Any]:
@@ -383,7 +422,8 @@ def _attributes(body: Body) -> list[str]:
 
 
 def _chunks_records(chunks: list[Any]) -> list[Json]:
-    return [orjson.loads(r) for c in chunks for r in c.records]
+    """Records as storage sent them, passed into the answer without parsing them."""
+    return [orjson.Fragment(r) for c in chunks for r in c.records]
 
 
 async def search_by_id(ex: Execute, body: Body) -> Json:
@@ -635,7 +675,7 @@ async def read_transaction_log(ex: Execute, body: Body) -> Json:
         request.start_time.CopyFrom(start)
     if (end := body.timestamp("to")) is not None:
         request.end_time.CopyFrom(end)
-    chunks = await ex.storage_stream("ReadTransactionLog", request)
+    chunks = await ex.storage_stream("ReadTransactionLog", request, parsed=True)
     return [_log_entry(t) for c in chunks for t in c.transactions]
 
 
@@ -645,7 +685,7 @@ async def read_audit_log(ex: Execute, body: Body) -> Json:
     values = body.array("search_values", required=False)
     request = spb.ReadAuditLogRequest(database=database, table=table, limit=body.number("limit"))
     if search_type == "hash_value":
-        request.ids.extend(orjson.dumps(v) for v in values)
+        request.ids.extend(jsonbytes.dumps(v) for v in values)
     elif search_type == "username":
         request.users.extend(str(v) for v in values)
     elif search_type == "timestamp":
@@ -660,7 +700,7 @@ async def read_audit_log(ex: Execute, body: Body) -> Json:
         raise InvalidArgument(
             "read_audit_log: 'search_type' must be hash_value, username or timestamp"
         )
-    chunks = await ex.storage_stream("ReadAuditLog", request)
+    chunks = await ex.storage_stream("ReadAuditLog", request, parsed=True)
     entries = [_log_entry(t) for c in chunks for t in c.entries]
     if search_type == "hash_value":
         by_id: dict[str, list[Json]] = {}

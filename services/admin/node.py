@@ -2,7 +2,9 @@
 replicator, and the caller whose request is being served.
 
 Data and user operations go to storage *with the caller's own credentials*, so storage
-applies the caller's role exactly as for a direct client. Cluster operations go to the
+applies the caller's role exactly as for a direct client, and with the caller's address
+(``shoal-forwarded-for``, vouched for with the node secret), so storage throttles failed
+sign-ins by where the caller is, not by where this service is. Cluster operations go to the
 replicator with the node-internal identity, after the admin service checked that the
 caller is a super user.
 """
@@ -30,6 +32,7 @@ from services.common.errors import (
 from services.common.grpcserver import channel_options
 from services.common.lifecycle import Lifecycle
 from services.common.node_tls import NodeTls, node_channel
+from services.common.sources import current_peer, forwarded_for_metadata, source_text
 
 T = TypeVar("T")
 CALL_TIMEOUT_S = 60.0
@@ -70,6 +73,16 @@ def forwarded(metadata: Sequence[tuple[str, str | bytes]]) -> Metadata:
         for k, v in metadata
         if k.lower() == "authorization"
     )
+
+
+def forwarded_with_source(metadata: Sequence[tuple[str, str | bytes]], secret: str) -> Metadata:
+    """The caller's authorization, plus the caller's address vouched for with the node
+    secret (``shoal-forwarded-for``), so storage throttles failed sign-ins by the
+    caller's address rather than this service's."""
+    credentials = forwarded(metadata)
+    if not credentials:
+        return credentials
+    return (*credentials, *forwarded_for_metadata(secret, source_text(current_peer.get())))
 
 
 class AdminNode:
@@ -174,14 +187,16 @@ class StorageAuthenticator:
                 "authentication required: send 'authorization: Basic <base64 user:password>'"
             )
         reply = await self._node.call(
-            self._node.storage.Authenticate, spb.AuthenticateRequest(), credentials
+            self._node.storage.Authenticate,
+            spb.AuthenticateRequest(),
+            forwarded_with_source(metadata, self._node.secret),
         )
         return Identity(name=reply.username, super_user=reply.super_user, internal=reply.internal)
 
 
-def current_caller(metadata: Sequence[tuple[str, str | bytes]]) -> Caller:
+def current_caller(metadata: Sequence[tuple[str, str | bytes]], secret: str) -> Caller:
     """The caller of the RPC being served (authenticated by the interceptor)."""
     who = identity()
     if isinstance(who, CertificateIdentity):
         return Caller(who, who.forward)
-    return Caller(who, forwarded(metadata))
+    return Caller(who, forwarded_with_source(metadata, secret))

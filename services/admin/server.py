@@ -13,6 +13,7 @@ from shoal.storage.v1 import storage_pb2 as spb
 
 from services.admin import analytics, clusterwide, harper
 from services.admin.backup import Backups, drain
+from services.admin.budget import BudgetSettings, MemoryBudget, estimate
 from services.admin.certificates import (
     Certificates,
     NewCertificate,
@@ -39,23 +40,31 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self.nodes = Nodes(node, self.cluster)
         self.certificates = Certificates(node)
         self.exchange = Exchange(node, self.nodes)
+        api = node.config.operations_api
+        self.budget = MemoryBudget(BudgetSettings(api.max_request_memory, api.max_memory))
 
-    @staticmethod
-    def _caller(context: Ctx) -> Caller:
-        return current_caller(tuple(context.invocation_metadata() or ()))
+    def _caller(self, context: Ctx) -> Caller:
+        return current_caller(tuple(context.invocation_metadata() or ()), self.node.secret)
 
     async def Execute(self, request: apb.ExecuteRequest, context: Ctx) -> apb.ExecuteResponse:
-        execute = harper.Execute(
-            self.node,
-            self._caller(context),
-            self.cluster,
-            self.nodes,
-            self.certificates,
-            self.exchange,
-            harper.deadline_of(context.time_remaining()),
-        )
-        result, code = await harper.run(execute, request.operation)
-        return harper.answer(result, code)
+        # Refused before it is parsed when its estimate does not fit (budget.py): the
+        # call itself fails with RESOURCE_EXHAUSTED.
+        reservation = self.budget.reserve(estimate(request.operation))
+        try:
+            execute = harper.Execute(
+                self.node,
+                self._caller(context),
+                self.cluster,
+                self.nodes,
+                self.certificates,
+                self.exchange,
+                harper.deadline_of(context.time_remaining()),
+                reservation,
+            )
+            result, code = await harper.run(execute, request.operation)
+            return harper.answer(result, code)
+        finally:
+            reservation.release()
 
     # -- backups ------------------------------------------------------------------------
 

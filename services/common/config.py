@@ -33,6 +33,7 @@ from services.common.jsoninput import (
     MAX_NESTING_DEPTH,
     MIN_NESTING_DEPTH,
 )
+from services.common.metrics_web import MetricsWebConfig, parse_web_config
 
 DEFAULT_ADMIN_PORT = 9925
 DEFAULT_STORAGE_PORT = 9926
@@ -149,6 +150,11 @@ class StorageConfig:
     max_message_bytes: int = 16 * 1024 * 1024
     max_records_per_request: int = 100_000
     max_concurrent_rpcs: int = 1000
+    max_connections: int = 1000  # client connections at once (more are closed at accept)
+    max_streams_per_connection: int = 100  # HTTP/2 concurrent streams of one connection
+    max_streams: int = 64  # streamed responses (searches, log reads) served at once
+    max_streams_per_client: int = 8  # ...of them from one source address
+    stream_idle_timeout_s: float = 60.0  # a stream whose client reads nothing this long ends
     max_sort_rows: int = 1_000_000
     # Levels of arrays and objects a JSON document may nest (services/common/jsoninput.py).
     max_nesting_depth: int = DEFAULT_NESTING_DEPTH
@@ -164,6 +170,9 @@ class OperationsApiConfig:
     port: int = DEFAULT_ADMIN_PORT
     tls: bool = True  # serve TLS when the node has TLS material; false: plaintext
     mtls: MtlsConfig = field(default_factory=MtlsConfig)  # client certificates
+    max_concurrent_rpcs: int = 16  # calls served at once; more get RESOURCE_EXHAUSTED
+    max_request_memory: int = 384 * 1024 * 1024  # estimated memory of one Execute, at most
+    max_memory: int = 512 * 1024 * 1024  # ...of the Execute calls in progress together
 
 
 @dataclass(frozen=True)
@@ -229,10 +238,15 @@ class TlsConfig:
 
 @dataclass(frozen=True)
 class AuthenticationConfig:
-    """``authentication.*``: sign-in lockout of the storage service."""
+    """``authentication.*``: sign-in throttling of the storage service, per user name and
+    source address (see services/storage/throttle.py)."""
 
-    lockout_attempts: int = 5  # 0: never lock
-    lockout_duration_s: float = 300.0
+    lockout_attempts: int = 5  # failures of one name from one address before waits; 0: never
+    lockout_duration_s: float = 300.0  # the longest wait, and how long failures are remembered
+    initial_backoff_s: float = 1.0  # the first wait; it doubles with each further failure
+    source_lockout_attempts: int = 100  # failures from one address (any names); 0: never
+    tracked_failures: int = 100_000  # (name, address) and address entries kept at most
+    max_concurrent_verifications: int = 2  # scrypt checks at once (16 MiB each)
 
 
 @dataclass(frozen=True)
@@ -252,12 +266,16 @@ class TestingConfig:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    """``metrics.*``: the Prometheus endpoint of each service (on the node's ``host``)."""
+    """``metrics.*``: the Prometheus endpoint of each service (on ``metrics.host``, by
+    default the node's ``host``), with an optional exporter-style web config."""
 
     enabled: bool = True
     storage_port: int = DEFAULT_METRICS_STORAGE_PORT
     replicator_port: int = DEFAULT_METRICS_REPLICATOR_PORT
     admin_port: int = DEFAULT_METRICS_ADMIN_PORT
+    host: str | None = None  # the address to listen on; None: the node's host
+    web_config_file: Path | None = None  # exporter-toolkit web config (TLS, basic auth)
+    web: MetricsWebConfig = field(default_factory=MetricsWebConfig)
 
     def port(self, service: str) -> int:
         """The metrics port of ``storage``, ``replicator`` or ``admin``."""
@@ -923,6 +941,11 @@ def parse_config(
         max_message_bytes=st.integer("maxMessageBytes", 16 * 1024 * 1024, 1024 * 1024, 1 << 30),
         max_records_per_request=st.integer("maxRecordsPerRequest", 100_000, 1, 10_000_000),
         max_concurrent_rpcs=st.integer("maxConcurrentRpcs", 1000, 1, 100_000),
+        max_connections=st.integer("maxConnections", 1000, 1, 1_000_000),
+        max_streams_per_connection=st.integer("maxStreamsPerConnection", 100, 1, 100_000),
+        max_streams=st.integer("maxStreams", 64, 1, 100_000),
+        max_streams_per_client=st.integer("maxStreamsPerClient", 8, 1, 100_000),
+        stream_idle_timeout_s=st.duration("streamIdleTimeout", 60.0),
         max_sort_rows=st.integer("maxSortRows", 1_000_000, 1, 1_000_000_000),
         max_nesting_depth=st.integer(
             "maxNestingDepth", DEFAULT_NESTING_DEPTH, MIN_NESTING_DEPTH, MAX_NESTING_DEPTH
@@ -933,6 +956,8 @@ def parse_config(
     )
     if storage.mtls.enabled and not storage.tls:
         st.problem("mtls", True, "client certificates need TLS on the port (storage.tls: true)")
+    if storage.stream_idle_timeout_s < 1.0:
+        st.problem("streamIdleTimeout", storage.stream_idle_timeout_s, "must be at least 1s")
     st.finish()
 
     ops = top.section("operationsApi")
@@ -941,7 +966,18 @@ def parse_config(
         port=net.port("port", DEFAULT_ADMIN_PORT),
         tls=ops.boolean("tls", True),
         mtls=_mtls(ops, "mtls"),
+        max_concurrent_rpcs=ops.integer("maxConcurrentRpcs", 16, 1, 100_000),
+        max_request_memory=ops.integer(
+            "maxRequestMemory", 384 * 1024 * 1024, 16 * 1024 * 1024, 1 << 40
+        ),
+        max_memory=ops.integer("maxMemory", 512 * 1024 * 1024, 16 * 1024 * 1024, 1 << 40),
     )
+    if operations_api.max_memory < operations_api.max_request_memory:
+        ops.problem(
+            "maxMemory",
+            operations_api.max_memory,
+            "must be at least operationsApi.maxRequestMemory",
+        )
     if operations_api.mtls.enabled and not operations_api.tls:
         ops.problem(
             "mtls", True, "client certificates need TLS on the port (operationsApi.tls: true)"
@@ -985,7 +1021,19 @@ def parse_config(
     authentication = AuthenticationConfig(
         lockout_attempts=au.integer("lockoutAttempts", 5, 0, 1000),
         lockout_duration_s=au.duration("lockoutDuration", 300.0),
+        initial_backoff_s=au.duration("initialBackoff", 1.0),
+        source_lockout_attempts=au.integer("sourceLockoutAttempts", 100, 0, 1_000_000),
+        tracked_failures=au.integer("trackedFailures", 100_000, 100, 10_000_000),
+        max_concurrent_verifications=au.integer("maxConcurrentVerifications", 2, 1, 64),
     )
+    if authentication.initial_backoff_s <= 0:
+        au.problem("initialBackoff", authentication.initial_backoff_s, "must be above 0")
+    if authentication.lockout_duration_s < authentication.initial_backoff_s:
+        au.problem(
+            "lockoutDuration",
+            authentication.lockout_duration_s,
+            "must be at least authentication.initialBackoff",
+        )
     au.finish()
 
     te = top.section("testing")
@@ -995,11 +1043,25 @@ def parse_config(
     te.finish()
 
     me = top.section("metrics")
+    metrics_host = me.optional_string("host")
+    listens_anywhere = metrics_host in ("0.0.0.0", "::")
+    if metrics_host is not None and not _valid_hostname(metrics_host) and not listens_anywhere:
+        me.problem("host", metrics_host, "not a valid address to listen on")
+    web_config_file = _optional_path(me, "webConfigFile")
+    web = MetricsWebConfig()
+    if web_config_file is not None:
+        if not web_config_file.is_absolute():
+            web_config_file = root / web_config_file
+        web, web_problems = parse_web_config(web_config_file)
+        problems.extend(f"metrics.webConfigFile: {p}" for p in web_problems)
     metrics = MetricsConfig(
         enabled=me.boolean("enabled", True),
         storage_port=me.port("storagePort", DEFAULT_METRICS_STORAGE_PORT),
         replicator_port=me.port("replicatorPort", DEFAULT_METRICS_REPLICATOR_PORT),
         admin_port=me.port("adminPort", DEFAULT_METRICS_ADMIN_PORT),
+        host=metrics_host,
+        web_config_file=web_config_file,
+        web=web,
     )
     me.finish()
 

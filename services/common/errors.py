@@ -9,6 +9,7 @@ the message text.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
@@ -56,22 +57,31 @@ class ShoalError(Exception):
         *,
         reason: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
         self.metadata: dict[str, str] = dict(metadata or {})
+        # When the same request may succeed (a google.rpc.RetryInfo detail); None: unsaid.
+        self.retry_after_s = retry_after_s
 
     def to_status(self) -> grpc.Status:
-        """The rich gRPC status for this error (message plus ErrorInfo detail)."""
+        """The rich gRPC status for this error (message, ErrorInfo, and RetryInfo when
+        ``retry_after_s`` is set)."""
         metadata = {k: cut(v, MAX_METADATA_BYTES) for k, v in self.metadata.items()}
         info = error_details_pb2.ErrorInfo(
             reason=self.reason, domain=ERROR_DOMAIN, metadata=metadata
         )
-        detail = any_pb2.Any()
-        detail.Pack(info)
+        details = [any_pb2.Any()]
+        details[0].Pack(info)
+        if self.retry_after_s is not None:
+            retry = error_details_pb2.RetryInfo()
+            retry.retry_delay.FromMilliseconds(max(1, round(self.retry_after_s * 1000)))
+            details.append(any_pb2.Any())
+            details[1].Pack(retry)
         message = cut(self.message, MAX_MESSAGE_BYTES)
-        status = status_pb2.Status(code=self.code.value[0], message=message, details=[detail])
+        status = status_pb2.Status(code=self.code.value[0], message=message, details=details)
         return rpc_status.to_status(status)
 
 
@@ -118,7 +128,8 @@ class Unauthenticated(ShoalError):
 
 
 class ResourceExhausted(ShoalError):
-    """A size or count limit was exceeded."""
+    """A size, count or rate limit was exceeded (``retry_after_s`` says when to try again
+    where waiting helps)."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     default_reason = "RESOURCE_EXHAUSTED"
@@ -169,8 +180,8 @@ class Internal(ShoalError):
     default_reason = "INTERNAL"
 
 
-def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
-    """The ``google.rpc.ErrorInfo`` detail of a received error, or None when it has none."""
+def _detail(error: grpc.RpcError, kind: Any) -> Any:
+    """The first detail of type ``kind`` of a received error, or None."""
     if not isinstance(error, grpc.Call | grpc.aio.AioRpcError):
         return None
     try:
@@ -180,11 +191,23 @@ def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     if status is None:
         return None
     for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
+        if detail.Is(kind.DESCRIPTOR):
+            found = kind()
+            detail.Unpack(found)
+            return found
     return None
+
+
+def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    """The ``google.rpc.ErrorInfo`` detail of a received error, or None when it has none."""
+    info: error_details_pb2.ErrorInfo | None = _detail(error, error_details_pb2.ErrorInfo)
+    return info
+
+
+def retry_delay_s(error: grpc.RpcError) -> float | None:
+    """The delay of a received error's ``google.rpc.RetryInfo``, or None when it has none."""
+    retry = _detail(error, error_details_pb2.RetryInfo)
+    return None if retry is None else float(retry.retry_delay.ToMilliseconds()) / 1000
 
 
 def error_reason(error: grpc.RpcError) -> str | None:
@@ -222,6 +245,7 @@ def from_rpc_error(error: grpc.aio.AioRpcError, service: str = "") -> ShoalError
     if error.code() == grpc.StatusCode.UNAVAILABLE and service:
         message = f"{service} is unavailable: {message}"
     info = error_info(error)
+    retry = retry_delay_s(error)
     if info is None:
-        return cls(message)
-    return cls(message, reason=str(info.reason), metadata=dict(info.metadata))
+        return cls(message, retry_after_s=retry)
+    return cls(message, reason=str(info.reason), metadata=dict(info.metadata), retry_after_s=retry)

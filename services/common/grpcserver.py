@@ -22,6 +22,10 @@ restarts, ...) are served on a second server bound to a Unix socket in the node'
 ``socketsPath`` (folder 0700, socket 0600), never on a TCP port: ``NodeSocket``. The
 socket serves the service's client RPCs too, so the node's processes reach each other
 there whatever the client ports' TLS settings.
+
+A server with a ``StreamGuard`` (``ServerSpec.streams``, storage's) also limits its
+connections and admits its streamed responses to clients (``streams.py``) on its TCP
+port; the node socket serves the node's own processes without those limits.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ from services.common.errors import Internal, InvalidArgument, ShoalError, Unavai
 from services.common.lifecycle import SERVICE_NAME as LIFECYCLE_SERVICE
 from services.common.lifecycle import Lifecycle, LifecycleServicer
 from services.common.metrics import MethodStats, MetricsServer, RpcMetrics, Source, start_metrics
+from services.common.sources import call_source, enter_call
+from services.common.streams import StreamGuard
 from services.common.tls_source import TlsSource, reloading_server_credentials
 
 log = logging.getLogger("shoal.grpc")
@@ -113,9 +119,10 @@ class ShoalInterceptor(grpc.aio.ServerInterceptor):
         authenticator: Authenticator | None,
         metrics: RpcMetrics | None = None,
         client_certificates: ClientCertificates | None = None,
+        streams: StreamGuard | None = None,
     ) -> None:
         self._authenticator = authenticator
-        self._edge = _Edge(authenticator, client_certificates)
+        self._edge = _Edge(authenticator, client_certificates, streams)
         self.metrics = metrics if metrics is not None else RpcMetrics()
         # Wrapped handlers, built once per method (the metadata is read from each call's
         # context), so a call costs no new closures or handler objects.
@@ -145,9 +152,11 @@ class _Edge:
 
     authenticator: Authenticator | None
     client_certificates: ClientCertificates | None = None
+    streams: StreamGuard | None = None  # admission and idle timeout of streamed responses
 
 
 async def _enter(context: Ctx, edge: _Edge) -> None:
+    enter_call(context.peer())
     authenticator = edge.authenticator
     if authenticator is not None:
         metadata = tuple(context.invocation_metadata() or ())
@@ -330,7 +339,11 @@ def _wrap_stream(inner: Any, method: str, edge: _Edge, stats: MethodStats) -> An
             try:
                 await _enter(context, edge)
                 _check(request)
-                async for item in inner(request, context):
+                items = inner(request, context)
+                who = current_identity.get(None)
+                if edge.streams is not None and (who is None or not who.internal):
+                    items = edge.streams.guarded(items, context, call_source(), method)
+                async for item in items:
                     yield item
             except passthrough as exc:
                 finish(_passthrough_status(exc, context), now() - start)
@@ -441,6 +454,9 @@ class ServerSpec:
     # Serve shoal.lifecycle.v1 on the TCP port too (admin: for super users' rolling
     # restarts across nodes), not only on the socket.
     lifecycle_on_port: bool = False
+    # Connection and stream limits of the TCP port (services/common/streams.py); None:
+    # gRPC's defaults.
+    streams: StreamGuard | None = None
 
 
 class RunningServer:
@@ -582,9 +598,6 @@ async def start_server(spec: ServerSpec) -> RunningServer:
         spec.lifecycle = Lifecycle(spec.name)
     lifecycle = spec.lifecycle
 
-    def interceptors() -> list[grpc.aio.ServerInterceptor]:
-        return [ShoalInterceptor(spec.authenticator, spec.rpc_metrics, spec.client_certificates)]
-
     def register_port(server: grpc.aio.Server) -> None:
         spec.register(server)
         if spec.lifecycle_on_port:
@@ -596,9 +609,16 @@ async def start_server(spec: ServerSpec) -> RunningServer:
             spec.register_internal(server)
         add_LifecycleServiceServicer_to_server(LifecycleServicer(lifecycle), server)
 
+    options = server_options(spec.max_message_bytes)
+    if spec.streams is not None:
+        options += spec.streams.limits.server_options()
     server = grpc.aio.server(
-        interceptors=interceptors(),
-        options=server_options(spec.max_message_bytes),
+        interceptors=[
+            ShoalInterceptor(
+                spec.authenticator, spec.rpc_metrics, spec.client_certificates, spec.streams
+            )
+        ],
+        options=options,
         maximum_concurrent_rpcs=spec.max_concurrent_rpcs,
     )
     register_port(server)

@@ -1,6 +1,7 @@
 """The Prometheus endpoint of one Shoal process (``metrics.*`` in ``shoal.yaml``).
 
-Every service process serves ``http://host:port/metrics`` from its own
+Every service process serves ``http://host:port/metrics`` (only that path; ``https`` and
+basic auth with ``metrics.webConfigFile``, see ``metrics_web``) from its own
 ``CollectorRegistry`` (the global default registry is never used) with prometheus_client's
 WSGI app, on a daemon thread. (Not ``start_http_server``: its serving loop polls for a
 stop request every half second, which would delay every service's shutdown.)
@@ -33,6 +34,7 @@ import concurrent.futures
 import importlib.metadata
 import logging
 import socket
+import ssl
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -53,6 +55,7 @@ from prometheus_client.registry import Collector
 
 from services.common.config import ShoalConfig
 from services.common.errors import Unavailable
+from services.common.metrics_web import METRICS_PATH, MetricsGuard, MetricsWebConfig
 
 log = logging.getLogger("shoal.metrics")
 
@@ -81,6 +84,8 @@ DURATION_BUCKETS: tuple[float, ...] = (
 _BUCKET_LABELS = (*(repr(b) for b in DURATION_BUCKETS), "+Inf")
 SCRAPE_TIMEOUT_S = 5.0
 STOP_POLL_S = 0.05  # how often the serving thread looks for a stop request
+MAX_CONCURRENT_REQUESTS = 8  # requests served at once; more connections are closed
+REQUEST_TIMEOUT_S = 10.0  # per read or write of one request
 
 Source = Callable[[], Iterable[Metric]]
 
@@ -274,28 +279,82 @@ def new_registry(service: str) -> CollectorRegistry:
 
 
 class _QuietHandler(WSGIRequestHandler):
-    """Logs no line per scrape."""
+    """Logs no line per scrape; a client gets ``REQUEST_TIMEOUT_S`` per read or write,
+    the TLS handshake included (done here, on the request's thread)."""
+
+    timeout = REQUEST_TIMEOUT_S
+
+    def setup(self) -> None:
+        super().setup()
+        if isinstance(self.connection, ssl.SSLSocket):
+            self.connection.do_handshake()
 
     def log_message(self, format: str, *args: Any) -> None:
         return None
 
 
+class _MetricsHTTPServer(ThreadingWSGIServer):
+    """At most ``MAX_CONCURRENT_REQUESTS`` requests at once (a connection beyond that is
+    closed at once), over TLS when a context is given."""
+
+    tls: ssl.SSLContext | None = None
+
+    def server_bind(self) -> None:
+        super().server_bind()
+        self._slots = threading.BoundedSemaphore(MAX_CONCURRENT_REQUESTS)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        connection, address = self.socket.accept()
+        if self.tls is not None:
+            connection = self.tls.wrap_socket(
+                connection, server_side=True, do_handshake_on_connect=False
+            )
+        return connection, address
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("metrics request from %s failed", client_address, exc_info=True)
+
+
 class MetricsServer:
     """A metrics endpoint serving a registry; ``stop`` (or ``aclose`` on the loop) closes it.
 
-    Raises ``OSError`` when it cannot listen on ``host:port``.
+    Only ``/metrics`` answers; ``web`` adds TLS and basic-auth users (see
+    ``metrics_web``). Raises ``OSError`` (or ``ssl.SSLError``) when it cannot listen on
+    ``host:port`` or load the TLS files.
     """
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry, name: str) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        name: str,
+        web: MetricsWebConfig | None = None,
+    ) -> None:
+        web = web or MetricsWebConfig()
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        server_class: type[ThreadingWSGIServer] = type(
-            "MetricsHTTPServer", (ThreadingWSGIServer,), {"address_family": family}
+        server_class: type[_MetricsHTTPServer] = type(
+            "MetricsHTTPServer",
+            (_MetricsHTTPServer,),
+            {"address_family": family, "tls": web.tls.context() if web.tls else None},
         )
-        self._httpd = make_server(
-            host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler
-        )
+        app = MetricsGuard(make_wsgi_app(registry), web)
+        self._httpd = make_server(host, port, app, server_class, handler_class=_QuietHandler)
         shown = f"[{host}]" if ":" in host else host
         self.address = f"{shown}:{self._httpd.server_address[1]}"
+        self.scheme = "https" if web.tls is not None else "http"
         self.registry = registry
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, args=(STOP_POLL_S,), name=name, daemon=True
@@ -304,7 +363,7 @@ class MetricsServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}/metrics"
+        return f"{self.scheme}://{self.address}{METRICS_PATH}"
 
     def stop(self) -> None:
         """Stop serving and release the port."""
@@ -318,8 +377,8 @@ class MetricsServer:
 
 
 def metrics_address(config: ShoalConfig, service: str) -> tuple[str, int]:
-    """(host, port) of a service's metrics endpoint."""
-    return config.host, config.metrics.port(service)
+    """(host, port) of a service's metrics endpoint: ``metrics.host``, else the node's."""
+    return config.metrics.host or config.host, config.metrics.port(service)
 
 
 def start_metrics(
@@ -351,7 +410,12 @@ def start_metrics(
         registry.register(collector)
     host, port = metrics_address(config, service)
     try:
-        server = MetricsServer(host, port, registry, f"metrics-{service}")
+        server = MetricsServer(host, port, registry, f"metrics-{service}", config.metrics.web)
+    except ssl.SSLError as exc:
+        raise Unavailable(
+            f"{service} cannot serve metrics over TLS: {exc} (tls_server_config of"
+            f" metrics.webConfigFile {config.metrics.web_config_file})"
+        ) from exc
     except OSError as exc:
         raise Unavailable(
             f"{service} cannot serve metrics on {host}:{port}: {exc.strerror or exc}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 
 from shoal.storage.v1 import storage_pb2, storage_pb2_grpc
@@ -22,8 +23,10 @@ from services.common.grpcserver import (
 )
 from services.common.hlc import version_from_ms
 from services.common.node_tls import prepare
+from services.common.streams import StreamGuard, StreamLimits
 from services.storage import analytics
 from services.storage import log as txlog
+from services.storage.db import PRIVATE_UMASK
 from services.storage.engine import Engine
 from services.storage.metrics import disk_metrics, engine_metrics
 from services.storage.node_certificates import record_node_certificates
@@ -45,6 +48,18 @@ async def _purge_loop(engine: Engine, config: ShoalConfig) -> None:
             log.info("retention: removed %d log entries and %d tombstones", entries, tombstones)
 
 
+def stream_limits(config: ShoalConfig) -> StreamLimits:
+    """``storage.maxConnections``, ``maxStreams*`` and ``streamIdleTimeout``."""
+    storage = config.storage
+    return StreamLimits(
+        max_connections=storage.max_connections,
+        max_streams_per_connection=storage.max_streams_per_connection,
+        max_streams=storage.max_streams,
+        max_streams_per_client=storage.max_streams_per_client,
+        idle_timeout_s=storage.stream_idle_timeout_s,
+    )
+
+
 def open_engine(config: ShoalConfig) -> Engine:
     """Open the data directory, translating RocksDB's lock error into plain words."""
     try:
@@ -61,6 +76,9 @@ def open_engine(config: ShoalConfig) -> Engine:
 
 
 async def run(config: ShoalConfig) -> bool:
+    # Everything this process creates is private to its user: RocksDB's files above all
+    # (files it writes with an explicit mode, such as certificates, keep theirs).
+    os.umask(PRIVATE_UMASK)
     health = await start_health_port(config, "storage", [SERVICE_NAME])
     try:
         # tls.* names the node's certificates from here on: generated on the first start
@@ -84,6 +102,7 @@ async def run(config: ShoalConfig) -> bool:
         engine.close()
 
     tls_source = node_tls.server_source("storage")
+    streams = StreamGuard(stream_limits(config), "storage")
     spec = ServerSpec(
         name="storage",
         address=f"{config.host}:{config.storage.port}",
@@ -103,6 +122,7 @@ async def run(config: ShoalConfig) -> bool:
         tls=tls_source,
         client_certificates=ClientCertificates.from_config(config, "storage", tls_source),
         health=health,
+        streams=streams,
     )
     sampler = StorageSampler(engine, spec.rpc_metrics)  # counts what happens from here on
     metrics = None
@@ -110,7 +130,7 @@ async def run(config: ShoalConfig) -> bool:
         metrics = attach_metrics(
             spec,
             config,
-            loop_sources=[engine_metrics(engine)],
+            loop_sources=[engine_metrics(engine), streams.collect],
             thread_sources=[disk_metrics(config.storage_path)],
         )
         running = await start_server(spec)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from shoal.storage.v1 import types_pb2
 
-from services.common import jsoninput
+from services.common import jsonbytes, jsoninput
 from services.common.errors import DataLoss, InvalidArgument, ResourceExhausted, shown
 from services.storage import keys, merge, residency
 from services.storage.merge import RecordState, Stamp
@@ -452,7 +452,7 @@ class LocalTransaction:
         parsed = self._checked(records, table)
         result = OperationResult()
         states = self._current(table, [p[2] for p in parsed])
-        dumps = orjson.dumps
+        dumps = jsonbytes.dumps  # ids are kept for the response: exact-size bytes
         written = result.written
         for item, state in zip(parsed, states, strict=True):
             kind = choose(state)
@@ -497,7 +497,7 @@ class LocalTransaction:
         states = self._current(table, [e for _, e in parsed])
         seen: set[bytes] = set()
         for (pk, encoded), state in zip(parsed, states, strict=True):
-            id_json = orjson.dumps(pk)
+            id_json = jsonbytes.dumps(pk)
             if encoded in seen or state is None or not state.visible:
                 result.skipped.append(id_json)
                 continue

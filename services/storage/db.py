@@ -12,16 +12,27 @@ Everything is in raw mode (bytes keys and values). Column families:
 
 A WriteBatch spanning column families is atomic, which is what lets one write carry a
 transaction's data, index changes, log entry and new positions together.
+
+The folder holds every record in the clear, so only its owner may read it: folders 0700,
+files 0600, fixed at every open, and the storage process runs with umask 077 so the files
+RocksDB makes later are 0600 too.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 import rocksdict
 
+log = logging.getLogger("shoal.storage.db")
 COLUMN_FAMILIES = ("meta", "data", "index", "tomb", "log", "logidx", "logkey")
+PRIVATE_FOLDER = 0o700
+PRIVATE_FILE = 0o600
+PRIVATE_UMASK = 0o077  # the storage process's umask: RocksDB's new files are 0600
 
 
 def _options() -> rocksdict.Options:
@@ -33,11 +44,32 @@ def _options() -> rocksdict.Options:
     return options
 
 
+def make_private(path: Path) -> int:
+    """Restrict a folder tree to its owner: 0700 for folders, 0600 for files (links are
+    left alone). Returns how many modes it changed (a folder made by an older version,
+    or copied in with looser modes)."""
+    changed = 0
+    for folder, _, files in os.walk(path):
+        entries = [(Path(folder), PRIVATE_FOLDER)]
+        entries += [(Path(folder) / name, PRIVATE_FILE) for name in files]
+        for entry, mode in entries:
+            info = entry.lstat()
+            if stat.S_ISLNK(info.st_mode) or stat.S_IMODE(info.st_mode) == mode:
+                continue
+            os.chmod(entry, mode)
+            changed += 1
+    return changed
+
+
 class Store:
-    """An open RocksDB with Shoal's column families."""
+    """An open RocksDB with Shoal's column families, in a folder only its owner may read
+    (``make_private`` at open; the storage process's umask keeps new files 0600)."""
 
     def __init__(self, path: Path, sync_writes: bool) -> None:
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_FOLDER)
+        changed = make_private(path)
+        if changed:
+            log.warning("made %d files and folders of %s private to this user", changed, path)
         self.path = path
         cf_options = {name: _options() for name in COLUMN_FAMILIES}
         self.db = rocksdict.Rdict(str(path), _options(), column_families=cf_options)

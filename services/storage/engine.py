@@ -53,6 +53,7 @@ from services.storage.schema import (
     Table,
     check_name,
 )
+from services.storage.throttle import ThrottleSettings
 from services.storage.users import UserStore
 
 log = logging.getLogger("shoal.storage")
@@ -106,12 +107,19 @@ class Engine:
         self._commit_event = asyncio.Event()
         self.closing = False
         self.node_secret = load_or_create_node_secret(config.keys_path)
+        authentication = config.authentication
         self.users = UserStore(
             self.store,
             self.node_name,
             self.node_secret,
-            config.authentication.lockout_attempts,
-            config.authentication.lockout_duration_s,
+            ThrottleSettings(
+                attempts=authentication.lockout_attempts,
+                source_attempts=authentication.source_lockout_attempts,
+                initial_backoff_s=authentication.initial_backoff_s,
+                max_backoff_s=authentication.lockout_duration_s,
+                capacity=authentication.tracked_failures,
+            ),
+            authentication.max_concurrent_verifications,
         )
 
     # -- life cycle ------------------------------------------------------------------

@@ -36,7 +36,7 @@ from typing import Any
 
 import orjson
 
-from services.common import jsoninput
+from services.common import jsonbytes, jsoninput
 
 Stamp = tuple[int, str]
 ZERO: Stamp = (0, "")
@@ -116,7 +116,7 @@ def doc_json(doc: dict[str, Any]) -> bytes:
     output allows, stored before the nesting limit existed, can then still be deleted or
     overwritten (that write cannot be reverted)."""
     try:
-        return orjson.dumps(doc)
+        return jsonbytes.dumps(doc)
     except orjson.JSONEncodeError:
         return b""
 

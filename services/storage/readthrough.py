@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 
+from services.common import jsonbytes
 from services.storage import keys, merge, residency
 from services.storage.confirmation import ReplicatorClient
 from services.storage.engine import Engine
@@ -91,7 +92,7 @@ class ResidentReads:
             out.append(state.doc)
         seconds = budget(time_remaining)
         for residents, positions in wanted.items():
-            ids = [orjson.dumps(out[p][table.primary_key]) for p in positions]  # type: ignore[index]
+            ids = [jsonbytes.dumps(out[p][table.primary_key]) for p in positions]  # type: ignore[index]
             reply = await self.replicator.fetch(table.database, table.name, ids, residents, seconds)
             found: dict[bytes, Doc] = {}
             for record in reply.records:

@@ -11,12 +11,11 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
-import orjson
 from google.protobuf import timestamp_pb2
 from shoal.storage.v1 import storage_pb2 as pb
 from shoal.storage.v1 import storage_pb2_grpc, types_pb2
 
-from services.common import jsoninput
+from services.common import jsonbytes, jsoninput
 from services.common.auth import Identity, identity
 from services.common.errors import (
     InvalidArgument,
@@ -59,7 +58,10 @@ from services.storage.users import User
 Msg = TypeVar("Msg")
 Ctx = grpc.aio.ServicerContext[Any, Any]
 CHUNK_RECORDS = 1000
-CHUNK_BYTES = 1024 * 1024
+# The most record bytes in one streamed message (a bigger record goes alone): a stream
+# holds about two messages in this process while its client reads (services/common/streams.py).
+CHUNK_BYTES = 64 * 1024
+LOG_BATCH = 500  # transactions in one log-read message, at most (and CHUNK_BYTES)
 OPERATION_ACTIONS = {
     types_pb2.OPERATION_INSERT: INSERT,
     types_pb2.OPERATION_UPDATE: UPDATE,
@@ -69,7 +71,7 @@ OPERATION_ACTIONS = {
 
 
 def _ids(values: list[Any]) -> list[bytes]:
-    return [orjson.dumps(v) for v in values]
+    return [jsonbytes.dumps(v) for v in values]
 
 
 def table_info(engine: Engine, table: Table) -> pb.TableInfo:
@@ -141,6 +143,25 @@ async def _chunked(
             await asyncio.sleep(0)
     if chunk:
         yield make(chunk)
+
+
+async def _log_batches(
+    transactions: Iterator[types_pb2.Transaction],
+) -> AsyncIterator[list[types_pb2.Transaction]]:
+    """Log entries in messages of at most ``LOG_BATCH`` entries or ``CHUNK_BYTES``
+    (one bigger entry goes alone), yielding to the event loop between them."""
+    batch: list[types_pb2.Transaction] = []
+    size = 0
+    for txn in transactions:
+        batch.append(txn)
+        size += txn.ByteSize()
+        if len(batch) >= LOG_BATCH or size >= CHUNK_BYTES:
+            yield batch
+            batch = []
+            size = 0
+            await asyncio.sleep(0)
+    if batch:
+        yield batch
 
 
 def _replicate_to(request: Any) -> types_pb2.ReplicateTo | None:
@@ -716,16 +737,10 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
             request.HasField("start_time"),
             request.HasField("end_time"),
         )
-        batch: list[types_pb2.Transaction] = []
-        for txn in log.read_transactions(
+        transactions = log.read_transactions(
             self.engine, request.database, request.table, lo, hi, request.limit
-        ):
-            batch.append(txn)
-            if len(batch) >= 500:
-                yield pb.ReadTransactionLogResponse(transactions=batch)
-                batch = []
-                await asyncio.sleep(0)
-        if batch:
+        )
+        async for batch in _log_batches(transactions):
             yield pb.ReadTransactionLogResponse(transactions=batch)
 
     async def ReadAuditLog(
@@ -742,8 +757,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
             request.HasField("end_time"),
         )
         encoded = [parse_id(raw, i)[1] for i, raw in enumerate(request.ids)]
-        batch: list[types_pb2.Transaction] = []
-        for txn in log.read_audit(
+        entries = log.read_audit(
             self.engine,
             request.database,
             request.table,
@@ -752,13 +766,8 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
             lo,
             hi,
             request.limit,
-        ):
-            batch.append(txn)
-            if len(batch) >= 500:
-                yield pb.ReadAuditLogResponse(entries=batch)
-                batch = []
-                await asyncio.sleep(0)
-        if batch:
+        )
+        async for batch in _log_batches(entries):
             yield pb.ReadAuditLogResponse(entries=batch)
 
     async def DeleteLogsBefore(

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from services.common import jsonbytes
 from services.common.errors import DataLoss
 from services.storage import keys
 from services.storage.schema import Table
@@ -44,7 +45,7 @@ class Unreadable:
     def render(self, doc: dict[str, Any]) -> bytes | None:
         """``doc`` as JSON, or None (and noted) when it cannot be serialized."""
         try:
-            return orjson.dumps(doc)
+            return jsonbytes.dumps(doc)
         except orjson.JSONEncodeError:
             self.add(doc.get(self.table.primary_key))
             return None

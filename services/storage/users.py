@@ -12,10 +12,14 @@ Roles are kept in memory (they are few and read on every sign-in); the built-in 
 ``super_user`` is not stored and can be neither altered nor dropped.
 
 Authentication failures say the same thing whether or not the user exists, and an
-unknown user costs the same scrypt work as a wrong password. After
-``authentication.lockoutAttempts`` consecutive failures a user name (known or not) is
-locked for ``authentication.lockoutDuration``: every sign-in fails, cached ones too, and
-costs no scrypt work. Counters live in memory (a restart forgets them).
+unknown user costs the same scrypt work as a wrong password. Failed sign-ins slow down
+further sign-ins of the same user name *from the same source address* (and, past a
+higher count, of any name from that address) with exponential backoff
+(``throttle.py``): a throttled sign-in is refused with RESOURCE_EXHAUSTED saying when to
+retry, before any scrypt work, cached credentials included. The source is the call's
+peer address, or the address the node's admin service vouches for
+(``services.common.sources``). At most ``authentication.maxConcurrentVerifications``
+scrypt checks run at once. Counters live in memory (a restart forgets them).
 
 Without an ``authorization`` header, a call over a connection whose verified client
 certificate names a user (``storage.mtls`` with ``user: Common Name``) is that user, and
@@ -61,6 +65,13 @@ from services.common.errors import (
     NotFound,
     Unauthenticated,
 )
+from services.common.sources import (
+    current_peer,
+    current_source,
+    forwarded_source,
+    source_key,
+    source_text,
+)
 from services.storage import keys
 from services.storage.db import Store
 from services.storage.permissions import (
@@ -70,6 +81,7 @@ from services.storage.permissions import (
     parse_permission,
 )
 from services.storage.schema import check_name
+from services.storage.throttle import Attempt, SignInThrottle, ThrottleSettings, VerificationSlots
 
 log = logging.getLogger("shoal.storage.users")
 
@@ -81,7 +93,8 @@ SCRYPT_R = 8
 SCRYPT_P = 1
 CACHE_TTL_S = 300.0
 CACHE_SIZE = 4096
-TRACKED_NAMES = 10_000  # user names whose failed sign-ins are counted at once
+VERIFY_QUEUE_PER_SLOT = 32  # sign-ins that may wait for a scrypt check, per slot
+VERIFY_WAIT_S = 10.0  # the longest one waits
 INITIAL_PASSWORD_FILE = "initial-admin-password"
 _FAILED = "invalid username or password"
 
@@ -137,15 +150,6 @@ class User:
         )
 
 
-@dataclass
-class _Attempts:
-    """Failed sign-ins of one user name."""
-
-    failures: int = 0
-    in_flight: int = 0
-    locked_until: float = 0.0
-
-
 def _check_password(password: str) -> None:
     if not password:
         raise InvalidArgument("password must not be empty")
@@ -159,20 +163,21 @@ class UserStore:
         store: Store,
         node_name: str,
         node_secret: str,
-        lockout_attempts: int = 5,
-        lockout_duration_s: float = 300.0,
+        throttle: ThrottleSettings | None = None,
+        verifications: int = 2,
     ) -> None:
         self._store = store
         self._node_identity = Identity(
             name=INTERNAL_USER_PREFIX + node_name, super_user=True, internal=True
         )
         self._node_secret = node_secret
-        self._lockout_attempts = lockout_attempts
-        self._lockout_duration_s = lockout_duration_s
+        self.throttle = SignInThrottle(throttle or ThrottleSettings())
+        self._slots = VerificationSlots(
+            verifications, VERIFY_QUEUE_PER_SLOT * verifications, VERIFY_WAIT_S
+        )
         self._cache_key = os.urandom(32)
         self._cache: OrderedDict[bytes, tuple[float, Identity]] = OrderedDict()
         self._pending: dict[bytes, asyncio.Future[Identity]] = {}
-        self._attempts: OrderedDict[str, _Attempts] = OrderedDict()
         self._generation = 0
         self._roles: dict[str, Permission] = {}
         for key, value in store.scan("meta", ROLE_PREFIX, keys.prefix_end(ROLE_PREFIX)):
@@ -313,7 +318,7 @@ class UserStore:
             [after if u.name == name else u for u in self.users()], f"changing user {name!r}"
         )
         self._write_user(after)
-        self._attempts.pop(name, None)
+        self.throttle.forget_name(name)
         log.info("altered user %r (role %r, active %s)", name, after.role, after.active)
         return after
 
@@ -325,7 +330,7 @@ class UserStore:
         )
         self._store.meta.delete(USER_PREFIX + name.encode(), self._store.write_options)
         self._changed()
-        self._attempts.pop(name, None)
+        self.throttle.forget_name(name)
         log.info("dropped user %r", name)
 
     def bootstrap(self, username: str, password: str | None, keys_path: Path) -> None:
@@ -402,18 +407,6 @@ class UserStore:
             self._cache_key, f"{username}\x00{password}".encode(), hashlib.sha256
         ).digest()
 
-    def _tracked(self, name: str) -> _Attempts:
-        """The failure counter of a user name (known or not), kept for the most recent
-        ``TRACKED_NAMES`` names."""
-        attempts = self._attempts.get(name)
-        if attempts is None:
-            attempts = self._attempts[name] = _Attempts()
-            while len(self._attempts) > TRACKED_NAMES:
-                self._attempts.popitem(last=False)
-        else:
-            self._attempts.move_to_end(name)
-        return attempts
-
     async def authenticate(
         self,
         metadata: Sequence[tuple[str, str | bytes]],
@@ -439,30 +432,32 @@ class UserStore:
             )
         assert isinstance(credentials, BasicCredentials)
         name = credentials.username
+        source = source_key(self._source(metadata))
+        self.throttle.check(name, source)  # before anything costs
         now = time.monotonic()
-        attempts = self._attempts.get(name)
-        if attempts is not None and attempts.locked_until > now:
-            raise Unauthenticated(_FAILED)
         digest = self._digest(name, credentials.password)
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
             self._cache.move_to_end(digest)
+            self.throttle.succeeded(name, source)
             return cached[1]
         pending = self._pending.get(digest)
         if pending is None:
-            # Verifications in flight count as failures until they end, so concurrent
-            # guesses cannot get past the lockout.
-            limit = self._lockout_attempts
-            if limit and attempts is not None and attempts.failures + attempts.in_flight >= limit:
-                raise Unauthenticated(_FAILED)
-            attempts = self._tracked(name)
-            attempts.in_flight += 1
+            attempt = self.throttle.begin(name, source)
             pending = asyncio.ensure_future(
-                self._verify(name, credentials.password, digest, attempts)
+                self._verify(name, credentials.password, digest, attempt)
             )
             self._pending[digest] = pending
             pending.add_done_callback(lambda done: self._settled(digest, done))
         return await asyncio.shield(pending)
+
+    def _source(self, metadata: Sequence[tuple[str, str | bytes]]) -> str:
+        """Where a sign-in comes from: the address the node's admin service vouches for,
+        else the call's own peer address."""
+        forwarded = forwarded_source(metadata, self._node_secret)
+        source = forwarded if forwarded is not None else source_text(current_peer.get())
+        current_source.set(source)
+        return source
 
     def named_user(self, name: str, named_by: str) -> UserIdentity:
         """The identity of the existing, active user ``name`` (named by a verified client
@@ -491,37 +486,23 @@ class UserStore:
         if not done.cancelled():
             done.exception()  # retrieved here: every waiter may have gone
 
-    async def _verify(
-        self, name: str, password: str, digest: bytes, attempts: _Attempts
-    ) -> Identity:
-        """Check a password with scrypt (counted in ``attempts.in_flight`` by the caller)."""
+    async def _verify(self, name: str, password: str, digest: bytes, attempt: Attempt) -> Identity:
+        """Check a password with scrypt; ``attempt`` (counted in flight by the caller) ends
+        here, as a failure, a success, or unchecked when no scrypt slot was free."""
         generation = self._generation
+        failed: bool | None = None
         try:
             user = self.get(name)
             stored = user.password_hash if user is not None else _DUMMY_HASH
-            ok = await asyncio.to_thread(verify_password, password, stored)
+            ok = await self._slots.run(lambda: verify_password(password, stored))
+            permission = self.role(user.role) if user is not None else None
+            failed = user is None or not ok or not user.active or permission is None
         finally:
-            attempts.in_flight -= 1
+            self.throttle.ended(attempt, failed)
+        if failed:
+            raise Unauthenticated(_FAILED)
+        assert user is not None and permission is not None
         now = time.monotonic()
-        attempts = self._attempts.setdefault(name, attempts)  # evicted meanwhile: keep it
-        permission = self.role(user.role) if user is not None else None
-        if user is None or not ok or not user.active or permission is None:
-            attempts.failures += 1
-            if self._lockout_attempts and attempts.failures >= self._lockout_attempts:
-                attempts.failures = 0
-                attempts.locked_until = now + self._lockout_duration_s
-                log.warning(
-                    "user name %r locked for %.0fs after %d failed sign-ins",
-                    name,
-                    self._lockout_duration_s,
-                    self._lockout_attempts,
-                )
-            raise Unauthenticated(_FAILED)
-        if attempts.locked_until > now:
-            raise Unauthenticated(_FAILED)
-        attempts.failures = 0
-        if attempts.in_flight == 0 and self._attempts.get(name) is attempts:
-            del self._attempts[name]
         ident = UserIdentity(
             name=user.name,
             super_user=permission.super_user,

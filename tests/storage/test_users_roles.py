@@ -13,6 +13,7 @@ from google.protobuf import timestamp_pb2
 from shoal.storage.v1 import storage_pb2 as pb
 from shoal.storage.v1 import types_pb2
 
+from services.common.errors import retry_delay_s
 from tests.conftest import MakeCluster, MakeNode
 from tests.harness.client import StorageClient, cond, error_info, ids
 from tests.harness.node import Node
@@ -672,7 +673,9 @@ def test_transact_with_one_forbidden_operation_changes_nothing(
 
 
 def test_lockout_after_consecutive_failures(make_node: MakeNode) -> None:
-    node = make_node(config={"authentication": {"lockoutDuration": "2s"}})
+    node = make_node(
+        config={"authentication": {"initialBackoff": "2s", "sourceLockoutAttempts": 0}}
+    )
     admin = node.client()
     add_role(admin, "reader", {})
     add_user(admin, "bob", "reader")
@@ -684,6 +687,15 @@ def test_lockout_after_consecutive_failures(make_node: MakeNode) -> None:
         )
         return error.details() or ""
 
+    def throttled(username: str, password: str) -> float:
+        error = node.client(username, password).expect(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, "Authenticate", request, "try again in"
+        )
+        assert error_info(error).reason == "SIGN_IN_THROTTLED"
+        delay = retry_delay_s(error)
+        assert delay is not None and 0 < delay <= 2.0
+        return delay
+
     # Failures must be consecutive: a success in between starts the count again.
     for _ in range(4):
         fail("bob", "wrong")
@@ -693,24 +705,42 @@ def test_lockout_after_consecutive_failures(make_node: MakeNode) -> None:
     assert whoami(node.client("bob", READER_PASSWORD)).username == "bob"
 
     messages = {fail("bob", f"wrong-{i}") for i in range(5)}
-    # Locked: the right password fails too, with the same message, cached or not.
-    messages.add(fail("bob", READER_PASSWORD))
-    # An unknown user name is counted and locked the same way.
-    messages |= {fail("mallory", f"guess-{i}") for i in range(6)}
+    # Throttled: the right password waits too (it is not checked), saying for how long.
+    throttled("bob", READER_PASSWORD)
+    # An unknown user name is counted and throttled the same way.
+    messages |= {fail("mallory", f"guess-{i}") for i in range(5)}
+    throttled("mallory", "guess-5")
     assert messages == {FAILED_SIGN_IN}
     # Other users are not affected.
     assert whoami(admin).username == "admin"
 
     bob = node.client("bob", READER_PASSWORD)
-    assert wait_for(lambda: whoami(bob).username == "bob", 20, "the lock to expire")
-    # After the lock, five new failures are needed again.
+    assert wait_for(lambda: _signs_in(bob), 20, "the wait to end")
+    # After the wait, five new failures are needed again.
     for _ in range(4):
         fail("bob", "wrong")
     assert whoami(node.client("bob", READER_PASSWORD)).username == "bob"
 
 
+def _signs_in(client: StorageClient) -> bool:
+    try:
+        return bool(whoami(client).username)
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            raise
+        return False
+
+
 def test_altering_a_user_clears_its_lock(make_node: MakeNode) -> None:
-    node = make_node(config={"authentication": {"lockoutAttempts": 2, "lockoutDuration": "1h"}})
+    node = make_node(
+        config={
+            "authentication": {
+                "lockoutAttempts": 2,
+                "initialBackoff": "1h",
+                "lockoutDuration": "1h",
+            }
+        }
+    )
     admin = node.client()
     add_role(admin, "reader", {})
     add_user(admin, "bob", "reader")
@@ -719,7 +749,9 @@ def test_altering_a_user_clears_its_lock(make_node: MakeNode) -> None:
             UNAUTHENTICATED, "Authenticate", pb.AuthenticateRequest(), FAILED_SIGN_IN
         )
     bob = node.client("bob", READER_PASSWORD)
-    bob.expect(UNAUTHENTICATED, "Authenticate", pb.AuthenticateRequest(), FAILED_SIGN_IN)
+    bob.expect(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, "Authenticate", pb.AuthenticateRequest(), "try again"
+    )
     alter_user(admin, "bob", password="fresh-password")
     assert whoami(node.client("bob", "fresh-password")).username == "bob"
 

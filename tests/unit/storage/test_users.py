@@ -10,12 +10,15 @@ from pathlib import Path
 import pytest
 
 from services.common.auth import acting_for_metadata, basic_metadata
-from services.common.errors import FailedPrecondition, Unauthenticated
+from services.common.errors import FailedPrecondition, ResourceExhausted, Unauthenticated
+from services.common.sources import forwarded_for_metadata
 from services.storage.db import Store
 from services.storage.permissions import UserIdentity
+from services.storage.throttle import ThrottleSettings
 from services.storage.users import UserStore
 
 FAILED = "invalid username or password"
+THROTTLED = "throttled"
 
 
 @pytest.fixture
@@ -28,16 +31,27 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 
 def users(store: Store, tmp_path: Path, attempts: int = 5, duration: float = 300.0) -> UserStore:
-    result = UserStore(store, "node-a", "secret", attempts, duration)
+    settings = ThrottleSettings(
+        attempts=attempts, initial_backoff_s=duration, max_backoff_s=duration
+    )
+    result = UserStore(store, "node-a", "secret", settings)
     result.bootstrap("admin", "admin-password", tmp_path)
     return result
 
 
-async def sign_in(users: UserStore, name: str, password: str) -> UserIdentity | str:
+async def sign_in(
+    users: UserStore, name: str, password: str, source: str = ""
+) -> UserIdentity | str:
+    metadata = basic_metadata(name, password)
+    if source:
+        metadata += forwarded_for_metadata("secret", source)
     try:
-        who = await users.authenticate(basic_metadata(name, password))
+        who = await users.authenticate(metadata)
     except Unauthenticated as exc:
         return exc.message
+    except ResourceExhausted as exc:
+        assert exc.retry_after_s is not None and exc.retry_after_s > 0
+        return THROTTLED
     assert isinstance(who, UserIdentity)
     return who
 
@@ -59,20 +73,31 @@ async def test_concurrent_guesses_cannot_pass_the_lockout(store: Store, tmp_path
     guesses = [f"guess-{i}" for i in range(10)] + ["admin-password"]
     results = await asyncio.gather(*(sign_in(user_store, "admin", g) for g in guesses))
     # Only the first three guesses were checked: the right password, sent along with them,
-    # was refused like the rest, and the name is now locked.
-    assert results == [FAILED] * len(guesses)
-    assert await sign_in(user_store, "admin", "admin-password") == FAILED
+    # was refused unchecked like the rest, and the name is now throttled from here.
+    assert results == [FAILED] * 3 + [THROTTLED] * 8
+    assert await sign_in(user_store, "admin", "admin-password") == THROTTLED
+    # From another address, the right password works.
+    who = await sign_in(user_store, "admin", "admin-password", source="10.9.8.7")
+    assert isinstance(who, UserIdentity)
 
 
 async def test_lock_expires_and_unknown_names_lock_alike(store: Store, tmp_path: Path) -> None:
     user_store = users(store, tmp_path, attempts=2, duration=2.0)
     for name in ("admin", "mallory"):
-        assert [await sign_in(user_store, name, "wrong") for _ in range(3)] == [FAILED] * 3
-    assert await sign_in(user_store, "admin", "admin-password") == FAILED
+        results = [await sign_in(user_store, name, "wrong") for _ in range(3)]
+        assert results == [FAILED, FAILED, THROTTLED]
+    assert await sign_in(user_store, "admin", "admin-password") == THROTTLED
     deadline = asyncio.get_running_loop().time() + 10
     while isinstance(await sign_in(user_store, "admin", "admin-password"), str):
         assert asyncio.get_running_loop().time() < deadline, "the lock never expired"
         await asyncio.sleep(0.05)
+
+
+async def test_a_forged_forwarded_address_is_refused(store: Store, tmp_path: Path) -> None:
+    user_store = users(store, tmp_path)
+    forged = (*basic_metadata("admin", "admin-password"), ("shoal-forwarded-for", "10.0.0.1 00"))
+    with pytest.raises(Unauthenticated, match="shoal-forwarded-for is only for this node"):
+        await user_store.authenticate(forged)
 
 
 async def test_changes_forget_cached_sign_ins(store: Store, tmp_path: Path) -> None:
