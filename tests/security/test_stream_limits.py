@@ -88,14 +88,15 @@ def test_idle_readers_stay_bounded_and_are_closed(make_node: MakeNode) -> None:
         return figures["open"] + figures["idle_closed"] == readers
 
     wait_for(all_served, 60, "every idle stream to be served")
-    # Ordinary writes go on meanwhile, quickly.
+    # Ordinary writes go on meanwhile (their latency is bench/idle_readers.py's figure; the
+    # bound here only tells a blocked writer from a loaded machine).
     slowest = 0.0
     for i in range(30):
         start = time.monotonic()
         client.insert("dev", "wide", [{"id": RECORDS + i, "pad": "fresh"}])
         slowest = max(slowest, time.monotonic() - start)
         peak[0] = max(peak[0], _rss(node))
-    assert slowest < 2.0, f"an insert took {slowest:.1f}s"
+    assert slowest < 10.0, f"an insert took {slowest:.1f}s"
 
     def all_closed() -> bool:
         peak[0] = max(peak[0], _rss(node))
