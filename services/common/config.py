@@ -830,6 +830,15 @@ def _parse_replication(reader: _Reader) -> ReplicationConfig:
             config.peer_timeout_s,
             "must be at least twice replication.heartbeatInterval",
         )
+    resident = [d.name for d in config.databases or () if d.replicate_to is not None]
+    if resident and not config.gossip:
+        reader.problem(
+            "gossip",
+            False,
+            f"{', '.join(resident)} {'has' if len(resident) == 1 else 'have'} replicateTo,"
+            " which needs every node to dial every member (a relay never passes a record"
+            " whole to its residents): keep replication.gossip true",
+        )
     reader.finish()
     return config
 

@@ -57,7 +57,11 @@ class Fetches:
         try:
             message = rpb.PeerMessage(
                 fetch_request=rpb.FetchRequest(
-                    id=fid, database=request.database, table=request.table, ids=ids
+                    id=fid,
+                    database=request.database,
+                    table=request.table,
+                    ids=ids,
+                    states=request.states,
                 )
             )
             await asyncio.wait_for(session.send(message), timeout=left)
@@ -116,6 +120,7 @@ class Fetches:
                 failures[session.peer] = answer.error
                 continue
             reply.records.extend(answer.records)
+            reply.states.extend(answer.states)
             reply.served_by.append(session.peer)
             pending = list(answer.missing)
             if not pending:
@@ -138,9 +143,10 @@ async def serve(session: Session, message: rpb.FetchRequest) -> None:
     reply = rpb.FetchReply(id=message.id)
     try:
         answer = await session.storage.read_resident(
-            message.database, message.table, list(message.ids), READ_TIMEOUT_S
+            message.database, message.table, list(message.ids), READ_TIMEOUT_S, message.states
         )
         reply.records.extend(answer.records)
+        reply.states.extend(answer.states)
         reply.missing.extend(answer.missing)
     except grpc.aio.AioRpcError as exc:
         reply.error = f"storage of {session.replicator.name}: {exc.details() or exc.code().name}"

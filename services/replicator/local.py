@@ -89,11 +89,17 @@ class LocalStorage:
         )
 
     async def read_resident(
-        self, database: str, table: str, ids: Sequence[bytes], timeout_s: float
+        self,
+        database: str,
+        table: str,
+        ids: Sequence[bytes],
+        timeout_s: float,
+        states: bool = False,
     ) -> pb.ReadResidentResponse:
-        """Records this node holds in full; raises the AioRpcError when refused."""
+        """Records (or, with ``states``, whole states) this node holds in full; raises the
+        AioRpcError when refused."""
         return await self._node.ReadResident(
-            pb.ReadResidentRequest(database=database, table=table, ids=ids),
+            pb.ReadResidentRequest(database=database, table=table, ids=ids, states=states),
             metadata=self._metadata,
             timeout=timeout_s,
         )

@@ -39,6 +39,18 @@ POSITION_PREFIX = b"pos/"
 HORIZON_PREFIX = b"hzn/"
 COUNT_PREFIX = b"count/"
 RESIDENCY_PREFIX = b"residency/"  # databases that hold records with residents
+HANDOVER_PREFIX = b"handover/"  # handover/<db>\0<table>\0<key> -> state to hand over
+
+
+def handover_key(table: Table, encoded_pk: bytes) -> bytes:
+    """Meta key of a queued handover of a record."""
+    return HANDOVER_PREFIX + f"{table.database}\0{table.name}\0".encode() + encoded_pk
+
+
+def parse_handover_key(meta_key: bytes) -> tuple[str, str, bytes]:
+    """(database, table, encoded key) of a queued handover's meta key."""
+    database, table, key = meta_key[len(HANDOVER_PREFIX) :].split(b"\0", 2)
+    return database.decode(), table.decode(), key
 
 
 def position_key(prefix: bytes, database: str, origin: str) -> bytes:
@@ -94,6 +106,10 @@ class BatchWriter:
         self.empty = True
         self.residency_marks: set[str] = set()
         self.partial_marks: set[str] = set()
+        # Records to hand over to their residents once this batch is written: (table,
+        # encoded key, the meta key queuing the state). See Engine.hand_over.
+        self.handovers: list[tuple[Table, bytes, bytes]] = []
+        self._handover_states: dict[bytes, RecordState] = {}
 
     # -- records -------------------------------------------------------------------
 
@@ -244,6 +260,23 @@ class BatchWriter:
             )
             self.empty = False
 
+    def hand_over(self, table: Table, encoded_pk: bytes, payload: RecordState) -> None:
+        """Queue, durably in this batch, a handover of a record to its residents (merged
+        with one already queued for it)."""
+        meta_key = handover_key(table, encoded_pk)
+        queued = self._handover_states.get(meta_key)
+        if queued is None:
+            raw = self.store.meta.get(meta_key)
+            queued = merge.decode_state(raw) if raw is not None else None
+            self.handovers.append((table, encoded_pk, meta_key))
+        if queued is not None:
+            merged = merge.merge_states(merge.copy_state(queued), payload)
+            merged.residents, merged.residents_stamp = payload.residents, payload.residents_stamp
+            payload = merged
+        self._handover_states[meta_key] = payload
+        self.batch.put(meta_key, merge.encode_state(payload), self._h["meta"])
+        self.empty = False
+
     def mark_residency(self, database: str) -> None:
         """Remember (durably, in this batch) that the database holds records with residents."""
         if database in self.engine.resident_databases or database in self.residency_marks:
@@ -375,6 +408,7 @@ class LocalTransaction:
         self.placement = residency.Placement(engine, database)
         # data key -> (table, primary key, new residents), see rehome
         self._rehomed: dict[bytes, tuple[Table, Any, tuple[str, ...]]] = {}
+        self._handovers: list[tuple[Table, bytes, RecordState]] = []
 
     def replicate_to(self, request: types_pb2.ReplicateTo | None) -> None:
         """The request's residency for records written for the first time."""
@@ -527,6 +561,16 @@ class LocalTransaction:
         self._tables[table.name] = table
         self._rehomed[table.prefix + keys.encode_key(pk)] = (table, pk, residents)
 
+    def hand_over(
+        self, table: Table, encoded_pk: bytes, payload: RecordState, meta_key: bytes
+    ) -> None:
+        """Log a queued handover: the payload goes to the record's residents as a whole
+        write under their own residency choice (nothing new is chosen), and its queue
+        entry goes in the same write."""
+        self._tables[table.name] = table
+        self._handovers.append((table, encoded_pk, payload))
+        self.writer.batch.delete(meta_key, self.writer.store.handle["meta"])
+
     def _log_rehome(
         self,
         table: Table,
@@ -574,7 +618,7 @@ class LocalTransaction:
             raise
 
     def _commit(self, schema_tables: list[Table]) -> int:
-        if not self._pending and not schema_tables and not self._rehomed:
+        if not self._pending and not schema_tables and not self._rehomed and not self._handovers:
             return 0
         engine = self.engine
         version = engine.clock.now()
@@ -592,9 +636,22 @@ class LocalTransaction:
         state_prefix = b"[%d,%s,false," % (version, dumps(engine.node_name))
         audit = {name: keys.audit_prefix(self.database, name) for name in self._tables}
         written: dict[str, int] = {}
-        placement = self.placement if self.placement.active or self._rehomed else None
+        moving = self._rehomed or self._handovers
+        placement = self.placement if self.placement.active or moving else None
         if placement is not None:
             writer.mark_residency(self.database)
+        for table, encoded_pk, payload in self._handovers:
+            txn.writes.add(
+                table=table.name,
+                kind=PATCH,
+                operation=types_pb2.OPERATION_UPDATE,
+                id=orjson.dumps(keys.decode_value(encoded_pk)[0]),
+                value=merge.encode_state(payload),
+                residents=payload.residents,
+                whole=True,
+                residents_version=payload.residents_stamp[0],
+                residents_origin=payload.residents_stamp[1],
+            )
         for table, pk, residents in self._rehomed.values():
             self._log_rehome(table, pk, residents, stamp, txn)
         for p in self._pending.values():

@@ -129,6 +129,7 @@ class ReplicatorClient:
         ids: list[bytes],
         residents: tuple[str, ...],
         budget_s: float,
+        states: bool = False,
     ) -> rpb.FetchRecordsResponse:
         """Whole records from their residents (residency read-through); Unavailable, with
         the replicator's sentence naming the residents, when none answered."""
@@ -140,6 +141,7 @@ class ReplicatorClient:
                     ids=ids,
                     residents=residents,
                     timeout_ms=max(1, int(budget_s * 1000)),
+                    states=states,
                 ),
                 metadata=self._metadata,
                 timeout=budget_s + RPC_SLACK_S,

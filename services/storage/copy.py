@@ -21,7 +21,7 @@ import orjson
 from shoal.storage.v1 import storage_pb2, types_pb2
 
 from services.common.errors import FailedPrecondition, InvalidArgument, shown
-from services.storage import keys, merge
+from services.storage import keys, merge, residency
 from services.storage.commit import BatchWriter
 from services.storage.schema import check_name
 
@@ -283,8 +283,11 @@ def merge_snapshot(engine: Engine, request: storage_pb2.MergeSnapshotRequest) ->
         writer.batch.put(copy_key(database, source), copy.encode(), meta)
     writer.empty = False
     writer.commit()
+    engine.hand_over(writer.handovers)
     for key in finished:
         engine.copies.pop(key, None)
+    if request.complete:
+        engine.copies_completed += 1
     if not request.complete:
         engine.copies[(database, source)] = copy
     return copy
@@ -315,7 +318,17 @@ def _merge_rows(
                 # A row this node lacks: store the sender's state bytes as they are.
                 writer.put_new(table, encoded, theirs.doc, raw_states[i])
             else:
-                writer.set_state(table, encoded, old, merge.merge_states(old, theirs))
+                new = merge.merge_states(old, theirs)
+                node = engine.node_name
+                brought = None if theirs.stub else theirs
+                payload = residency.handover_payload(node, old, new, None, brought)
+                if payload is not None:
+                    # This node held it whole and the copy says it is no longer a
+                    # resident: its data goes to the residents (Engine.hand_over).
+                    writer.hand_over(table, encoded, payload)
+                if new.residents and node not in new.residents and not new.stub:
+                    new = residency.to_stub(table, new)
+                writer.set_state(table, encoded, old, new)
 
 
 def _stamps(state: merge.RecordState) -> list[merge.Stamp]:

@@ -31,6 +31,7 @@ from services.storage import copy, keys, merge, residency
 from services.storage.commit import (
     COUNT_PREFIX,
     DELETE,
+    HANDOVER_PREFIX,
     HLC_KEY,
     HORIZON_PREFIX,
     PATCH,
@@ -41,6 +42,7 @@ from services.storage.commit import (
     LocalTransaction,
     apply_write,
     index_values,
+    parse_handover_key,
     table_schema,
 )
 from services.storage.copy import CopyState
@@ -94,6 +96,11 @@ class Engine:
         self.copies: dict[tuple[str, str], CopyState] = {}
         # Databases whose positions do not stand for every write they cover (copy.py).
         self.partial_databases: set[str] = set()
+        # Copies completed since start: the residency worker heals stubs a copy left on
+        # records this node is a resident of (repair.py).
+        self.copies_completed = 0
+        # Writes that reached this node as stubs of records it is a resident of.
+        self.stubs_on_residents = 0
         # Databases that received records with residents since start (see has_residents).
         self.resident_databases: set[str] = set()
         # Counters since the process started, read by the metrics collector at scrape time.
@@ -148,6 +155,7 @@ class Engine:
         last = keys.read_u64(stored) if stored else 0
         self.clock = HybridClock(wall_clock_ms(self.config.testing.clock_offset_ms), last)
         self._ensure_system_tables()
+        self.hand_over(self._queued_handovers())
         self.users.bootstrap(
             self.config.admin.username, self.config.admin.password, self.config.keys_path
         )
@@ -456,6 +464,7 @@ class Engine:
             self.reload_catalog()
             raise
         writer.commit()
+        self.hand_over(writer.handovers)
         self.applied_transactions += result.applied
         self.skipped_transactions += result.skipped
         for txn in transactions:
@@ -542,6 +551,7 @@ class Engine:
         residents = tuple(write.residents)
         writer.mark_residency(table.database)
         depth = self.config.storage.max_nesting_depth
+        theirs: merge.RecordState | None = None
         if write.whole:
             try:
                 theirs = merge.decode_incoming_state(write.value, depth)
@@ -552,6 +562,7 @@ class Engine:
             new = residency.merge_whole(old, theirs, self.node_name)
         elif write.kind == DELETE:
             new = merge.delete(old, stamp)
+            theirs = residency.write_state(write.kind, stamp, {})
         else:
             try:
                 doc = jsoninput.loads(write.value, depth)
@@ -560,11 +571,62 @@ class Engine:
             if type(doc) is not dict:
                 raise InvalidArgument(f"{table.name}: value is not an object")
             new = apply_write(old, stamp, write.kind, doc)
+            theirs = residency.write_state(write.kind, stamp, doc)
         chosen = (
             (write.residents_version, write.residents_origin) if write.residents_version else stamp
         )
-        new = residency.settle(table, self.node_name, old, new, residents, chosen, write.stub)
-        writer.set_state(table, key, old, new)
+        node = self.node_name
+        # A stub of a write that a newer whole-record write here supersedes lacks nothing.
+        superseded = not write.whole and old is not None and stamp <= old.base
+        settled = residency.settle(
+            table,
+            node,
+            old,
+            new,
+            residents,
+            chosen,
+            write.stub and not superseded,
+            None if write.whole else stamp,
+        )
+        # Sent whole because its sender counted this node a resident: the residents the
+        # record has now may have received it only as a stub.
+        whole_to_me = theirs if not write.stub and node in residents else None
+        payload = residency.handover_payload(
+            node, old, settled, whole_to_me, theirs if write.whole and not write.stub else None
+        )
+        if payload is not None:
+            writer.hand_over(table, key, payload)
+        if settled.stub and node in settled.residents:
+            self.stubs_on_residents += 1  # the residency worker heals it (repair.py)
+        writer.set_state(table, key, old, settled)
+
+    def hand_over(self, handovers: list[tuple[Table, bytes, bytes]]) -> None:
+        """Log handovers queued by a batch that was just written (``BatchWriter.hand_over``,
+        persisted under ``handover/`` in that batch): each goes to the record's residents
+        as a whole write, and its queue entry is deleted in the same write. Whatever a
+        crash left queued is logged when storage opens (``open``)."""
+        by_database: dict[str, list[tuple[Table, bytes, bytes]]] = {}
+        for item in handovers:
+            by_database.setdefault(item[0].database, []).append(item)
+        for database, items in by_database.items():
+            txn = LocalTransaction(self, database, self.node_name)
+            for table, key, meta_key in items:
+                raw = self.store.meta.get(meta_key)
+                if raw is not None:
+                    txn.hand_over(table, key, merge.decode_state(raw), meta_key)
+            txn.commit()
+
+    def _queued_handovers(self) -> list[tuple[Table, bytes, bytes]]:
+        """Handovers a crash left queued (their batch was written, their log entry not)."""
+        found: list[tuple[Table, bytes, bytes]] = []
+        for meta_key, _ in self.store.scan(
+            "meta", HANDOVER_PREFIX, keys.prefix_end(HANDOVER_PREFIX)
+        ):
+            database, table_name, key = parse_handover_key(meta_key)
+            table = self.catalog.find_table(database, table_name)
+            if table is not None:
+                found.append((table, key, meta_key))
+        return found
 
     def has_residents(self, table: Table) -> bool:
         """True when records of the table may have residents (reads then look for stubs)."""

@@ -56,6 +56,9 @@ class RecordState:
     residents: tuple[str, ...] = ()
     residents_stamp: Stamp = ZERO
     stub: bool = False
+    # On a resident holding it as a stub: the writes that reached it only as stubs, which
+    # it still lacks (empty with ``stub``: not known which; see residency.py, "Healing").
+    pending: tuple[Stamp, ...] = ()
 
     @property
     def visible(self) -> bool:
@@ -82,22 +85,37 @@ def encode_state(state: RecordState) -> bytes:
     ]
     if state.residents:
         stamp = state.residents_stamp
-        parts.append([stamp[0], stamp[1], list(state.residents), state.stub])
+        residency: list[Any] = [stamp[0], stamp[1], list(state.residents), state.stub]
+        if state.pending:
+            residency.append([[v, o] for v, o in state.pending])
+        parts.append(residency)
     return orjson.dumps(parts)
 
 
-def _residency(raw: Any) -> tuple[tuple[str, ...], Stamp, bool]:
+def _residency(raw: Any) -> tuple[tuple[str, ...], Stamp, bool, tuple[Stamp, ...]]:
     if not (
         type(raw) is list
-        and len(raw) == 4
+        and len(raw) in (4, 5)
         and type(raw[0]) is int
         and type(raw[1]) is str
         and type(raw[2]) is list
         and all(type(n) is str for n in raw[2])
         and type(raw[3]) is bool
     ):
-        raise ValueError("residency must be [version, origin, [node, ...], stub]")
-    return tuple(raw[2]), (raw[0], raw[1]), raw[3]
+        raise ValueError("residency must be [version, origin, [node, ...], stub, [pending]]")
+    pending: tuple[Stamp, ...] = ()
+    if len(raw) == 5:
+        items = raw[4]
+        if not (
+            type(items) is list
+            and all(
+                type(p) is list and len(p) == 2 and type(p[0]) is int and type(p[1]) is str
+                for p in items
+            )
+        ):
+            raise ValueError("residency's pending writes must be [[version, origin], ...]")
+        pending = tuple((p[0], p[1]) for p in items)
+    return tuple(raw[2]), (raw[0], raw[1]), raw[3], pending
 
 
 def encode_put_state(version: int, origin_json: bytes, doc_json: bytes) -> bytes:
@@ -147,9 +165,10 @@ def state_of(raw: Any) -> RecordState:
     """The state a parsed JSON value describes; raises ValueError when malformed."""
     # Exact type checks (type(x) is int also rules out bool), cheapest first.
     if type(raw) is list and len(raw) == 6:
-        residents, residents_stamp, stub = _residency(raw.pop())
+        residents, residents_stamp, stub, pending = _residency(raw.pop())
         state = state_of(raw)
         state.residents, state.residents_stamp, state.stub = residents, residents_stamp, stub
+        state.pending = pending
         return state
     if not (
         type(raw) is list
@@ -228,6 +247,7 @@ def _keep(old: RecordState, new: RecordState) -> RecordState:
     """``new`` with ``old``'s residency (writes change residency separately)."""
     if old.residents:
         new.residents, new.residents_stamp, new.stub = old.residents, old.residents_stamp, old.stub
+        new.pending = old.pending
     return new
 
 
@@ -268,4 +288,5 @@ def copy_state(state: RecordState) -> RecordState:
         state.residents,
         state.residents_stamp,
         state.stub,
+        state.pending,
     )

@@ -226,11 +226,14 @@ class StorageNodeServicer(storage_pb2_grpc.StorageNodeServiceServicer):
             state = None if value is None else merge.decode_state(value)
             record = b""
             if state is not None and state.visible and residency.holds_full(state, node):
-                record = merge.doc_json(state.doc)  # empty when it cannot be serialized
-            if record:
-                reply.records.append(record)
-            else:
+                # The stored state, or the record's JSON (empty when it cannot be written).
+                record = (value or b"") if request.states else merge.doc_json(state.doc)
+            if not record:
                 reply.missing.append(id_json)
+            elif request.states:
+                reply.states.append(record)
+            else:
+                reply.records.append(record)
         return reply
 
 

@@ -32,7 +32,10 @@ import logging
 import time
 from collections.abc import Callable
 
+from services.common import jsonbytes
+from services.common.errors import ShoalError
 from services.storage import keys, merge, residency
+from services.storage.commit import BatchWriter
 from services.storage.confirmation import ReplicatorClient
 from services.storage.engine import Engine
 from services.storage.residency import RepairProgress
@@ -43,6 +46,9 @@ log = logging.getLogger("shoal.storage.repair")
 CHECK_INTERVAL_S = 2.0
 BATCH_RECORDS = 200
 STATUS_TIMEOUT_S = 5.0
+HEAL_BATCH = 512
+HEAL_BUDGET_S = 10.0
+HEAL_RETRY_S = 30.0  # stubs no resident could heal are tried again this often
 
 Target = Callable[[Table, bytes, merge.RecordState], tuple[str, ...] | None]
 Move = tuple[object, dict[str, object], tuple[str, ...]]
@@ -168,6 +174,71 @@ def _rehome(engine: Engine, table: Table, todo: list[Move]) -> int:
     return moved
 
 
+async def heal_stubs(engine: Engine, tables: list[Table], replicator: ReplicatorClient) -> int:
+    """Records this node is a resident of but holds only as a stub (a copy from a node
+    that held a stub, a write that reached it as a stub): their whole states are fetched
+    from the other residents and merged (``residency.merge_whole``). Returns how many
+    are still stubs (no other resident answered, or none holds them whole yet)."""
+    node = engine.node_name
+    left = 0
+    for table in tables:
+        prefix = table.prefix
+        wanted: dict[tuple[str, ...], list[bytes]] = {}
+        scanned = 0
+        for key, value in engine.store.scan("data", prefix, keys.prefix_end(prefix)):
+            scanned += 1
+            if scanned % 1000 == 0:
+                await asyncio.sleep(0)
+            if not value.endswith(b"]]"):
+                continue
+            state = merge.decode_state(value)
+            if not state.visible or not state.stub or node not in state.residents:
+                continue
+            others = tuple(r for r in state.residents if r != node)
+            if others:
+                wanted.setdefault(others, []).append(key[len(prefix) :])
+        for others, encoded in wanted.items():
+            for i in range(0, len(encoded), HEAL_BATCH):
+                left += await _heal(engine, table, replicator, others, encoded[i : i + HEAL_BATCH])
+    return left
+
+
+async def _heal(
+    engine: Engine,
+    table: Table,
+    replicator: ReplicatorClient,
+    residents: tuple[str, ...],
+    encoded: list[bytes],
+) -> int:
+    """Fetch and merge the whole states of some records; how many stay stubs."""
+    ids = [jsonbytes.dumps(keys.decode_value(e)[0]) for e in encoded]
+    try:
+        reply = await replicator.fetch(
+            table.database, table.name, ids, residents, HEAL_BUDGET_S, states=True
+        )
+    except ShoalError as exc:
+        log.info("cannot heal %d stubs of %s yet: %s", len(ids), table.name, exc)
+        return len(ids)
+    node = engine.node_name
+    writer = BatchWriter(engine)
+    healed = 0
+    for raw in reply.states:
+        try:
+            theirs = merge.decode_state(raw)
+            pk_value = theirs.doc[table.primary_key]
+            key = keys.encode_key(pk_value)
+        except (ValueError, KeyError, keys.InvalidKey):
+            continue
+        [old] = writer.load(table, [key])
+        if old is None or not old.stub:
+            continue
+        new = residency.merge_whole(old, theirs, node)
+        writer.set_state(table, key, old, new)
+        healed += 0 if new.stub else 1
+    writer.commit()
+    return len(ids) - healed
+
+
 class ResidencyWorker:
     """The background repair, and rebalances started by the Rebalance RPC."""
 
@@ -216,11 +287,21 @@ class ResidencyWorker:
         return members - down
 
     async def run(self) -> None:
-        """Check the members every few seconds; a pass whenever the live ones change."""
+        """Check the members every few seconds; a pass whenever the live ones change, and a
+        healing pass whenever a copy completed or a write reached a resident as a stub."""
         last: set[str] | None = None
+        attempted: tuple[int, int] | None = None  # the stub markers of the last healing
+        clean = True  # ... and whether it healed every stub it found
+        retry_at = 0.0
         while not self.engine.closing:
             try:
                 tables = residency_tables(self.engine)
+                marker = (self.engine.copies_completed, self.engine.stubs_on_residents)
+                due = not clean and time.monotonic() >= retry_at
+                if tables and (marker != attempted or due):
+                    attempted = marker
+                    clean = not await heal_stubs(self.engine, tables, self.replicator)
+                    retry_at = time.monotonic() + HEAL_RETRY_S
                 live = await self.live_members() if tables else set()
                 if tables and live != last:
                     await run_pass(self.engine, tables, live, repaired(live), self.repair)

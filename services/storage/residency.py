@@ -31,7 +31,7 @@ import orjson
 from shoal.storage.v1 import types_pb2
 
 from services.common import members
-from services.common.errors import InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument
 from services.storage import keys, merge
 from services.storage.merge import RecordState, Stamp
 from services.storage.schema import Table
@@ -99,26 +99,77 @@ def settle(
     residents: tuple[str, ...],
     stamp: Stamp,
     stub_write: bool,
+    write_stamp: Stamp | None = None,
 ) -> RecordState:
     """The state to store after merging a write that carried ``residents``: residency by
-    last-writer-wins on ``stamp``, and the stub form unless ``node`` is a resident."""
+    last-writer-wins on ``stamp``, and the stub form unless ``node`` is a resident. On a
+    resident, a write that arrived as a stub (``write_stamp``) is noted pending, and so is
+    everything a node held only as a stub when it becomes a resident."""
+    was_stub_here = old is not None and old.residents and not holds_full(old, node)
     if new is old:
         if not residents or stamp <= new.residents_stamp:
+            if stub_write and node in new.residents:
+                new = merge.copy_state(new)
+                _note_pending(new, write_stamp)
             return new
         new = merge.copy_state(new)
     if residents and stamp > new.residents_stamp:
         new.residents, new.residents_stamp = residents, stamp
     if new.residents and node not in new.residents:
         return to_stub(table, new)
+    if old is not None and was_stub_here and old.stub and not old.pending:
+        # Becoming a resident of a record held here only as a stub: every write of it
+        # seen here so far is missing its other attributes until they are handed over.
+        new.stub, new.pending = True, tuple(sorted(set(stamps(old))))
     if stub_write:
-        new.stub = True  # a stub reached a resident: reads of it go to another resident
+        _note_pending(new, write_stamp)
     return new
 
 
+def _note_pending(state: RecordState, write_stamp: Stamp | None) -> None:
+    """A write reached a resident as a stub: reads of the record go to another resident
+    until the write's attributes arrive (a handover, or healing). Without the write's
+    stamp (or when this node already does not know which writes it lacks), it is not
+    known which: healing from a resident that holds it whole clears it."""
+    if write_stamp is None or (state.stub and not state.pending):
+        state.stub, state.pending = True, ()
+        return
+    state.stub = True
+    state.pending = tuple(sorted({*state.pending, write_stamp}))
+
+
+def stamps(state: RecordState) -> list[Stamp]:
+    """The stamps of the writes a state reflects (its base write and patched attributes)."""
+    found = list(state.versions.values())
+    if state.base != merge.ZERO:
+        found.append(state.base)
+    return found
+
+
+def uncovered(pending: tuple[Stamp, ...], theirs: RecordState) -> tuple[Stamp, ...]:
+    """The pending writes a whole state ``theirs`` does not account for. A write is
+    accounted for when its stamp is in the state, when a newer whole-record write of the
+    state supersedes it, or when the state reflects a later write of the same origin
+    (origins' transactions are applied in order, so the holder applied this one too)."""
+    present = stamps(theirs)
+    newest: dict[str, int] = {}
+    for version, origin in present:
+        newest[origin] = max(newest.get(origin, 0), version)
+    return tuple(
+        p
+        for p in pending
+        if p not in present
+        and not (theirs.base != merge.ZERO and p < theirs.base)
+        and newest.get(p[1], 0) < p[0]
+    )
+
+
 def merge_whole(old: RecordState | None, theirs: RecordState, node: str) -> RecordState:
-    """Merge a re-homing's whole state into what this node holds. A stub here has the
-    same versions as the whole record with fewer attributes, so the whole state is the
-    base and the stub's writes merge into it; what the stub saw newer than the whole
+    """Merge a whole state (a re-homing, a handover, a healing fetch) into what this node
+    holds. A stub here has the same versions as the whole record with fewer attributes,
+    so the whole state is the base and the stub's writes merge into it. The writes known
+    here only as stubs stay pending unless the whole state accounts for them
+    (``uncovered``); without a record of them, what the stub saw newer than the whole
     state (a newer whole-record write) is known here only as a stub: marked so."""
     if old is None or holds_full(old, node):
         return merge.merge_states(old, theirs)
@@ -127,8 +178,68 @@ def merge_whole(old: RecordState | None, theirs: RecordState, node: str) -> Reco
         new = merge.copy_state(new)
     if theirs.residents_stamp >= old.residents_stamp:
         new.residents, new.residents_stamp = theirs.residents, theirs.residents_stamp
-    new.stub = old.base > theirs.base
+    if old.pending:
+        new.pending = uncovered(old.pending, theirs)
+        new.stub = bool(new.pending)
+    else:
+        new.pending = ()
+        new.stub = old.base > theirs.base
     return new
+
+
+def covers(theirs: RecordState, mine: RecordState) -> bool:
+    """True when ``theirs`` already reflects every write ``mine`` does (merging ``mine``
+    into it changes nothing): a re-homing that brings all a leaving resident holds."""
+    merged = merge.merge_states(merge.copy_state(theirs), mine)
+    return (merged.base, merged.deleted, merged.doc, merged.versions) == (
+        theirs.base,
+        theirs.deleted,
+        theirs.doc,
+        theirs.versions,
+    )
+
+
+def write_state(write_kind: int, stamp: Stamp, doc: dict[str, Any]) -> RecordState:
+    """Exactly one write, as a state: merging it is applying the write."""
+    if write_kind == types_pb2.WRITE_KIND_DELETE:
+        return RecordState(stamp, True, {}, {})
+    if write_kind == types_pb2.WRITE_KIND_PUT:
+        return RecordState(stamp, False, dict(doc), {})
+    return RecordState(merge.ZERO, False, dict(doc), dict.fromkeys(doc, stamp))
+
+
+def handover_payload(
+    node: str,
+    old: RecordState | None,
+    settled: RecordState,
+    sent_whole_to_me: RecordState | None,
+    brought: RecordState | None,
+) -> RecordState | None:
+    """What this node must hand over to a record's residents after a merge left it out of
+    them, or None (see "Handovers" in services/storage/DESIGN.md):
+
+    * it held the record whole, and what arrived is not a whole state that accounts for
+      it (a write under another residency choice, a re-homing that missed a write here):
+      its whole state, with what arrived whole to it;
+    * or a write arrived whole because its sender still counted this node a resident
+      (``sent_whole_to_me``): the residents may have received it only as a stub, so that
+      write (and nothing this node holds only as a stub).
+    """
+    if not settled.residents or node in settled.residents:
+        return None
+    payload: RecordState | None = None
+    if old is not None and holds_full(old, node):
+        if brought is None or not covers(brought, old):
+            payload = merge.copy_state(old)
+            if sent_whole_to_me is not None:
+                payload = merge.merge_states(payload, sent_whole_to_me)
+    elif sent_whole_to_me is not None:
+        payload = merge.copy_state(sent_whole_to_me)
+    if payload is None or (not payload.doc and not payload.deleted):
+        return None
+    payload.residents, payload.residents_stamp = settled.residents, settled.residents_stamp
+    payload.stub, payload.pending = False, ()
+    return payload
 
 
 def stub_write(table: Table, write: types_pb2.Write) -> None:
@@ -194,9 +305,16 @@ class Placement:
         return self._members
 
     def request(self, replicate_to: types_pb2.ReplicateTo | None) -> None:
-        """A write's ``replicate_to``, validated against the members."""
+        """A write's ``replicate_to``, validated against the members and the topology."""
         if replicate_to is None:
             return
+        if not self.engine.config.replication.gossip:
+            raise FailedPrecondition(
+                "replicate_to needs every node to dial every member (a relay never passes a"
+                " record whole to its residents), and this node has replication.gossip false;"
+                " nothing was written",
+                reason="RESIDENCY_NEEDS_MESH",
+            )
         known = self.members()
         if replicate_to.nodes:
             nodes = tuple(sorted(set(replicate_to.nodes)))

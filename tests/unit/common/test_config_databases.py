@@ -116,3 +116,18 @@ def test_bad_shard(value: Any, expected: str) -> None:
 def test_replicate_to_is_checked_with_the_entry(entry: dict[str, object], key: str) -> None:
     problems = problems_of({"replication": {"databases": [entry]}})
     assert len(problems) == 1 and problems[0].startswith(f"{key}: "), problems
+
+
+def test_replicate_to_needs_gossip() -> None:
+    """Residency needs a full mesh: a relay never passes a record whole to its residents."""
+    problem = one_problem(
+        {
+            "replication": {
+                "gossip": False,
+                "databases": [{"name": "dev", "replicateTo": 2}, {"name": "ops", "replicateTo": 1}],
+            }
+        }
+    )
+    assert problem.startswith("replication.gossip: dev, ops have replicateTo"), problem
+    assert "keep replication.gossip true" in problem
+    assert parse({"replication": {"databases": [{"name": "dev", "replicateTo": 2}]}})

@@ -110,12 +110,18 @@ class FetchRecordsRequest(_message.Message):
     IDS_FIELD_NUMBER: _builtins.int
     RESIDENTS_FIELD_NUMBER: _builtins.int
     TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
     database: _builtins.str
     """Database name."""
     table: _builtins.str
     """Table name."""
     timeout_ms: _builtins.int
     """How long to try, in milliseconds."""
+    states: _builtins.bool
+    """Answer with the records' whole states (every attribute with its version, and the
+    residency: storage's stored form) in `states` instead of `records`: for a resident
+    that holds a record only as a stub and must hold it whole.
+    """
     @_builtins.property
     def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """Keys, as JSON scalars."""
@@ -132,10 +138,11 @@ class FetchRecordsRequest(_message.Message):
         ids: _abc.Iterable[_builtins.bytes] | None = ...,
         residents: _abc.Iterable[_builtins.str] | None = ...,
         timeout_ms: _builtins.int = ...,
+        states: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "ids", b"ids", "residents", b"residents", "table", b"table", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "ids", b"ids", "residents", b"residents", "states", b"states", "table", b"table", "timeout_ms", b"timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -150,6 +157,7 @@ class FetchRecordsResponse(_message.Message):
     RECORDS_FIELD_NUMBER: _builtins.int
     MISSING_FIELD_NUMBER: _builtins.int
     SERVED_BY_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def records(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """Whole records (JSON objects) found."""
@@ -162,16 +170,21 @@ class FetchRecordsResponse(_message.Message):
     def served_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The residents that answered."""
 
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """With `states`: the whole states found, in storage's stored form."""
+
     def __init__(
         self,
         *,
         records: _abc.Iterable[_builtins.bytes] | None = ...,
         missing: _abc.Iterable[_builtins.bytes] | None = ...,
         served_by: _abc.Iterable[_builtins.str] | None = ...,
+        states: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["missing", b"missing", "records", b"records", "served_by", b"served_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["missing", b"missing", "records", b"records", "served_by", b"served_by", "states", b"states"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -594,12 +607,15 @@ class FetchRequest(_message.Message):
     DATABASE_FIELD_NUMBER: _builtins.int
     TABLE_FIELD_NUMBER: _builtins.int
     IDS_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Echoed in the reply."""
     database: _builtins.str
     """Database name."""
     table: _builtins.str
     """Table name."""
+    states: _builtins.bool
+    """Answer with whole states rather than records (FetchRecordsRequest.states)."""
     @_builtins.property
     def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """Keys, as JSON scalars."""
@@ -611,10 +627,11 @@ class FetchRequest(_message.Message):
         database: _builtins.str = ...,
         table: _builtins.str = ...,
         ids: _abc.Iterable[_builtins.bytes] | None = ...,
+        states: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "id", b"id", "ids", b"ids", "table", b"table"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "id", b"id", "ids", b"ids", "states", b"states", "table", b"table"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -630,6 +647,7 @@ class FetchReply(_message.Message):
     RECORDS_FIELD_NUMBER: _builtins.int
     MISSING_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """The FetchRequest's id."""
     error: _builtins.str
@@ -642,6 +660,10 @@ class FetchReply(_message.Message):
     def missing(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """Keys not held here in full."""
 
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """With `states` asked: the whole states held here in full (instead of records)."""
+
     def __init__(
         self,
         *,
@@ -649,10 +671,11 @@ class FetchReply(_message.Message):
         records: _abc.Iterable[_builtins.bytes] | None = ...,
         missing: _abc.Iterable[_builtins.bytes] | None = ...,
         error: _builtins.str = ...,
+        states: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "missing", b"missing", "records", b"records"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "missing", b"missing", "records", b"records", "states", b"states"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

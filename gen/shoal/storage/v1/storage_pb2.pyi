@@ -2160,10 +2160,15 @@ class ReadResidentRequest(_message.Message):
     DATABASE_FIELD_NUMBER: _builtins.int
     TABLE_FIELD_NUMBER: _builtins.int
     IDS_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
     database: _builtins.str
     """Database name."""
     table: _builtins.str
     """Table name."""
+    states: _builtins.bool
+    """Answer with the whole states (versions and residency, the stored form) in `states`
+    instead of the records' JSON: for a resident holding a record only as a stub.
+    """
     @_builtins.property
     def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """Keys to read, as JSON scalars."""
@@ -2174,10 +2179,11 @@ class ReadResidentRequest(_message.Message):
         database: _builtins.str = ...,
         table: _builtins.str = ...,
         ids: _abc.Iterable[_builtins.bytes] | None = ...,
+        states: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "ids", b"ids", "table", b"table"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "ids", b"ids", "states", b"states", "table", b"table"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2191,6 +2197,7 @@ class ReadResidentResponse(_message.Message):
 
     RECORDS_FIELD_NUMBER: _builtins.int
     MISSING_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def records(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """Whole records (JSON objects) held here in full, in request order."""
@@ -2199,15 +2206,20 @@ class ReadResidentResponse(_message.Message):
     def missing(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """Keys not held here in full (a stub, a tombstone or nothing)."""
 
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """With `states`: the whole states of the records held here in full."""
+
     def __init__(
         self,
         *,
         records: _abc.Iterable[_builtins.bytes] | None = ...,
         missing: _abc.Iterable[_builtins.bytes] | None = ...,
+        states: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["missing", b"missing", "records", b"records"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["missing", b"missing", "records", b"records", "states", b"states"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -193,7 +193,9 @@ class ReplicateTo(_message.Message):
     """How many nodes hold a written record in full, for a database with residency: a count
     (the record's residents are chosen by rendezvous hashing of its key over the members)
     or a list of node names. Only decides the residents of records written for the first
-    time; a record keeps its residents on later writes.
+    time; a record keeps its residents on later writes. Refused with FAILED_PRECONDITION
+    (reason RESIDENCY_NEEDS_MESH) on a node with replication.gossip false: a relay never
+    passes a record whole to its residents.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
