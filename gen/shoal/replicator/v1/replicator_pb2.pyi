@@ -239,14 +239,19 @@ class WaitReplicatedRequest(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     COUNT_FIELD_NUMBER: _builtins.int
     TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
     database: _builtins.str
     """Database of the transaction."""
     version: _builtins.int
     """Version of the transaction, committed by this node (its origin)."""
     count: _builtins.int
-    """How many distinct peers must have committed it."""
+    """How many distinct peers must have committed it (0 when only groups count)."""
     timeout_ms: _builtins.int
     """How long to wait at most, in milliseconds (1 to 3,600,000)."""
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConfirmationGroup]:
+        """Besides `count`: for each group, how many of its peers must have committed it."""
+
     def __init__(
         self,
         *,
@@ -254,14 +259,43 @@ class WaitReplicatedRequest(_message.Message):
         version: _builtins.int = ...,
         count: _builtins.int = ...,
         timeout_ms: _builtins.int = ...,
+        groups: _abc.Iterable[Global___ConfirmationGroup] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "database", b"database", "timeout_ms", b"timeout_ms", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "database", b"database", "groups", b"groups", "timeout_ms", b"timeout_ms", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WaitReplicatedRequest: _TypeAlias = WaitReplicatedRequest  # noqa: Y015
+
+@_typing.final
+class ConfirmationGroup(_message.Message):
+    """Peers of which some must confirm a transaction (WaitReplicated)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEERS_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """How many of them must have committed the transaction (1 to the number of peers)."""
+    @_builtins.property
+    def peers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Node names, distinct."""
+
+    def __init__(
+        self,
+        *,
+        peers: _abc.Iterable[_builtins.str] | None = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "peers", b"peers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfirmationGroup: _TypeAlias = ConfirmationGroup  # noqa: Y015
 
 @_typing.final
 class WaitReplicatedResponse(_message.Message):

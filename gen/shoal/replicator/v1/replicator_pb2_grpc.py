@@ -202,17 +202,24 @@ class ReplicatorNodeServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WaitReplicated(self, request, context):
-        """Waits until `count` distinct peers have durably committed this node's transaction
-        `version` of `database`, or until `timeout_ms` has passed, and answers with the
-        peers that have. A peer has committed it when a position it reported for
-        (database, this node) is at or past `version`: an Ack (sent after its storage
-        applied a batch, positions written in the same atomic write as the data) or the
-        positions of its Subscribe (its durable positions). What peers reported is kept
-        across reconnections, so a confirmation that arrived before the call counts.
+        """Waits until the transaction `version` of `database`, committed by this node, is
+        durably committed by enough peers, or until `timeout_ms` has passed, and answers with
+        the peers that have. Enough means: at least `count` distinct peers, and for every
+        group, at least the group's `count` of the group's peers (storage gives one group
+        per set of residents of the records written, so that only peers holding the whole
+        write count for them; see storage's Insert). A peer has committed the transaction
+        when a position it reported for (database, this node) is at or past `version`: an
+        Ack (sent after its storage applied a batch, positions written in the same atomic
+        write as the data) or the positions of its Subscribe (its durable positions). Only
+        direct peers count: a node that received the transaction through a relay confirms
+        it once it reports its positions to this node on a connection of its own (relays
+        do not carry acknowledgements back). What peers reported is kept across
+        reconnections, so a confirmation that arrived before the call counts.
         Not reaching `count` in time is not an error: the answer lists fewer peers.
         Node-internal identity.
-        Errors: INVALID_ARGUMENT (no database, version 0, count below 1, timeout_ms 0 or
-        more than an hour), UNAUTHENTICATED, PERMISSION_DENIED.
+        Errors: INVALID_ARGUMENT (no database, version 0, neither a count of at least 1 nor
+        a group, a group without peers or whose count is not 1 to its number of peers,
+        timeout_ms 0 or more than an hour), UNAUTHENTICATED, PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -120,20 +120,28 @@ class StorageServiceStub:
     reported in `skipped_ids`; the others commit together with one version.
 
     Write confirmation (Insert, Update, Upsert, Delete and Transact): with
-    `replicated_confirmation: N` the call answers only once N distinct peers have durably
-    committed the transaction (their replication acknowledgements name it). Before
-    anything is written, N must be at most the number of peers that can receive the
-    write: configured routes and members of system.hdb_nodes this node sends the
+    `replicated_confirmation: N` the call answers only once the write is whole on N + 1
+    nodes: this node and N distinct peers that have durably committed the transaction
+    (their replication acknowledgements name it). Only direct peers confirm: a peer that
+    received the write through a relay counts once it reports to this node on a
+    connection of its own. In a table with residents (`replicateTo`), only nodes holding
+    the whole write count, never a node holding a stub: for each record, this node when
+    it is one of the record's residents, and peers that are; a record this node holds
+    only as a stub needs N + 1 of its residents. Records without residents need N peers.
+    Before anything is written, N must be at most the number of peers that can receive
+    the write: configured routes and members of system.hdb_nodes this node sends the
     database to (with explicit subscriptions, those publishing every table written),
-    connected or not; a table with `replicate: false` has none. The wait lasts until
-    shortly before the call's deadline (a tenth of the time left, at most 0.5 s, is kept
-    to answer in time), or 30 s when the call has no deadline.
+    connected or not; a table with `replicate: false` has none; and every record's
+    residents that can receive the write must be enough. The wait lasts until shortly
+    before the call's deadline (a tenth of the time left, at most 0.5 s, is kept to
+    answer in time), or 30 s when the call has no deadline.
     Confirmation errors: INVALID_ARGUMENT (N negative, or more than the possible
-    recipients; nothing is written), UNAVAILABLE (the node's replicator cannot be reached
-    before the write; nothing is written), DEADLINE_EXCEEDED (reason
+    recipients, or, reason CONFIRMATION_IMPOSSIBLE, more than the residents of a record
+    written can give; nothing is written), UNAVAILABLE (the node's replicator cannot be
+    reached before the write; nothing is written), DEADLINE_EXCEEDED (reason
     REPLICATION_NOT_CONFIRMED, metadata `version`, `confirmed`, `missing`: the write IS
-    committed locally and will still replicate; the message says how many of the N
-    confirmations are missing).
+    committed locally and will still replicate; the message says how many confirmations
+    are missing, and from which residents).
     Errors: INVALID_ARGUMENT (no records, a record that is not a JSON object or is beyond
     the JSON limits, a missing or invalid primary key, the same key twice in the request),
     NOT_FOUND (database or table), RESOURCE_EXHAUSTED (request larger than the configured
@@ -373,20 +381,28 @@ class StorageServiceAsyncStub(StorageServiceStub):
     reported in `skipped_ids`; the others commit together with one version.
 
     Write confirmation (Insert, Update, Upsert, Delete and Transact): with
-    `replicated_confirmation: N` the call answers only once N distinct peers have durably
-    committed the transaction (their replication acknowledgements name it). Before
-    anything is written, N must be at most the number of peers that can receive the
-    write: configured routes and members of system.hdb_nodes this node sends the
+    `replicated_confirmation: N` the call answers only once the write is whole on N + 1
+    nodes: this node and N distinct peers that have durably committed the transaction
+    (their replication acknowledgements name it). Only direct peers confirm: a peer that
+    received the write through a relay counts once it reports to this node on a
+    connection of its own. In a table with residents (`replicateTo`), only nodes holding
+    the whole write count, never a node holding a stub: for each record, this node when
+    it is one of the record's residents, and peers that are; a record this node holds
+    only as a stub needs N + 1 of its residents. Records without residents need N peers.
+    Before anything is written, N must be at most the number of peers that can receive
+    the write: configured routes and members of system.hdb_nodes this node sends the
     database to (with explicit subscriptions, those publishing every table written),
-    connected or not; a table with `replicate: false` has none. The wait lasts until
-    shortly before the call's deadline (a tenth of the time left, at most 0.5 s, is kept
-    to answer in time), or 30 s when the call has no deadline.
+    connected or not; a table with `replicate: false` has none; and every record's
+    residents that can receive the write must be enough. The wait lasts until shortly
+    before the call's deadline (a tenth of the time left, at most 0.5 s, is kept to
+    answer in time), or 30 s when the call has no deadline.
     Confirmation errors: INVALID_ARGUMENT (N negative, or more than the possible
-    recipients; nothing is written), UNAVAILABLE (the node's replicator cannot be reached
-    before the write; nothing is written), DEADLINE_EXCEEDED (reason
+    recipients, or, reason CONFIRMATION_IMPOSSIBLE, more than the residents of a record
+    written can give; nothing is written), UNAVAILABLE (the node's replicator cannot be
+    reached before the write; nothing is written), DEADLINE_EXCEEDED (reason
     REPLICATION_NOT_CONFIRMED, metadata `version`, `confirmed`, `missing`: the write IS
-    committed locally and will still replicate; the message says how many of the N
-    confirmations are missing).
+    committed locally and will still replicate; the message says how many confirmations
+    are missing, and from which residents).
     Errors: INVALID_ARGUMENT (no records, a record that is not a JSON object or is beyond
     the JSON limits, a missing or invalid primary key, the same key twice in the request),
     NOT_FOUND (database or table), RESOURCE_EXHAUSTED (request larger than the configured
@@ -683,20 +699,28 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         reported in `skipped_ids`; the others commit together with one version.
 
         Write confirmation (Insert, Update, Upsert, Delete and Transact): with
-        `replicated_confirmation: N` the call answers only once N distinct peers have durably
-        committed the transaction (their replication acknowledgements name it). Before
-        anything is written, N must be at most the number of peers that can receive the
-        write: configured routes and members of system.hdb_nodes this node sends the
+        `replicated_confirmation: N` the call answers only once the write is whole on N + 1
+        nodes: this node and N distinct peers that have durably committed the transaction
+        (their replication acknowledgements name it). Only direct peers confirm: a peer that
+        received the write through a relay counts once it reports to this node on a
+        connection of its own. In a table with residents (`replicateTo`), only nodes holding
+        the whole write count, never a node holding a stub: for each record, this node when
+        it is one of the record's residents, and peers that are; a record this node holds
+        only as a stub needs N + 1 of its residents. Records without residents need N peers.
+        Before anything is written, N must be at most the number of peers that can receive
+        the write: configured routes and members of system.hdb_nodes this node sends the
         database to (with explicit subscriptions, those publishing every table written),
-        connected or not; a table with `replicate: false` has none. The wait lasts until
-        shortly before the call's deadline (a tenth of the time left, at most 0.5 s, is kept
-        to answer in time), or 30 s when the call has no deadline.
+        connected or not; a table with `replicate: false` has none; and every record's
+        residents that can receive the write must be enough. The wait lasts until shortly
+        before the call's deadline (a tenth of the time left, at most 0.5 s, is kept to
+        answer in time), or 30 s when the call has no deadline.
         Confirmation errors: INVALID_ARGUMENT (N negative, or more than the possible
-        recipients; nothing is written), UNAVAILABLE (the node's replicator cannot be reached
-        before the write; nothing is written), DEADLINE_EXCEEDED (reason
+        recipients, or, reason CONFIRMATION_IMPOSSIBLE, more than the residents of a record
+        written can give; nothing is written), UNAVAILABLE (the node's replicator cannot be
+        reached before the write; nothing is written), DEADLINE_EXCEEDED (reason
         REPLICATION_NOT_CONFIRMED, metadata `version`, `confirmed`, `missing`: the write IS
-        committed locally and will still replicate; the message says how many of the N
-        confirmations are missing).
+        committed locally and will still replicate; the message says how many confirmations
+        are missing, and from which residents).
         Errors: INVALID_ARGUMENT (no records, a record that is not a JSON object or is beyond
         the JSON limits, a missing or invalid primary key, the same key twice in the request),
         NOT_FOUND (database or table), RESOURCE_EXHAUSTED (request larger than the configured
