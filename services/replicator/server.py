@@ -18,6 +18,7 @@ from services.common.errors import InvalidArgument, PermissionDenied, Unauthenti
 from services.common.routes import from_proto, to_proto
 from services.common.tls import peer_names
 from services.replicator.confirmation import Group
+from services.replicator.handover import hand_over
 from services.replicator.peercheck import PeerCertificate
 from services.replicator.replicator import Replicator
 from services.replicator.transport import AcceptedStream, ConnectionLost
@@ -98,6 +99,10 @@ class ReplicatorNodeServicer(replicator_pb2_grpc.ReplicatorNodeServiceServicer):
     ) -> rpb.FetchRecordsResponse:
         self._internal(context)
         return await self.replicator.fetches.fetch(request)
+
+    async def HandOver(self, request: rpb.HandOverRequest, context: Ctx) -> rpb.HandOverResponse:
+        self._internal(context)
+        return await hand_over(self.replicator, request)
 
     async def WaitReplicated(
         self, request: rpb.WaitReplicatedRequest, context: Ctx

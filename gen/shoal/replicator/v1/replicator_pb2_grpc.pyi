@@ -193,6 +193,23 @@ class ReplicatorNodeServiceStub:
     than a minute), UNAVAILABLE (no resident answered in time: the message names the
     residents and why each failed), UNAUTHENTICATED, PERMISSION_DENIED.
     """
+    HandOver: _grpc.UnaryUnaryMultiCallable[_replicator_pb2.HandOverRequest, _replicator_pb2.HandOverResponse]
+    """Waits until what this node holds of `databases` is held by other nodes of its shard
+    (the first step of leaving a shard; storage has fenced the databases, so this node's
+    positions no longer move). A database is held elsewhere when, for every origin of
+    this node's positions of it, some connected peer with which the database flows
+    (the same shard), that is not handing it over itself (its storage has it fenced)
+    and whose positions of it are not partial, reports a position at or past this
+    node's (asked on the replication connection: PositionsRequest). Meanwhile this
+    node's log keeps flowing to its peers, so what they lack reaches them. Answers,
+    per database, the peers that reported and the highest position each origin has
+    among them (what storage's ForgetDatabase checks against); a database this node
+    holds no position of needs no peer. Node-internal identity.
+    Errors: INVALID_ARGUMENT (no databases, a repeated one, `system`, timeout_ms 0 or
+    more than an hour), FAILED_PRECONDITION (reason NOT_HELD_ELSEWHERE: by the timeout,
+    no peer of the shard holds some of it; the message names the databases, the origins
+    and versions missing, and the peers asked), UNAUTHENTICATED, PERMISSION_DENIED.
+    """
 
 @_typing.type_check_only
 class ReplicatorNodeServiceAsyncStub(ReplicatorNodeServiceStub):
@@ -254,6 +271,23 @@ class ReplicatorNodeServiceAsyncStub(ReplicatorNodeServiceStub):
     Errors: INVALID_ARGUMENT (no database, table, ids or residents; timeout_ms 0 or more
     than a minute), UNAVAILABLE (no resident answered in time: the message names the
     residents and why each failed), UNAUTHENTICATED, PERMISSION_DENIED.
+    """
+    HandOver: _aio.UnaryUnaryMultiCallable[_replicator_pb2.HandOverRequest, _replicator_pb2.HandOverResponse]  # type: ignore[assignment]
+    """Waits until what this node holds of `databases` is held by other nodes of its shard
+    (the first step of leaving a shard; storage has fenced the databases, so this node's
+    positions no longer move). A database is held elsewhere when, for every origin of
+    this node's positions of it, some connected peer with which the database flows
+    (the same shard), that is not handing it over itself (its storage has it fenced)
+    and whose positions of it are not partial, reports a position at or past this
+    node's (asked on the replication connection: PositionsRequest). Meanwhile this
+    node's log keeps flowing to its peers, so what they lack reaches them. Answers,
+    per database, the peers that reported and the highest position each origin has
+    among them (what storage's ForgetDatabase checks against); a database this node
+    holds no position of needs no peer. Node-internal identity.
+    Errors: INVALID_ARGUMENT (no databases, a repeated one, `system`, timeout_ms 0 or
+    more than an hour), FAILED_PRECONDITION (reason NOT_HELD_ELSEWHERE: by the timeout,
+    no peer of the shard holds some of it; the message names the databases, the origins
+    and versions missing, and the peers asked), UNAUTHENTICATED, PERMISSION_DENIED.
     """
 
 class ReplicatorNodeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -343,6 +377,29 @@ class ReplicatorNodeServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (no database, table, ids or residents; timeout_ms 0 or more
         than a minute), UNAVAILABLE (no resident answered in time: the message names the
         residents and why each failed), UNAUTHENTICATED, PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def HandOver(
+        self,
+        request: _replicator_pb2.HandOverRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_replicator_pb2.HandOverResponse, _abc.Awaitable[_replicator_pb2.HandOverResponse]]:
+        """Waits until what this node holds of `databases` is held by other nodes of its shard
+        (the first step of leaving a shard; storage has fenced the databases, so this node's
+        positions no longer move). A database is held elsewhere when, for every origin of
+        this node's positions of it, some connected peer with which the database flows
+        (the same shard), that is not handing it over itself (its storage has it fenced)
+        and whose positions of it are not partial, reports a position at or past this
+        node's (asked on the replication connection: PositionsRequest). Meanwhile this
+        node's log keeps flowing to its peers, so what they lack reaches them. Answers,
+        per database, the peers that reported and the highest position each origin has
+        among them (what storage's ForgetDatabase checks against); a database this node
+        holds no position of needs no peer. Node-internal identity.
+        Errors: INVALID_ARGUMENT (no databases, a repeated one, `system`, timeout_ms 0 or
+        more than an hour), FAILED_PRECONDITION (reason NOT_HELD_ELSEWHERE: by the timeout,
+        no peer of the shard holds some of it; the message names the databases, the origins
+        and versions missing, and the peers asked), UNAUTHENTICATED, PERMISSION_DENIED.
         """
 
 def add_ReplicatorNodeServiceServicer_to_server(servicer: ReplicatorNodeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -40,6 +40,13 @@ After `authentication.lockoutAttempts` consecutive failed sign-ins a user name i
 for `authentication.lockoutDuration`: every sign-in with it fails, even with the right
 password, with the same UNAUTHENTICATED message as a wrong password or an unknown user
 (unknown user names are counted and locked the same way).
+
+While this node changes its shard (the admin service's SetConfiguration), the sharded
+databases it hands over are fenced for the moment of the change (FenceDatabases):
+every RPC that writes to one of them or changes its schema (records, tables,
+attributes, the database itself) fails with UNAVAILABLE, reason SHARD_CHANGING, and
+writes nothing; write to another node of the shard, or again once the change is over.
+Reads go on.
 """
 
 from collections import abc as _abc
@@ -1077,6 +1084,8 @@ class StorageNodeServiceStub:
     below the stored position of their (database, origin) are skipped, so re-applying is
     a no-op. Missing databases, tables and attributes are created from the transaction's
     schema. Advances this node's clock past every applied version. Node-internal only.
+    Transactions of a fenced database (FenceDatabases) are left unapplied and named in
+    `fenced_databases`; the others are applied.
     Errors: INVALID_ARGUMENT (malformed transaction, or one whose origin is this node at a
     version this node never committed, above its own position: nothing is applied),
     PERMISSION_DENIED,
@@ -1130,6 +1139,30 @@ class StorageNodeServiceStub:
     GetPositions: _grpc.UnaryUnaryMultiCallable[_storage_pb2.GetPositionsRequest, _storage_pb2.GetPositionsResponse]
     """Reads replication positions, log horizons and copies in progress.
     Errors: PERMISSION_DENIED (not the node identity).
+    """
+    FenceDatabases: _grpc.UnaryUnaryMultiCallable[_storage_pb2.FenceDatabasesRequest, _storage_pb2.FenceDatabasesResponse]
+    """Fences databases while this node hands them over (a shard change: the admin
+    service's set_configuration): until `lease_ms` has passed, or a call with `lease_ms`
+    0 lifts it, client writes and schema changes to them are refused (UNAVAILABLE,
+    reason SHARD_CHANGING, nothing written), Apply leaves their transactions unapplied
+    (their positions do not move, so they come again once the fence is lifted) and
+    MergeSnapshot refuses them (FAILED_PRECONDITION, reason DATABASE_FENCED). Reads,
+    Subscribe and Snapshot go on, so peers still receive what this node holds. The fence
+    lives in memory: a restart of storage lifts it. Node-internal only.
+    Errors: INVALID_ARGUMENT (no databases, an invalid name, `system`, lease_ms more
+    than an hour), PERMISSION_DENIED.
+    """
+    ForgetDatabase: _grpc.UnaryUnaryMultiCallable[_storage_pb2.ForgetDatabaseRequest, _storage_pb2.ForgetDatabaseResponse]
+    """Forgets a fenced database that other nodes hold: only when, for every origin, this
+    node's position is at or below `held_elsewhere` (the positions other nodes reported
+    having applied), removes its rows and tables, its log entries, positions, horizons,
+    copy progress and marks, in the same synchronous step as the check (no write comes
+    in between). The database is then as if never held here: a later copy or
+    subscription starts it afresh. Node-internal only.
+    Errors: INVALID_ARGUMENT (an invalid name, `system`), FAILED_PRECONDITION (reason
+    NOT_FENCED: the database is not fenced; reason NOT_HELD_ELSEWHERE: this node has
+    writes beyond `held_elsewhere`, named in the message; nothing is removed),
+    PERMISSION_DENIED.
     """
     RecordAnalytics: _grpc.UnaryUnaryMultiCallable[_storage_pb2.RecordAnalyticsRequest, _storage_pb2.RecordAnalyticsResponse]
     """Records per-second analytics samples of this node's services into the node-local
@@ -1204,6 +1237,8 @@ class StorageNodeServiceAsyncStub(StorageNodeServiceStub):
     below the stored position of their (database, origin) are skipped, so re-applying is
     a no-op. Missing databases, tables and attributes are created from the transaction's
     schema. Advances this node's clock past every applied version. Node-internal only.
+    Transactions of a fenced database (FenceDatabases) are left unapplied and named in
+    `fenced_databases`; the others are applied.
     Errors: INVALID_ARGUMENT (malformed transaction, or one whose origin is this node at a
     version this node never committed, above its own position: nothing is applied),
     PERMISSION_DENIED,
@@ -1257,6 +1292,30 @@ class StorageNodeServiceAsyncStub(StorageNodeServiceStub):
     GetPositions: _aio.UnaryUnaryMultiCallable[_storage_pb2.GetPositionsRequest, _storage_pb2.GetPositionsResponse]  # type: ignore[assignment]
     """Reads replication positions, log horizons and copies in progress.
     Errors: PERMISSION_DENIED (not the node identity).
+    """
+    FenceDatabases: _aio.UnaryUnaryMultiCallable[_storage_pb2.FenceDatabasesRequest, _storage_pb2.FenceDatabasesResponse]  # type: ignore[assignment]
+    """Fences databases while this node hands them over (a shard change: the admin
+    service's set_configuration): until `lease_ms` has passed, or a call with `lease_ms`
+    0 lifts it, client writes and schema changes to them are refused (UNAVAILABLE,
+    reason SHARD_CHANGING, nothing written), Apply leaves their transactions unapplied
+    (their positions do not move, so they come again once the fence is lifted) and
+    MergeSnapshot refuses them (FAILED_PRECONDITION, reason DATABASE_FENCED). Reads,
+    Subscribe and Snapshot go on, so peers still receive what this node holds. The fence
+    lives in memory: a restart of storage lifts it. Node-internal only.
+    Errors: INVALID_ARGUMENT (no databases, an invalid name, `system`, lease_ms more
+    than an hour), PERMISSION_DENIED.
+    """
+    ForgetDatabase: _aio.UnaryUnaryMultiCallable[_storage_pb2.ForgetDatabaseRequest, _storage_pb2.ForgetDatabaseResponse]  # type: ignore[assignment]
+    """Forgets a fenced database that other nodes hold: only when, for every origin, this
+    node's position is at or below `held_elsewhere` (the positions other nodes reported
+    having applied), removes its rows and tables, its log entries, positions, horizons,
+    copy progress and marks, in the same synchronous step as the check (no write comes
+    in between). The database is then as if never held here: a later copy or
+    subscription starts it afresh. Node-internal only.
+    Errors: INVALID_ARGUMENT (an invalid name, `system`), FAILED_PRECONDITION (reason
+    NOT_FENCED: the database is not fenced; reason NOT_HELD_ELSEWHERE: this node has
+    writes beyond `held_elsewhere`, named in the message; nothing is removed),
+    PERMISSION_DENIED.
     """
     RecordAnalytics: _aio.UnaryUnaryMultiCallable[_storage_pb2.RecordAnalyticsRequest, _storage_pb2.RecordAnalyticsResponse]  # type: ignore[assignment]
     """Records per-second analytics samples of this node's services into the node-local
@@ -1340,6 +1399,8 @@ class StorageNodeServiceServicer(metaclass=_abc_1.ABCMeta):
         below the stored position of their (database, origin) are skipped, so re-applying is
         a no-op. Missing databases, tables and attributes are created from the transaction's
         schema. Advances this node's clock past every applied version. Node-internal only.
+        Transactions of a fenced database (FenceDatabases) are left unapplied and named in
+        `fenced_databases`; the others are applied.
         Errors: INVALID_ARGUMENT (malformed transaction, or one whose origin is this node at a
         version this node never committed, above its own position: nothing is applied),
         PERMISSION_DENIED,
@@ -1417,6 +1478,42 @@ class StorageNodeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_storage_pb2.GetPositionsResponse, _abc.Awaitable[_storage_pb2.GetPositionsResponse]]:
         """Reads replication positions, log horizons and copies in progress.
         Errors: PERMISSION_DENIED (not the node identity).
+        """
+
+    @_abc_1.abstractmethod
+    def FenceDatabases(
+        self,
+        request: _storage_pb2.FenceDatabasesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.FenceDatabasesResponse, _abc.Awaitable[_storage_pb2.FenceDatabasesResponse]]:
+        """Fences databases while this node hands them over (a shard change: the admin
+        service's set_configuration): until `lease_ms` has passed, or a call with `lease_ms`
+        0 lifts it, client writes and schema changes to them are refused (UNAVAILABLE,
+        reason SHARD_CHANGING, nothing written), Apply leaves their transactions unapplied
+        (their positions do not move, so they come again once the fence is lifted) and
+        MergeSnapshot refuses them (FAILED_PRECONDITION, reason DATABASE_FENCED). Reads,
+        Subscribe and Snapshot go on, so peers still receive what this node holds. The fence
+        lives in memory: a restart of storage lifts it. Node-internal only.
+        Errors: INVALID_ARGUMENT (no databases, an invalid name, `system`, lease_ms more
+        than an hour), PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def ForgetDatabase(
+        self,
+        request: _storage_pb2.ForgetDatabaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.ForgetDatabaseResponse, _abc.Awaitable[_storage_pb2.ForgetDatabaseResponse]]:
+        """Forgets a fenced database that other nodes hold: only when, for every origin, this
+        node's position is at or below `held_elsewhere` (the positions other nodes reported
+        having applied), removes its rows and tables, its log entries, positions, horizons,
+        copy progress and marks, in the same synchronous step as the check (no write comes
+        in between). The database is then as if never held here: a later copy or
+        subscription starts it afresh. Node-internal only.
+        Errors: INVALID_ARGUMENT (an invalid name, `system`), FAILED_PRECONDITION (reason
+        NOT_FENCED: the database is not fenced; reason NOT_HELD_ELSEWHERE: this node has
+        writes beyond `held_elsewhere`, named in the message; nothing is removed),
+        PERMISSION_DENIED.
         """
 
     @_abc_1.abstractmethod
