@@ -184,7 +184,10 @@ async def _announce(nodes: Nodes, change: ShardChange) -> None:
     system.hdb_nodes row, but leaves the row alone without one (add_node may have set
     it): a node that left every shard says so here."""
     if change.shard is None and change.previous is not None:
-        await nodes.update(nodes.name, {"shard": None})
+        try:
+            await nodes.clear_own_shard()
+        except ShoalError as exc:  # the change is made; the row says the old shard
+            log.warning("cannot clear the shard in this node's system.hdb_nodes row: %s", exc)
 
 
 async def _fence(node: AdminNode, databases: list[str], lease_ms: int) -> None:

@@ -204,6 +204,19 @@ def test_a_shard_change_whose_data_no_other_node_holds_changes_nothing(
     wait_for(partial(_holds, other, "metrics", "m", wanted), 60, "the kept rows on shard 2")
     assert _ids(alone, "metrics", "m") == wanted
 
+    # Leaving every shard: handed over to the other node of shard 2, and the node's row
+    # says it has no shard any more, on both nodes.
+    result, code = alone.admin().execute(
+        {"operation": "set_configuration", "replication_shard": None}, timeout=CHANGE_TIMEOUT_S
+    )
+    assert code == 0, result
+    assert result["shardChange"]["handedOver"] == [{"database": "metrics", "heldBy": [other.name]}]
+    assert _ids(alone, "metrics", "m") == set() and _configured_shard(alone) is None
+    assert _ids(other, "metrics", "m") == wanted
+    rows = {alone.name: None, other.name: 2}
+    for node in (alone, other):
+        wait_for(partial(_rows_are, node, rows), 30, f"the shards in the rows on {node.name}")
+
 
 def test_a_replicated_shard_change_moves_every_member_and_merges_their_shards(
     make_cluster: MakeCluster,
