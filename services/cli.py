@@ -389,6 +389,13 @@ def node_clone(
             " from it (e.g. data/ca for `make run`); without, it generates its own CA"
         ),
     ] = None,
+    shard: Annotated[
+        int | None,
+        typer.Option(
+            help="the new node's replication.shard (none without): the source's sharded"
+            " databases are copied only into the source's own shard"
+        ),
+    ] = None,
     username: UserOption = "admin",
     password: PasswordOption = "",
 ) -> None:
@@ -396,8 +403,10 @@ def node_clone(
     as a member of the cluster until Ctrl-C."""
     source_config = _execute(source, {"operation": "get_configuration"}, username, password)
     source_name = str((source_config.get("replication") or {}).get("hostname") or source)
-    wanted = set(_execute(source, {"operation": "describe_all"}, username, password))
-    config = clone.clone_config(source_config, source_name, hostname)
+    config = clone.clone_config(source_config, source_name, hostname, shard)
+    # The source's sharded databases do not flow into another shard: not waited for.
+    described = set(_execute(source, {"operation": "describe_all"}, username, password))
+    wanted = described - clone.withheld(source_config, config)
     try:
         if clone.exists(data):
             raise FileExistsError(f"{data / clone.CONFIG_FILE} exists: clone into an empty folder")

@@ -14,7 +14,12 @@
    every member, each connects to it, and the new node copies every database (schema and
    data) from the source, then tails its log.
 4. Follow the copy in the new node's ``cluster_status`` until every database of the source
-   is present and caught up.
+   that flows to the new node is present and caught up.
+
+Shards: the new node's ``replication.shard`` is its own (``--shard``; none without). The
+source's sharded databases flow to it only when both are of the same shard, so a clone
+into another shard (or into none) never copies them: it is not waited for them, and it
+receives its own shard's sharded databases from that shard's members, as any new node.
 
 Users and roles are local to each node and are not cloned; the new node's super user is
 the one whose credentials ran the clone.
@@ -39,8 +44,10 @@ KEYS_FOLDER = "keys"
 NODE_LOCAL_REPLICATION_KEYS = ("hostname", "url", "shard", "routes")
 
 
-def clone_config(source: dict[str, Any], source_name: str, hostname: str) -> dict[str, Any]:
-    """The new node's configuration, from the source's."""
+def clone_config(
+    source: dict[str, Any], source_name: str, hostname: str, shard: int | None = None
+) -> dict[str, Any]:
+    """The new node's configuration, from the source's; ``shard`` is the new node's."""
     config = {k: copy.deepcopy(v) for k, v in source.items() if k not in NODE_LOCAL_KEYS}
     replication = {
         k: v
@@ -49,6 +56,8 @@ def clone_config(source: dict[str, Any], source_name: str, hostname: str) -> dic
     }
     replication["hostname"] = hostname
     replication["routes"] = [source_name]
+    if shard is not None:
+        replication["shard"] = shard
     config["replication"] = replication
     storage = dict(config.get("storage") or {})
     storage.pop("path", None)
@@ -57,6 +66,28 @@ def clone_config(source: dict[str, Any], source_name: str, hostname: str) -> dic
     else:
         config.pop("storage", None)
     return {"rootPath": ".", "host": hostname, **config}
+
+
+def sharded(config: dict[str, Any]) -> set[str]:
+    """The databases a node's configuration (shoal.yaml as JSON) declares sharded."""
+    databases = (config.get("replication") or {}).get("databases")
+    if not isinstance(databases, list):
+        return set()
+    return {
+        str(entry["name"])
+        for entry in databases
+        if isinstance(entry, dict) and entry.get("sharded") and "name" in entry
+    }
+
+
+def withheld(source: dict[str, Any], clone: dict[str, Any]) -> set[str]:
+    """The source's databases that do not flow to the clone: those either declares
+    sharded, unless both have a shard and it is the same (the replicator's rule)."""
+    mine = (source.get("replication") or {}).get("shard")
+    theirs = (clone.get("replication") or {}).get("shard")
+    if mine is not None and mine == theirs:
+        return set()
+    return sharded(source) | sharded(clone)
 
 
 def secure(config: dict[str, Any]) -> bool:

@@ -18,7 +18,6 @@ from shoal.admin.v1 import admin_pb2 as apb
 from shoal.replicator.v1 import replicator_pb2 as rpb
 from shoal.storage.v1 import storage_pb2 as spb
 
-from services.admin.configuration import changed_config, write_config
 from services.admin.node import AdminNode
 from services.common.config import ConfigError, Route, load_config
 from services.common.errors import FailedPrecondition, InvalidArgument, ShoalError
@@ -41,7 +40,8 @@ class Cluster:
 
     def __init__(self, node: AdminNode) -> None:
         self.node = node
-        self._routes_lock = asyncio.Lock()
+        # Serializes changes of shoal.yaml: routes and set_configuration (shards.py).
+        self.config_lock = asyncio.Lock()
 
     async def status(self) -> apb.ClusterStatusResponse:
         reply = await self.node.call(
@@ -75,18 +75,6 @@ class Cluster:
         data.pop("admin", None)
         return dict(data)
 
-    async def set_configuration(self, settings: dict[str, Any]) -> list[str]:
-        """Change keys of this node's shoal.yaml (validated whole, written atomically);
-        the dotted keys changed. Serialized with route edits (the same file)."""
-        source = self.node.config.source
-        if source is None:
-            raise FailedPrecondition("this node was started without a configuration file")
-        async with self._routes_lock:
-            current = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
-            data, keys = changed_config(current, settings, source.resolve().parent)
-            write_config(source, data)
-        return keys
-
     def routes(self) -> list[Route]:
         source = self.node.config.source
         if source is None:
@@ -113,7 +101,7 @@ class Cluster:
 
     async def set_routes(self, requested: Iterable[rpb.Route]) -> RouteChange:
         additions = self._validate(requested)
-        async with self._routes_lock:
+        async with self.config_lock:
             current = self.routes()
             known = {r.hostname for r in current}
             change = RouteChange()
@@ -131,7 +119,7 @@ class Cluster:
         names = list(dict.fromkeys(hostnames))
         if not names:
             raise InvalidArgument("no routes given")
-        async with self._routes_lock:
+        async with self.config_lock:
             current = self.routes()
             change = RouteChange()
             by_name = {r.hostname: r for r in current}

@@ -5,7 +5,8 @@ A key is named by its dotted path (``logging.level``) or, as in Harper, with und
 loader knows. The changed file is validated as a whole by the loader used at start-up
 (every problem named) before it atomically replaces the old one; nothing changes
 otherwise. The running services read the file at start: a change takes effect at the
-next restart.
+next restart, except a change of ``replication.shard``, which ``shards.py`` carries out
+at once.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ _REFUSED = {
     "replication.routes": "use cluster_set_routes and cluster_delete_routes",
     "replication.hostname": "a node's name is its identity in the cluster and its data",
 }
-_NOT_KEYS = ("operation", "replicated")
+_NOT_KEYS = ("operation", "replicated", "keep_sharded_data")
 
 
 def _known_keys(data: Mapping[str, Any], base_dir: Path) -> set[str]:

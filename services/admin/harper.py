@@ -25,7 +25,7 @@ from shoal.storage.v1 import storage_pb2 as spb
 from shoal.storage.v1 import types_pb2
 
 from services.admin import analytics as history
-from services.admin import clusterwide, csvload
+from services.admin import clusterwide, csvload, shards
 from services.admin.backup import Backups
 from services.admin.backup_archive import ArchiveReader
 from services.admin.budget import Reservation
@@ -1155,13 +1155,30 @@ async def get_configuration(ex: Execute, body: Body) -> Json:
 async def set_configuration(ex: Execute, body: Body) -> Json:
     ex.caller.require_super_user("set_configuration")
     replicated = _replicated(ex, body)
+    keep = body.flag("keep_sharded_data", default=False) or replicated
     settings = settings_from(body.data)
-    await ex.cluster.set_configuration(settings)
-    result = {
+    outcome = await shards.set_configuration(ex.nodes, settings, keep)
+    result: dict[str, Any] = {
         "message": "Configuration successfully set. Restart the node (restart) for the new"
         " settings to take effect."
     }
-    return await _on_members(ex, body, result) if replicated else result
+    if outcome.shard_change is not None:
+        result["message"] = (
+            f"Configuration successfully set; this node {outcome.shard_change.sentence()}."
+            " Other new settings take effect at the next restart (restart)."
+        )
+        result["shardChange"] = outcome.shard_change.json()
+    if not replicated:
+        return result
+    # Every member moves to the one shard, keeping what it holds (the shards merge);
+    # a shard change restarts a member's replicator, hence the longer limit.
+    names = await clusterwide.members(ex.nodes, ex.cluster)
+    metadata = ex.caller.member_metadata("set_configuration with 'replicated'")
+    operation = {**body.data, "keep_sharded_data": True}
+    results = await clusterwide.fan_out(
+        ex.node, names, operation, metadata, limit_s=clusterwide.MEMBER_RESTART_TIMEOUT_S
+    )
+    return {**result, "replicated": [r.json() for r in results]}
 
 
 def _restart_services(body: Body) -> list[str]:

@@ -153,6 +153,16 @@ class Nodes:
             await self._write([row])
         return row
 
+    async def clear_own_shard(self) -> bool:
+        """Set this node's own row's shard to none (it left every shard); False when it
+        has no live row."""
+        async with self._lock:
+            current = await self.read()
+            if self.name not in current.rows:
+                return False
+            await self._write([{members.PRIMARY_KEY: self.name, "shard": None}])
+        return True
+
     async def remove(self, name: str) -> Row:
         if name == self.name:
             raise InvalidArgument(

@@ -11,7 +11,7 @@ from shoal.admin.v1 import admin_pb2 as apb
 from shoal.admin.v1 import admin_pb2_grpc
 from shoal.storage.v1 import storage_pb2 as spb
 
-from services.admin import analytics, clusterwide, harper
+from services.admin import analytics, clusterwide, harper, shards
 from services.admin.backup import Backups, drain
 from services.admin.budget import BudgetSettings, MemoryBudget, estimate
 from services.admin.certificates import (
@@ -246,13 +246,19 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         if not isinstance(settings, dict):
             raise InvalidArgument("set_configuration: settings must be a JSON object")
         settings = settings_from(settings)
-        keys = await self.cluster.set_configuration(settings)
-        reply = apb.SetConfigurationResponse(keys=keys)
+        keep = request.keep_sharded_data or request.replicated
+        outcome = await shards.set_configuration(self.nodes, settings, keep)
+        reply = apb.SetConfigurationResponse(keys=outcome.keys)
+        if outcome.shard_change is not None:
+            reply.shard_change.CopyFrom(outcome.shard_change.message())
         if request.replicated:
+            # Every member moves to the one shard, keeping what it holds (see shards.py).
             names = await clusterwide.members(self.nodes, self.cluster)
-            operation = {"operation": "set_configuration", **settings}
+            operation = {"operation": "set_configuration", **settings, "keep_sharded_data": True}
             metadata = caller.member_metadata("set_configuration with replicated")
-            results = await clusterwide.fan_out(self.node, names, operation, metadata)
+            results = await clusterwide.fan_out(
+                self.node, names, operation, metadata, limit_s=clusterwide.MEMBER_RESTART_TIMEOUT_S
+            )
             reply.replicated.extend(r.message() for r in results)
         return reply
 

@@ -7,9 +7,11 @@ storage stored in the same atomic write as the data it applied) and in each Subs
 past ``version``: versions of one origin are applied in order, so a position covers every
 earlier transaction of that origin.
 
-``WaitReplicated`` waits on these reports. What peers reported is kept for the life of
-the process (a few integers per peer, database and origin), across reconnections, so a
-confirmation that arrived before the wait began counts.
+``WaitReplicated`` waits on these reports: for ``count`` peers, and for each group (the
+residents of records written, given by storage) for that many of the group's peers. What
+peers reported is kept for the life of the process (a few integers per peer, database and
+origin), across reconnections, so a confirmation that arrived before the wait began
+counts. Only direct peers report: relays do not carry acknowledgements back.
 """
 
 from __future__ import annotations
@@ -22,13 +24,27 @@ from dataclasses import dataclass, field
 from shoal.storage.v1 import types_pb2
 
 
+@dataclass(frozen=True)
+class Group:
+    """``count`` of ``peers`` must confirm."""
+
+    peers: frozenset[str]
+    count: int
+
+
 @dataclass(eq=False)  # kept in a set by identity
 class _Waiter:
     database: str
     version: int
     count: int
+    groups: tuple[Group, ...] = ()
     peers: set[str] = field(default_factory=set)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def satisfied(self) -> bool:
+        return len(self.peers) >= self.count and all(
+            len(self.peers & g.peers) >= g.count for g in self.groups
+        )
 
 
 class Confirmations:
@@ -51,7 +67,7 @@ class Confirmations:
         for waiter in self._waiters:
             if confirmed.get(waiter.database, 0) >= waiter.version:
                 waiter.peers.add(peer)
-                if len(waiter.peers) >= waiter.count:
+                if waiter.satisfied():
                     waiter.done.set()
 
     def confirmed_peers(self, database: str, version: int) -> set[str]:
@@ -62,11 +78,20 @@ class Confirmations:
             if confirmed.get(database, 0) >= version
         }
 
-    async def wait(self, database: str, version: int, count: int, timeout_s: float) -> list[str]:
-        """The peers that committed the transaction, once ``count`` of them have or when
-        ``timeout_s`` has passed (then fewer)."""
-        waiter = _Waiter(database, version, count, self.confirmed_peers(database, version))
-        if len(waiter.peers) >= count:
+    async def wait(
+        self,
+        database: str,
+        version: int,
+        count: int,
+        timeout_s: float,
+        groups: Iterable[Group] = (),
+    ) -> list[str]:
+        """The peers that committed the transaction, once ``count`` of them have and
+        each group's count of its peers, or when ``timeout_s`` has passed (then fewer)."""
+        waiter = _Waiter(
+            database, version, count, tuple(groups), self.confirmed_peers(database, version)
+        )
+        if waiter.satisfied():
             return sorted(waiter.peers)
         self._waiters.add(waiter)
         try:

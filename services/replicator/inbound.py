@@ -256,6 +256,13 @@ class Inbound:
                     generation=last.generation, sequence=sequence, positions=reply.positions
                 )
                 await session.send(rpb.PeerMessage(ack=ack))
+            if reply.fenced_databases:
+                # This node is handing them over (a shard change): what was left unapplied
+                # comes again from the positions at the next subscription, after a pause.
+                return _Refused(
+                    f"not applying {', '.join(reply.fenced_databases)} from {session.peer} now:"
+                    " this node is handing it over (shard change)"
+                )
             arrived = now_ms()
             for txn in transactions:
                 db = session.state.database(txn.database)
@@ -479,7 +486,13 @@ class Inbound:
                 try:
                     reply = await session.storage.merge_snapshot(merge)
                 except grpc.aio.AioRpcError as exc:
-                    if error_reason(exc) != "COPY_OUT_OF_ORDER":
+                    reason = error_reason(exc)
+                    if reason == "DATABASE_FENCED":
+                        # This node is handing the database over: try again later.
+                        log.info("not copying %s now: %s", database, exc.details())
+                        await asyncio.sleep(self._pause.next())
+                        return False
+                    if reason != "COPY_OUT_OF_ORDER":
                         raise
                     log.warning(
                         "the copy of %s from %s cannot go on: %s",

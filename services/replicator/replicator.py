@@ -52,6 +52,7 @@ from services.replicator.admission import Admission, joined_row
 from services.replicator.confirmation import Confirmations
 from services.replicator.copies import CopyGate
 from services.replicator.fetch import Fetches
+from services.replicator.handover import PositionQueries
 from services.replicator.handshake import (
     PROTOCOL_MAX,
     PROTOCOL_MIN,
@@ -95,6 +96,7 @@ class Replicator:
         self.routes: dict[str, Route] = dict(self.configured)
         self.sessions: dict[str, Session] = {}
         self.fetches = Fetches(self)
+        self.position_queries = PositionQueries()
         self.copies = CopyGate()
         self.peers: dict[str, PeerState] = {
             r.hostname: PeerState(r.hostname) for r in config.replication.routes
@@ -583,6 +585,10 @@ class Replicator:
             if published is None or written <= published:
                 peers.append(name)
         return peers
+
+    def shard_members(self) -> list[str]:
+        """Other members whose system.hdb_nodes row names this node's shard."""
+        return sorted(n for n in self.membership.rows if n != self.name and self._same_shard(n))
 
     def _same_shard(self, peer: str) -> bool:
         """True when ``peer``'s row in system.hdb_nodes names this node's shard."""

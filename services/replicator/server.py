@@ -17,6 +17,8 @@ from services.common.config import ConfigError
 from services.common.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from services.common.routes import from_proto, to_proto
 from services.common.tls import peer_names
+from services.replicator.confirmation import Group
+from services.replicator.handover import hand_over
 from services.replicator.peercheck import PeerCertificate
 from services.replicator.replicator import Replicator
 from services.replicator.transport import AcceptedStream, ConnectionLost
@@ -98,6 +100,10 @@ class ReplicatorNodeServicer(replicator_pb2_grpc.ReplicatorNodeServiceServicer):
         self._internal(context)
         return await self.replicator.fetches.fetch(request)
 
+    async def HandOver(self, request: rpb.HandOverRequest, context: Ctx) -> rpb.HandOverResponse:
+        self._internal(context)
+        return await hand_over(self.replicator, request)
+
     async def WaitReplicated(
         self, request: rpb.WaitReplicatedRequest, context: Ctx
     ) -> rpb.WaitReplicatedResponse:
@@ -106,13 +112,32 @@ class ReplicatorNodeServicer(replicator_pb2_grpc.ReplicatorNodeServiceServicer):
             raise InvalidArgument("WaitReplicated needs a database")
         if request.version == 0:
             raise InvalidArgument("WaitReplicated needs the version of a committed transaction")
-        if request.count < 1:
-            raise InvalidArgument("WaitReplicated needs a count of at least 1 peer")
+        if request.count < 1 and not request.groups:
+            raise InvalidArgument(
+                "WaitReplicated needs a count of at least 1 peer or a group of peers"
+            )
+        groups = []
+        for i, group in enumerate(request.groups):
+            members = frozenset(group.peers)
+            if not members or len(members) != len(group.peers) or "" in members:
+                raise InvalidArgument(
+                    f"WaitReplicated group {i} needs distinct, non-empty peer names"
+                )
+            if not 1 <= group.count <= len(members):
+                raise InvalidArgument(
+                    f"WaitReplicated group {i} count must be 1 to its {len(members)} peers,"
+                    f" not {group.count}"
+                )
+            groups.append(Group(members, group.count))
         if not 1 <= request.timeout_ms <= MAX_WAIT_MS:
             raise InvalidArgument(
                 f"WaitReplicated timeout_ms must be 1 to {MAX_WAIT_MS}, not {request.timeout_ms}"
             )
         peers = await self.replicator.confirmations.wait(
-            request.database, request.version, request.count, request.timeout_ms / 1000
+            request.database,
+            request.version,
+            request.count,
+            request.timeout_ms / 1000,
+            groups,
         )
         return rpb.WaitReplicatedResponse(confirmed_peers=peers)

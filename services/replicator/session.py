@@ -27,7 +27,7 @@ from shoal.replicator.v1 import replicator_pb2 as rpb
 
 from services.common import members
 from services.common.config import Route
-from services.replicator import fetch
+from services.replicator import fetch, handover
 from services.replicator.inbound import Inbound
 from services.replicator.outbound import Outbound
 from services.replicator.peercheck import PeerCertificate
@@ -42,6 +42,7 @@ log = logging.getLogger("shoal.replicator.session")
 
 OUTGOING_QUEUE = 64
 MAX_FETCHES = 16  # a peer's fetches answered at once on one connection
+MAX_POSITION_QUERIES = 4  # a peer's PositionsRequests answered at once
 GOODBYE_TIMEOUT_S = 2.0
 
 
@@ -150,6 +151,7 @@ class Session:
         self._next_heartbeat = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._fetches = 0
+        self._position_queries = 0
         self._failure: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.inbound = Inbound(self)
         self.outbound = Outbound(self)
@@ -318,6 +320,10 @@ class Session:
             self._on_fetch(message.fetch_request)
         elif kind == "fetch_reply":
             self.replicator.fetches.resolve(message.fetch_reply)
+        elif kind == "positions_request":
+            self._on_positions(message.positions_request)
+        elif kind == "positions_reply":
+            self.replicator.position_queries.resolve(message.positions_reply)
         elif kind == "goodbye":
             reason = message.goodbye.reason or "the peer said goodbye"
             if message.goodbye.code not in (rpb.GOODBYE_CODE_SHUTDOWN, rpb.GOODBYE_CODE_DUPLICATE):
@@ -350,6 +356,26 @@ class Session:
                 self._fetches -= 1
 
         self.spawn(answer(), "fetch")
+
+    def _on_positions(self, request: rpb.PositionsRequest) -> None:
+        """A peer asks which positions of a database this node holds (a hand-over):
+        answered in a task of its own, at most MAX_POSITION_QUERIES at once."""
+        if self._position_queries >= MAX_POSITION_QUERIES:
+            reply = rpb.PositionsReply(
+                id=request.id, error=f"{self.replicator.name} is busy answering"
+            )
+            with contextlib.suppress(asyncio.QueueFull):
+                self.out.put_nowait(rpb.PeerMessage(positions_reply=reply))
+            return
+        self._position_queries += 1
+
+        async def answer() -> None:
+            try:
+                await handover.serve(self, request)
+            finally:
+                self._position_queries -= 1
+
+        self.spawn(answer(), "positions")
 
     async def _heartbeat(self) -> None:
         interval = self.config.heartbeat_interval_s

@@ -607,6 +607,24 @@ class LocalTransaction:
             self.writer.logkey,
         )
 
+    def written_residency(self) -> list[tuple[str, tuple[str, ...], bool]]:
+        """Before ``commit``, for write confirmation: each record the transaction writes,
+        as (its table, the residents the commit gives it (empty: none), whether this node
+        holds it whole after the commit). The residents are chosen as ``commit`` chooses
+        them (the same placement, its member list read once)."""
+        placement = self.placement if self.placement.active or self._rehomed else None
+        me = self.engine.node_name
+        out = []
+        for p in self._pending.values():
+            if placement is not None:
+                residents = placement.residents(p.table, p.encoded, p.old)
+            else:
+                residents = p.old.residents if p.old is not None else ()
+            stub_here = p.old is not None and p.old.stub
+            whole = not residents or (me in residents and not stub_here)
+            out.append((p.table.name, residents, whole))
+        return out
+
     def commit(self, extra_schema: Iterable[Table] = ()) -> int:
         """Write the transaction; returns its version (0 when it wrote nothing). When it
         fails before the write (a record that cannot be stored), nothing is written and

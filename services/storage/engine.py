@@ -27,7 +27,7 @@ from services.common.errors import (
     PermissionDenied,
 )
 from services.common.hlc import HybridClock, format_version, wall_clock_ms
-from services.storage import copy, keys, merge, residency
+from services.storage import copy, fence, keys, merge, residency
 from services.storage.commit import (
     COUNT_PREFIX,
     DELETE,
@@ -79,6 +79,7 @@ class ApplyResult:
     applied: int = 0
     skipped: int = 0
     positions: dict[tuple[str, str], int] = field(default_factory=dict)
+    fenced: set[str] = field(default_factory=set)  # databases left unapplied (fence.py)
 
 
 class Engine:
@@ -103,6 +104,8 @@ class Engine:
         self.stubs_on_residents = 0
         # Databases that received records with residents since start (see has_residents).
         self.resident_databases: set[str] = set()
+        # Databases being handed over (a shard change): writes and copies refused.
+        self.fences = fence.Fences()
         # Counters since the process started, read by the metrics collector at scrape time.
         self.commits = 0  # atomic writes (local transactions, applies, copies, schema)
         self.local_transactions = 0
@@ -215,6 +218,7 @@ class Engine:
     def _guard(self, database: str, internal: bool) -> None:
         if database in RESERVED_DATABASES and not internal:
             raise PermissionDenied(f"database {database!r} is reserved for Shoal itself")
+        self.fences.check_write(database)
 
     def create_database(self, name: str, internal: bool = False) -> Database:
         check_name("database", name)
@@ -227,10 +231,15 @@ class Engine:
 
     def drop_database(self, name: str, internal: bool = False) -> int:
         self._guard(name, internal)
+        return self.remove_database(name)
+
+    def remove_database(self, name: str) -> int:
+        """Drop a database, unchecked (``drop_database`` checks; a hand-over forgets a
+        fenced one)."""
         db = self.catalog.database(name)
         dropped = 0
         for table_name in list(db.tables):
-            dropped += self.drop_table(name, table_name, internal)
+            dropped += self._remove_table(name, table_name)
         batch = self.store.batch()
         batch.delete(SCHEMA_PREFIX + name.encode(), self.store.handle["meta"])
         self.store.write(batch)
@@ -261,6 +270,9 @@ class Engine:
 
     def drop_table(self, database: str, name: str, internal: bool = False) -> int:
         self._guard(database, internal)
+        return self._remove_table(database, name)
+
+    def _remove_table(self, database: str, name: str) -> int:
         table = self.catalog.table(database, name)
         prefix = keys.table_prefix(table.table_id)
         end = keys.prefix_end(prefix)
@@ -455,6 +467,11 @@ class Engine:
                 key = (txn.database, txn.origin)
                 if txn.version <= writer.positions.get(key, self.positions.get(key, 0)):
                     result.skipped += 1
+                    continue
+                if txn.database in self.fences:
+                    # Being handed over: not applied, so its position stays before it
+                    # (the caller subscribes again to receive it).
+                    result.fenced.add(txn.database)
                     continue
                 self._apply_one(writer, txn)
                 if partial:

@@ -16,7 +16,7 @@ from shoal.storage.v1 import storage_pb2_grpc, types_pb2
 from services.common import analytics as metrics_catalog
 from services.common.auth import identity
 from services.common.errors import InvalidArgument, PermissionDenied, ResourceExhausted
-from services.storage import backup, log, merge, residency, snapshot
+from services.storage import backup, handover, log, merge, residency, snapshot
 from services.storage.analytics import AnalyticsTables
 from services.storage.commit import parse_id
 from services.storage.copy import CopyState, merge_snapshot
@@ -87,6 +87,7 @@ class StorageNodeServicer(storage_pb2_grpc.StorageNodeServiceServicer):
                 types_pb2.Position(database=d, origin=o, version=v)
                 for (d, o), v in sorted(result.positions.items())
             ],
+            fenced_databases=sorted(result.fenced),
         )
 
     async def Snapshot(
@@ -102,6 +103,7 @@ class StorageNodeServicer(storage_pb2_grpc.StorageNodeServiceServicer):
         self, request: pb.MergeSnapshotRequest, context: Ctx
     ) -> pb.MergeSnapshotResponse:
         _node_only()
+        self.engine.fences.check_copy(request.database)
         copy = merge_snapshot(self.engine, request)
         return pb.MergeSnapshotResponse(progress=copy_progress(copy, request.complete))
 
@@ -128,7 +130,34 @@ class StorageNodeServicer(storage_pb2_grpc.StorageNodeServiceServicer):
             ],
             node_name=self.engine.node_name,
             node_time=self.engine.clock.peek(),
+            fenced_databases=[d for d in self.engine.fences.fenced() if not wanted or d == wanted],
+            partial_databases=sorted(
+                d for d in self.engine.partial_databases if not wanted or d == wanted
+            ),
         )
+
+    # -- hand-over (shard changes) -------------------------------------------------------
+
+    async def FenceDatabases(
+        self, request: pb.FenceDatabasesRequest, context: Ctx
+    ) -> pb.FenceDatabasesResponse:
+        _node_only()
+        fenced = self.engine.fences.set(list(request.databases), request.lease_ms)
+        return pb.FenceDatabasesResponse(fenced_databases=fenced)
+
+    async def ForgetDatabase(
+        self, request: pb.ForgetDatabaseRequest, context: Ctx
+    ) -> pb.ForgetDatabaseResponse:
+        _node_only()
+        held: dict[str, int] = {}
+        for p in request.held_elsewhere:
+            if p.database and p.database != request.database:
+                raise InvalidArgument(
+                    f"held_elsewhere names {p.database!r}, not {request.database!r}"
+                )
+            held[p.origin] = max(held.get(p.origin, 0), p.version)
+        forgotten = handover.forget(self.engine, request.database, held)
+        return pb.ForgetDatabaseResponse(forgotten=forgotten)
 
     # -- analytics ---------------------------------------------------------------------
 

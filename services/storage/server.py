@@ -32,8 +32,14 @@ from services.storage import (
     search,
 )
 from services.storage.analytics import AnalyticsTables
-from services.storage.commit import OperationResult, parse_id
-from services.storage.confirmation import ReplicatorClient, requested, wait_budget
+from services.storage.commit import LocalTransaction, OperationResult, parse_id
+from services.storage.confirmation import (
+    Need,
+    ReplicatorClient,
+    plan,
+    requested,
+    wait_budget,
+)
 from services.storage.engine import RESERVED_DATABASES, Engine
 from services.storage.permissions import (
     DELETE,
@@ -369,12 +375,14 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         database: str,
         tables: list[Table],
         confirmation: int,
-        write: Callable[[], tuple[Msg, int]],
+        write: Callable[[Callable[[LocalTransaction], int]], tuple[Msg, int]],
     ) -> tuple[Msg, int]:
-        """Run ``write`` (which commits and returns (result, version)) with write
-        confirmation: N checked against the possible recipients before, and N peers'
-        acknowledgements awaited after (see confirmation.py)."""
+        """Run ``write`` (which commits its transaction with the function it is given and
+        returns (result, version)) with write confirmation: N checked against the
+        possible recipients before, the records' residents checked in the step that
+        commits, and the peers' acknowledgements awaited after (see confirmation.py)."""
         count = requested(confirmation)
+        recipients: list[str] = []
         if count:
             if not all(t.replicate for t in tables):
                 local = ", ".join(sorted(t.name for t in tables if not t.replicate))
@@ -382,11 +390,22 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
                     f"replicated_confirmation {count} is impossible: {database}.{local} does"
                     " not replicate (replicate: false); nothing was written"
                 )
-            await self.replicator.check_recipients(database, [t.name for t in tables], count)
-        result, version = write()
+            recipients = await self.replicator.check_recipients(
+                database, [t.name for t in tables], count
+            )
+        needs: list[Need] = []
+
+        def commit(txn: LocalTransaction) -> int:
+            # Synchronous with the commit: the residents checked are those written.
+            if count:
+                node = self.engine.node_name
+                needs.append(plan(node, count, database, recipients, txn.written_residency()))
+            return txn.commit()
+
+        result, version = write(commit)
         if count and version:
             await self.replicator.wait(
-                database, version, count, wait_budget(context.time_remaining())
+                database, version, needs[0], wait_budget(context.time_remaining())
             )
         return result, version
 
@@ -409,11 +428,11 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
             raise InvalidArgument("no records given" if op != "delete" else "no ids given")
         table = self.engine.catalog.table(database, table_name)
 
-        def write() -> tuple[OperationResult, int]:
+        def write(commit: Callable[[LocalTransaction], int]) -> tuple[OperationResult, int]:
             txn = self.engine.transaction(database, who.name, who.internal)
             txn.replicate_to(replicate_to)
             result = getattr(txn, method or op)(table, payload)
-            return result, txn.commit()
+            return result, commit(txn)
 
         return await self._confirmed(context, database, [table], confirmation, write)
 
@@ -490,7 +509,9 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
                 except InvalidArgument as exc:
                     raise InvalidArgument(f"operation {i}: {exc.message}") from exc
 
-        def write() -> tuple[list[pb.TransactResult], int]:
+        def write(
+            commit: Callable[[LocalTransaction], int],
+        ) -> tuple[list[pb.TransactResult], int]:
             txn = self.engine.transaction(request.database, who.name, who.internal)
             txn.replicate_to(_replicate_to(request))
             results = []
@@ -514,7 +535,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
                 results.append(
                     pb.TransactResult(written_ids=result.written, skipped_ids=result.skipped)
                 )
-            return results, txn.commit()
+            return results, commit(txn)
 
         results, version = await self._confirmed(
             context, request.database, tables, request.replicated_confirmation, write

@@ -6,6 +6,7 @@ written. Real nodes (storage, replicator, admin), TLS between replicators."""
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any
 
 import grpc
@@ -14,9 +15,11 @@ import pytest
 from shoal.storage.v1 import storage_pb2 as pb
 from shoal.storage.v1 import types_pb2
 
+from services.storage import keys, residency
 from tests.conftest import MakeCluster
-from tests.harness.client import StorageClient, error_info
+from tests.harness.client import StorageClient, error_info, expect_error
 from tests.harness.cluster import Cluster
+from tests.harness.node import Node
 from tests.harness.wait import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
@@ -239,3 +242,132 @@ def test_confirmation_beyond_the_possible_recipients_is_refused_up_front(
     assert writer.all_records("conf", "t") == []
     assert writer.all_records("conf", "local") == []
     assert len(writer.transactions("conf")) == before
+
+
+# -- residency: only nodes holding the whole write confirm it -------------------------------
+
+RESIDENT_DB = "app"
+RESIDENT_TABLE = "t"
+RESIDENCY = {"replication": {"databases": ["*", {"name": RESIDENT_DB, "replicateTo": 2}]}}
+
+
+def _residents(names: list[str], key: str) -> tuple[str, ...]:
+    """Where a record written first by a node knowing ``names`` is placed (the cluster's
+    own rendezvous placement; the test checks the data against it)."""
+    return residency.rendezvous(RESIDENT_DB, RESIDENT_TABLE, keys.encode_key(key), names, 2)
+
+
+def _whole_on(nodes: list[Node], key: str) -> set[str]:
+    """The nodes whose own storage holds the record whole right now (not a stub)."""
+    holders = set()
+    for node in nodes:
+        reply = node.internal_client().stream(
+            "Snapshot", pb.SnapshotRequest(database=RESIDENT_DB, tables=[RESIDENT_TABLE])
+        )
+        for chunk in reply:
+            for row in chunk.rows:
+                if orjson.loads(row.id) != key:
+                    continue
+                state = orjson.loads(row.state)
+                residency_part = state[5] if len(state) == 6 else None
+                whole = residency_part is None or (
+                    node.name in residency_part[2] and not residency_part[3]
+                )
+                if whole and state[3].get("payload") == f"for {key}":
+                    holders.add(node.name)
+    return holders
+
+
+def _resident_insert(client: StorageClient, key: str, n: int, timeout: float = 30) -> Any:
+    return client.call(
+        "Insert",
+        pb.InsertRequest(
+            database=RESIDENT_DB,
+            table=RESIDENT_TABLE,
+            records=[orjson.dumps({"id": key, "payload": f"for {key}"})],
+            replicated_confirmation=n,
+        ),
+        timeout=timeout,
+    )
+
+
+def test_with_residents_an_acknowledged_write_is_whole_on_n_plus_one_nodes(
+    make_cluster: MakeCluster,
+) -> None:
+    cluster = make_cluster(size=4, services=SERVICES, config=RESIDENCY)
+    cluster.wait_connected()
+    cluster.wait_members()
+    nodes = list(cluster)
+    writer, stopped = nodes[0], nodes[3]
+    names = sorted(n.name for n in nodes)
+    client = writer.client()
+    client.create_table(RESIDENT_DB, RESIDENT_TABLE)
+    cluster.wait_converged()
+
+    # Keys by where they are placed: with the writer among the residents or not, and
+    # with the node stopped later among them or not.
+    by_kind: dict[tuple[bool, bool], list[str]] = {}
+    for i in range(400):
+        key = f"k{i}"
+        placed = _residents(names, key)
+        by_kind.setdefault((writer.name in placed, stopped.name in placed), []).append(key)
+    assert all(len(found) >= 4 for found in by_kind.values()), by_kind.keys()
+    assert len(by_kind) == 4
+
+    # All nodes up: acknowledged means whole on the writer and one peer when the writer
+    # is a resident, and on both residents when it holds only a stub.
+    for kind, keys_of_kind in sorted(by_kind.items()):
+        for key in keys_of_kind[:2]:
+            _resident_insert(client, key, 1)
+            holders = _whole_on(nodes, key)
+            assert holders == set(_residents(names, key)), (key, kind, holders)
+
+    # Impossible with two residents: refused before anything is written.
+    before = len(client.transactions(RESIDENT_DB))
+    for key in (by_kind[(True, False)][2], by_kind[(False, False)][2]):
+        error = expect_error(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            partial(_resident_insert, client, key, 2),
+            "whole on 3 nodes",
+            "nothing was written",
+        )
+        assert error_info(error).reason == "CONFIRMATION_IMPOSSIBLE"
+    assert len(client.transactions(RESIDENT_DB)) == before
+    assert client.get(RESIDENT_DB, RESIDENT_TABLE, by_kind[(True, False)][2:3]) == []
+
+    # One resident stopped: a write it would have to confirm times out (committed
+    # locally), whatever the other peers acknowledged; the others are still whole on
+    # two running nodes when acknowledged.
+    stopped.stop()
+    running = nodes[:3]
+    for (here, on_stopped), keys_of_kind in sorted(by_kind.items()):
+        key = keys_of_kind[3]
+        if not on_stopped:
+            _resident_insert(client, key, 1)
+            assert _whole_on(running, key) == set(_residents(names, key)), key
+            continue
+        try:
+            _resident_insert(client, key, 1, timeout=3)
+        except grpc.RpcError as exc:
+            error = exc
+        else:
+            raise AssertionError(
+                f"{key} (residents {_residents(names, key)}) was acknowledged with its"
+                f" resident {stopped.name} stopped; whole on {_whole_on(running, key)}"
+            )
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error.details()
+        assert error_info(error).reason == "REPLICATION_NOT_CONFIRMED"
+        message = error.details() or ""
+        assert "committed locally" in message and stopped.name in message, message
+        if not here:
+            assert "holds only stubs" in message, message
+        # Committed, and whole on the running resident at most.
+        assert len(_whole_on(running, key)) <= 1
+    # The stopped resident gets the unconfirmed writes when it is back.
+    stopped.start(*SERVICES)
+    late = [keys_of_kind[3] for (_, on_stopped), keys_of_kind in by_kind.items() if on_stopped]
+    wait_for(
+        lambda: all(stopped.name in _whole_on([stopped], key) for key in late),
+        60,
+        "the unconfirmed writes to reach the restarted resident",
+    )

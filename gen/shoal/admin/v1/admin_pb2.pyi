@@ -165,6 +165,7 @@ class SetConfigurationRequest(_message.Message):
 
     SETTINGS_FIELD_NUMBER: _builtins.int
     REPLICATED_FIELD_NUMBER: _builtins.int
+    KEEP_SHARDED_DATA_FIELD_NUMBER: _builtins.int
     settings: _builtins.bytes
     """A JSON object of keys and values: dotted keys of shoal.yaml ("logging.level") or
     Harper's underscore form ("logging_level"); null removes a key (its default
@@ -172,15 +173,20 @@ class SetConfigurationRequest(_message.Message):
     """
     replicated: _builtins.bool
     """Also make the change on every member of the cluster."""
+    keep_sharded_data: _builtins.bool
+    """A shard change keeps the sharded databases this node holds instead of handing them
+    over to its old shard: they then belong to the new shard.
+    """
     def __init__(
         self,
         *,
         settings: _builtins.bytes = ...,
         replicated: _builtins.bool = ...,
+        keep_sharded_data: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["replicated", b"replicated", "settings", b"settings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keep_sharded_data", b"keep_sharded_data", "replicated", b"replicated", "settings", b"settings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -194,6 +200,7 @@ class SetConfigurationResponse(_message.Message):
 
     KEYS_FIELD_NUMBER: _builtins.int
     REPLICATED_FIELD_NUMBER: _builtins.int
+    SHARD_CHANGE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The dotted keys changed on this node."""
@@ -202,19 +209,97 @@ class SetConfigurationResponse(_message.Message):
     def replicated(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeResult]:
         """Per member, with `replicated`."""
 
+    @_builtins.property
+    def shard_change(self) -> Global___ShardChange:
+        """Set when the change moved this node to another shard."""
+
     def __init__(
         self,
         *,
         keys: _abc.Iterable[_builtins.str] | None = ...,
         replicated: _abc.Iterable[Global___NodeResult] | None = ...,
+        shard_change: Global___ShardChange | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["shard_change", b"shard_change"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "replicated", b"replicated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "replicated", b"replicated", "shard_change", b"shard_change"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetConfigurationResponse: _TypeAlias = SetConfigurationResponse  # noqa: Y015
+
+@_typing.final
+class ShardChange(_message.Message):
+    """What a shard change did on this node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PREVIOUS_SHARD_FIELD_NUMBER: _builtins.int
+    SHARD_FIELD_NUMBER: _builtins.int
+    HANDED_OVER_FIELD_NUMBER: _builtins.int
+    KEPT_FIELD_NUMBER: _builtins.int
+    previous_shard: _builtins.int
+    """The shard before (unset: none)."""
+    shard: _builtins.int
+    """The shard now (unset: none)."""
+    kept: _builtins.bool
+    """True when the node kept what it held of its sharded databases (it had no shard, or
+    keep_sharded_data): that data now belongs to the new shard.
+    """
+    @_builtins.property
+    def handed_over(self) -> _containers.RepeatedCompositeFieldContainer[Global___HandedOverDatabase]:
+        """Sharded databases handed over to the old shard's nodes and removed here."""
+
+    def __init__(
+        self,
+        *,
+        previous_shard: _builtins.int | None = ...,
+        shard: _builtins.int | None = ...,
+        handed_over: _abc.Iterable[Global___HandedOverDatabase] | None = ...,
+        kept: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_previous_shard", b"_previous_shard", "_shard", b"_shard", "previous_shard", b"previous_shard", "shard", b"shard"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_previous_shard", b"_previous_shard", "_shard", b"_shard", "handed_over", b"handed_over", "kept", b"kept", "previous_shard", b"previous_shard", "shard", b"shard"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__previous_shard: _TypeAlias = _typing.Literal["previous_shard"]  # noqa: Y015
+    _WhichOneofArgType__previous_shard: _TypeAlias = _typing.Literal["_previous_shard", b"_previous_shard"]  # noqa: Y015
+    _WhichOneofReturnType__shard: _TypeAlias = _typing.Literal["shard"]  # noqa: Y015
+    _WhichOneofArgType__shard: _TypeAlias = _typing.Literal["_shard", b"_shard"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__previous_shard) -> _WhichOneofReturnType__previous_shard | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__shard) -> _WhichOneofReturnType__shard | None: ...
+
+Global___ShardChange: _TypeAlias = ShardChange  # noqa: Y015
+
+@_typing.final
+class HandedOverDatabase(_message.Message):
+    """A database handed over by a shard change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    HELD_BY_FIELD_NUMBER: _builtins.int
+    database: _builtins.str
+    """The database."""
+    @_builtins.property
+    def held_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Nodes of the old shard that hold everything this node held of it."""
+
+    def __init__(
+        self,
+        *,
+        database: _builtins.str = ...,
+        held_by: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "held_by", b"held_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HandedOverDatabase: _TypeAlias = HandedOverDatabase  # noqa: Y015
 
 @_typing.final
 class RestartRequest(_message.Message):

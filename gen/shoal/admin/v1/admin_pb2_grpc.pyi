@@ -227,9 +227,27 @@ class AdminServiceStub:
     routes) through its admin service, with the caller's credentials; each member's
     outcome is in `replicated`. An invalid change is refused before any node is
     changed. Super user.
+
+    A change of `replication.shard` takes effect at once (`shard_change`): the node
+    fences the sharded databases it holds (writes to them are UNAVAILABLE, reason
+    SHARD_CHANGING, for the moment of the change), waits until other nodes of its old
+    shard hold every write it holds of them (the replicator's HandOver, at most a
+    minute), removes them (storage's ForgetDatabase), writes the file, restarts its
+    replicator, which announces the new shard (its system.hdb_nodes row carries it to
+    every member), and lifts the fence; it then receives the new shard's sharded
+    databases from its members by copies, as a new node does. Nothing is removed
+    unless it is held elsewhere: when the handover cannot complete, nothing changes
+    (FAILED_PRECONDITION, reason NOT_HELD_ELSEWHERE). A node without a shard, and one
+    told `keep_sharded_data`, keeps what it holds: that data then belongs to the new
+    shard. With `replicated`, every member moves to the same shard and keeps what it
+    holds (`keep_sharded_data` is implied): the old shards' data merges into the new.
     Errors: INVALID_ARGUMENT (not a JSON object, an unknown key, a key that cannot be
     set this way, a value the configuration refuses; every problem is named),
-    PERMISSION_DENIED, FAILED_PRECONDITION (the node runs without a configuration file).
+    PERMISSION_DENIED, FAILED_PRECONDITION (the node runs without a configuration file;
+    reason NOT_HELD_ELSEWHERE: a shard change whose data no other node of the shard
+    holds in time, nothing changed), UNAVAILABLE (storage or the replicator did not
+    answer), DEADLINE_EXCEEDED (after a shard change, the replicator did not come back or the
+    node did not catch up within a minute: the change is made).
     """
     Restart: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RestartRequest, _admin_pb2.RestartResponse]
     """Restarts this node's services in place (Harper's restart and restart_service): one
@@ -442,9 +460,27 @@ class AdminServiceAsyncStub(AdminServiceStub):
     routes) through its admin service, with the caller's credentials; each member's
     outcome is in `replicated`. An invalid change is refused before any node is
     changed. Super user.
+
+    A change of `replication.shard` takes effect at once (`shard_change`): the node
+    fences the sharded databases it holds (writes to them are UNAVAILABLE, reason
+    SHARD_CHANGING, for the moment of the change), waits until other nodes of its old
+    shard hold every write it holds of them (the replicator's HandOver, at most a
+    minute), removes them (storage's ForgetDatabase), writes the file, restarts its
+    replicator, which announces the new shard (its system.hdb_nodes row carries it to
+    every member), and lifts the fence; it then receives the new shard's sharded
+    databases from its members by copies, as a new node does. Nothing is removed
+    unless it is held elsewhere: when the handover cannot complete, nothing changes
+    (FAILED_PRECONDITION, reason NOT_HELD_ELSEWHERE). A node without a shard, and one
+    told `keep_sharded_data`, keeps what it holds: that data then belongs to the new
+    shard. With `replicated`, every member moves to the same shard and keeps what it
+    holds (`keep_sharded_data` is implied): the old shards' data merges into the new.
     Errors: INVALID_ARGUMENT (not a JSON object, an unknown key, a key that cannot be
     set this way, a value the configuration refuses; every problem is named),
-    PERMISSION_DENIED, FAILED_PRECONDITION (the node runs without a configuration file).
+    PERMISSION_DENIED, FAILED_PRECONDITION (the node runs without a configuration file;
+    reason NOT_HELD_ELSEWHERE: a shard change whose data no other node of the shard
+    holds in time, nothing changed), UNAVAILABLE (storage or the replicator did not
+    answer), DEADLINE_EXCEEDED (after a shard change, the replicator did not come back or the
+    node did not catch up within a minute: the change is made).
     """
     Restart: _aio.UnaryUnaryMultiCallable[_admin_pb2.RestartRequest, _admin_pb2.RestartResponse]  # type: ignore[assignment]
     """Restarts this node's services in place (Harper's restart and restart_service): one
@@ -768,9 +804,27 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         routes) through its admin service, with the caller's credentials; each member's
         outcome is in `replicated`. An invalid change is refused before any node is
         changed. Super user.
+
+        A change of `replication.shard` takes effect at once (`shard_change`): the node
+        fences the sharded databases it holds (writes to them are UNAVAILABLE, reason
+        SHARD_CHANGING, for the moment of the change), waits until other nodes of its old
+        shard hold every write it holds of them (the replicator's HandOver, at most a
+        minute), removes them (storage's ForgetDatabase), writes the file, restarts its
+        replicator, which announces the new shard (its system.hdb_nodes row carries it to
+        every member), and lifts the fence; it then receives the new shard's sharded
+        databases from its members by copies, as a new node does. Nothing is removed
+        unless it is held elsewhere: when the handover cannot complete, nothing changes
+        (FAILED_PRECONDITION, reason NOT_HELD_ELSEWHERE). A node without a shard, and one
+        told `keep_sharded_data`, keeps what it holds: that data then belongs to the new
+        shard. With `replicated`, every member moves to the same shard and keeps what it
+        holds (`keep_sharded_data` is implied): the old shards' data merges into the new.
         Errors: INVALID_ARGUMENT (not a JSON object, an unknown key, a key that cannot be
         set this way, a value the configuration refuses; every problem is named),
-        PERMISSION_DENIED, FAILED_PRECONDITION (the node runs without a configuration file).
+        PERMISSION_DENIED, FAILED_PRECONDITION (the node runs without a configuration file;
+        reason NOT_HELD_ELSEWHERE: a shard change whose data no other node of the shard
+        holds in time, nothing changed), UNAVAILABLE (storage or the replicator did not
+        answer), DEADLINE_EXCEEDED (after a shard change, the replicator did not come back or the
+        node did not catch up within a minute: the change is made).
         """
 
     @_abc_1.abstractmethod

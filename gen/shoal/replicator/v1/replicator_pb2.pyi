@@ -100,6 +100,92 @@ GOODBYE_CODE_REMOVED: GoodbyeCode.ValueType  # 9
 Global___GoodbyeCode: _TypeAlias = GoodbyeCode  # noqa: Y015
 
 @_typing.final
+class HandOverRequest(_message.Message):
+    """Request of HandOver."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASES_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    timeout_ms: _builtins.int
+    """How long to wait at most, in milliseconds (1 to 3,600,000)."""
+    @_builtins.property
+    def databases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Databases to hand over."""
+
+    def __init__(
+        self,
+        *,
+        databases: _abc.Iterable[_builtins.str] | None = ...,
+        timeout_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["databases", b"databases", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HandOverRequest: _TypeAlias = HandOverRequest  # noqa: Y015
+
+@_typing.final
+class HandedOver(_message.Message):
+    """One database handed over."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    HELD_BY_FIELD_NUMBER: _builtins.int
+    POSITIONS_FIELD_NUMBER: _builtins.int
+    database: _builtins.str
+    """The database."""
+    @_builtins.property
+    def held_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Peers of the shard that hold what this node holds, sorted."""
+
+    @_builtins.property
+    def positions(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Position]:
+        """Per origin, the highest version these peers hold."""
+
+    def __init__(
+        self,
+        *,
+        database: _builtins.str = ...,
+        held_by: _abc.Iterable[_builtins.str] | None = ...,
+        positions: _abc.Iterable[_types_pb2.Position] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "held_by", b"held_by", "positions", b"positions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HandedOver: _TypeAlias = HandedOver  # noqa: Y015
+
+@_typing.final
+class HandOverResponse(_message.Message):
+    """Response of HandOver."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def databases(self) -> _containers.RepeatedCompositeFieldContainer[Global___HandedOver]:
+        """One per database, in request order."""
+
+    def __init__(
+        self,
+        *,
+        databases: _abc.Iterable[Global___HandedOver] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["databases", b"databases"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HandOverResponse: _TypeAlias = HandOverResponse  # noqa: Y015
+
+@_typing.final
 class FetchRecordsRequest(_message.Message):
     """Request of FetchRecords."""
 
@@ -252,14 +338,19 @@ class WaitReplicatedRequest(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     COUNT_FIELD_NUMBER: _builtins.int
     TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
     database: _builtins.str
     """Database of the transaction."""
     version: _builtins.int
     """Version of the transaction, committed by this node (its origin)."""
     count: _builtins.int
-    """How many distinct peers must have committed it."""
+    """How many distinct peers must have committed it (0 when only groups count)."""
     timeout_ms: _builtins.int
     """How long to wait at most, in milliseconds (1 to 3,600,000)."""
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConfirmationGroup]:
+        """Besides `count`: for each group, how many of its peers must have committed it."""
+
     def __init__(
         self,
         *,
@@ -267,14 +358,43 @@ class WaitReplicatedRequest(_message.Message):
         version: _builtins.int = ...,
         count: _builtins.int = ...,
         timeout_ms: _builtins.int = ...,
+        groups: _abc.Iterable[Global___ConfirmationGroup] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "database", b"database", "timeout_ms", b"timeout_ms", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "database", b"database", "groups", b"groups", "timeout_ms", b"timeout_ms", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WaitReplicatedRequest: _TypeAlias = WaitReplicatedRequest  # noqa: Y015
+
+@_typing.final
+class ConfirmationGroup(_message.Message):
+    """Peers of which some must confirm a transaction (WaitReplicated)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEERS_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """How many of them must have committed the transaction (1 to the number of peers)."""
+    @_builtins.property
+    def peers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Node names, distinct."""
+
+    def __init__(
+        self,
+        *,
+        peers: _abc.Iterable[_builtins.str] | None = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "peers", b"peers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfirmationGroup: _TypeAlias = ConfirmationGroup  # noqa: Y015
 
 @_typing.final
 class WaitReplicatedResponse(_message.Message):
@@ -518,6 +638,8 @@ class PeerMessage(_message.Message):
     HEARTBEAT_REPLY_FIELD_NUMBER: _builtins.int
     FETCH_REQUEST_FIELD_NUMBER: _builtins.int
     FETCH_REPLY_FIELD_NUMBER: _builtins.int
+    POSITIONS_REQUEST_FIELD_NUMBER: _builtins.int
+    POSITIONS_REPLY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello:
         """Handshake, first message each way."""
@@ -570,6 +692,14 @@ class PeerMessage(_message.Message):
     def fetch_reply(self) -> Global___FetchReply:
         """Answer to a FetchRequest."""
 
+    @_builtins.property
+    def positions_request(self) -> Global___PositionsRequest:
+        """Which positions of a database the peer has applied (a shard hand-over)."""
+
+    @_builtins.property
+    def positions_reply(self) -> Global___PositionsReply:
+        """Answer to a PositionsRequest."""
+
     def __init__(
         self,
         *,
@@ -586,16 +716,87 @@ class PeerMessage(_message.Message):
         heartbeat_reply: Global___HeartbeatReply | None = ...,
         fetch_request: Global___FetchRequest | None = ...,
         fetch_reply: Global___FetchReply | None = ...,
+        positions_request: Global___PositionsRequest | None = ...,
+        positions_reply: Global___PositionsReply | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "batch", b"batch", "body", b"body", "copy_chunk", b"copy_chunk", "copy_request", b"copy_request", "fetch_reply", b"fetch_reply", "fetch_request", b"fetch_request", "goodbye", b"goodbye", "heartbeat", b"heartbeat", "heartbeat_reply", b"heartbeat_reply", "hello", b"hello", "subscribe", b"subscribe", "subscribe_error", b"subscribe_error", "unsubscribe", b"unsubscribe"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "batch", b"batch", "body", b"body", "copy_chunk", b"copy_chunk", "copy_request", b"copy_request", "fetch_reply", b"fetch_reply", "fetch_request", b"fetch_request", "goodbye", b"goodbye", "heartbeat", b"heartbeat", "heartbeat_reply", b"heartbeat_reply", "hello", b"hello", "positions_reply", b"positions_reply", "positions_request", b"positions_request", "subscribe", b"subscribe", "subscribe_error", b"subscribe_error", "unsubscribe", b"unsubscribe"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "batch", b"batch", "body", b"body", "copy_chunk", b"copy_chunk", "copy_request", b"copy_request", "fetch_reply", b"fetch_reply", "fetch_request", b"fetch_request", "goodbye", b"goodbye", "heartbeat", b"heartbeat", "heartbeat_reply", b"heartbeat_reply", "hello", b"hello", "subscribe", b"subscribe", "subscribe_error", b"subscribe_error", "unsubscribe", b"unsubscribe"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "batch", b"batch", "body", b"body", "copy_chunk", b"copy_chunk", "copy_request", b"copy_request", "fetch_reply", b"fetch_reply", "fetch_request", b"fetch_request", "goodbye", b"goodbye", "heartbeat", b"heartbeat", "heartbeat_reply", b"heartbeat_reply", "hello", b"hello", "positions_reply", b"positions_reply", "positions_request", b"positions_request", "subscribe", b"subscribe", "subscribe_error", b"subscribe_error", "unsubscribe", b"unsubscribe"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "goodbye", "subscribe", "unsubscribe", "batch", "ack", "subscribe_error", "copy_request", "copy_chunk", "heartbeat", "heartbeat_reply", "fetch_request", "fetch_reply"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "goodbye", "subscribe", "unsubscribe", "batch", "ack", "subscribe_error", "copy_request", "copy_chunk", "heartbeat", "heartbeat_reply", "fetch_request", "fetch_reply", "positions_request", "positions_reply"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___PeerMessage: _TypeAlias = PeerMessage  # noqa: Y015
+
+@_typing.final
+class PositionsRequest(_message.Message):
+    """A node asks its peer which positions of a database the peer has applied, to know
+    whether the peer holds everything the node holds (HandOver). Answered only for a
+    database that flows on the connection (see Hello.sharded_databases).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    DATABASE_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Echoed in the reply."""
+    database: _builtins.str
+    """Database name."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        database: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PositionsRequest: _TypeAlias = PositionsRequest  # noqa: Y015
+
+@_typing.final
+class PositionsReply(_message.Message):
+    """Answer to a PositionsRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    POSITIONS_FIELD_NUMBER: _builtins.int
+    PARTIAL_FIELD_NUMBER: _builtins.int
+    FENCED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The PositionsRequest's id."""
+    partial: _builtins.bool
+    """The peer's positions of the database are partial (they do not stand for every write)."""
+    fenced: _builtins.bool
+    """The peer is handing the database over itself (its storage has it fenced)."""
+    error: _builtins.str
+    """Set when the peer cannot answer (a sentence for people); the rest is empty."""
+    @_builtins.property
+    def positions(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Position]:
+        """The peer's durable positions of the database."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        positions: _abc.Iterable[_types_pb2.Position] | None = ...,
+        partial: _builtins.bool = ...,
+        fenced: _builtins.bool = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "fenced", b"fenced", "id", b"id", "partial", b"partial", "positions", b"positions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PositionsReply: _TypeAlias = PositionsReply  # noqa: Y015
 
 @_typing.final
 class FetchRequest(_message.Message):

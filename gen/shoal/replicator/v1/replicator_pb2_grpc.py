@@ -157,6 +157,11 @@ class ReplicatorNodeServiceStub:
                 request_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.FetchRecordsRequest.SerializeToString,
                 response_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.FetchRecordsResponse.FromString,
                 _registered_method=True)
+        self.HandOver = channel.unary_unary(
+                '/shoal.replicator.v1.ReplicatorNodeService/HandOver',
+                request_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.HandOverRequest.SerializeToString,
+                response_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.HandOverResponse.FromString,
+                _registered_method=True)
 
 
 class ReplicatorNodeServiceServicer:
@@ -202,17 +207,24 @@ class ReplicatorNodeServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WaitReplicated(self, request, context):
-        """Waits until `count` distinct peers have durably committed this node's transaction
-        `version` of `database`, or until `timeout_ms` has passed, and answers with the
-        peers that have. A peer has committed it when a position it reported for
-        (database, this node) is at or past `version`: an Ack (sent after its storage
-        applied a batch, positions written in the same atomic write as the data) or the
-        positions of its Subscribe (its durable positions). What peers reported is kept
-        across reconnections, so a confirmation that arrived before the call counts.
+        """Waits until the transaction `version` of `database`, committed by this node, is
+        durably committed by enough peers, or until `timeout_ms` has passed, and answers with
+        the peers that have. Enough means: at least `count` distinct peers, and for every
+        group, at least the group's `count` of the group's peers (storage gives one group
+        per set of residents of the records written, so that only peers holding the whole
+        write count for them; see storage's Insert). A peer has committed the transaction
+        when a position it reported for (database, this node) is at or past `version`: an
+        Ack (sent after its storage applied a batch, positions written in the same atomic
+        write as the data) or the positions of its Subscribe (its durable positions). Only
+        direct peers count: a node that received the transaction through a relay confirms
+        it once it reports its positions to this node on a connection of its own (relays
+        do not carry acknowledgements back). What peers reported is kept across
+        reconnections, so a confirmation that arrived before the call counts.
         Not reaching `count` in time is not an error: the answer lists fewer peers.
         Node-internal identity.
-        Errors: INVALID_ARGUMENT (no database, version 0, count below 1, timeout_ms 0 or
-        more than an hour), UNAUTHENTICATED, PERMISSION_DENIED.
+        Errors: INVALID_ARGUMENT (no database, version 0, neither a count of at least 1 nor
+        a group, a group without peers or whose count is not 1 to its number of peers,
+        timeout_ms 0 or more than an hour), UNAUTHENTICATED, PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -226,6 +238,27 @@ class ReplicatorNodeServiceServicer:
         Errors: INVALID_ARGUMENT (no database, table, ids or residents; timeout_ms 0 or more
         than a minute), UNAVAILABLE (no resident answered in time: the message names the
         residents and why each failed), UNAUTHENTICATED, PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HandOver(self, request, context):
+        """Waits until what this node holds of `databases` is held by other nodes of its shard
+        (the first step of leaving a shard; storage has fenced the databases, so this node's
+        positions no longer move). A database is held elsewhere when, for every origin of
+        this node's positions of it, some connected peer with which the database flows
+        (the same shard), that is not handing it over itself (its storage has it fenced)
+        and whose positions of it are not partial, reports a position at or past this
+        node's (asked on the replication connection: PositionsRequest). Meanwhile this
+        node's log keeps flowing to its peers, so what they lack reaches them. Answers,
+        per database, the peers that reported and the highest position each origin has
+        among them (what storage's ForgetDatabase checks against); a database this node
+        holds no position of needs no peer. Node-internal identity.
+        Errors: INVALID_ARGUMENT (no databases, a repeated one, `system`, timeout_ms 0 or
+        more than an hour), FAILED_PRECONDITION (reason NOT_HELD_ELSEWHERE: by the timeout,
+        no peer of the shard holds some of it; the message names the databases, the origins
+        and versions missing, and the peers asked), UNAUTHENTICATED, PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -258,6 +291,11 @@ def add_ReplicatorNodeServiceServicer_to_server(servicer, server):
                     servicer.FetchRecords,
                     request_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.FetchRecordsRequest.FromString,
                     response_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.FetchRecordsResponse.SerializeToString,
+            ),
+            'HandOver': grpc.unary_unary_rpc_method_handler(
+                    servicer.HandOver,
+                    request_deserializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.HandOverRequest.FromString,
+                    response_serializer=shoal_dot_replicator_dot_v1_dot_replicator__pb2.HandOverResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -399,6 +437,33 @@ class ReplicatorNodeService:
             '/shoal.replicator.v1.ReplicatorNodeService/FetchRecords',
             shoal_dot_replicator_dot_v1_dot_replicator__pb2.FetchRecordsRequest.SerializeToString,
             shoal_dot_replicator_dot_v1_dot_replicator__pb2.FetchRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HandOver(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.replicator.v1.ReplicatorNodeService/HandOver',
+            shoal_dot_replicator_dot_v1_dot_replicator__pb2.HandOverRequest.SerializeToString,
+            shoal_dot_replicator_dot_v1_dot_replicator__pb2.HandOverResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -165,17 +165,24 @@ class ReplicatorNodeServiceStub:
     Errors: INVALID_ARGUMENT (no database), UNAUTHENTICATED, PERMISSION_DENIED.
     """
     WaitReplicated: _grpc.UnaryUnaryMultiCallable[_replicator_pb2.WaitReplicatedRequest, _replicator_pb2.WaitReplicatedResponse]
-    """Waits until `count` distinct peers have durably committed this node's transaction
-    `version` of `database`, or until `timeout_ms` has passed, and answers with the
-    peers that have. A peer has committed it when a position it reported for
-    (database, this node) is at or past `version`: an Ack (sent after its storage
-    applied a batch, positions written in the same atomic write as the data) or the
-    positions of its Subscribe (its durable positions). What peers reported is kept
-    across reconnections, so a confirmation that arrived before the call counts.
+    """Waits until the transaction `version` of `database`, committed by this node, is
+    durably committed by enough peers, or until `timeout_ms` has passed, and answers with
+    the peers that have. Enough means: at least `count` distinct peers, and for every
+    group, at least the group's `count` of the group's peers (storage gives one group
+    per set of residents of the records written, so that only peers holding the whole
+    write count for them; see storage's Insert). A peer has committed the transaction
+    when a position it reported for (database, this node) is at or past `version`: an
+    Ack (sent after its storage applied a batch, positions written in the same atomic
+    write as the data) or the positions of its Subscribe (its durable positions). Only
+    direct peers count: a node that received the transaction through a relay confirms
+    it once it reports its positions to this node on a connection of its own (relays
+    do not carry acknowledgements back). What peers reported is kept across
+    reconnections, so a confirmation that arrived before the call counts.
     Not reaching `count` in time is not an error: the answer lists fewer peers.
     Node-internal identity.
-    Errors: INVALID_ARGUMENT (no database, version 0, count below 1, timeout_ms 0 or
-    more than an hour), UNAUTHENTICATED, PERMISSION_DENIED.
+    Errors: INVALID_ARGUMENT (no database, version 0, neither a count of at least 1 nor
+    a group, a group without peers or whose count is not 1 to its number of peers,
+    timeout_ms 0 or more than an hour), UNAUTHENTICATED, PERMISSION_DENIED.
     """
     FetchRecords: _grpc.UnaryUnaryMultiCallable[_replicator_pb2.FetchRecordsRequest, _replicator_pb2.FetchRecordsResponse]
     """Reads records from their residents: for a read on this node of records it holds only
@@ -185,6 +192,23 @@ class ReplicatorNodeServiceStub:
     Errors: INVALID_ARGUMENT (no database, table, ids or residents; timeout_ms 0 or more
     than a minute), UNAVAILABLE (no resident answered in time: the message names the
     residents and why each failed), UNAUTHENTICATED, PERMISSION_DENIED.
+    """
+    HandOver: _grpc.UnaryUnaryMultiCallable[_replicator_pb2.HandOverRequest, _replicator_pb2.HandOverResponse]
+    """Waits until what this node holds of `databases` is held by other nodes of its shard
+    (the first step of leaving a shard; storage has fenced the databases, so this node's
+    positions no longer move). A database is held elsewhere when, for every origin of
+    this node's positions of it, some connected peer with which the database flows
+    (the same shard), that is not handing it over itself (its storage has it fenced)
+    and whose positions of it are not partial, reports a position at or past this
+    node's (asked on the replication connection: PositionsRequest). Meanwhile this
+    node's log keeps flowing to its peers, so what they lack reaches them. Answers,
+    per database, the peers that reported and the highest position each origin has
+    among them (what storage's ForgetDatabase checks against); a database this node
+    holds no position of needs no peer. Node-internal identity.
+    Errors: INVALID_ARGUMENT (no databases, a repeated one, `system`, timeout_ms 0 or
+    more than an hour), FAILED_PRECONDITION (reason NOT_HELD_ELSEWHERE: by the timeout,
+    no peer of the shard holds some of it; the message names the databases, the origins
+    and versions missing, and the peers asked), UNAUTHENTICATED, PERMISSION_DENIED.
     """
 
 @_typing.type_check_only
@@ -220,17 +244,24 @@ class ReplicatorNodeServiceAsyncStub(ReplicatorNodeServiceStub):
     Errors: INVALID_ARGUMENT (no database), UNAUTHENTICATED, PERMISSION_DENIED.
     """
     WaitReplicated: _aio.UnaryUnaryMultiCallable[_replicator_pb2.WaitReplicatedRequest, _replicator_pb2.WaitReplicatedResponse]  # type: ignore[assignment]
-    """Waits until `count` distinct peers have durably committed this node's transaction
-    `version` of `database`, or until `timeout_ms` has passed, and answers with the
-    peers that have. A peer has committed it when a position it reported for
-    (database, this node) is at or past `version`: an Ack (sent after its storage
-    applied a batch, positions written in the same atomic write as the data) or the
-    positions of its Subscribe (its durable positions). What peers reported is kept
-    across reconnections, so a confirmation that arrived before the call counts.
+    """Waits until the transaction `version` of `database`, committed by this node, is
+    durably committed by enough peers, or until `timeout_ms` has passed, and answers with
+    the peers that have. Enough means: at least `count` distinct peers, and for every
+    group, at least the group's `count` of the group's peers (storage gives one group
+    per set of residents of the records written, so that only peers holding the whole
+    write count for them; see storage's Insert). A peer has committed the transaction
+    when a position it reported for (database, this node) is at or past `version`: an
+    Ack (sent after its storage applied a batch, positions written in the same atomic
+    write as the data) or the positions of its Subscribe (its durable positions). Only
+    direct peers count: a node that received the transaction through a relay confirms
+    it once it reports its positions to this node on a connection of its own (relays
+    do not carry acknowledgements back). What peers reported is kept across
+    reconnections, so a confirmation that arrived before the call counts.
     Not reaching `count` in time is not an error: the answer lists fewer peers.
     Node-internal identity.
-    Errors: INVALID_ARGUMENT (no database, version 0, count below 1, timeout_ms 0 or
-    more than an hour), UNAUTHENTICATED, PERMISSION_DENIED.
+    Errors: INVALID_ARGUMENT (no database, version 0, neither a count of at least 1 nor
+    a group, a group without peers or whose count is not 1 to its number of peers,
+    timeout_ms 0 or more than an hour), UNAUTHENTICATED, PERMISSION_DENIED.
     """
     FetchRecords: _aio.UnaryUnaryMultiCallable[_replicator_pb2.FetchRecordsRequest, _replicator_pb2.FetchRecordsResponse]  # type: ignore[assignment]
     """Reads records from their residents: for a read on this node of records it holds only
@@ -240,6 +271,23 @@ class ReplicatorNodeServiceAsyncStub(ReplicatorNodeServiceStub):
     Errors: INVALID_ARGUMENT (no database, table, ids or residents; timeout_ms 0 or more
     than a minute), UNAVAILABLE (no resident answered in time: the message names the
     residents and why each failed), UNAUTHENTICATED, PERMISSION_DENIED.
+    """
+    HandOver: _aio.UnaryUnaryMultiCallable[_replicator_pb2.HandOverRequest, _replicator_pb2.HandOverResponse]  # type: ignore[assignment]
+    """Waits until what this node holds of `databases` is held by other nodes of its shard
+    (the first step of leaving a shard; storage has fenced the databases, so this node's
+    positions no longer move). A database is held elsewhere when, for every origin of
+    this node's positions of it, some connected peer with which the database flows
+    (the same shard), that is not handing it over itself (its storage has it fenced)
+    and whose positions of it are not partial, reports a position at or past this
+    node's (asked on the replication connection: PositionsRequest). Meanwhile this
+    node's log keeps flowing to its peers, so what they lack reaches them. Answers,
+    per database, the peers that reported and the highest position each origin has
+    among them (what storage's ForgetDatabase checks against); a database this node
+    holds no position of needs no peer. Node-internal identity.
+    Errors: INVALID_ARGUMENT (no databases, a repeated one, `system`, timeout_ms 0 or
+    more than an hour), FAILED_PRECONDITION (reason NOT_HELD_ELSEWHERE: by the timeout,
+    no peer of the shard holds some of it; the message names the databases, the origins
+    and versions missing, and the peers asked), UNAUTHENTICATED, PERMISSION_DENIED.
     """
 
 class ReplicatorNodeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -296,17 +344,24 @@ class ReplicatorNodeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _replicator_pb2.WaitReplicatedRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_replicator_pb2.WaitReplicatedResponse, _abc.Awaitable[_replicator_pb2.WaitReplicatedResponse]]:
-        """Waits until `count` distinct peers have durably committed this node's transaction
-        `version` of `database`, or until `timeout_ms` has passed, and answers with the
-        peers that have. A peer has committed it when a position it reported for
-        (database, this node) is at or past `version`: an Ack (sent after its storage
-        applied a batch, positions written in the same atomic write as the data) or the
-        positions of its Subscribe (its durable positions). What peers reported is kept
-        across reconnections, so a confirmation that arrived before the call counts.
+        """Waits until the transaction `version` of `database`, committed by this node, is
+        durably committed by enough peers, or until `timeout_ms` has passed, and answers with
+        the peers that have. Enough means: at least `count` distinct peers, and for every
+        group, at least the group's `count` of the group's peers (storage gives one group
+        per set of residents of the records written, so that only peers holding the whole
+        write count for them; see storage's Insert). A peer has committed the transaction
+        when a position it reported for (database, this node) is at or past `version`: an
+        Ack (sent after its storage applied a batch, positions written in the same atomic
+        write as the data) or the positions of its Subscribe (its durable positions). Only
+        direct peers count: a node that received the transaction through a relay confirms
+        it once it reports its positions to this node on a connection of its own (relays
+        do not carry acknowledgements back). What peers reported is kept across
+        reconnections, so a confirmation that arrived before the call counts.
         Not reaching `count` in time is not an error: the answer lists fewer peers.
         Node-internal identity.
-        Errors: INVALID_ARGUMENT (no database, version 0, count below 1, timeout_ms 0 or
-        more than an hour), UNAUTHENTICATED, PERMISSION_DENIED.
+        Errors: INVALID_ARGUMENT (no database, version 0, neither a count of at least 1 nor
+        a group, a group without peers or whose count is not 1 to its number of peers,
+        timeout_ms 0 or more than an hour), UNAUTHENTICATED, PERMISSION_DENIED.
         """
 
     @_abc_1.abstractmethod
@@ -322,6 +377,29 @@ class ReplicatorNodeServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (no database, table, ids or residents; timeout_ms 0 or more
         than a minute), UNAVAILABLE (no resident answered in time: the message names the
         residents and why each failed), UNAUTHENTICATED, PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def HandOver(
+        self,
+        request: _replicator_pb2.HandOverRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_replicator_pb2.HandOverResponse, _abc.Awaitable[_replicator_pb2.HandOverResponse]]:
+        """Waits until what this node holds of `databases` is held by other nodes of its shard
+        (the first step of leaving a shard; storage has fenced the databases, so this node's
+        positions no longer move). A database is held elsewhere when, for every origin of
+        this node's positions of it, some connected peer with which the database flows
+        (the same shard), that is not handing it over itself (its storage has it fenced)
+        and whose positions of it are not partial, reports a position at or past this
+        node's (asked on the replication connection: PositionsRequest). Meanwhile this
+        node's log keeps flowing to its peers, so what they lack reaches them. Answers,
+        per database, the peers that reported and the highest position each origin has
+        among them (what storage's ForgetDatabase checks against); a database this node
+        holds no position of needs no peer. Node-internal identity.
+        Errors: INVALID_ARGUMENT (no databases, a repeated one, `system`, timeout_ms 0 or
+        more than an hour), FAILED_PRECONDITION (reason NOT_HELD_ELSEWHERE: by the timeout,
+        no peer of the shard holds some of it; the message names the databases, the origins
+        and versions missing, and the peers asked), UNAUTHENTICATED, PERMISSION_DENIED.
         """
 
 def add_ReplicatorNodeServiceServicer_to_server(servicer: ReplicatorNodeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -40,6 +40,13 @@ After `authentication.lockoutAttempts` consecutive failed sign-ins a user name i
 for `authentication.lockoutDuration`: every sign-in with it fails, even with the right
 password, with the same UNAUTHENTICATED message as a wrong password or an unknown user
 (unknown user names are counted and locked the same way).
+
+While this node changes its shard (the admin service's SetConfiguration), the sharded
+databases it hands over are fenced for the moment of the change (FenceDatabases):
+every RPC that writes to one of them or changes its schema (records, tables,
+attributes, the database itself) fails with UNAVAILABLE, reason SHARD_CHANGING, and
+writes nothing; write to another node of the shard, or again once the change is over.
+Reads go on.
 """
 
 from collections import abc as _abc
@@ -2128,6 +2135,7 @@ class ApplyResponse(_message.Message):
     APPLIED_FIELD_NUMBER: _builtins.int
     SKIPPED_FIELD_NUMBER: _builtins.int
     POSITIONS_FIELD_NUMBER: _builtins.int
+    FENCED_DATABASES_FIELD_NUMBER: _builtins.int
     applied: _builtins.int
     """Transactions applied."""
     skipped: _builtins.int
@@ -2136,16 +2144,24 @@ class ApplyResponse(_message.Message):
     def positions(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Position]:
         """Stored positions of every (database, origin) the request touched, after the apply."""
 
+    @_builtins.property
+    def fenced_databases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Databases whose transactions were left unapplied because they are fenced
+        (FenceDatabases); their positions did not move, so the caller subscribes again
+        later to receive them.
+        """
+
     def __init__(
         self,
         *,
         applied: _builtins.int = ...,
         skipped: _builtins.int = ...,
         positions: _abc.Iterable[_types_pb2.Position] | None = ...,
+        fenced_databases: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "positions", b"positions", "skipped", b"skipped"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "fenced_databases", b"fenced_databases", "positions", b"positions", "skipped", b"skipped"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2677,6 +2693,8 @@ class GetPositionsResponse(_message.Message):
     COPIES_FIELD_NUMBER: _builtins.int
     NODE_NAME_FIELD_NUMBER: _builtins.int
     NODE_TIME_FIELD_NUMBER: _builtins.int
+    FENCED_DATABASES_FIELD_NUMBER: _builtins.int
+    PARTIAL_DATABASES_FIELD_NUMBER: _builtins.int
     node_name: _builtins.str
     """This node's name (its origin name in positions)."""
     node_time: _builtins.int
@@ -2693,6 +2711,14 @@ class GetPositionsResponse(_message.Message):
     def copies(self) -> _containers.RepeatedCompositeFieldContainer[Global___CopyProgress]:
         """Copies into this node that have started and not completed."""
 
+    @_builtins.property
+    def fenced_databases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Databases fenced now (FenceDatabases): this node is handing them over."""
+
+    @_builtins.property
+    def partial_databases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Databases whose positions are partial (see MergeSnapshotRequest.partial)."""
+
     def __init__(
         self,
         *,
@@ -2701,14 +2727,118 @@ class GetPositionsResponse(_message.Message):
         copies: _abc.Iterable[Global___CopyProgress] | None = ...,
         node_name: _builtins.str = ...,
         node_time: _builtins.int = ...,
+        fenced_databases: _abc.Iterable[_builtins.str] | None = ...,
+        partial_databases: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["copies", b"copies", "horizons", b"horizons", "node_name", b"node_name", "node_time", b"node_time", "positions", b"positions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["copies", b"copies", "fenced_databases", b"fenced_databases", "horizons", b"horizons", "node_name", b"node_name", "node_time", b"node_time", "partial_databases", b"partial_databases", "positions", b"positions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetPositionsResponse: _TypeAlias = GetPositionsResponse  # noqa: Y015
+
+@_typing.final
+class FenceDatabasesRequest(_message.Message):
+    """Request of FenceDatabases."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASES_FIELD_NUMBER: _builtins.int
+    LEASE_MS_FIELD_NUMBER: _builtins.int
+    lease_ms: _builtins.int
+    """How long the fence holds, in milliseconds (at most an hour); 0 lifts it."""
+    @_builtins.property
+    def databases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Databases to fence (or to lift the fence of)."""
+
+    def __init__(
+        self,
+        *,
+        databases: _abc.Iterable[_builtins.str] | None = ...,
+        lease_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["databases", b"databases", "lease_ms", b"lease_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FenceDatabasesRequest: _TypeAlias = FenceDatabasesRequest  # noqa: Y015
+
+@_typing.final
+class FenceDatabasesResponse(_message.Message):
+    """Response of FenceDatabases."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FENCED_DATABASES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def fenced_databases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every database fenced now, sorted."""
+
+    def __init__(
+        self,
+        *,
+        fenced_databases: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fenced_databases", b"fenced_databases"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FenceDatabasesResponse: _TypeAlias = FenceDatabasesResponse  # noqa: Y015
+
+@_typing.final
+class ForgetDatabaseRequest(_message.Message):
+    """Request of ForgetDatabase."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    HELD_ELSEWHERE_FIELD_NUMBER: _builtins.int
+    database: _builtins.str
+    """The database."""
+    @_builtins.property
+    def held_elsewhere(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Position]:
+        """Per origin, the highest version other nodes hold (HandOver's positions)."""
+
+    def __init__(
+        self,
+        *,
+        database: _builtins.str = ...,
+        held_elsewhere: _abc.Iterable[_types_pb2.Position] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "held_elsewhere", b"held_elsewhere"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetDatabaseRequest: _TypeAlias = ForgetDatabaseRequest  # noqa: Y015
+
+@_typing.final
+class ForgetDatabaseResponse(_message.Message):
+    """Response of ForgetDatabase."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORGOTTEN_FIELD_NUMBER: _builtins.int
+    forgotten: _builtins.bool
+    """False when this node held nothing of the database."""
+    def __init__(
+        self,
+        *,
+        forgotten: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["forgotten", b"forgotten"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetDatabaseResponse: _TypeAlias = ForgetDatabaseResponse  # noqa: Y015
 
 @_typing.final
 class AnalyticsSample(_message.Message):

@@ -290,20 +290,28 @@ class StorageServiceServicer:
         reported in `skipped_ids`; the others commit together with one version.
 
         Write confirmation (Insert, Update, Upsert, Delete and Transact): with
-        `replicated_confirmation: N` the call answers only once N distinct peers have durably
-        committed the transaction (their replication acknowledgements name it). Before
-        anything is written, N must be at most the number of peers that can receive the
-        write: configured routes and members of system.hdb_nodes this node sends the
+        `replicated_confirmation: N` the call answers only once the write is whole on N + 1
+        nodes: this node and N distinct peers that have durably committed the transaction
+        (their replication acknowledgements name it). Only direct peers confirm: a peer that
+        received the write through a relay counts once it reports to this node on a
+        connection of its own. In a table with residents (`replicateTo`), only nodes holding
+        the whole write count, never a node holding a stub: for each record, this node when
+        it is one of the record's residents, and peers that are; a record this node holds
+        only as a stub needs N + 1 of its residents. Records without residents need N peers.
+        Before anything is written, N must be at most the number of peers that can receive
+        the write: configured routes and members of system.hdb_nodes this node sends the
         database to (with explicit subscriptions, those publishing every table written),
-        connected or not; a table with `replicate: false` has none. The wait lasts until
-        shortly before the call's deadline (a tenth of the time left, at most 0.5 s, is kept
-        to answer in time), or 30 s when the call has no deadline.
+        connected or not; a table with `replicate: false` has none; and every record's
+        residents that can receive the write must be enough. The wait lasts until shortly
+        before the call's deadline (a tenth of the time left, at most 0.5 s, is kept to
+        answer in time), or 30 s when the call has no deadline.
         Confirmation errors: INVALID_ARGUMENT (N negative, or more than the possible
-        recipients; nothing is written), UNAVAILABLE (the node's replicator cannot be reached
-        before the write; nothing is written), DEADLINE_EXCEEDED (reason
+        recipients, or, reason CONFIRMATION_IMPOSSIBLE, more than the residents of a record
+        written can give; nothing is written), UNAVAILABLE (the node's replicator cannot be
+        reached before the write; nothing is written), DEADLINE_EXCEEDED (reason
         REPLICATION_NOT_CONFIRMED, metadata `version`, `confirmed`, `missing`: the write IS
-        committed locally and will still replicate; the message says how many of the N
-        confirmations are missing).
+        committed locally and will still replicate; the message says how many confirmations
+        are missing, and from which residents).
         Errors: INVALID_ARGUMENT (no records, a record that is not a JSON object or is beyond
         the JSON limits, a missing or invalid primary key, the same key twice in the request),
         NOT_FOUND (database or table), RESOURCE_EXHAUSTED (request larger than the configured
@@ -1702,6 +1710,16 @@ class StorageNodeServiceStub:
                 request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsRequest.SerializeToString,
                 response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsResponse.FromString,
                 _registered_method=True)
+        self.FenceDatabases = channel.unary_unary(
+                '/shoal.storage.v1.StorageNodeService/FenceDatabases',
+                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.FenceDatabasesRequest.SerializeToString,
+                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.FenceDatabasesResponse.FromString,
+                _registered_method=True)
+        self.ForgetDatabase = channel.unary_unary(
+                '/shoal.storage.v1.StorageNodeService/ForgetDatabase',
+                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ForgetDatabaseRequest.SerializeToString,
+                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ForgetDatabaseResponse.FromString,
+                _registered_method=True)
         self.RecordAnalytics = channel.unary_unary(
                 '/shoal.storage.v1.StorageNodeService/RecordAnalytics',
                 request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RecordAnalyticsRequest.SerializeToString,
@@ -1749,6 +1767,8 @@ class StorageNodeServiceServicer:
         below the stored position of their (database, origin) are skipped, so re-applying is
         a no-op. Missing databases, tables and attributes are created from the transaction's
         schema. Advances this node's clock past every applied version. Node-internal only.
+        Transactions of a fenced database (FenceDatabases) are left unapplied and named in
+        `fenced_databases`; the others are applied.
         Errors: INVALID_ARGUMENT (malformed transaction, or one whose origin is this node at a
         version this node never committed, above its own position: nothing is applied),
         PERMISSION_DENIED,
@@ -1818,6 +1838,38 @@ class StorageNodeServiceServicer:
     def GetPositions(self, request, context):
         """Reads replication positions, log horizons and copies in progress.
         Errors: PERMISSION_DENIED (not the node identity).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FenceDatabases(self, request, context):
+        """Fences databases while this node hands them over (a shard change: the admin
+        service's set_configuration): until `lease_ms` has passed, or a call with `lease_ms`
+        0 lifts it, client writes and schema changes to them are refused (UNAVAILABLE,
+        reason SHARD_CHANGING, nothing written), Apply leaves their transactions unapplied
+        (their positions do not move, so they come again once the fence is lifted) and
+        MergeSnapshot refuses them (FAILED_PRECONDITION, reason DATABASE_FENCED). Reads,
+        Subscribe and Snapshot go on, so peers still receive what this node holds. The fence
+        lives in memory: a restart of storage lifts it. Node-internal only.
+        Errors: INVALID_ARGUMENT (no databases, an invalid name, `system`, lease_ms more
+        than an hour), PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForgetDatabase(self, request, context):
+        """Forgets a fenced database that other nodes hold: only when, for every origin, this
+        node's position is at or below `held_elsewhere` (the positions other nodes reported
+        having applied), removes its rows and tables, its log entries, positions, horizons,
+        copy progress and marks, in the same synchronous step as the check (no write comes
+        in between). The database is then as if never held here: a later copy or
+        subscription starts it afresh. Node-internal only.
+        Errors: INVALID_ARGUMENT (an invalid name, `system`), FAILED_PRECONDITION (reason
+        NOT_FENCED: the database is not fenced; reason NOT_HELD_ELSEWHERE: this node has
+        writes beyond `held_elsewhere`, named in the message; nothing is removed),
+        PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -1911,6 +1963,16 @@ def add_StorageNodeServiceServicer_to_server(servicer, server):
                     servicer.GetPositions,
                     request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsRequest.FromString,
                     response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsResponse.SerializeToString,
+            ),
+            'FenceDatabases': grpc.unary_unary_rpc_method_handler(
+                    servicer.FenceDatabases,
+                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.FenceDatabasesRequest.FromString,
+                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.FenceDatabasesResponse.SerializeToString,
+            ),
+            'ForgetDatabase': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetDatabase,
+                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ForgetDatabaseRequest.FromString,
+                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.ForgetDatabaseResponse.SerializeToString,
             ),
             'RecordAnalytics': grpc.unary_unary_rpc_method_handler(
                     servicer.RecordAnalytics,
@@ -2096,6 +2158,60 @@ class StorageNodeService:
             '/shoal.storage.v1.StorageNodeService/GetPositions',
             shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsRequest.SerializeToString,
             shoal_dot_storage_dot_v1_dot_storage__pb2.GetPositionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FenceDatabases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.storage.v1.StorageNodeService/FenceDatabases',
+            shoal_dot_storage_dot_v1_dot_storage__pb2.FenceDatabasesRequest.SerializeToString,
+            shoal_dot_storage_dot_v1_dot_storage__pb2.FenceDatabasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetDatabase(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.storage.v1.StorageNodeService/ForgetDatabase',
+            shoal_dot_storage_dot_v1_dot_storage__pb2.ForgetDatabaseRequest.SerializeToString,
+            shoal_dot_storage_dot_v1_dot_storage__pb2.ForgetDatabaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

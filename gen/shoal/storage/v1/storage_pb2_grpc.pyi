@@ -40,6 +40,13 @@ After `authentication.lockoutAttempts` consecutive failed sign-ins a user name i
 for `authentication.lockoutDuration`: every sign-in with it fails, even with the right
 password, with the same UNAUTHENTICATED message as a wrong password or an unknown user
 (unknown user names are counted and locked the same way).
+
+While this node changes its shard (the admin service's SetConfiguration), the sharded
+databases it hands over are fenced for the moment of the change (FenceDatabases):
+every RPC that writes to one of them or changes its schema (records, tables,
+attributes, the database itself) fails with UNAVAILABLE, reason SHARD_CHANGING, and
+writes nothing; write to another node of the shard, or again once the change is over.
+Reads go on.
 """
 
 from collections import abc as _abc
@@ -120,20 +127,28 @@ class StorageServiceStub:
     reported in `skipped_ids`; the others commit together with one version.
 
     Write confirmation (Insert, Update, Upsert, Delete and Transact): with
-    `replicated_confirmation: N` the call answers only once N distinct peers have durably
-    committed the transaction (their replication acknowledgements name it). Before
-    anything is written, N must be at most the number of peers that can receive the
-    write: configured routes and members of system.hdb_nodes this node sends the
+    `replicated_confirmation: N` the call answers only once the write is whole on N + 1
+    nodes: this node and N distinct peers that have durably committed the transaction
+    (their replication acknowledgements name it). Only direct peers confirm: a peer that
+    received the write through a relay counts once it reports to this node on a
+    connection of its own. In a table with residents (`replicateTo`), only nodes holding
+    the whole write count, never a node holding a stub: for each record, this node when
+    it is one of the record's residents, and peers that are; a record this node holds
+    only as a stub needs N + 1 of its residents. Records without residents need N peers.
+    Before anything is written, N must be at most the number of peers that can receive
+    the write: configured routes and members of system.hdb_nodes this node sends the
     database to (with explicit subscriptions, those publishing every table written),
-    connected or not; a table with `replicate: false` has none. The wait lasts until
-    shortly before the call's deadline (a tenth of the time left, at most 0.5 s, is kept
-    to answer in time), or 30 s when the call has no deadline.
+    connected or not; a table with `replicate: false` has none; and every record's
+    residents that can receive the write must be enough. The wait lasts until shortly
+    before the call's deadline (a tenth of the time left, at most 0.5 s, is kept to
+    answer in time), or 30 s when the call has no deadline.
     Confirmation errors: INVALID_ARGUMENT (N negative, or more than the possible
-    recipients; nothing is written), UNAVAILABLE (the node's replicator cannot be reached
-    before the write; nothing is written), DEADLINE_EXCEEDED (reason
+    recipients, or, reason CONFIRMATION_IMPOSSIBLE, more than the residents of a record
+    written can give; nothing is written), UNAVAILABLE (the node's replicator cannot be
+    reached before the write; nothing is written), DEADLINE_EXCEEDED (reason
     REPLICATION_NOT_CONFIRMED, metadata `version`, `confirmed`, `missing`: the write IS
-    committed locally and will still replicate; the message says how many of the N
-    confirmations are missing).
+    committed locally and will still replicate; the message says how many confirmations
+    are missing, and from which residents).
     Errors: INVALID_ARGUMENT (no records, a record that is not a JSON object or is beyond
     the JSON limits, a missing or invalid primary key, the same key twice in the request),
     NOT_FOUND (database or table), RESOURCE_EXHAUSTED (request larger than the configured
@@ -373,20 +388,28 @@ class StorageServiceAsyncStub(StorageServiceStub):
     reported in `skipped_ids`; the others commit together with one version.
 
     Write confirmation (Insert, Update, Upsert, Delete and Transact): with
-    `replicated_confirmation: N` the call answers only once N distinct peers have durably
-    committed the transaction (their replication acknowledgements name it). Before
-    anything is written, N must be at most the number of peers that can receive the
-    write: configured routes and members of system.hdb_nodes this node sends the
+    `replicated_confirmation: N` the call answers only once the write is whole on N + 1
+    nodes: this node and N distinct peers that have durably committed the transaction
+    (their replication acknowledgements name it). Only direct peers confirm: a peer that
+    received the write through a relay counts once it reports to this node on a
+    connection of its own. In a table with residents (`replicateTo`), only nodes holding
+    the whole write count, never a node holding a stub: for each record, this node when
+    it is one of the record's residents, and peers that are; a record this node holds
+    only as a stub needs N + 1 of its residents. Records without residents need N peers.
+    Before anything is written, N must be at most the number of peers that can receive
+    the write: configured routes and members of system.hdb_nodes this node sends the
     database to (with explicit subscriptions, those publishing every table written),
-    connected or not; a table with `replicate: false` has none. The wait lasts until
-    shortly before the call's deadline (a tenth of the time left, at most 0.5 s, is kept
-    to answer in time), or 30 s when the call has no deadline.
+    connected or not; a table with `replicate: false` has none; and every record's
+    residents that can receive the write must be enough. The wait lasts until shortly
+    before the call's deadline (a tenth of the time left, at most 0.5 s, is kept to
+    answer in time), or 30 s when the call has no deadline.
     Confirmation errors: INVALID_ARGUMENT (N negative, or more than the possible
-    recipients; nothing is written), UNAVAILABLE (the node's replicator cannot be reached
-    before the write; nothing is written), DEADLINE_EXCEEDED (reason
+    recipients, or, reason CONFIRMATION_IMPOSSIBLE, more than the residents of a record
+    written can give; nothing is written), UNAVAILABLE (the node's replicator cannot be
+    reached before the write; nothing is written), DEADLINE_EXCEEDED (reason
     REPLICATION_NOT_CONFIRMED, metadata `version`, `confirmed`, `missing`: the write IS
-    committed locally and will still replicate; the message says how many of the N
-    confirmations are missing).
+    committed locally and will still replicate; the message says how many confirmations
+    are missing, and from which residents).
     Errors: INVALID_ARGUMENT (no records, a record that is not a JSON object or is beyond
     the JSON limits, a missing or invalid primary key, the same key twice in the request),
     NOT_FOUND (database or table), RESOURCE_EXHAUSTED (request larger than the configured
@@ -683,20 +706,28 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         reported in `skipped_ids`; the others commit together with one version.
 
         Write confirmation (Insert, Update, Upsert, Delete and Transact): with
-        `replicated_confirmation: N` the call answers only once N distinct peers have durably
-        committed the transaction (their replication acknowledgements name it). Before
-        anything is written, N must be at most the number of peers that can receive the
-        write: configured routes and members of system.hdb_nodes this node sends the
+        `replicated_confirmation: N` the call answers only once the write is whole on N + 1
+        nodes: this node and N distinct peers that have durably committed the transaction
+        (their replication acknowledgements name it). Only direct peers confirm: a peer that
+        received the write through a relay counts once it reports to this node on a
+        connection of its own. In a table with residents (`replicateTo`), only nodes holding
+        the whole write count, never a node holding a stub: for each record, this node when
+        it is one of the record's residents, and peers that are; a record this node holds
+        only as a stub needs N + 1 of its residents. Records without residents need N peers.
+        Before anything is written, N must be at most the number of peers that can receive
+        the write: configured routes and members of system.hdb_nodes this node sends the
         database to (with explicit subscriptions, those publishing every table written),
-        connected or not; a table with `replicate: false` has none. The wait lasts until
-        shortly before the call's deadline (a tenth of the time left, at most 0.5 s, is kept
-        to answer in time), or 30 s when the call has no deadline.
+        connected or not; a table with `replicate: false` has none; and every record's
+        residents that can receive the write must be enough. The wait lasts until shortly
+        before the call's deadline (a tenth of the time left, at most 0.5 s, is kept to
+        answer in time), or 30 s when the call has no deadline.
         Confirmation errors: INVALID_ARGUMENT (N negative, or more than the possible
-        recipients; nothing is written), UNAVAILABLE (the node's replicator cannot be reached
-        before the write; nothing is written), DEADLINE_EXCEEDED (reason
+        recipients, or, reason CONFIRMATION_IMPOSSIBLE, more than the residents of a record
+        written can give; nothing is written), UNAVAILABLE (the node's replicator cannot be
+        reached before the write; nothing is written), DEADLINE_EXCEEDED (reason
         REPLICATION_NOT_CONFIRMED, metadata `version`, `confirmed`, `missing`: the write IS
-        committed locally and will still replicate; the message says how many of the N
-        confirmations are missing).
+        committed locally and will still replicate; the message says how many confirmations
+        are missing, and from which residents).
         Errors: INVALID_ARGUMENT (no records, a record that is not a JSON object or is beyond
         the JSON limits, a missing or invalid primary key, the same key twice in the request),
         NOT_FOUND (database or table), RESOURCE_EXHAUSTED (request larger than the configured
@@ -1053,6 +1084,8 @@ class StorageNodeServiceStub:
     below the stored position of their (database, origin) are skipped, so re-applying is
     a no-op. Missing databases, tables and attributes are created from the transaction's
     schema. Advances this node's clock past every applied version. Node-internal only.
+    Transactions of a fenced database (FenceDatabases) are left unapplied and named in
+    `fenced_databases`; the others are applied.
     Errors: INVALID_ARGUMENT (malformed transaction, or one whose origin is this node at a
     version this node never committed, above its own position: nothing is applied),
     PERMISSION_DENIED,
@@ -1106,6 +1139,30 @@ class StorageNodeServiceStub:
     GetPositions: _grpc.UnaryUnaryMultiCallable[_storage_pb2.GetPositionsRequest, _storage_pb2.GetPositionsResponse]
     """Reads replication positions, log horizons and copies in progress.
     Errors: PERMISSION_DENIED (not the node identity).
+    """
+    FenceDatabases: _grpc.UnaryUnaryMultiCallable[_storage_pb2.FenceDatabasesRequest, _storage_pb2.FenceDatabasesResponse]
+    """Fences databases while this node hands them over (a shard change: the admin
+    service's set_configuration): until `lease_ms` has passed, or a call with `lease_ms`
+    0 lifts it, client writes and schema changes to them are refused (UNAVAILABLE,
+    reason SHARD_CHANGING, nothing written), Apply leaves their transactions unapplied
+    (their positions do not move, so they come again once the fence is lifted) and
+    MergeSnapshot refuses them (FAILED_PRECONDITION, reason DATABASE_FENCED). Reads,
+    Subscribe and Snapshot go on, so peers still receive what this node holds. The fence
+    lives in memory: a restart of storage lifts it. Node-internal only.
+    Errors: INVALID_ARGUMENT (no databases, an invalid name, `system`, lease_ms more
+    than an hour), PERMISSION_DENIED.
+    """
+    ForgetDatabase: _grpc.UnaryUnaryMultiCallable[_storage_pb2.ForgetDatabaseRequest, _storage_pb2.ForgetDatabaseResponse]
+    """Forgets a fenced database that other nodes hold: only when, for every origin, this
+    node's position is at or below `held_elsewhere` (the positions other nodes reported
+    having applied), removes its rows and tables, its log entries, positions, horizons,
+    copy progress and marks, in the same synchronous step as the check (no write comes
+    in between). The database is then as if never held here: a later copy or
+    subscription starts it afresh. Node-internal only.
+    Errors: INVALID_ARGUMENT (an invalid name, `system`), FAILED_PRECONDITION (reason
+    NOT_FENCED: the database is not fenced; reason NOT_HELD_ELSEWHERE: this node has
+    writes beyond `held_elsewhere`, named in the message; nothing is removed),
+    PERMISSION_DENIED.
     """
     RecordAnalytics: _grpc.UnaryUnaryMultiCallable[_storage_pb2.RecordAnalyticsRequest, _storage_pb2.RecordAnalyticsResponse]
     """Records per-second analytics samples of this node's services into the node-local
@@ -1180,6 +1237,8 @@ class StorageNodeServiceAsyncStub(StorageNodeServiceStub):
     below the stored position of their (database, origin) are skipped, so re-applying is
     a no-op. Missing databases, tables and attributes are created from the transaction's
     schema. Advances this node's clock past every applied version. Node-internal only.
+    Transactions of a fenced database (FenceDatabases) are left unapplied and named in
+    `fenced_databases`; the others are applied.
     Errors: INVALID_ARGUMENT (malformed transaction, or one whose origin is this node at a
     version this node never committed, above its own position: nothing is applied),
     PERMISSION_DENIED,
@@ -1233,6 +1292,30 @@ class StorageNodeServiceAsyncStub(StorageNodeServiceStub):
     GetPositions: _aio.UnaryUnaryMultiCallable[_storage_pb2.GetPositionsRequest, _storage_pb2.GetPositionsResponse]  # type: ignore[assignment]
     """Reads replication positions, log horizons and copies in progress.
     Errors: PERMISSION_DENIED (not the node identity).
+    """
+    FenceDatabases: _aio.UnaryUnaryMultiCallable[_storage_pb2.FenceDatabasesRequest, _storage_pb2.FenceDatabasesResponse]  # type: ignore[assignment]
+    """Fences databases while this node hands them over (a shard change: the admin
+    service's set_configuration): until `lease_ms` has passed, or a call with `lease_ms`
+    0 lifts it, client writes and schema changes to them are refused (UNAVAILABLE,
+    reason SHARD_CHANGING, nothing written), Apply leaves their transactions unapplied
+    (their positions do not move, so they come again once the fence is lifted) and
+    MergeSnapshot refuses them (FAILED_PRECONDITION, reason DATABASE_FENCED). Reads,
+    Subscribe and Snapshot go on, so peers still receive what this node holds. The fence
+    lives in memory: a restart of storage lifts it. Node-internal only.
+    Errors: INVALID_ARGUMENT (no databases, an invalid name, `system`, lease_ms more
+    than an hour), PERMISSION_DENIED.
+    """
+    ForgetDatabase: _aio.UnaryUnaryMultiCallable[_storage_pb2.ForgetDatabaseRequest, _storage_pb2.ForgetDatabaseResponse]  # type: ignore[assignment]
+    """Forgets a fenced database that other nodes hold: only when, for every origin, this
+    node's position is at or below `held_elsewhere` (the positions other nodes reported
+    having applied), removes its rows and tables, its log entries, positions, horizons,
+    copy progress and marks, in the same synchronous step as the check (no write comes
+    in between). The database is then as if never held here: a later copy or
+    subscription starts it afresh. Node-internal only.
+    Errors: INVALID_ARGUMENT (an invalid name, `system`), FAILED_PRECONDITION (reason
+    NOT_FENCED: the database is not fenced; reason NOT_HELD_ELSEWHERE: this node has
+    writes beyond `held_elsewhere`, named in the message; nothing is removed),
+    PERMISSION_DENIED.
     """
     RecordAnalytics: _aio.UnaryUnaryMultiCallable[_storage_pb2.RecordAnalyticsRequest, _storage_pb2.RecordAnalyticsResponse]  # type: ignore[assignment]
     """Records per-second analytics samples of this node's services into the node-local
@@ -1316,6 +1399,8 @@ class StorageNodeServiceServicer(metaclass=_abc_1.ABCMeta):
         below the stored position of their (database, origin) are skipped, so re-applying is
         a no-op. Missing databases, tables and attributes are created from the transaction's
         schema. Advances this node's clock past every applied version. Node-internal only.
+        Transactions of a fenced database (FenceDatabases) are left unapplied and named in
+        `fenced_databases`; the others are applied.
         Errors: INVALID_ARGUMENT (malformed transaction, or one whose origin is this node at a
         version this node never committed, above its own position: nothing is applied),
         PERMISSION_DENIED,
@@ -1393,6 +1478,42 @@ class StorageNodeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_storage_pb2.GetPositionsResponse, _abc.Awaitable[_storage_pb2.GetPositionsResponse]]:
         """Reads replication positions, log horizons and copies in progress.
         Errors: PERMISSION_DENIED (not the node identity).
+        """
+
+    @_abc_1.abstractmethod
+    def FenceDatabases(
+        self,
+        request: _storage_pb2.FenceDatabasesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.FenceDatabasesResponse, _abc.Awaitable[_storage_pb2.FenceDatabasesResponse]]:
+        """Fences databases while this node hands them over (a shard change: the admin
+        service's set_configuration): until `lease_ms` has passed, or a call with `lease_ms`
+        0 lifts it, client writes and schema changes to them are refused (UNAVAILABLE,
+        reason SHARD_CHANGING, nothing written), Apply leaves their transactions unapplied
+        (their positions do not move, so they come again once the fence is lifted) and
+        MergeSnapshot refuses them (FAILED_PRECONDITION, reason DATABASE_FENCED). Reads,
+        Subscribe and Snapshot go on, so peers still receive what this node holds. The fence
+        lives in memory: a restart of storage lifts it. Node-internal only.
+        Errors: INVALID_ARGUMENT (no databases, an invalid name, `system`, lease_ms more
+        than an hour), PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def ForgetDatabase(
+        self,
+        request: _storage_pb2.ForgetDatabaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.ForgetDatabaseResponse, _abc.Awaitable[_storage_pb2.ForgetDatabaseResponse]]:
+        """Forgets a fenced database that other nodes hold: only when, for every origin, this
+        node's position is at or below `held_elsewhere` (the positions other nodes reported
+        having applied), removes its rows and tables, its log entries, positions, horizons,
+        copy progress and marks, in the same synchronous step as the check (no write comes
+        in between). The database is then as if never held here: a later copy or
+        subscription starts it afresh. Node-internal only.
+        Errors: INVALID_ARGUMENT (an invalid name, `system`), FAILED_PRECONDITION (reason
+        NOT_FENCED: the database is not fenced; reason NOT_HELD_ELSEWHERE: this node has
+        writes beyond `held_elsewhere`, named in the message; nothing is removed),
+        PERMISSION_DENIED.
         """
 
     @_abc_1.abstractmethod
