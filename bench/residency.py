@@ -168,8 +168,7 @@ def rebalance(workdir: Path, records: int, payload: int) -> tuple[float, float, 
         writer = first[0].client()
         names = {n.name for n in first}
         wait_for(
-            lambda: {r["name"] for r in writer.all_records("system", "hdb_nodes", "name")}
-            >= names,
+            lambda: {r["name"] for r in writer.all_records("system", "hdb_nodes", "name")} >= names,
             60,
             "the first four members",
         )
@@ -206,7 +205,9 @@ def main() -> None:
         full, full_data = fill(workdir, "full", args.records, args.payload, {})
         residency = {"replication": {"databases": [{"name": DB, "replicateTo": 2}]}}
         resident, resident_data = fill(workdir, "residency2", args.records, args.payload, residency)
-        passes, seconds, rehomed = rebalance(workdir, args.rebalance_records, args.rebalance_payload)
+        passes, seconds, rehomed = rebalance(
+            workdir, args.rebalance_records, args.rebalance_payload
+        )
     for label, sizes, data in (
         ("full", full, full_data),
         ("residency2", resident, resident_data),

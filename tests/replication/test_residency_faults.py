@@ -123,6 +123,18 @@ def _members(node: Node) -> set[str]:
     return {r["name"] for r in rows}
 
 
+def _lists(node: Node, names: set[str]) -> bool:
+    return _members(node) >= names
+
+
+def _counts(node: Node) -> bool:
+    return len(_states(node)) == RECORDS
+
+
+def _holds_writes_of(node: Node, origin: str, version: int) -> bool:
+    return _position(node, origin) >= version
+
+
 def _position(node: Node, origin: str) -> int:
     reply = node.internal_client().call("GetPositions", pb.GetPositionsRequest(database=DB))
     return max((p.version for p in reply.positions if p.origin == origin), default=0)
@@ -174,12 +186,12 @@ def test_no_acknowledged_attribute_is_lost_while_membership_changes(
         node.start()
     names = {n.name for n in first}
     for node in first:
-        wait_for(lambda node=node: _members(node) >= names, 30, f"{node.name}'s members")
+        wait_for(partial(_lists, node, names), 30, f"{node.name}'s members")
     admin = cluster[0].admin()
     cluster[0].client().create_table(DB, TABLE, indexed=["color"])
     cluster[0].client().insert(DB, TABLE, [_record(i) for i in range(RECORDS)])
     for node in first:
-        wait_for(lambda node=node: len(_states(node)) == RECORDS, 60, f"{node.name}'s records")
+        wait_for(partial(_counts, node), 60, f"{node.name}'s records")
 
     with writing() as writers:
         for node in first:
@@ -190,7 +202,7 @@ def test_no_acknowledged_attribute_is_lost_while_membership_changes(
         late.start()
         everyone = names | {late.name}
         for node in cluster:
-            wait_for(lambda node=node: _members(node) >= everyone, 60, f"{node.name}'s members")
+            wait_for(partial(_lists, node, everyone), 60, f"{node.name}'s members")
         writers.start(late)
         admin.ok({"operation": "rebalance", "database": DB})
         for node in cluster:
@@ -205,7 +217,7 @@ def test_no_acknowledged_attribute_is_lost_while_membership_changes(
         sent = _position(leaving, leaving.name)
         for node in stays:
             wait_for(
-                lambda node=node: _position(node, leaving.name) >= sent,
+                partial(_holds_writes_of, node, leaving.name, sent),
                 60,
                 f"{node.name} to hold every write of {leaving.name}",
             )
