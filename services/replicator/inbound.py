@@ -93,6 +93,9 @@ class Inbound:
         # The subscription covers some tables only, or starts at a time: positions the
         # transactions bring do not stand for every write (ApplyRequest.partial).
         self.partial = False
+        # Storage's positions epoch the subscription started from (ApplyRequest.epoch).
+        self.epoch = 0
+        self._copy_failed = False  # a copy failed: pause before the next attempt
         config = session.config
         self._skew_ms = int(config.max_clock_skew_s * 1000)
         self._pause = Backoff(
@@ -113,10 +116,14 @@ class Inbound:
     async def run(self) -> None:
         session = self.session
         while True:
+            if self._copy_failed:
+                self._copy_failed = False
+                await asyncio.sleep(self._pause.next())
             await self._copy_unsynced()
             self.generation += 1
             self.resubscribe.clear()
             positions = await session.storage.positions()
+            self.epoch = positions.epoch
             self.excluded = session.replicator.exclusions_for(session.peer)
             flows = session.flows
             tables = session.subscribed_tables()
@@ -223,12 +230,12 @@ class Inbound:
                 )
             if kind != "batch" or message.batch.generation != generation:
                 continue  # data of an older generation or a stale copy chunk
-            refused = await self._apply(self._more_batches(message.batch))
-            if refused is not None:
-                return refused
+            outcome = await self._apply(self._more_batches(message.batch))
+            if outcome is not None:
+                return outcome
             self._pause.reset()
 
-    async def _apply(self, batches: list[rpb.Batch]) -> _Refused | None:
+    async def _apply(self, batches: list[rpb.Batch]) -> _Refused | _Resubscribe | None:
         session = self.session
         last = batches[-1]
         received = [t for b in batches for t in b.transactions]
@@ -242,13 +249,19 @@ class Inbound:
             if session.revoked:
                 raise PeerRevoked(f"the certificate of {session.peer} was revoked")
             try:
-                reply = await session.storage.apply(transactions, self._skew_ms, self.partial)
+                reply = await session.storage.apply(
+                    transactions, self._skew_ms, self.partial, self.epoch
+                )
             except grpc.aio.AioRpcError as exc:
-                if (
-                    exc.code() == grpc.StatusCode.FAILED_PRECONDITION
-                    and error_reason(exc) == "CLOCK_SKEW"
-                ):
-                    return _Refused(exc.details() or "clock skew")
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    reason = error_reason(exc)
+                    if reason == "CLOCK_SKEW":
+                        return _Refused(exc.details() or "clock skew")
+                    if reason == "POSITIONS_CHANGED":
+                        log.info(
+                            "%s: positions changed (a restore); subscribing again", session.peer
+                        )
+                        return _Resubscribe()
                 raise StorageUnavailable(f"storage Apply failed: {exc.details()}") from exc
             sequence = max(b.sequence for b in batches)
             if sequence:
@@ -353,8 +366,26 @@ class Inbound:
         synced = {p.database for p in positions.positions}
         mine = {c.database: c for c in positions.copies if c.source == session.peer}
         others = {c.database for c in positions.copies if c.source != session.peer}
+        # A database restored from a backup older than this node's own last write to it
+        # (catching_up), or one the peer holds more of this node's writes of than this
+        # node does (it was restored, or rebuilt): those writes are only on peers, and no
+        # log brings a node its own transactions, so it copies the database.
+        me = session.replicator.name
+        own = {p.database: p.version for p in positions.positions if p.origin == me}
+        reported = session.replicator.confirmations.reported
+        behind = {
+            d
+            for d in self._flow_databases()
+            if d in positions.catching_up or reported(session.peer, d) > own.get(d, 0)
+        }
         for database in self._flow_databases():
-            if database in mine or database not in synced:
+            if database in behind and database not in mine:
+                log.info(
+                    "%s holds writes of this node to %s that it lacks (a restore): copying",
+                    session.peer,
+                    database,
+                )
+            if database in mine or database not in synced or database in behind:
                 if database not in mine and database in others:
                     # Another peer's copy of it stopped half-way: give that peer's session
                     # a moment to take the gate and resume it, rather than start afresh.
@@ -405,6 +436,8 @@ class Inbound:
                 return
             if await self._run_copy(database, progress):
                 gate.finished(database)
+            else:
+                self._copy_failed = True
         finally:
             lock.release()
 
@@ -479,7 +512,7 @@ class Inbound:
                 try:
                     reply = await session.storage.merge_snapshot(merge)
                 except grpc.aio.AioRpcError as exc:
-                    if error_reason(exc) != "COPY_OUT_OF_ORDER":
+                    if error_reason(exc) not in ("COPY_OUT_OF_ORDER", "RESTORING"):
                         raise
                     log.warning(
                         "the copy of %s from %s cannot go on: %s",

@@ -63,11 +63,16 @@ class LocalStorage:
         transactions: Sequence[types_pb2.Transaction],
         max_clock_skew_ms: int,
         partial: bool = False,
+        epoch: int = 0,
     ) -> pb.ApplyResponse:
-        """Apply a batch; raises the AioRpcError for refusals (e.g. CLOCK_SKEW)."""
+        """Apply a batch; raises the AioRpcError for refusals (e.g. CLOCK_SKEW,
+        POSITIONS_CHANGED when ``epoch`` is no longer storage's)."""
         return await self._node.Apply(
             pb.ApplyRequest(
-                transactions=transactions, max_clock_skew_ms=max_clock_skew_ms, partial=partial
+                transactions=transactions,
+                max_clock_skew_ms=max_clock_skew_ms,
+                partial=partial,
+                epoch=epoch,
             ),
             metadata=self._metadata,
             timeout=CALL_TIMEOUT_S,

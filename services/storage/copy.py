@@ -30,7 +30,10 @@ if TYPE_CHECKING:
 
 COPY_PREFIX = b"copy/"  # copy/<database>\0<source> -> CopyState JSON
 PARTIAL_PREFIX = b"partial/"  # partial/<database> -> empty: positions are partial
+# catchup/<database> -> u64: restored below this node's own last write to it (that version)
+CATCHING_UP_PREFIX = b"catchup/"
 OUT_OF_ORDER = "COPY_OUT_OF_ORDER"
+RESTORING = "RESTORING"  # a Restore stream is writing the database
 
 # A position in the source's order: (table name, encoded primary key).
 Key = tuple[str, bytes]
@@ -121,6 +124,8 @@ def load(engine: Engine) -> None:
         store.write(batch)
     for key, _ in store.scan("meta", PARTIAL_PREFIX, keys.prefix_end(PARTIAL_PREFIX)):
         engine.partial_databases.add(key[len(PARTIAL_PREFIX) :].decode())
+    for key, value in store.scan("meta", CATCHING_UP_PREFIX, keys.prefix_end(CATCHING_UP_PREFIX)):
+        engine.catching_up[key[len(CATCHING_UP_PREFIX) :].decode()] = keys.read_u64(value)
 
 
 def mark_partial(engine: Engine, writer: BatchWriter, database: str) -> None:
@@ -235,6 +240,12 @@ def merge_snapshot(engine: Engine, request: storage_pb2.MergeSnapshotRequest) ->
         raise InvalidArgument("source is required")
     if not request.part:
         raise InvalidArgument("part is required (a non-zero token naming the copy's part)")
+    if database in engine.restoring:
+        raise FailedPrecondition(
+            f"database {database!r} is being restored on {engine.node_name}; copy it once"
+            " the restore is over",
+            reason=RESTORING,
+        )
     copy = _next_state(engine, request)
     start = _request_key(request.after, "after")
     parsed, raw_states, max_version = _parse_rows(
@@ -266,6 +277,7 @@ def merge_snapshot(engine: Engine, request: storage_pb2.MergeSnapshotRequest) ->
         writer.last_version = max(writer.last_version, engine.clock.last)
     meta = engine.store.handle["meta"]
     finished: list[tuple[str, str]] = []
+    caught_up = False
     if request.complete:
         for origin, version in copy.positions.items():
             if version > engine.positions.get((database, origin), 0):
@@ -279,12 +291,18 @@ def merge_snapshot(engine: Engine, request: storage_pb2.MergeSnapshotRequest) ->
         for _, other in finished:
             writer.batch.delete(copy_key(database, other), meta)
         writer.batch.delete(copy_key(database, source), meta)
+        # A restored database has its writes back: what a peer held of them is merged.
+        if database in engine.catching_up:
+            caught_up = True
+            writer.batch.delete(CATCHING_UP_PREFIX + database.encode(), meta)
     else:
         writer.batch.put(copy_key(database, source), copy.encode(), meta)
     writer.empty = False
     writer.commit()
     for key in finished:
         engine.copies.pop(key, None)
+    if caught_up:
+        engine.catching_up.pop(database, None)
     if not request.complete:
         engine.copies[(database, source)] = copy
     return copy

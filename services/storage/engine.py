@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -94,6 +95,14 @@ class Engine:
         self.copies: dict[tuple[str, str], CopyState] = {}
         # Databases whose positions do not stand for every write they cover (copy.py).
         self.partial_databases: set[str] = set()
+        # Databases restored below this node's own last write to them, until a copy from
+        # a peer brings those writes back: database -> that last own position (copy.py).
+        self.catching_up: dict[str, int] = {}
+        # Databases a Restore stream is writing (backup.py): replication leaves them alone.
+        self.restoring: set[str] = set()
+        # Changes when a restore changes positions (and at every start): a subscription
+        # made from positions read under another epoch starts again (ApplyRequest.epoch).
+        self.positions_epoch = secrets.randbits(62) + 1
         # Databases that received records with residents since start (see has_residents).
         self.resident_databases: set[str] = set()
         # Counters since the process started, read by the metrics collector at scrape time.

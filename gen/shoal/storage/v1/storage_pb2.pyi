@@ -2091,6 +2091,7 @@ class ApplyRequest(_message.Message):
     TRANSACTIONS_FIELD_NUMBER: _builtins.int
     MAX_CLOCK_SKEW_MS_FIELD_NUMBER: _builtins.int
     PARTIAL_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     max_clock_skew_ms: _builtins.int
     """Refuse the request if a version is this far ahead of this node's clock; 0 disables
     the check.
@@ -2100,6 +2101,8 @@ class ApplyRequest(_message.Message):
     time: this node's positions for their databases then no longer stand for every
     write they cover, and are marked partial (see SnapshotResponse.partial).
     """
+    epoch: _builtins.int
+    """The GetPositions epoch the transactions' subscription started from; 0: not checked."""
     @_builtins.property
     def transactions(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Transaction]:
         """Transactions from other origins, in the order the sender committed them."""
@@ -2110,10 +2113,11 @@ class ApplyRequest(_message.Message):
         transactions: _abc.Iterable[_types_pb2.Transaction] | None = ...,
         max_clock_skew_ms: _builtins.int = ...,
         partial: _builtins.bool = ...,
+        epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_clock_skew_ms", b"max_clock_skew_ms", "partial", b"partial", "transactions", b"transactions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "max_clock_skew_ms", b"max_clock_skew_ms", "partial", b"partial", "transactions", b"transactions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2442,7 +2446,8 @@ class SnapshotResponse(_message.Message):
     partial: _builtins.bool
     """First message only: this node's positions for the database do not stand for every
     row it holds (it received some tables only, or from a start time, or copied from
-    such a node), so a receiver must not remove a row for being absent here.
+    such a node, or it is catching up after a restore), so a receiver must not remove a
+    row for being absent here.
     """
     @_builtins.property
     def positions(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Position]:
@@ -2665,10 +2670,17 @@ class GetPositionsResponse(_message.Message):
     COPIES_FIELD_NUMBER: _builtins.int
     NODE_NAME_FIELD_NUMBER: _builtins.int
     NODE_TIME_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    CATCHING_UP_FIELD_NUMBER: _builtins.int
     node_name: _builtins.str
     """This node's name (its origin name in positions)."""
     node_time: _builtins.int
     """This node's hybrid clock now."""
+    epoch: _builtins.int
+    """Changes whenever a restore changes this node's positions (at its start and at its
+    end), and at every start of the storage service: a subscription whose positions were
+    read under another epoch must start again (ApplyRequest.epoch).
+    """
     @_builtins.property
     def positions(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Position]:
         """Applied positions per (database, origin), including this node's own commits."""
@@ -2681,6 +2693,14 @@ class GetPositionsResponse(_message.Message):
     def copies(self) -> _containers.RepeatedCompositeFieldContainer[Global___CopyProgress]:
         """Copies into this node that have started and not completed."""
 
+    @_builtins.property
+    def catching_up(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Databases restored here from a backup older than this node's own last write to
+        them: until a copy from a peer completes, this node lacks some of its own writes,
+        which only peers hold (a node never receives its own transactions), and its
+        Snapshot of them says `partial`.
+        """
+
     def __init__(
         self,
         *,
@@ -2689,10 +2709,12 @@ class GetPositionsResponse(_message.Message):
         copies: _abc.Iterable[Global___CopyProgress] | None = ...,
         node_name: _builtins.str = ...,
         node_time: _builtins.int = ...,
+        epoch: _builtins.int = ...,
+        catching_up: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["copies", b"copies", "horizons", b"horizons", "node_name", b"node_name", "node_time", b"node_time", "positions", b"positions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["catching_up", b"catching_up", "copies", b"copies", "epoch", b"epoch", "horizons", b"horizons", "node_name", b"node_name", "node_time", b"node_time", "positions", b"positions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
