@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -1019,9 +1019,20 @@ def _connection_json(c: rpb.Connection) -> Json:
         else None,
         "shard": c.shard if c.HasField("shard") else None,
         "withheldDatabases": list(c.withheld_databases),
+        # The tables flowing each way when only some do (null: every table).
+        "subscriptions": {
+            "receives": _tables_json(c.received_tables),
+            "sends": _tables_json(c.sent_tables),
+        },
         "logMarginSeconds": c.log_margin_seconds if c.HasField("log_margin_seconds") else None,
         "database_sockets": sockets,
     }
+
+
+def _tables_json(tables: Sequence[types_pb2.TableRef]) -> Json:
+    if not tables:
+        return None
+    return [{"database": t.database, "table": t.table} for t in tables]
 
 
 async def cluster_status(ex: Execute, body: Body) -> Json:

@@ -95,6 +95,12 @@ class Inbound:
         self.partial = False
         # Storage's positions epoch the subscription started from (ApplyRequest.epoch).
         self.epoch = 0
+        # The tables the subscription carries when not all (ApplyRequest.tables).
+        self.tables: list[types_pb2.TableRef] = []
+        # Databases copied in this session because the subscription carries more tables
+        # than this node's positions stand for (at most once each: a peer behind this
+        # node for some origin cannot bring more).
+        self._widened: set[str] = set()
         self._copy_failed = False  # a copy failed: pause before the next attempt
         config = session.config
         self._skew_ms = int(config.max_clock_skew_s * 1000)
@@ -126,7 +132,8 @@ class Inbound:
             self.epoch = positions.epoch
             self.excluded = session.replicator.exclusions_for(session.peer)
             flows = session.flows
-            tables = session.subscribed_tables()
+            tables = session.received_tables()
+            self.tables = [spb_table(d, t) for d, t in sorted(tables or ())]
             if tables is not None:
                 tables = {(d, t) for d, t in tables if flows.covers(d)}
                 databases = sorted({d for d, _ in tables})
@@ -250,7 +257,7 @@ class Inbound:
                 raise PeerRevoked(f"the certificate of {session.peer} was revoked")
             try:
                 reply = await session.storage.apply(
-                    transactions, self._skew_ms, self.partial, self.epoch
+                    transactions, self._skew_ms, self.partial, self.epoch, self.tables
                 )
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
@@ -348,10 +355,44 @@ class Inbound:
     def _flow_databases(self) -> list[str]:
         flows = self.session.flows
         known = [d for d in self.session.theirs.known_databases if flows.covers(d)]
-        tables = self.session.subscribed_tables()
+        tables = self.session.received_tables()
         if tables is not None:
             known = [d for d in known if any(db == d for db, _ in tables)]
         return sorted(known)
+
+    def _narrower(self, positions: spb.GetPositionsResponse, database: str) -> bool:
+        """True when a position of ``database`` that this subscription continues stands
+        for fewer tables than the subscription carries (GetPositionsResponse.limited): an
+        earlier subscription to some tables only passed over the origin's writes to the
+        others. Origins this node receives directly on another connection are that
+        connection's to bring."""
+        session = self.session
+        tables = session.received_tables()
+        wanted = None if tables is None else {t for d, t in tables if d == database}
+        skipped = {session.replicator.name, *session.replicator.exclusions_for(session.peer)}
+        for limit in positions.limited:
+            if limit.database != database or limit.origin in skipped:
+                continue
+            if wanted is None or not wanted <= set(limit.tables):
+                return True
+        return False
+
+    async def _widen(self, positions: spb.GetPositionsResponse) -> None:
+        """Copy each database whose subscription now carries tables this node's positions
+        do not stand for: the writes it was not subscribed to come with the copy (a
+        widened subscription catches up), then the log brings the rest."""
+        gate = self.session.replicator.copies
+        for database in self._flow_databases():
+            if database in self._widened or not self._narrower(positions, database):
+                continue
+            log.info(
+                "the subscription to %s from %s carries tables this node was not subscribed"
+                " to: copying them",
+                database,
+                self.session.peer,
+            )
+            if await self._copy(database, None, gate.completed(database)):
+                self._widened.add(database)
 
     async def _copy_unsynced(self) -> None:
         if self._start_version():
@@ -378,6 +419,7 @@ class Inbound:
             for d in self._flow_databases()
             if d in positions.catching_up or reported(session.peer, d) > own.get(d, 0)
         }
+        await self._widen(positions)
         for database in self._flow_databases():
             if database in behind and database not in mine:
                 log.info(
@@ -417,12 +459,12 @@ class Inbound:
                 acquire.cancel()
             raise
 
-    async def _copy(self, database: str, progress: spb.CopyProgress | None, since: int) -> None:
+    async def _copy(self, database: str, progress: spb.CopyProgress | None, since: int) -> bool:
         """Copy ``database`` from the peer (resuming ``progress``), unless a copy of it
-        completed since the gate's count was ``since``."""
+        completed since the gate's count was ``since``. True when this copy completed."""
         session = self.session
         if database in session.flows.withheld:
-            return  # sharded, and the peer is not of this node's shard
+            return False  # sharded, and the peer is not of this node's shard
         gate = session.replicator.copies
         lock = gate.lock(database)
         await self._take(lock, database)
@@ -433,11 +475,12 @@ class Inbound:
                     database,
                     session.peer,
                 )
-                return
+                return False
             if await self._run_copy(database, progress):
                 gate.finished(database)
-            else:
-                self._copy_failed = True
+                return True
+            self._copy_failed = True
+            return False
         finally:
             lock.release()
 
@@ -446,7 +489,7 @@ class Inbound:
         session = self.session
         self._copy_id += 1
         copy_id = self._copy_id
-        tables = self.session.subscribed_tables()
+        tables = self.session.received_tables()
         request = rpb.CopyRequest(
             copy_id=copy_id,
             database=database,
@@ -506,6 +549,7 @@ class Inbound:
                     part=part,
                     begins_part=first,
                     partial=first and (chunk.partial or bool(request.tables)),
+                    copied_tables=request.tables,
                 )
                 if after is not None:
                     merge.after.CopyFrom(after)

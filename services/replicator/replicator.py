@@ -37,6 +37,7 @@ from typing import Any
 
 import orjson
 from shoal.replicator.v1 import replicator_pb2 as rpb
+from shoal.storage.v1 import types_pb2
 
 from services.common import members
 from services.common.backoff import Backoff
@@ -274,6 +275,10 @@ class Replicator:
             join=rpb.Join(url=self.watcher.url) if join else None,
             shard=self.config.replication.shard,
             sharded_databases=self.config.replication.sharded_databases,
+            published_tables=[
+                types_pb2.TableRef(database=d, table=t)
+                for d, t in sorted(published_tables(route) or ())
+            ],
         )
 
     async def _databases(self) -> list[str]:

@@ -166,6 +166,15 @@ class Session:
         chosen = {(s.database, s.table) for s in self.route.subscriptions if s.subscribe}
         return chosen | {MEMBERSHIP_TABLE}
 
+    def received_tables(self) -> set[tuple[str, str]] | None:
+        """Tables that flow from the peer to this node: those this node subscribes to,
+        within those the peer's Hello published; None for every table."""
+        mine = self.subscribed_tables()
+        theirs = {(t.database, t.table) for t in self.theirs.published_tables} or None
+        if mine is None or theirs is None:
+            return theirs if mine is None else mine
+        return mine & theirs
+
     def published_tables(self) -> set[tuple[str, str]] | None:
         """Tables this node sends to the peer; None for every table (membership always)."""
         return published_tables(self.route)
@@ -210,6 +219,8 @@ class Session:
         self.state.receives = self.flows.receives
         self.state.shard = shard_of(self.theirs)
         self.state.withheld = sorted(self.flows.withheld)
+        self.state.received_tables = sorted(self.received_tables() or ())
+        self.state.sent_tables = sorted(self.published_tables() or ())
         log.info(
             "connected to %s (%s, %s; sends=%s receives=%s%s)",
             self.peer,

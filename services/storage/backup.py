@@ -36,7 +36,7 @@ from shoal.storage.v1 import types_pb2
 from services.common import jsoninput
 from services.common.errors import FailedPrecondition, InvalidArgument, shown
 from services.common.hlc import MAX_VERSION, format_version
-from services.storage import keys, merge
+from services.storage import keys, limited, merge
 from services.storage import log as txlog
 from services.storage.commit import (
     DELETE,
@@ -388,6 +388,7 @@ class RestoreSession:
         )
         writer = BatchWriter(engine)
         meta = engine.store.handle["meta"]
+        limited.forget(engine, writer, name)
         for _, origin in stale:
             writer.batch.delete(position_key(POSITION_PREFIX, name, origin), meta)
             writer.batch.delete(position_key(HORIZON_PREFIX, name, origin), meta)

@@ -21,7 +21,7 @@ import orjson
 from shoal.storage.v1 import storage_pb2, types_pb2
 
 from services.common.errors import FailedPrecondition, InvalidArgument, shown
-from services.storage import keys, merge
+from services.storage import keys, limited, merge
 from services.storage.commit import BatchWriter
 from services.storage.schema import check_name
 
@@ -59,6 +59,8 @@ class CopyState:
     last_table: str = ""
     last_id: bytes = b""  # the primary key as JSON, as the source sent it
     tables: list[str] = field(default_factory=list)  # the source's replicated tables
+    # The tables copied (MergeSnapshotRequest.copied_tables), over every part; None: all.
+    copied: list[str] | None = None
 
     @property
     def last_key(self) -> Key | None:
@@ -80,6 +82,7 @@ class CopyState:
                 "lastTable": self.last_table,
                 "lastId": self.last_id.decode(),
                 "tables": self.tables,
+                "copied": self.copied,
             }
         )
 
@@ -98,6 +101,7 @@ class CopyState:
             last_table=data["lastTable"],
             last_id=data["lastId"].encode(),
             tables=list(data.get("tables", [])),
+            copied=data.get("copied"),
         )
 
 
@@ -165,8 +169,9 @@ def _next_state(engine: Engine, request: storage_pb2.MergeSnapshotRequest) -> Co
     after = _request_key(request.after, "after")
     current = engine.copies.get((database, source))
     incoming = {p.origin: p.version for p in request.positions if p.database in ("", database)}
+    asked = sorted(set(request.copied_tables)) if request.copied_tables else None
     if request.begins_part and after is None:
-        return CopyState(database, source, incoming, request.part, request.partial)
+        return CopyState(database, source, incoming, request.part, request.partial, copied=asked)
     if current is None:
         raise _out_of_order(
             f"no copy of {database!r} from {source} is in progress to continue", database, source
@@ -186,6 +191,7 @@ def _next_state(engine: Engine, request: storage_pb2.MergeSnapshotRequest) -> Co
             part=request.part,
             positions=positions,
             partial=current.partial or request.partial,
+            copied=_both(current.copied, asked),
         )
     if current.part != request.part:
         raise _out_of_order(
@@ -195,6 +201,15 @@ def _next_state(engine: Engine, request: storage_pb2.MergeSnapshotRequest) -> Co
             source,
         )
     return dataclasses.replace(current)
+
+
+def _both(first: list[str] | None, second: list[str] | None) -> list[str] | None:
+    """The tables two parts of a copy both copied (None: every table)."""
+    if first is None:
+        return second
+    if second is None:
+        return first
+    return sorted(set(first) & set(second))
 
 
 Parsed = tuple[str, Any, bytes, merge.RecordState]  # (table, pk, encoded pk, state)
@@ -279,6 +294,8 @@ def merge_snapshot(engine: Engine, request: storage_pb2.MergeSnapshotRequest) ->
     finished: list[tuple[str, str]] = []
     caught_up = False
     if request.complete:
+        copied = None if copy.copied is None else frozenset(copy.copied)
+        limited.after_copy(engine, writer, database, copy.positions, copied)
         for origin, version in copy.positions.items():
             if version > engine.positions.get((database, origin), 0):
                 writer.set_position(database, origin, version)

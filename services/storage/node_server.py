@@ -92,7 +92,8 @@ class StorageNodeServicer(storage_pb2_grpc.StorageNodeServiceServicer):
         # A database being restored is left alone: its transactions come again from the
         # restored positions (the restore changes the epoch when it ends).
         transactions = [t for t in request.transactions if t.database not in engine.restoring]
-        result = engine.apply(transactions, request.max_clock_skew_ms, request.partial)
+        tables = {(t.database, t.table) for t in request.tables} if request.tables else None
+        result = engine.apply(transactions, request.max_clock_skew_ms, request.partial, tables)
         return pb.ApplyResponse(
             applied=result.applied,
             skipped=result.skipped + len(request.transactions) - len(transactions),
@@ -143,6 +144,11 @@ class StorageNodeServicer(storage_pb2_grpc.StorageNodeServiceServicer):
             node_time=self.engine.clock.peek(),
             epoch=self.engine.positions_epoch,
             catching_up=sorted(d for d in self.engine.catching_up if not wanted or d == wanted),
+            limited=[
+                pb.LimitedPosition(database=d, origin=o, tables=sorted(t))
+                for (d, o), t in sorted(self.engine.limited.items())
+                if not wanted or d == wanted
+            ],
         )
 
     # -- analytics ---------------------------------------------------------------------

@@ -2092,6 +2092,7 @@ class ApplyRequest(_message.Message):
     MAX_CLOCK_SKEW_MS_FIELD_NUMBER: _builtins.int
     PARTIAL_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    TABLES_FIELD_NUMBER: _builtins.int
     max_clock_skew_ms: _builtins.int
     """Refuse the request if a version is this far ahead of this node's clock; 0 disables
     the check.
@@ -2107,6 +2108,15 @@ class ApplyRequest(_message.Message):
     def transactions(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Transaction]:
         """Transactions from other origins, in the order the sender committed them."""
 
+    @_builtins.property
+    def tables(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.TableRef]:
+        """The subscription carries only these tables (explicit subscriptions, on either side):
+        the sender skipped its writes to the others, so from now on this node's position of
+        each (database, origin) applied stands only for these tables (or for fewer, if it
+        already stood for fewer), until a copy brings the others
+        (GetPositionsResponse.limited). Empty: every table; nothing is limited.
+        """
+
     def __init__(
         self,
         *,
@@ -2114,10 +2124,11 @@ class ApplyRequest(_message.Message):
         max_clock_skew_ms: _builtins.int = ...,
         partial: _builtins.bool = ...,
         epoch: _builtins.int = ...,
+        tables: _abc.Iterable[_types_pb2.TableRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "max_clock_skew_ms", b"max_clock_skew_ms", "partial", b"partial", "transactions", b"transactions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "max_clock_skew_ms", b"max_clock_skew_ms", "partial", b"partial", "tables", b"tables", "transactions", b"transactions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2495,6 +2506,7 @@ class MergeSnapshotRequest(_message.Message):
     BEGINS_PART_FIELD_NUMBER: _builtins.int
     AFTER_FIELD_NUMBER: _builtins.int
     PARTIAL_FIELD_NUMBER: _builtins.int
+    COPIED_TABLES_FIELD_NUMBER: _builtins.int
     source: _builtins.str
     """Node the rows come from."""
     database: _builtins.str
@@ -2538,6 +2550,16 @@ class MergeSnapshotRequest(_message.Message):
         key): unset at the start of the database, otherwise the copy's last merged key.
         """
 
+    @_builtins.property
+    def copied_tables(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The tables the copy was asked for (empty: every table); the first request of a part
+        sets them, and a resumed copy stands for the tables of all its parts. With `complete`,
+        for each origin whose position the copy reaches (GetPositionsResponse.limited): a
+        position the copy raises stands for these tables from then on (every table: it is
+        no longer limited); one it equals stands for these tables too. A position above the
+        copy's is left as it is.
+        """
+
     def __init__(
         self,
         *,
@@ -2552,10 +2574,11 @@ class MergeSnapshotRequest(_message.Message):
         begins_part: _builtins.bool = ...,
         after: _types_pb2.SnapshotKey | None = ...,
         partial: _builtins.bool = ...,
+        copied_tables: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["after", b"after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "begins_part", b"begins_part", "complete", b"complete", "database", b"database", "estimated_rows", b"estimated_rows", "part", b"part", "partial", b"partial", "positions", b"positions", "rows", b"rows", "source", b"source", "tables", b"tables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "begins_part", b"begins_part", "complete", b"complete", "copied_tables", b"copied_tables", "database", b"database", "estimated_rows", b"estimated_rows", "part", b"part", "partial", b"partial", "positions", b"positions", "rows", b"rows", "source", b"source", "tables", b"tables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2672,6 +2695,7 @@ class GetPositionsResponse(_message.Message):
     NODE_TIME_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     CATCHING_UP_FIELD_NUMBER: _builtins.int
+    LIMITED_FIELD_NUMBER: _builtins.int
     node_name: _builtins.str
     """This node's name (its origin name in positions)."""
     node_time: _builtins.int
@@ -2701,6 +2725,15 @@ class GetPositionsResponse(_message.Message):
         Snapshot of them says `partial`.
         """
 
+    @_builtins.property
+    def limited(self) -> _containers.RepeatedCompositeFieldContainer[Global___LimitedPosition]:
+        """Positions that stand only for some tables of their database: this node applied a
+        subscription to those tables only (ApplyRequest.tables), so the position passed over
+        the origin's writes to the other tables. A receiver whose subscription now carries
+        more tables copies them first (MergeSnapshotRequest.copied_tables). A position not
+        listed stands for every table.
+        """
+
     def __init__(
         self,
         *,
@@ -2711,14 +2744,47 @@ class GetPositionsResponse(_message.Message):
         node_time: _builtins.int = ...,
         epoch: _builtins.int = ...,
         catching_up: _abc.Iterable[_builtins.str] | None = ...,
+        limited: _abc.Iterable[Global___LimitedPosition] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["catching_up", b"catching_up", "copies", b"copies", "epoch", b"epoch", "horizons", b"horizons", "node_name", b"node_name", "node_time", b"node_time", "positions", b"positions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["catching_up", b"catching_up", "copies", b"copies", "epoch", b"epoch", "horizons", b"horizons", "limited", b"limited", "node_name", b"node_name", "node_time", b"node_time", "positions", b"positions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetPositionsResponse: _TypeAlias = GetPositionsResponse  # noqa: Y015
+
+@_typing.final
+class LimitedPosition(_message.Message):
+    """A position that stands only for some tables (GetPositionsResponse.limited)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    TABLES_FIELD_NUMBER: _builtins.int
+    database: _builtins.str
+    """Database of the position."""
+    origin: _builtins.str
+    """Origin of the position."""
+    @_builtins.property
+    def tables(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The tables whose writes of that origin this node holds up to the position."""
+
+    def __init__(
+        self,
+        *,
+        database: _builtins.str = ...,
+        origin: _builtins.str = ...,
+        tables: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "origin", b"origin", "tables", b"tables"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LimitedPosition: _TypeAlias = LimitedPosition  # noqa: Y015
 
 @_typing.final
 class AnalyticsSample(_message.Message):
