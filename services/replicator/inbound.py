@@ -30,6 +30,7 @@ from shoal.replicator.v1 import replicator_pb2 as rpb
 from shoal.storage.v1 import storage_pb2 as spb
 from shoal.storage.v1 import types_pb2
 
+from services.common import members
 from services.common.backoff import Backoff
 from services.common.errors import error_reason
 from services.common.hlc import version_from_ms, version_ms
@@ -112,10 +113,34 @@ class Inbound:
         await self.queue.put(message)
 
     def _start_version(self) -> int:
+        """Where a subscription starts for what this node holds no position of: the
+        route's startTime, else this node's own row's start_time (add_node / update_node
+        on a member: the node joins from that time on instead of copying); 0: from the
+        start, copying what it never held."""
         route = self.session.route
-        if route is not None and route.start_time is not None:
-            return version_from_ms(int(route.start_time.timestamp() * 1000))
-        return 0
+        start = route.start_time if route is not None else None
+        if start is None:
+            replicator = self.session.replicator
+            start = members.start_time(replicator.watcher.current.rows.get(replicator.name))
+        if start is None:
+            return 0
+        return version_from_ms(int(start.timestamp() * 1000))
+
+    async def _membership_first(self, positions: spb.GetPositionsResponse) -> bool:
+        """A node that never received membership from anyone (a new node) copies
+        `system` first: its own row, written by the member that added it, may say to
+        start at a time instead of copying. True when it does."""
+        session = self.session
+        me = session.replicator.name
+        if members.DATABASE not in self._flow_databases() or any(
+            p.database == members.DATABASE and p.origin != me for p in positions.positions
+        ):
+            return False
+        gate = session.replicator.copies
+        # Copied here, or meanwhile from another peer: either way the row is read again.
+        await self._copy(members.DATABASE, None, gate.completed(members.DATABASE))
+        await session.replicator.watcher.refresh()
+        return self._start_version() != 0
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -400,6 +425,8 @@ class Inbound:
         session = self.session
         seen = session.replicator.copies.snapshot()
         positions = await session.storage.positions()
+        if await self._membership_first(positions):
+            return
         # A database this node holds any position for (its own commits included) is
         # subscribed to, not copied: the peer's log brings what is missing, and a
         # LOG_TRUNCATED answer leads to a copy then. An unfinished copy from this peer

@@ -8,13 +8,12 @@ from typing import Any
 import pytest
 
 from tests.conftest import MakeCluster
-from tests.harness.cluster import Cluster
+from tests.harness.joined import joined_mesh
 from tests.harness.node import Node
 from tests.harness.wait import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
 
-ALL = ("storage", "replicator", "admin")
 CAT_ONLY = [{"schema": "dev", "table": "cat", "publish": True, "subscribe": True}]
 
 
@@ -31,24 +30,8 @@ def _ids(node: Node, table: str) -> set[Any]:
     return {r["id"] for r in node.client().all_records("dev", table)}
 
 
-def _mesh(make_cluster: MakeCluster) -> Cluster:
-    """Three nodes that meet through add_node only (no routes in shoal.yaml)."""
-    cluster = make_cluster(
-        topology=lambda names: {n: [] for n in names}, services=ALL, gossip=True
-    )
-    a, b, c = cluster
-    a.admin().ok({"operation": "add_node", "hostname": b.name})
-    a.admin().ok({"operation": "add_node", "hostname": c.name})
-    wait_for(
-        lambda: all(x.connected(y.name) for x in cluster for y in cluster if x is not y),
-        30,
-        "every node connected to every other",
-    )
-    return cluster
-
-
 def test_a_widened_subscription_catches_up(make_cluster: MakeCluster) -> None:
-    cluster = _mesh(make_cluster)
+    cluster = joined_mesh(make_cluster)
     a, b, c = cluster
     a.client().create_table("dev", "cat")
     a.client().create_table("dev", "dog")
