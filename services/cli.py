@@ -1064,10 +1064,14 @@ def _call(
         _rpc_failed(exc)
 
 
-def _print_records(chunks: Any) -> None:
+def _print_records(chunks: Any) -> int:
+    """Print every record; how many there were."""
+    printed = 0
     for chunk in chunks:
         for record in chunk.records:
             sys.stdout.write(record.decode() + "\n")
+            printed += 1
+    return printed
 
 
 @data_app.command("create-table")
@@ -1141,7 +1145,7 @@ def get(
         except json.JSONDecodeError:
             value = text
         keys.append(orjson.dumps(value))
-    _print_records(
+    found = _print_records(
         _call(
             _stub(node).SearchById,
             pb.SearchByIdRequest(database=database, table=table, ids=keys),
@@ -1150,6 +1154,13 @@ def get(
             stream=True,
         )
     )
+    wanted = len(set(keys))
+    if found < wanted:
+        # As for any failed call: the gRPC status code (NOT_FOUND) is the exit status.
+        _fail(
+            f"{wanted - found} of {wanted} ids not found in {database}.{table}",
+            int(grpc.StatusCode.NOT_FOUND.value[0]),
+        )
 
 
 @data_app.command("search")
