@@ -263,25 +263,39 @@ class Session:
         return self.certificate.serial if self.certificate is not None else None
 
     async def _shutdown(self) -> None:
-        # Give the writer a moment to flush a queued Goodbye.
-        writer_done = asyncio.get_running_loop().time() + GOODBYE_TIMEOUT_S
-        while not self.out.empty() and asyncio.get_running_loop().time() < writer_done:
-            if not any(t.get_name().endswith(":writer") for t in self._tasks):
-                break
-            await asyncio.sleep(0.01)
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await self.stream.close()
+        try:
+            # Give the writer a moment to flush a queued Goodbye.
+            loop = asyncio.get_running_loop()
+            writer_done = loop.time() + GOODBYE_TIMEOUT_S
+            while not self.out.empty() and loop.time() < writer_done:
+                if not any(t.get_name().endswith(":writer") for t in self._tasks):
+                    break
+                await asyncio.sleep(0.01)
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await self.stream.close()
+        finally:
+            # Always, even when the call itself is cancelled meanwhile (gRPC cancels an
+            # accepted call's handler when the dialer goes away, as a peer that revoked
+            # this node's certificate does): otherwise the status would show the peer
+            # connected for as long as the process runs.
+            for task in self._tasks:
+                task.cancel()
+            self._mark_disconnected()
+
+    def _mark_disconnected(self) -> None:
+        if self.finished.is_set():
+            return
         if self.replicator.sessions.get(self.peer) in (None, self):
             # Only the peer's current session speaks for it (a replaced one must not).
             self.state.connected = False
             self.state.last_connected_ms = now_ms()
             self.state.back_pressure_percent = 0.0
         self.finished.set()
-        log.info("disconnected from %s: %s", self.peer, self.end_reason)
+        log.info("disconnected from %s: %s", self.peer, self.end_reason or "the call ended")
 
     async def _writer(self) -> None:
         while True:
