@@ -59,6 +59,7 @@ from services.common.config import (
 from services.common.grpcserver import channel_options
 from services.local import (
     SERVICES,
+    PortsTaken,
     healthy,
     local_cluster_configs,
     local_password,
@@ -235,6 +236,9 @@ def local_up(
     except ConfigError as exc:
         _fail(str(exc), 2)
         return
+    except PortsTaken as exc:
+        _fail(str(exc), 6)  # ALREADY_EXISTS
+        return
     hosts = ", ".join(f"127.0.0.{i}" for i in range(1, nodes + 1))
     if secure:
         ports = (
@@ -313,6 +317,9 @@ def node_start(config: ConfigOption) -> None:
         supervisor = run_services([config], SERVICES, {}, logs=False)
     except ConfigError as exc:
         _fail(str(exc), 2)
+        return
+    except PortsTaken as exc:
+        _fail(str(exc), 6)  # ALREADY_EXISTS
         return
     pid_file = pid_path(load_config(config))
     pid_file.write_text(f"{os.getpid()}\n", encoding="utf-8")
@@ -422,6 +429,9 @@ def node_clone(
         supervisor = run_services([path], SERVICES, env, logs=True)
     except ConfigError as exc:
         _fail(str(exc), 2)
+        return
+    except PortsTaken as exc:
+        _fail(str(exc), 6)  # ALREADY_EXISTS
         return
     try:
         body = {"operation": "add_node", "hostname": hostname}
