@@ -496,9 +496,14 @@ def _follow_clone(
 
         ready = clone.follow(read_status, source, wanted, report, timeout)
         if ready:
-            bar.update(
-                task, total=max(bar.tasks[0].completed, 1), completed=max(bar.tasks[0].completed, 1)
+            extra = node_ca.read_bytes() if node_ca.exists() else b""
+            described, code = _try_execute(
+                hostname, {"operation": "describe_all"}, username, password, extra
             )
+            rows = int(bar.tasks[0].completed)
+            if not code and isinstance(described, dict):
+                rows = max(rows, clone.held_rows(described, wanted))
+            bar.update(task, total=max(rows, 1), completed=max(rows, 1), rows=f"{rows:,}")
     return ready
 
 
