@@ -59,6 +59,7 @@ from services.common.config import (
 from services.common.grpcserver import channel_options
 from services.local import (
     SERVICES,
+    PortsTaken,
     healthy,
     local_cluster_configs,
     local_password,
@@ -235,6 +236,9 @@ def local_up(
     except ConfigError as exc:
         _fail(str(exc), 2)
         return
+    except PortsTaken as exc:
+        _fail(str(exc), 6)  # ALREADY_EXISTS
+        return
     hosts = ", ".join(f"127.0.0.{i}" for i in range(1, nodes + 1))
     if secure:
         ports = (
@@ -313,6 +317,9 @@ def node_start(config: ConfigOption) -> None:
         supervisor = run_services([config], SERVICES, {}, logs=False)
     except ConfigError as exc:
         _fail(str(exc), 2)
+        return
+    except PortsTaken as exc:
+        _fail(str(exc), 6)  # ALREADY_EXISTS
         return
     pid_file = pid_path(load_config(config))
     pid_file.write_text(f"{os.getpid()}\n", encoding="utf-8")
@@ -432,6 +439,9 @@ def node_clone(
     except ConfigError as exc:
         _fail(str(exc), 2)
         return
+    except PortsTaken as exc:
+        _fail(str(exc), 6)  # ALREADY_EXISTS
+        return
     try:
         body = {"operation": "add_node", "hostname": hostname}
         result, code = _try_execute(source, body, username, password)
@@ -495,9 +505,14 @@ def _follow_clone(
 
         ready = clone.follow(read_status, source, wanted, report, timeout)
         if ready:
-            bar.update(
-                task, total=max(bar.tasks[0].completed, 1), completed=max(bar.tasks[0].completed, 1)
+            extra = node_ca.read_bytes() if node_ca.exists() else b""
+            described, code = _try_execute(
+                hostname, {"operation": "describe_all"}, username, password, extra
             )
+            rows = int(bar.tasks[0].completed)
+            if not code and isinstance(described, dict):
+                rows = max(rows, clone.held_rows(described, wanted))
+            bar.update(task, total=max(rows, 1), completed=max(rows, 1), rows=f"{rows:,}")
     return ready
 
 
@@ -1073,10 +1088,14 @@ def _call(
         _rpc_failed(exc)
 
 
-def _print_records(chunks: Any) -> None:
+def _print_records(chunks: Any) -> int:
+    """Print every record; how many there were."""
+    printed = 0
     for chunk in chunks:
         for record in chunk.records:
             sys.stdout.write(record.decode() + "\n")
+            printed += 1
+    return printed
 
 
 @data_app.command("create-table")
@@ -1150,7 +1169,7 @@ def get(
         except json.JSONDecodeError:
             value = text
         keys.append(orjson.dumps(value))
-    _print_records(
+    found = _print_records(
         _call(
             _stub(node).SearchById,
             pb.SearchByIdRequest(database=database, table=table, ids=keys),
@@ -1159,6 +1178,13 @@ def get(
             stream=True,
         )
     )
+    wanted = len(set(keys))
+    if found < wanted:
+        # As for any failed call: the gRPC status code (NOT_FOUND) is the exit status.
+        _fail(
+            f"{wanted - found} of {wanted} ids not found in {database}.{table}",
+            int(grpc.StatusCode.NOT_FOUND.value[0]),
+        )
 
 
 @data_app.command("search")

@@ -173,6 +173,19 @@ def progress(status: dict[str, Any], source: str) -> CopyProgress:
     return state
 
 
+def held_rows(described: dict[str, Any], wanted: set[str]) -> int:
+    """The records the new node holds in the wanted databases (a describe_all answer):
+    what the clone copied, whether or not a poll saw each copy running (a small copy is
+    over between two polls, and cluster_status shows a copy only while it runs)."""
+    return sum(
+        int(table.get("record_count") or 0)
+        for database, tables in described.items()
+        if database in wanted and isinstance(tables, dict)
+        for table in tables.values()
+        if isinstance(table, dict)
+    )
+
+
 def follow(
     read_status: Callable[[], dict[str, Any]],
     source: str,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -278,12 +279,71 @@ def local_password(data: Path) -> str:
     return password
 
 
+class PortsTaken(Exception):
+    """Addresses the services would listen on are already in use."""
+
+
+def listening_addresses(config: ShoalConfig, service: str) -> list[tuple[str, str, int]]:
+    """(what, host, port) of every TCP port ``service`` of this node listens on."""
+    host = config.host or "0.0.0.0"
+    found: list[tuple[str, str, int]] = []
+    if service == "storage":
+        found.append(("storage", host, config.storage.port))
+    elif service == "admin":
+        found.append(("admin", host, config.operations_api.port))
+    else:
+        for port in (config.replication.port, config.replication.secure_port):
+            if port is not None:
+                found.append(("replication", host, port))
+    if config.health.enabled:
+        found.append((f"{service} health", host, config.health.port(service)))
+    if config.metrics.enabled:
+        found.append(
+            (f"{service} metrics", config.metrics.host or host, config.metrics.port(service))
+        )
+    return found
+
+
+def _in_use(host: str, port: int) -> bool:
+    """Whether something listens on host:port (a bind without SO_REUSEPORT fails, even
+    against a gRPC server that set it; SO_REUSEADDR ignores connections in TIME_WAIT)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe_socket:
+        probe_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe_socket.bind((host.strip("[]"), port))
+        except OSError:
+            return True
+    return False
+
+
+def check_ports_free(configs: list[ShoalConfig], services: tuple[str, ...]) -> None:
+    """Refuse to start when an address a service would listen on is taken (most often by
+    the same nodes already running), naming each one."""
+    taken = [
+        f"{what} of {config.node_name} on {host}:{port}"
+        for config in configs
+        for service in services
+        for what, host, port in listening_addresses(config, service)
+        if _in_use(host, port)
+    ]
+    if taken:
+        raise PortsTaken(
+            f"cannot start: {len(taken)} address(es) the services would listen on are"
+            f" already in use: {', '.join(taken)}. A Shoal cluster (or another program) may"
+            " already be running there; stop it first (or change the ports in shoal.yaml)."
+        )
+
+
 def run_services(
     config_paths: list[Path], services: tuple[str, ...], env: dict[str, str], logs: bool
 ) -> Supervisor:
+    """Start the services (refusing with PortsTaken when an address they listen on is
+    taken) and return their supervisor."""
     supervisor = Supervisor()
     addresses: dict[tuple[str, str], Probe] = {}
     configs = [(path, load_config(path)) for path in config_paths]
+    check_ports_free([config for _, config in configs], services)
     for service in services:
         for path, config in configs:
             log_path = path.parent / f"{service}.log" if logs else None

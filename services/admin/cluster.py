@@ -21,7 +21,7 @@ from shoal.storage.v1 import storage_pb2 as spb
 from services.admin.node import AdminNode
 from services.common.config import ConfigError, Route, load_config
 from services.common.errors import FailedPrecondition, InvalidArgument, ShoalError
-from services.common.routes import from_proto, to_proto, write_routes
+from services.common.routes import from_proto, to_proto, with_routes, write_config_data
 
 RESIDENCY_STATUS_TIMEOUT_S = 5.0  # the storage's residency status in ClusterStatus
 
@@ -88,16 +88,21 @@ class Cluster:
             raise InvalidArgument("; ".join(exc.problems)) from exc
 
     async def _apply(self, routes: list[Route]) -> None:
+        """Validate the new routes with the whole file, have the replicator apply them,
+        and only then write shoal.yaml: a refused change leaves both as they were."""
         source = self.node.config.source
+        data = None
         if source is not None:
             try:
-                write_routes(source, routes)
+                data = with_routes(source, routes)
             except ConfigError as exc:
                 raise InvalidArgument("; ".join(exc.problems)) from exc
         request = rpb.SetRoutesRequest(routes=[to_proto(r) for r in routes])
         await self.node.call(
             self.node.replicator.SetRoutes, request, self.node.internal, "the replicator"
         )
+        if source is not None and data is not None:
+            write_config_data(source, data)
 
     async def set_routes(self, requested: Iterable[rpb.Route]) -> RouteChange:
         additions = self._validate(requested)

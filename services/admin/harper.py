@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -42,7 +43,7 @@ from services.admin.nodes import (
 )
 from services.common import jsonbytes, jsoninput, sysinfo
 from services.common.analytics import AGGREGATE_PERIOD_MS, MAX_TIME_MS
-from services.common.config import Route, parse_route_url
+from services.common.config import Route, parse_route_url, parse_time
 from services.common.errors import (
     DataLoss,
     InvalidArgument,
@@ -1019,9 +1020,20 @@ def _connection_json(c: rpb.Connection) -> Json:
         else None,
         "shard": c.shard if c.HasField("shard") else None,
         "withheldDatabases": list(c.withheld_databases),
+        # The tables flowing each way when only some do (null: every table).
+        "subscriptions": {
+            "receives": _tables_json(c.received_tables),
+            "sends": _tables_json(c.sent_tables),
+        },
         "logMarginSeconds": c.log_margin_seconds if c.HasField("log_margin_seconds") else None,
         "database_sockets": sockets,
     }
+
+
+def _tables_json(tables: Sequence[types_pb2.TableRef]) -> Json:
+    if not tables:
+        return None
+    return [{"database": t.database, "table": t.table} for t in tables]
 
 
 async def cluster_status(ex: Execute, body: Body) -> Json:
@@ -1118,7 +1130,63 @@ def _route_message(item: dict[str, Any], index: int, body: Body) -> rpb.Route:
     if isinstance(replicates, dict):
         message.sends = bool(replicates.get("sends", True))
         message.receives = bool(replicates.get("receives", True))
+    unknown = sorted(set(item) - _ROUTE_KEYS)
+    if unknown:
+        raise InvalidArgument(
+            f"{body.operation}: route {index}: unknown field(s) {', '.join(unknown)}"
+            f" (a route has {', '.join(sorted(_ROUTE_KEYS))})"
+        )
+    where = f"{body.operation}: route {index}"
+    revoked = item.get("revokedCertificates", item.get("revoked_certificates"))
+    if revoked is not None:
+        if not isinstance(revoked, list) or not all(isinstance(r, str) for r in revoked):
+            raise InvalidArgument(f"{where}: 'revokedCertificates' must be a list of serials")
+        message.revoked_certificates.extend(revoked)
+    start = item.get("startTime", item.get("start_time"))
+    if start is not None:
+        try:
+            when = (
+                datetime.fromtimestamp(start / 1000, tz=UTC)
+                if isinstance(start, int | float) and not isinstance(start, bool)
+                else parse_time(start)
+            )
+        except (ValueError, OverflowError) as exc:
+            raise InvalidArgument(f"{where}: 'startTime': {exc}") from exc
+        message.start_time.FromDatetime(when.astimezone(UTC).replace(tzinfo=None))
+    subscriptions = item.get("subscriptions")
+    if subscriptions is not None:
+        if not isinstance(subscriptions, list) or not all(
+            isinstance(x, dict) for x in subscriptions
+        ):
+            raise InvalidArgument(f"{where}: 'subscriptions' must be a list of objects")
+        for x in subscriptions:
+            message.subscriptions.append(
+                rpb.Subscription(
+                    database=str(x.get("database", x.get("schema", ""))),
+                    table=str(x.get("table", "")),
+                    publish=bool(x.get("publish", False)),
+                    subscribe=bool(x.get("subscribe", False)),
+                )
+            )
     return message
+
+
+# What a route object of cluster_set_routes may hold (anything else is refused, never
+# silently dropped).
+_ROUTE_KEYS = frozenset(
+    {
+        "hostname",
+        "host",
+        "port",
+        "url",
+        "replicates",
+        "startTime",
+        "start_time",
+        "subscriptions",
+        "revokedCertificates",
+        "revoked_certificates",
+    }
+)
 
 
 async def cluster_get_routes(ex: Execute, body: Body) -> Json:

@@ -27,7 +27,13 @@ from services.admin.cluster import Cluster
 from services.admin.node import AdminNode
 from services.common import members
 from services.common.config import ConfigError, Route
-from services.common.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
+from services.common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from services.common.routes import from_proto, to_proto
 
 Row = dict[str, Any]
@@ -81,6 +87,10 @@ def node_message(row: Row, node_name: str) -> apb.Node:
     if isinstance(shard, int) and not isinstance(shard, bool):
         message.shard = shard
     return message
+
+
+# Columns of a member row that a configured route to the same node replaces.
+ROUTE_COLUMNS = frozenset({"url", "replicates", "subscriptions", "start_time"})
 
 
 class Nodes:
@@ -142,7 +152,21 @@ class Nodes:
             await self._write([row])
 
     async def update(self, name: str, changes: Row) -> Row:
-        """Apply ``changes`` (columns) to a member's row; the result is validated whole."""
+        """Apply ``changes`` (columns) to a member's row; the result is validated whole.
+        A change of the connection settings (url, replicates, subscriptions, start_time)
+        is refused (FAILED_PRECONDITION) while this node has a route to the member in
+        shoal.yaml: the route wins over the row here, so it would seem to succeed and
+        change nothing on this node. (Revoked certificates and the shard count whatever
+        the route says.)"""
+        overridden = sorted(set(changes) & ROUTE_COLUMNS)
+        if overridden and any(r.hostname == name for r in self.cluster.routes()):
+            raise FailedPrecondition(
+                f"this node has a route to {name} in shoal.yaml (replication.routes), which"
+                f" wins over its member row's {', '.join(overridden)} here: change the route"
+                " (cluster_set_routes, cluster_delete_routes), or update the node from a"
+                " member with no route to it",
+                reason="ROUTE_WINS",
+            )
         async with self._lock:
             current = await self.read()
             old = current.rows.get(name)

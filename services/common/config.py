@@ -566,6 +566,11 @@ def parse_route_url(text: str) -> tuple[str, int | None, bool | None]:
     return host, port, secure
 
 
+def parse_time(value: object) -> datetime:
+    """A startTime as shoal.yaml and system.hdb_nodes hold it (ISO 8601; naive is UTC)."""
+    return _parse_time(value)
+
+
 def _parse_time(value: object) -> datetime:
     if isinstance(value, datetime):
         return value if value.tzinfo else value.replace(tzinfo=UTC)

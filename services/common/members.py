@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -29,6 +29,7 @@ from services.common.config import (
     Route,
     ShoalConfig,
     parse_config,
+    parse_time,
 )
 from services.common.routes import subscriptions_yaml
 
@@ -106,6 +107,19 @@ def to_row(route: Route, shard: int | None = None) -> dict[str, Any]:
         "shard": shard,
         "revoked_certificates": list(route.revoked_certificates),
     }
+
+
+def start_time(row: Mapping[str, Any] | None) -> datetime | None:
+    """A row's `start_time` (None when absent or unreadable)."""
+    value = row.get("start_time") if row is not None else None
+    if value in (None, ""):
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value / 1000, tz=UTC)
+    try:
+        return parse_time(value)
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,16 @@ class NodeTls:
     contents (None in insecure mode: ``replication.securePort: null`` and no ``tls.*``)."""
 
     config: ShoalConfig
-    material: TlsMaterial | None
+    material: TlsMaterial | None  # as read at start
+    # The same files, re-read when they change (a join's new certificate and CA, a
+    # rotation): what every channel this node dials uses, as its servers do.
+    source: TlsSource | None = None
+
+    def current(self) -> TlsMaterial | None:
+        """The material to dial with now (None in insecure mode)."""
+        if self.material is None:
+            return None
+        return self.source.current() if self.source is not None else self.material
 
     def serves_tls(self, service: str) -> bool:
         """Whether the port of ``service`` (``storage`` or ``admin``) serves TLS."""
@@ -82,7 +91,7 @@ class NodeTls:
         configured alike): verify the node's CA, and present the node's certificate when
         the port requires client certificates (its common name names no user, so its
         calls still carry the node secret or a caller's credentials)."""
-        material = self.material
+        material = self.current()
         if material is None:
             raise ValueError("this node has no TLS material")
         if self.requires_client_certificates(service):
@@ -129,4 +138,10 @@ def prepare(config: ShoalConfig) -> NodeTls:
             x509.load_pem_x509_certificates(material.certificate)
     except (OSError, ValueError) as exc:
         raise FailedPrecondition(f"cannot use this node's TLS files (tls.*): {exc}") from exc
-    return NodeTls(effective, material)
+    source = None
+    if material is not None:
+        try:
+            source = TlsSource.from_config(effective, label="node TLS (dialing)")
+        except TlsError as exc:
+            raise FailedPrecondition(f"cannot use this node's TLS files (tls.*): {exc}") from exc
+    return NodeTls(effective, material, source)

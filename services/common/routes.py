@@ -105,16 +105,27 @@ def _proto_entry(message: rpb.Route) -> dict[str, Any]:
     return entry
 
 
+def with_routes(config_path: Path, routes: Sequence[Route]) -> dict[str, Any]:
+    """The shoal.yaml at ``config_path`` with `replication.routes` replaced, validated as a
+    whole (ConfigError otherwise); nothing is written."""
+    data = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    replication = data.setdefault("replication", {})
+    replication["routes"] = [to_yaml(r) for r in routes]
+    parse_config(data, env={}, base_dir=config_path.parent)  # raises ConfigError
+    return dict(data)
+
+
 def write_routes(config_path: Path, routes: Sequence[Route]) -> None:
     """Replace `replication.routes` in a shoal.yaml, atomically, keeping every other key.
 
     The file is re-validated as a whole before it replaces the old one, so a bad route
     never reaches disk. (Comments in the file are not preserved.)
     """
-    data = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-    replication = data.setdefault("replication", {})
-    replication["routes"] = [to_yaml(r) for r in routes]
-    parse_config(data, env={}, base_dir=config_path.parent)  # raises ConfigError
+    write_config_data(config_path, with_routes(config_path, routes))
+
+
+def write_config_data(config_path: Path, data: dict[str, Any]) -> None:
+    """Write a validated shoal.yaml atomically (a temporary file, fsync, rename)."""
     tmp = config_path.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     with tmp.open("rb") as f:

@@ -70,6 +70,10 @@ class Confirmations:
                 if waiter.satisfied():
                     waiter.done.set()
 
+    def reported(self, peer: str, database: str) -> int:
+        """The highest position ``peer`` reported for this node's writes to ``database``."""
+        return self._confirmed.get(peer, {}).get(database, 0)
+
     def confirmed_peers(self, database: str, version: int) -> set[str]:
         """Peers that reported committing this node's ``version`` of ``database``."""
         return {

@@ -30,6 +30,7 @@ from shoal.replicator.v1 import replicator_pb2 as rpb
 from shoal.storage.v1 import storage_pb2 as spb
 from shoal.storage.v1 import types_pb2
 
+from services.common import members
 from services.common.backoff import Backoff
 from services.common.errors import error_reason
 from services.common.hlc import version_from_ms, version_ms
@@ -93,6 +94,15 @@ class Inbound:
         # The subscription covers some tables only, or starts at a time: positions the
         # transactions bring do not stand for every write (ApplyRequest.partial).
         self.partial = False
+        # Storage's positions epoch the subscription started from (ApplyRequest.epoch).
+        self.epoch = 0
+        # The tables the subscription carries when not all (ApplyRequest.tables).
+        self.tables: list[types_pb2.TableRef] = []
+        # Databases copied in this session because the subscription carries more tables
+        # than this node's positions stand for (at most once each: a peer behind this
+        # node for some origin cannot bring more).
+        self._widened: set[str] = set()
+        self._copy_failed = False  # a copy failed: pause before the next attempt
         config = session.config
         self._skew_ms = int(config.max_clock_skew_s * 1000)
         self._pause = Backoff(
@@ -103,23 +113,52 @@ class Inbound:
         await self.queue.put(message)
 
     def _start_version(self) -> int:
+        """Where a subscription starts for what this node holds no position of: the
+        route's startTime, else this node's own row's start_time (add_node / update_node
+        on a member: the node joins from that time on instead of copying); 0: from the
+        start, copying what it never held."""
         route = self.session.route
-        if route is not None and route.start_time is not None:
-            return version_from_ms(int(route.start_time.timestamp() * 1000))
-        return 0
+        start = route.start_time if route is not None else None
+        if start is None:
+            replicator = self.session.replicator
+            start = members.start_time(replicator.watcher.current.rows.get(replicator.name))
+        if start is None:
+            return 0
+        return version_from_ms(int(start.timestamp() * 1000))
+
+    async def _membership_first(self, positions: spb.GetPositionsResponse) -> bool:
+        """A node that never received membership from anyone (a new node) copies
+        `system` first: its own row, written by the member that added it, may say to
+        start at a time instead of copying. True when it does."""
+        session = self.session
+        me = session.replicator.name
+        if members.DATABASE not in self._flow_databases() or any(
+            p.database == members.DATABASE and p.origin != me for p in positions.positions
+        ):
+            return False
+        gate = session.replicator.copies
+        # Copied here, or meanwhile from another peer: either way the row is read again.
+        await self._copy(members.DATABASE, None, gate.completed(members.DATABASE))
+        await session.replicator.watcher.refresh()
+        return self._start_version() != 0
 
     # -- the loop ------------------------------------------------------------------------
 
     async def run(self) -> None:
         session = self.session
         while True:
+            if self._copy_failed:
+                self._copy_failed = False
+                await asyncio.sleep(self._pause.next())
             await self._copy_unsynced()
             self.generation += 1
             self.resubscribe.clear()
             positions = await session.storage.positions()
+            self.epoch = positions.epoch
             self.excluded = session.replicator.exclusions_for(session.peer)
             flows = session.flows
-            tables = session.subscribed_tables()
+            tables = session.received_tables()
+            self.tables = [spb_table(d, t) for d, t in sorted(tables or ())]
             if tables is not None:
                 tables = {(d, t) for d, t in tables if flows.covers(d)}
                 databases = sorted({d for d, _ in tables})
@@ -223,12 +262,12 @@ class Inbound:
                 )
             if kind != "batch" or message.batch.generation != generation:
                 continue  # data of an older generation or a stale copy chunk
-            refused = await self._apply(self._more_batches(message.batch))
-            if refused is not None:
-                return refused
+            outcome = await self._apply(self._more_batches(message.batch))
+            if outcome is not None:
+                return outcome
             self._pause.reset()
 
-    async def _apply(self, batches: list[rpb.Batch]) -> _Refused | None:
+    async def _apply(self, batches: list[rpb.Batch]) -> _Refused | _Resubscribe | None:
         session = self.session
         last = batches[-1]
         received = [t for b in batches for t in b.transactions]
@@ -242,13 +281,19 @@ class Inbound:
             if session.revoked:
                 raise PeerRevoked(f"the certificate of {session.peer} was revoked")
             try:
-                reply = await session.storage.apply(transactions, self._skew_ms, self.partial)
+                reply = await session.storage.apply(
+                    transactions, self._skew_ms, self.partial, self.epoch, self.tables
+                )
             except grpc.aio.AioRpcError as exc:
-                if (
-                    exc.code() == grpc.StatusCode.FAILED_PRECONDITION
-                    and error_reason(exc) == "CLOCK_SKEW"
-                ):
-                    return _Refused(exc.details() or "clock skew")
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    reason = error_reason(exc)
+                    if reason == "CLOCK_SKEW":
+                        return _Refused(exc.details() or "clock skew")
+                    if reason == "POSITIONS_CHANGED":
+                        log.info(
+                            "%s: positions changed (a restore); subscribing again", session.peer
+                        )
+                        return _Resubscribe()
                 raise StorageUnavailable(f"storage Apply failed: {exc.details()}") from exc
             sequence = max(b.sequence for b in batches)
             if sequence:
@@ -342,10 +387,44 @@ class Inbound:
     def _flow_databases(self) -> list[str]:
         flows = self.session.flows
         known = [d for d in self.session.theirs.known_databases if flows.covers(d)]
-        tables = self.session.subscribed_tables()
+        tables = self.session.received_tables()
         if tables is not None:
             known = [d for d in known if any(db == d for db, _ in tables)]
         return sorted(known)
+
+    def _narrower(self, positions: spb.GetPositionsResponse, database: str) -> bool:
+        """True when a position of ``database`` that this subscription continues stands
+        for fewer tables than the subscription carries (GetPositionsResponse.limited): an
+        earlier subscription to some tables only passed over the origin's writes to the
+        others. Origins this node receives directly on another connection are that
+        connection's to bring."""
+        session = self.session
+        tables = session.received_tables()
+        wanted = None if tables is None else {t for d, t in tables if d == database}
+        skipped = {session.replicator.name, *session.replicator.exclusions_for(session.peer)}
+        for limit in positions.limited:
+            if limit.database != database or limit.origin in skipped:
+                continue
+            if wanted is None or not wanted <= set(limit.tables):
+                return True
+        return False
+
+    async def _widen(self, positions: spb.GetPositionsResponse) -> None:
+        """Copy each database whose subscription now carries tables this node's positions
+        do not stand for: the writes it was not subscribed to come with the copy (a
+        widened subscription catches up), then the log brings the rest."""
+        gate = self.session.replicator.copies
+        for database in self._flow_databases():
+            if database in self._widened or not self._narrower(positions, database):
+                continue
+            log.info(
+                "the subscription to %s from %s carries tables this node was not subscribed"
+                " to: copying them",
+                database,
+                self.session.peer,
+            )
+            if await self._copy(database, None, gate.completed(database)):
+                self._widened.add(database)
 
     async def _copy_unsynced(self) -> None:
         if self._start_version():
@@ -353,6 +432,8 @@ class Inbound:
         session = self.session
         seen = session.replicator.copies.snapshot()
         positions = await session.storage.positions()
+        if await self._membership_first(positions):
+            return
         # A database this node holds any position for (its own commits included) is
         # subscribed to, not copied: the peer's log brings what is missing, and a
         # LOG_TRUNCATED answer leads to a copy then. An unfinished copy from this peer
@@ -360,8 +441,27 @@ class Inbound:
         synced = {p.database for p in positions.positions}
         mine = {c.database: c for c in positions.copies if c.source == session.peer}
         others = {c.database for c in positions.copies if c.source != session.peer}
+        # A database restored from a backup older than this node's own last write to it
+        # (catching_up), or one the peer holds more of this node's writes of than this
+        # node does (it was restored, or rebuilt): those writes are only on peers, and no
+        # log brings a node its own transactions, so it copies the database.
+        me = session.replicator.name
+        own = {p.database: p.version for p in positions.positions if p.origin == me}
+        reported = session.replicator.confirmations.reported
+        behind = {
+            d
+            for d in self._flow_databases()
+            if d in positions.catching_up or reported(session.peer, d) > own.get(d, 0)
+        }
+        await self._widen(positions)
         for database in self._flow_databases():
-            if database in mine or database not in synced:
+            if database in behind and database not in mine:
+                log.info(
+                    "%s holds writes of this node to %s that it lacks (a restore): copying",
+                    session.peer,
+                    database,
+                )
+            if database in mine or database not in synced or database in behind:
                 if database not in mine and database in others:
                     # Another peer's copy of it stopped half-way: give that peer's session
                     # a moment to take the gate and resume it, rather than start afresh.
@@ -393,12 +493,12 @@ class Inbound:
                 acquire.cancel()
             raise
 
-    async def _copy(self, database: str, progress: spb.CopyProgress | None, since: int) -> None:
+    async def _copy(self, database: str, progress: spb.CopyProgress | None, since: int) -> bool:
         """Copy ``database`` from the peer (resuming ``progress``), unless a copy of it
-        completed since the gate's count was ``since``."""
+        completed since the gate's count was ``since``. True when this copy completed."""
         session = self.session
         if database in session.flows.withheld:
-            return  # sharded, and the peer is not of this node's shard
+            return False  # sharded, and the peer is not of this node's shard
         gate = session.replicator.copies
         lock = gate.lock(database)
         await self._take(lock, database)
@@ -409,9 +509,12 @@ class Inbound:
                     database,
                     session.peer,
                 )
-                return
+                return False
             if await self._run_copy(database, progress):
                 gate.finished(database)
+                return True
+            self._copy_failed = True
+            return False
         finally:
             lock.release()
 
@@ -420,7 +523,7 @@ class Inbound:
         session = self.session
         self._copy_id += 1
         copy_id = self._copy_id
-        tables = self.session.subscribed_tables()
+        tables = self.session.received_tables()
         request = rpb.CopyRequest(
             copy_id=copy_id,
             database=database,
@@ -480,6 +583,7 @@ class Inbound:
                     part=part,
                     begins_part=first,
                     partial=first and (chunk.partial or bool(request.tables)),
+                    copied_tables=request.tables,
                 )
                 if after is not None:
                     merge.after.CopyFrom(after)
@@ -492,7 +596,7 @@ class Inbound:
                         log.info("not copying %s now: %s", database, exc.details())
                         await asyncio.sleep(self._pause.next())
                         return False
-                    if reason != "COPY_OUT_OF_ORDER":
+                    if reason not in ("COPY_OUT_OF_ORDER", "RESTORING"):
                         raise
                     log.warning(
                         "the copy of %s from %s cannot go on: %s",

@@ -63,11 +63,19 @@ class LocalStorage:
         transactions: Sequence[types_pb2.Transaction],
         max_clock_skew_ms: int,
         partial: bool = False,
+        epoch: int = 0,
+        tables: Sequence[types_pb2.TableRef] = (),
     ) -> pb.ApplyResponse:
-        """Apply a batch; raises the AioRpcError for refusals (e.g. CLOCK_SKEW)."""
+        """Apply a batch; raises the AioRpcError for refusals (e.g. CLOCK_SKEW,
+        POSITIONS_CHANGED when ``epoch`` is no longer storage's). ``tables``: the
+        subscription carried only these (ApplyRequest.tables)."""
         return await self._node.Apply(
             pb.ApplyRequest(
-                transactions=transactions, max_clock_skew_ms=max_clock_skew_ms, partial=partial
+                transactions=transactions,
+                max_clock_skew_ms=max_clock_skew_ms,
+                partial=partial,
+                epoch=epoch,
+                tables=tables,
             ),
             metadata=self._metadata,
             timeout=CALL_TIMEOUT_S,

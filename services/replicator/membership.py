@@ -111,21 +111,13 @@ class MembershipWatcher:
         shard_ok = mine is not None and (shard is None or mine.get("shard") == shard)
         if mine is not None and url_ok and shard_ok:
             return
-        row: dict[str, Any]
-        if mine is None:
-            row = {
-                members.PRIMARY_KEY: self.name,
-                "url": self.url,
-                "replicates": True,
-                "subscriptions": [],
-                "start_time": None,
-                "shard": shard,
-                "revoked_certificates": [],
-            }
-        else:
-            row = {
-                **mine,
-                "url": mine["url"] if url_ok else self.url,
-                "shard": mine.get("shard") if shard_ok else shard,
-            }
+        # Only the columns this node speaks for, as an attribute merge: the settings
+        # add_node / update_node wrote (replicates, subscriptions, start_time, revoked
+        # certificates) are the members' to write, and a row written here at a later
+        # version must not erase them (they may not have reached this node yet).
+        row: dict[str, Any] = {members.PRIMARY_KEY: self.name}
+        if mine is None or not url_ok:
+            row["url"] = self.url
+        if shard is not None and not shard_ok:
+            row["shard"] = shard
         await self.storage.upsert(members.DATABASE, members.TABLE, [orjson.dumps(row)])

@@ -297,7 +297,11 @@ class Outbound:
                 )
             done = rpb.CopyChunk(copy_id=message.copy_id, done=True)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+            if exc.code() not in (
+                grpc.StatusCode.NOT_FOUND,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.FAILED_PRECONDITION,  # RESTORING: the peer tries again
+            ):
                 raise StorageUnavailable(f"storage Snapshot failed: {exc.details()}") from exc
             done = rpb.CopyChunk(copy_id=message.copy_id, done=True, error=exc.details() or "")
         finally:

@@ -37,6 +37,7 @@ from typing import Any
 
 import orjson
 from shoal.replicator.v1 import replicator_pb2 as rpb
+from shoal.storage.v1 import types_pb2
 
 from services.common import members
 from services.common.backoff import Backoff
@@ -135,10 +136,19 @@ class Replicator:
         task.add_done_callback(self._background.discard)
 
     async def _watch_databases(self) -> None:
-        """Keep ``known_databases`` fresh (read once per heartbeat interval)."""
+        """Keep ``known_databases`` fresh, and notice restores (storage's positions epoch
+        changed): every session subscribes again from the positions storage has now.
+        Both are read once per heartbeat interval."""
+        epoch = 0
         while True:
             try:
                 self.known_databases = await self.storage.databases()
+                current = (await self.storage.positions()).epoch
+                if epoch and current != epoch:
+                    log.info("positions changed (a restore): subscribing again to every peer")
+                    for session in self.sessions.values():
+                        session.inbound.resubscribe.set()
+                epoch = current
             except StorageUnavailable as exc:
                 log.debug("cannot list this node's databases: %s", exc)
             await asyncio.sleep(self.config.replication.heartbeat_interval_s)
@@ -267,6 +277,10 @@ class Replicator:
             join=rpb.Join(url=self.watcher.url) if join else None,
             shard=self.config.replication.shard,
             sharded_databases=self.config.replication.sharded_databases,
+            published_tables=[
+                types_pb2.TableRef(database=d, table=t)
+                for d, t in sorted(published_tables(route) or ())
+            ],
         )
 
     async def _databases(self) -> list[str]:

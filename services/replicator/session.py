@@ -168,6 +168,15 @@ class Session:
         chosen = {(s.database, s.table) for s in self.route.subscriptions if s.subscribe}
         return chosen | {MEMBERSHIP_TABLE}
 
+    def received_tables(self) -> set[tuple[str, str]] | None:
+        """Tables that flow from the peer to this node: those this node subscribes to,
+        within those the peer's Hello published; None for every table."""
+        mine = self.subscribed_tables()
+        theirs = {(t.database, t.table) for t in self.theirs.published_tables} or None
+        if mine is None or theirs is None:
+            return theirs if mine is None else mine
+        return mine & theirs
+
     def published_tables(self) -> set[tuple[str, str]] | None:
         """Tables this node sends to the peer; None for every table (membership always)."""
         return published_tables(self.route)
@@ -212,6 +221,8 @@ class Session:
         self.state.receives = self.flows.receives
         self.state.shard = shard_of(self.theirs)
         self.state.withheld = sorted(self.flows.withheld)
+        self.state.received_tables = sorted(self.received_tables() or ())
+        self.state.sent_tables = sorted(self.published_tables() or ())
         log.info(
             "connected to %s (%s, %s; sends=%s receives=%s%s)",
             self.peer,
@@ -254,25 +265,39 @@ class Session:
         return self.certificate.serial if self.certificate is not None else None
 
     async def _shutdown(self) -> None:
-        # Give the writer a moment to flush a queued Goodbye.
-        writer_done = asyncio.get_running_loop().time() + GOODBYE_TIMEOUT_S
-        while not self.out.empty() and asyncio.get_running_loop().time() < writer_done:
-            if not any(t.get_name().endswith(":writer") for t in self._tasks):
-                break
-            await asyncio.sleep(0.01)
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await self.stream.close()
+        try:
+            # Give the writer a moment to flush a queued Goodbye.
+            loop = asyncio.get_running_loop()
+            writer_done = loop.time() + GOODBYE_TIMEOUT_S
+            while not self.out.empty() and loop.time() < writer_done:
+                if not any(t.get_name().endswith(":writer") for t in self._tasks):
+                    break
+                await asyncio.sleep(0.01)
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await self.stream.close()
+        finally:
+            # Always, even when the call itself is cancelled meanwhile (gRPC cancels an
+            # accepted call's handler when the dialer goes away, as a peer that revoked
+            # this node's certificate does): otherwise the status would show the peer
+            # connected for as long as the process runs.
+            for task in self._tasks:
+                task.cancel()
+            self._mark_disconnected()
+
+    def _mark_disconnected(self) -> None:
+        if self.finished.is_set():
+            return
         if self.replicator.sessions.get(self.peer) in (None, self):
             # Only the peer's current session speaks for it (a replaced one must not).
             self.state.connected = False
             self.state.last_connected_ms = now_ms()
             self.state.back_pressure_percent = 0.0
         self.finished.set()
-        log.info("disconnected from %s: %s", self.peer, self.end_reason)
+        log.info("disconnected from %s: %s", self.peer, self.end_reason or "the call ended")
 
     async def _writer(self) -> None:
         while True:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from google.protobuf import timestamp_pb2
 from shoal.replicator.v1 import replicator_pb2 as rpb
 from shoal.storage.v1 import storage_pb2 as spb
+from shoal.storage.v1 import types_pb2
 
 
 def now_ms() -> int:
@@ -50,6 +51,9 @@ class PeerState:
     last_connected_ms: int = 0  # when a connection with the peer was last up
     shard: int | None = None  # the peer's, from its Hello
     withheld: list[str] = field(default_factory=list)  # sharded databases not flowing
+    # (database, table) flowing on the connection when only some do (empty: every table).
+    received_tables: list[tuple[str, str]] = field(default_factory=list)
+    sent_tables: list[tuple[str, str]] = field(default_factory=list)
     databases: dict[str, DatabaseState] = field(default_factory=dict)
     # Subscription traffic with this peer since the process started (for metrics):
     # transactions and the serialized size of the batches carrying them.
@@ -78,6 +82,10 @@ class PeerState:
             last_connection_error=self.last_error,
             shard=self.shard,
             withheld_databases=self.withheld,
+            received_tables=[
+                types_pb2.TableRef(database=d, table=t) for d, t in self.received_tables
+            ],
+            sent_tables=[types_pb2.TableRef(database=d, table=t) for d, t in self.sent_tables],
         )
         if self.connected and self.connected_since_ms:
             connection.connected_since.CopyFrom(_timestamp(self.connected_since_ms))

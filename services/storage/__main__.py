@@ -92,7 +92,7 @@ async def run(config: ShoalConfig) -> bool:
         raise
     record_node_certificates(engine, config)
     servicer = StorageServicer(engine)
-    node_servicer = StorageNodeServicer(engine, servicer.analytics, servicer.restores)
+    node_servicer = StorageNodeServicer(engine, servicer.analytics)
 
     async def begin_shutdown() -> None:
         engine.begin_shutdown()

@@ -35,8 +35,8 @@ from shoal.storage.v1 import types_pb2
 
 from services.common import jsoninput
 from services.common.errors import FailedPrecondition, InvalidArgument, shown
-from services.common.hlc import MAX_VERSION
-from services.storage import keys, merge
+from services.common.hlc import MAX_VERSION, format_version
+from services.storage import keys, limited, merge
 from services.storage import log as txlog
 from services.storage.commit import (
     DELETE,
@@ -48,6 +48,7 @@ from services.storage.commit import (
     position_key,
     table_schema,
 )
+from services.storage.copy import CATCHING_UP_PREFIX
 from services.storage.engine import RESERVED_DATABASES, Engine
 from services.storage.schema import Table, check_name
 from services.storage.snapshot import row_batches
@@ -218,15 +219,18 @@ def _has_rows(engine: Engine, table: Table) -> bool:
 class RestoreSession:
     """One Restore stream: created from its header, fed rows then transactions."""
 
-    def __init__(self, engine: Engine, header: pb.RestoreHeader, running: set[str]) -> None:
+    def __init__(self, engine: Engine, header: pb.RestoreHeader) -> None:
         self.engine = engine
         self._depth = engine.config.storage.max_nesting_depth
         self.database = header.database
         self.dry_run = header.dry_run
         self.replay_until = header.replay_until
         self.source = header.source or "a backup"
-        self._running = running
+        self._running = engine.restoring
         self._registered = False
+        # This node's own last position of the database before the restore (a dropped
+        # database keeps its positions): its writes after the backup are only on peers.
+        self.own_before = 0
         self.tables: dict[str, types_pb2.TableSchema] = {}
         self.interrupted = False  # an earlier restore of the database did not finish
         self._check_header(header)
@@ -239,7 +243,7 @@ class RestoreSession:
         self._transactions_seen = 0
         self._rows_seen = 0
         if not self.dry_run:
-            running.add(self.database)
+            self._running.add(self.database)
             self._registered = True
             try:
                 self._begin()
@@ -378,8 +382,13 @@ class RestoreSession:
             removed, _ = txlog.purge_before(engine, MAX_VERSION, name)
             log.info("restore of %s: removed %d log entries of its earlier life", name, removed)
         stale = [k for k in (*engine.positions, *engine.horizons) if k[0] == name]
+        self.own_before = max(
+            engine.positions.get((name, engine.node_name), 0),
+            engine.catching_up.get(name, 0),
+        )
         writer = BatchWriter(engine)
         meta = engine.store.handle["meta"]
+        limited.forget(engine, writer, name)
         for _, origin in stale:
             writer.batch.delete(position_key(POSITION_PREFIX, name, origin), meta)
             writer.batch.delete(position_key(HORIZON_PREFIX, name, origin), meta)
@@ -406,6 +415,8 @@ class RestoreSession:
         for origin, version in self.horizons.items():
             if version:
                 engine.horizons[(name, origin)] = version
+        # Subscriptions made from the positions before the restore start again.
+        engine.positions_epoch += 1
         log.info("restore of %s from %s started", name, self.source)
 
     def rows(self, rows: list[types_pb2.SnapshotRow]) -> None:
@@ -483,20 +494,45 @@ class RestoreSession:
         writer.commit()
 
     def finish(self) -> RestoreOutcome:
-        """Last write: adopt the positions and clear the mark."""
+        """Last write: adopt the positions, raise the horizons to them, note a catch-up
+        when this node's own writes after the backup are missing, clear the mark."""
         if self.dry_run:
             return self.outcome
         engine = self.engine
         name = self.database
+        me = engine.node_name
+        meta = engine.store.handle["meta"]
         writer = BatchWriter(engine)
         for origin, version in self.positions.items():
             writer.set_position(name, origin, version)
         if self.positions:
             engine.clock.observe(max(self.positions.values()))
             writer.last_version = max(writer.last_version, engine.clock.last)
-        writer.batch.delete(RESTORE_PREFIX + name.encode(), engine.store.handle["meta"])
+        # The rows came from a backup, and the log here is history re-written by this
+        # restore: a peer that holds less of the database than these positions must copy
+        # it (LOG_TRUNCATED), not build it from a log tail. Applied positions include
+        # what was replayed.
+        final = {o: v for (d, o), v in engine.positions.items() if d == name}
+        final.update({o: v for (d, o), v in writer.positions.items() if d == name})
+        for origin, version in final.items():
+            writer.raise_horizon(name, origin, version)
+        if self.own_before > final.get(me, 0):
+            # This node wrote to the database after the backup: those writes are only on
+            # peers now, and this node's log no longer holds them.
+            writer.raise_horizon(name, me, self.own_before)
+            writer.batch.put(CATCHING_UP_PREFIX + name.encode(), keys.u64(self.own_before), meta)
+        writer.batch.delete(RESTORE_PREFIX + name.encode(), meta)
         writer.empty = False
         writer.commit()
+        if self.own_before > final.get(me, 0):
+            engine.catching_up[name] = self.own_before
+            log.info(
+                "restore of %s: this node wrote to it after the backup (up to %s); it"
+                " catches up by a copy from a peer",
+                name,
+                format_version(self.own_before),
+            )
+        engine.positions_epoch += 1
         self.outcome.positions = {o: v for (d, o), v in engine.positions.items() if d == name}
         log.info(
             "restored %s from %s: %d rows, %d transactions logged, %d replayed, %d skipped",

@@ -110,6 +110,9 @@ class BatchWriter:
         # encoded key, the meta key queuing the state). See Engine.hand_over.
         self.handovers: list[tuple[Table, bytes, bytes]] = []
         self._handover_states: dict[bytes, RecordState] = {}
+        # Positions (database, origin) that now stand only for these tables (None: every
+        # table; limited.py).
+        self.limited_marks: dict[tuple[str, str], frozenset[str] | None] = {}
 
     # -- records -------------------------------------------------------------------
 
@@ -319,6 +322,11 @@ class BatchWriter:
         engine.horizons.update(self.horizons)
         engine.resident_databases.update(self.residency_marks)
         engine.partial_databases.update(self.partial_marks)
+        for key, tables in self.limited_marks.items():
+            if tables is None:
+                engine.limited.pop(key, None)
+            else:
+                engine.limited[key] = tables
         engine.commits += 1
         engine.notify_commit()
         return True

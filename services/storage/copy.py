@@ -21,7 +21,7 @@ import orjson
 from shoal.storage.v1 import storage_pb2, types_pb2
 
 from services.common.errors import FailedPrecondition, InvalidArgument, shown
-from services.storage import keys, merge, residency
+from services.storage import keys, limited, merge, residency
 from services.storage.commit import BatchWriter
 from services.storage.schema import check_name
 
@@ -30,7 +30,10 @@ if TYPE_CHECKING:
 
 COPY_PREFIX = b"copy/"  # copy/<database>\0<source> -> CopyState JSON
 PARTIAL_PREFIX = b"partial/"  # partial/<database> -> empty: positions are partial
+# catchup/<database> -> u64: restored below this node's own last write to it (that version)
+CATCHING_UP_PREFIX = b"catchup/"
 OUT_OF_ORDER = "COPY_OUT_OF_ORDER"
+RESTORING = "RESTORING"  # a Restore stream is writing the database
 
 # A position in the source's order: (table name, encoded primary key).
 Key = tuple[str, bytes]
@@ -56,6 +59,8 @@ class CopyState:
     last_table: str = ""
     last_id: bytes = b""  # the primary key as JSON, as the source sent it
     tables: list[str] = field(default_factory=list)  # the source's replicated tables
+    # The tables copied (MergeSnapshotRequest.copied_tables), over every part; None: all.
+    copied: list[str] | None = None
 
     @property
     def last_key(self) -> Key | None:
@@ -77,6 +82,7 @@ class CopyState:
                 "lastTable": self.last_table,
                 "lastId": self.last_id.decode(),
                 "tables": self.tables,
+                "copied": self.copied,
             }
         )
 
@@ -95,6 +101,7 @@ class CopyState:
             last_table=data["lastTable"],
             last_id=data["lastId"].encode(),
             tables=list(data.get("tables", [])),
+            copied=data.get("copied"),
         )
 
 
@@ -121,6 +128,8 @@ def load(engine: Engine) -> None:
         store.write(batch)
     for key, _ in store.scan("meta", PARTIAL_PREFIX, keys.prefix_end(PARTIAL_PREFIX)):
         engine.partial_databases.add(key[len(PARTIAL_PREFIX) :].decode())
+    for key, value in store.scan("meta", CATCHING_UP_PREFIX, keys.prefix_end(CATCHING_UP_PREFIX)):
+        engine.catching_up[key[len(CATCHING_UP_PREFIX) :].decode()] = keys.read_u64(value)
 
 
 def mark_partial(engine: Engine, writer: BatchWriter, database: str) -> None:
@@ -160,8 +169,9 @@ def _next_state(engine: Engine, request: storage_pb2.MergeSnapshotRequest) -> Co
     after = _request_key(request.after, "after")
     current = engine.copies.get((database, source))
     incoming = {p.origin: p.version for p in request.positions if p.database in ("", database)}
+    asked = sorted(set(request.copied_tables)) if request.copied_tables else None
     if request.begins_part and after is None:
-        return CopyState(database, source, incoming, request.part, request.partial)
+        return CopyState(database, source, incoming, request.part, request.partial, copied=asked)
     if current is None:
         raise _out_of_order(
             f"no copy of {database!r} from {source} is in progress to continue", database, source
@@ -181,6 +191,7 @@ def _next_state(engine: Engine, request: storage_pb2.MergeSnapshotRequest) -> Co
             part=request.part,
             positions=positions,
             partial=current.partial or request.partial,
+            copied=_both(current.copied, asked),
         )
     if current.part != request.part:
         raise _out_of_order(
@@ -190,6 +201,15 @@ def _next_state(engine: Engine, request: storage_pb2.MergeSnapshotRequest) -> Co
             source,
         )
     return dataclasses.replace(current)
+
+
+def _both(first: list[str] | None, second: list[str] | None) -> list[str] | None:
+    """The tables two parts of a copy both copied (None: every table)."""
+    if first is None:
+        return second
+    if second is None:
+        return first
+    return sorted(set(first) & set(second))
 
 
 Parsed = tuple[str, Any, bytes, merge.RecordState]  # (table, pk, encoded pk, state)
@@ -235,6 +255,12 @@ def merge_snapshot(engine: Engine, request: storage_pb2.MergeSnapshotRequest) ->
         raise InvalidArgument("source is required")
     if not request.part:
         raise InvalidArgument("part is required (a non-zero token naming the copy's part)")
+    if database in engine.restoring:
+        raise FailedPrecondition(
+            f"database {database!r} is being restored on {engine.node_name}; copy it once"
+            " the restore is over",
+            reason=RESTORING,
+        )
     copy = _next_state(engine, request)
     start = _request_key(request.after, "after")
     parsed, raw_states, max_version = _parse_rows(
@@ -266,7 +292,10 @@ def merge_snapshot(engine: Engine, request: storage_pb2.MergeSnapshotRequest) ->
         writer.last_version = max(writer.last_version, engine.clock.last)
     meta = engine.store.handle["meta"]
     finished: list[tuple[str, str]] = []
+    caught_up = False
     if request.complete:
+        copied = None if copy.copied is None else frozenset(copy.copied)
+        limited.after_copy(engine, writer, database, copy.positions, copied)
         for origin, version in copy.positions.items():
             if version > engine.positions.get((database, origin), 0):
                 writer.set_position(database, origin, version)
@@ -279,6 +308,10 @@ def merge_snapshot(engine: Engine, request: storage_pb2.MergeSnapshotRequest) ->
         for _, other in finished:
             writer.batch.delete(copy_key(database, other), meta)
         writer.batch.delete(copy_key(database, source), meta)
+        # A restored database has its writes back: what a peer held of them is merged.
+        if database in engine.catching_up:
+            caught_up = True
+            writer.batch.delete(CATCHING_UP_PREFIX + database.encode(), meta)
     else:
         writer.batch.put(copy_key(database, source), copy.encode(), meta)
     writer.empty = False
@@ -288,6 +321,8 @@ def merge_snapshot(engine: Engine, request: storage_pb2.MergeSnapshotRequest) ->
         engine.copies.pop(key, None)
     if request.complete:
         engine.copies_completed += 1
+    if caught_up:
+        engine.catching_up.pop(database, None)
     if not request.complete:
         engine.copies[(database, source)] = copy
     return copy

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -27,7 +28,7 @@ from services.common.errors import (
     PermissionDenied,
 )
 from services.common.hlc import HybridClock, format_version, wall_clock_ms
-from services.storage import copy, fence, keys, merge, residency
+from services.storage import copy, fence, keys, limited, merge, residency
 from services.storage.commit import (
     COUNT_PREFIX,
     DELETE,
@@ -102,6 +103,16 @@ class Engine:
         self.copies_completed = 0
         # Writes that reached this node as stubs of records it is a resident of.
         self.stubs_on_residents = 0
+        # Databases restored below this node's own last write to them, until a copy from
+        # a peer brings those writes back: database -> that last own position (copy.py).
+        self.catching_up: dict[str, int] = {}
+        # Positions (database, origin) that stand only for these tables (limited.py).
+        self.limited: dict[tuple[str, str], frozenset[str]] = {}
+        # Databases a Restore stream is writing (backup.py): replication leaves them alone.
+        self.restoring: set[str] = set()
+        # Changes when a restore changes positions (and at every start): a subscription
+        # made from positions read under another epoch starts again (ApplyRequest.epoch).
+        self.positions_epoch = secrets.randbits(62) + 1
         # Databases that received records with residents since start (see has_residents).
         self.resident_databases: set[str] = set()
         # Databases being handed over (a shard change): writes and copies refused.
@@ -152,6 +163,7 @@ class Engine:
                 db_name, _, origin = key[len(prefix) :].partition(b"\x00")
                 target[(db_name.decode(), origin.decode())] = keys.read_u64(value)
         copy.load(self)
+        limited.load(self)
         for key, _ in self.store.scan("meta", RESIDENCY_PREFIX, keys.prefix_end(RESIDENCY_PREFIX)):
             self.resident_databases.add(key[len(RESIDENCY_PREFIX) :].decode())
         stored = meta.get(HLC_KEY)
@@ -437,9 +449,11 @@ class Engine:
         transactions: list[types_pb2.Transaction],
         max_clock_skew_ms: int,
         partial: bool = False,
+        tables: set[tuple[str, str]] | None = None,
     ) -> ApplyResult:
         """Apply transactions committed elsewhere (see the Apply RPC contract); with
-        ``partial``, their databases' positions are marked partial (copy.py)."""
+        ``partial``, their databases' positions are marked partial, and with ``tables``
+        (a subscription to those tables only) limited to them (copy.py)."""
         for i, txn in enumerate(transactions):
             if not txn.origin or not txn.database or txn.version == 0:
                 raise InvalidArgument(f"transaction {i}: origin, database and version are required")
@@ -476,6 +490,8 @@ class Engine:
                 self._apply_one(writer, txn)
                 if partial:
                     copy.mark_partial(self, writer, txn.database)
+                if tables is not None:
+                    limited.narrow(self, writer, key, (t for d, t in tables if d == txn.database))
                 result.applied += 1
         except Exception:
             self.reload_catalog()

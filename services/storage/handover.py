@@ -30,11 +30,19 @@ from collections.abc import Mapping
 
 from services.common.errors import FailedPrecondition
 from services.common.hlc import MAX_VERSION, format_version
+from services.storage import keys
 from services.storage import log as txlog
-from services.storage.commit import HORIZON_PREFIX, POSITION_PREFIX, RESIDENCY_PREFIX, position_key
+from services.storage.commit import (
+    HANDOVER_PREFIX,
+    HORIZON_PREFIX,
+    POSITION_PREFIX,
+    RESIDENCY_PREFIX,
+    position_key,
+)
 from services.storage.copy import PARTIAL_PREFIX, copy_key
 from services.storage.engine import Engine
 from services.storage.fence import checked
+from services.storage.limited import limited_key
 
 log = logging.getLogger("shoal.storage.handover")
 
@@ -84,11 +92,20 @@ def forget(engine: Engine, database: str, held_elsewhere: Mapping[str, int]) -> 
         batch.delete(copy_key(database, source), meta)
     batch.delete(PARTIAL_PREFIX + database.encode(), meta)
     batch.delete(RESIDENCY_PREFIX + database.encode(), meta)
+    limited = [k for k in engine.limited if k[0] == database]
+    for key in limited:
+        batch.delete(limited_key(*key), meta)
+    queued = HANDOVER_PREFIX + database.encode() + b"\x00"
+    for key, _ in engine.store.scan("meta", queued, keys.prefix_end(queued)):
+        batch.delete(key, meta)
     engine.store.write(batch)
     for key in held_keys:
         engine.positions.pop(key, None)
     for key in copies:
         engine.copies.pop(key, None)
+    for key in limited:
+        engine.limited.pop(key, None)
+    engine.catching_up.pop(database, None)
     engine.partial_databases.discard(database)
     engine.resident_databases.discard(database)
     if database in engine.catalog.databases:

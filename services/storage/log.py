@@ -297,14 +297,24 @@ async def subscribe(
     withheld: set[tuple[str, str]] = set()
     cursor = start_time(engine, spec)
     last_wake = 0.0
+    # Where the first transaction of a database being restored was passed over: once no
+    # such restore runs any more, the scan goes back there (what was sent meanwhile is
+    # within ``positions`` and skipped), so nothing written during a restore is lost.
+    rewind: int | None = None
     while not engine.closing:
         event = engine.commit_event
+        if rewind is not None and not engine.restoring:
+            cursor, rewind = rewind, None
         for key, value in engine.store.scan("log", keys.u64(cursor)):
-            cursor = keys.read_u64(key) + 1
+            local_time = keys.read_u64(key)
+            cursor = local_time + 1
             txn = types_pb2.Transaction.FromString(value)
             if spec.databases is not None and txn.database not in spec.databases:
                 continue
             if txn.database in spec.exclude_databases:
+                continue
+            if txn.database in engine.restoring:
+                rewind = local_time if rewind is None else rewind
                 continue
             if txn.origin in spec.exclude:
                 continue

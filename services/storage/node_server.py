@@ -15,7 +15,12 @@ from shoal.storage.v1 import storage_pb2_grpc, types_pb2
 
 from services.common import analytics as metrics_catalog
 from services.common.auth import identity
-from services.common.errors import InvalidArgument, PermissionDenied, ResourceExhausted
+from services.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+)
 from services.storage import backup, handover, log, merge, residency, snapshot
 from services.storage.analytics import AnalyticsTables
 from services.storage.commit import parse_id
@@ -23,6 +28,7 @@ from services.storage.copy import CopyState, merge_snapshot
 from services.storage.engine import Engine
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
+POSITIONS_CHANGED = "POSITIONS_CHANGED"
 
 
 def copy_progress(copy: CopyState, complete: bool = False) -> pb.CopyProgress:
@@ -41,10 +47,9 @@ def copy_progress(copy: CopyState, complete: bool = False) -> pb.CopyProgress:
 class StorageNodeServicer(storage_pb2_grpc.StorageNodeServiceServicer):
     """The node-internal storage RPCs."""
 
-    def __init__(self, engine: Engine, analytics: AnalyticsTables, restores: set[str]) -> None:
+    def __init__(self, engine: Engine, analytics: AnalyticsTables) -> None:
         self.engine = engine
         self.analytics = analytics
-        self.restores = restores  # databases with a Restore stream running (shared)
 
     # -- replication -------------------------------------------------------------------
 
@@ -77,12 +82,21 @@ class StorageNodeServicer(storage_pb2_grpc.StorageNodeServiceServicer):
 
     async def Apply(self, request: pb.ApplyRequest, context: Ctx) -> pb.ApplyResponse:
         _node_only()
-        result = self.engine.apply(
-            list(request.transactions), request.max_clock_skew_ms, request.partial
-        )
+        engine = self.engine
+        if request.epoch and request.epoch != engine.positions_epoch:
+            raise FailedPrecondition(
+                "a restore changed this node's positions since the subscription began:"
+                " subscribe again from the positions read now",
+                reason=POSITIONS_CHANGED,
+            )
+        # A database being restored is left alone: its transactions come again from the
+        # restored positions (the restore changes the epoch when it ends).
+        transactions = [t for t in request.transactions if t.database not in engine.restoring]
+        tables = {(t.database, t.table) for t in request.tables} if request.tables else None
+        result = engine.apply(transactions, request.max_clock_skew_ms, request.partial, tables)
         return pb.ApplyResponse(
             applied=result.applied,
-            skipped=result.skipped,
+            skipped=result.skipped + len(request.transactions) - len(transactions),
             positions=[
                 types_pb2.Position(database=d, origin=o, version=v)
                 for (d, o), v in sorted(result.positions.items())
@@ -130,6 +144,13 @@ class StorageNodeServicer(storage_pb2_grpc.StorageNodeServiceServicer):
             ],
             node_name=self.engine.node_name,
             node_time=self.engine.clock.peek(),
+            epoch=self.engine.positions_epoch,
+            catching_up=sorted(d for d in self.engine.catching_up if not wanted or d == wanted),
+            limited=[
+                pb.LimitedPosition(database=d, origin=o, tables=sorted(t))
+                for (d, o), t in sorted(self.engine.limited.items())
+                if not wanted or d == wanted
+            ],
             fenced_databases=[d for d in self.engine.fences.fenced() if not wanted or d == wanted],
             partial_databases=sorted(
                 d for d in self.engine.partial_databases if not wanted or d == wanted
@@ -211,7 +232,7 @@ class StorageNodeServicer(storage_pb2_grpc.StorageNodeServiceServicer):
             raise InvalidArgument("the first message must hold the header")
         session: backup.RestoreSession | None = None
         try:
-            session = backup.RestoreSession(self.engine, first.header, self.restores)
+            session = backup.RestoreSession(self.engine, first.header)
             message = first
             while not message.complete:
                 if message.rows:

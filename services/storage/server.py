@@ -247,7 +247,6 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.users = engine.users
-        self.restores: set[str] = set()  # databases with a Restore stream running
         self.analytics = AnalyticsTables(engine)
         self.replicator = ReplicatorClient(engine.config, engine.node_secret)
         self.reads = ResidentReads(engine, self.replicator)

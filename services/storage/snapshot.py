@@ -20,8 +20,8 @@ import orjson
 import rocksdict
 from shoal.storage.v1 import storage_pb2, types_pb2
 
-from services.common.errors import InvalidArgument
-from services.storage import keys, residency
+from services.common.errors import FailedPrecondition, InvalidArgument
+from services.storage import copy, keys, residency
 from services.storage.commit import table_schema
 from services.storage.engine import Engine
 from services.storage.schema import Table
@@ -41,6 +41,12 @@ class SnapshotPlan:
 def plan_snapshot(engine: Engine, request: storage_pb2.SnapshotRequest) -> SnapshotPlan:
     """Fix the consistent point (iterator + positions) and describe the stream."""
     database = engine.catalog.database(request.database)
+    if database.name in engine.restoring:
+        raise FailedPrecondition(
+            f"database {database.name!r} is being restored on {engine.node_name}; copy it"
+            " once the restore is over",
+            reason=copy.RESTORING,
+        )
     if request.max_batch_rows > 100_000 or request.max_batch_bytes > 64 * 1024 * 1024:
         raise InvalidArgument(
             "max_batch_rows must be at most 100000 and max_batch_bytes at most 64 MiB"
@@ -68,7 +74,7 @@ def plan_snapshot(engine: Engine, request: storage_pb2.SnapshotRequest) -> Snaps
         positions=positions,
         tables=[table_schema(t, with_attributes=True) for t in replicated],
         estimated_rows=sum(engine.counts.get(t.table_id, 0) for t in tables),
-        partial=database.name in engine.partial_databases,
+        partial=database.name in engine.partial_databases or database.name in engine.catching_up,
     )
     batches = row_batches(
         iterator,

@@ -130,7 +130,7 @@ def test_node_clone_copies_configuration_schema_and_data(
         logs = "".join(f"--- {f.name}\n{f.read_text()[-3000:]}" for f in folder.glob("*.log"))
         raise AssertionError(f"{output.read_text()}\n{logs}") from None
     assert process.poll() is None, output.read_text()
-    assert "rows" in output.read_text()  # the progress bar was shown
+    assert "3,000 rows" in output.read_text()  # the progress bar shows what was copied
 
     config = yaml.safe_load((folder / "shoal.yaml").read_text())
     assert config["replication"]["hostname"] == target
@@ -257,3 +257,22 @@ def test_node_start_and_stop(tmp_path: Path) -> None:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
+
+
+def test_a_second_start_on_taken_addresses_refuses_at_once(make_node: MakeNode) -> None:
+    """Starting a node's services (what `shoal local up` does per node) while that node
+    already runs refuses before starting anything: it names every address taken, says a
+    cluster may already be running there, and exits 6 (ALREADY_EXISTS). The running
+    node keeps serving."""
+    node = make_node(services=("storage", "replicator", "admin"))
+    node.client().create_table("data", "dog")
+    node.client().insert("data", "dog", [{"id": 1}])
+    second = shoal("node", "start", "--config", str(node.config_path))
+    assert second.returncode == 6, second.stderr
+    message = second.stderr
+    assert f"storage of {node.name} on {node.host}:9926" in message
+    assert f"admin of {node.name} on {node.host}:9925" in message
+    assert f"replication of {node.name} on {node.host}:" in message
+    assert "may already be running there" in message
+    assert [r["id"] for r in node.client().all_records("data", "dog")] == [1]
+    assert all(node.running(service) for service in node.services)

@@ -225,3 +225,38 @@ def test_configure_cluster_replaces_the_membership(make_cluster: MakeCluster) ->
         {"operation": "configure_cluster", "connections": [{"hostname": c.name}, "junk"]}
     )
     assert refused[1] == INVALID_ARGUMENT and _members(a) == {a.name, c.name}
+
+
+def test_update_node_refuses_what_a_route_overrides(make_cluster: MakeCluster) -> None:
+    """With a route to b in a's shoal.yaml, the route wins over b's row on a: update_node
+    on a of the connection settings is refused, saying so, and changes nothing."""
+    cluster = make_cluster(size=2, services=ALL)  # each node routes to the other
+    a, b = cluster
+    cluster.wait_members()
+    before = next(r for r in a.admin().ok(_ALL_ROWS) if r["name"] == b.name)
+    changes: list[dict[str, Any]] = [
+        {"replicates": {"receives": False}},
+        {"subscriptions": []},
+        {"start_time": 1763793000000},
+    ]
+    for change in changes:
+        result, code = a.admin().execute(
+            {"operation": "set_node_replication", "hostname": b.name, **change}
+        )
+        assert code == FAILED_PRECONDITION, result
+        assert "route" in result["error"] and "cluster_set_routes" in result["error"]
+    assert next(r for r in a.admin().ok(_ALL_ROWS) if r["name"] == b.name) == before
+    # What every node reads from the row whatever its routes is still updated.
+    updated = a.admin().ok(
+        {"operation": "update_node", "hostname": b.name, "revoked_certificates": ["0BADC0DE"]}
+    )
+    assert updated["node"]["revoked_certificates"] == ["0BADC0DE"]
+
+
+_ALL_ROWS = {
+    "operation": "search_by_value",
+    "database": "system",
+    "table": "hdb_nodes",
+    "attribute": "name",
+    "value": "*",
+}

@@ -193,6 +193,12 @@ def test_the_cli_verifies_a_tls_node_with_its_ca(tls_node: Node, tmp_path: Path)
     denied = _shoal("--ca", ca, "data", "get", "--node", host, "dev", "dog", "1",
                     env={**_env(), "SHOAL_PASSWORD": "wrong"})  # fmt: skip
     assert denied.returncode == UNAUTHENTICATED
+    got = _shoal("data", "get", "--node", host, "dev", "dog", "1", env=_env(SHOAL_CA=ca))
+    assert got.returncode == 0 and orjson.loads(got.stdout)["name"] == "Penny", got.stderr
+    absent = _shoal("data", "get", "--node", host, "dev", "dog", "1", "2", env=_env(SHOAL_CA=ca))
+    assert absent.returncode == 5, absent.stderr  # NOT_FOUND
+    assert orjson.loads(absent.stdout)["name"] == "Penny"
+    assert "1 of 2 ids not found" in absent.stderr
 
     other = tmp_path / "other-ca.crt"
     other.write_bytes(certs.create_authority("Someone-Else-CA").certificate_pem)

@@ -306,3 +306,62 @@ def test_a_node_with_configured_certificates_signs_nothing(make_node: MakeNode) 
     assert "no CA key" in result["error"]
     assert _keys(joiner) == keys_before
     assert _members(joiner) == {joiner.name}
+
+
+def test_a_joined_node_operates_without_restart(make_node: MakeNode) -> None:
+    """After a cross-generated join, the joined node's cluster operations work at once:
+    its status and routes (node sockets), its calls to the target's admin port (the
+    certificate source it now trusts), and a route change its replicator refuses leaves
+    shoal.yaml as it was."""
+    target, joiner = _pair(make_node)
+    password = _temporary_super_user(target)
+    admin = joiner.admin()
+    admin.ok(
+        {
+            "operation": "add_node",
+            "hostname": target.name,
+            "verify_tls": False,
+            "authorization": {"username": TEMP_USER, "password": password},
+        }
+    )
+    wait_for(
+        lambda: joiner.connected(target.name) and target.connected(joiner.name),
+        30,
+        "the two nodes to connect over mutual TLS",
+    )
+    status = admin.ok({"operation": "cluster_status"})
+    assert [c["name"] for c in status["connections"] if c["connected"]] == [target.name]
+
+    # A cluster-wide operation reaches the target's admin port over TLS from the CA the
+    # join installed, not the one the joined node started with.
+    result = admin.ok(
+        {"operation": "set_configuration", "logging_level": "info", "replicated": True}
+    )
+    assert result["replicated"] == [{"node": target.name, "ok": True}]
+
+    routed = admin.ok(
+        {
+            "operation": "cluster_set_routes",
+            "routes": [{"host": target.name, "revokedCertificates": ["0badc0de"]}],
+        }
+    )
+    assert routed["set"] == [{"hostname": target.name, "revokedCertificates": ["0BADC0DE"]}]
+    written = joiner.config_path.read_text()
+    assert "0BADC0DE" in written
+    assert [r["hostname"] for r in admin.ok({"operation": "cluster_get_routes"})] == [target.name]
+
+    # A field the route form does not have is refused, not dropped.
+    _, code = admin.execute(
+        {"operation": "cluster_set_routes", "routes": [{"host": "127.9.9.9", "colour": "red"}]}
+    )
+    assert code == 3  # INVALID_ARGUMENT
+
+    # The replicator down: the change fails and the file is untouched.
+    joiner.stop("replicator")
+    failed, code = admin.execute(
+        {"operation": "cluster_set_routes", "routes": [{"host": "127.9.9.9"}]}
+    )
+    assert code == 14, failed  # UNAVAILABLE
+    assert joiner.config_path.read_text() == written
+    joiner.start_service("replicator")
+    wait_for(lambda: joiner.connected(target.name), 30, "the joiner to reconnect")

@@ -902,6 +902,7 @@ class Hello(_message.Message):
     JOIN_FIELD_NUMBER: _builtins.int
     SHARD_FIELD_NUMBER: _builtins.int
     SHARDED_DATABASES_FIELD_NUMBER: _builtins.int
+    PUBLISHED_TABLES_FIELD_NUMBER: _builtins.int
     protocol_min: _builtins.int
     """Lowest protocol version the sender speaks."""
     protocol_max: _builtins.int
@@ -947,6 +948,14 @@ class Hello(_message.Message):
         and the receiver refuses what does not belong. `system` is never sharded.
         """
 
+    @_builtins.property
+    def published_tables(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.TableRef]:
+        """The tables the sender sends on this connection when it sends only some of them (its
+        route's or member row's subscriptions with `publish`; system.hdb_nodes always);
+        empty: every table. The receiver subscribes to these at most, and records that its
+        positions stand only for them (shoal.storage.v1.ApplyRequest.tables).
+        """
+
     def __init__(
         self,
         *,
@@ -964,10 +973,11 @@ class Hello(_message.Message):
         join: Global___Join | None = ...,
         shard: _builtins.int | None = ...,
         sharded_databases: _abc.Iterable[_builtins.str] | None = ...,
+        published_tables: _abc.Iterable[_types_pb2.TableRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_shard", b"_shard", "join", b"join", "shard", b"shard"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_shard", b"_shard", "all_databases", b"all_databases", "databases", b"databases", "expected_name", b"expected_name", "join", b"join", "known_databases", b"known_databases", "node_name", b"node_name", "node_time", b"node_time", "protocol_max", b"protocol_max", "protocol_min", b"protocol_min", "protocol_version", b"protocol_version", "receives", b"receives", "sends", b"sends", "shard", b"shard", "sharded_databases", b"sharded_databases"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_shard", b"_shard", "all_databases", b"all_databases", "databases", b"databases", "expected_name", b"expected_name", "join", b"join", "known_databases", b"known_databases", "node_name", b"node_name", "node_time", b"node_time", "protocol_max", b"protocol_max", "protocol_min", b"protocol_min", "protocol_version", b"protocol_version", "published_tables", b"published_tables", "receives", b"receives", "sends", b"sends", "shard", b"shard", "sharded_databases", b"sharded_databases"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__shard: _TypeAlias = _typing.Literal["shard"]  # noqa: Y015
     _WhichOneofArgType__shard: _TypeAlias = _typing.Literal["_shard", b"_shard"]  # noqa: Y015
@@ -1465,6 +1475,8 @@ class Connection(_message.Message):
     SHARD_FIELD_NUMBER: _builtins.int
     WITHHELD_DATABASES_FIELD_NUMBER: _builtins.int
     LOG_MARGIN_SECONDS_FIELD_NUMBER: _builtins.int
+    RECEIVED_TABLES_FIELD_NUMBER: _builtins.int
+    SENT_TABLES_FIELD_NUMBER: _builtins.int
     peer: _builtins.str
     """Peer node name."""
     address: _builtins.str
@@ -1506,6 +1518,19 @@ class Connection(_message.Message):
         nodes are not of the same shard (see Hello.sharded_databases).
         """
 
+    @_builtins.property
+    def received_tables(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.TableRef]:
+        """The tables this node receives from the peer when only some flow: its own
+        subscriptions with `subscribe`, within those the peer's Hello published (as of the
+        last connection). Empty: every table.
+        """
+
+    @_builtins.property
+    def sent_tables(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.TableRef]:
+        """The tables this node sends to the peer when it sends only some: its subscriptions
+        with `publish` (system.hdb_nodes always). Empty: every table.
+        """
+
     def __init__(
         self,
         *,
@@ -1523,10 +1548,12 @@ class Connection(_message.Message):
         shard: _builtins.int | None = ...,
         withheld_databases: _abc.Iterable[_builtins.str] | None = ...,
         log_margin_seconds: _builtins.float | None = ...,
+        received_tables: _abc.Iterable[_types_pb2.TableRef] | None = ...,
+        sent_tables: _abc.Iterable[_types_pb2.TableRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_log_margin_seconds", b"_log_margin_seconds", "_shard", b"_shard", "connected_since", b"connected_since", "log_margin_seconds", b"log_margin_seconds", "shard", b"shard"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_log_margin_seconds", b"_log_margin_seconds", "_shard", b"_shard", "address", b"address", "back_pressure_percent", b"back_pressure_percent", "connected", b"connected", "connected_since", b"connected_since", "databases", b"databases", "dialed", b"dialed", "last_connection_error", b"last_connection_error", "latency_ms", b"latency_ms", "log_margin_seconds", b"log_margin_seconds", "peer", b"peer", "receives", b"receives", "sends", b"sends", "shard", b"shard", "withheld_databases", b"withheld_databases"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_log_margin_seconds", b"_log_margin_seconds", "_shard", b"_shard", "address", b"address", "back_pressure_percent", b"back_pressure_percent", "connected", b"connected", "connected_since", b"connected_since", "databases", b"databases", "dialed", b"dialed", "last_connection_error", b"last_connection_error", "latency_ms", b"latency_ms", "log_margin_seconds", b"log_margin_seconds", "peer", b"peer", "received_tables", b"received_tables", "receives", b"receives", "sends", b"sends", "sent_tables", b"sent_tables", "shard", b"shard", "withheld_databases", b"withheld_databases"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__log_margin_seconds: _TypeAlias = _typing.Literal["log_margin_seconds"]  # noqa: Y015
     _WhichOneofArgType__log_margin_seconds: _TypeAlias = _typing.Literal["_log_margin_seconds", b"_log_margin_seconds"]  # noqa: Y015

@@ -2098,6 +2098,8 @@ class ApplyRequest(_message.Message):
     TRANSACTIONS_FIELD_NUMBER: _builtins.int
     MAX_CLOCK_SKEW_MS_FIELD_NUMBER: _builtins.int
     PARTIAL_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    TABLES_FIELD_NUMBER: _builtins.int
     max_clock_skew_ms: _builtins.int
     """Refuse the request if a version is this far ahead of this node's clock; 0 disables
     the check.
@@ -2107,9 +2109,20 @@ class ApplyRequest(_message.Message):
     time: this node's positions for their databases then no longer stand for every
     write they cover, and are marked partial (see SnapshotResponse.partial).
     """
+    epoch: _builtins.int
+    """The GetPositions epoch the transactions' subscription started from; 0: not checked."""
     @_builtins.property
     def transactions(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Transaction]:
         """Transactions from other origins, in the order the sender committed them."""
+
+    @_builtins.property
+    def tables(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.TableRef]:
+        """The subscription carries only these tables (explicit subscriptions, on either side):
+        the sender skipped its writes to the others, so from now on this node's position of
+        each (database, origin) applied stands only for these tables (or for fewer, if it
+        already stood for fewer), until a copy brings the others
+        (GetPositionsResponse.limited). Empty: every table; nothing is limited.
+        """
 
     def __init__(
         self,
@@ -2117,10 +2130,12 @@ class ApplyRequest(_message.Message):
         transactions: _abc.Iterable[_types_pb2.Transaction] | None = ...,
         max_clock_skew_ms: _builtins.int = ...,
         partial: _builtins.bool = ...,
+        epoch: _builtins.int = ...,
+        tables: _abc.Iterable[_types_pb2.TableRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_clock_skew_ms", b"max_clock_skew_ms", "partial", b"partial", "transactions", b"transactions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "max_clock_skew_ms", b"max_clock_skew_ms", "partial", b"partial", "tables", b"tables", "transactions", b"transactions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2470,7 +2485,8 @@ class SnapshotResponse(_message.Message):
     partial: _builtins.bool
     """First message only: this node's positions for the database do not stand for every
     row it holds (it received some tables only, or from a start time, or copied from
-    such a node), so a receiver must not remove a row for being absent here.
+    such a node, or it is catching up after a restore), so a receiver must not remove a
+    row for being absent here.
     """
     @_builtins.property
     def positions(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Position]:
@@ -2518,6 +2534,7 @@ class MergeSnapshotRequest(_message.Message):
     BEGINS_PART_FIELD_NUMBER: _builtins.int
     AFTER_FIELD_NUMBER: _builtins.int
     PARTIAL_FIELD_NUMBER: _builtins.int
+    COPIED_TABLES_FIELD_NUMBER: _builtins.int
     source: _builtins.str
     """Node the rows come from."""
     database: _builtins.str
@@ -2561,6 +2578,16 @@ class MergeSnapshotRequest(_message.Message):
         key): unset at the start of the database, otherwise the copy's last merged key.
         """
 
+    @_builtins.property
+    def copied_tables(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The tables the copy was asked for (empty: every table); the first request of a part
+        sets them, and a resumed copy stands for the tables of all its parts. With `complete`,
+        for each origin whose position the copy reaches (GetPositionsResponse.limited): a
+        position the copy raises stands for these tables from then on (every table: it is
+        no longer limited); one it equals stands for these tables too. A position above the
+        copy's is left as it is.
+        """
+
     def __init__(
         self,
         *,
@@ -2575,10 +2602,11 @@ class MergeSnapshotRequest(_message.Message):
         begins_part: _builtins.bool = ...,
         after: _types_pb2.SnapshotKey | None = ...,
         partial: _builtins.bool = ...,
+        copied_tables: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["after", b"after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "begins_part", b"begins_part", "complete", b"complete", "database", b"database", "estimated_rows", b"estimated_rows", "part", b"part", "partial", b"partial", "positions", b"positions", "rows", b"rows", "source", b"source", "tables", b"tables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "begins_part", b"begins_part", "complete", b"complete", "copied_tables", b"copied_tables", "database", b"database", "estimated_rows", b"estimated_rows", "part", b"part", "partial", b"partial", "positions", b"positions", "rows", b"rows", "source", b"source", "tables", b"tables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2693,12 +2721,20 @@ class GetPositionsResponse(_message.Message):
     COPIES_FIELD_NUMBER: _builtins.int
     NODE_NAME_FIELD_NUMBER: _builtins.int
     NODE_TIME_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    CATCHING_UP_FIELD_NUMBER: _builtins.int
+    LIMITED_FIELD_NUMBER: _builtins.int
     FENCED_DATABASES_FIELD_NUMBER: _builtins.int
     PARTIAL_DATABASES_FIELD_NUMBER: _builtins.int
     node_name: _builtins.str
     """This node's name (its origin name in positions)."""
     node_time: _builtins.int
     """This node's hybrid clock now."""
+    epoch: _builtins.int
+    """Changes whenever a restore changes this node's positions (at its start and at its
+    end), and at every start of the storage service: a subscription whose positions were
+    read under another epoch must start again (ApplyRequest.epoch).
+    """
     @_builtins.property
     def positions(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Position]:
         """Applied positions per (database, origin), including this node's own commits."""
@@ -2710,6 +2746,23 @@ class GetPositionsResponse(_message.Message):
     @_builtins.property
     def copies(self) -> _containers.RepeatedCompositeFieldContainer[Global___CopyProgress]:
         """Copies into this node that have started and not completed."""
+
+    @_builtins.property
+    def catching_up(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Databases restored here from a backup older than this node's own last write to
+        them: until a copy from a peer completes, this node lacks some of its own writes,
+        which only peers hold (a node never receives its own transactions), and its
+        Snapshot of them says `partial`.
+        """
+
+    @_builtins.property
+    def limited(self) -> _containers.RepeatedCompositeFieldContainer[Global___LimitedPosition]:
+        """Positions that stand only for some tables of their database: this node applied a
+        subscription to those tables only (ApplyRequest.tables), so the position passed over
+        the origin's writes to the other tables. A receiver whose subscription now carries
+        more tables copies them first (MergeSnapshotRequest.copied_tables). A position not
+        listed stands for every table.
+        """
 
     @_builtins.property
     def fenced_databases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -2727,16 +2780,51 @@ class GetPositionsResponse(_message.Message):
         copies: _abc.Iterable[Global___CopyProgress] | None = ...,
         node_name: _builtins.str = ...,
         node_time: _builtins.int = ...,
+        epoch: _builtins.int = ...,
+        catching_up: _abc.Iterable[_builtins.str] | None = ...,
+        limited: _abc.Iterable[Global___LimitedPosition] | None = ...,
         fenced_databases: _abc.Iterable[_builtins.str] | None = ...,
         partial_databases: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["copies", b"copies", "fenced_databases", b"fenced_databases", "horizons", b"horizons", "node_name", b"node_name", "node_time", b"node_time", "partial_databases", b"partial_databases", "positions", b"positions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["catching_up", b"catching_up", "copies", b"copies", "epoch", b"epoch", "fenced_databases", b"fenced_databases", "horizons", b"horizons", "limited", b"limited", "node_name", b"node_name", "node_time", b"node_time", "partial_databases", b"partial_databases", "positions", b"positions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetPositionsResponse: _TypeAlias = GetPositionsResponse  # noqa: Y015
+
+@_typing.final
+class LimitedPosition(_message.Message):
+    """A position that stands only for some tables (GetPositionsResponse.limited)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    TABLES_FIELD_NUMBER: _builtins.int
+    database: _builtins.str
+    """Database of the position."""
+    origin: _builtins.str
+    """Origin of the position."""
+    @_builtins.property
+    def tables(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The tables whose writes of that origin this node holds up to the position."""
+
+    def __init__(
+        self,
+        *,
+        database: _builtins.str = ...,
+        origin: _builtins.str = ...,
+        tables: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "origin", b"origin", "tables", b"tables"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LimitedPosition: _TypeAlias = LimitedPosition  # noqa: Y015
 
 @_typing.final
 class FenceDatabasesRequest(_message.Message):

@@ -1751,7 +1751,9 @@ class StorageNodeServiceServicer:
         the given positions, in this node's commit order, then new commits as they happen
         (the stream wakes on commit; there is no polling interval). Batches hold whole
         transactions and are bounded in count and bytes. Writes to tables with
-        `replicate: false` are never sent. Node-internal identity only.
+        `replicate: false` are never sent, nor transactions of a database a Restore stream
+        is writing (the restore raises its horizons when it ends). Node-internal identity
+        only.
         Errors: INVALID_ARGUMENT (bad limits), PERMISSION_DENIED (not the node identity),
         FAILED_PRECONDITION with reason LOG_TRUNCATED when a requested position is older than
         the retained log, so the caller must copy (Snapshot) instead.
@@ -1774,6 +1776,11 @@ class StorageNodeServiceServicer:
         PERMISSION_DENIED,
         FAILED_PRECONDITION with reason CLOCK_SKEW when a version is further ahead of this
         node's clock than `max_clock_skew_ms` (nothing is applied).
+        Transactions of a database a Restore stream is writing are skipped (not applied, its
+        positions unchanged): they arrive again from the restored positions. With `epoch`
+        (the GetPositions epoch the subscription started from), FAILED_PRECONDITION with
+        reason POSITIONS_CHANGED when a restore has changed positions since (nothing is
+        applied): the caller subscribes again from positions read now.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -1784,7 +1791,9 @@ class StorageNodeServiceServicer:
         key order from one consistent point, starting after `start_after` when given. The
         first message carries the positions the copy is consistent with and the schema.
         Node-internal only.
-        Errors: INVALID_ARGUMENT, PERMISSION_DENIED, NOT_FOUND (database).
+        Errors: INVALID_ARGUMENT, PERMISSION_DENIED, NOT_FOUND (database),
+        FAILED_PRECONDITION with reason RESTORING (a Restore stream is writing the database:
+        copy it once the restore is over).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -1814,8 +1823,9 @@ class StorageNodeServiceServicer:
         writes included, is never removed. Symmetrically, a row this node lacks although it
         has applied every write of it (and its own positions are not partial) was deleted
         here, and is not merged back. With `complete`, adopts the copy's positions (never
-        lowering one) and forgets every unfinished copy of the database, whatever its
-        source. Node-internal only.
+        lowering one), forgets every unfinished copy of the database, whatever its source,
+        and ends the database's catch-up after a restore (GetPositionsResponse.catching_up).
+        Node-internal only.
         Errors: INVALID_ARGUMENT (malformed row or state, no source or part),
         FAILED_PRECONDITION with reason COPY_OUT_OF_ORDER (the request does not continue its
         copy: the caller starts the copy again), PERMISSION_DENIED.
@@ -1915,7 +1925,13 @@ class StorageNodeServiceServicer:
         `replay_until` is applied as Apply does (point-in-time replay); later ones are
         skipped. Per origin, transactions must arrive in increasing version order. When the
         stream ends, the database's positions become the header's (raised by what was
-        replayed) and its log horizons the header's. With `dry_run`, everything is checked
+        replayed), and its log horizons those positions (raised to the header's horizons and
+        to this node's own last position of the database, when higher): the rows came from
+        a backup, so a peer that holds less of the database copies it instead of reading
+        the log. A restore below this node's own last write to the database leaves it
+        catching up (GetPositionsResponse.catching_up). While it runs, Subscribe, Apply and
+        Snapshot leave the database alone, and the positions epoch changes at its start and
+        at its end. With `dry_run`, everything is checked
         and nothing is written. A real restore marks the database until it completes; an
         interrupted restore leaves the mark, and the next restore of that database drops
         the partial database and starts over. The last message has `complete`; a stream

@@ -1072,7 +1072,9 @@ class StorageNodeServiceStub:
     the given positions, in this node's commit order, then new commits as they happen
     (the stream wakes on commit; there is no polling interval). Batches hold whole
     transactions and are bounded in count and bytes. Writes to tables with
-    `replicate: false` are never sent. Node-internal identity only.
+    `replicate: false` are never sent, nor transactions of a database a Restore stream
+    is writing (the restore raises its horizons when it ends). Node-internal identity
+    only.
     Errors: INVALID_ARGUMENT (bad limits), PERMISSION_DENIED (not the node identity),
     FAILED_PRECONDITION with reason LOG_TRUNCATED when a requested position is older than
     the retained log, so the caller must copy (Snapshot) instead.
@@ -1091,13 +1093,20 @@ class StorageNodeServiceStub:
     PERMISSION_DENIED,
     FAILED_PRECONDITION with reason CLOCK_SKEW when a version is further ahead of this
     node's clock than `max_clock_skew_ms` (nothing is applied).
+    Transactions of a database a Restore stream is writing are skipped (not applied, its
+    positions unchanged): they arrive again from the restored positions. With `epoch`
+    (the GetPositions epoch the subscription started from), FAILED_PRECONDITION with
+    reason POSITIONS_CHANGED when a restore has changed positions since (nothing is
+    applied): the caller subscribes again from positions read now.
     """
     Snapshot: _grpc.UnaryStreamMultiCallable[_storage_pb2.SnapshotRequest, _storage_pb2.SnapshotResponse]
     """Streams every row of a database (records and tombstones, with their versions) in
     key order from one consistent point, starting after `start_after` when given. The
     first message carries the positions the copy is consistent with and the schema.
     Node-internal only.
-    Errors: INVALID_ARGUMENT, PERMISSION_DENIED, NOT_FOUND (database).
+    Errors: INVALID_ARGUMENT, PERMISSION_DENIED, NOT_FOUND (database),
+    FAILED_PRECONDITION with reason RESTORING (a Restore stream is writing the database:
+    copy it once the restore is over).
     """
     MergeSnapshot: _grpc.UnaryUnaryMultiCallable[_storage_pb2.MergeSnapshotRequest, _storage_pb2.MergeSnapshotResponse]
     """The receive side of a copy: merges snapshot rows, and stores the copy's progress in
@@ -1123,8 +1132,9 @@ class StorageNodeServiceStub:
     writes included, is never removed. Symmetrically, a row this node lacks although it
     has applied every write of it (and its own positions are not partial) was deleted
     here, and is not merged back. With `complete`, adopts the copy's positions (never
-    lowering one) and forgets every unfinished copy of the database, whatever its
-    source. Node-internal only.
+    lowering one), forgets every unfinished copy of the database, whatever its source,
+    and ends the database's catch-up after a restore (GetPositionsResponse.catching_up).
+    Node-internal only.
     Errors: INVALID_ARGUMENT (malformed row or state, no source or part),
     FAILED_PRECONDITION with reason COPY_OUT_OF_ORDER (the request does not continue its
     copy: the caller starts the copy again), PERMISSION_DENIED.
@@ -1196,7 +1206,13 @@ class StorageNodeServiceStub:
     `replay_until` is applied as Apply does (point-in-time replay); later ones are
     skipped. Per origin, transactions must arrive in increasing version order. When the
     stream ends, the database's positions become the header's (raised by what was
-    replayed) and its log horizons the header's. With `dry_run`, everything is checked
+    replayed), and its log horizons those positions (raised to the header's horizons and
+    to this node's own last position of the database, when higher): the rows came from
+    a backup, so a peer that holds less of the database copies it instead of reading
+    the log. A restore below this node's own last write to the database leaves it
+    catching up (GetPositionsResponse.catching_up). While it runs, Subscribe, Apply and
+    Snapshot leave the database alone, and the positions epoch changes at its start and
+    at its end. With `dry_run`, everything is checked
     and nothing is written. A real restore marks the database until it completes; an
     interrupted restore leaves the mark, and the next restore of that database drops
     the partial database and starts over. The last message has `complete`; a stream
@@ -1225,7 +1241,9 @@ class StorageNodeServiceAsyncStub(StorageNodeServiceStub):
     the given positions, in this node's commit order, then new commits as they happen
     (the stream wakes on commit; there is no polling interval). Batches hold whole
     transactions and are bounded in count and bytes. Writes to tables with
-    `replicate: false` are never sent. Node-internal identity only.
+    `replicate: false` are never sent, nor transactions of a database a Restore stream
+    is writing (the restore raises its horizons when it ends). Node-internal identity
+    only.
     Errors: INVALID_ARGUMENT (bad limits), PERMISSION_DENIED (not the node identity),
     FAILED_PRECONDITION with reason LOG_TRUNCATED when a requested position is older than
     the retained log, so the caller must copy (Snapshot) instead.
@@ -1244,13 +1262,20 @@ class StorageNodeServiceAsyncStub(StorageNodeServiceStub):
     PERMISSION_DENIED,
     FAILED_PRECONDITION with reason CLOCK_SKEW when a version is further ahead of this
     node's clock than `max_clock_skew_ms` (nothing is applied).
+    Transactions of a database a Restore stream is writing are skipped (not applied, its
+    positions unchanged): they arrive again from the restored positions. With `epoch`
+    (the GetPositions epoch the subscription started from), FAILED_PRECONDITION with
+    reason POSITIONS_CHANGED when a restore has changed positions since (nothing is
+    applied): the caller subscribes again from positions read now.
     """
     Snapshot: _aio.UnaryStreamMultiCallable[_storage_pb2.SnapshotRequest, _storage_pb2.SnapshotResponse]  # type: ignore[assignment]
     """Streams every row of a database (records and tombstones, with their versions) in
     key order from one consistent point, starting after `start_after` when given. The
     first message carries the positions the copy is consistent with and the schema.
     Node-internal only.
-    Errors: INVALID_ARGUMENT, PERMISSION_DENIED, NOT_FOUND (database).
+    Errors: INVALID_ARGUMENT, PERMISSION_DENIED, NOT_FOUND (database),
+    FAILED_PRECONDITION with reason RESTORING (a Restore stream is writing the database:
+    copy it once the restore is over).
     """
     MergeSnapshot: _aio.UnaryUnaryMultiCallable[_storage_pb2.MergeSnapshotRequest, _storage_pb2.MergeSnapshotResponse]  # type: ignore[assignment]
     """The receive side of a copy: merges snapshot rows, and stores the copy's progress in
@@ -1276,8 +1301,9 @@ class StorageNodeServiceAsyncStub(StorageNodeServiceStub):
     writes included, is never removed. Symmetrically, a row this node lacks although it
     has applied every write of it (and its own positions are not partial) was deleted
     here, and is not merged back. With `complete`, adopts the copy's positions (never
-    lowering one) and forgets every unfinished copy of the database, whatever its
-    source. Node-internal only.
+    lowering one), forgets every unfinished copy of the database, whatever its source,
+    and ends the database's catch-up after a restore (GetPositionsResponse.catching_up).
+    Node-internal only.
     Errors: INVALID_ARGUMENT (malformed row or state, no source or part),
     FAILED_PRECONDITION with reason COPY_OUT_OF_ORDER (the request does not continue its
     copy: the caller starts the copy again), PERMISSION_DENIED.
@@ -1349,7 +1375,13 @@ class StorageNodeServiceAsyncStub(StorageNodeServiceStub):
     `replay_until` is applied as Apply does (point-in-time replay); later ones are
     skipped. Per origin, transactions must arrive in increasing version order. When the
     stream ends, the database's positions become the header's (raised by what was
-    replayed) and its log horizons the header's. With `dry_run`, everything is checked
+    replayed), and its log horizons those positions (raised to the header's horizons and
+    to this node's own last position of the database, when higher): the rows came from
+    a backup, so a peer that holds less of the database copies it instead of reading
+    the log. A restore below this node's own last write to the database leaves it
+    catching up (GetPositionsResponse.catching_up). While it runs, Subscribe, Apply and
+    Snapshot leave the database alone, and the positions epoch changes at its start and
+    at its end. With `dry_run`, everything is checked
     and nothing is written. A real restore marks the database until it completes; an
     interrupted restore leaves the mark, and the next restore of that database drops
     the partial database and starts over. The last message has `complete`; a stream
@@ -1381,7 +1413,9 @@ class StorageNodeServiceServicer(metaclass=_abc_1.ABCMeta):
         the given positions, in this node's commit order, then new commits as they happen
         (the stream wakes on commit; there is no polling interval). Batches hold whole
         transactions and are bounded in count and bytes. Writes to tables with
-        `replicate: false` are never sent. Node-internal identity only.
+        `replicate: false` are never sent, nor transactions of a database a Restore stream
+        is writing (the restore raises its horizons when it ends). Node-internal identity
+        only.
         Errors: INVALID_ARGUMENT (bad limits), PERMISSION_DENIED (not the node identity),
         FAILED_PRECONDITION with reason LOG_TRUNCATED when a requested position is older than
         the retained log, so the caller must copy (Snapshot) instead.
@@ -1406,6 +1440,11 @@ class StorageNodeServiceServicer(metaclass=_abc_1.ABCMeta):
         PERMISSION_DENIED,
         FAILED_PRECONDITION with reason CLOCK_SKEW when a version is further ahead of this
         node's clock than `max_clock_skew_ms` (nothing is applied).
+        Transactions of a database a Restore stream is writing are skipped (not applied, its
+        positions unchanged): they arrive again from the restored positions. With `epoch`
+        (the GetPositions epoch the subscription started from), FAILED_PRECONDITION with
+        reason POSITIONS_CHANGED when a restore has changed positions since (nothing is
+        applied): the caller subscribes again from positions read now.
         """
 
     @_abc_1.abstractmethod
@@ -1418,7 +1457,9 @@ class StorageNodeServiceServicer(metaclass=_abc_1.ABCMeta):
         key order from one consistent point, starting after `start_after` when given. The
         first message carries the positions the copy is consistent with and the schema.
         Node-internal only.
-        Errors: INVALID_ARGUMENT, PERMISSION_DENIED, NOT_FOUND (database).
+        Errors: INVALID_ARGUMENT, PERMISSION_DENIED, NOT_FOUND (database),
+        FAILED_PRECONDITION with reason RESTORING (a Restore stream is writing the database:
+        copy it once the restore is over).
         """
 
     @_abc_1.abstractmethod
@@ -1450,8 +1491,9 @@ class StorageNodeServiceServicer(metaclass=_abc_1.ABCMeta):
         writes included, is never removed. Symmetrically, a row this node lacks although it
         has applied every write of it (and its own positions are not partial) was deleted
         here, and is not merged back. With `complete`, adopts the copy's positions (never
-        lowering one) and forgets every unfinished copy of the database, whatever its
-        source. Node-internal only.
+        lowering one), forgets every unfinished copy of the database, whatever its source,
+        and ends the database's catch-up after a restore (GetPositionsResponse.catching_up).
+        Node-internal only.
         Errors: INVALID_ARGUMENT (malformed row or state, no source or part),
         FAILED_PRECONDITION with reason COPY_OUT_OF_ORDER (the request does not continue its
         copy: the caller starts the copy again), PERMISSION_DENIED.
@@ -1565,7 +1607,13 @@ class StorageNodeServiceServicer(metaclass=_abc_1.ABCMeta):
         `replay_until` is applied as Apply does (point-in-time replay); later ones are
         skipped. Per origin, transactions must arrive in increasing version order. When the
         stream ends, the database's positions become the header's (raised by what was
-        replayed) and its log horizons the header's. With `dry_run`, everything is checked
+        replayed), and its log horizons those positions (raised to the header's horizons and
+        to this node's own last position of the database, when higher): the rows came from
+        a backup, so a peer that holds less of the database copies it instead of reading
+        the log. A restore below this node's own last write to the database leaves it
+        catching up (GetPositionsResponse.catching_up). While it runs, Subscribe, Apply and
+        Snapshot leave the database alone, and the positions epoch changes at its start and
+        at its end. With `dry_run`, everything is checked
         and nothing is written. A real restore marks the database until it completes; an
         interrupted restore leaves the mark, and the next restore of that database drops
         the partial database and starts over. The last message has `complete`; a stream
