@@ -96,8 +96,8 @@ def forget(engine: Engine, database: str, held_elsewhere: Mapping[str, int]) -> 
     for key in limited:
         batch.delete(limited_key(*key), meta)
     queued = HANDOVER_PREFIX + database.encode() + b"\x00"
-    for key, _ in engine.store.scan("meta", queued, keys.prefix_end(queued)):
-        batch.delete(key, meta)
+    for queued_key, _ in engine.store.scan("meta", queued, keys.prefix_end(queued)):
+        batch.delete(queued_key, meta)
     engine.store.write(batch)
     for key in held_keys:
         engine.positions.pop(key, None)
