@@ -22,12 +22,14 @@ from typing import Any
 import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from shoal.replicator.v1 import replicator_pb2 as rpb
+from shoal.storage.v1 import storage_pb2 as spb
 from shoal.storage.v1 import types_pb2
 
 from services.common import members
 from services.common.config import parse_config
-from services.storage import keys, log, merge, repair, residency
-from services.storage.commit import LocalTransaction, apply_write
+from services.storage import copy, keys, log, merge, repair, residency
+from services.storage.commit import LocalTransaction, apply_write, table_schema
 from services.storage.engine import SYSTEM_DATABASE, Engine
 from services.storage.residency import RepairProgress
 
@@ -221,3 +223,73 @@ def test_no_acknowledged_attribute_is_lost_to_residency(
                 assert state is not None and state.doc == residency.stub_doc(
                     c.nodes[node].catalog.table(DB, TABLE), truth[key]
                 ), f"key {key}: {node}'s stub is {state and state.doc}"
+
+
+class ResidentsReader:
+    """Stands for this node's replicator in FetchRecords: reads whole states from the
+    other residents' engines, as their ReadResident does."""
+
+    def __init__(self, nodes: dict[str, Engine]) -> None:
+        self.nodes = nodes
+
+    async def fetch(
+        self,
+        database: str,
+        table: str,
+        ids: list[bytes],
+        residents: tuple[str, ...],
+        budget_s: float,
+        states: bool = False,
+    ) -> rpb.FetchRecordsResponse:
+        reply = rpb.FetchRecordsResponse()
+        for name in residents:
+            engine = self.nodes[name]
+            found = engine.catalog.table(database, table)
+            for raw_id in ids:
+                value = engine.store.data.get(found.prefix + keys.encode_key(orjson.loads(raw_id)))
+                state = None if value is None else merge.decode_state(value)
+                if state is not None and residency.holds_full(state, name):
+                    reply.states.append(value)
+        return reply
+
+
+def test_a_copy_from_a_stub_holder_leaves_a_resident_whole() -> None:
+    """A resident that receives a record by a copy from a node holding only its stub
+    holds a stub, then heals it from another resident."""
+    with cluster({n: NODES for n in NODES}) as c:
+        pk = next(
+            k
+            for k in range(1000)
+            if "n1" in residency.rendezvous(DB, TABLE, keys.encode_key(k), NODES, 2)
+        )
+        [target] = set(residency.rendezvous(DB, TABLE, keys.encode_key(pk), NODES, 2)) - {"n1"}
+        source = next(n for n in NODES if n not in ("n1", target))
+        c.write("n1", pk, "secret", 7, whole=True)
+        while c.deliver("n1", source):
+            pass
+        held = c.state(source, pk)
+        assert held is not None and "secret" not in held.doc  # a stub there
+        table = c.nodes[source].catalog.table(DB, TABLE)
+        row = types_pb2.SnapshotRow(
+            table=TABLE,
+            id=orjson.dumps(pk),
+            state=c.nodes[source].store.data.get(table.prefix + keys.encode_key(pk)),
+        )
+        request = spb.MergeSnapshotRequest(
+            source=source,
+            database=DB,
+            tables=[table_schema(table)],
+            rows=[row],
+            complete=True,
+            part=1,
+            begins_part=True,
+        )
+        copy.merge_snapshot(c.nodes[target], request)
+        copied = c.state(target, pk)
+        assert copied is not None and copied.stub and target in copied.residents
+        tables = repair.residency_tables(c.nodes[target], DB)
+        reader = ResidentsReader(c.nodes)
+        left = asyncio.run(repair.heal_stubs(c.nodes[target], tables, reader))  # type: ignore[arg-type]
+        healed = c.state(target, pk)
+        assert left == 0 and healed is not None and not healed.stub
+        assert healed.doc == {"id": pk, "secret": 7, "color": "c1"}
