@@ -248,7 +248,7 @@ class ResidentsReader:
             for raw_id in ids:
                 value = engine.store.data.get(found.prefix + keys.encode_key(orjson.loads(raw_id)))
                 state = None if value is None else merge.decode_state(value)
-                if state is not None and residency.holds_full(state, name):
+                if value is not None and state is not None and residency.holds_full(state, name):
                     reply.states.append(value)
         return reply
 
@@ -270,11 +270,9 @@ def test_a_copy_from_a_stub_holder_leaves_a_resident_whole() -> None:
         held = c.state(source, pk)
         assert held is not None and "secret" not in held.doc  # a stub there
         table = c.nodes[source].catalog.table(DB, TABLE)
-        row = types_pb2.SnapshotRow(
-            table=TABLE,
-            id=orjson.dumps(pk),
-            state=c.nodes[source].store.data.get(table.prefix + keys.encode_key(pk)),
-        )
+        stub = c.nodes[source].store.data.get(table.prefix + keys.encode_key(pk))
+        assert stub is not None
+        row = types_pb2.SnapshotRow(table=TABLE, id=orjson.dumps(pk), state=stub)
         request = spb.MergeSnapshotRequest(
             source=source,
             database=DB,
