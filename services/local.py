@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ SERVICES = ("storage", "replicator", "admin")
 LOCAL_CA_DIR = "ca"
 LOCAL_CA_NAME = "Shoal-Local-CA"
 READY_TIMEOUT_S = 60.0
+SUPERVISE_INTERVAL_S = 0.2  # how often the supervisor looks for exited services
 CLI_CONFIG_FILE = "cli.yaml"
 
 
@@ -140,11 +142,15 @@ class Supervised:
 
 
 class Supervisor:
-    """Starts services, keeps them running, stops them on a signal."""
+    """Starts services, keeps them running (restarting one that exits, with a backoff,
+    from the moment they all started), stops them on a signal."""
 
     def __init__(self) -> None:
         self.children: list[Supervised] = []
         self._stopping = False
+        self._done = threading.Event()  # set by stop_all: restart nothing more
+        self._lock = threading.Lock()  # one restart pass, or stop_all, at a time
+        self._watcher: threading.Thread | None = None
 
     def add(self, child: Supervised) -> None:
         self.children.append(child)
@@ -164,13 +170,21 @@ class Supervisor:
                     raise SystemExit(f"{child.service} of {child.node} did not become ready")
                 time.sleep(0.1)
 
-    def run_until_signalled(self) -> None:
-        def stop(signum: int, frame: object) -> None:
-            self._stopping = True
+    def supervise(self) -> None:
+        """Restart exited services from now on, in a background thread, whatever the
+        caller does meanwhile (``shoal node clone`` follows the copy); until stop_all."""
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="supervisor", daemon=True)
+            self._watcher.start()
 
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGTERM, stop)
-        while not self._stopping:
+    def _watch(self) -> None:
+        while not self._done.wait(SUPERVISE_INTERVAL_S):
+            self._restart_exited()
+
+    def _restart_exited(self) -> None:
+        with self._lock:
+            if self._done.is_set():
+                return
             now = time.monotonic()
             for child in self.children:
                 process = child.process
@@ -187,10 +201,22 @@ class Supervisor:
                 elif now >= child.restart_at:
                     child.restart_at = 0.0
                     child.start()
-            time.sleep(0.2)
+
+    def run_until_signalled(self) -> None:
+        def stop(signum: int, frame: object) -> None:
+            self._stopping = True
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+        self.supervise()
+        while not self._stopping:
+            time.sleep(SUPERVISE_INTERVAL_S)
         self.stop_all()
 
     def stop_all(self) -> None:
+        self._done.set()
+        with self._lock:  # a restart pass under way ends first; none starts after
+            pass
         for child in reversed(self.children):
             child.stop()
 
@@ -339,7 +365,7 @@ def run_services(
     config_paths: list[Path], services: tuple[str, ...], env: dict[str, str], logs: bool
 ) -> Supervisor:
     """Start the services (refusing with PortsTaken when an address they listen on is
-    taken) and return their supervisor."""
+    taken) and return their supervisor, which restarts any that exits from then on."""
     supervisor = Supervisor()
     addresses: dict[tuple[str, str], Probe] = {}
     configs = [(path, load_config(path)) for path in config_paths]
@@ -354,4 +380,5 @@ def run_services(
     except BaseException:
         supervisor.stop_all()
         raise
+    supervisor.supervise()
     return supervisor

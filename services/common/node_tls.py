@@ -108,7 +108,12 @@ class NodeTls:
         if not self.serves_tls(service):
             return None
         try:
-            return TlsSource.from_config(self.config, label=f"{service} TLS")
+            return TlsSource.from_config(
+                self.config,
+                label=f"{service} TLS",
+                fails=f"Clients that verify it (the CLI, drivers, this node's peers) refuse"
+                f" every new connection to the {service} port",
+            )
         except TlsError as exc:
             raise FailedPrecondition(f"cannot use this node's TLS files (tls.*): {exc}") from exc
 
@@ -141,7 +146,8 @@ def prepare(config: ShoalConfig) -> NodeTls:
     source = None
     if material is not None:
         try:
-            source = TlsSource.from_config(effective, label="node TLS (dialing)")
+            # The port each service serves warns of an expired certificate (fails=None).
+            source = TlsSource.from_config(effective, label="node TLS (dialing)", fails=None)
         except TlsError as exc:
             raise FailedPrecondition(f"cannot use this node's TLS files (tls.*): {exc}") from exc
     return NodeTls(effective, material, source)

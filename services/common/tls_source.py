@@ -10,7 +10,10 @@ more, when nothing changed) and, when one changed, reads and checks them all aga
 * when they do not (unreadable, not PEM, a key of another certificate), the last good
   material stays in use and a warning says why, once per change of the files;
 * when they do, the new material is used from then on and an info line gives the new
-  serial; ``generation`` counts the changes, so users can rebuild what they derive.
+  serial; ``generation`` counts the changes, so users can rebuild what they derive;
+* a certificate that is expired or not yet valid is still used (the files are what the
+  operator gave), but a warning names the file, its validity window and what fails with
+  it, at start and again whenever the files change to such a certificate.
 
 The source is safe to call from any thread (gRPC calls the server's certificate fetcher
 on its own threads). ``reloading_server_credentials`` serves the current material to
@@ -25,6 +28,7 @@ like the other files.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import ssl
@@ -195,6 +199,51 @@ def serial_of(material: TlsMaterial) -> str:
     return format(x509.load_pem_x509_certificates(material.certificate)[0].serial_number, "X")
 
 
+def validity_problem(
+    certificate_pem: bytes, now: dt.datetime | None = None
+) -> tuple[str, x509.Certificate] | None:
+    """("expired" or "not yet valid", the certificate) when the first certificate of a
+    chain is not valid now; None when it is."""
+    first = x509.load_pem_x509_certificates(certificate_pem)[0]
+    now = now or dt.datetime.now(dt.UTC)
+    if now > first.not_valid_after_utc:
+        return "expired", first
+    if now < first.not_valid_before_utc:
+        return "not yet valid", first
+    return None
+
+
+def _when(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def warn_if_not_valid(label: str, path: Path, certificate_pem: bytes, fails: str) -> bool:
+    """Log a warning when the certificate (``tls.certificate`` at ``path``) is expired
+    or not yet valid, naming the file, its validity window and what fails; True if so."""
+    problem = validity_problem(certificate_pem)
+    if problem is None:
+        return False
+    what, first = problem
+    log.warning(
+        "%s: the certificate tls.certificate %s (serial %s, subject %s) is %s (valid from"
+        " %s until %s; the time here is %s). %s, until the file holds a valid certificate"
+        " (it is read again when it changes, no restart needed)",
+        label,
+        path,
+        format(first.serial_number, "X"),
+        first.subject.rfc4514_string(),
+        what,
+        _when(first.not_valid_before_utc),
+        _when(first.not_valid_after_utc),
+        _when(dt.datetime.now(dt.UTC)),
+        fails,
+    )
+    return True
+
+
+DEFAULT_FAILS = "Peers and clients that verify it refuse every new TLS connection with this node"
+
+
 def _stamp(files: tuple[Path, ...]) -> Stamp:
     stamps: list[tuple[str, int, int, int, int] | tuple[str]] = []
     for path in files:
@@ -210,21 +259,35 @@ def _stamp(files: tuple[Path, ...]) -> Stamp:
 class TlsSource:
     """A node's TLS material, re-read when its files change (see the module comment)."""
 
-    def __init__(self, paths: TlsPaths, label: str = "TLS") -> None:
-        """Read the files now; TlsError when they cannot be used (start-up fails)."""
+    def __init__(
+        self, paths: TlsPaths, label: str = "TLS", fails: str | None = DEFAULT_FAILS
+    ) -> None:
+        """Read the files now; TlsError when they cannot be used (start-up fails).
+
+        ``fails`` says what fails with an expired or not yet valid certificate; the
+        warning is logged now and on each change of the files (None: never, for a
+        source whose process already warns through another one)."""
         self.paths = paths
         self.label = label
+        self.fails = fails
         self._lock = threading.Lock()
         self._files = paths.watched()
         self._seen = _stamp(self._files)
         self._material = read_material(paths)
         self.generation = 1
+        self._check_validity(self._material)
 
     @classmethod
-    def from_config(cls, config: ShoalConfig, label: str = "TLS") -> TlsSource | None:
+    def from_config(
+        cls, config: ShoalConfig, label: str = "TLS", fails: str | None = DEFAULT_FAILS
+    ) -> TlsSource | None:
         """The source of the configured ``tls.*`` files, or None when they are not set."""
         paths = TlsPaths.from_config(config)
-        return cls(paths, label) if paths is not None else None
+        return cls(paths, label, fails) if paths is not None else None
+
+    def _check_validity(self, material: TlsMaterial) -> None:
+        if self.fails is not None:
+            warn_if_not_valid(self.label, self.paths.certificate, material.certificate, self.fails)
 
     def current(self) -> TlsMaterial:
         """The material to use now: re-read only when a file changed."""
@@ -255,6 +318,7 @@ class TlsSource:
             serial_of(material),
             serial_of(in_use),
         )
+        self._check_validity(material)
         return material
 
 

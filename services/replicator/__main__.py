@@ -55,7 +55,12 @@ async def run(config: ShoalConfig) -> bool:
         await health_port.stop()
         raise
     try:
-        tls = TlsSource.from_config(config, label="replication TLS")
+        tls = TlsSource.from_config(
+            config,
+            label="replication TLS",
+            fails="Peers refuse it: no new replication session starts with this node, whoever"
+            " dials (its live sessions go on until they end)",
+        )
     except TlsError as exc:
         raise SystemExit(f"replicator: {exc}") from exc
     storage = LocalStorage(config, secret)

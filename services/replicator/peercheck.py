@@ -86,6 +86,10 @@ class PeerCertificate:
     def from_pem(cls, pem: bytes) -> PeerCertificate:
         return cls.from_x509(x509.load_pem_x509_certificate(pem))
 
+    def describe(self) -> str:
+        """The certificate as refusals log it: serial and subject."""
+        return f"certificate serial {self.serial}, subject {self.subject}"
+
 
 def revoked_serials(
     configured: Iterable[Route], rows: Mapping[str, Mapping[str, Any]]

@@ -337,7 +337,13 @@ class Replicator:
                 await self._run_dialed(stream, route, address, certificate)
             except CertificateRefused as exc:
                 state.last_error = exc.reason
-                log.warning("not connecting to %s: %s", route.hostname, exc.reason)
+                log.warning(
+                    "not connecting to %s at %s%s: %s",
+                    route.hostname,
+                    address,
+                    f" ({certificate.describe()})" if certificate is not None else "",
+                    exc.reason,
+                )
             except Refused as exc:
                 if exc.code == rpb.GOODBYE_CODE_REMOVED:
                     self.told_removed(route.hostname)
@@ -468,7 +474,13 @@ class Replicator:
         except Refused as exc:
             if exc.code != rpb.GOODBYE_CODE_DUPLICATE:
                 self._note_refusal(theirs.node_name or address, exc.reason)
-                log.warning("refused %s from %s: %s", theirs.node_name, address, exc.reason)
+                log.warning(
+                    "refused %s from %s (%s): %s",
+                    theirs.node_name or "a dialer",
+                    address,
+                    certificate.describe() if certificate is not None else "no certificate",
+                    exc.reason,
+                )
             await stream.send(goodbye(exc.code, exc.reason))
             return
         try:

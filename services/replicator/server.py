@@ -5,6 +5,7 @@ socket only)."""
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,6 +24,7 @@ from services.replicator.peercheck import PeerCertificate
 from services.replicator.replicator import Replicator
 from services.replicator.transport import AcceptedStream, ConnectionLost
 
+log = logging.getLogger("shoal.replicator")
 Ctx = grpc.aio.ServicerContext[Any, Any]
 MAX_WAIT_MS = 3_600_000
 
@@ -39,16 +41,23 @@ class ReplicatorServicer(replicator_pb2_grpc.ReplicatorServiceServicer):
         auth = context.auth_context()
         secure = auth.get("transport_security_type") == [b"ssl"]
         names = peer_names(auth) if secure else None
-        if secure and not names:
-            raise Unauthenticated("a client certificate is required on the secure replication port")
         certificate = None
         if secure:
             pem = list(auth.get("x509_pem_cert", []))
-            if not pem:
+            if pem:
+                certificate = PeerCertificate.from_pem(pem[0])
+            if not names or certificate is None:
+                # gRPC requires a client certificate, so this is a certificate naming
+                # nothing: refused here, and logged with what is known of it.
+                log.warning(
+                    "refused a dialer from %s (%s): a client certificate naming the node is"
+                    " required on the secure replication port",
+                    context.peer(),
+                    certificate.describe() if certificate is not None else "no certificate",
+                )
                 raise Unauthenticated(
                     "a client certificate is required on the secure replication port"
                 )
-            certificate = PeerCertificate.from_pem(pem[0])
         try:
             await self.replicator.accept(
                 AcceptedStream(context), names, context.peer(), certificate

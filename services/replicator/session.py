@@ -256,7 +256,13 @@ class Session:
         self.state.last_error = reason
         while not self.out.empty():
             self.out.get_nowait()
-        log.warning("closing the connection with %s: %s", self.peer, reason)
+        log.warning(
+            "closing the connection with %s at %s (%s): %s",
+            self.peer,
+            self.address,
+            self.certificate.describe() if self.certificate is not None else "no certificate",
+            reason,
+        )
         self.close(rpb.GOODBYE_CODE_UNAUTHORIZED, reason)
 
     @property

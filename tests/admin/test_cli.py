@@ -14,6 +14,7 @@ import orjson
 import pytest
 import yaml
 
+from services.common.config import DEFAULT_HEALTH_ADMIN_PORT
 from services.local import healthy
 from tests.conftest import MakeNode
 from tests.harness.addresses import next_address
@@ -170,6 +171,79 @@ def test_node_clone_copies_configuration_schema_and_data(
 
     again = shoal("node", "clone", "--from", node.host, "--hostname", target, "--data", str(folder))
     assert again.returncode == ALREADY_EXISTS and "empty folder" in again.stderr
+
+
+def _child_pids(pid: int) -> list[int]:
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(p) for p in (task / "children").read_text().split()]
+    return children
+
+
+def _service_pid(clone_pid: int, service: str) -> int | None:
+    """The process of one service of the node a `shoal node clone` runs."""
+    for child in _child_pids(clone_pid):
+        try:
+            command = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"services.{service}".encode() in command:
+            return child
+    return None
+
+
+def test_node_clone_supervises_its_services_while_copying(
+    node: Node, tmp_path: Path, clone_process: list[subprocess.Popen[bytes]]
+) -> None:
+    """A service of the new node that dies while the clone is still catching up is
+    restarted at once (as `shoal node start` does), not only once the copy is over."""
+    node.client().create_table("dev", "dog")
+    node.client().insert("dev", "dog", [{"id": i} for i in range(20)])
+    node.stop("replicator")  # the clone cannot catch up until it is back
+    target = next_address()
+    folder = tmp_path / "clone"
+    output = tmp_path / "clone.log"
+    env = {**os.environ, "SHOAL_USERNAME": "admin", "SHOAL_PASSWORD": PASSWORD}
+    with output.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "services.cli", "node", "clone", "--from", node.host),
+                *("--hostname", target, "--data", str(folder), "--timeout", "150"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    clone_process.append(process)
+    admin_health = f"{target}:{DEFAULT_HEALTH_ADMIN_PORT}"
+    wait_for(
+        lambda: "starting" in output.read_text() and healthy(admin_health),
+        90,
+        "the clone's services to start",
+    )
+    assert "caught up" not in output.read_text()
+    first = _service_pid(process.pid, "admin")
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+
+    def restarted() -> bool:
+        again = _service_pid(process.pid, "admin")
+        return again not in (None, first) and healthy(admin_health)
+
+    wait_for(restarted, 60, "the clone's admin to be restarted while the clone is copying")
+    text = output.read_text()
+    assert f"admin of {target} exited (-9); restarting" in text, text
+    assert "caught up" not in text and "still copying" not in text, text
+
+    node.start("replicator")
+    wait_for(lambda: "caught up" in output.read_text(), 120, "the clone to catch up")
+    assert process.poll() is None, output.read_text()
+    copied = StorageClient.basic(f"{target}:9926", "admin", PASSWORD)
+    try:
+        assert copied.describe("dev", "dog").record_count == 20
+    finally:
+        copied.close()
 
 
 def test_load_csv_status_and_credentials_from_a_config_file(node: Node, tmp_path: Path) -> None:

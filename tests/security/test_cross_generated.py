@@ -27,6 +27,7 @@ from shoal.admin.v1 import admin_pb2 as apb
 from shoal.replicator.v1 import replicator_pb2 as rpb
 
 from services.common import certs
+from services.local import Probe, healthy
 from tests.conftest import MakeNode
 from tests.harness.client import expect_error
 from tests.harness.cluster import FAST_REPLICATION
@@ -37,6 +38,7 @@ ALL = ("storage", "replicator", "admin")
 GENERATED = {"replication": {"securePort": 9933, **FAST_REPLICATION}}
 PERMISSION_DENIED, FAILED_PRECONDITION = 7, 9
 TEMP_USER = "joiner"
+STORAGE_PORT, ADMIN_PORT = 9926, 9925
 
 
 def _members(node: Node) -> set[str]:
@@ -309,11 +311,20 @@ def test_a_node_with_configured_certificates_signs_nothing(make_node: MakeNode) 
 
 
 def test_a_joined_node_operates_without_restart(make_node: MakeNode) -> None:
-    """After a cross-generated join, the joined node's cluster operations work at once:
-    its status and routes (node sockets), its calls to the target's admin port (the
-    certificate source it now trusts), and a route change its replicator refuses leaves
-    shoal.yaml as it was."""
+    """After a cross-generated join, the joined node's storage and admin ports serve its
+    new certificate at once, and its cluster operations work: its status and routes (node
+    sockets), its calls to the target's admin port (the certificate source it now trusts),
+    and a route change its replicator refuses leaves shoal.yaml as it was."""
     target, joiner = _pair(make_node)
+    cluster_ca = (target.keys_path / "ca.crt").read_bytes()
+
+    def reachable(port: int) -> bool:
+        """Whether a client trusting only the cluster's (the target's) CA reaches
+        ``port`` of the joined node over TLS."""
+        credentials = grpc.ssl_channel_credentials(root_certificates=cluster_ca)
+        return healthy(Probe(f"{joiner.host}:{port}", credentials))
+
+    assert not reachable(STORAGE_PORT) and not reachable(ADMIN_PORT)  # its own CA
     password = _temporary_super_user(target)
     admin = joiner.admin()
     admin.ok(
@@ -329,6 +340,9 @@ def test_a_joined_node_operates_without_restart(make_node: MakeNode) -> None:
         30,
         "the two nodes to connect over mutual TLS",
     )
+    # The storage and admin ports serve the certificate of the cluster's CA at once.
+    wait_for(lambda: reachable(STORAGE_PORT), 15, "the joined node's storage port to switch")
+    wait_for(lambda: reachable(ADMIN_PORT), 15, "the joined node's admin port to switch")
     status = admin.ok({"operation": "cluster_status"})
     assert [c["name"] for c in status["connections"] if c["connected"]] == [target.name]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import socket
 import ssl
 import threading
@@ -164,7 +165,17 @@ def test_only_the_correct_certificate_connects(make_node: MakeNode, tmp_path: Pa
         assert words in outcome.goodbye.reason, f"{kind}: {outcome.goodbye.reason}"
         # The refusing node logs why, and shows it in its status for that peer (for the
         # routed peer, the status also carries the node's own failed dials to it).
-        assert words in node.log_path("replicator").read_text(), kind
+        log = node.log_path("replicator").read_text()
+        assert words in log, kind
+        # The refusal's log line names the dialer's address, serial and subject.
+        certificate = issued[kind][1]
+        assert certificate is not None
+        subject = "someone-else" if kind == "wrong name" else peers[kind]
+        assert re.search(
+            rf"refused {re.escape(peers[kind])} from ipv4:[0-9.]+:[0-9]+ \(certificate serial"
+            rf" {serial_of(certificate)}, subject CN={re.escape(subject)}\): ",
+            log,
+        ), kind
         if kind != "revoked by route":
             assert words in node.last_error(peers[kind]), kind
     correct = outcomes["correct"]
@@ -205,6 +216,11 @@ def test_the_dialer_checks_the_server_certificate(make_node: MakeNode, tmp_path:
         30,
         "the dialer to refuse the revoked server",
     )
+    # The dialer's log names the server's address, serial and subject.
+    assert (
+        f"not connecting to {revoked.name} at {revoked.host}:9933 (certificate serial"
+        f" {revoked_serial}, subject CN={revoked.name}): "
+    ) in dialer.log_path("replicator").read_text()
     # Neither server ever had a session with the dialer: it stopped before its Hello.
     assert not dialer.connected(misnamed.name) and not dialer.connected(revoked.name)
     assert misnamed.connection(dialer.name) is None
@@ -274,7 +290,7 @@ class _Writer(threading.Thread):
 def _refusals(node: Node, peer: str) -> int:
     """How often ``node`` refused ``peer``: its hellos, or its server certificate."""
     log = node.log_path("replicator").read_text()
-    return log.count(f"refused {peer} from") + log.count(f"not connecting to {peer}:")
+    return log.count(f"refused {peer} from") + log.count(f"not connecting to {peer} at ")
 
 
 def test_live_revocation_under_load(make_cluster: MakeCluster) -> None:

@@ -4,6 +4,7 @@ cluster_status as soon as its session is cut, and stays so while it keeps dialin
 
 from __future__ import annotations
 
+import re
 from functools import partial
 from pathlib import Path
 
@@ -56,6 +57,12 @@ def test_a_revoked_peer_shows_disconnected(
 
     wait_for(lambda: not a.connected(b.name), 10, "a to show b disconnected")
     assert "is revoked" in a.last_error(b.name)
+    # a's log names b, its address, its serial and its subject.
+    assert re.search(
+        rf"closing the connection with {re.escape(b.name)} at \S+ \(certificate serial"
+        rf" {serial}, subject CN=[^)]+\): .*is revoked",
+        a.log_path("replicator").read_text(),
+    )
     # b keeps dialing and is refused; a still shows it disconnected, in every database.
     wait_for(
         lambda: (
