@@ -11,7 +11,7 @@ from shoal.admin.v1 import admin_pb2 as apb
 from shoal.admin.v1 import admin_pb2_grpc
 from shoal.storage.v1 import storage_pb2 as spb
 
-from services.admin import analytics, clusterwide, harper, shards
+from services.admin import analytics, clusterwide, operations, shards
 from services.admin.backup import Backups, drain
 from services.admin.budget import BudgetSettings, MemoryBudget, estimate
 from services.admin.certificates import (
@@ -51,18 +51,18 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         # call itself fails with RESOURCE_EXHAUSTED.
         reservation = self.budget.reserve(estimate(request.operation))
         try:
-            execute = harper.Execute(
+            execute = operations.Execute(
                 self.node,
                 self._caller(context),
                 self.cluster,
                 self.nodes,
                 self.certificates,
                 self.exchange,
-                harper.deadline_of(context.time_remaining()),
+                operations.deadline_of(context.time_remaining()),
                 reservation,
             )
-            result, code = await harper.run(execute, request.operation)
-            return harper.answer(result, code)
+            result, code = await operations.run(execute, request.operation)
+            return operations.answer(result, code)
         finally:
             reservation.release()
 

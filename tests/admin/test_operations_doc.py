@@ -13,7 +13,7 @@ import orjson
 import pytest
 from shoal.admin.v1 import admin_pb2
 
-from services.admin.harper import OPERATIONS
+from services.admin.operations import OPERATIONS
 from tests.conftest import MakeNode
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
