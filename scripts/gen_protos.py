@@ -6,6 +6,10 @@
 The proto path mirrors the Python package (protos/shoal/storage/v1 -> shoal.storage.v1),
 so generated imports work without rewriting. Output depends only on the pinned
 grpcio-tools and mypy-protobuf versions.
+
+Only Shoal's own files (protos/shoal/) are generated: the vendored google/rpc and
+grpc/health files (protos/README.md) are for clients in other languages, and Python
+gets them from googleapis-common-protos and grpcio-health-checking.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ GEN = ROOT / "gen"
 
 
 def generate(out: Path) -> None:
-    files = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
+    files = sorted(str(p.relative_to(PROTOS)) for p in (PROTOS / "shoal").rglob("*.proto"))
     include = Path(grpc_tools.__file__).parent / "_proto"
     bindir = Path(sys.executable).parent
     args = [

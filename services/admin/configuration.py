@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from services.common import yamlfile
 from services.common.config import ConfigError, parse_config
 from services.common.errors import InvalidArgument
 
@@ -71,7 +69,8 @@ def changed_config(
     """(the whole new configuration, the dotted keys changed); InvalidArgument naming
     every problem when the result would not start."""
     known = _known_keys(current, base_dir)
-    data = copy.deepcopy(dict(current))
+    # A deep copy keeps a round-trip mapping (yamlfile.load) with its comments.
+    data: dict[str, Any] = copy.deepcopy(current) if isinstance(current, dict) else dict(current)
     keys: list[str] = []
     for name, value in settings.items():
         key = _resolve(name, known)
@@ -91,16 +90,13 @@ def changed_config(
             section[parts[-1]] = value
         keys.append(key)
     try:
-        parse_config(data, env={}, base_dir=base_dir)
+        parse_config(yamlfile.plain(data), env={}, base_dir=base_dir)
     except ConfigError as exc:
         raise InvalidArgument("set_configuration: " + "; ".join(exc.problems)) from exc
     return data, keys
 
 
 def write_config(path: Path, data: Mapping[str, Any]) -> None:
-    """Replace the file atomically (written and synced beside it, then renamed)."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(dict(data), sort_keys=False), encoding="utf-8")
-    with tmp.open("rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Replace the file atomically (written and synced beside it, then renamed), keeping
+    the operator's comments when ``data`` was read with ``yamlfile.load``."""
+    yamlfile.write(path, data)

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from shoal.admin.v1 import admin_pb2 as apb
 from shoal.replicator.v1 import replicator_pb2 as rpb
 from shoal.storage.v1 import storage_pb2 as spb
@@ -41,6 +40,7 @@ from services.admin import clusterwide
 from services.admin.configuration import changed_config, write_config
 from services.admin.node import AdminNode
 from services.admin.nodes import Nodes
+from services.common import yamlfile
 from services.common.config import ConfigError, ShoalConfig, parse_config
 from services.common.errors import FailedPrecondition, ShoalError
 
@@ -125,7 +125,7 @@ async def set_configuration(
         raise FailedPrecondition("this node was started without a configuration file")
     base_dir = source.resolve().parent
     async with cluster.config_lock:
-        current = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+        current = yamlfile.load(source)
         data, keys = changed_config(current, settings, base_dir)
         new = parse_config(data, env={}, base_dir=base_dir)
         status = await node.call(

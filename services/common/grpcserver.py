@@ -46,7 +46,6 @@ from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from shoal.lifecycle.v1.lifecycle_pb2_grpc import add_LifecycleServiceServicer_to_server
 
 from services.common.auth import Identity, current_identity
@@ -56,6 +55,7 @@ from services.common.errors import Internal, InvalidArgument, ShoalError, Unavai
 from services.common.lifecycle import SERVICE_NAME as LIFECYCLE_SERVICE
 from services.common.lifecycle import Lifecycle, LifecycleServicer
 from services.common.metrics import MethodStats, MetricsServer, RpcMetrics, Source, start_metrics
+from services.common.reflection import enable_reflection
 from services.common.sources import call_source, enter_call
 from services.common.streams import StreamGuard
 from services.common.tls_source import TlsSource, reloading_server_credentials
@@ -565,9 +565,7 @@ class NodeSocket:
         )
         register(server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-        )
+        enable_reflection(service_names, server)
         try:
             port = server.add_insecure_port(self.address)
         except RuntimeError as exc:
@@ -627,9 +625,7 @@ async def start_server(spec: ServerSpec) -> RunningServer:
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     on_port = [*spec.service_names, *([LIFECYCLE_SERVICE] if spec.lifecycle_on_port else [])]
-    reflection.enable_server_reflection(
-        [*on_port, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-    )
+    enable_reflection(on_port, server)
     try:
         if spec.tls is not None:
             credentials = reloading_server_credentials(

@@ -7,15 +7,14 @@ replicator; both go through these functions so the forms cannot drift apart.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from datetime import UTC
 from pathlib import Path
 from typing import Any
 
-import yaml
 from shoal.replicator.v1 import replicator_pb2 as rpb
 
+from services.common import yamlfile
 from services.common.config import Route, Subscription, parse_config
 
 
@@ -107,27 +106,26 @@ def _proto_entry(message: rpb.Route) -> dict[str, Any]:
 
 def with_routes(config_path: Path, routes: Sequence[Route]) -> dict[str, Any]:
     """The shoal.yaml at ``config_path`` with `replication.routes` replaced, validated as a
-    whole (ConfigError otherwise); nothing is written."""
-    data = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    whole (ConfigError otherwise); nothing is written. The result keeps the file's
+    comments (``yamlfile``) for ``write_config_data``."""
+    data = yamlfile.load(config_path)
     replication = data.setdefault("replication", {})
     replication["routes"] = [to_yaml(r) for r in routes]
-    parse_config(data, env={}, base_dir=config_path.parent)  # raises ConfigError
-    return dict(data)
+    parse_config(yamlfile.plain(data), env={}, base_dir=config_path.parent)  # ConfigError
+    return data
 
 
 def write_routes(config_path: Path, routes: Sequence[Route]) -> None:
-    """Replace `replication.routes` in a shoal.yaml, atomically, keeping every other key.
+    """Replace `replication.routes` in a shoal.yaml, atomically, keeping every other key
+    and the operator's comments.
 
     The file is re-validated as a whole before it replaces the old one, so a bad route
-    never reaches disk. (Comments in the file are not preserved.)
+    never reaches disk.
     """
     write_config_data(config_path, with_routes(config_path, routes))
 
 
 def write_config_data(config_path: Path, data: dict[str, Any]) -> None:
-    """Write a validated shoal.yaml atomically (a temporary file, fsync, rename)."""
-    tmp = config_path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    with tmp.open("rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, config_path)
+    """Write a validated shoal.yaml atomically (a temporary file, fsync, rename), keeping
+    the comments of data read with ``yamlfile.load``."""
+    yamlfile.write(config_path, data)

@@ -7,8 +7,7 @@ import logging
 import sys
 
 import grpc
-from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2_grpc
 from shoal.lifecycle.v1.lifecycle_pb2_grpc import add_LifecycleServiceServicer_to_server
 from shoal.replicator.v1 import replicator_pb2, replicator_pb2_grpc
 
@@ -30,6 +29,7 @@ from services.common.hlc import wall_clock_ms
 from services.common.lifecycle import SERVICE_NAME as LIFECYCLE_SERVICE
 from services.common.lifecycle import Lifecycle, LifecycleServicer
 from services.common.node_tls import prepare
+from services.common.reflection import enable_reflection
 from services.common.tls_source import TlsError, TlsSource, reloading_server_credentials
 from services.replicator import sampler
 from services.replicator.local import LocalStorage
@@ -91,9 +91,7 @@ async def run(config: ShoalConfig) -> bool:
     )
     health_servicer = health_port.servicer
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-    )
+    enable_reflection([SERVICE_NAME], server)
     for plain in ports:
         if server.add_insecure_port(plain) == 0:
             raise SystemExit(f"replicator: cannot listen on {plain}")

@@ -37,7 +37,7 @@ from services.common.node_tls import names_host
 from tests.harness.addresses import next_address
 from tests.harness.admin import AdminClient
 from tests.harness.client import StorageClient
-from tests.harness.wait import wait_for
+from tests.harness.wait import GiveUp, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 MODULES = {
@@ -262,7 +262,7 @@ class Node:
 
         def ready() -> bool:
             if process.poll() is not None:
-                raise AssertionError(
+                raise GiveUp(
                     f"{service} of {self.name} exited with {process.returncode}:\n"
                     + self.log_tail(service)
                 )
