@@ -7,27 +7,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
-import grpc
 from shoal.storage.v1 import storage_pb2 as pb
 from shoal.storage.v1 import storage_pb2_grpc, types_pb2
 
 from services.common import analytics as metrics_catalog
-from services.common.auth import identity
-from services.common.errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    PermissionDenied,
-    ResourceExhausted,
-)
+from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.storage import backup, handover, log, merge, residency, snapshot
 from services.storage.analytics import AnalyticsTables
-from services.storage.commit import parse_id
 from services.storage.copy import CopyState, merge_snapshot
 from services.storage.engine import Engine
+from services.storage.rpc import Ctx, encoded_ids, node_only, numbered
 
-Ctx = grpc.aio.ServicerContext[Any, Any]
 POSITIONS_CHANGED = "POSITIONS_CHANGED"
 
 
@@ -56,7 +47,7 @@ class StorageNodeServicer(storage_pb2_grpc.StorageNodeServiceServicer):
     async def Subscribe(
         self, request: pb.SubscribeRequest, context: Ctx
     ) -> AsyncIterator[pb.SubscribeResponse]:
-        _node_only()
+        node_only()
         spec = log.subscribe_spec(request)
         batch: list[types_pb2.Transaction] = []
         size = 0
@@ -81,7 +72,7 @@ class StorageNodeServicer(storage_pb2_grpc.StorageNodeServiceServicer):
             size += n
 
     async def Apply(self, request: pb.ApplyRequest, context: Ctx) -> pb.ApplyResponse:
-        _node_only()
+        node_only()
         engine = self.engine
         if request.epoch and request.epoch != engine.positions_epoch:
             raise FailedPrecondition(
@@ -107,7 +98,7 @@ class StorageNodeServicer(storage_pb2_grpc.StorageNodeServiceServicer):
     async def Snapshot(
         self, request: pb.SnapshotRequest, context: Ctx
     ) -> AsyncIterator[pb.SnapshotResponse]:
-        _node_only()
+        node_only()
         plan = snapshot.plan_snapshot(self.engine, request)
         yield plan.header
         for rows in plan.batches:
@@ -116,7 +107,7 @@ class StorageNodeServicer(storage_pb2_grpc.StorageNodeServiceServicer):
     async def MergeSnapshot(
         self, request: pb.MergeSnapshotRequest, context: Ctx
     ) -> pb.MergeSnapshotResponse:
-        _node_only()
+        node_only()
         self.engine.fences.check_copy(request.database)
         copy = merge_snapshot(self.engine, request)
         return pb.MergeSnapshotResponse(progress=copy_progress(copy, request.complete))
@@ -124,7 +115,7 @@ class StorageNodeServicer(storage_pb2_grpc.StorageNodeServiceServicer):
     async def GetPositions(
         self, request: pb.GetPositionsRequest, context: Ctx
     ) -> pb.GetPositionsResponse:
-        _node_only()
+        node_only()
         wanted = request.database
 
         def pick(items: dict[tuple[str, str], int]) -> list[types_pb2.Position]:
@@ -162,14 +153,14 @@ class StorageNodeServicer(storage_pb2_grpc.StorageNodeServiceServicer):
     async def FenceDatabases(
         self, request: pb.FenceDatabasesRequest, context: Ctx
     ) -> pb.FenceDatabasesResponse:
-        _node_only()
+        node_only()
         fenced = self.engine.fences.set(list(request.databases), request.lease_ms)
         return pb.FenceDatabasesResponse(fenced_databases=fenced)
 
     async def ForgetDatabase(
         self, request: pb.ForgetDatabaseRequest, context: Ctx
     ) -> pb.ForgetDatabaseResponse:
-        _node_only()
+        node_only()
         held: dict[str, int] = {}
         for p in request.held_elsewhere:
             if p.database and p.database != request.database:
@@ -185,7 +176,7 @@ class StorageNodeServicer(storage_pb2_grpc.StorageNodeServiceServicer):
     async def RecordAnalytics(
         self, request: pb.RecordAnalyticsRequest, context: Ctx
     ) -> pb.RecordAnalyticsResponse:
-        _node_only()
+        node_only()
         if not request.samples:
             raise InvalidArgument("no samples given")
         limit = metrics_catalog.MAX_SAMPLES_PER_REQUEST
@@ -195,12 +186,10 @@ class StorageNodeServicer(storage_pb2_grpc.StorageNodeServiceServicer):
             )
         samples: list[metrics_catalog.Sample] = []
         for i, s in enumerate(request.samples):
-            try:
+            with numbered(f"sample {i}", (metrics_catalog.InvalidSample,)):
                 samples.append(
                     metrics_catalog.make_sample(s.metric, s.time_ms, s.value, s.labels, s.count)
                 )
-            except metrics_catalog.InvalidSample as exc:
-                raise InvalidArgument(f"sample {i}: {exc}") from exc
         return pb.RecordAnalyticsResponse(recorded=self.analytics.record(samples))
 
     # -- backups -----------------------------------------------------------------------
@@ -208,7 +197,7 @@ class StorageNodeServicer(storage_pb2_grpc.StorageNodeServiceServicer):
     async def Backup(
         self, request: pb.BackupRequest, context: Ctx
     ) -> AsyncIterator[pb.BackupResponse]:
-        _node_only()
+        node_only()
         plan = backup.plan_backup(self.engine, request)
         yield pb.BackupResponse(header=plan.header)
         for rows in plan.rows:
@@ -222,7 +211,7 @@ class StorageNodeServicer(storage_pb2_grpc.StorageNodeServiceServicer):
     async def Restore(
         self, request_iterator: AsyncIterator[pb.RestoreRequest], context: Ctx
     ) -> pb.RestoreResponse:
-        _node_only()
+        node_only()
         iterator = aiter(request_iterator)
         try:
             first = await anext(iterator)
@@ -264,11 +253,11 @@ class StorageNodeServicer(storage_pb2_grpc.StorageNodeServiceServicer):
     async def ReadResident(
         self, request: pb.ReadResidentRequest, context: Ctx
     ) -> pb.ReadResidentResponse:
-        _node_only()
+        node_only()
         table = self.engine.catalog.table(request.database, request.table)
         if not request.ids:
             raise InvalidArgument("no ids given")
-        encoded = [parse_id(raw, i)[1] for i, raw in enumerate(request.ids)]
+        encoded = encoded_ids(request.ids)
         raw = self.engine.store.multi_get("data", [table.prefix + e for e in encoded])
         reply = pb.ReadResidentResponse()
         node = self.engine.node_name
@@ -285,8 +274,3 @@ class StorageNodeServicer(storage_pb2_grpc.StorageNodeServiceServicer):
             else:
                 reply.records.append(record)
         return reply
-
-
-def _node_only() -> None:
-    if not identity().internal:
-        raise PermissionDenied("this RPC is reserved for the node's own services")

@@ -1,5 +1,5 @@
 """A node's TLS at start (services/common/node_tls.py, tls.with_tls_files) and the keys
-of its client ports and health ports (config.py)."""
+of its client ports and health ports (services/common/config)."""
 
 from __future__ import annotations
 
