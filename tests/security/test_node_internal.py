@@ -72,6 +72,7 @@ def test_the_client_port_serves_no_node_internal_rpc(node: Node) -> None:
             "shoal.storage.v1.StorageService",
             "grpc.health.v1.Health",
             "grpc.reflection.v1alpha.ServerReflection",
+            "grpc.reflection.v1.ServerReflection",
         }
         stub = storage_pb2_grpc.StorageNodeServiceStub(channel)
         for method, request in STORAGE_NODE_CALLS:
@@ -85,6 +86,7 @@ def test_the_replication_ports_serve_only_the_peer_stream(node: Node) -> None:
             "shoal.replicator.v1.ReplicatorService",
             "grpc.health.v1.Health",
             "grpc.reflection.v1alpha.ServerReflection",
+            "grpc.reflection.v1.ServerReflection",
         }
         stub = replicator_pb2_grpc.ReplicatorNodeServiceStub(channel)
         for method, request in REPLICATOR_NODE_CALLS:
