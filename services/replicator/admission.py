@@ -31,38 +31,22 @@ import ipaddress
 import logging
 import socket
 import time
-import urllib.parse
 from collections.abc import Collection
 
 from shoal.replicator.v1 import replicator_pb2 as rpb
 
 from services.common import members
 from services.common.config import ConfigError, IPNetwork
+from services.common.sources import IPAddress, source_address
 from services.replicator.handshake import Refused
 
 log = logging.getLogger("shoal.replicator")
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 RESOLVE_TTL_S = 30.0  # how long a resolved host (or this machine's addresses) is trusted
 FAILED_TTL_S = 5.0  # how long a host that did not resolve stays unresolved
 RESOLVE_TIMEOUT_S = 2.0  # one resolution, at most
 REFRESH_AFTER_S = 1.0  # an unknown source re-resolves entries older than this, once
-
-
-def source_address(peer: str) -> IPAddress | None:
-    """The IP address of a gRPC peer string (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``)."""
-    kind, _, rest = urllib.parse.unquote(peer).partition(":")
-    if kind not in ("ipv4", "ipv6"):
-        return None
-    host = rest.rsplit(":", 1)[0].strip("[]")
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
 
 
 def _literal(host: str) -> IPAddress | None:

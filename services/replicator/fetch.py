@@ -11,17 +11,16 @@ resident and why it could not serve.
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import logging
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import grpc
 from shoal.replicator.v1 import replicator_pb2 as rpb
 
 from services.common.errors import InvalidArgument, Unavailable
+from services.replicator.replies import Replies
 
 if TYPE_CHECKING:
     from services.replicator.replicator import Replicator
@@ -39,23 +38,17 @@ class Fetches:
 
     def __init__(self, replicator: Replicator) -> None:
         self.replicator = replicator
-        self._ids = itertools.count(1)
-        self._waiting: dict[int, asyncio.Future[rpb.FetchReply]] = {}
+        self._replies: Replies[rpb.FetchReply] = Replies()
 
     def resolve(self, reply: rpb.FetchReply) -> None:
         """A FetchReply arrived (unknown or late ones are dropped)."""
-        future = self._waiting.pop(reply.id, None)
-        if future is not None and not future.done():
-            future.set_result(reply)
+        self._replies.resolve(reply.id, reply)
 
     async def _ask(
         self, session: Session, request: rpb.FetchRecordsRequest, ids: Sequence[bytes], left: float
     ) -> rpb.FetchReply:
-        fid = next(self._ids)
-        future: asyncio.Future[rpb.FetchReply] = asyncio.get_running_loop().create_future()
-        self._waiting[fid] = future
-        try:
-            message = rpb.PeerMessage(
+        def message(fid: int) -> rpb.PeerMessage:
+            return rpb.PeerMessage(
                 fetch_request=rpb.FetchRequest(
                     id=fid,
                     database=request.database,
@@ -64,22 +57,8 @@ class Fetches:
                     states=request.states,
                 )
             )
-            await asyncio.wait_for(session.send(message), timeout=left)
-            closed: asyncio.Future[Any] = asyncio.ensure_future(session.finished.wait())
-            watched: set[asyncio.Future[Any]] = {future, closed}
-            try:
-                done, _ = await asyncio.wait(
-                    watched, timeout=max(0.0, left), return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                closed.cancel()
-            if future not in done:
-                raise TimeoutError(
-                    "the connection closed" if session.finished.is_set() else "no answer in time"
-                )
-            return future.result()
-        finally:
-            self._waiting.pop(fid, None)
+
+        return await self._replies.ask(session, message, left)
 
     async def fetch(self, request: rpb.FetchRecordsRequest) -> rpb.FetchRecordsResponse:
         """Serve FetchRecords (see the module docstring)."""

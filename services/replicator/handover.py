@@ -19,10 +19,9 @@ asks, and a fenced peer is not counted, so the later of the two finds the earlie
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from shoal.replicator.v1 import replicator_pb2 as rpb
 from shoal.storage.v1 import types_pb2
@@ -30,6 +29,7 @@ from shoal.storage.v1 import types_pb2
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.hlc import format_version
 from services.replicator.local import StorageUnavailable
+from services.replicator.replies import Replies
 
 if TYPE_CHECKING:
     from services.replicator.replicator import Replicator
@@ -66,39 +66,21 @@ class PositionQueries:
     """Outstanding PositionsRequests of this node, by id."""
 
     def __init__(self) -> None:
-        self._ids = itertools.count(1)
-        self._waiting: dict[int, asyncio.Future[rpb.PositionsReply]] = {}
+        self._replies: Replies[rpb.PositionsReply] = Replies()
 
     def resolve(self, reply: rpb.PositionsReply) -> None:
         """A PositionsReply arrived (unknown or late ones are dropped)."""
-        future = self._waiting.pop(reply.id, None)
-        if future is not None and not future.done():
-            future.set_result(reply)
+        self._replies.resolve(reply.id, reply)
 
     async def ask(self, session: Session, database: str, timeout_s: float) -> rpb.PositionsReply:
         """The peer's answer; TimeoutError when none comes in time."""
-        qid = next(self._ids)
-        future: asyncio.Future[rpb.PositionsReply] = asyncio.get_running_loop().create_future()
-        self._waiting[qid] = future
-        try:
-            request = rpb.PositionsRequest(id=qid, database=database)
-            await asyncio.wait_for(
-                session.send(rpb.PeerMessage(positions_request=request)), timeout_s
+
+        def message(qid: int) -> rpb.PeerMessage:
+            return rpb.PeerMessage(
+                positions_request=rpb.PositionsRequest(id=qid, database=database)
             )
-            closed: asyncio.Future[Any] = asyncio.ensure_future(session.finished.wait())
-            try:
-                done, _ = await asyncio.wait(
-                    {future, closed}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                closed.cancel()
-            if future not in done:
-                raise TimeoutError(
-                    "the connection closed" if session.finished.is_set() else "no answer in time"
-                )
-            return future.result()
-        finally:
-            self._waiting.pop(qid, None)
+
+        return await self._replies.ask(session, message, timeout_s)
 
 
 async def serve(session: Session, request: rpb.PositionsRequest) -> None:

@@ -7,12 +7,8 @@ import ipaddress
 import pytest
 from shoal.replicator.v1 import replicator_pb2 as rpb
 
-from services.replicator.admission import (
-    Admission,
-    KnownAddresses,
-    joined_row,
-    source_address,
-)
+from services.common.sources import source_address
+from services.replicator.admission import Admission, KnownAddresses, joined_row
 from services.replicator.handshake import Refused
 
 ME = "10.9.0.1"
