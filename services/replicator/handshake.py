@@ -10,7 +10,7 @@ import asyncio
 
 from shoal.replicator.v1 import replicator_pb2 as rpb
 
-from services.replicator.transport import ConnectionLost, PeerStream
+from services.replicator.peer import ConnectionLost, Peer
 
 PROTOCOL_MIN = 1
 PROTOCOL_MAX = 1
@@ -33,7 +33,7 @@ def goodbye(code: rpb.GoodbyeCode.ValueType, reason: str) -> rpb.PeerMessage:
     return rpb.PeerMessage(goodbye=rpb.Goodbye(code=code, reason=reason))
 
 
-async def receive_hello(stream: PeerStream, timeout_s: float) -> rpb.Hello:
+async def receive_hello(stream: Peer, timeout_s: float) -> rpb.Hello:
     """The peer's Hello; Refused if it sent a Goodbye instead."""
     try:
         message = await asyncio.wait_for(stream.recv(), timeout=timeout_s)

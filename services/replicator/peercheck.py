@@ -50,7 +50,7 @@ from services.common.revocation import (
 from services.common.tls import TlsMaterial
 from services.common.tls_source import TlsSource
 from services.replicator.handshake import Refused
-from services.replicator.transport import ConnectionLost
+from services.replicator.peer import ConnectionLost
 
 log = logging.getLogger("shoal.replicator")
 

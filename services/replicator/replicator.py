@@ -66,6 +66,7 @@ from services.replicator.handshake import (
 )
 from services.replicator.local import LocalStorage, StorageUnavailable
 from services.replicator.membership import MembershipWatcher
+from services.replicator.peer import ConnectionLost, Peer
 from services.replicator.peercheck import (
     CertificateRefused,
     PeerCertificate,
@@ -74,7 +75,7 @@ from services.replicator.peercheck import (
 )
 from services.replicator.session import Session, published_tables
 from services.replicator.status import PeerState
-from services.replicator.transport import ConnectionLost, PeerStream, dial
+from services.replicator.transport import dial
 
 log = logging.getLogger("shoal.replicator")
 
@@ -334,7 +335,7 @@ class Replicator:
                     HANDSHAKE_TIMEOUT_S,
                     self.config.storage.max_message_bytes,
                 )
-                await self._run_dialed(stream, route, address, certificate)
+                await self.run_dialed(stream, route, certificate)
             except CertificateRefused as exc:
                 state.last_error = exc.reason
                 log.warning(
@@ -372,13 +373,12 @@ class Replicator:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._session_changed.wait(), timeout=remaining)
 
-    async def _run_dialed(
-        self,
-        stream: PeerStream,
-        route: Route,
-        address: str,
-        certificate: PeerCertificate | None = None,
+    async def run_dialed(
+        self, stream: Peer, route: Route, certificate: PeerCertificate | None = None
     ) -> None:
+        """Say Hello on a connection this node dialed to ``route`` and, once the peer
+        answers Hello, run the session until it ends."""
+        address = stream.address
         try:
             mine = await self.hello(route, expected_name=route.hostname, join=True)
             await stream.send(rpb.PeerMessage(hello=mine))
@@ -394,7 +394,6 @@ class Replicator:
                 mine,
                 theirs,
                 True,
-                address,
                 route,
                 self.peer_state(theirs.node_name),
                 certificate,
@@ -412,12 +411,12 @@ class Replicator:
 
     async def accept(
         self,
-        stream: PeerStream,
+        stream: Peer,
         transport_names: set[str] | None,
-        address: str,
         certificate: PeerCertificate | None = None,
     ) -> None:
         """Serve a peer's incoming Replicate stream until the session ends."""
+        address = stream.address
         if self._closing:
             await stream.send(goodbye(rpb.GOODBYE_CODE_SHUTDOWN, f"{self.name} is shutting down"))
             return
@@ -460,7 +459,6 @@ class Replicator:
                 mine,
                 theirs,
                 False,
-                address,
                 route,
                 self.peer_state(theirs.node_name),
                 certificate,

@@ -20,9 +20,10 @@ from services.common.routes import from_proto, to_proto
 from services.common.tls import peer_names
 from services.replicator.confirmation import Group
 from services.replicator.handover import hand_over
+from services.replicator.peer import ConnectionLost
 from services.replicator.peercheck import PeerCertificate
 from services.replicator.replicator import Replicator
-from services.replicator.transport import AcceptedStream, ConnectionLost
+from services.replicator.transport import AcceptedStream
 
 log = logging.getLogger("shoal.replicator")
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -60,7 +61,7 @@ class ReplicatorServicer(replicator_pb2_grpc.ReplicatorServiceServicer):
                 )
         try:
             await self.replicator.accept(
-                AcceptedStream(context), names, context.peer(), certificate
+                AcceptedStream(context, context.peer()), names, certificate
             )
         except ConnectionLost:
             return

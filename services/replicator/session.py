@@ -1,10 +1,12 @@
 """One established connection with a peer, after the handshake.
 
-A session is a handful of tasks around one stream:
+A session is a handful of tasks around one connection, a ``Peer`` (peer.py: the gRPC
+stream in production, an in-memory pair of ends in the unit tests):
 
     reader     receives messages, dispatches them to the two roles (below), answers
-               heartbeats; the only task that calls ``stream.recv``
-    writer     drains the bounded outgoing queue; the only task that calls ``stream.send``
+               heartbeats; the only task that calls ``connection.recv``
+    writer     drains the bounded outgoing queue; the only task that calls
+               ``connection.send``
     heartbeat  probes the peer, measures latency, ends the session when the peer is silent
     inbound    the receiver role: copy, subscribe, apply batches, acknowledge (inbound.py)
     outbound   the sender role: serve copies, stream the log within a window (outbound.py)
@@ -30,9 +32,9 @@ from services.common.config import Route
 from services.replicator import fetch, handover
 from services.replicator.inbound import Inbound
 from services.replicator.outbound import Outbound
+from services.replicator.peer import ConnectionLost, Peer
 from services.replicator.peercheck import PeerCertificate
 from services.replicator.status import PeerState, now_ms
-from services.replicator.transport import ConnectionLost, PeerStream
 
 if TYPE_CHECKING:
     from services.replicator.replicator import Replicator
@@ -119,24 +121,23 @@ class Session:
     def __init__(
         self,
         replicator: Replicator,
-        stream: PeerStream,
+        connection: Peer,
         mine: rpb.Hello,
         theirs: rpb.Hello,
         dialed: bool,
-        address: str,
         route: Route | None,
         state: PeerState,
         certificate: PeerCertificate | None = None,
     ) -> None:
         self.replicator = replicator
         self.config = replicator.config.replication
-        self.stream = stream
+        self.connection = connection
         self.peer = theirs.node_name
         self.mine = mine
         self.theirs = theirs
         self.dialed = dialed
         self.dialer = replicator.name if dialed else self.peer
-        self.address = address
+        self.address = connection.address
         self.route = route
         self.state = state
         self.certificate = certificate  # the peer's TLS certificate when established
@@ -284,7 +285,7 @@ class Session:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             with contextlib.suppress(Exception):
-                await self.stream.close()
+                await self.connection.close()
         finally:
             # Always, even when the call itself is cancelled meanwhile (gRPC cancels an
             # accepted call's handler when the dialer goes away, as a peer that revoked
@@ -308,14 +309,14 @@ class Session:
     async def _writer(self) -> None:
         while True:
             message = await self.out.get()
-            await self.stream.send(message)
+            await self.connection.send(message)
             if message.WhichOneof("body") == "goodbye":
                 self.end(f"closed: {message.goodbye.reason}")
                 return
 
     async def _reader(self) -> None:
         while True:
-            message = await self.stream.recv()
+            message = await self.connection.recv()
             if message is None:
                 raise SessionEnded("the peer closed the stream")
             self.last_heard = time.monotonic()

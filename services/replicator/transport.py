@@ -1,14 +1,13 @@
-"""The two ends of a Replicate stream behind one small interface.
+"""The gRPC implementation of a ``Peer`` (peer.py): the two ends of a Replicate stream.
 
-A ``PeerStream`` sends and receives ``PeerMessage``s; ``recv`` returns None when the
-peer closed its side. Transport failures raise ``ConnectionLost``. Only one task may
-``send`` at a time (the session's writer), and only one may ``recv`` (its reader).
+Each end sends and receives ``PeerMessage``s; ``recv`` returns None when the peer closed
+its side. Transport failures raise ``ConnectionLost``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 from shoal.replicator.v1 import replicator_pb2 as rpb
@@ -16,28 +15,20 @@ from shoal.replicator.v1 import replicator_pb2_grpc
 
 from services.common.grpcserver import channel_options
 from services.common.tls import TlsMaterial, mutual_channel_credentials
-
-
-class ConnectionLost(Exception):
-    """The stream broke (network, peer crash, cancellation)."""
-
-
-class PeerStream(Protocol):
-    """One end of a Replicate stream."""
-
-    async def send(self, message: rpb.PeerMessage) -> None: ...
-
-    async def recv(self) -> rpb.PeerMessage | None: ...
-
-    async def close(self) -> None: ...
+from services.replicator.peer import ConnectionLost
 
 
 class DialedStream:
     """The dialer's end: a client call on its own channel."""
 
-    def __init__(self, channel: grpc.aio.Channel, call: Any) -> None:
+    def __init__(self, channel: grpc.aio.Channel, call: Any, address: str) -> None:
         self._channel = channel
         self._call = call
+        self._address = address
+
+    @property
+    def address(self) -> str:
+        return self._address
 
     async def send(self, message: rpb.PeerMessage) -> None:
         try:
@@ -63,8 +54,13 @@ class DialedStream:
 class AcceptedStream:
     """The listener's end: the servicer context of the Replicate call."""
 
-    def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any], address: str) -> None:
         self._context = context
+        self._address = address
+
+    @property
+    def address(self) -> str:
+        return self._address
 
     async def send(self, message: rpb.PeerMessage) -> None:
         try:
@@ -101,4 +97,4 @@ async def dial(
         await channel.close()
         raise ConnectionLost(f"cannot connect to {address}") from exc
     stub = replicator_pb2_grpc.ReplicatorServiceStub(channel)
-    return DialedStream(channel, stub.Replicate())
+    return DialedStream(channel, stub.Replicate(), address)
