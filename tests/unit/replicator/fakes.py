@@ -51,6 +51,17 @@ def rpc_error(code: grpc.StatusCode, reason: str, message: str, **metadata: str)
     )
 
 
+def txn(origin: str, version: int, database: str = "app") -> types_pb2.Transaction:
+    """A transaction of ``origin`` writing one row (its id names origin and version)."""
+    return types_pb2.Transaction(
+        origin=origin,
+        version=version,
+        local_time=version,
+        database=database,
+        writes=[types_pb2.Write(table="t", id=f"{origin}{version}".encode())],
+    )
+
+
 @dataclass
 class FakeStorage:
     """One node's storage."""
@@ -93,6 +104,11 @@ class FakeStorage:
             self.rows.setdefault(database, {})[(table, row.id)] = row
             written.append(txn)
         return written
+
+    def add(self, *transactions: types_pb2.Transaction) -> None:
+        """Hold transactions of other origins, as if applied from a peer earlier."""
+        for txn in transactions:
+            self._append(txn)
 
     def applied_transactions(self) -> list[tuple[str, str, int]]:
         """(database, origin, version) of every transaction Apply took, in order."""

@@ -200,6 +200,11 @@ class Remote:
     async def send(self, **body: Any) -> None:
         await self.end.send(rpb.PeerMessage(**body))
 
+    async def read_silently(self) -> None:
+        """Read everything the node sends and answer nothing, until the connection ends."""
+        while (message := await self.end.recv()) is not None:
+            self.received.append(message)
+
     async def answer_heartbeats(self) -> None:
         """Answer every heartbeat and nothing else, until the connection ends."""
         while (message := await self.end.recv()) is not None:

@@ -11,6 +11,7 @@ from shoal.replicator.v1 import replicator_pb2 as rpb
 from shoal.storage.v1 import types_pb2
 
 from services.replicator.peerstream import PeerStream
+from tests.unit.replicator.fakes import txn
 from tests.unit.replicator.nodes import Node, Remote, batches, hello, settle, until
 
 
@@ -21,15 +22,6 @@ async def node() -> AsyncIterator[Node]:
         yield node
     finally:
         await node.stop()
-
-
-def txn(origin: str, version: int, database: str = "app") -> types_pb2.Transaction:
-    return types_pb2.Transaction(
-        origin=origin,
-        version=version,
-        database=database,
-        writes=[types_pb2.Write(table="t", id=f"{origin}{version}".encode())],
-    )
 
 
 async def test_sender_restarts_from_the_new_subscription(node: Node) -> None:
