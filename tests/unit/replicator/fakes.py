@@ -72,7 +72,9 @@ class FakeStorage:
     positions_of: dict[Key, int] = field(default_factory=dict)
     copies: dict[Key, spb.CopyProgress] = field(default_factory=dict)  # (database, source)
     snapshot_rows: int = 2  # rows per Snapshot reply
-    truncated: set[str] = field(default_factory=set)  # Subscribe answers LOG_TRUNCATED
+    # Per database, the first version of this node's own still in its log: a Subscribe
+    # from a position before it (or from none) is answered LOG_TRUNCATED.
+    horizons: dict[str, int] = field(default_factory=dict)
     # What was asked of it, in order.
     applied: list[list[types_pb2.Transaction]] = field(default_factory=list)
     subscriptions: list[spb.SubscribeRequest] = field(default_factory=list)
@@ -176,8 +178,11 @@ class FakeStorage:
         return FakeCall(self._feed(request))
 
     async def _feed(self, request: spb.SubscribeRequest) -> AsyncIterator[spb.SubscribeResponse]:
-        for database in request.databases or sorted(self.truncated):
-            if database in self.truncated:
+        asked = {(p.database, p.origin): p.version for p in request.positions}
+        for database, horizon in sorted(self.horizons.items()):
+            if request.databases and database not in request.databases:
+                continue
+            if asked.get((database, self.name), 0) < horizon - 1:
                 raise rpc_error(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     "LOG_TRUNCATED",

@@ -91,7 +91,10 @@ class Node:
         return task
 
     async def stop(self) -> None:
+        # A dial loop would open a real network connection: this tier never has one.
+        dialed = sorted(self.replicator._dialers)
         await self.replicator.close()
+        assert not dialed, f"{self.name} started dialing {dialed} over the network"
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
