@@ -12,7 +12,8 @@ from shoal.replicator.v1 import replicator_pb2 as rpb
 from tests.unit.replicator.nodes import Node, Remote, until
 
 INTERVAL_S = 0.02
-TIMEOUT_S = 0.1
+TIMEOUT_S = 0.25  # generous: a loaded machine may pause the event loop for a while
+SLACK_S = 1.0  # scheduling delays on a loaded machine, beyond the heartbeat that notices
 
 
 @pytest.fixture
@@ -34,10 +35,10 @@ async def test_a_silent_peer_is_detected_within_the_timeout(node: Node) -> None:
     started = time.monotonic()
     # The remote reads what the node sends but never says a word.
     listening = asyncio.ensure_future(remote.read_silently())
-    await asyncio.wait_for(session.finished.wait(), 10 * TIMEOUT_S + 1)
+    await asyncio.wait_for(session.finished.wait(), TIMEOUT_S + SLACK_S + 1)
     elapsed = time.monotonic() - started
     listening.cancel()
-    assert TIMEOUT_S <= elapsed < TIMEOUT_S + 4 * INTERVAL_S + 0.5
+    assert TIMEOUT_S <= elapsed < TIMEOUT_S + INTERVAL_S + SLACK_S
     assert session.end_reason.startswith("ConnectionLost: no message from r for")
     assert not node.replicator.peers["r"].connected
     assert "r" not in node.replicator.sessions
@@ -49,14 +50,14 @@ async def test_a_peer_that_answers_heartbeats_stays_connected(node: Node) -> Non
     remote = await Remote.dial(node, "r", sends=False, receives=False)
     session = node.session("r")
     answering = asyncio.ensure_future(remote.answer_heartbeats())
-    # Well past the timeout: three times as many heartbeats as fit in it.
-    enough = 3 * round(TIMEOUT_S / INTERVAL_S)
+    # Well past the timeout: twice as many heartbeats as fit in it.
+    enough = 2 * round(TIMEOUT_S / INTERVAL_S)
     await until(lambda: len(heartbeat_ids(remote)) >= enough, f"{enough} heartbeats")
     assert not session.finished.is_set()
     assert node.replicator.peers["r"].connected
     assert node.replicator.peers["r"].latency_ms > 0  # measured from the replies
     answering.cancel()
-    await asyncio.wait_for(session.finished.wait(), 10 * TIMEOUT_S + 1)
+    await asyncio.wait_for(session.finished.wait(), TIMEOUT_S + SLACK_S + 1)
 
 
 async def test_heartbeats_are_answered_with_their_id(node: Node) -> None:
