@@ -40,11 +40,11 @@ class FakeCall(Generic[T]):
         return True
 
 
-def rpc_error(code: grpc.StatusCode, reason: str, message: str, **metadata: str) -> Exception:
-    """The AioRpcError a storage service answers with, ErrorInfo reason included."""
+def failed_precondition(reason: str, message: str, **metadata: str) -> grpc.aio.AioRpcError:
+    """The FAILED_PRECONDITION a storage service answers with, ErrorInfo included."""
     status = FailedPrecondition(message, reason=reason, metadata=metadata).to_status()
     return grpc.aio.AioRpcError(
-        code,
+        status.code,
         grpc.aio.Metadata(),
         grpc.aio.Metadata(*status.trailing_metadata),
         details=message,
@@ -183,8 +183,7 @@ class FakeStorage:
             if request.databases and database not in request.databases:
                 continue
             if asked.get((database, self.name), 0) < horizon - 1:
-                raise rpc_error(
-                    grpc.StatusCode.FAILED_PRECONDITION,
+                raise failed_precondition(
                     "LOG_TRUNCATED",
                     f"the log of {database} no longer holds the positions asked",
                     database=database,

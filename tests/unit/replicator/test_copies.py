@@ -9,11 +9,12 @@ from collections.abc import AsyncIterator
 from typing import cast
 
 import pytest
+from shoal.replicator.v1 import replicator_pb2 as rpb
 from shoal.storage.v1 import storage_pb2 as spb
 from shoal.storage.v1 import types_pb2
 
 from services.replicator.peerstream import PeerStream
-from tests.unit.replicator.nodes import Node, connect, settle, until
+from tests.unit.replicator.nodes import Node, Remote, connect, settle, until
 
 
 @pytest.fixture
@@ -121,3 +122,19 @@ async def test_a_node_with_no_position_copies_instead_of_reading_the_log(
     requests = [m.copy_request for m in link.dialer.sent if m.HasField("copy_request")]
     assert [(r.database, r.HasField("start_after")) for r in requests] == [("app", False)]
     assert b.storage.applied_transactions() == []
+
+
+async def test_a_database_a_peer_announces_later_is_copied_from_it(nodes: list[Node]) -> None:
+    b = Node.make("b", ["r"])
+    nodes.append(b)
+    b.storage.write("app", "mine")
+    remote = await Remote.dial(b, "r", receives=False, known_databases=["app"])
+    assert (await remote.expect("subscribe")).subscribe.generation == 1
+    # "r" got "new" by a copy: no log brings it to "b", so its heartbeats say it has it.
+    await remote.send(heartbeat=rpb.Heartbeat(id=1, known_databases=["app", "new"]))
+    request = (await remote.expect("copy_request")).copy_request
+    assert request.database == "new" and not request.HasField("start_after")
+    await remote.send(copy_chunk=rpb.CopyChunk(copy_id=request.copy_id, done=True))
+    again = (await remote.expect("subscribe")).subscribe
+    assert again.generation == 2
+    assert [m.database for m in b.storage.merges] == ["new"] and b.storage.merges[0].complete
