@@ -4,7 +4,7 @@ Each end carries the same ``PeerMessage``s as the gRPC Replicate stream, copied 
 way (a receiver never shares a message object with its sender, as on a wire). Closing an
 end is closing its side of the stream: the other end's ``recv`` returns None once it has
 taken what was sent before. ``cut`` breaks the connection as a network failure does:
-every pending and later call on both ends raises ``ConnectionLost``.
+every pending and later send and receive on both ends raises ``ConnectionLost``.
 
 Every message an end sends is also kept in its ``sent`` list, in order, so a test can
 say exactly what a node said to its peer.
