@@ -39,6 +39,8 @@ def make_node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeNo
         yield make
     finally:
         for node in nodes:
+            node.terminate()
+        for node in nodes:
             node.close()
         if _failed(request):
             _print_logs(nodes)

@@ -10,7 +10,7 @@ import pytest
 from examples.edge.scenario import run
 from tests.harness.addresses import next_address
 
-pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
+pytestmark = pytest.mark.cluster
 
 
 def test_edge_scenario(tmp_path: Path) -> None:

@@ -90,12 +90,19 @@ class Cluster:
         return iter(self.nodes)
 
     def start(self) -> Cluster:
+        """Start each service on every node at once, one service after the other
+        (storage, then replicator, then admin)."""
         for service in self.nodes[0].services:
             for node in self.nodes:
-                node.start_service(service)
+                node.start_service(service, wait=False)
+            for node in self.nodes:
+                node.wait_ready(service)
         return self
 
     def close(self) -> None:
+        """Stop every node: all are asked at once, then each is waited for."""
+        for node in self.nodes:
+            node.terminate()
         for node in self.nodes:
             node.close()
 

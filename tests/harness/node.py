@@ -125,8 +125,17 @@ class Node:
     # -- processes ---------------------------------------------------------------------
 
     def start(self, *services: str, wait: bool = True) -> Node:
-        for service in services or self.services:
-            self.start_service(service, wait=wait)
+        """Start ``services`` (default: all of the node's): storage first, then the
+        others at once (they reach storage on its socket, so they need it serving)."""
+        chosen = services or self.services
+        later = [service for service in chosen if service != "storage"]
+        if "storage" in chosen:
+            self.start_service("storage", wait=wait)
+        for service in later:
+            self.start_service(service, wait=False)
+        if wait:
+            for service in later:
+                self.wait_ready(service)
         return self
 
     def start_service(
@@ -269,7 +278,7 @@ class Node:
             return self.health(service)
 
         try:
-            wait_for(ready, timeout, f"{service} of {self.name} to serve")
+            wait_for(ready, timeout, f"{service} of {self.name} to serve", max_interval=0.1)
         except AssertionError as exc:
             if "exited with" in str(exc):
                 raise
@@ -285,6 +294,14 @@ class Node:
         process.send_signal(sig)
         if sig in (signal.SIGKILL, signal.SIGTERM):
             process.wait(timeout=15)
+
+    def terminate(self) -> None:
+        """Ask every running service to stop (SIGTERM) without waiting: ``stop`` or
+        ``close`` then waits for each."""
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGCONT)
+                process.terminate()
 
     def stop(self, *services: str) -> None:
         """SIGTERM, then SIGKILL after a deadline; all services in reverse start order."""

@@ -35,6 +35,7 @@ def wait_for(
     what: str = "condition",
     interval: float = 0.02,
     retry_on: tuple[type[BaseException], ...] = (),
+    max_interval: float = 0.5,
 ) -> T:
     """Poll ``condition`` until it returns a truthy value; fail after ``timeout`` seconds.
 
@@ -74,4 +75,4 @@ def wait_for(
             detail = f" (last error: {last_error!r})" if last_error else ""
             raise WaitTimeout(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
         time.sleep(delay)
-        delay = min(delay * 1.5, 0.5)
+        delay = min(delay * 1.5, max_interval)

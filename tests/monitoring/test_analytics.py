@@ -215,7 +215,6 @@ def test_a_result_larger_than_max_rows_is_refused(make_node: MakeNode) -> None:
 
 
 @pytest.mark.cluster
-@pytest.mark.xdist_group("cluster")
 def test_analytics_stay_on_their_node(make_cluster: MakeCluster) -> None:
     cluster = make_cluster(size=2, services=SERVICES)
     a, b = cluster[0], cluster[1]

@@ -140,7 +140,6 @@ def test_a_taken_metrics_port_stops_the_service(make_node: MakeNode) -> None:
 
 
 @pytest.mark.cluster
-@pytest.mark.xdist_group("cluster")
 def test_replication_metrics_of_a_two_node_cluster(make_cluster: MakeCluster) -> None:
     cluster = make_cluster(size=2)
     a, b = cluster[0], cluster[1]

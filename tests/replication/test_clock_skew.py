@@ -8,7 +8,7 @@ from shoal.storage.v1 import storage_pb2 as pb
 from tests.conftest import MakeCluster
 from tests.harness.wait import wait_for
 
-pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
+pytestmark = pytest.mark.cluster
 
 
 def test_node_120s_ahead_is_refused_with_a_reason(make_cluster: MakeCluster) -> None:

@@ -22,7 +22,7 @@ from tests.harness.cluster import Cluster
 from tests.harness.node import Node
 from tests.harness.wait import wait_for
 
-pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
+pytestmark = pytest.mark.cluster
 
 SERVICES = ("storage", "replicator", "admin")
 

@@ -19,7 +19,7 @@ from tests.harness.cluster import Cluster
 from tests.harness.node import Node
 from tests.harness.wait import wait_for
 
-pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
+pytestmark = pytest.mark.cluster
 
 OLD_ROWS = 12_000  # three copy chunks of 5,000
 

@@ -14,7 +14,7 @@ from tests.conftest import MakeCluster
 from tests.harness.node import Node
 from tests.harness.wait import wait_for
 
-pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
+pytestmark = pytest.mark.cluster
 
 
 def _records(node: Node, database: str, table: str) -> list[dict[str, Any]]:

@@ -26,7 +26,7 @@ from tests.harness.joined import joined_mesh
 from tests.harness.node import Node
 from tests.harness.wait import wait_for
 
-pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
+pytestmark = pytest.mark.cluster
 
 
 class SteadyWriter:

@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import MakeCluster
 from tests.harness.node import Node
 
-pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
+pytestmark = pytest.mark.cluster
 
 KEYS = 200
 

@@ -23,7 +23,7 @@ from tests.harness.node import Node
 from tests.harness.wait import wait_for
 from tests.replication.test_residency import DB, TABLE, _record, _states, _whole
 
-pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
+pytestmark = pytest.mark.cluster
 
 RECORDS = 40  # few keys, so that writes and re-homings of one record meet often
 CONFIG = {

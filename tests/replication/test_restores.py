@@ -18,7 +18,7 @@ from tests.harness.admin import AdminClient
 from tests.harness.node import Node
 from tests.harness.wait import wait_for
 
-pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
+pytestmark = pytest.mark.cluster
 
 ALL = ("storage", "replicator", "admin")
 CHUNK = 64 * 1024

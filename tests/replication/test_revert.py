@@ -7,7 +7,7 @@ from shoal.storage.v1 import storage_pb2 as pb
 
 from tests.conftest import MakeCluster
 
-pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
+pytestmark = pytest.mark.cluster
 
 
 def test_a_revert_replicates_to_the_peer(make_cluster: MakeCluster) -> None:

@@ -28,7 +28,7 @@ from tests.harness.client import StorageClient, error_info, expect_error
 from tests.harness.node import PASSWORD, Node
 from tests.harness.wait import wait_for
 
-pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
+pytestmark = pytest.mark.cluster
 
 SERVICES = ("storage", "replicator", "admin")
 DATABASES = ["*", {"name": "metrics", "sharded": True}]

@@ -14,7 +14,7 @@ from tests.harness.cluster import line
 from tests.harness.node import Node
 from tests.harness.wait import wait_for
 
-pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
+pytestmark = pytest.mark.cluster
 
 DATABASES = ["*", {"name": "metrics", "sharded": True}]
 SHARDS = [1, 1, 2, 2]

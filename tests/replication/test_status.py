@@ -12,7 +12,7 @@ from tests.conftest import MakeCluster
 from tests.harness.node import Node
 from tests.harness.wait import wait_for
 
-pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
+pytestmark = pytest.mark.cluster
 
 
 def test_status_reports_each_connection_and_database(make_cluster: MakeCluster) -> None:

@@ -12,7 +12,7 @@ from tests.harness.joined import joined_mesh
 from tests.harness.node import Node
 from tests.harness.wait import wait_for
 
-pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
+pytestmark = pytest.mark.cluster
 
 CAT_ONLY = [{"schema": "dev", "table": "cat", "publish": True, "subscribe": True}]
 

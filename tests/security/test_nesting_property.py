@@ -35,7 +35,7 @@ from tests.harness.hostile import digest
 from tests.harness.node import Node
 from tests.harness.wait import wait_for
 
-pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
+pytestmark = pytest.mark.cluster
 
 DEFAULT_LIMIT = 64  # storage.maxNestingDepth unless set
 MAX_LIMIT = 200  # the highest it can be set (docs/configuration.md)

@@ -22,7 +22,7 @@ from tests.conftest import MakeNode
 from tests.harness.client import expect_error
 from tests.harness.node import PASSWORD, Node
 
-pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
+pytestmark = pytest.mark.cluster
 
 ALL = ("storage", "replicator", "admin")
 UNIMPLEMENTED = grpc.StatusCode.UNIMPLEMENTED

@@ -17,7 +17,7 @@ from tests.harness.certs import CertificateAuthority, serial_of
 from tests.harness.cluster import FAST_REPLICATION
 from tests.harness.wait import wait_for
 
-pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
+pytestmark = pytest.mark.cluster
 
 SERVICES = ("storage", "replicator", "admin")
 PORTS = {"replicator": 9933, "storage": 9926, "admin": 9925}

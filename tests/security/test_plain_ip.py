@@ -24,7 +24,7 @@ from tests.harness.netns import IP, NamespacedNode, Subnet, unavailable
 from tests.harness.node import REPO, Node
 from tests.harness.wait import wait_for
 
-pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
+pytestmark = pytest.mark.cluster
 
 REPLICATING = ("storage", "replicator")
 # Insecure mode: no certificates, replication on the plain port only.

@@ -14,7 +14,7 @@ from tests.conftest import MakeCluster
 from tests.harness.certs import serial_of
 from tests.harness.wait import wait_for
 
-pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
+pytestmark = pytest.mark.cluster
 
 ALL = ("storage", "replicator", "admin")
 

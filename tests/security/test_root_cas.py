@@ -21,7 +21,7 @@ from tests.harness.cluster import FAST_REPLICATION
 from tests.harness.node import Node
 from tests.harness.wait import wait_for
 
-pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
+pytestmark = pytest.mark.cluster
 
 REPLICATING = ("storage", "replicator")
 

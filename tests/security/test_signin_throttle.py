@@ -24,7 +24,7 @@ from tests.harness.client import StorageClient
 from tests.harness.netns import IP, Subnet, unavailable
 from tests.harness.node import PASSWORD, REPO, Node
 
-pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
+pytestmark = pytest.mark.cluster
 
 HAMMER_SECONDS = 12.0
 MIB = 1024 * 1024

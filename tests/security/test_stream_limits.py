@@ -137,7 +137,6 @@ def subnet() -> Iterator[Subnet]:
 
 
 @pytest.mark.cluster
-@pytest.mark.xdist_group("cluster")
 def test_one_client_cannot_take_every_stream(make_node: MakeNode, subnet: Subnet) -> None:
     namespace, _ = subnet.add()
     node = make_node(

@@ -760,7 +760,6 @@ def test_altering_a_user_clears_its_lock(make_node: MakeNode) -> None:
 
 
 @pytest.mark.cluster
-@pytest.mark.xdist_group("cluster")
 def test_users_and_roles_are_not_replicated(make_cluster: MakeCluster) -> None:
     cluster = make_cluster(size=2)
     a, b = cluster[0], cluster[1]
