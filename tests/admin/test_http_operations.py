@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import base64
 import http.client
+import os
 import ssl
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from cryptography import x509
 from shoal.storage.v1 import storage_pb2 as spb
 
 from services.common.auth import bearer_metadata
@@ -177,6 +179,64 @@ def test_tls_like_the_admin_port(make_node: MakeNode, tmp_path: Path) -> None:
     # Plaintext to the TLS port: no answer in the clear.
     with pytest.raises((http.client.HTTPException, ConnectionError, OSError)):
         Http(node).post({"operation": "user_info"})
+    # New certificate files: the next connection gets the new certificate, no restart.
+    first = served_certificate(node, context)
+    key, certificate = ca.issue(host, [host])
+    replace_file(Path(tls["privateKey"]), key)
+    replace_file(Path(tls["certificate"]), certificate)
+    assert served_certificate(node, context) == x509.load_pem_x509_certificate(certificate)
+    assert served_certificate(node, context) != first
+    assert Http(node, context).post({"operation": "user_info"})[0] == 200
+
+
+def served_certificate(node: Node, context: ssl.SSLContext) -> x509.Certificate:
+    connection = http.client.HTTPSConnection(node.host, HTTP_PORT, context=context, timeout=30)
+    try:
+        connection.connect()
+        assert isinstance(connection.sock, ssl.SSLSocket)
+        der = connection.sock.getpeercert(binary_form=True)
+    finally:
+        connection.close()
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    spare = path.with_suffix(".new")
+    spare.write_bytes(data)
+    spare.chmod(0o600)
+    os.replace(spare, path)
+
+
+def test_client_certificates_like_the_admin_port(make_node: MakeNode, tmp_path: Path) -> None:
+    ca = CertificateAuthority.create()
+    host = next_address()
+    tls = ca.write_node_files(tmp_path / "tls", host, [host])
+    node = make_node(
+        host=host, services=ALL, config={"tls": tls, "operationsApi": {"mtls": {"required": True}}}
+    )
+
+    def client(common_name: str | None) -> Http:
+        context = ssl.create_default_context(cadata=ca.pem.decode())
+        if common_name is not None:
+            key, certificate = ca.issue(common_name, [common_name])
+            (tmp_path / f"{common_name}.key").write_bytes(key)
+            (tmp_path / f"{common_name}.crt").write_bytes(certificate)
+            context.load_cert_chain(
+                tmp_path / f"{common_name}.crt", tmp_path / f"{common_name}.key"
+            )
+        return Http(node, context)
+
+    # The certificate's user, without a password; a password still wins.
+    status, body = client("admin").post({"operation": "user_info"}, authorization=None)
+    assert status == 200 and body["username"] == "admin"
+    status, body = client("admin").post({"operation": "user_info"}, basic("admin", "wrong"))
+    assert (status, body) == (401, {"error": "Login failed"})
+    status, body = client("nobody").post({"operation": "user_info"}, authorization=None)
+    assert status == 401 and "nobody" in body["error"]
+    # No certificate: no TLS session, no answer.
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        client(None).post({"operation": "user_info"}, authorization=None)
 
 
 def test_tokens_as_harper_documents_them(node: Node, http_client: Http) -> None:
