@@ -7,7 +7,9 @@ from __future__ import annotations
 import base64
 import http.client
 import os
+import shutil
 import ssl
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -326,3 +328,50 @@ def test_tokens_over_grpc_and_their_end(node: Node, http_client: Http) -> None:
     )
     assert (status, body) == (401, {"error": "invalid token"})
     storage.close()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_harpers_curl_examples_run_but_for_the_port(node: Node) -> None:
+    """Harper's documented curl form, byte for byte but for the port."""
+
+    def curl(*args: str) -> tuple[int, Any]:
+        done = subprocess.run(
+            ["curl", "-s", "-w", "\\n%{http_code}", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        body, _, status = done.stdout.rpartition("\n")
+        return int(status), orjson.loads(body)
+
+    url = f"http://{node.host}:{HTTP_PORT}"
+    status, body = curl(
+        "--location", "--request", "POST", url,
+        "--header", "Content-Type: application/json",
+        "--header", f"Authorization: {basic()}",
+        "--data-raw", '{"operation": "create_database", "database": "dev"}',
+    )  # fmt: skip
+    assert (status, body) == (200, {"message": "database 'dev' successfully created"})
+    status, tokens = curl(
+        "--location", "--request", "POST", url,
+        "--header", "Content-Type: application/json",
+        "--data-raw", orjson.dumps(
+            {"operation": "create_authentication_tokens", "username": "admin", "password": PASSWORD}
+        ).decode(),
+    )  # fmt: skip
+    assert status == 200
+    status, body = curl(
+        "-X", "POST", url,
+        "-H", "Content-Type: application/json",
+        "-H", f"Authorization: Bearer {tokens['operation_token']}",
+        "-d", '{"operation": "describe_all"}',
+    )  # fmt: skip
+    assert status == 200 and "dev" in body
+    status, body = curl(
+        "-X", "POST", url,
+        "-H", "Content-Type: application/json",
+        "-H", f"Authorization: Bearer {tokens['refresh_token']}",
+        "-d", '{"operation": "refresh_operation_token"}',
+    )  # fmt: skip
+    assert status == 200 and set(body) == {"operation_token"}
