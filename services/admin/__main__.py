@@ -6,6 +6,7 @@ import sys
 
 from shoal.admin.v1 import admin_pb2, admin_pb2_grpc
 
+from services.admin.http import OperationsHttp
 from services.admin.node import AdminNode, StorageAuthenticator
 from services.admin.server import AdminServicer
 from services.common.auth import read_node_secret
@@ -37,18 +38,20 @@ async def run(config: ShoalConfig) -> bool:
     node = AdminNode(node_tls, secret)
     servicer = AdminServicer(node)
     tls_source = node_tls.server_source("admin")
+    authenticator = StorageAuthenticator(node)
+    client_certificates = ClientCertificates.from_config(config, "admin", tls_source)
     spec = ServerSpec(
         name="admin",
         address=f"{config.host}:{config.operations_api.port}",
         service_names=[SERVICE_NAME],
         register=lambda server: admin_pb2_grpc.add_AdminServiceServicer_to_server(servicer, server),
-        authenticator=StorageAuthenticator(node),
+        authenticator=authenticator,
         max_message_bytes=config.storage.max_message_bytes,
         max_concurrent_rpcs=config.operations_api.max_concurrent_rpcs,
         on_stop=[node.close],
         grace_s=5.0,
         tls=tls_source,
-        client_certificates=ClientCertificates.from_config(config, "admin", tls_source),
+        client_certificates=client_certificates,
         health=health,
         lifecycle=node.lifecycle,
         # Super users restart members through their admin ports (rolling restarts).
@@ -56,6 +59,12 @@ async def run(config: ShoalConfig) -> bool:
         socket=socket.path,
     )
     attach_metrics(spec, config)
+    if config.operations_api.http_port is not None:
+        http = OperationsHttp(
+            node, servicer.execute, authenticator, tls_source, client_certificates
+        )
+        await http.start()
+        spec.pre_stop.insert(0, http.stop)
     running = await start_server(spec)
     return await serve_until_signalled(running)
 

@@ -183,9 +183,7 @@ class StorageAuthenticator:
                 name=reply.username, super_user=reply.super_user, forward=acting
             )
         if not credentials:
-            raise Unauthenticated(
-                "authentication required: send 'authorization: Basic <base64 user:password>'"
-            )
+            raise Unauthenticated("Must login")
         reply = await self._node.call(
             self._node.storage.Authenticate,
             spb.AuthenticateRequest(),

@@ -47,21 +47,29 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return current_caller(tuple(context.invocation_metadata() or ()), self.node.secret)
 
     async def Execute(self, request: apb.ExecuteRequest, context: Ctx) -> apb.ExecuteResponse:
-        # Refused before it is parsed when its estimate does not fit (budget.py): the
-        # call itself fails with RESOURCE_EXHAUSTED.
-        reservation = self.budget.reserve(estimate(request.operation))
+        return await self.execute(
+            self._caller(context), request.operation, context.time_remaining()
+        )
+
+    async def execute(
+        self, caller: Caller, operation: bytes, time_remaining: float | None
+    ) -> apb.ExecuteResponse:
+        """One JSON operation for ``caller``: the one path of Execute and of the HTTP form
+        of the operations API (services/admin/http.py). Refused before it is parsed when
+        its estimate does not fit (budget.py): ResourceExhausted, raised."""
+        reservation = self.budget.reserve(estimate(operation))
         try:
             execute = operations.Execute(
                 self.node,
-                self._caller(context),
+                caller,
                 self.cluster,
                 self.nodes,
                 self.certificates,
                 self.exchange,
-                operations.deadline_of(context.time_remaining()),
+                operations.deadline_of(time_remaining),
                 reservation,
             )
-            result, code = await operations.run(execute, request.operation)
+            result, code = await operations.run(execute, operation)
             return operations.answer(result, code)
         finally:
             reservation.release()

@@ -74,6 +74,28 @@ def rpc_failed(settings: Settings, exc: grpc.RpcError) -> NoReturn:
     fail(explain(settings, code, details), int(code.value[0]) or 1)
 
 
+def execute_json(settings: Settings, operation: bytes, extra_ca: bytes = b"") -> tuple[bytes, int]:
+    """Run a Harper JSON operation given as JSON text: (the answer's JSON as the node
+    sent it, gRPC code). A call that fails as a whole (no answer: a wrong password, an
+    unreachable node) answers Harper's ``{"error": ...}`` with the call's status message
+    and code; what to check for an unreachable node goes to stderr."""
+    settings.require_password()
+    with channel(settings, settings.address(DEFAULT_ADMIN_PORT), extra_ca) as open_channel:
+        stub = admin_pb2_grpc.AdminServiceStub(open_channel)
+        try:
+            reply = stub.Execute(
+                apb.ExecuteRequest(operation=operation),
+                metadata=basic_metadata(settings.username, settings.password),
+                timeout=60,
+            )
+        except grpc.RpcError as exc:
+            code, details = status_of(exc)
+            if code == grpc.StatusCode.UNAVAILABLE:
+                typer.echo(f"shoal: {explain(settings, code, details)}", err=True)
+            return orjson.dumps({"error": details or code.name}), int(code.value[0]) or 1
+    return reply.result, reply.code
+
+
 def try_execute(
     settings: Settings, operation: dict[str, Any], extra_ca: bytes = b""
 ) -> tuple[Any, int]:

@@ -78,9 +78,7 @@ def parse_authorization(metadata: Sequence[tuple[str, str | bytes]] | None) -> C
             header = value.decode() if isinstance(value, bytes) else value
             break
     if header is None:
-        raise Unauthenticated(
-            "authentication required: send 'authorization: Basic <base64 user:password>'"
-        )
+        raise Unauthenticated("Must login")  # Harper's text
     scheme, _, rest = header.strip().partition(" ")
     if scheme.lower() == "basic":
         try:

@@ -28,6 +28,7 @@ from services.common.errors import (
     PermissionDenied,
 )
 from services.common.hlc import HybridClock, format_version, wall_clock_ms
+from services.common.tokens import TokenLifetimes
 from services.storage import copy, fence, keys, limited, merge, residency
 from services.storage.commit import (
     COUNT_PREFIX,
@@ -141,6 +142,9 @@ class Engine:
                 capacity=authentication.tracked_failures,
             ),
             authentication.max_concurrent_verifications,
+            TokenLifetimes(
+                authentication.operation_token_timeout_s, authentication.refresh_token_timeout_s
+            ),
         )
 
     # -- life cycle ------------------------------------------------------------------

@@ -274,3 +274,12 @@ class StorageNodeServicer(storage_pb2_grpc.StorageNodeServiceServicer):
             else:
                 reply.records.append(record)
         return reply
+
+    # -- tokens --------------------------------------------------------------------------
+
+    async def RefreshOperationToken(
+        self, request: pb.RefreshOperationTokenRequest, context: Ctx
+    ) -> pb.RefreshOperationTokenResponse:
+        node_only()
+        token = self.engine.users.refresh_token(request.refresh_token)
+        return pb.RefreshOperationTokenResponse(operation_token=token)

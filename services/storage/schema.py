@@ -115,7 +115,7 @@ class Catalog:
         db = self.databases.get(name)
         if db is None:
             check_name("database", name)
-            raise NotFound(f"database {name!r} does not exist", reason="DATABASE_NOT_FOUND")
+            raise NotFound(f"Database '{name}' does not exist", reason="DATABASE_NOT_FOUND")
         return db
 
     def table(self, database: str, name: str) -> Table:
@@ -123,7 +123,7 @@ class Catalog:
         table = db.tables.get(name)
         if table is None:
             check_name("table", name)
-            raise NotFound(f"table {database}.{name} does not exist", reason="TABLE_NOT_FOUND")
+            raise NotFound(f"Table '{database}.{name}' does not exist", reason="TABLE_NOT_FOUND")
         return table
 
     def find_table(self, database: str, name: str) -> Table | None:

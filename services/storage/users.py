@@ -72,6 +72,14 @@ from services.common.sources import (
     source_key,
     source_text,
 )
+from services.common.tokens import (
+    INVALID,
+    OPERATION,
+    REFRESH,
+    TokenLifetimes,
+    TokenSigner,
+    looks_like_token,
+)
 from services.storage import keys
 from services.storage.db import Store
 from services.storage.permissions import (
@@ -96,7 +104,7 @@ CACHE_SIZE = 4096
 VERIFY_QUEUE_PER_SLOT = 32  # sign-ins that may wait for a scrypt check, per slot
 VERIFY_WAIT_S = 10.0  # the longest one waits
 INITIAL_PASSWORD_FILE = "initial-admin-password"
-_FAILED = "invalid username or password"
+_FAILED = "Login failed"  # Harper's text
 
 
 def hash_password(password: str) -> str:
@@ -165,8 +173,10 @@ class UserStore:
         node_secret: str,
         throttle: ThrottleSettings | None = None,
         verifications: int = 2,
+        token_lifetimes: TokenLifetimes | None = None,
     ) -> None:
         self._store = store
+        self.tokens = TokenSigner(node_secret, node_name, token_lifetimes or TokenLifetimes())
         self._node_identity = Identity(
             name=INTERNAL_USER_PREFIX + node_name, super_user=True, internal=True
         )
@@ -265,7 +275,7 @@ class UserStore:
             raise InvalidArgument("role is required")
         check_name("role", role)
         if self.get(name) is not None:
-            raise AlreadyExists(f"user {name!r} already exists")
+            raise AlreadyExists(f"User {name} already exists")
         self._existing_role(role)
 
     async def add_user(self, name: str, password: str, role: str, active: bool) -> User:
@@ -424,6 +434,8 @@ class UserStore:
                 if on_behalf is not None:
                     return self.named_user(on_behalf, f"{ACTING_FOR_HEADER} of the admin service")
                 return self._node_identity
+            if on_behalf is None and looks_like_token(credentials.token):
+                return self.token_user(credentials.token, OPERATION)
             raise Unauthenticated(_FAILED)
         if on_behalf is not None:
             raise Unauthenticated(
@@ -479,6 +491,47 @@ class UserStore:
         return UserIdentity(
             name=user.name, super_user=permission.super_user, role=user.role, permission=permission
         )
+
+    # -- tokens (services/common/tokens.py) ---------------------------------------------
+
+    def token_user(self, token: str, kind: str) -> UserIdentity:
+        """The identity of a token of ``kind`` this node issued, while its user exists, is
+        active, has a role and keeps the password it had; Unauthenticated otherwise."""
+        claims = self.tokens.verify(token, kind)
+        user = self.get(claims.username)
+        permission = self.role(user.role) if user is not None else None
+        if (
+            user is None
+            or not user.active
+            or permission is None
+            or not hmac.compare_digest(
+                claims.password_digest, self.tokens.password_digest(user.password_hash)
+            )
+        ):
+            raise Unauthenticated(INVALID, reason="INVALID_TOKEN")
+        return UserIdentity(
+            name=user.name, super_user=permission.super_user, role=user.role, permission=permission
+        )
+
+    def issue_tokens(self, who: Identity) -> tuple[str, str]:
+        """(operation token, refresh token) for the user ``who`` (Harper's
+        create_authentication_tokens)."""
+        user = self.get(who.name) if isinstance(who, UserIdentity) else None
+        if user is None:
+            raise FailedPrecondition(
+                f"{who.name} is not a user of this node: tokens are issued to users only"
+            )
+        return (
+            self.tokens.issue(OPERATION, user.name, user.password_hash),
+            self.tokens.issue(REFRESH, user.name, user.password_hash),
+        )
+
+    def refresh_token(self, refresh_token: str) -> str:
+        """A new operation token for a refresh token (Harper's refresh_operation_token)."""
+        who = self.token_user(refresh_token, REFRESH)
+        user = self.get(who.name)
+        assert user is not None
+        return self.tokens.issue(OPERATION, user.name, user.password_hash)
 
     def _settled(self, digest: bytes, done: asyncio.Future[Identity]) -> None:
         if self._pending.get(digest) is done:

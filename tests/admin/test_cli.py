@@ -23,7 +23,7 @@ from tests.harness.node import PASSWORD, Node
 from tests.harness.wait import WaitTimeout, wait_for
 
 ALL = ("storage", "replicator", "admin")
-ALREADY_EXISTS, UNAUTHENTICATED = 6, 16
+INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS, UNAUTHENTICATED = 3, 5, 6, 16
 
 
 def shoal(*args: str, password: str = PASSWORD, **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -51,6 +51,16 @@ def test_operations_users_and_exit_codes(node: Node) -> None:
     assert orjson.loads(done.stdout)["message"].startswith("table 'data.dog'")
     bad = shoal("op", "--node", host, "{not json")
     assert bad.returncode == 2 and "not valid JSON" in bad.stderr
+    # An error answer: its JSON body on stdout, as the node sent it; its code as the status.
+    missing = shoal("op", "--node", host, '{"operation": "describe_database", "database": "no"}')
+    assert missing.returncode == NOT_FOUND
+    assert missing.stdout == '{"error":"Database \'no\' does not exist"}\n'
+    unknown = shoal("op", "--node", host, '{"operation": "nope"}')
+    assert unknown.returncode == INVALID_ARGUMENT
+    assert orjson.loads(unknown.stdout) == {"error": "Operation 'nope' not found"}
+    refused = shoal("op", "--node", host, '{"operation": "user_info"}', password="wrong")
+    assert refused.returncode == UNAUTHENTICATED
+    assert orjson.loads(refused.stdout) == {"error": "Login failed"}
     denied = shoal("cluster", "status", "--node", host, password="wrong-password")
     assert denied.returncode == UNAUTHENTICATED and "UNAUTHENTICATED" in denied.stderr
 

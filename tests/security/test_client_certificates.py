@@ -121,7 +121,7 @@ def test_mtls_off_needs_no_certificate_and_ignores_one(
         assert call() == [{"id": 1, "name": "Penny"}], service
     # A certificate naming the super user is not asked for, so it names nobody.
     for call in _calls(node, admin_pair).values():
-        expect_error(grpc.StatusCode.UNAUTHENTICATED, call, "authentication required")
+        expect_error(grpc.StatusCode.UNAUTHENTICATED, call, "Must login")
 
 
 def test_a_certificate_signs_in_its_common_name(
@@ -236,7 +236,7 @@ def test_a_certificate_only_gates_with_user_null_and_crls_apply(
     _prepare_data(node, good)
     # The certificate lets the connection in; the user still signs in.
     for call in _calls(node, good).values():
-        expect_error(grpc.StatusCode.UNAUTHENTICATED, call, "authentication required")
+        expect_error(grpc.StatusCode.UNAUTHENTICATED, call, "Must login")
     for service, call in _calls(node, good, "admin").items():
         assert call() == [{"id": 1, "name": "Penny"}], service
     # A certificate revoked by a CRL of tls.crl is refused, password or not.

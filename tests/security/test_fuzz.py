@@ -435,7 +435,7 @@ OPERATIONS = [
     "alter_role", "drop_role", "list_roles", "csv_data_load", "csv_file_load",
     "revert_transaction", "get_analytics", "list_metrics", "restore_backup",
     "list_certificates", "cluster_status", "cluster_get_routes", "get_configuration",
-    "no_such_operation",
+    "create_authentication_tokens", "refresh_operation_token", "no_such_operation",
 ]  # fmt: skip
 FIELDS = [
     "database", "schema", "table", "records", "ids", "hash_values", "attribute",
@@ -445,6 +445,7 @@ FIELDS = [
     "from", "to", "timestamp", "version", "origin", "force", "data", "action", "username",
     "password", "role", "active", "permission", "id", "metric", "start_time", "end_time",
     "period", "file_path", "name", "backup", "until", "replicate", "comparator",
+    "refresh_token",
 ]  # fmt: skip
 DEEP = "\x00deep\x00"  # replaced by JSON nested past every limit once serialized
 field_values = (

@@ -195,7 +195,7 @@ def test_missing_things_are_not_found(client: StorageClient) -> None:
     client.create_table("dev", "dog")
     not_found = grpc.StatusCode.NOT_FOUND
     calls: dict[str, list[tuple[str, Any]]] = {
-        "database 'nope'": [
+        "Database 'nope'": [
             ("DescribeDatabase", pb.DescribeDatabaseRequest(database="nope")),
             ("DropDatabase", pb.DropDatabaseRequest(database="nope")),
             ("DescribeTable", pb.DescribeTableRequest(database="nope", table="dog")),

@@ -30,4 +30,4 @@ def test_unknown_table_is_not_found(client: StorageClient) -> None:
     with pytest.raises(grpc.RpcError) as err:
         client.get("dev", "nope", [1])
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
-    assert "database 'dev' does not exist" in (err.value.details() or "")
+    assert "Database 'dev' does not exist" in (err.value.details() or "")

@@ -25,7 +25,7 @@ NOT_FOUND = grpc.StatusCode.NOT_FOUND
 EXISTS = grpc.StatusCode.ALREADY_EXISTS
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
-FAILED_SIGN_IN = "invalid username or password"
+FAILED_SIGN_IN = "Login failed"
 READER_PASSWORD = "reader-password"
 
 

@@ -131,6 +131,8 @@ def _operations_api(top: Reader) -> OperationsApiConfig:
         ops.problem(
             "mtls", True, "client certificates need TLS on the port (operationsApi.tls: true)"
         )
+    if config.http_timeout_s < 1.0:
+        net.problem("timeout", config.http_timeout_s, "must be at least 1s")
     net.finish()
     ops.finish()
     return config
@@ -178,6 +180,12 @@ def _authentication(top: Reader) -> AuthenticationConfig:
     config = read_section(AuthenticationConfig, au)
     if config.initial_backoff_s <= 0:
         au.problem("initialBackoff", config.initial_backoff_s, "must be above 0")
+    for key, value in (
+        ("operationTokenTimeout", config.operation_token_timeout_s),
+        ("refreshTokenTimeout", config.refresh_token_timeout_s),
+    ):
+        if value < 1.0:
+            au.problem(key, value, "must be at least 1s")
     if config.lockout_duration_s < config.initial_backoff_s:
         au.problem(
             "lockoutDuration",
@@ -239,6 +247,8 @@ def _check_ports(problems: list[str], config: ShoalConfig) -> None:
         "operationsApi.network.port": config.operations_api.port,
         "storage.port": config.storage.port,
     }
+    if config.operations_api.http_port is not None:
+        ports["operationsApi.network.httpPort"] = config.operations_api.http_port
     replication, metrics, health = config.replication, config.metrics, config.health
     if replication.port is not None:
         ports["replication.port"] = replication.port

@@ -23,6 +23,7 @@ from services.common.metrics_web import MetricsWebConfig
 DEFAULT_ROOT_PATH = "shoal-data"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_ADMIN_PORT = 9925
+DEFAULT_OPERATIONS_HTTP_PORT = 9924
 DEFAULT_STORAGE_PORT = 9926
 DEFAULT_REPLICATION_PORT = 9932
 SOCKET_SUFFIX = ".sock"
@@ -151,7 +152,11 @@ class OperationsApiConfig:
     """``operationsApi.*``: the admin service."""
 
     port: int = setting.port("network.port", DEFAULT_ADMIN_PORT)
-    # Serve TLS when the node has TLS material; false: plaintext.
+    # Harper's HTTP form of the operations API (POST / with a JSON body); null: closed.
+    http_port: int | None = setting.nullable_port("network.httpPort", DEFAULT_OPERATIONS_HTTP_PORT)
+    # The longest an HTTP request may take, from its first byte to its answer.
+    http_timeout_s: float = setting.duration("network.timeout", 120.0)
+    # Serve TLS when the node has TLS material (both ports); false: plaintext.
     tls: bool = setting.boolean("tls", True)
     mtls: MtlsConfig = field(default_factory=MtlsConfig)  # client certificates
     # Calls served at once; more get RESOURCE_EXHAUSTED.
@@ -245,6 +250,9 @@ class AuthenticationConfig:
     tracked_failures: int = setting.integer("trackedFailures", 100_000, 100, 10_000_000)
     # Scrypt checks at once (16 MiB each).
     max_concurrent_verifications: int = setting.integer("maxConcurrentVerifications", 2, 1, 64)
+    # Lifetimes of the tokens of create_authentication_tokens (Harper's defaults).
+    operation_token_timeout_s: float = setting.duration("operationTokenTimeout", 86400.0)
+    refresh_token_timeout_s: float = setting.duration("refreshTokenTimeout", 30 * 86400.0)
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,16 @@ class Reader:
     def port(self, name: str, default: int) -> int:
         return self.integer(name, default, 1, 65535)
 
+    def nullable_port(self, name: str, default: int) -> int | None:
+        """A port that is ``default`` when the key is absent and closed (None) when it is
+        set to null."""
+        present, value = self.raw(name)
+        if not present:
+            return default
+        if value is None:
+            return None
+        return self.port(name, default)
+
     def boolean(self, name: str, default: bool) -> bool:
         present, value = self.raw(name)
         if not present or value is None:
@@ -220,6 +230,7 @@ _READS: dict[str, Callable[[Reader, str, Any, Setting], Any]] = {
     "integer": lambda r, name, default, s: r.integer(name, default, s.low, s.high),
     "optional_integer": lambda r, name, default, s: r.optional_integer(name, s.low, s.high),
     "port": lambda r, name, default, s: r.port(name, default),
+    "nullable_port": lambda r, name, default, s: r.nullable_port(name, default),
     "boolean": lambda r, name, default, s: r.boolean(name, default),
     "duration": lambda r, name, default, s: r.duration(name, default),
     "choice": lambda r, name, default, s: r.choice(name, default, s.choices),
@@ -251,6 +262,11 @@ def optional_integer(key: str, low: int, high: int) -> Any:
 
 def port(key: str, default: int) -> Any:
     return _field(default, Setting(key, "port"))
+
+
+def nullable_port(key: str, default: int) -> Any:
+    """A port open by default, closed when set to null."""
+    return _field(default, Setting(key, "nullable_port"))
 
 
 def boolean(key: str, default: bool) -> Any:

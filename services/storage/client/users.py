@@ -63,6 +63,14 @@ class UserHandlers(ClientHandlers):
         administer("list roles")
         return pb.ListRolesResponse(roles=[role_info(n, p) for n, p in self.users.roles()])
 
+    async def CreateAuthenticationTokens(
+        self, request: pb.CreateAuthenticationTokensRequest, context: Ctx
+    ) -> pb.CreateAuthenticationTokensResponse:
+        operation_token, refresh_token = self.users.issue_tokens(caller())
+        return pb.CreateAuthenticationTokensResponse(
+            operation_token=operation_token, refresh_token=refresh_token
+        )
+
     async def Authenticate(
         self, request: pb.AuthenticateRequest, context: Ctx
     ) -> pb.AuthenticateResponse:

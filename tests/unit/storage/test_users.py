@@ -17,7 +17,7 @@ from services.storage.permissions import UserIdentity
 from services.storage.throttle import ThrottleSettings
 from services.storage.users import UserStore
 
-FAILED = "invalid username or password"
+FAILED = "Login failed"
 THROTTLED = "throttled"
 
 
@@ -139,7 +139,7 @@ async def test_a_certificate_user_and_the_node_acting_for_a_user(
     # The header wins over the certificate, and is checked as always.
     who = await store_users.authenticate(basic_metadata("admin", "admin-password"), "ann")
     assert who.name == "admin"
-    with pytest.raises(Unauthenticated, match="invalid username or password"):
+    with pytest.raises(Unauthenticated, match="Login failed"):
         await store_users.authenticate(basic_metadata("ann", "wrong"), "ann")
     with pytest.raises(Unauthenticated, match="no user 'nobody'"):
         await store_users.authenticate((), certificate_user="nobody")
@@ -151,7 +151,7 @@ async def test_a_certificate_user_and_the_node_acting_for_a_user(
     assert who.name == "ann" and not who.internal
     with pytest.raises(Unauthenticated, match="is not active"):
         await store_users.authenticate(acting_for_metadata("secret", "bob"))
-    with pytest.raises(Unauthenticated, match="invalid username or password"):
+    with pytest.raises(Unauthenticated, match="Login failed"):
         await store_users.authenticate(acting_for_metadata("not-the-secret", "ann"))
     forged = (*basic_metadata("ann", "pw-ann"), ("shoal-acting-for", "admin"))
     with pytest.raises(Unauthenticated, match="only for this node's own services"):

@@ -3765,6 +3765,93 @@ class AuthenticateRequest(_message.Message):
 Global___AuthenticateRequest: _TypeAlias = AuthenticateRequest  # noqa: Y015
 
 @_typing.final
+class CreateAuthenticationTokensRequest(_message.Message):
+    """Request of CreateAuthenticationTokens: the tokens are for the caller."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateAuthenticationTokensRequest: _TypeAlias = CreateAuthenticationTokensRequest  # noqa: Y015
+
+@_typing.final
+class CreateAuthenticationTokensResponse(_message.Message):
+    """Response of CreateAuthenticationTokens."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_TOKEN_FIELD_NUMBER: _builtins.int
+    REFRESH_TOKEN_FIELD_NUMBER: _builtins.int
+    operation_token: _builtins.str
+    """Harper's operation_token: `authorization: Bearer <operation_token>`."""
+    refresh_token: _builtins.str
+    """Harper's refresh_token: for RefreshOperationToken only."""
+    def __init__(
+        self,
+        *,
+        operation_token: _builtins.str = ...,
+        refresh_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation_token", b"operation_token", "refresh_token", b"refresh_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateAuthenticationTokensResponse: _TypeAlias = CreateAuthenticationTokensResponse  # noqa: Y015
+
+@_typing.final
+class RefreshOperationTokenRequest(_message.Message):
+    """Request of RefreshOperationToken."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFRESH_TOKEN_FIELD_NUMBER: _builtins.int
+    refresh_token: _builtins.str
+    """A refresh token of CreateAuthenticationTokens."""
+    def __init__(
+        self,
+        *,
+        refresh_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["refresh_token", b"refresh_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefreshOperationTokenRequest: _TypeAlias = RefreshOperationTokenRequest  # noqa: Y015
+
+@_typing.final
+class RefreshOperationTokenResponse(_message.Message):
+    """Response of RefreshOperationToken."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_TOKEN_FIELD_NUMBER: _builtins.int
+    operation_token: _builtins.str
+    """A new operation token for the refresh token's user."""
+    def __init__(
+        self,
+        *,
+        operation_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation_token", b"operation_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefreshOperationTokenResponse: _TypeAlias = RefreshOperationTokenResponse  # noqa: Y015
+
+@_typing.final
 class AuthenticateResponse(_message.Message):
     """Response of Authenticate: who the caller is."""
 

@@ -200,6 +200,11 @@ class StorageServiceStub:
                 request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.AuthenticateRequest.SerializeToString,
                 response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.AuthenticateResponse.FromString,
                 _registered_method=True)
+        self.CreateAuthenticationTokens = channel.unary_unary(
+                '/shoal.storage.v1.StorageService/CreateAuthenticationTokens',
+                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.CreateAuthenticationTokensRequest.SerializeToString,
+                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.CreateAuthenticationTokensResponse.FromString,
+                _registered_method=True)
 
 
 class StorageServiceServicer:
@@ -593,6 +598,21 @@ class StorageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateAuthenticationTokens(self, request, context):
+        """Issues Harper's authentication tokens for the caller (Harper's
+        create_authentication_tokens): an operation token, sent as `authorization: Bearer
+        <token>` on this node's storage and admin ports and its operations API over HTTP
+        (lifetime `authentication.operationTokenTimeout`, 1 day by default), and a refresh
+        token that only RefreshOperationToken accepts (`authentication.refreshTokenTimeout`,
+        30 days). Tokens are signed by this node and valid on this node only (users are
+        per node); they stop working when the user is dropped, deactivated, or its password
+        changes. Any caller that is a user (a password, a token or a client certificate).
+        Errors: FAILED_PRECONDITION (the caller is the node-internal identity, not a user).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StorageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -760,6 +780,11 @@ def add_StorageServiceServicer_to_server(servicer, server):
                     servicer.Authenticate,
                     request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.AuthenticateRequest.FromString,
                     response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.AuthenticateResponse.SerializeToString,
+            ),
+            'CreateAuthenticationTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateAuthenticationTokens,
+                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.CreateAuthenticationTokensRequest.FromString,
+                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.CreateAuthenticationTokensResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1664,6 +1689,33 @@ class StorageService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def CreateAuthenticationTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.storage.v1.StorageService/CreateAuthenticationTokens',
+            shoal_dot_storage_dot_v1_dot_storage__pb2.CreateAuthenticationTokensRequest.SerializeToString,
+            shoal_dot_storage_dot_v1_dot_storage__pb2.CreateAuthenticationTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class StorageNodeServiceStub:
     """The node-internal half of storage: replication (the log, applying other nodes'
@@ -1734,6 +1786,11 @@ class StorageNodeServiceStub:
                 '/shoal.storage.v1.StorageNodeService/Restore',
                 request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RestoreRequest.SerializeToString,
                 response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RestoreResponse.FromString,
+                _registered_method=True)
+        self.RefreshOperationToken = channel.unary_unary(
+                '/shoal.storage.v1.StorageNodeService/RefreshOperationToken',
+                request_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RefreshOperationTokenRequest.SerializeToString,
+                response_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RefreshOperationTokenResponse.FromString,
                 _registered_method=True)
 
 
@@ -1947,6 +2004,17 @@ class StorageNodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RefreshOperationToken(self, request, context):
+        """A new operation token for a refresh token of CreateAuthenticationTokens (Harper's
+        refresh_operation_token, served by the admin service to callers that have no other
+        credentials). Node-internal only.
+        Errors: UNAUTHENTICATED (the refresh token is invalid, expired, or its user was
+        dropped, deactivated or changed its password), PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StorageNodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -2004,6 +2072,11 @@ def add_StorageNodeServiceServicer_to_server(servicer, server):
                     servicer.Restore,
                     request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RestoreRequest.FromString,
                     response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RestoreResponse.SerializeToString,
+            ),
+            'RefreshOperationToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefreshOperationToken,
+                    request_deserializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RefreshOperationTokenRequest.FromString,
+                    response_serializer=shoal_dot_storage_dot_v1_dot_storage__pb2.RefreshOperationTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -2309,6 +2382,33 @@ class StorageNodeService:
             '/shoal.storage.v1.StorageNodeService/Restore',
             shoal_dot_storage_dot_v1_dot_storage__pb2.RestoreRequest.SerializeToString,
             shoal_dot_storage_dot_v1_dot_storage__pb2.RestoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefreshOperationToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.storage.v1.StorageNodeService/RefreshOperationToken',
+            shoal_dot_storage_dot_v1_dot_storage__pb2.RefreshOperationTokenRequest.SerializeToString,
+            shoal_dot_storage_dot_v1_dot_storage__pb2.RefreshOperationTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

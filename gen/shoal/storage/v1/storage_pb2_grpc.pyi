@@ -334,6 +334,17 @@ class StorageServiceStub:
     once, through storage. Any authenticated caller.
     Errors: none beyond authentication.
     """
+    CreateAuthenticationTokens: _grpc.UnaryUnaryMultiCallable[_storage_pb2.CreateAuthenticationTokensRequest, _storage_pb2.CreateAuthenticationTokensResponse]
+    """Issues Harper's authentication tokens for the caller (Harper's
+    create_authentication_tokens): an operation token, sent as `authorization: Bearer
+    <token>` on this node's storage and admin ports and its operations API over HTTP
+    (lifetime `authentication.operationTokenTimeout`, 1 day by default), and a refresh
+    token that only RefreshOperationToken accepts (`authentication.refreshTokenTimeout`,
+    30 days). Tokens are signed by this node and valid on this node only (users are
+    per node); they stop working when the user is dropped, deactivated, or its password
+    changes. Any caller that is a user (a password, a token or a client certificate).
+    Errors: FAILED_PRECONDITION (the caller is the node-internal identity, not a user).
+    """
 
 @_typing.type_check_only
 class StorageServiceAsyncStub(StorageServiceStub):
@@ -594,6 +605,17 @@ class StorageServiceAsyncStub(StorageServiceStub):
     """Returns the caller's own identity: lets another service check a user's credentials
     once, through storage. Any authenticated caller.
     Errors: none beyond authentication.
+    """
+    CreateAuthenticationTokens: _aio.UnaryUnaryMultiCallable[_storage_pb2.CreateAuthenticationTokensRequest, _storage_pb2.CreateAuthenticationTokensResponse]  # type: ignore[assignment]
+    """Issues Harper's authentication tokens for the caller (Harper's
+    create_authentication_tokens): an operation token, sent as `authorization: Bearer
+    <token>` on this node's storage and admin ports and its operations API over HTTP
+    (lifetime `authentication.operationTokenTimeout`, 1 day by default), and a refresh
+    token that only RefreshOperationToken accepts (`authentication.refreshTokenTimeout`,
+    30 days). Tokens are signed by this node and valid on this node only (users are
+    per node); they stop working when the user is dropped, deactivated, or its password
+    changes. Any caller that is a user (a password, a token or a client certificate).
+    Errors: FAILED_PRECONDITION (the caller is the node-internal identity, not a user).
     """
 
 class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -1052,6 +1074,23 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: none beyond authentication.
         """
 
+    @_abc_1.abstractmethod
+    def CreateAuthenticationTokens(
+        self,
+        request: _storage_pb2.CreateAuthenticationTokensRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.CreateAuthenticationTokensResponse, _abc.Awaitable[_storage_pb2.CreateAuthenticationTokensResponse]]:
+        """Issues Harper's authentication tokens for the caller (Harper's
+        create_authentication_tokens): an operation token, sent as `authorization: Bearer
+        <token>` on this node's storage and admin ports and its operations API over HTTP
+        (lifetime `authentication.operationTokenTimeout`, 1 day by default), and a refresh
+        token that only RefreshOperationToken accepts (`authentication.refreshTokenTimeout`,
+        30 days). Tokens are signed by this node and valid on this node only (users are
+        per node); they stop working when the user is dropped, deactivated, or its password
+        changes. Any caller that is a user (a password, a token or a client certificate).
+        Errors: FAILED_PRECONDITION (the caller is the node-internal identity, not a user).
+        """
+
 def add_StorageServiceServicer_to_server(servicer: StorageServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class StorageNodeServiceStub:
@@ -1224,6 +1263,13 @@ class StorageNodeServiceStub:
     PERMISSION_DENIED, FAILED_PRECONDITION (the database has rows, a copy or restore of
     it is running, a table exists with another primary key).
     """
+    RefreshOperationToken: _grpc.UnaryUnaryMultiCallable[_storage_pb2.RefreshOperationTokenRequest, _storage_pb2.RefreshOperationTokenResponse]
+    """A new operation token for a refresh token of CreateAuthenticationTokens (Harper's
+    refresh_operation_token, served by the admin service to callers that have no other
+    credentials). Node-internal only.
+    Errors: UNAUTHENTICATED (the refresh token is invalid, expired, or its user was
+    dropped, deactivated or changed its password), PERMISSION_DENIED.
+    """
 
 @_typing.type_check_only
 class StorageNodeServiceAsyncStub(StorageNodeServiceStub):
@@ -1392,6 +1438,13 @@ class StorageNodeServiceAsyncStub(StorageNodeServiceStub):
     `complete` at the end),
     PERMISSION_DENIED, FAILED_PRECONDITION (the database has rows, a copy or restore of
     it is running, a table exists with another primary key).
+    """
+    RefreshOperationToken: _aio.UnaryUnaryMultiCallable[_storage_pb2.RefreshOperationTokenRequest, _storage_pb2.RefreshOperationTokenResponse]  # type: ignore[assignment]
+    """A new operation token for a refresh token of CreateAuthenticationTokens (Harper's
+    refresh_operation_token, served by the admin service to callers that have no other
+    credentials). Node-internal only.
+    Errors: UNAUTHENTICATED (the refresh token is invalid, expired, or its user was
+    dropped, deactivated or changed its password), PERMISSION_DENIED.
     """
 
 class StorageNodeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -1624,6 +1677,19 @@ class StorageNodeServiceServicer(metaclass=_abc_1.ABCMeta):
         `complete` at the end),
         PERMISSION_DENIED, FAILED_PRECONDITION (the database has rows, a copy or restore of
         it is running, a table exists with another primary key).
+        """
+
+    @_abc_1.abstractmethod
+    def RefreshOperationToken(
+        self,
+        request: _storage_pb2.RefreshOperationTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.RefreshOperationTokenResponse, _abc.Awaitable[_storage_pb2.RefreshOperationTokenResponse]]:
+        """A new operation token for a refresh token of CreateAuthenticationTokens (Harper's
+        refresh_operation_token, served by the admin service to callers that have no other
+        credentials). Node-internal only.
+        Errors: UNAUTHENTICATED (the refresh token is invalid, expired, or its user was
+        dropped, deactivated or changed its password), PERMISSION_DENIED.
         """
 
 def add_StorageNodeServiceServicer_to_server(servicer: StorageNodeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
