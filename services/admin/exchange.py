@@ -347,7 +347,8 @@ class Exchange:
                 certs.read_details(certificate).issuer,
             )
             await self._record_certificates()
-            return await self.nodes.add(request.row)
+            # Not ``add``: the join succeeded, and the target may be recorded already.
+            return await self.nodes.record(request.row)
 
     # -- the target ------------------------------------------------------------------------
 

@@ -133,6 +133,15 @@ class Nodes:
             await self._write([row])
         return row
 
+    async def record(self, row: Row) -> Row:
+        """Write a member's row whether or not it is there already: the end of a join
+        this node started, whose target may be recorded already (its replicator records
+        a peer admitted by the join as soon as it connects, and the target's own row
+        replicates here), which is no reason to answer that the join failed."""
+        async with self._lock:
+            await self._write([row])
+        return row
+
     async def admit(self, row: Row) -> None:
         """Record a node this node signs a certificate for (the certificate exchange): its
         row is written unless it is a member already with the same url; a member with

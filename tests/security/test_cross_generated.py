@@ -189,6 +189,7 @@ def test_add_node_with_temporary_credentials(make_node: MakeNode, tmp_path: Path
     # The real thing, with Harper's JSON.
     right = {**wrong, "authorization": {"username": TEMP_USER, "password": password}}
     added = admin.ok(right)
+    assert added["message"] == f"Successfully added '{target.name}' to cluster"
     assert added["node"]["name"] == target.name
     assert _members(joiner) == {joiner.name, target.name}
     assert joiner.name in _members(target)
@@ -359,10 +360,12 @@ def test_a_joined_node_operates_without_restart(make_node: MakeNode) -> None:
             "routes": [{"host": target.name, "revokedCertificates": ["0badc0de"]}],
         }
     )
-    assert routed["set"] == [{"hostname": target.name, "revokedCertificates": ["0BADC0DE"]}]
+    assert routed["set"] == [{"host": target.name, "revokedCertificates": ["0badc0de"]}]
     written = joiner.config_path.read_text()
     assert "0BADC0DE" in written
-    assert [r["hostname"] for r in admin.ok({"operation": "cluster_get_routes"})] == [target.name]
+    assert admin.ok({"operation": "cluster_get_routes"}) == [
+        {"host": target.name, "revokedCertificates": ["0BADC0DE"]}
+    ]
 
     # A field the route form does not have is refused, not dropped.
     _, code = admin.execute(
