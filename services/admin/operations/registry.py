@@ -19,8 +19,9 @@ from shoal.admin.v1 import admin_pb2 as apb
 from services.admin.operations import backups, cluster, data, logs, schema, system, users
 from services.admin.operations.body import MAX_OPERATION_DEPTH, Body, Json, nothing, whole
 from services.admin.operations.execute import Execute
+from services.admin.operations.forbidden import forbidden_json
 from services.common import jsoninput
-from services.common.errors import DataLoss, InvalidArgument, ShoalError
+from services.common.errors import DataLoss, InvalidArgument, PermissionDenied, ShoalError
 
 R = TypeVar("R")
 
@@ -154,6 +155,8 @@ async def run(execute: Execute, raw: bytes) -> tuple[Json, int]:
     try:
         check_access(execute, operation, body)
         return await operation.handle(execute, operation.parse(body)), 0
+    except PermissionDenied as exc:
+        return forbidden_json(exc, body.operation), exc.code.value[0]
     except ShoalError as exc:
         return {"error": exc.message}, exc.code.value[0]
 
