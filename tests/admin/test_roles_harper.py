@@ -77,6 +77,11 @@ def test_harpers_role_format(make_node: MakeNode) -> None:
         }
     ]
     assert result["invalid_schema_items"] == []
+    # A database the role can read nothing of is, to it, a database that does not exist.
+    result, code = bob.execute({"operation": "describe_database", "database": "other"})
+    assert code == PERMISSION_DENIED, result
+    assert result["unauthorized_access"] == []
+    assert result["invalid_schema_items"] == ["database 'other' does not exist"]
 
     # structure_user true: every database.
     admin.ok({"operation": "add_role", "role": "architect", "permission": {"structure_user": True}})
