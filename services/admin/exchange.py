@@ -347,7 +347,11 @@ class Exchange:
                 certs.read_details(certificate).issuer,
             )
             await self._record_certificates()
-            return await self.nodes.add(request.row)
+            delay_ms = self.node.config.testing.join_record_delay_ms
+            if delay_ms:
+                await asyncio.sleep(delay_ms / 1000)
+            # Not ``add``: the join succeeded, and the target may be recorded already.
+            return await self.nodes.record(request.row)
 
     # -- the target ------------------------------------------------------------------------
 

@@ -62,7 +62,8 @@ class Caller:
     def require_super_user(self, operation: str) -> None:
         if not self.identity.super_user:
             raise PermissionDenied(
-                f"{operation} needs a super user; {self.identity.name} is not one"
+                f"{operation} needs a super user; {self.identity.name} is not one",
+                metadata={"user": self.identity.name, "action": operation},
             )
 
 

@@ -133,6 +133,20 @@ class Nodes:
             await self._write([row])
         return row
 
+    async def record(self, row: Row) -> Row:
+        """Write a member's row whether or not it is there already: the end of a join
+        this node started, whose target may be recorded already (its replicator records
+        a peer admitted by the join as soon as it connects, and the target's own row
+        replicates here), which is no reason to answer that the join failed. A row there
+        already keeps what the new one leaves unset (None)."""
+        name = row[members.PRIMARY_KEY]
+        async with self._lock:
+            old = (await self.read()).rows.get(name)
+            if old is not None:
+                row = {**old, **{k: v for k, v in row.items() if v is not None or k not in old}}
+            await self._write([row])
+        return row
+
     async def admit(self, row: Row) -> None:
         """Record a node this node signs a certificate for (the certificate exchange): its
         row is written unless it is a member already with the same url; a member with

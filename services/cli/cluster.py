@@ -81,6 +81,15 @@ def _duration(seconds: float | None) -> str:
 def routes_list(settings: Settings, output: OutputOption = Output.table) -> None:
     """The node's routes."""
     routes = execute(settings, {"operation": "cluster_get_routes"})
+    if output is Output.table:
+        # Routes are answered as they were given: a string (host name or URL) or an
+        # object with `host` or `hostname`.
+        routes = [
+            {"hostname": r}
+            if isinstance(r, str)
+            else {**r, "hostname": r.get("hostname") or r.get("host") or r.get("url")}
+            for r in routes
+        ]
     emit(routes, output, ["hostname", "port"])
 
 

@@ -52,7 +52,7 @@ class MetricSpec:
     description: str
 
 
-METRICS: tuple[MetricSpec, ...] = (
+SHOAL_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "requests",
         "counter",
@@ -166,6 +166,60 @@ METRICS: tuple[MetricSpec, ...] = (
         "serialized size of the batches received from the peer",
     ),
 )
+# Harper's metric names, sampled next to Shoal's own (Harper's rows hold several figures;
+# each of these holds one `value`, as Shoal's rows do).
+HARPER_METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec(
+        "db-read",
+        "counter",
+        "records",
+        ("database", "table"),
+        "storage",
+        "records read by searches, per table (Harper's db-read)",
+    ),
+    MetricSpec(
+        "db-write",
+        "counter",
+        "records",
+        ("database", "table"),
+        "storage",
+        "records written by local transactions, per table (Harper's db-write)",
+    ),
+    MetricSpec(
+        "success",
+        "counter",
+        "calls",
+        ("method",),
+        "storage",
+        "storage RPC calls that ended successfully, per gRPC method (Harper's success)",
+    ),
+    MetricSpec(
+        "resource-usage",
+        "gauge",
+        "percent",
+        ("service",),
+        "storage, replicator",
+        "CPU used by the service's process over the second, in percent of one core"
+        " (Harper's resource-usage cpuUtilization)",
+    ),
+    MetricSpec(
+        "bytes-sent",
+        "counter",
+        "bytes",
+        ("peer",),
+        "replicator",
+        "bytes of replication batches sent to the peer (Harper's bytes-sent)",
+    ),
+    MetricSpec(
+        "bytes-received",
+        "counter",
+        "bytes",
+        ("peer",),
+        "replicator",
+        "bytes of replication batches received from the peer (Harper's bytes-received)",
+    ),
+)
+METRICS: tuple[MetricSpec, ...] = SHOAL_METRICS + HARPER_METRICS
 BY_NAME: Mapping[str, MetricSpec] = {m.name: m for m in METRICS}
 
 

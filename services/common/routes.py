@@ -74,6 +74,17 @@ def subscriptions_yaml(
     ]
 
 
+def configured_entries(config_path: Path, routes: Sequence[Route]) -> list[Any]:
+    """The `replication.routes` entries of a shoal.yaml as written there (a string or a
+    mapping each), one for each of ``routes`` (the same list, parsed); the shortest form
+    of each route when the file's list is not that one (set by the environment)."""
+    replication = yamlfile.plain(yamlfile.load(config_path)).get("replication") or {}
+    written = replication.get("routes") if isinstance(replication, dict) else None
+    if not isinstance(written, list) or len(written) != len(routes):
+        return [to_yaml(r) for r in routes]
+    return written
+
+
 def from_proto(messages: Iterable[rpb.Route], node_name: str) -> list[Route]:
     """Validate protobuf routes exactly like routes in shoal.yaml (ConfigError naming the
     bad entry)."""
@@ -104,13 +115,16 @@ def _proto_entry(message: rpb.Route) -> dict[str, Any]:
     return entry
 
 
-def with_routes(config_path: Path, routes: Sequence[Route]) -> dict[str, Any]:
+def with_routes(
+    config_path: Path, routes: Sequence[Route], entries: Sequence[Any] | None = None
+) -> dict[str, Any]:
     """The shoal.yaml at ``config_path`` with `replication.routes` replaced, validated as a
     whole (ConfigError otherwise); nothing is written. The result keeps the file's
-    comments (``yamlfile``) for ``write_config_data``."""
+    comments (``yamlfile``) for ``write_config_data``. ``entries``: the YAML entries to
+    write, in the form they were given (else each route's shortest form)."""
     data = yamlfile.load(config_path)
     replication = data.setdefault("replication", {})
-    replication["routes"] = [to_yaml(r) for r in routes]
+    replication["routes"] = list(entries) if entries is not None else [to_yaml(r) for r in routes]
     parse_config(yamlfile.plain(data), env={}, base_dir=config_path.parent)  # ConfigError
     return data
 

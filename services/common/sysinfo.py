@@ -1,10 +1,14 @@
 """Host and process information for the admin service's ``system_information`` operation.
 
-Shaped like Harper's ``system_information``: one JSON-able dict with a section per
-attribute (``system``, ``cpu``, ``memory``, ``disk``, ``network``, ``processes``); pass
-``attributes`` to compute only some of them. Everything comes from psutil and the standard
-library (no parsing of /proc). Sizes are bytes, times seconds (Unix time for points in
-time), percentages 0..100.
+Harper's ``system_information``: one JSON-able dict with a section per attribute
+(``system``, ``time``, ``cpu``, ``memory``, ``disk``, ``network``, ``harperdb_processes``;
+the admin service adds the node's own), each with Harper's keys (those of the
+``systeminformation`` package Harper reads) and then Shoal's; ``processes`` is Shoal's
+list of the node's processes, given when asked for. Pass ``attributes`` to compute only
+some of them. Everything comes from psutil and the standard library (no parsing of
+/proc). Shoal's sizes are bytes, times seconds (Unix time for points in time),
+percentages 0..100; Harper's keys keep Harper's units (``time.current`` in milliseconds,
+CPU speeds in GHz, ``memRss`` in KiB).
 
 The calls block (they read the kernel's counters and, for ``disk``, walk the data
 directory): an event loop should run them in a thread (``asyncio.to_thread``).
@@ -29,7 +33,11 @@ from services.common.config import ShoalConfig
 from services.common.errors import InvalidArgument
 from services.common.metrics import shoal_version
 
-SECTIONS = ("system", "cpu", "memory", "disk", "network", "processes")
+# Harper's sections, in Harper's order (the default), then Shoal's own (given when asked).
+SECTIONS = ("system", "time", "cpu", "memory", "disk", "network", "harperdb_processes")
+SHOAL_SECTIONS = ("processes",)
+# harperdb_processes: Harper's `clustering` processes are Shoal's replicators.
+CLUSTERING_SERVICES = frozenset({"replicator"})
 SERVICE_MODULES = {
     "services.storage": "storage",
     "services.replicator": "replicator",
@@ -59,25 +67,31 @@ def system_information(
     Raises ``InvalidArgument`` for an unknown attribute.
     """
     wanted = list(dict.fromkeys(attributes or ()))
-    unknown = [a for a in wanted if a not in SECTIONS]
+    unknown = [a for a in wanted if a not in SECTIONS + SHOAL_SECTIONS]
     if unknown:
         raise InvalidArgument(
             f"unknown system_information attribute(s) {', '.join(map(repr, unknown))};"
-            f" choose from {', '.join(SECTIONS)}",
+            f" choose from {', '.join(SECTIONS + SHOAL_SECTIONS)}",
             reason="UNKNOWN_ATTRIBUTE",
         )
     if config is not None:
         config_path = config_path or config.source
         data_path = data_path or config.storage_path
+
+    def processes() -> list[dict[str, Any]]:
+        return processes_section(
+            Path(config_path) if config_path else None, None if pids is None else list(pids)
+        )
+
     builders: dict[str, Callable[[], Any]] = {
         "system": lambda: system_section(config.node_name if config else None),
+        "time": time_section,
         "cpu": cpu_section,
         "memory": memory_section,
         "disk": lambda: disk_section(Path(data_path) if data_path else None),
         "network": network_section,
-        "processes": lambda: processes_section(
-            Path(config_path) if config_path else None, None if pids is None else list(pids)
-        ),
+        "harperdb_processes": lambda: harperdb_processes_section(processes()),
+        "processes": processes,
     }
     return {name: builders[name]() for name in (wanted or SECTIONS)}
 
@@ -85,20 +99,25 @@ def system_information(
 # -- system ----------------------------------------------------------------------------
 
 
-def _distribution() -> str:
+def _os_release() -> dict[str, str]:
     try:
-        release = platform.freedesktop_os_release()
+        return platform.freedesktop_os_release()
     except OSError:
-        return ""
-    return release.get("PRETTY_NAME") or release.get("NAME", "")
+        return {}
 
 
 def system_section(node_name: str | None = None) -> dict[str, Any]:
     boot = psutil.boot_time()
+    release = _os_release()
     return {
+        # Harper's (systeminformation's osInfo).
+        "distro": release.get("NAME", ""),
+        "codename": release.get("VERSION_CODENAME", ""),
+        "fqdn": socket.getfqdn(),
+        # Shoal's.
         "platform": sys.platform,
         "system": platform.system(),
-        "distribution": _distribution(),
+        "distribution": release.get("PRETTY_NAME") or release.get("NAME", ""),
         "release": platform.release(),
         "kernel": platform.version(),
         "arch": platform.machine(),
@@ -113,6 +132,26 @@ def system_section(node_name: str | None = None) -> dict[str, Any]:
         "time": time.time(),
         "timezone": time.strftime("%z"),
         "timezone_name": time.tzname[time.localtime().tm_isdst > 0],
+    }
+
+
+# -- time --------------------------------------------------------------------------------
+
+
+def _utc_offset() -> str:
+    """``GMT+0100``, as Harper shows the timezone."""
+    offset = time.strftime("%z")
+    return f"GMT{offset}" if offset else "GMT"
+
+
+def time_section() -> dict[str, Any]:
+    """Harper's ``time`` (systeminformation's ``time()``): the time in Unix
+    milliseconds, the machine's uptime in seconds, the timezone and its name."""
+    return {
+        "current": time.time_ns() // 1_000_000,
+        "uptime": max(0.0, time.time() - psutil.boot_time()),
+        "timezone": _utc_offset(),
+        "timezoneName": time.tzname[time.localtime().tm_isdst > 0],
     }
 
 
@@ -132,15 +171,45 @@ def cpu_section() -> dict[str, Any]:
         load = [round(x, 3) for x in psutil.getloadavg()]
     except OSError:
         load = []
+    usage = psutil.cpu_percent(interval=None)
+    per_cpu = psutil.cpu_percent(interval=None, percpu=True)
+    times = psutil.cpu_times_percent(interval=None)
+    ghz = round(frequency.current / 1000, 2) if frequency else None
+    per_core_ghz: list[float] = []
+    with contextlib.suppress(OSError, NotImplementedError):
+        per_core_ghz = [round(f.current / 1000, 2) for f in psutil.cpu_freq(percpu=True)]
     return {
+        # Harper's (systeminformation's cpu, cpuCurrentSpeed and currentLoad).
+        "manufacturer": "",
+        "brand": _cpu_model(),
+        "speed": ghz,
+        "physicalCores": psutil.cpu_count(logical=False),
+        "processors": 1,
+        "cpu_speed": {
+            "min": min(per_core_ghz, default=ghz),
+            "max": max(per_core_ghz, default=ghz),
+            "avg": round(sum(per_core_ghz) / len(per_core_ghz), 2) if per_core_ghz else ghz,
+            "cores": per_core_ghz,
+        },
+        "current_load": {
+            "avgLoad": load[0] if load else 0.0,
+            "currentLoad": usage,
+            "currentLoadUser": getattr(times, "user", 0.0),
+            "currentLoadSystem": getattr(times, "system", 0.0),
+            "currentLoadNice": getattr(times, "nice", 0.0),
+            "currentLoadIdle": getattr(times, "idle", 0.0),
+            "currentLoadIrq": getattr(times, "irq", 0.0),
+            "cpus": [{"load": p} for p in per_cpu],
+        },
+        # Shoal's.
         "cores": psutil.cpu_count(logical=True) or 0,
         "physical_cores": psutil.cpu_count(logical=False),
         "model": _cpu_model(),
         "speed_mhz": frequency.current if frequency else None,
         "load_average": load,
         # Since the previous call in this process (or since psutil was imported).
-        "usage_percent": psutil.cpu_percent(interval=None),
-        "per_cpu_usage_percent": psutil.cpu_percent(interval=None, percpu=True),
+        "usage_percent": usage,
+        "per_cpu_usage_percent": per_cpu,
     }
 
 
@@ -150,7 +219,15 @@ def cpu_section() -> dict[str, Any]:
 def memory_section() -> dict[str, Any]:
     memory = psutil.virtual_memory()
     swap = psutil.swap_memory()
+    own = psutil.Process().memory_info()
     return {
+        # Harper's (systeminformation's mem, and the answering process's memory).
+        "active": getattr(memory, "active", memory.used),
+        "swaptotal": swap.total,
+        "swapused": swap.used,
+        "swapfree": swap.free,
+        "rss": own.rss,
+        # Shoal's.
         "total": memory.total,
         "available": memory.available,
         "used": memory.used,
@@ -220,6 +297,7 @@ def disk_section(data_path: Path | None = None) -> dict[str, Any]:
             "write_time": counters.write_time / 1000,
         }
     filesystems = []
+    sizes = []
     for partition in psutil.disk_partitions(all=False):
         usage = _usage(partition.mountpoint)
         if usage is not None:
@@ -231,7 +309,42 @@ def disk_section(data_path: Path | None = None) -> dict[str, Any]:
                     **usage,
                 }
             )
-    return {"data": data, "io": io, "filesystems": filesystems}
+            sizes.append(
+                {
+                    "fs": partition.device,
+                    "type": partition.fstype,
+                    "size": usage["total"],
+                    "used": usage["used"],
+                    "available": usage["free"],
+                    "use": usage["percent"],
+                    "mount": partition.mountpoint,
+                    "rw": "rw" in partition.opts.split(","),
+                }
+            )
+    if io is not None and counters is not None:
+        # Harper's names of the same counters (systeminformation's disksIO).
+        io = {
+            "rIO": counters.read_count,
+            "wIO": counters.write_count,
+            "tIO": counters.read_count + counters.write_count,
+            **io,
+        }
+    read_write = None
+    if counters is not None:
+        read_write = {
+            "rx": counters.read_bytes,
+            "wx": counters.write_bytes,
+            "tx": counters.read_bytes + counters.write_bytes,
+        }
+    return {
+        # Harper's (io above, fsStats, fsSize).
+        "io": io,
+        "read_write": read_write,
+        "size": sizes,
+        # Shoal's.
+        "data": data,
+        "filesystems": filesystems,
+    }
 
 
 # -- network -----------------------------------------------------------------------------
@@ -268,8 +381,22 @@ def network_section() -> dict[str, Any]:
     for name in sorted(set(addresses) | set(stats)):
         stat = stats.get(name)
         counters = per_nic.get(name)
+        found = addresses.get(name, [])
+        ip4 = [a for a in found if a.family == socket.AF_INET]
+        ip6 = [a for a in found if a.family == socket.AF_INET6]
+        mac = [a for a in found if a.family == psutil.AF_LINK]
         interfaces.append(
             {
+                # Harper's (systeminformation's networkInterfaces).
+                "iface": name,
+                "ip4": ip4[0].address if ip4 else "",
+                "ip4subnet": (ip4[0].netmask or "") if ip4 else "",
+                "ip6": ip6[0].address.split("%")[0] if ip6 else "",
+                "ip6subnet": (ip6[0].netmask or "") if ip6 else "",
+                "mac": mac[0].address if mac else "",
+                "operstate": ("up" if stat.isup else "down") if stat else "unknown",
+                "speed": stat.speed if stat else None,
+                # Shoal's.
                 "name": name,
                 "is_up": stat.isup if stat else None,
                 "speed_mbps": stat.speed if stat else None,
@@ -287,7 +414,36 @@ def network_section() -> dict[str, Any]:
             }
         )
     total = psutil.net_io_counters()
-    return {"interfaces": interfaces, "io": _io(total) if total else None}
+    up = [
+        name
+        for name in sorted(set(addresses) | set(stats))
+        if stats.get(name) is not None and stats[name].isup and not name.startswith("lo")
+    ]
+    stats_list = [
+        {
+            "iface": name,
+            "operstate": "up" if stats.get(name) and stats[name].isup else "down",
+            "rx_bytes": c.bytes_recv,
+            "rx_dropped": c.dropin,
+            "rx_errors": c.errin,
+            "tx_bytes": c.bytes_sent,
+            "tx_dropped": c.dropout,
+            "tx_errors": c.errout,
+        }
+        for name, c in sorted(per_nic.items())
+    ]
+    return {
+        # Harper's (systeminformation's networkInterfaceDefault and networkStats; the
+        # interfaces carry its keys too). No latency check is made: it would reach out
+        # to a site on the internet.
+        "default_interface": up[0] if up else None,
+        "latency": {},
+        "interfaces": interfaces,
+        "stats": stats_list,
+        "connections": [],
+        # Shoal's.
+        "io": _io(total) if total else None,
+    }
 
 
 # -- processes ---------------------------------------------------------------------------
@@ -346,12 +502,24 @@ def process_info(pid: int) -> dict[str, Any] | None:
         with process.oneshot():
             cmdline = process.cmdline()
             memory = process.memory_info()
+            started = process.create_time()
             return {
+                # Harper's (systeminformation's processes).
+                "parentPid": process.ppid(),
+                "cpu": process.cpu_percent(interval=None),
+                "mem": round(process.memory_percent(), 3),
+                "memRss": memory.rss // 1024,
+                "memVsz": memory.vms // 1024,
+                "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+                "state": process.status(),
+                "command": cmdline[0] if cmdline else "",
+                "params": " ".join(cmdline[1:]),
+                # Shoal's.
                 "pid": pid,
                 "service": _service_of(cmdline),
                 "name": process.name(),
                 "status": process.status(),
-                "started": process.create_time(),
+                "started_at": started,
                 "cpu_percent": process.cpu_percent(interval=None),
                 "rss": memory.rss,
                 "vms": memory.vms,
@@ -368,3 +536,12 @@ def processes_section(
     if pids is None:
         pids = find_processes(config_path) if config_path is not None else []
     return [info for info in map(process_info, pids) if info is not None]
+
+
+def harperdb_processes_section(processes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Harper's ``harperdb_processes``: ``core`` (storage and admin) and ``clustering``
+    (the replicator)."""
+    return {
+        "core": [p for p in processes if p["service"] not in CLUSTERING_SERVICES],
+        "clustering": [p for p in processes if p["service"] in CLUSTERING_SERVICES],
+    }

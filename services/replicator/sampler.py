@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable
 
 import grpc
+import psutil
 from shoal.storage.v1 import storage_pb2 as pb
 
 from services.common.analytics import (
@@ -49,6 +50,7 @@ class ReplicatorSampler:
     def __init__(self, replicator: Replicator) -> None:
         self._replicator = replicator
         self._deltas = Deltas()
+        self._process = psutil.Process()
         self.sample(0)
 
     def sample(self, time_ms: int) -> list[Sample]:
@@ -74,10 +76,15 @@ class ReplicatorSampler:
                 ("replication-sent-bytes", state.sent_bytes),
                 ("replication-received-transactions", state.received_transactions),
                 ("replication-received-bytes", state.received_bytes),
+                ("bytes-sent", state.sent_bytes),
+                ("bytes-received", state.received_bytes),
             ):
                 grown = increase(counter, peer, value)
                 if grown > 0:
                     out.append(Sample(counter, time_ms, grown, peer))
+        # Since the previous sample (the first reports 0).
+        cpu = self._process.cpu_percent(interval=None)
+        out.append(Sample("resource-usage", time_ms, cpu, ("replicator",)))
         return out
 
 

@@ -216,6 +216,9 @@ class Session:
         """Run until the session ends; returns why."""
         self.state.connected = True
         self.state.connected_since_ms = now_ms()
+        # An error from before (a dial that failed while the peer was starting) no longer
+        # describes the connection: only errors of this session show from now on.
+        self.state.last_error = ""
         self.state.address = self.address
         self.state.dialed = self.dialed
         self.state.sends = self.flows.sends

@@ -125,6 +125,8 @@ class Engine:
         self.skipped_transactions = 0  # ... and skipped as already applied
         # Records written by local transactions, per (database, table), for analytics.
         self.records_written: dict[tuple[str, str], int] = {}
+        # Records read by searches (each visible record met), per (database, table).
+        self.records_read: dict[tuple[str, str], int] = {}
         self.clock = HybridClock(wall_clock_ms(config.testing.clock_offset_ms))
         self._commit_event = asyncio.Event()
         self.closing = False

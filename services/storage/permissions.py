@@ -6,10 +6,15 @@ A role's permission is a JSON object::
      "dev": {"tables": {"dog": {"read": true, "insert": true,
                                 "update": false, "delete": false}}}}
 
-``super_user`` and each table permission default to false when left out. Harper's
-``attribute_permissions`` is accepted only when empty (attribute-level permissions are
-not supported); any other key is INVALID_ARGUMENT naming it. A parsed ``Permission`` keeps
-the normalized JSON (sorted keys, every default spelled out) to hand back to callers.
+``super_user`` and each table permission default to false when left out. Harper's other
+role kinds are read too: ``structure_user`` (true: may create and drop databases, tables
+and attributes, with every table permission on every database; a list of database names:
+so within those databases) and ``cluster_user`` (Harper's role for nodes: every table
+permission on every database, as Harper gives it). Harper's ``attribute_permissions`` is
+accepted only when empty (attribute-level permissions are not supported); any other key
+is INVALID_ARGUMENT naming it. A parsed ``Permission`` keeps the normalized JSON (sorted
+keys, every default of a table spelled out, ``structure_user`` and ``cluster_user`` as
+given) to hand back to callers.
 
 The node-internal identity and super users may do anything; other users carry their
 role's ``Permission`` in their identity (``UserIdentity``), so a check is a dict lookup.
@@ -58,15 +63,28 @@ class Permission:
     super_user: bool
     grants: Mapping[tuple[str, str], frozenset[str]]  # (database, table) -> granted
     json: bytes  # normalized JSON
+    # Harper's structure_user: True (every database) or the databases it covers.
+    structure_user: bool | frozenset[str] = False
+    cluster_user: bool = False
+
+    def structures(self, database: str) -> bool:
+        """Whether the role manages ``database``'s structure (and all its tables)."""
+        if self.super_user or self.structure_user is True:
+            return True
+        return isinstance(self.structure_user, frozenset) and database in self.structure_user
 
     def allows(self, action: str, database: str, table: str) -> bool:
         """Whether a table permission (read, insert, update or delete) is granted."""
-        return self.super_user or action in self.grants.get((database, table), _NOTHING)
+        if self.cluster_user or self.structures(database):
+            return True
+        return action in self.grants.get((database, table), _NOTHING)
 
     def reads_in(self, database: str) -> bool:
         """Whether some table of ``database`` may be read."""
-        return self.super_user or any(
-            d == database and READ in granted for (d, _), granted in self.grants.items()
+        return (
+            self.cluster_user
+            or self.structures(database)
+            or any(d == database and READ in granted for (d, _), granted in self.grants.items())
         )
 
 
@@ -118,6 +136,8 @@ def permission_from_json(data: object) -> Permission:
     if not isinstance(data, dict):
         raise InvalidArgument("permission must be a JSON object")
     super_user = False
+    cluster_user = False
+    structure_user: bool | frozenset[str] = False
     grants: dict[tuple[str, str], frozenset[str]] = {}
     normalized: dict[str, Any] = {}
     for key, value in data.items():
@@ -125,6 +145,16 @@ def permission_from_json(data: object) -> Permission:
             if not isinstance(value, bool):
                 raise _bad(key, "must be true or false")
             super_user = value
+            continue
+        if key == "cluster_user":
+            if not isinstance(value, bool):
+                raise _bad(key, "must be true or false")
+            cluster_user = value
+            normalized[key] = value
+            continue
+        if key == "structure_user":
+            structure_user = _structure_user(value)
+            normalized[key] = value
             continue
         tables = _database_permission(key, value)
         normalized[key] = {
@@ -140,7 +170,21 @@ def permission_from_json(data: object) -> Permission:
         super_user=super_user,
         grants=grants,
         json=orjson.dumps(normalized, option=orjson.OPT_SORT_KEYS),
+        structure_user=structure_user,
+        cluster_user=cluster_user,
     )
+
+
+def _structure_user(value: object) -> bool | frozenset[str]:
+    """Harper's ``structure_user``: true or false, or a list of database names."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, list) and all(isinstance(d, str) for d in value):
+        bad = [d for d in value if not NAME_PATTERN.match(d)]
+        if bad:
+            raise _bad("structure_user", f"{bad[0]!r} is not a valid database name")
+        return frozenset(value)
+    raise _bad("structure_user", "must be true or false, or a list of database names")
 
 
 def parse_permission(raw: bytes) -> Permission:
@@ -155,6 +199,7 @@ def parse_permission(raw: bytes) -> Permission:
 
 
 SUPER_USER_PERMISSION = permission_from_json({"super_user": True})
+CLUSTER_USER_PERMISSION = permission_from_json({"cluster_user": True})
 NO_PERMISSION = permission_from_json({})
 
 
@@ -202,6 +247,17 @@ def require_reads_in(who: Identity, database: str) -> None:
             " its role can read no table of it",
             metadata={"user": who.name, "action": "describe", "database": database},
         )
+
+
+def require_structure(who: Identity, database: str, what: str) -> None:
+    """PERMISSION_DENIED unless ``who`` may change ``database``'s structure: a super user,
+    or a ``structure_user`` role covering the database; ``what`` completes "may not ..."."""
+    if who.super_user or permission_of(who).structures(database):
+        return
+    raise PermissionDenied(
+        f"user {who.name!r} may not {what}: that needs a super user or structure_user role",
+        metadata={"user": who.name, "action": what, "database": database},
+    )
 
 
 def require_super_user(who: Identity, what: str) -> None:

@@ -1,8 +1,12 @@
 """What the storage service samples into its analytics every second: its calls per gRPC
-method and their durations, its transactions, the records written per table and the
-size of its log (metrics in ``services.common.analytics``)."""
+method, their durations and successes, its transactions, the records written and read per
+table, the size of its log and its process's CPU use (metrics in
+``services.common.analytics``; Harper's names next to Shoal's)."""
 
 from __future__ import annotations
+
+import grpc
+import psutil
 
 from services.common.analytics import Deltas, Sample
 from services.common.metrics import RpcMetrics
@@ -23,6 +27,7 @@ class StorageSampler:
         self._engine = engine
         self._rpc = rpc
         self._deltas = Deltas()
+        self._process = psutil.Process()
         self.sample(0)
 
     def sample(self, time_ms: int) -> list[Sample]:
@@ -37,9 +42,15 @@ class StorageSampler:
                 out.append(Sample("requests", time_ms, started, method))
             calls = 0
             seconds = 0.0
-            for _, counts, total in stats.histograms():
+            succeeded = 0
+            for code, counts, total in stats.histograms():
                 calls += sum(counts)
                 seconds += total
+                if code == grpc.StatusCode.OK:
+                    succeeded += sum(counts)
+            ok = increase("success", method, succeeded)
+            if ok > 0:
+                out.append(Sample("success", time_ms, ok, method))
             ended = increase("request-duration", method, calls)
             spent = increase("request-duration-sum", method, seconds)
             if ended > 0:
@@ -57,7 +68,16 @@ class StorageSampler:
             grown = increase("records-written", labels, written)
             if grown > 0:
                 out.append(Sample("records-written", time_ms, grown, labels))
+                out.append(Sample("db-write", time_ms, grown, labels))
+        for (database, table), read in list(engine.records_read.items()):
+            labels = (database, table)
+            grown = increase("db-read", labels, read)
+            if grown > 0:
+                out.append(Sample("db-read", time_ms, grown, labels))
         out.append(Sample("log-size", time_ms, float(self._log_size())))
+        # Since the previous sample (the first reports 0).
+        cpu = self._process.cpu_percent(interval=None)
+        out.append(Sample("resource-usage", time_ms, cpu, ("storage",)))
         return out
 
     def _log_size(self) -> int:

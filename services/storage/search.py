@@ -256,10 +256,13 @@ class Reader:
         self.prefix = keys.table_prefix(table.table_id)
         # Records met that cannot be returned: skipped, named once the read ends.
         self.unreadable = Unreadable(table)
+        self._read_key = (table.database, table.name)
 
     # candidate producers
 
     def _decoded(self, encoded: bytes, value: bytes) -> merge.RecordState | None:
+        read = self.engine.records_read
+        read[self._read_key] = read.get(self._read_key, 0) + 1
         try:
             return merge.decode_state(value)
         except ValueError:

@@ -8,8 +8,9 @@ credentials (never the password itself); any change to a user or a role clears i
 Concurrent sign-ins with the same credentials share one verification.
 
 A role is ``role/<name>`` -> its normalized permission JSON (see ``permissions.py``).
-Roles are kept in memory (they are few and read on every sign-in); the built-in role
-``super_user`` is not stored and can be neither altered nor dropped.
+Roles are kept in memory (they are few and read on every sign-in); the built-in roles
+``super_user`` and ``cluster_user`` (Harper's) are not stored and can be neither altered
+nor dropped.
 
 Authentication failures say the same thing whether or not the user exists, and an
 unknown user costs the same scrypt work as a wrong password. Failed sign-ins slow down
@@ -83,6 +84,7 @@ from services.common.tokens import (
 from services.storage import keys
 from services.storage.db import Store
 from services.storage.permissions import (
+    CLUSTER_USER_PERMISSION,
     SUPER_USER_PERMISSION,
     Permission,
     UserIdentity,
@@ -96,6 +98,11 @@ log = logging.getLogger("shoal.storage.users")
 USER_PREFIX = b"user/"
 ROLE_PREFIX = b"role/"
 SUPER_USER_ROLE = "super_user"
+CLUSTER_USER_ROLE = "cluster_user"
+BUILT_IN_ROLES = {
+    SUPER_USER_ROLE: SUPER_USER_PERMISSION,
+    CLUSTER_USER_ROLE: CLUSTER_USER_PERMISSION,
+}
 SCRYPT_LOG2_N = 14
 SCRYPT_R = 8
 SCRYPT_P = 1
@@ -218,13 +225,14 @@ class UserStore:
 
     def role(self, name: str) -> Permission | None:
         """A role's permission (None when the role does not exist)."""
-        if name == SUPER_USER_ROLE:
-            return SUPER_USER_PERMISSION
+        if name in BUILT_IN_ROLES:
+            return BUILT_IN_ROLES[name]
         return self._roles.get(name)
 
     def roles(self) -> list[tuple[str, Permission]]:
-        """Every role, by name, the built-in one included."""
-        return sorted([(SUPER_USER_ROLE, SUPER_USER_PERMISSION), *self._roles.items()])
+        """Every role, by name, the built-in ones included."""
+        custom = [(n, p) for n, p in self._roles.items() if n not in BUILT_IN_ROLES]
+        return sorted([*BUILT_IN_ROLES.items(), *custom])
 
     def _is_super_user(self, user: User, roles: dict[str, Permission] | None = None) -> bool:
         if not user.active:
@@ -381,7 +389,7 @@ class UserStore:
 
     def _custom_role(self, name: str, doing: str) -> None:
         check_name("role", name)
-        if name == SUPER_USER_ROLE:
+        if name in BUILT_IN_ROLES:
             raise InvalidArgument(f"the built-in role {name!r} cannot be {doing}")
         self._existing_role(name)
 

@@ -444,7 +444,7 @@ def test_backups_need_a_super_user(source: Node) -> None:
         {"operation": "restore_backup", "backup": "b", "database": "y"},
     ):
         result, code = ann.execute(operation)
-        assert code == PERMISSION_DENIED and "super user" in result["error"]
+        assert code == PERMISSION_DENIED and "super user" in result["reason"]
     assert sorted(p.name for p in (Path(source.config["rootPath"]) / "backups").iterdir()) == [
         "b.tar.gz"
     ]

@@ -32,13 +32,14 @@ def test_routes_are_persisted_and_applied_live(make_cluster: MakeCluster) -> Non
     result = admin.ok({"operation": "cluster_set_routes", "routes": [{"host": b.name}]})
     assert result == {
         "message": "cluster routes successfully set",
-        "set": [{"hostname": b.name}],
+        "set": [{"host": b.name}],
         "skipped": [],
     }
-    assert _configured_routes(a) == [b.name]
+    assert _configured_routes(a) == [{"host": b.name}]  # as given, as Harper keeps it
     cluster.wait_converged(["db"])  # the replicator dialed the new route at once
     again = admin.ok({"operation": "cluster_set_routes", "routes": [b.name]})
-    assert again["set"] == [] and again["skipped"] == [{"hostname": b.name}]
+    assert again["set"] == [] and again["skipped"] == [b.name]
+    assert admin.ok({"operation": "cluster_get_routes"}) == [{"host": b.name}]
 
     status = admin.ok({"operation": "cluster_status"})
     assert status["node_name"] == a.name and status["is_enabled"] is True
@@ -49,9 +50,7 @@ def test_routes_are_persisted_and_applied_live(make_cluster: MakeCluster) -> Non
     deleted = admin.ok(
         {"operation": "cluster_delete_routes", "routes": [{"host": b.name}, {"host": "nobody"}]}
     )
-    assert deleted["deleted"] == [{"hostname": b.name}] and deleted["skipped"] == [
-        {"hostname": "nobody"}
-    ]
+    assert deleted["deleted"] == [{"host": b.name}] and deleted["skipped"] == [{"host": "nobody"}]
     assert _configured_routes(a) == []
     wait_for(
         lambda: not a.connection(b.name) or not a.connection(b.name).connected,

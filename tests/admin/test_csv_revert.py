@@ -183,7 +183,7 @@ def test_csv_file_load_refusals(admin_node: Node, admin: AdminClient, tmp_path: 
     result, got = ann.execute(
         {"operation": "csv_file_load", "database": "dev", "table": "dog", "file_path": str(good)}
     )
-    assert got == PERMISSION_DENIED and "super user" in result["error"]
+    assert got == PERMISSION_DENIED and "super user" in result["reason"]
     assert count(admin) == 0
     # The same user loads CSV text, with its own role checked by storage.
     assert (
@@ -195,7 +195,7 @@ def test_csv_file_load_refusals(admin_node: Node, admin: AdminClient, tmp_path: 
     result, got = ann.execute(
         {"operation": "csv_data_load", "database": "dev", "table": "cat", "data": "id\n7\n"}
     )
-    assert got == PERMISSION_DENIED and "ann" in result["error"]
+    assert got == PERMISSION_DENIED and "ann" in result["reason"]
     assert records(admin) == {7: {"id": 7}}
 
 
@@ -344,7 +344,7 @@ def test_revert_errors(admin_node: Node, admin: AdminClient) -> None:
     admin.ok({"operation": "add_user", "username": "ann", "password": "pw-ann", "role": "writer"})
     ann = admin_node.admin("ann", "pw-ann")
     result, code = revert(ann, insert)
-    assert code == PERMISSION_DENIED and "may not delete from table dev.dog" in result["error"]
+    assert code == PERMISSION_DENIED and "may not delete from table dev.dog" in result["reason"]
     assert records(admin) == {1: {"id": 1}}
     permission["dev"]["tables"]["dog"]["delete"] = True
     admin.ok({"operation": "alter_role", "role": "writer", "permission": permission})

@@ -187,7 +187,9 @@ def test_system_information(admin: AdminClient, admin_node: Node) -> None:
         {"operation": "system_information", "attributes": ["table_size", "replication"]}
     )
     assert set(node_info) == {"table_size", "replication"}
-    assert {"database": "dev", "table": "cat", "record_count": 1} in node_info["table_size"]
+    assert {"schema": "dev", "table": "cat", "record_count": 1, "database": "dev"} in node_info[
+        "table_size"
+    ]
     assert node_info["replication"]["node_name"] == admin_node.name
     assert node_info["replication"]["removed"] is False
     everything = admin.ok({"operation": "system_information"})

@@ -37,9 +37,9 @@ def test_users_and_roles_through_execute(make_node: MakeNode) -> None:
     result, code = ann.execute(
         {"operation": "insert", "database": "dev", "table": "dog", "records": [{"id": 2}]}
     )
-    assert code == PERMISSION_DENIED and "ann" in result["error"]
+    assert code == PERMISSION_DENIED and "ann" in result["reason"]
     result, code = ann.execute({"operation": "cluster_status"})
-    assert code == PERMISSION_DENIED and "super user" in result["error"]
+    assert code == PERMISSION_DENIED and "super user" in result["reason"]
     assert ann.ok({"operation": "user_info"})["username"] == "ann"
     assert admin.ok(
         {

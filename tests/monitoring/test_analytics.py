@@ -188,7 +188,7 @@ def test_list_metrics_and_the_errors_of_both_operations(node: Node) -> None:
         {"operation": "list_metrics"},
     ):
         result, code = ann.execute(operation)
-        assert code == PERMISSION_DENIED and "super user" in result["error"]
+        assert code == PERMISSION_DENIED and "super user" in result["reason"]
     expect_error(
         grpc.StatusCode.PERMISSION_DENIED,
         lambda: ann.call("GetAnalytics", apb.GetAnalyticsRequest(metric="log-size")),

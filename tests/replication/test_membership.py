@@ -164,7 +164,7 @@ def test_typed_membership_rpcs_and_errors(make_cluster: MakeCluster) -> None:
     result, denied = a.admin("ro", "pw-123456").execute(
         {"operation": "add_node", "hostname": "127.9.9.7"}
     )
-    assert denied == PERMISSION_DENIED and "super user" in result["error"]
+    assert denied == PERMISSION_DENIED and "super user" in result["reason"]
 
     updated = admin.ok(
         {"operation": "update_node", "hostname": b.name, "replicates": {"receives": False}}

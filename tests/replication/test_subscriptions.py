@@ -48,7 +48,7 @@ def test_a_widened_subscription_catches_up(make_cluster: MakeCluster) -> None:
         "c to receive only dev.cat from a and b",
     )
     status = c.admin().ok({"operation": "cluster_status"})
-    shown = {x["name"]: x["subscriptions"] for x in status["connections"]}
+    shown = {x["name"]: x["flowingTables"] for x in status["connections"]}
     assert {(t["database"], t["table"]) for t in shown[a.name]["receives"]} == narrow
     assert shown[a.name]["sends"] is None  # c's own view: no subscriptions of its own
 

@@ -231,7 +231,7 @@ def test_add_list_remove_round_trip_and_refusals(make_node: MakeNode) -> None:
     ann = node.admin("ann", "pw-ann")
     for operation in ("list_certificates", "remove_certificate", "add_certificate"):
         result, code = ann.execute({"operation": operation, "name": "partner"})
-        assert code == PERMISSION_DENIED and "super user" in result["error"]
+        assert code == PERMISSION_DENIED and "super user" in result["reason"]
     _expect_code(
         grpc.StatusCode.PERMISSION_DENIED,
         lambda: ann.call("ListCertificates", apb.ListCertificatesRequest()),

@@ -151,9 +151,9 @@ def test_a_certificate_signs_in_its_common_name(
         result, code = ann_admin.execute(
             {"operation": "insert", "database": "dev", "table": "dog", "records": [{"id": 2}]}
         )
-        assert code == PERMISSION_DENIED and "ann" in result["error"]
+        assert code == PERMISSION_DENIED and "ann" in result["reason"]
         result, code = ann_admin.execute({"operation": "cluster_status"})
-        assert code == PERMISSION_DENIED and "super user" in result["error"]
+        assert code == PERMISSION_DENIED and "super user" in result["reason"]
     with _storage(node, admin_pair, "admin") as admin:
         assert admin.get("dev", "dog", [2]) == []  # the refused inserts changed nothing
 

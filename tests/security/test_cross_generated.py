@@ -189,6 +189,7 @@ def test_add_node_with_temporary_credentials(make_node: MakeNode, tmp_path: Path
     # The real thing, with Harper's JSON.
     right = {**wrong, "authorization": {"username": TEMP_USER, "password": password}}
     added = admin.ok(right)
+    assert added["message"] == f"Successfully added '{target.name}' to cluster"
     assert added["node"]["name"] == target.name
     assert _members(joiner) == {joiner.name, target.name}
     assert joiner.name in _members(target)
@@ -359,10 +360,12 @@ def test_a_joined_node_operates_without_restart(make_node: MakeNode) -> None:
             "routes": [{"host": target.name, "revokedCertificates": ["0badc0de"]}],
         }
     )
-    assert routed["set"] == [{"hostname": target.name, "revokedCertificates": ["0BADC0DE"]}]
+    assert routed["set"] == [{"host": target.name, "revokedCertificates": ["0badc0de"]}]
     written = joiner.config_path.read_text()
     assert "0BADC0DE" in written
-    assert [r["hostname"] for r in admin.ok({"operation": "cluster_get_routes"})] == [target.name]
+    assert admin.ok({"operation": "cluster_get_routes"}) == [
+        {"host": target.name, "revokedCertificates": ["0BADC0DE"]}
+    ]
 
     # A field the route form does not have is refused, not dropped.
     _, code = admin.execute(
@@ -379,3 +382,34 @@ def test_a_joined_node_operates_without_restart(make_node: MakeNode) -> None:
     assert joiner.config_path.read_text() == written
     joiner.start_service("replicator")
     wait_for(lambda: joiner.connected(target.name), 30, "the joiner to reconnect")
+
+
+def test_a_join_succeeds_when_its_target_is_recorded_meanwhile(make_node: MakeNode) -> None:
+    """Harper's body between two nodes with default settings and their own CAs. The join
+    waits (testing.joinRecordDelayMs) before recording the target, so the replication
+    the join started records it first: the join still answers Harper's success."""
+    target = make_node(services=ALL, config=GENERATED)
+    joiner = make_node(services=ALL, config={**GENERATED, "testing": {"joinRecordDelayMs": 8000}})
+    password = _temporary_super_user(target)
+    admin = joiner.admin()
+    added = admin.ok(
+        {
+            "operation": "add_node",
+            "hostname": target.name,
+            "verify_tls": False,
+            "authorization": {"username": TEMP_USER, "password": password},
+        }
+    )
+    assert added["message"] == f"Successfully added '{target.name}' to cluster"
+    assert _members(joiner) == {joiner.name, target.name}
+    _replicates_both_ways(target, joiner)
+    # Adding it again, once it is a member, is refused.
+    again, code = admin.execute(
+        {
+            "operation": "add_node",
+            "hostname": target.name,
+            "verify_tls": False,
+            "authorization": {"username": TEMP_USER, "password": password},
+        }
+    )
+    assert code == 6, again  # ALREADY_EXISTS

@@ -75,8 +75,11 @@ def users(client: StorageClient) -> list[tuple[str, str, bool]]:
 
 
 def roles(client: StorageClient) -> dict[str, Any]:
+    """The roles but the built-in cluster_user (Harper's), which is always there."""
     reply = client.call("ListRoles", pb.ListRolesRequest())
-    return {r.name: orjson.loads(r.permission) for r in reply.roles}
+    listed = {r.name: orjson.loads(r.permission) for r in reply.roles}
+    assert listed.pop("cluster_user") == {"cluster_user": True, "super_user": False}
+    return listed
 
 
 def whoami(client: StorageClient) -> pb.AuthenticateResponse:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.utils import formatdate
 from typing import Any
 
 from shoal.replicator.v1 import replicator_pb2 as rpb
@@ -17,24 +18,54 @@ from services.admin.exchange import JoinRequest, authorization_header
 from services.admin.nodes import Row, start_time_text, validated_row
 from services.admin.operations.body import Body, Json, harper_time
 from services.admin.operations.execute import Execute, Replicable
-from services.common.config import Route, parse_route_url, parse_time
-from services.common.errors import InvalidArgument
-from services.common.routes import to_yaml
+from services.common import members
+from services.common.config import (
+    DEFAULT_REPLICATION_PORT,
+    DEFAULT_REPLICATION_SECURE_PORT,
+    parse_route_url,
+    parse_time,
+)
+from services.common.errors import InvalidArgument, ShoalError
+from services.common.routes import subscriptions_yaml
 
 # -- status and rebalance --------------------------------------------------------------------
 
+# Harper's `type` of a cluster_status answer, and the thread id its sockets show: Harper runs
+# a socket per database on a worker thread; Shoal's replicator is one process.
+STATUS_TYPE = "cluster-status"
+SOCKET_THREAD_ID = 1
+
+
+def harper_date(ms: float) -> str:
+    """A time as Harper's cluster_status shows it (JavaScript's ``toUTCString``):
+    ``Wed, 12 Feb 2025 19:09:34 GMT``."""
+    return formatdate(ms / 1000, usegmt=True)
+
 
 def _socket_json(c: rpb.Connection, db: rpb.DatabaseStatus) -> Json:
-    return {
+    """One of Harper's ``database_sockets``: its keys first (a time Harper does not know
+    yet is left out, as Harper leaves it out), then Shoal's own."""
+    socket: dict[str, Any] = {
         "database": db.database,
         "connected": c.connected,
         "latency": c.latency_ms,
+        "thread_id": SOCKET_THREAD_ID,
+        "threadId": SOCKET_THREAD_ID,
+        "nodes": [c.peer],
+    }
+    if db.last_commit_confirmed:
+        socket["lastCommitConfirmed"] = harper_date(harper_time(db.last_commit_confirmed))
+    if db.last_received_version:
+        socket["lastReceivedRemoteTime"] = harper_date(harper_time(db.last_received_version))
+    if db.HasField("last_received_local_time"):
+        local_ms = db.last_received_local_time.ToMilliseconds()
+        socket["lastReceivedLocalTime"] = harper_date(local_ms)
+    receiving = db.HasField("copy") or db.backlog_seconds > 0
+    socket |= {
         "lastReceivedVersion": harper_time(db.last_received_version),
-        "lastReceivedLocalTime": db.last_received_local_time.ToMilliseconds()
-        if db.HasField("last_received_local_time")
-        else None,
-        "lastCommitConfirmed": harper_time(db.last_commit_confirmed),
         "backPressurePercent": c.back_pressure_percent,
+        "lastReceivedStatus": "Receiving" if receiving else "Waiting",
+        # Shoal's own.
         "lastConnectionError": c.last_connection_error or None,
         "backlog": {"transactions": db.backlog_transactions, "seconds": db.backlog_seconds},
         "copy": {
@@ -46,31 +77,88 @@ def _socket_json(c: rpb.Connection, db: rpb.DatabaseStatus) -> Json:
         if db.HasField("copy")
         else None,
     }
+    return socket
 
 
-def _connection_json(c: rpb.Connection) -> Json:
-    return {
+def replicates_json(sends: bool, receives: bool) -> Json:
+    """Harper's ``replicates``: true when data flows both ways, else the controlled flow."""
+    return True if sends and receives else {"sends": sends, "receives": receives}
+
+
+@dataclass(frozen=True)
+class PeerRecord:
+    """What this node's configuration says of a peer: its route in shoal.yaml, else its
+    row of system.hdb_nodes (Harper's connection objects are those records)."""
+
+    url: str | None = None
+    subscriptions: Json = None
+    revoked_certificates: list[str] | None = None
+
+
+def _peer_records(ex: Execute, membership: members.Membership | None) -> dict[str, PeerRecord]:
+    records: dict[str, PeerRecord] = {}
+    if membership is not None:
+        for name, row in membership.rows.items():
+            url = row.get("url")
+            subscriptions = row.get("subscriptions")
+            revoked = row.get("revoked_certificates")
+            records[name] = PeerRecord(
+                url=url if isinstance(url, str) and url else None,
+                subscriptions=subscriptions
+                if isinstance(subscriptions, list) and subscriptions
+                else None,
+                revoked_certificates=list(revoked)
+                if isinstance(revoked, list) and revoked
+                else None,
+            )
+    for route in ex.cluster.routes():
+        tls = ex.node.config.replication.secure_port is not None
+        secure = route.secure if route.secure is not None else tls
+        default = DEFAULT_REPLICATION_SECURE_PORT if secure else DEFAULT_REPLICATION_PORT
+        host = f"[{route.hostname}]" if ":" in route.hostname else route.hostname
+        records[route.hostname] = PeerRecord(
+            url=f"{'shoals' if secure else 'ws'}://{host}:{route.port or default}",
+            subscriptions=subscriptions_yaml(route.subscriptions) or None,
+            revoked_certificates=list(route.revoked_certificates) or None,
+        )
+    return records
+
+
+def _connection_json(c: rpb.Connection, record: PeerRecord) -> Json:
+    """One of Harper's ``connections`` (the peer's record and its ``database_sockets``),
+    then Shoal's own keys."""
+    connection: dict[str, Any] = {
         "name": c.peer,
-        "url": c.address,
+        "url": record.url or c.address,
+        "replicates": replicates_json(c.sends, c.receives),
+        "replicateByDefault": record.subscriptions is None,
+        "subscriptions": record.subscriptions,
+    }
+    if c.HasField("shard"):
+        connection["shard"] = c.shard
+    if record.revoked_certificates:
+        connection["revoked_certificates"] = record.revoked_certificates
+    connection |= {
+        "database_sockets": [_socket_json(c, db) for db in c.databases],
+        # Shoal's own.
+        "address": c.address,
         "connected": c.connected,
         "dialed": c.dialed,
-        "replicates": {"sends": c.sends, "receives": c.receives},
         "latency": c.latency_ms,
         "backPressurePercent": c.back_pressure_percent,
         "lastConnectionError": c.last_connection_error or None,
         "connectedSince": c.connected_since.ToMilliseconds()
         if c.HasField("connected_since")
         else None,
-        "shard": c.shard if c.HasField("shard") else None,
         "withheldDatabases": list(c.withheld_databases),
         # The tables flowing each way when only some do (null: every table).
-        "subscriptions": {
+        "flowingTables": {
             "receives": _tables_json(c.received_tables),
             "sends": _tables_json(c.sent_tables),
         },
         "logMarginSeconds": c.log_margin_seconds if c.HasField("log_margin_seconds") else None,
-        "database_sockets": [_socket_json(c, db) for db in c.databases],
     }
+    return connection
 
 
 def _tables_json(tables: Sequence[types_pb2.TableRef]) -> Json:
@@ -95,11 +183,26 @@ def _progress_json(progress: spb.ResidencyProgress) -> Json:
 
 
 async def cluster_status(ex: Execute, request: None) -> Json:
+    """Harper's answer (``type``, ``connections``, ``node_name``, ``is_enabled``), then
+    Shoal's own keys (``removed``, ``shard``, ``residency``)."""
     reply = await ex.cluster.status()
-    return {
+    try:
+        membership: members.Membership | None = await ex.nodes.read()
+    except ShoalError:
+        membership = None  # the records' subscriptions and urls are then left out
+    records = _peer_records(ex, membership)
+    answer: dict[str, Any] = {
+        "type": STATUS_TYPE,
+        "connections": [
+            _connection_json(c, records.get(c.peer, PeerRecord())) for c in reply.connections
+        ],
         "node_name": reply.node_name,
         "is_enabled": reply.is_enabled,
-        "connections": [_connection_json(c) for c in reply.connections],
+    }
+    own = membership.rows.get(reply.node_name) if membership is not None else None
+    if own is not None and isinstance(own.get("url"), str) and own["url"]:
+        answer["url"] = own["url"]
+    answer |= {
         "removed": reply.removed,
         "shard": reply.shard if reply.HasField("shard") else None,
         "residency": (
@@ -112,6 +215,7 @@ async def cluster_status(ex: Execute, request: None) -> Json:
             else {"error": reply.residency_error}
         ),
     }
+    return answer
 
 
 def parse_rebalance(body: Body) -> Replicable[spb.RebalanceRequest]:
@@ -153,25 +257,52 @@ _ROUTE_KEYS = frozenset(
 )
 
 
-def _route_json(route: Route) -> Json:
-    entry = to_yaml(route)
-    return {"hostname": entry} if isinstance(entry, str) else entry
+@dataclass(frozen=True)
+class GivenRoute:
+    """A route of cluster_set_routes / cluster_delete_routes: as given (Harper answers
+    with the routes as they were given), and read."""
+
+    given: Json
+    message: rpb.Route
 
 
-def _routes_from_body(body: Body) -> list[rpb.Route]:
-    routes: list[rpb.Route] = []
+def _routes_from_body(body: Body) -> list[GivenRoute]:
+    routes: list[GivenRoute] = []
     for i, item in enumerate(body.array("routes")):
         if isinstance(item, str):
-            routes.append(
-                _route_message({"url": item} if "://" in item else {"hostname": item}, i, body)
-            )
+            fields = {"url": item} if "://" in item else {"hostname": item}
+            routes.append(GivenRoute(item, _route_message(fields, i, body)))
         elif isinstance(item, dict):
-            routes.append(_route_message(item, i, body))
+            routes.append(GivenRoute(item, _route_message(item, i, body)))
         else:
             raise InvalidArgument(
                 f"{body.operation}: route {i} must be a host name, a URL or an object"
             )
     return routes
+
+
+def _yaml_entry(route: GivenRoute) -> Json:
+    """The shoal.yaml entry of a route given to cluster_set_routes: a string as given; an
+    object with the keys it was given (Harper's aliases in shoal.yaml's spelling)."""
+    if isinstance(route.given, str):
+        return route.given
+    message = route.message
+    entry: dict[str, Any] = {}
+    for key in route.given:
+        if key in ("host", "hostname", "url"):
+            entry[key] = route.given[key]
+        elif key == "port" and message.port:
+            entry["port"] = message.port
+        elif key == "replicates" and isinstance(route.given[key], dict):
+            entry["replicates"] = {"sends": message.sends, "receives": message.receives}
+        elif key in ("startTime", "start_time") and message.HasField("start_time"):
+            start = message.start_time.ToDatetime(tzinfo=UTC)
+            entry["startTime"] = start.isoformat().replace("+00:00", "Z")
+        elif key in ("revokedCertificates", "revoked_certificates"):
+            entry["revokedCertificates"] = [s.upper() for s in message.revoked_certificates]
+        elif key == "subscriptions":
+            entry["subscriptions"] = subscriptions_yaml(message.subscriptions)
+    return entry
 
 
 def _route_message(item: dict[str, Any], index: int, body: Body) -> rpb.Route:
@@ -241,32 +372,50 @@ def _route_extras(item: dict[str, Any], message: rpb.Route, where: str) -> None:
 
 
 async def cluster_get_routes(ex: Execute, request: None) -> Json:
-    return [_route_json(r) for r in ex.cluster.routes()]
+    """Harper's answer: the configured routes as they were given (strings and objects)."""
+    return [entry for _, entry in ex.cluster.route_entries()]
 
 
-def parse_cluster_set_routes(body: Body) -> list[rpb.Route]:
+def parse_cluster_set_routes(body: Body) -> list[GivenRoute]:
     return _routes_from_body(body)
 
 
-async def cluster_set_routes(ex: Execute, routes: list[rpb.Route]) -> Json:
-    change = await ex.cluster.set_routes(routes)
-    return {
+async def cluster_set_routes(ex: Execute, routes: list[GivenRoute]) -> Json:
+    """Harper's answer: the routes added and those skipped (a route to the peer exists,
+    or the peer was given before), each as it was given."""
+    entries: dict[str, Json] = {}
+    firsts: list[rpb.Route] = []
+    for route in routes:
+        if route.message.hostname not in entries:
+            entries[route.message.hostname] = _yaml_entry(route)
+            firsts.append(route.message)
+    change = await ex.cluster.set_routes(firsts, entries)
+    added = {r.hostname for r in change.changed}
+    answer: dict[str, Any] = {
         "message": "cluster routes successfully set",
-        "set": [_route_json(r) for r in change.changed],
-        "skipped": [_route_json(r) for r in change.skipped],
+        "set": [],
+        "skipped": [],
     }
+    for route in routes:
+        first = route.message.hostname in added
+        answer["set" if first else "skipped"].append(route.given)
+        added.discard(route.message.hostname)
+    return answer
 
 
-def parse_cluster_delete_routes(body: Body) -> list[str]:
-    return [m.hostname for m in _routes_from_body(body)]
+def parse_cluster_delete_routes(body: Body) -> list[GivenRoute]:
+    return _routes_from_body(body)
 
 
-async def cluster_delete_routes(ex: Execute, names: list[str]) -> Json:
-    change = await ex.cluster.delete_routes(names)
+async def cluster_delete_routes(ex: Execute, routes: list[GivenRoute]) -> Json:
+    """Harper's answer: ``deleted``, the routes removed as shoal.yaml held them;
+    ``skipped``, the routes given that matched none, as given."""
+    change = await ex.cluster.delete_routes([r.message.hostname for r in routes])
+    missing = set(change.missing)
     return {
         "message": "cluster routes successfully deleted",
-        "deleted": [_route_json(r) for r in change.changed],
-        "skipped": [{"hostname": n} for n in change.missing],
+        "deleted": change.entries,
+        "skipped": [r.given for r in routes if r.message.hostname in missing],
     }
 
 

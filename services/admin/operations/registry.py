@@ -28,8 +28,9 @@ from services.admin.operations import (
 )
 from services.admin.operations.body import MAX_OPERATION_DEPTH, Body, Json, nothing, whole
 from services.admin.operations.execute import Execute
+from services.admin.operations.forbidden import forbidden_json
 from services.common import jsoninput
-from services.common.errors import DataLoss, InvalidArgument, ShoalError
+from services.common.errors import DataLoss, InvalidArgument, PermissionDenied, ShoalError
 
 R = TypeVar("R")
 
@@ -172,6 +173,8 @@ async def run(execute: Execute, raw: bytes) -> tuple[Json, int]:
     try:
         check_access(execute, operation, body)
         return await operation.handle(execute, operation.parse(body)), 0
+    except PermissionDenied as exc:
+        return forbidden_json(exc, body.operation), exc.code.value[0]
     except ShoalError as exc:
         return {"error": exc.message}, exc.code.value[0]
 

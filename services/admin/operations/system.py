@@ -19,32 +19,68 @@ from services.common import sysinfo
 from services.common.analytics import AGGREGATE_PERIOD_MS, MAX_TIME_MS
 from services.common.errors import InvalidArgument
 
-_NODE_SECTIONS = ("table_size", "replication")
+# The node's own sections, after the machine's (sysinfo.py), in Harper's order; Harper
+# also calls `metrics` `database_metrics`.
+_NODE_SECTIONS = ("table_size", "metrics", "threads", "replication")
+_ALIASES = {"database_metrics": "metrics"}
 
 
 def parse_system_information(body: Body) -> list[str] | None:
     """The sections asked for (None: every one)."""
-    return body.names("attributes", what="names") or None
+    names = body.names("attributes", what="names")
+    return [_ALIASES.get(n, n) for n in names] or None
+
+
+def _threads(processes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Harper's ``threads`` (its worker threads): Shoal's processes, one each."""
+    return [
+        {"threadId": i, "name": p["service"], "pid": p["pid"], "threads": p["threads"]}
+        for i, p in enumerate(processes)
+    ]
 
 
 async def system_information(ex: Execute, attributes: list[str] | None) -> Json:
-    """psutil's view of the machine (sysinfo.py), plus table sizes and a replication
-    summary from this node's storage and replicator."""
-    machine = [a for a in attributes if a not in _NODE_SECTIONS] if attributes else None
+    """Harper's sections: the machine's (psutil, sysinfo.py), then table sizes and
+    statistics from this node's storage, its processes as Harper's threads, and a
+    replication summary from its replicator."""
+    wanted = list(dict.fromkeys(attributes)) if attributes else None
     config = ex.node.config
+    machine = [a for a in wanted if a not in _NODE_SECTIONS] if wanted else None
+    if machine is not None and "threads" in (wanted or ()) and "processes" not in machine:
+        machine.append("processes")  # the threads are the processes
     result: dict[str, Any] = {}
     if machine is None or machine:
-        result = await asyncio.to_thread(
+        found = await asyncio.to_thread(
             sysinfo.system_information, machine, config=config, config_path=config.source
         )
-    if attributes is None or "table_size" in attributes:
+        result = {k: v for k, v in found.items() if wanted is None or k in wanted}
+        processes = found.get("processes")
+        if processes is None and "harperdb_processes" in found:
+            own = found["harperdb_processes"]
+            processes = own["core"] + own["clustering"]
+    else:
+        processes = None
+    if wanted is None or "table_size" in wanted or "metrics" in wanted:
         reply = await ex.storage("DescribeAll", spb.DescribeAllRequest())
-        result["table_size"] = [
-            {"database": db.name, "table": t.name, "record_count": t.record_count}
-            for db in reply.databases
-            for t in db.tables
-        ]
-    if attributes is None or "replication" in attributes:
+        if wanted is None or "table_size" in wanted:
+            result["table_size"] = [
+                {
+                    "schema": db.name,
+                    "table": t.name,
+                    "record_count": t.record_count,
+                    "database": db.name,
+                }
+                for db in reply.databases
+                for t in db.tables
+            ]
+        if wanted is None or "metrics" in wanted:
+            result["metrics"] = {
+                db.name: {"tables": {t.name: {"entryCount": t.record_count} for t in db.tables}}
+                for db in reply.databases
+            }
+    if wanted is None or "threads" in wanted:
+        result["threads"] = _threads(processes or [])
+    if wanted is None or "replication" in wanted:
         status = await ex.cluster.status()
         result["replication"] = {
             "node_name": status.node_name,
@@ -58,6 +94,8 @@ async def system_information(ex: Execute, attributes: list[str] | None) -> Json:
                 for c in status.connections
             ],
         }
+    if wanted is not None:
+        return {k: result[k] for k in wanted if k in result}
     return result
 
 

@@ -2,19 +2,55 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 from shoal.storage.v1 import storage_pb2 as spb
 
 from services.admin.operations.body import Body, Json
 from services.admin.operations.execute import Execute
+from services.common import analytics, certificate_table, members
 from services.common.errors import InvalidArgument
 
+# The tables of the `system` database, which Harper's list_users shows in each role.
+SYSTEM_TABLES = [
+    certificate_table.TABLE,
+    members.TABLE,
+    analytics.AGGREGATE_TABLE,
+    analytics.RAW_TABLE,
+]
 
-def _user_json(user: spb.User, roles: dict[str, Json]) -> Json:
+
+def expanded_json(permission: bytes, system_tables: list[str]) -> dict[str, Any]:
+    """A role's permission as Harper's ``list_users`` shows it: with a permission for
+    each table of the ``system`` database (read for a super user, nothing else)."""
+    expanded: dict[str, Any] = orjson.loads(permission) if permission else {}
+    super_user = bool(expanded.get("super_user"))
+    system = expanded.setdefault("system", {})
+    tables = system.setdefault("tables", {}) if isinstance(system, dict) else {}
+    for table in system_tables:
+        tables[table] = {
+            "read": super_user,
+            "insert": False,
+            "update": False,
+            "delete": False,
+            "attribute_permissions": [],
+        }
+    return expanded
+
+
+def _user_json(user: spb.User, roles: dict[str, spb.Role]) -> Json:
+    """A user as Harper's list_users shows it: its role whole, the role's permission
+    expanded with the system tables (readable by a super user only)."""
+    role = roles.get(user.role)
     return {
         "username": user.username,
         "active": user.active,
-        "role": roles.get(user.role, {"role": user.role}),
+        "role": {
+            "role": user.role,
+            "id": user.role,
+            "permission": expanded_json(role.permission, SYSTEM_TABLES) if role else {},
+        },
     }
 
 
@@ -22,9 +58,9 @@ def _role_json(role: spb.Role) -> Json:
     return {"role": role.name, "id": role.name, "permission": orjson.loads(role.permission)}
 
 
-async def _roles(ex: Execute) -> dict[str, Json]:
+async def _roles(ex: Execute) -> dict[str, spb.Role]:
     reply = await ex.storage("ListRoles", spb.ListRolesRequest())
-    return {r.name: _role_json(r) for r in reply.roles}
+    return {r.name: r for r in reply.roles}
 
 
 def parse_add_user(body: Body) -> spb.AddUserRequest:
@@ -76,8 +112,10 @@ async def user_info(ex: Execute, request: None) -> Json:
     reply = await ex.storage("Authenticate", spb.AuthenticateRequest())
     return {
         "username": reply.username,
+        "active": True,  # an inactive user cannot sign in
         "role": {
             "role": reply.role,
+            "id": reply.role,
             "permission": orjson.loads(reply.permission) if reply.permission else {},
         },
         "super_user": reply.super_user,
@@ -119,4 +157,4 @@ async def drop_role(ex: Execute, request: spb.DropRoleRequest) -> Json:
 
 
 async def list_roles(ex: Execute, request: None) -> Json:
-    return list((await _roles(ex)).values())
+    return [_role_json(r) for r in (await _roles(ex)).values()]

@@ -268,6 +268,10 @@ class TestingConfig:
     """``testing.*``: knobs for fault tests; never set in production."""
 
     clock_offset_ms: int = setting.integer("clockOffsetMs", 0, -(10**12), 10**12)
+    # How long a join (add_node with credentials) waits between installing its new
+    # certificate and recording the target: time for the replication it starts to
+    # record the target first.
+    join_record_delay_ms: int = setting.integer("joinRecordDelayMs", 0, 0, 600_000)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from shoal.storage.v1 import storage_pb2 as pb
 from services.common.auth import Identity
 from services.storage.client.base import ClientHandlers
 from services.storage.engine import RESERVED_DATABASES, Engine
-from services.storage.permissions import READ, can, require, require_reads_in, require_super_user
+from services.storage.permissions import READ, can, require, require_reads_in, require_structure
 from services.storage.rpc import Ctx, caller
 from services.storage.schema import Database, Table, check_name
 
@@ -43,7 +43,7 @@ class SchemaHandlers(ClientHandlers):
         self, request: pb.CreateDatabaseRequest, context: Ctx
     ) -> pb.CreateDatabaseResponse:
         who = caller()
-        require_super_user(who, f"create database {request.database}")
+        require_structure(who, request.database, f"create database {request.database}")
         db = self.engine.create_database(request.database, who.internal)
         return pb.CreateDatabaseResponse(database=database_info(self.engine, db))
 
@@ -51,7 +51,7 @@ class SchemaHandlers(ClientHandlers):
         self, request: pb.DropDatabaseRequest, context: Ctx
     ) -> pb.DropDatabaseResponse:
         who = caller()
-        require_super_user(who, f"drop database {request.database}")
+        require_structure(who, request.database, f"drop database {request.database}")
         check_name("database", request.database)
         dropped = self.engine.drop_database(request.database, who.internal)
         return pb.DropDatabaseResponse(dropped_records=dropped)
@@ -68,7 +68,7 @@ class SchemaHandlers(ClientHandlers):
         self, request: pb.CreateTableRequest, context: Ctx
     ) -> pb.CreateTableResponse:
         who = caller()
-        require_super_user(who, f"create table {request.database}.{request.table}")
+        require_structure(who, request.database, f"create table {request.database}.{request.table}")
         replicate = request.replicate if request.HasField("replicate") else True
         table = self.engine.create_table(
             request.database,
@@ -83,7 +83,7 @@ class SchemaHandlers(ClientHandlers):
 
     async def DropTable(self, request: pb.DropTableRequest, context: Ctx) -> pb.DropTableResponse:
         who = caller()
-        require_super_user(who, f"drop table {request.database}.{request.table}")
+        require_structure(who, request.database, f"drop table {request.database}.{request.table}")
         dropped = self.engine.drop_table(request.database, request.table, who.internal)
         return pb.DropTableResponse(dropped_records=dropped)
 
@@ -114,8 +114,10 @@ class SchemaHandlers(ClientHandlers):
         self, request: pb.CreateAttributeRequest, context: Ctx
     ) -> pb.CreateAttributeResponse:
         who = caller()
-        require_super_user(
-            who, f"create attribute {request.database}.{request.table}.{request.attribute}"
+        require_structure(
+            who,
+            request.database,
+            f"create attribute {request.database}.{request.table}.{request.attribute}",
         )
         table, built = self.engine.create_attribute(
             request.database,
@@ -133,8 +135,10 @@ class SchemaHandlers(ClientHandlers):
         self, request: pb.DropAttributeRequest, context: Ctx
     ) -> pb.DropAttributeResponse:
         who = caller()
-        require_super_user(
-            who, f"drop attribute {request.database}.{request.table}.{request.attribute}"
+        require_structure(
+            who,
+            request.database,
+            f"drop attribute {request.database}.{request.table}.{request.attribute}",
         )
         updated = self.engine.drop_attribute(
             request.database, request.table, request.attribute, who.internal

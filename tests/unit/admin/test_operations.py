@@ -58,7 +58,13 @@ async def test_a_super_user_operation_is_refused_before_its_body_is_read() -> No
         FakeExecute(super_user=False), {"operation": "get_backup", "database": 1}
     )
     assert code == CODE_PERMISSION_DENIED
-    assert result == {"error": "get_backup needs a super user; alice is not one"}
+    assert result == {
+        "error": "This operation is not authorized due to role restrictions and/or invalid"
+        " database items",
+        "unauthorized_access": ["Operation 'get_backup' is restricted to 'super_user' roles"],
+        "invalid_schema_items": [],
+        "reason": "get_backup needs a super user; alice is not one",
+    }
 
 
 async def test_replicated_needs_a_super_user_only_when_asked_for() -> None:
@@ -66,7 +72,7 @@ async def test_replicated_needs_a_super_user_only_when_asked_for() -> None:
     result, code = await run_json(ex, {"operation": "create_database", "replicated": True})
     assert code == CODE_PERMISSION_DENIED
     assert (
-        result["error"] == "create_database with 'replicated' needs a super user; alice is not one"
+        result["reason"] == "create_database with 'replicated' needs a super user; alice is not one"
     )
     result, code = await run_json(ex, {"operation": "create_schema", "schema": "dev"})
     assert (result, code) == ({"message": "database 'dev' successfully created"}, 0)

@@ -27,6 +27,7 @@ def test_peers_become_gauges_and_counter_increases() -> None:
         ("replication-latency", ("server-two",)): 0.012,
         ("replication-lag", ("server-two", "dev")): 0.5,
         ("replication-backlog", ("server-two", "dev")): 3,
+        ("resource-usage", ("replicator",)): first[("resource-usage", ("replicator",))],
     }
 
     peer.sent_transactions += 6
@@ -35,6 +36,9 @@ def test_peers_become_gauges_and_counter_increases() -> None:
     second = by_key(sampler.sample(6000))
     assert second[("replication-sent-transactions", ("server-two",))] == 6
     assert second[("replication-received-bytes", ("server-two",))] == 1000
+    # Harper's names of the same counters.
+    assert second[("bytes-received", ("server-two",))] == 1000
+    assert ("bytes-sent", ("server-two",)) not in second
     assert second[("replication-connected", ("server-two",))] == 0
     assert ("replication-latency", ("server-two",)) not in second  # only while connected
     assert ("replication-sent-bytes", ("server-two",)) not in second  # did not grow

@@ -147,7 +147,8 @@ def test_the_sampler_reports_increases_since_the_previous_sample(engine: Engine)
     txn = engine.transaction("system", "test", internal=True)
     txn.commit()
     sampler = StorageSampler(engine, rpc)
-    assert [s.metric for s in sampler.sample(MINUTE)] == ["log-size"]  # nothing happened
+    # Nothing happened: the gauges only.
+    assert [s.metric for s in sampler.sample(MINUTE)] == ["log-size", "resource-usage"]
     engine.create_table("dev", "dog", "id", (), True, "admin")
     txn = engine.transaction("dev", "admin")
     txn.insert(engine.catalog.table("dev", "dog"), [b'{"id": 1}', b'{"id": 2}'])
@@ -164,5 +165,9 @@ def test_the_sampler_reports_increases_since_the_previous_sample(engine: Engine)
     duration = by_metric[("request-duration", method)]
     assert duration.count == 2 and duration.value == pytest.approx(0.003)
     assert duration.time_ms == MINUTE + 1000
+    # Harper's names: the same records written, the calls that succeeded.
+    assert by_metric[("db-write", ("dev", "dog"))].value == 2
+    assert by_metric[("success", method)].value == 2
+    assert by_metric[("resource-usage", ("storage",))].value >= 0
     again = {s.metric for s in sampler.sample(MINUTE + 2000)}
-    assert again == {"log-size"}
+    assert again == {"log-size", "resource-usage"}

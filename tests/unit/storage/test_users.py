@@ -122,6 +122,7 @@ async def test_changes_forget_cached_sign_ins(store: Store, tmp_path: Path) -> N
         user_store.drop_user("admin")
     # Roles are read back from disk by a new store.
     assert [name for name, _ in UserStore(store, "node-a", "secret").roles()] == [
+        "cluster_user",
         "reader",
         "super_user",
     ]
