@@ -124,7 +124,20 @@ class StorageServiceStub:
     """
     Insert: _grpc.UnaryUnaryMultiCallable[_storage_pb2.InsertRequest, _storage_pb2.InsertResponse]
     """Inserts records in one transaction. A record whose key already exists is skipped and
-    reported in `skipped_ids`; the others commit together with one version.
+    reported in `skipped_ids`; the others commit together with one version. A record
+    without its primary key gets a generated one (a random UUID string, as Harper's), which
+    is written into the record and returned in `inserted_ids`.
+
+    Typed attributes (CreateTableRequest.attributes): a value of the wrong type refuses
+    the whole request with INVALID_ARGUMENT, reason ATTRIBUTE_TYPE, and Harper's message
+    (`Value "high" in property score must be a number`); nothing is written. Checked on
+    the node that accepts the write (Insert, Update, Upsert, Transact, LoadCsv), never
+    on writes replicated from peers. Null is accepted for every type.
+
+    Record timestamps (CreateTableRequest.record_timestamps): a record written for the
+    first time gets `__createdtime__` and `__updatedtime__`, a record changed gets
+    `__updatedtime__` (Unix milliseconds of the writing node's clock), whatever the
+    request gave them.
 
     Write confirmation (Insert, Update, Upsert, Delete and Transact): with
     `replicated_confirmation: N` the call answers only once the write is whole on N + 1
@@ -150,7 +163,8 @@ class StorageServiceStub:
     committed locally and will still replicate; the message says how many confirmations
     are missing, and from which residents).
     Errors: INVALID_ARGUMENT (no records, a record that is not a JSON object or is beyond
-    the JSON limits, a missing or invalid primary key, the same key twice in the request),
+    the JSON limits, an invalid primary key (missing: Update only), the same key twice in
+    the request, a value of the wrong type),
     NOT_FOUND (database or table), RESOURCE_EXHAUSTED (request larger than the configured
     limits).
     """
@@ -385,7 +399,20 @@ class StorageServiceAsyncStub(StorageServiceStub):
     """
     Insert: _aio.UnaryUnaryMultiCallable[_storage_pb2.InsertRequest, _storage_pb2.InsertResponse]  # type: ignore[assignment]
     """Inserts records in one transaction. A record whose key already exists is skipped and
-    reported in `skipped_ids`; the others commit together with one version.
+    reported in `skipped_ids`; the others commit together with one version. A record
+    without its primary key gets a generated one (a random UUID string, as Harper's), which
+    is written into the record and returned in `inserted_ids`.
+
+    Typed attributes (CreateTableRequest.attributes): a value of the wrong type refuses
+    the whole request with INVALID_ARGUMENT, reason ATTRIBUTE_TYPE, and Harper's message
+    (`Value "high" in property score must be a number`); nothing is written. Checked on
+    the node that accepts the write (Insert, Update, Upsert, Transact, LoadCsv), never
+    on writes replicated from peers. Null is accepted for every type.
+
+    Record timestamps (CreateTableRequest.record_timestamps): a record written for the
+    first time gets `__createdtime__` and `__updatedtime__`, a record changed gets
+    `__updatedtime__` (Unix milliseconds of the writing node's clock), whatever the
+    request gave them.
 
     Write confirmation (Insert, Update, Upsert, Delete and Transact): with
     `replicated_confirmation: N` the call answers only once the write is whole on N + 1
@@ -411,7 +438,8 @@ class StorageServiceAsyncStub(StorageServiceStub):
     committed locally and will still replicate; the message says how many confirmations
     are missing, and from which residents).
     Errors: INVALID_ARGUMENT (no records, a record that is not a JSON object or is beyond
-    the JSON limits, a missing or invalid primary key, the same key twice in the request),
+    the JSON limits, an invalid primary key (missing: Update only), the same key twice in
+    the request, a value of the wrong type),
     NOT_FOUND (database or table), RESOURCE_EXHAUSTED (request larger than the configured
     limits).
     """
@@ -703,7 +731,20 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_storage_pb2.InsertResponse, _abc.Awaitable[_storage_pb2.InsertResponse]]:
         """Inserts records in one transaction. A record whose key already exists is skipped and
-        reported in `skipped_ids`; the others commit together with one version.
+        reported in `skipped_ids`; the others commit together with one version. A record
+        without its primary key gets a generated one (a random UUID string, as Harper's), which
+        is written into the record and returned in `inserted_ids`.
+
+        Typed attributes (CreateTableRequest.attributes): a value of the wrong type refuses
+        the whole request with INVALID_ARGUMENT, reason ATTRIBUTE_TYPE, and Harper's message
+        (`Value "high" in property score must be a number`); nothing is written. Checked on
+        the node that accepts the write (Insert, Update, Upsert, Transact, LoadCsv), never
+        on writes replicated from peers. Null is accepted for every type.
+
+        Record timestamps (CreateTableRequest.record_timestamps): a record written for the
+        first time gets `__createdtime__` and `__updatedtime__`, a record changed gets
+        `__updatedtime__` (Unix milliseconds of the writing node's clock), whatever the
+        request gave them.
 
         Write confirmation (Insert, Update, Upsert, Delete and Transact): with
         `replicated_confirmation: N` the call answers only once the write is whole on N + 1
@@ -729,7 +770,8 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         committed locally and will still replicate; the message says how many confirmations
         are missing, and from which residents).
         Errors: INVALID_ARGUMENT (no records, a record that is not a JSON object or is beyond
-        the JSON limits, a missing or invalid primary key, the same key twice in the request),
+        the JSON limits, an invalid primary key (missing: Update only), the same key twice in
+        the request, a value of the wrong type),
         NOT_FOUND (database or table), RESOURCE_EXHAUSTED (request larger than the configured
         limits).
         """

@@ -1,0 +1,225 @@
+"""Harper's form of the data operations through Execute on real processes: generated
+primary keys, typed attributes, record timestamps, ``get_attributes: ["*"]`` and the
+describe operations' fields."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import pytest
+
+from tests.conftest import MakeNode
+from tests.harness.admin import AdminClient
+from tests.harness.node import Node
+
+INVALID_ARGUMENT = 3
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+
+
+@pytest.fixture
+def admin_node(make_node: MakeNode) -> Node:
+    return make_node(services=("storage", "replicator", "admin"))
+
+
+@pytest.fixture
+def admin(admin_node: Node) -> AdminClient:
+    return admin_node.admin()
+
+
+def _all(
+    admin: AdminClient, table: str, attributes: list[str] | None = None
+) -> list[dict[str, Any]]:
+    body = {
+        "operation": "search_by_value",
+        "database": "dev",
+        "table": table,
+        "search_attribute": "id",
+        "search_value": "*",
+        "get_attributes": attributes or ["*"],
+    }
+    return list(admin.ok(body))
+
+
+def test_insert_without_a_primary_key_generates_a_uuid(admin: AdminClient) -> None:
+    admin.ok({"operation": "create_table", "database": "dev", "table": "dog", "primary_key": "id"})
+    inserted = admin.ok(
+        {"operation": "insert", "database": "dev", "table": "dog", "records": [{"name": "Penny"}]}
+    )
+    assert set(inserted) == {"message", "inserted_hashes", "skipped_hashes"}
+    assert inserted["message"] == "inserted 1 of 1 records"
+    (key,) = inserted["inserted_hashes"]
+    assert isinstance(key, str) and UUID.match(key)
+    found = admin.ok(
+        {
+            "operation": "search_by_id",
+            "database": "dev",
+            "table": "dog",
+            "ids": [key],
+            "get_attributes": ["id", "name"],
+        }
+    )
+    assert found == [{"id": key, "name": "Penny"}]
+    upserted = admin.ok(
+        {"operation": "upsert", "database": "dev", "table": "dog", "records": [{"name": "Kato"}]}
+    )
+    assert UUID.match(upserted["upserted_hashes"][0])
+    result, code = admin.execute(
+        {"operation": "update", "database": "dev", "table": "dog", "records": [{"name": "x"}]}
+    )
+    assert code == INVALID_ARGUMENT and "primary key" in result["error"]
+
+
+def test_typed_attributes_refuse_a_value_of_the_wrong_type(admin: AdminClient) -> None:
+    admin.ok(
+        {
+            "operation": "create_table",
+            "database": "dev",
+            "table": "score",
+            "primary_key": "id",
+            "attributes": [
+                {"name": "id", "type": "ID"},
+                {"name": "score", "type": "Float", "indexed": True},
+                {"name": "name", "type": "String"},
+                {"name": "count", "type": "Int"},
+                {"name": "ok", "type": "Boolean"},
+                {"name": "when", "type": "Date"},
+            ],
+        }
+    )
+    good = {"id": 1, "score": 2.5, "name": "a", "count": 3, "ok": True, "when": "2024-01-02"}
+    admin.ok({"operation": "insert", "database": "dev", "table": "score", "records": [good]})
+    result, code = admin.execute(
+        {
+            "operation": "insert",
+            "database": "dev",
+            "table": "score",
+            "records": [{"id": 2, "score": 1}, {"id": 3, "score": "high"}],
+        }
+    )
+    assert code == INVALID_ARGUMENT
+    assert result == {"error": 'Value "high" in property score must be a number'}
+    for record, message in [
+        ({"id": 4, "name": 5}, "Value 5 in property name must be a string"),
+        (
+            {"id": 4, "count": 1.5},
+            "Value 1.5 in property count must be an integer (from -2147483648 to 2147483647)",
+        ),
+        ({"id": 4, "ok": "yes"}, 'Value "yes" in property ok must be a boolean'),
+        ({"id": 4, "when": "soon"}, 'Value "soon" in property when must be a Date'),
+    ]:
+        for operation in ("insert", "upsert"):
+            result, code = admin.execute(
+                {"operation": operation, "database": "dev", "table": "score", "records": [record]}
+            )
+            assert (result, code) == ({"error": message}, INVALID_ARGUMENT)
+    result, code = admin.execute(
+        {
+            "operation": "update",
+            "database": "dev",
+            "table": "score",
+            "records": [{"id": 1, "score": "x"}],
+        }
+    )
+    assert code == INVALID_ARGUMENT and "in property score must be a number" in result["error"]
+    # Nothing of a refused request was written; null is accepted for every type.
+    assert [r["id"] for r in _all(admin, "score")] == [1]
+    admin.ok(
+        {
+            "operation": "update",
+            "database": "dev",
+            "table": "score",
+            "records": [{"id": 1, "score": None}],
+        }
+    )
+    described = admin.ok({"operation": "describe_table", "database": "dev", "table": "score"})
+    types = {a["attribute"]: a.get("type") for a in described["attributes"]}
+    assert types == {
+        "id": "ID",
+        "score": "Float",
+        "name": "String",
+        "count": "Int",
+        "ok": "Boolean",
+        "when": "Date",
+    }
+    assert described["schema_defined"] is True
+    result, code = admin.execute(
+        {
+            "operation": "create_table",
+            "database": "dev",
+            "table": "bad",
+            "attributes": [{"name": "x", "type": "Colour"}],
+        }
+    )
+    assert code == INVALID_ARGUMENT and "unknown type 'Colour'" in result["error"]
+
+
+def test_dynamic_tables_carry_harper_timestamps(admin: AdminClient) -> None:
+    admin.ok({"operation": "create_table", "database": "dev", "table": "dog", "primary_key": "id"})
+    before = time.time() * 1000
+    admin.ok(
+        {
+            "operation": "insert",
+            "database": "dev",
+            "table": "dog",
+            "records": [{"id": 1, "name": "Penny"}, {"id": 2, "age": 3}],
+        }
+    )
+    (first, second) = _all(admin, "dog")
+    created = first["__createdtime__"]
+    assert isinstance(created, int) and before - 1000 <= created <= time.time() * 1000 + 1000
+    assert first["__updatedtime__"] == created
+    # get_attributes ["*"]: every attribute the table knows, null where a record has none.
+    assert first == {
+        "id": 1,
+        "name": "Penny",
+        "age": None,
+        "__createdtime__": created,
+        "__updatedtime__": created,
+    }
+    assert second["name"] is None and second["age"] == 3
+    time.sleep(0.01)
+    admin.ok(
+        {"operation": "update", "database": "dev", "table": "dog", "records": [{"id": 1, "age": 5}]}
+    )
+    (first, _) = _all(admin, "dog")
+    assert first["__createdtime__"] == created and first["__updatedtime__"] > created
+    # Without "*", only what is asked.
+    assert _all(admin, "dog", ["id", "name"]) == [{"id": 1, "name": "Penny"}, {"id": 2}]
+
+
+def test_describe_operations_show_harpers_fields(admin: AdminClient) -> None:
+    admin.ok({"operation": "create_table", "database": "dev", "table": "dog", "primary_key": "id"})
+    admin.ok(
+        {"operation": "insert", "database": "dev", "table": "dog", "records": [{"id": 1, "a": 1}]}
+    )
+    table = admin.ok({"operation": "describe_table", "database": "dev", "table": "dog"})
+    assert {
+        "schema",
+        "name",
+        "hash_attribute",
+        "audit",
+        "schema_defined",
+        "attributes",
+        "sources",
+        "record_count",
+        "table_size",
+        "db_size",
+        "db_audit_size",
+        "last_updated_record",
+    } <= set(table)
+    assert table["schema"] == "dev" and table["name"] == "dog" and table["hash_attribute"] == "id"
+    assert table["audit"] is True and table["schema_defined"] is False
+    assert table["sources"] == [] and table["record_count"] == 1
+    assert all(isinstance(table[k], int) for k in ("table_size", "db_size", "db_audit_size"))
+    assert isinstance(table["last_updated_record"], float)
+    assert abs(table["last_updated_record"] - time.time() * 1000) < 60_000
+    assert table["attributes"] == [
+        {"attribute": "id", "indexed": True, "is_primary_key": True},
+        {"attribute": "__createdtime__", "indexed": False},
+        {"attribute": "__updatedtime__", "indexed": False},
+        {"attribute": "a", "indexed": False},
+    ]
+    assert admin.ok({"operation": "describe_database", "database": "dev"}) == {"dog": table}
+    assert admin.ok({"operation": "describe_all"})["dev"] == {"dog": table}
