@@ -179,7 +179,7 @@ def test_logs_through_execute(admin: AdminClient) -> None:
             "search_values": ["nobody"],
         }
     )
-    assert by_user == []
+    assert by_user == {}
 
 
 def test_system_information(admin: AdminClient, admin_node: Node) -> None:

@@ -223,3 +223,55 @@ def test_describe_operations_show_harpers_fields(admin: AdminClient) -> None:
     ]
     assert admin.ok({"operation": "describe_database", "database": "dev"}) == {"dog": table}
     assert admin.ok({"operation": "describe_all"})["dev"] == {"dog": table}
+
+
+def test_audit_entries_hold_whole_records_and_group_by_user(
+    admin: AdminClient, admin_node: Node
+) -> None:
+    admin.ok({"operation": "create_table", "database": "dev", "table": "dog", "primary_key": "id"})
+    admin.ok({"operation": "add_role", "role": "writer", "permission": {"super_user": True}})
+    admin.ok({"operation": "add_user", "username": "ann", "password": "pw", "role": "writer"})
+    admin.ok(
+        {
+            "operation": "insert",
+            "database": "dev",
+            "table": "dog",
+            "records": [{"id": 1, "name": "Penny", "age": 5}],
+        }
+    )
+    admin_node.admin("ann", "pw").ok(
+        {"operation": "update", "database": "dev", "table": "dog", "records": [{"id": 1, "age": 6}]}
+    )
+    # read_transaction_log: record writes only (the table's creation is not an entry).
+    log = admin.ok({"operation": "read_transaction_log", "database": "dev", "table": "dog"})
+    assert [e["operation"] for e in log] == ["insert", "update"]
+    update = log[1]
+    (record,) = update["records"]
+    (original,) = update["original_records"]
+    assert {k: record[k] for k in ("id", "name", "age")} == {"id": 1, "name": "Penny", "age": 6}
+    assert {k: original[k] for k in ("id", "name", "age")} == {"id": 1, "name": "Penny", "age": 5}
+    assert record["__createdtime__"] == original["__createdtime__"]
+    assert record["__updatedtime__"] >= original["__updatedtime__"]
+    by_user = admin.ok(
+        {
+            "operation": "read_audit_log",
+            "database": "dev",
+            "table": "dog",
+            "search_type": "username",
+            "search_values": ["admin", "ann"],
+        }
+    )
+    assert set(by_user) == {"admin", "ann"}
+    assert [e["operation"] for e in by_user["admin"]] == ["insert"]
+    assert [e["operation"] for e in by_user["ann"]] == ["update"]
+    assert by_user["ann"][0]["records"] == [record]
+    assert {
+        "operation",
+        "user_name",
+        "timestamp",
+        "hash_values",
+        "records",
+        "original_records",
+    } <= set(by_user["ann"][0])
+    everything = admin.ok({"operation": "read_audit_log", "database": "dev", "table": "dog"})
+    assert isinstance(everything, list) and len(everything) == 2
