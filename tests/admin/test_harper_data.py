@@ -275,3 +275,89 @@ def test_audit_entries_hold_whole_records_and_group_by_user(
     } <= set(by_user["ann"][0])
     everything = admin.ok({"operation": "read_audit_log", "database": "dev", "table": "dog"})
     assert isinstance(everything, list) and len(everything) == 2
+
+
+JOB_KEYS = {
+    "__createdtime__",
+    "__updatedtime__",
+    "created_datetime",
+    "end_datetime",
+    "id",
+    "job_body",
+    "message",
+    "start_datetime",
+    "status",
+    "type",
+    "user",
+    "start_datetime_converted",
+    "end_datetime_converted",
+}
+ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def test_csv_loads_and_log_deletion_run_as_jobs(admin: AdminClient, admin_node: Node) -> None:
+    admin.ok({"operation": "create_table", "database": "dev", "table": "dog", "primary_key": "id"})
+    before = int(time.time() * 1000)
+    started = admin.ok(
+        {
+            "operation": "csv_data_load",
+            "database": "dev",
+            "table": "dog",
+            "data": "id,name\n1,Penny\n2,Kato\n",
+        }
+    )
+    job_id = started["job_id"]
+    assert UUID.match(job_id)
+    assert started == {"message": f"Starting job with id {job_id}", "job_id": job_id}
+    job = admin.job({"operation": "csv_data_load", "database": "dev", "table": "dog",
+                     "action": "upsert", "data": "id,age\n1,5\n"})  # fmt: skip
+    (first,) = admin.ok({"operation": "get_job", "id": job_id})
+    assert set(first) == JOB_KEYS | {"result"}
+    assert first["id"] == job_id and first["type"] == "csv_data_load"
+    assert first["status"] == "COMPLETE" and first["user"] == "admin"
+    assert first["message"] == "successfully loaded 2 of 2 records"
+    assert first["result"] == {"rows": 2, "written": 2, "skipped": 0, "failed": 0, "errors": []}
+    assert first["job_body"] is None
+    assert before <= first["start_datetime"] <= first["end_datetime"]
+    assert ISO.match(first["start_datetime_converted"])
+    assert ISO.match(first["end_datetime_converted"])
+    assert job["status"] == "COMPLETE" and job["message"] == "successfully loaded 1 of 1 records"
+    # A load that fails is a job in ERROR, with the reason as its message.
+    failed = admin.job(
+        {"operation": "csv_data_load", "database": "dev", "table": "cat", "data": "id\n1\n"}
+    )
+    assert failed["status"] == "ERROR" and "cat" in failed["message"]
+    assert set(failed) == JOB_KEYS
+    deleted = admin.job(
+        {"operation": "delete_audit_logs_before", "database": "dev", "timestamp": before}
+    )
+    assert deleted["status"] == "COMPLETE" and deleted["type"] == "delete_audit_logs_before"
+    assert deleted["message"].startswith("deleted ")
+    assert admin.ok({"operation": "get_job", "id": "no-such-job"}) == []
+    found = admin.ok(
+        {
+            "operation": "search_jobs_by_start_date",
+            "from_date": time.strftime(
+                "%Y-%m-%dT%H:%M:%S.000+0000", time.gmtime(before / 1000 - 1)
+            ),
+            "to_date": int(time.time() * 1000) + 1000,
+        }
+    )
+    assert found[0]["id"] == job_id and len(found) == 4
+    assert all(set(j) >= JOB_KEYS for j in found)
+    # A user sees their own jobs only; searching all jobs needs a super user.
+    permission = {"dev": {"tables": {"dog": {"read": True, "insert": True, "update": True}}}}
+    admin.ok({"operation": "add_role", "role": "loader", "permission": permission})
+    admin.ok({"operation": "add_user", "username": "ann", "password": "pw", "role": "loader"})
+    ann = admin_node.admin("ann", "pw")
+    assert ann.ok({"operation": "get_job", "id": job_id}) == []
+    own = ann.job({"operation": "csv_data_load", "database": "dev", "table": "dog",
+                   "data": "id\n9\n"})  # fmt: skip
+    assert own["user"] == "ann" and own["status"] == "COMPLETE"
+    assert admin.ok({"operation": "get_job", "id": own["id"]})[0]["user"] == "ann"
+    _, code = ann.execute({"operation": "search_jobs_by_start_date", "from_date": 0, "to_date": 1})
+    assert code == 7
+    result, code = admin.execute(
+        {"operation": "search_jobs_by_start_date", "from_date": "yesterday", "to_date": 1}
+    )
+    assert code == INVALID_ARGUMENT and "'from_date' must be a date" in result["error"]

@@ -9,11 +9,13 @@ import orjson
 from shoal.storage.v1 import storage_pb2 as spb
 from shoal.storage.v1 import types_pb2
 
+from services.admin.operations import jobs
 from services.admin.operations.body import Body, Json, harper_time
 from services.admin.operations.execute import Execute
 from services.common import jsonbytes
 from services.common.errors import InvalidArgument
 
+JOB_CALL_S = 3600.0  # a job's storage call is not bound by the Execute call that started it
 _OPERATIONS_ENUM = {
     types_pb2.OPERATION_INSERT: "insert",
     types_pb2.OPERATION_UPDATE: "update",
@@ -132,11 +134,20 @@ def parse_delete_audit_logs_before(body: Body) -> spb.DeleteLogsBeforeRequest:
 
 
 async def delete_audit_logs_before(ex: Execute, request: spb.DeleteLogsBeforeRequest) -> Json:
-    reply = await ex.storage("DeleteLogsBefore", request)
-    return {
-        "message": f"deleted {reply.deleted_transactions} log entries and purged"
-        f" {reply.purged_tombstones} tombstones"
-    }
+    """A job, as in Harper (get_job shows how many entries it deleted)."""
+
+    async def work() -> tuple[str, Json]:
+        reply = await ex.node.call(
+            ex.node.storage.DeleteLogsBefore, request, ex.caller.metadata, deadline_s=JOB_CALL_S
+        )
+        message = (
+            f"deleted {reply.deleted_transactions} log entries and purged"
+            f" {reply.purged_tombstones} tombstones"
+        )
+        result = {"deleted": reply.deleted_transactions, "purged": reply.purged_tombstones}
+        return message, result
+
+    return jobs.start(ex, "delete_audit_logs_before", work)
 
 
 # -- revert ----------------------------------------------------------------------------------
