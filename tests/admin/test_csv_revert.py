@@ -149,7 +149,7 @@ def test_csv_data_load_inserts_and_upserts(admin: AdminClient) -> None:
 def test_bad_csv_is_refused_and_loads_nothing(admin: AdminClient) -> None:
     # Refused at once (the body), or by the job (storage's checks of the CSV and table).
     cases: list[tuple[dict[str, Any], int | None, str]] = [
-        ({"data": "name,age\nPenny,5\n"}, None, "no 'id' column"),
+        ({"data": "name,age\nPenny,5\n", "action": "update"}, None, "no 'id' column"),
         ({"data": "id,name,name\n1,a,b\n"}, None, "names a column twice"),
         ({"data": ""}, None, "needs a header row"),
         ({"data": "id\n1\n", "action": "delete"}, INVALID_ARGUMENT, "insert, update or upsert"),

@@ -361,3 +361,29 @@ def test_csv_loads_and_log_deletion_run_as_jobs(admin: AdminClient, admin_node: 
         {"operation": "search_jobs_by_start_date", "from_date": "yesterday", "to_date": 1}
     )
     assert code == INVALID_ARGUMENT and "'from_date' must be a date" in result["error"]
+
+
+def test_csv_loads_generate_keys_and_check_types(admin: AdminClient) -> None:
+    admin.ok(
+        {
+            "operation": "create_table",
+            "database": "dev",
+            "table": "score",
+            "primary_key": "id",
+            "attributes": [{"name": "id", "type": "ID"}, {"name": "score", "type": "Float"}],
+        }
+    )
+    job = admin.job(
+        {
+            "operation": "csv_data_load",
+            "database": "dev",
+            "table": "score",
+            "data": "score,name\n1.5,a\nhigh,b\n",
+        }
+    )
+    assert job["status"] == "COMPLETE" and job["message"] == "successfully loaded 1 of 2 records"
+    assert job["result"]["errors"] == [
+        {"line": 3, "message": 'line 3: Value "high" in property score must be a number'}
+    ]
+    (record,) = _all(admin, "score")
+    assert UUID.match(record["id"]) and record["score"] == 1.5 and record["name"] == "a"

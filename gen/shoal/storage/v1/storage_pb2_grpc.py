@@ -423,8 +423,11 @@ class StorageServiceServicer:
         number and does not stop the load. Not all-or-nothing: batches before a failure stay.
         A row whose JSON cells are beyond the JSON limits fails like any bad row; a field
         longer than 131,072 characters stops the load (its row's end cannot be found).
+        Rows of an INSERT or UPSERT without the primary key get a generated one (see Insert);
+        a row with a value of the wrong type for a typed attribute fails like any bad row.
         Errors: INVALID_ARGUMENT (no header first, header twice, empty or malformed CSV header
-        row, no primary key column, a field longer than 131,072 characters, naming its line),
+        row, no primary key column in an UPDATE, a field longer than 131,072 characters,
+        naming its line),
         NOT_FOUND (database or table).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -228,8 +228,11 @@ class StorageServiceStub:
     number and does not stop the load. Not all-or-nothing: batches before a failure stay.
     A row whose JSON cells are beyond the JSON limits fails like any bad row; a field
     longer than 131,072 characters stops the load (its row's end cannot be found).
+    Rows of an INSERT or UPSERT without the primary key get a generated one (see Insert);
+    a row with a value of the wrong type for a typed attribute fails like any bad row.
     Errors: INVALID_ARGUMENT (no header first, header twice, empty or malformed CSV header
-    row, no primary key column, a field longer than 131,072 characters, naming its line),
+    row, no primary key column in an UPDATE, a field longer than 131,072 characters,
+    naming its line),
     NOT_FOUND (database or table).
     """
     ReadTransactionLog: _grpc.UnaryStreamMultiCallable[_storage_pb2.ReadTransactionLogRequest, _storage_pb2.ReadTransactionLogResponse]
@@ -503,8 +506,11 @@ class StorageServiceAsyncStub(StorageServiceStub):
     number and does not stop the load. Not all-or-nothing: batches before a failure stay.
     A row whose JSON cells are beyond the JSON limits fails like any bad row; a field
     longer than 131,072 characters stops the load (its row's end cannot be found).
+    Rows of an INSERT or UPSERT without the primary key get a generated one (see Insert);
+    a row with a value of the wrong type for a typed attribute fails like any bad row.
     Errors: INVALID_ARGUMENT (no header first, header twice, empty or malformed CSV header
-    row, no primary key column, a field longer than 131,072 characters, naming its line),
+    row, no primary key column in an UPDATE, a field longer than 131,072 characters,
+    naming its line),
     NOT_FOUND (database or table).
     """
     ReadTransactionLog: _aio.UnaryStreamMultiCallable[_storage_pb2.ReadTransactionLogRequest, _storage_pb2.ReadTransactionLogResponse]  # type: ignore[assignment]
@@ -883,8 +889,11 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         number and does not stop the load. Not all-or-nothing: batches before a failure stay.
         A row whose JSON cells are beyond the JSON limits fails like any bad row; a field
         longer than 131,072 characters stops the load (its row's end cannot be found).
+        Rows of an INSERT or UPSERT without the primary key get a generated one (see Insert);
+        a row with a value of the wrong type for a typed attribute fails like any bad row.
         Errors: INVALID_ARGUMENT (no header first, header twice, empty or malformed CSV header
-        row, no primary key column, a field longer than 131,072 characters, naming its line),
+        row, no primary key column in an UPDATE, a field longer than 131,072 characters,
+        naming its line),
         NOT_FOUND (database or table).
         """
 
