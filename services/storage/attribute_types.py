@@ -83,6 +83,11 @@ def type_name(given: str, attribute: str) -> str:
     return name
 
 
+def accepts(declared: str, value: Any) -> bool:
+    """Whether an attribute of the declared type may hold ``value``."""
+    return TYPES[declared][0](value)
+
+
 def _shown(value: Any) -> str:
     text = orjson.dumps(value).decode()
     return text if len(text) <= 200 else text[:200] + "…"

@@ -390,9 +390,11 @@ def parse_record(
     try:
         pk = doc[table.primary_key]
     except KeyError:
-        if not generate:
+        declared = table.types.get(table.primary_key, "Any")
+        if not generate or not attribute_types.accepts(declared, ""):
+            because = "" if not generate else f" (a key of type {declared} is not generated)"
             raise InvalidArgument(
-                f"record {position}: missing primary key attribute {table.primary_key!r}"
+                f"record {position}: missing primary key attribute {table.primary_key!r}" + because
             ) from None
         pk = assigned.generated_key()
         raw = assigned.extended(doc, raw, {table.primary_key: pk})

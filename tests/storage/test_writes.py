@@ -442,3 +442,19 @@ def test_typed_attributes_are_checked_on_every_write_path(client: StorageClient)
         ),
         "unknown type 'Colour'",
     )
+
+
+def test_a_key_of_a_non_string_type_is_not_generated(client: StorageClient) -> None:
+    client.call(
+        "CreateTable",
+        pb.CreateTableRequest(
+            database="dev", table="n", attributes=[pb.AttributeDefinition(name="id", type="Int")]
+        ),
+    )
+    client.expect(
+        INVALID,
+        "Insert",
+        pb.InsertRequest(database="dev", table="n", records=[b'{"v": 1}']),
+        "missing primary key attribute 'id' (a key of type Int is not generated)",
+    )
+    assert [orjson.loads(i) for i in client.insert("dev", "n", [{"id": 7}]).inserted_ids] == [7]
