@@ -395,6 +395,7 @@ class Engine:
         if attribute not in table.attributes:
             raise NotFound(f"attribute {database}.{table_name}.{attribute} does not exist")
         table.attributes.discard(attribute)
+        table.types.pop(attribute, None)
         table.indexed = tuple(a for a in table.indexed if a != attribute)
         handle = self.store.handle
         iprefix = keys.index_prefix(table.table_id, attribute)
@@ -463,6 +464,13 @@ class Engine:
             if attribute not in table.types:
                 table.types[check_name("attribute", attribute)] = _known_type(given)
                 writer.mark_schema(database)
+        # Flags only ever turn on, so nodes converge whichever schema arrives first.
+        if (schema.record_timestamps and not table.timestamps) or (
+            schema.schema_defined and not table.schema_defined
+        ):
+            table.timestamps = table.timestamps or schema.record_timestamps
+            table.schema_defined = table.schema_defined or schema.schema_defined
+            writer.mark_schema(database)
         for attribute in schema.indexed_attributes:
             if attribute not in table.indexed and attribute != table.primary_key:
                 check_name("attribute", attribute)
