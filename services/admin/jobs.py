@@ -59,6 +59,11 @@ class Job:
     updated_ms: int = 0
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
+    def progress(self, message: str) -> None:
+        """What a running job has done so far (its message until it ends)."""
+        self.message = message
+        self.updated_ms = _now_ms()
+
     def json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "__createdtime__": self.created_ms,
@@ -80,7 +85,8 @@ class Job:
         return out
 
 
-Work = Callable[[], Awaitable[tuple[str, Any]]]  # -> (message, result)
+# The work of a job, given the job to report progress on -> (message, result).
+Work = Callable[[Job], Awaitable[tuple[str, Any]]]
 
 
 class Jobs:
@@ -112,7 +118,7 @@ class Jobs:
 
     async def _run(self, job: Job, work: Work) -> None:
         try:
-            job.message, job.result = await work()
+            job.message, job.result = await work(job)
             job.status = COMPLETE
         except ShoalError as exc:
             job.message, job.status = exc.message, ERROR

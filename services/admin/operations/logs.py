@@ -9,6 +9,7 @@ import orjson
 from shoal.storage.v1 import storage_pb2 as spb
 from shoal.storage.v1 import types_pb2
 
+from services.admin.jobs import Job
 from services.admin.operations import jobs
 from services.admin.operations.body import Body, Json, harper_time
 from services.admin.operations.execute import Execute
@@ -136,7 +137,7 @@ def parse_delete_audit_logs_before(body: Body) -> spb.DeleteLogsBeforeRequest:
 async def delete_audit_logs_before(ex: Execute, request: spb.DeleteLogsBeforeRequest) -> Json:
     """A job, as in Harper (get_job shows how many entries it deleted)."""
 
-    async def work() -> tuple[str, Json]:
+    async def work(job: Job) -> tuple[str, Json]:
         reply = await ex.node.call(
             ex.node.storage.DeleteLogsBefore, request, ex.caller.metadata, deadline_s=JOB_CALL_S
         )

@@ -18,13 +18,16 @@ async def _done(*started: Job) -> None:
 async def test_a_job_completes_or_fails_with_its_message() -> None:
     jobs = Jobs()
 
-    async def works() -> tuple[str, Any]:
+    async def works(job: Job) -> tuple[str, Any]:
+        job.progress("halfway")
+        await asyncio.sleep(0)
+        assert job.json()["message"] == "halfway" and job.status == IN_PROGRESS
         return "loaded 2 of 2", {"rows": 2}
 
-    async def fails() -> tuple[str, Any]:
+    async def fails(job: Job) -> tuple[str, Any]:
         raise NotFound("table dev.cat does not exist")
 
-    async def breaks() -> tuple[str, Any]:
+    async def breaks(job: Job) -> tuple[str, Any]:
         raise RuntimeError("boom")
 
     ok, failed, broken = (
@@ -46,7 +49,7 @@ async def test_running_and_kept_jobs_are_bounded() -> None:
     jobs = Jobs(max_running=2, max_kept=3)
     release = asyncio.Event()
 
-    async def waits() -> tuple[str, Any]:
+    async def waits(job: Job) -> tuple[str, Any]:
         await release.wait()
         return "done", None
 
