@@ -21,6 +21,7 @@ from shoal.replicator.v1 import replicator_pb2_grpc
 from shoal.storage.v1 import storage_pb2 as spb
 from shoal.storage.v1 import storage_pb2_grpc
 
+from services.admin.jobs import Jobs
 from services.common.auth import Identity, acting_for_metadata, bearer_metadata, identity
 from services.common.config import ShoalConfig
 from services.common.errors import (
@@ -94,6 +95,7 @@ class AdminNode:
         self.config = config
         self.node_tls = node_tls
         self.lifecycle = Lifecycle("admin")  # this process's restart (served by start_server)
+        self.jobs = Jobs()  # background operations (CSV loads, deleting old logs)
         self.secret = secret
         self.internal: Metadata = bearer_metadata(secret)
         # The node-local sockets of storage and the replicator.

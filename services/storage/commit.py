@@ -23,7 +23,8 @@ from shoal.storage.v1 import types_pb2
 
 from services.common import jsonbytes, jsoninput
 from services.common.errors import DataLoss, InvalidArgument, ResourceExhausted, shown
-from services.storage import keys, merge, residency
+from services.common.hlc import version_ms
+from services.storage import assigned, attribute_types, keys, merge, residency
 from services.storage.merge import RecordState, Stamp
 from services.storage.schema import SCHEMA_PREFIX, Table
 
@@ -38,6 +39,7 @@ HLC_KEY = b"hlc"
 POSITION_PREFIX = b"pos/"
 HORIZON_PREFIX = b"hzn/"
 COUNT_PREFIX = b"count/"
+UPDATED_PREFIX = b"updated/"  # updated/<tid> -> when this node last wrote a record of it
 RESIDENCY_PREFIX = b"residency/"  # databases that hold records with residents
 HANDOVER_PREFIX = b"handover/"  # handover/<db>\0<table>\0<key> -> state to hand over
 
@@ -99,6 +101,7 @@ class BatchWriter:
         self.overlay: dict[bytes, RecordState | bytes | None] = {}
         self.logkey = self._h["logkey"]
         self.count_delta: dict[int, int] = {}
+        self.touched: set[int] = set()  # tables whose records this batch writes
         self.dirty_databases: set[str] = set()
         self.positions: dict[tuple[str, str], int] = {}
         self.horizons: dict[tuple[str, str], int] = {}
@@ -147,6 +150,7 @@ class BatchWriter:
         if new is old:
             return
         self.empty = False
+        self.touched.add(table.table_id)
         dkey = table.prefix + encoded_pk
         self.overlay[dkey] = new
         put = self.batch.put
@@ -177,6 +181,7 @@ class BatchWriter:
     ) -> None:
         """Store a PUT of a record this node does not have (the hot path of inserts and
         Apply): no diff, no tombstone, just the state, its index entries and the count."""
+        self.touched.add(table.table_id)
         dkey = table.prefix + encoded_pk
         self.overlay[dkey] = encoded_state
         put = self.batch.put
@@ -198,6 +203,7 @@ class BatchWriter:
     def remove(self, table: Table, encoded_pk: bytes, old: RecordState) -> None:
         """Delete a record outright (no tombstone), with its index entries."""
         self.empty = False
+        self.touched.add(table.table_id)
         dkey = table.prefix + encoded_pk
         self.overlay[dkey] = None
         self.batch.delete(dkey, self._data)
@@ -304,6 +310,9 @@ class BatchWriter:
             self.batch.put(
                 COUNT_PREFIX + keys.table_prefix(table_id), keys.u64(max(0, table_count)), meta
             )
+        updated = keys.u64(max(self.last_version, engine.clock.last))
+        for table_id in self.touched:
+            self.batch.put(UPDATED_PREFIX + keys.table_prefix(table_id), updated, meta)
         for name in self.dirty_databases:
             db = engine.catalog.databases.get(name)
             if db is not None:
@@ -318,6 +327,8 @@ class BatchWriter:
             raise
         for table_id, delta in self.count_delta.items():
             engine.counts[table_id] = max(0, engine.counts.get(table_id, 0) + delta)
+        for table_id in self.touched:
+            engine.updated[table_id] = keys.read_u64(updated)
         engine.positions.update(self.positions)
         engine.horizons.update(self.horizons)
         engine.resident_databases.update(self.residency_marks)
@@ -361,21 +372,32 @@ class OperationResult:
 Parsed = tuple[dict[str, Any], Any, bytes, bytes]  # (doc, pk, encoded pk, raw JSON)
 
 
-def parse_record(raw: bytes, table: Table, position: int, max_depth: int) -> Parsed:
+def parse_record(
+    raw: bytes, table: Table, position: int, max_depth: int, generate: bool = False
+) -> Parsed:
     """(doc, pk, encoded pk, raw) of a JSON record, held to the nesting and integer
-    limits (``jsoninput``); INVALID_ARGUMENT naming the record."""
+    limits (``jsoninput``) and to the table's attribute types (``attribute_types``);
+    INVALID_ARGUMENT naming the record. With ``generate``, a record without its primary
+    key gets a generated one (``assigned``)."""
     try:
         doc = jsoninput.loads(raw, max_depth)
     except jsoninput.Refused as exc:
         raise InvalidArgument(f"record {position}: {exc}") from None
     if type(doc) is not dict:
         raise InvalidArgument(f"record {position}: must be a JSON object")
+    if table.types:
+        attribute_types.check(doc, table.types)
     try:
         pk = doc[table.primary_key]
     except KeyError:
-        raise InvalidArgument(
-            f"record {position}: missing primary key attribute {table.primary_key!r}"
-        ) from None
+        declared = table.types.get(table.primary_key, "Any")
+        if not generate or not attribute_types.accepts(declared, ""):
+            because = "" if not generate else f" (a key of type {declared} is not generated)"
+            raise InvalidArgument(
+                f"record {position}: missing primary key attribute {table.primary_key!r}" + because
+            ) from None
+        pk = assigned.generated_key()
+        raw = assigned.extended(doc, raw, {table.primary_key: pk})
     try:
         encoded = keys.encode_key(pk)
     except keys.InvalidKey as exc:
@@ -462,7 +484,9 @@ class LocalTransaction:
         pending.operation = operation
         pending.raw = None
 
-    def _checked(self, records: Sequence[bytes], table: Table) -> list[Parsed]:
+    def _checked(
+        self, records: Sequence[bytes], table: Table, generate: bool = False
+    ) -> list[Parsed]:
         limit = self.engine.config.storage.max_records_per_request
         self._records += len(records)
         if self._records > limit:
@@ -472,7 +496,7 @@ class LocalTransaction:
             )
         self._tables[table.name] = table
         depth = self.engine.config.storage.max_nesting_depth
-        parsed = [parse_record(r, table, i, depth) for i, r in enumerate(records)]
+        parsed = [parse_record(r, table, i, depth, generate) for i, r in enumerate(records)]
         if len({p[2] for p in parsed}) != len(parsed):
             seen: set[bytes] = set()
             for i, (_, pk, encoded, _) in enumerate(parsed):
@@ -489,19 +513,27 @@ class LocalTransaction:
         records: Sequence[bytes],
         operation: int,
         choose: Callable[[RecordState | None], int | None],
+        generate: bool = False,
     ) -> OperationResult:
-        """Validate records, then record each as the write ``choose`` picks (None: skip)."""
-        parsed = self._checked(records, table)
+        """Validate records, then record each as the write ``choose`` picks (None: skip).
+        With ``generate``, records without a primary key get one (``assigned``)."""
+        parsed = self._checked(records, table, generate)
         result = OperationResult()
         states = self._current(table, [p[2] for p in parsed])
         dumps = jsonbytes.dumps  # ids are kept for the response: exact-size bytes
         written = result.written
-        for item, state in zip(parsed, states, strict=True):
+        now_ms = version_ms(self.engine.clock.peek()) if table.timestamps else 0
+        for given, state in zip(parsed, states, strict=True):
             kind = choose(state)
-            id_json = dumps(item[1])
+            id_json = dumps(given[1])
             if kind is None:
                 result.skipped.append(id_json)
                 continue
+            item = given
+            if now_ms:
+                stamps = assigned.timestamps(table, not _visible(state), now_ms)
+                doc, pk, encoded, raw = given
+                item = (doc, pk, encoded, assigned.extended(doc, raw, stamps))
             self._record(table, item, kind, operation, state, id_json)
             written.append(id_json)
         return result
@@ -509,7 +541,11 @@ class LocalTransaction:
     def insert(self, table: Table, records: Sequence[bytes]) -> OperationResult:
         """New records as PUTs; keys already visible are skipped."""
         return self._write(
-            table, records, types_pb2.OPERATION_INSERT, lambda s: None if _visible(s) else PUT
+            table,
+            records,
+            types_pb2.OPERATION_INSERT,
+            lambda s: None if _visible(s) else PUT,
+            generate=True,
         )
 
     def update(self, table: Table, records: Sequence[bytes]) -> OperationResult:
@@ -521,14 +557,20 @@ class LocalTransaction:
     def upsert(self, table: Table, records: Sequence[bytes]) -> OperationResult:
         """PATCH visible records, PUT the others."""
         return self._write(
-            table, records, types_pb2.OPERATION_UPSERT, lambda s: PATCH if _visible(s) else PUT
+            table,
+            records,
+            types_pb2.OPERATION_UPSERT,
+            lambda s: PATCH if _visible(s) else PUT,
+            generate=True,
         )
 
     def merge_upsert(self, table: Table, records: Sequence[bytes]) -> OperationResult:
         """PATCH every record, present or not: concurrent upserts of a record new to
         their nodes then merge attribute by attribute instead of the newest replacing
         the whole record."""
-        return self._write(table, records, types_pb2.OPERATION_UPSERT, lambda s: PATCH)
+        return self._write(
+            table, records, types_pb2.OPERATION_UPSERT, lambda s: PATCH, generate=True
+        )
 
     def delete(self, table: Table, ids: Sequence[bytes]) -> OperationResult:
         if not ids:
@@ -773,4 +815,7 @@ def table_schema(table: Table, with_attributes: bool = False) -> types_pb2.Table
         indexed_attributes=table.indexed,
         replicate=table.replicate,
         attributes=sorted(table.attributes) if with_attributes else (),
+        attribute_types=table.types if with_attributes else {},
+        schema_defined=table.schema_defined,
+        record_timestamps=table.timestamps,
     )

@@ -143,7 +143,10 @@ class CsvParser:
     def _issue(self, message: str, line: int | None = None) -> None:
         self.failed += 1
         if len(self.issues) < MAX_ERRORS:
-            self.issues.append(RowIssue(line or self._line, f"line {line or self._line} {message}"))
+            at = line or self._line
+            # "line 3 has 2 fields", but "line 3: Value "x" in property ..." (a sentence)
+            joined = f"line {at} {message}" if message[:1].islower() else f"line {at}: {message}"
+            self.issues.append(RowIssue(at, joined))
 
     def row_failed(self, line: int, message: str) -> None:
         self._issue(message, line)

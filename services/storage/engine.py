@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import orjson
@@ -29,7 +29,7 @@ from services.common.errors import (
 )
 from services.common.hlc import HybridClock, format_version, wall_clock_ms
 from services.common.tokens import TokenLifetimes
-from services.storage import copy, fence, keys, limited, merge, residency
+from services.storage import attribute_types, copy, fence, keys, limited, merge, residency
 from services.storage.commit import (
     COUNT_PREFIX,
     DELETE,
@@ -40,6 +40,7 @@ from services.storage.commit import (
     POSITION_PREFIX,
     PUT,
     RESIDENCY_PREFIX,
+    UPDATED_PREFIX,
     BatchWriter,
     LocalTransaction,
     apply_write,
@@ -93,6 +94,8 @@ class Engine:
         self.store = Store(config.storage_path, config.storage.sync_writes)
         self.catalog = Catalog()
         self.counts: dict[int, int] = {}
+        # When this node last wrote a record of each table (hybrid clock), by table id.
+        self.updated: dict[int, int] = {}
         self.positions: dict[tuple[str, str], int] = {}
         self.horizons: dict[tuple[str, str], int] = {}
         # Copies into this node that have started and not completed, per (database, source).
@@ -208,6 +211,9 @@ class Engine:
         self.counts = {}
         for key, value in self.store.scan("meta", COUNT_PREFIX, keys.prefix_end(COUNT_PREFIX)):
             self.counts[int.from_bytes(key[len(COUNT_PREFIX) :], "big")] = keys.read_u64(value)
+        self.updated = {}
+        for key, value in self.store.scan("meta", UPDATED_PREFIX, keys.prefix_end(UPDATED_PREFIX)):
+            self.updated[int.from_bytes(key[len(UPDATED_PREFIX) :], "big")] = keys.read_u64(value)
 
     def begin_shutdown(self) -> None:
         """Make long-lived streams (Subscribe) end, so the server can stop promptly."""
@@ -273,10 +279,25 @@ class Engine:
         replicate: bool,
         user: str,
         internal: bool = False,
+        types: Mapping[str, str] | None = None,
+        schema_defined: bool = False,
+        timestamps: bool = False,
     ) -> Table:
+        """Create a table; ``types`` are declared attribute types in any case (Harper's
+        names, ``attribute_types``)."""
         check_name("database", database)
         self._guard(database, internal)
-        table = self.catalog.add_table(database, name, primary_key or "id", indexed, replicate)
+        declared = {a: attribute_types.type_name(t, a) for a, t in (types or {}).items()}
+        table = self.catalog.add_table(
+            database,
+            name,
+            primary_key or "id",
+            indexed,
+            replicate,
+            declared,
+            schema_defined,
+            timestamps,
+        )
         txn = LocalTransaction(self, database, user)
         txn.writer.mark_schema(database)
         try:
@@ -300,6 +321,7 @@ class Engine:
         batch.delete_range(prefix, end, self.store.handle["data"])
         batch.delete_range(prefix, end, self.store.handle["index"])
         batch.delete(COUNT_PREFIX + prefix, self.store.handle["meta"])
+        batch.delete(UPDATED_PREFIX + prefix, self.store.handle["meta"])
         db = self.catalog.database(database)
         del db.tables[name]
         batch.put(SCHEMA_PREFIX + database.encode(), db.encode(), self.store.handle["meta"])
@@ -379,6 +401,7 @@ class Engine:
         if attribute not in table.attributes:
             raise NotFound(f"attribute {database}.{table_name}.{attribute} does not exist")
         table.attributes.discard(attribute)
+        table.types.pop(attribute, None)
         table.indexed = tuple(a for a in table.indexed if a != attribute)
         handle = self.store.handle
         iprefix = keys.index_prefix(table.table_id, attribute)
@@ -436,10 +459,24 @@ class Engine:
                 schema.primary_key or "id",
                 schema.indexed_attributes,
                 schema.replicate,
+                {a: _known_type(t) for a, t in schema.attribute_types.items()},
+                schema.schema_defined,
+                schema.record_timestamps,
             )
             table.attributes.update(schema.attributes)
             writer.mark_schema(database)
             return table
+        for attribute, given in schema.attribute_types.items():
+            if attribute not in table.types:
+                table.types[check_name("attribute", attribute)] = _known_type(given)
+                writer.mark_schema(database)
+        # Flags only ever turn on, so nodes converge whichever schema arrives first.
+        if (schema.record_timestamps and not table.timestamps) or (
+            schema.schema_defined and not table.schema_defined
+        ):
+            table.timestamps = table.timestamps or schema.record_timestamps
+            table.schema_defined = table.schema_defined or schema.schema_defined
+            writer.mark_schema(database)
         for attribute in schema.indexed_attributes:
             if attribute not in table.indexed and attribute != table.primary_key:
                 check_name("attribute", attribute)
@@ -681,3 +718,12 @@ class Engine:
 
     def schema_of(self, table: Table) -> types_pb2.TableSchema:
         return table_schema(table, with_attributes=True)
+
+
+def _known_type(given: str) -> str:
+    """A replicated attribute type: a type this node does not know (a newer node's) is
+    kept as Any, never refused: replication must not stop over it."""
+    try:
+        return attribute_types.type_name(given, "")
+    except InvalidArgument:
+        return "Any"

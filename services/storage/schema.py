@@ -4,7 +4,13 @@ Persisted in the ``meta`` column family, one JSON document per database under
 ``schema/<database>``::
 
     {"tables": {"dog": {"id": 7, "primaryKey": "id", "indexed": ["breed"],
-                        "replicate": true, "attributes": ["age", "breed", "id"]}}}
+                        "replicate": true, "attributes": ["age", "breed", "id"],
+                        "types": {"age": "Int"}, "schemaDefined": true,
+                        "timestamps": false}}}
+
+``types`` (declared attribute types, checked by ``attribute_types.py``), ``schemaDefined``
+and ``timestamps`` (records get ``__createdtime__``/``__updatedtime__``,
+``timestamps.py``) are left out while false or empty, and read as such when absent.
 
 Table ids are local to the node (allocated from ``meta:next_table_id``) and never leave
 it; other nodes know tables by name. The in-memory catalog is changed together with the
@@ -14,7 +20,7 @@ write batch that persists it; if that write fails the catalog is reloaded from d
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import orjson
@@ -24,6 +30,9 @@ from services.common.errors import AlreadyExists, InvalidArgument, NotFound, sho
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_$][A-Za-z0-9_$-]{0,249}$")
 SCHEMA_PREFIX = b"schema/"
 NEXT_TABLE_ID_KEY = b"next_table_id"
+CREATED_TIME = "__createdtime__"
+UPDATED_TIME = "__updatedtime__"
+TIMESTAMP_ATTRIBUTES = (CREATED_TIME, UPDATED_TIME)
 
 
 def check_name(kind: str, name: str) -> str:
@@ -49,6 +58,9 @@ class Table:
     indexed: tuple[str, ...] = ()
     replicate: bool = True
     attributes: set[str] = field(default_factory=set)
+    types: dict[str, str] = field(default_factory=dict)
+    schema_defined: bool = False
+    timestamps: bool = False
     prefix: bytes = b""
     _index_prefixes: dict[str, bytes] = field(default_factory=dict, repr=False)
 
@@ -64,13 +76,20 @@ class Table:
         return cached
 
     def to_json(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "id": self.table_id,
             "primaryKey": self.primary_key,
             "indexed": list(self.indexed),
             "replicate": self.replicate,
             "attributes": sorted(self.attributes),
         }
+        if self.types:
+            out["types"] = dict(sorted(self.types.items()))
+        if self.schema_defined:
+            out["schemaDefined"] = True
+        if self.timestamps:
+            out["timestamps"] = True
+        return out
 
 
 @dataclass
@@ -108,6 +127,9 @@ class Catalog:
                     indexed=tuple(t["indexed"]),
                     replicate=bool(t["replicate"]),
                     attributes=set(t["attributes"]),
+                    types=dict(t.get("types", {})),
+                    schema_defined=bool(t.get("schemaDefined", False)),
+                    timestamps=bool(t.get("timestamps", False)),
                 )
             self.databases[name] = db
 
@@ -145,11 +167,16 @@ class Catalog:
         primary_key: str,
         indexed: Iterable[str],
         replicate: bool,
+        types: Mapping[str, str] | None = None,
+        schema_defined: bool = False,
+        timestamps: bool = False,
     ) -> Table:
-        """Create a table (and its database when missing)."""
+        """Create a table (and its database when missing); ``types`` are declared
+        attribute types (Harper's names, checked by the caller)."""
         check_name("table", name)
         check_name("primary key attribute", primary_key)
         indexed_names = tuple(dict.fromkeys(check_name("attribute", a) for a in indexed))
+        declared = {check_name("attribute", a): t for a, t in (types or {}).items()}
         db = self.databases.get(database) or self.add_database(database)
         if name in db.tables:
             raise AlreadyExists(f"table {database}.{name} already exists")
@@ -160,8 +187,13 @@ class Catalog:
             primary_key=primary_key,
             indexed=tuple(a for a in indexed_names if a != primary_key),
             replicate=replicate,
-            attributes={primary_key, *indexed_names},
+            attributes={primary_key, *indexed_names, *declared},
+            types=declared,
+            schema_defined=schema_defined,
+            timestamps=timestamps,
         )
+        if timestamps:
+            table.attributes.update(TIMESTAMP_ATTRIBUTES)
         self.next_table_id += 1
         db.tables[name] = table
         return table

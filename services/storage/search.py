@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import heapq
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -394,10 +394,24 @@ class _Desc:
     __hash__ = None  # type: ignore[assignment]
 
 
+def requested(get_attributes: Iterable[str], table: Table) -> list[str]:
+    """The attributes a search returns: as asked, or for ``["*"]`` (Harper's every
+    attribute) ``"*"`` followed by every attribute the table knows, which ``project``
+    gives each record (null where the record has none)."""
+    asked = list(get_attributes)
+    if asked == ["*"]:
+        return ["*", *sorted(table.attributes)]
+    return asked
+
+
 def project(doc: Doc, attributes: list[str]) -> Doc:
-    """Keep only the requested attributes (all when empty or ["*"])."""
-    if not attributes or attributes == ["*"]:
+    """Keep only the requested attributes: all when empty; with ``requested``'s form of
+    ``["*"]``, every attribute of the table, null where the record has none."""
+    if not attributes:
         return doc
+    if attributes[0] == "*":
+        missing = [a for a in attributes[1:] if a not in doc]
+        return {**doc, **dict.fromkeys(missing)} if missing else doc
     return {a: doc[a] for a in attributes if a in doc}
 
 

@@ -31,9 +31,8 @@ def test_users_and_roles_through_execute(make_node: MakeNode) -> None:
     assert {r["role"] for r in admin.ok({"operation": "list_roles"})} >= {"reader", "super_user"}
 
     ann = node.admin("ann", "pw-ann")
-    assert ann.ok({"operation": "search_by_id", "database": "dev", "table": "dog", "ids": [1]}) == [
-        {"id": 1}
-    ]
+    by_id = {"operation": "search_by_id", "database": "dev", "table": "dog", "ids": [1]}
+    assert ann.ok({**by_id, "get_attributes": ["id"]}) == [{"id": 1}]
     result, code = ann.execute(
         {"operation": "insert", "database": "dev", "table": "dog", "records": [{"id": 2}]}
     )
@@ -48,6 +47,7 @@ def test_users_and_roles_through_execute(make_node: MakeNode) -> None:
             "table": "dog",
             "attribute": "id",
             "value": "*",
+            "get_attributes": ["id"],
         }
     ) == [{"id": 1}]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import grpc
@@ -40,6 +41,21 @@ class AdminClient:
         result, code = self.execute(operation)
         assert code == 0, f"{operation['operation']} failed ({code}): {result}"
         return result
+
+    def job(self, operation: dict[str, Any], timeout: float = 120.0) -> dict[str, Any]:
+        """Run an operation Harper runs as a job (a CSV load): its answer must be
+        Harper's ``{"message": "Starting job with id <id>", "job_id"}``; returns the job
+        (``get_job``) once it is no longer IN_PROGRESS."""
+        started = self.ok(operation)
+        job_id = started.get("job_id")
+        assert started == {"message": f"Starting job with id {job_id}", "job_id": job_id}
+        give_up = time.monotonic() + timeout
+        while True:
+            (job,) = self.ok({"operation": "get_job", "id": job_id})
+            if job["status"] != "IN_PROGRESS":
+                return dict(job)
+            assert time.monotonic() < give_up, f"job {job_id} still running: {job}"
+            time.sleep(0.05)
 
     def ok_within(self, operation: dict[str, Any], timeout: float) -> Any:
         """Like ``ok``, for a long operation (a rolling restart)."""

@@ -173,7 +173,7 @@ def test_every_operation_keeps_the_cluster_convergent(make_cluster: MakeCluster)
         deleted = c.client().delete("dev", "dog", [3])
         check("insert, update, upsert, delete")
 
-        loaded = admin_b.ok(
+        loaded = admin_b.job(
             {
                 "operation": "csv_data_load",
                 "database": "dev",
@@ -182,7 +182,7 @@ def test_every_operation_keeps_the_cluster_convergent(make_cluster: MakeCluster)
                 "data": "id,name,age\n8,Pip,1\n1,Penny,5\n",
             }
         )
-        assert loaded["written"] == 2
+        assert loaded["status"] == "COMPLETE" and loaded["result"]["written"] == 2
         check("csv_data_load")
 
         admin_a.ok(
@@ -233,7 +233,7 @@ def test_every_operation_keeps_the_cluster_convergent(make_cluster: MakeCluster)
         assert all(r["ok"] for r in dropped["replicated"]), dropped
         check("drop_attribute (replicated)")
 
-        admin_b.ok(
+        admin_b.job(
             {
                 "operation": "delete_audit_logs_before",
                 "database": "dev",

@@ -83,10 +83,16 @@ def _admin(
 def _read_dog(node: Node, service: str, pair: KeyPair, user: str | None = None) -> Any:
     if service == "storage":
         with _storage(node, pair, user) as client:
-            return client.get("dev", "dog", [1])
+            return client.get("dev", "dog", [1], ["id", "name"])
     with _admin(node, pair, user) as admin:
         return admin.ok(
-            {"operation": "search_by_id", "database": "dev", "table": "dog", "ids": [1]}
+            {
+                "operation": "search_by_id",
+                "database": "dev",
+                "table": "dog",
+                "ids": [1],
+                "get_attributes": ["id", "name"],  # not the record timestamps
+            }
         )
 
 

@@ -17,6 +17,7 @@ After every call:
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -535,4 +536,14 @@ def test_execute_json(target: Target, raw: bytes) -> None:
     if code:
         assert isinstance(outcome["result"].get("error"), str)
         assert target.digest() == before, f"refused Execute {raw[:300]!r} changed {DATABASE}"
+    elif isinstance(outcome["result"], dict) and "job_id" in outcome["result"]:
+        _finished(target, outcome["result"]["job_id"])  # its writes land before the next
     assert target.node.health("admin")
+
+
+def _finished(target: Target, job_id: str) -> None:
+    """Wait for a job (a CSV load) an operation started."""
+    give_up = time.monotonic() + 60
+    while target.admin.ok({"operation": "get_job", "id": job_id})[0]["status"] == "IN_PROGRESS":
+        assert time.monotonic() < give_up, f"job {job_id} still running"
+        time.sleep(0.05)

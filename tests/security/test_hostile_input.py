@@ -398,10 +398,10 @@ def test_a_csv_field_over_128_kib_stops_the_load_naming_its_line(dev: Node) -> N
             "line 3",
             "131072 characters",
         )
-    result, code = dev.admin().execute(
+    job = dev.admin().job(
         {"operation": "csv_data_load", "database": "dev", "table": "t", "data": data.decode()}
     )
-    assert code == INVALID.value[0] and "line 3" in result["error"], result
+    assert job["status"] == "ERROR" and "line 3" in job["message"], job
     assert digest(dev, "dev") == before
 
 

@@ -112,7 +112,7 @@ def test_row_errors_are_reported_and_do_not_stop_the_load(client: StorageClient)
         b'2,b,"a note over\n'  # line 3
         b'two lines"\n'  # line 4
         b"3,c\n"  # line 5: too few fields
-        b",d,no id\n"  # line 6: missing primary key
+        b",d,no id\n"  # line 6: no primary key: a generated one
         b"true,e,boolean id\n"  # line 7: invalid primary key
         b"\n"  # line 8: blank, ignored
         b"4,f,ok,extra\n"  # line 9: too many fields
@@ -127,22 +127,18 @@ def test_row_errors_are_reported_and_do_not_stop_the_load(client: StorageClient)
         client.create_table("dev", "dog")
         client.insert("dev", "dog", [{"id": 1, "name": "existing"}])
         reply = load(client, data, chunk=chunk)
-        assert counts(reply) == (11, 4, 1, 6), chunk
-        assert [e.line for e in reply.errors] == [5, 6, 7, 9, 11, 12], chunk
+        assert counts(reply) == (11, 5, 1, 5), chunk
+        assert [e.line for e in reply.errors] == [5, 7, 9, 11, 12], chunk
         messages = {e.line: e.message for e in reply.errors}
         assert "fields" in messages[5]
         assert "3" in messages[9] and "4" in messages[9]
-        assert "primary key" in messages[6]
         assert "primary key" in messages[7]
         assert "primary key" in messages[11]
         assert "more than 64 levels" in messages[12]
-        assert [r["id"] for r in client.all_records("dev", "dog")] == [
-            1,
-            2,
-            5,
-            6,
-            "18446744073709551616",
-        ]
+        loaded = {r["name"]: r["id"] for r in client.all_records("dev", "dog")}
+        generated = loaded.pop("d")  # line 6: its key generated
+        assert isinstance(generated, str) and len(generated) == 36
+        assert sorted(loaded.values(), key=str) == [1, "18446744073709551616", 2, 5, 6]
         assert client.get("dev", "dog", [1, 2, 6]) == [
             {"id": 1, "name": "existing"},
             {"id": 2, "name": "b", "note": "a note over\ntwo lines"},
@@ -192,6 +188,9 @@ def test_stream_shape_errors(client: StorageClient) -> None:
     client.insert("dev", "dog", [{"id": 1}])
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     header = pb.LoadCsvRequest(header=pb.LoadCsvHeader(database="dev", table="dog"))
+    update = pb.LoadCsvRequest(
+        header=pb.LoadCsvHeader(database="dev", table="dog", operation=types_pb2.OPERATION_UPDATE)
+    )
     cases: list[tuple[list[pb.LoadCsvRequest], list[str]]] = [
         ([], ["header"]),
         ([pb.LoadCsvRequest(chunk=b"id\n2\n")], ["first message", "header"]),
@@ -202,7 +201,8 @@ def test_stream_shape_errors(client: StorageClient) -> None:
         ([header, pb.LoadCsvRequest(chunk=b"id\n2\n"), header], ["header"]),
         ([header], ["empty", "header row"]),
         ([header, pb.LoadCsvRequest(chunk=b"")], ["empty", "header row"]),
-        ([header, pb.LoadCsvRequest(chunk=b"name,age\nRex,3\n")], ["no 'id' column"]),
+        # Only an update needs the key column (an insert or upsert generates missing keys).
+        ([update, pb.LoadCsvRequest(chunk=b"name,age\nRex,3\n")], ["no 'id' column"]),
         ([header, pb.LoadCsvRequest(chunk=b"id,name,id\n2,a,3\n")], ["twice"]),
         ([header, pb.LoadCsvRequest(chunk=b"id,,name\n2,a,b\n")], ["name every column"]),
         ([header, pb.LoadCsvRequest(chunk=b"\n2\n")], ["header row"]),

@@ -163,7 +163,8 @@ def test_a_failing_operation_aborts_everything(shop: StorageClient) -> None:
             ["operation 3", "json"],
         ),
         (
-            [good[0], op("stock", INSERT, {"count": 1}), *good[1:]],
+            # An update needs the key (an insert would generate it).
+            [good[0], op("stock", UPDATE, {"count": 1}), *good[1:]],
             grpc.StatusCode.INVALID_ARGUMENT,
             ["operation 1", "primary key", "sku"],
         ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import grpc
@@ -194,7 +195,8 @@ BAD_RECORDS: list[tuple[list[bytes], list[str]]] = [
     ([b'"text"'], ["record 0", "object"]),
     ([b"42"], ["record 0", "object"]),
     ([b"null"], ["record 0", "object"]),
-    ([b'{"id": 5}', b'{"name": "no key"}'], ["record 1", "primary key", "id"]),
+    # Insert and Upsert generate the missing key of record 0; record 1's is invalid.
+    ([b'{"name": "no key"}', b'{"id": true}'], ["primary key"]),
     ([b'{"id": true}'], ["record 0", "primary key"]),
     ([b'{"id": null}'], ["record 0", "primary key"]),
     ([b'{"id": {"a": 1}}'], ["record 0", "primary key"]),
@@ -362,3 +364,97 @@ def test_indexes_follow_every_change(client: StorageClient) -> None:
     client.delete("dev", "indexed", [1, 2])
     assert client.by_value("dev", "indexed", "v", None) == []
     assert client.by_value("dev", "indexed", "v", False) == []
+
+
+def test_a_record_without_its_primary_key_gets_a_generated_one(dogs: StorageClient) -> None:
+    inserted = dogs.insert("dev", "dog", [{"name": "Rex"}])
+    (key,) = [orjson.loads(i) for i in inserted.inserted_ids]
+    assert isinstance(key, str) and str(uuid.UUID(key)) == key
+    assert dogs.get("dev", "dog", [key]) == [{"name": "Rex", "id": key}]
+    upserted = dogs.upsert("dev", "dog", [{"name": "Max"}])
+    assert orjson.loads(upserted.upserted_ids[0]) != key
+    dogs.expect(
+        INVALID,
+        "Update",
+        pb.UpdateRequest(database="dev", table="dog", records=[b'{"name": "x"}']),
+        "record 0",
+        "primary key",
+    )
+
+
+def test_typed_attributes_are_checked_on_every_write_path(client: StorageClient) -> None:
+    client.call(
+        "CreateTable",
+        pb.CreateTableRequest(
+            database="dev",
+            table="t",
+            attributes=[
+                pb.AttributeDefinition(name="score", type="number"),
+                pb.AttributeDefinition(name="n", type="Int", indexed=True),
+            ],
+            schema_defined=True,
+        ),
+    )
+    info = client.describe("dev", "t")
+    assert {a.name: (a.type, a.indexed) for a in info.attributes} == {
+        "id": ("", True),
+        "score": ("Number", False),
+        "n": ("Int", True),
+    }
+    assert info.schema_defined and not info.record_timestamps
+    client.insert("dev", "t", [{"id": 1, "score": 1.5, "n": 2}])
+    before = state(client, "dev", "t")
+    bad = [b'{"id": 2, "score": 1}', b'{"id": 3, "score": "high"}']
+    for method, request_type in [
+        ("Insert", pb.InsertRequest),
+        ("Update", pb.UpdateRequest),
+        ("Upsert", pb.UpsertRequest),
+    ]:
+        error = client.expect(
+            INVALID,
+            method,
+            request_type(database="dev", table="t", records=bad),
+            'Value "high" in property score must be a number',
+        )
+        assert error_info(error).reason == "ATTRIBUTE_TYPE"
+        assert state(client, "dev", "t") == before
+    client.expect(
+        INVALID,
+        "Transact",
+        pb.TransactRequest(
+            database="dev",
+            operations=[
+                pb.TransactOperation(
+                    table="t",
+                    operation=types_pb2.OPERATION_INSERT,
+                    records=[b'{"id": 4, "n": 0.5}'],
+                )
+            ],
+        ),
+        "Value 0.5 in property n must be an integer",
+    )
+    assert state(client, "dev", "t") == before
+    client.expect(
+        INVALID,
+        "CreateTable",
+        pb.CreateTableRequest(
+            database="dev", table="u", attributes=[pb.AttributeDefinition(name="x", type="Colour")]
+        ),
+        "unknown type 'Colour'",
+    )
+
+
+def test_a_key_of_a_non_string_type_is_not_generated(client: StorageClient) -> None:
+    client.call(
+        "CreateTable",
+        pb.CreateTableRequest(
+            database="dev", table="n", attributes=[pb.AttributeDefinition(name="id", type="Int")]
+        ),
+    )
+    client.expect(
+        INVALID,
+        "Insert",
+        pb.InsertRequest(database="dev", table="n", records=[b'{"v": 1}']),
+        "missing primary key attribute 'id' (a key of type Int is not generated)",
+    )
+    assert [orjson.loads(i) for i in client.insert("dev", "n", [{"id": 7}]).inserted_ids] == [7]

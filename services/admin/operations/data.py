@@ -7,7 +7,8 @@ caller's role exactly as for a direct client.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import os
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,8 @@ from shoal.storage.v1 import storage_pb2 as spb
 from shoal.storage.v1 import types_pb2
 
 from services.admin import csvload
+from services.admin.jobs import Job
+from services.admin.operations import jobs
 from services.admin.operations.body import Body, Json
 from services.admin.operations.execute import Execute
 from services.common import jsonbytes
@@ -285,9 +288,9 @@ def _csv_header(body: Body) -> spb.LoadCsvHeader:
     )
 
 
-def _csv_json(reply: spb.LoadCsvResponse) -> Json:
-    return {
-        "message": f"successfully loaded {reply.written} of {reply.rows} records",
+def _csv_outcome(reply: spb.LoadCsvResponse) -> tuple[str, Json]:
+    """A load's job message (Harper's) and result (Shoal's counts and failed rows)."""
+    return f"successfully loaded {reply.written} of {reply.rows} records", {
         "rows": reply.rows,
         "written": reply.written,
         "skipped": reply.skipped,
@@ -301,9 +304,24 @@ def parse_csv_data_load(body: Body) -> CsvLoad:
     return CsvLoad(header, body.text("data"))
 
 
+async def _reported(chunks: AsyncIterator[bytes], job: Job, total: int) -> AsyncIterator[bytes]:
+    """The chunks of a load, its job's progress updated as each goes to storage."""
+    sent = 0
+    async for chunk in chunks:
+        yield chunk
+        sent += len(chunk)
+        job.progress(f"sent {sent} of {total} bytes of CSV to storage")
+
+
 async def csv_data_load(ex: Execute, request: CsvLoad) -> Json:
-    chunks = csvload.each(csvload.text_chunks(request.source))
-    return _csv_json(await csvload.load(ex.node, ex.caller.metadata, request.header, chunks))
+    """A job (Harper's answer names it; get_job shows its progress and outcome)."""
+
+    async def work(job: Job) -> tuple[str, Json]:
+        data = request.source
+        chunks = _reported(csvload.each(csvload.text_chunks(data)), job, len(data.encode()))
+        return _csv_outcome(await csvload.load(ex.node, ex.caller.metadata, request.header, chunks))
+
+    return jobs.start(ex, "csv_data_load", work)
 
 
 def parse_csv_file_load(body: Body) -> CsvLoad:
@@ -312,11 +330,23 @@ def parse_csv_file_load(body: Body) -> CsvLoad:
 
 
 async def csv_file_load(ex: Execute, request: CsvLoad) -> Json:
-    """Super user only: it reads files of the node's machine."""
+    """Super user only: it reads files of the node's machine. The file is opened before
+    the job starts, so a path that cannot be loaded is refused at once."""
     path = request.source
     file = await asyncio.to_thread(csvload.open_csv_file, path)
+
+    async def work(job: Job) -> tuple[str, Json]:
+        try:
+            size = os.fstat(file.fileno()).st_size
+            chunks = _reported(csvload.file_chunks(file, path), job, size)
+            return _csv_outcome(
+                await csvload.load(ex.node, ex.caller.metadata, request.header, chunks)
+            )
+        finally:
+            file.close()
+
     try:
-        chunks = csvload.file_chunks(file, path)
-        return _csv_json(await csvload.load(ex.node, ex.caller.metadata, request.header, chunks))
-    finally:
+        return jobs.start(ex, "csv_file_load", work)
+    except Exception:
         file.close()
+        raise

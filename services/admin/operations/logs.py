@@ -9,17 +9,34 @@ import orjson
 from shoal.storage.v1 import storage_pb2 as spb
 from shoal.storage.v1 import types_pb2
 
+from services.admin.jobs import Job
+from services.admin.operations import jobs
 from services.admin.operations.body import Body, Json, harper_time
 from services.admin.operations.execute import Execute
 from services.common import jsonbytes
 from services.common.errors import InvalidArgument
 
+JOB_CALL_S = 3600.0  # a job's storage call is not bound by the Execute call that started it
 _OPERATIONS_ENUM = {
     types_pb2.OPERATION_INSERT: "insert",
     types_pb2.OPERATION_UPDATE: "update",
     types_pb2.OPERATION_UPSERT: "upsert",
     types_pb2.OPERATION_DELETE: "delete",
 }
+
+
+def _record(write: types_pb2.Write) -> Json:
+    """The record as the write left it, as Harper's audit shows it: whole, also for an
+    update, which logs only the attributes it wrote (merged here over the record before
+    it). None for a delete."""
+    if not write.value:
+        return None
+    value = orjson.loads(write.value)
+    if write.kind == types_pb2.WRITE_KIND_PATCH and write.prior and isinstance(value, dict):
+        prior = orjson.loads(write.prior)
+        if isinstance(prior, dict):
+            return {**prior, **value}
+    return value
 
 
 def _log_entry(txn: types_pb2.Transaction) -> Json:
@@ -31,7 +48,7 @@ def _log_entry(txn: types_pb2.Transaction) -> Json:
         "origin": txn.origin,
         "version": txn.version,
         "hash_values": [orjson.loads(w.id) for w in txn.writes],
-        "records": [orjson.loads(w.value) if w.value else None for w in txn.writes],
+        "records": [_record(w) for w in txn.writes],
         "original_records": [orjson.loads(w.prior) if w.prior else None for w in txn.writes],
     } | (
         {"reverts": {"origin": txn.reverts.origin, "version": txn.reverts.version}}
@@ -54,14 +71,16 @@ def parse_read_transaction_log(body: Body) -> spb.ReadTransactionLogRequest:
 
 
 async def read_transaction_log(ex: Execute, request: spb.ReadTransactionLogRequest) -> Json:
+    """The log's record writes; schema changes (a table created, an attribute declared),
+    which write no record, are not entries of Harper's transaction log."""
     chunks = await ex.storage_stream("ReadTransactionLog", request, parsed=True)
-    return [_log_entry(t) for c in chunks for t in c.transactions]
+    return [_log_entry(t) for c in chunks for t in c.transactions if t.writes]
 
 
 @dataclass(frozen=True)
 class AuditQuery:
     message: spb.ReadAuditLogRequest
-    by_id: bool  # search_type hash_value: the entries grouped by the ids they wrote
+    search_type: str  # hash_value: entries by the ids they wrote; username: by user
 
 
 def parse_read_audit_log(body: Body) -> AuditQuery:
@@ -85,18 +104,24 @@ def parse_read_audit_log(body: Body) -> AuditQuery:
         raise InvalidArgument(
             "read_audit_log: 'search_type' must be hash_value, username or timestamp"
         )
-    return AuditQuery(request, by_id=search_type == "hash_value")
+    return AuditQuery(request, search_type)
 
 
 async def read_audit_log(ex: Execute, query: AuditQuery) -> Json:
+    """Harper's answers: a list of entries; by ``hash_value`` an object keyed by id, by
+    ``username`` an object keyed by user (each with the entries, oldest first)."""
     chunks = await ex.storage_stream("ReadAuditLog", query.message, parsed=True)
     entries = [_log_entry(t) for c in chunks for t in c.entries]
-    if query.by_id:
-        by_id: dict[str, list[Json]] = {}
+    grouped: dict[str, list[Json]] = {}
+    if query.search_type == "hash_value":
         for entry in entries:
             for key in entry["hash_values"]:
-                by_id.setdefault(str(key), []).append(entry)
-        return by_id
+                grouped.setdefault(str(key), []).append(entry)
+        return grouped
+    if query.search_type == "username":
+        for entry in entries:
+            grouped.setdefault(entry["user_name"], []).append(entry)
+        return grouped
     return entries
 
 
@@ -110,11 +135,20 @@ def parse_delete_audit_logs_before(body: Body) -> spb.DeleteLogsBeforeRequest:
 
 
 async def delete_audit_logs_before(ex: Execute, request: spb.DeleteLogsBeforeRequest) -> Json:
-    reply = await ex.storage("DeleteLogsBefore", request)
-    return {
-        "message": f"deleted {reply.deleted_transactions} log entries and purged"
-        f" {reply.purged_tombstones} tombstones"
-    }
+    """A job, as in Harper (get_job shows how many entries it deleted)."""
+
+    async def work(job: Job) -> tuple[str, Json]:
+        reply = await ex.node.call(
+            ex.node.storage.DeleteLogsBefore, request, ex.caller.metadata, deadline_s=JOB_CALL_S
+        )
+        message = (
+            f"deleted {reply.deleted_transactions} log entries and purged"
+            f" {reply.purged_tombstones} tombstones"
+        )
+        result = {"deleted": reply.deleted_transactions, "purged": reply.purged_tombstones}
+        return message, result
+
+    return jobs.start(ex, "delete_audit_logs_before", work)
 
 
 # -- revert ----------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from services.admin.operations import (
     backups,
     cluster,
     data,
+    jobs,
     logs,
     schema,
     system,
@@ -89,6 +90,11 @@ OPERATIONS: dict[str, Operation[Any]] = {
         logs.parse_delete_audit_logs_before, logs.delete_audit_logs_before
     ),
     "revert_transaction": Operation(logs.parse_revert_transaction, logs.revert_transaction),
+    # jobs
+    "get_job": Operation(jobs.parse_get_job, jobs.get_job),
+    "search_jobs_by_start_date": Operation(
+        jobs.parse_search_jobs_by_start_date, jobs.search_jobs_by_start_date, SUPER
+    ),
     # users and roles
     "add_user": Operation(users.parse_add_user, users.add_user),
     "alter_user": Operation(users.parse_alter_user, users.alter_user),

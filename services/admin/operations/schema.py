@@ -2,20 +2,47 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from shoal.storage.v1 import storage_pb2 as spb
 
-from services.admin.operations.body import Body, Json
+from services.admin.operations.body import Body, Json, harper_time
 from services.admin.operations.execute import Execute, Replicable
+from services.common.errors import InvalidArgument
+
+# Harper's record timestamps (storage assigns them, services/storage/assigned.py).
+TIMESTAMP_ATTRIBUTES = ("__createdtime__", "__updatedtime__")
+
+
+def _attribute_json(attribute: spb.AttributeInfo) -> Json:
+    """Harper's attribute: ``is_primary_key`` and ``type`` only where they apply."""
+    out: dict[str, Any] = {"attribute": attribute.name, "indexed": attribute.indexed}
+    if attribute.is_primary_key:
+        out["is_primary_key"] = True
+    if attribute.type:
+        out["type"] = attribute.type
+    return out
 
 
 def _table_json(table: spb.TableInfo) -> Json:
+    """Harper's table description (Shoal adds ``database`` and ``replicate``). Attributes
+    list the primary key first, then the timestamps, then the others by name."""
+    order = {table.primary_key: 0, **{a: 1 for a in TIMESTAMP_ATTRIBUTES}}
+    attributes = sorted(table.attributes, key=lambda a: (order.get(a.name, 2), a.name))
     return {
-        "name": table.name,
         "schema": table.database,
-        "database": table.database,
+        "name": table.name,
         "hash_attribute": table.primary_key,
-        "attributes": [{"attribute": a.name, "indexed": a.indexed} for a in table.attributes],
+        "audit": True,
+        "schema_defined": table.schema_defined,
+        "attributes": [_attribute_json(a) for a in attributes],
+        "sources": [],
         "record_count": table.record_count,
+        "table_size": table.table_size,
+        "db_size": table.database_size,
+        "db_audit_size": table.database_audit_size,
+        "last_updated_record": harper_time(table.last_updated),
+        "database": table.database,
         "replicate": table.replicate,
     }
 
@@ -67,18 +94,38 @@ async def drop_database(ex: Execute, request: Replicable[spb.DropDatabaseRequest
     return await ex.on_members(request.body, result) if request.replicated else result
 
 
+def _definition(item: Any, operation: str) -> spb.AttributeDefinition:
+    """One of Harper's declared attributes: ``{name, type, indexed}``."""
+    name, kind = item.get("name"), item.get("type", "")
+    if not isinstance(name, str) or not isinstance(kind, str):
+        raise InvalidArgument(
+            f"{operation}: each attribute needs a 'name' (a string) and may have a 'type'"
+            " (a string) and 'indexed' (true or false)"
+        )
+    return spb.AttributeDefinition(name=name, type=kind, indexed=bool(item.get("indexed")))
+
+
 def parse_create_table(body: Body) -> spb.CreateTableRequest:
+    """Harper's create_table. Declared attributes (objects) make the table
+    ``schema_defined``; a dynamic table (none declared) has Harper's record timestamps,
+    a declared one has them when it declares ``__createdtime__`` or ``__updatedtime__``.
+    A plain string in ``attributes`` names an attribute to index (Shoal's older form)."""
     database, table = body.database(), body.text("table")
-    indexed = [
-        a["name"] if isinstance(a, dict) else a
-        for a in body.array("attributes", required=False)
-        if (isinstance(a, dict) and a.get("indexed")) or isinstance(a, str)
-    ]
+    items = body.array("attributes", required=False)
+    definitions = [_definition(a, body.operation) for a in items if isinstance(a, dict)]
+    indexed = [a for a in items if isinstance(a, str)]
+    if len(definitions) + len(indexed) != len(items):
+        raise InvalidArgument(f"{body.operation}: 'attributes' must be an array of objects")
+    schema_defined = bool(definitions)
+    stamped = any(d.name in TIMESTAMP_ATTRIBUTES for d in definitions)
     request = spb.CreateTableRequest(
         database=database,
         table=table,
         primary_key=body.text("primary_key", "hash_attribute", required=False, default="id"),
-        indexed_attributes=[i for i in indexed if isinstance(i, str)],
+        indexed_attributes=indexed,
+        attributes=definitions,
+        schema_defined=schema_defined,
+        record_timestamps=stamped or not schema_defined,
     )
     if "replicate" in body.data:
         request.replicate = body.flag("replicate", default=True)

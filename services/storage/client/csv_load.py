@@ -74,17 +74,23 @@ class CsvHandlers(ClientHandlers):
             pending.clear()
             seen.clear()
 
+        # Rows of an insert or upsert without the primary key get a generated one.
+        generate = operation != types_pb2.OPERATION_UPDATE
+
         def take(rows: Iterator[tuple[int, bytes]]) -> None:
             for line, record in rows:
                 try:
-                    encoded = commit.parse_record(record, table, line, depth)[2]
+                    _, _, encoded, raw = commit.parse_record(record, table, line, depth, generate)
                 except InvalidArgument as exc:
-                    parser.row_failed(line, exc.message.split(": ", 1)[-1])
+                    message = exc.message
+                    if exc.reason != "ATTRIBUTE_TYPE":
+                        message = message.split(": ", 1)[-1]
+                    parser.row_failed(line, message)
                     continue
                 if encoded in seen:
                     flush()
                 seen.add(encoded)
-                pending.append((line, record))
+                pending.append((line, raw))
                 if len(pending) >= batch_rows:
                     flush()
 
@@ -95,7 +101,7 @@ class CsvHandlers(ClientHandlers):
         take(parser.feed(b"", final=True))
         if parser.header is None:
             raise InvalidArgument("the CSV is empty: it needs a header row")
-        if table.primary_key not in parser.header:
+        if table.primary_key not in parser.header and not generate:
             raise InvalidArgument(f"the CSV has no {table.primary_key!r} column (the primary key)")
         flush()
         # Every data row read was written, skipped or failed (rows with the wrong number of

@@ -10,28 +10,46 @@ from services.storage.engine import RESERVED_DATABASES, Engine
 from services.storage.permissions import READ, can, require, require_reads_in, require_structure
 from services.storage.rpc import Ctx, caller
 from services.storage.schema import Database, Table, check_name
+from services.storage.sizes import Sizes
 
 
-def table_info(engine: Engine, table: Table) -> pb.TableInfo:
+def table_info(engine: Engine, table: Table, sizes: Sizes | None = None) -> pb.TableInfo:
+    """A table as the describe RPCs show it (``sizes``: read once per answer)."""
+    sizes = sizes or Sizes.read(engine.store, engine.counts)
+    records = engine.counts.get(table.table_id, 0)
+    db = engine.catalog.databases.get(table.database)
+    db_records = sum(engine.counts.get(t.table_id, 0) for t in db.tables.values()) if db else 0
     return pb.TableInfo(
         database=table.database,
         name=table.name,
         primary_key=table.primary_key,
         attributes=[
-            pb.AttributeInfo(name=a, indexed=a == table.primary_key or a in table.indexed)
+            pb.AttributeInfo(
+                name=a,
+                indexed=a == table.primary_key or a in table.indexed,
+                type=table.types.get(a, ""),
+                is_primary_key=a == table.primary_key,
+            )
             for a in sorted(table.attributes)
         ],
         replicate=table.replicate,
-        record_count=engine.counts.get(table.table_id, 0),
+        record_count=records,
+        schema_defined=table.schema_defined,
+        record_timestamps=table.timestamps,
+        table_size=sizes.of_records(records),
+        database_size=sizes.of_records(db_records),
+        database_audit_size=sizes.of_audit(db_records),
+        last_updated=engine.updated.get(table.table_id, 0),
     )
 
 
 def database_info(engine: Engine, db: Database, who: Identity | None = None) -> pb.DatabaseInfo:
     """A database with its tables (only those ``who`` may read, when given)."""
+    sizes = Sizes.read(engine.store, engine.counts)
     return pb.DatabaseInfo(
         name=db.name,
         tables=[
-            table_info(engine, t)
+            table_info(engine, t, sizes)
             for _, t in sorted(db.tables.items())
             if who is None or can(who, READ, db.name, t.name)
         ],
@@ -74,10 +92,13 @@ class SchemaHandlers(ClientHandlers):
             request.database,
             request.table,
             request.primary_key,
-            list(request.indexed_attributes),
+            [*request.indexed_attributes, *(a.name for a in request.attributes if a.indexed)],
             replicate,
             who.name,
             who.internal,
+            types={a.name: a.type for a in request.attributes},
+            schema_defined=request.schema_defined,
+            timestamps=request.record_timestamps,
         )
         return pb.CreateTableResponse(table=table_info(self.engine, table))
 

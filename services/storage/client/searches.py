@@ -33,7 +33,7 @@ class SearchHandlers(ClientHandlers):
         table = self.engine.catalog.table(request.database, request.table)
         encoded = encoded_ids(request.ids)
         reader = search.Reader(self.engine, table)
-        attributes = list(request.get_attributes)
+        attributes = search.requested(request.get_attributes, table)
         unreadable = reader.unreadable
         if self.engine.has_residents(table):
             docs = self.reads.by_ids(table, encoded, context.time_remaining())
@@ -103,7 +103,7 @@ class SearchHandlers(ClientHandlers):
         sort = sort_keys(request.sort)
         reader = search.Reader(self.engine, table)
         source = reader.plan(group, sort)
-        attributes = list(request.get_attributes)
+        attributes = search.requested(request.get_attributes, table)
         unreadable = reader.unreadable
         offset, limit = request.offset, request.limit
         if self.engine.has_residents(table):

@@ -187,19 +187,29 @@ class AttributeInfo(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     INDEXED_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    IS_PRIMARY_KEY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Attribute name."""
     indexed: _builtins.bool
     """True when the attribute has a secondary index (always true for the primary key)."""
+    type: _builtins.str
+    """Declared type (Harper's: String, Int, Long, BigInt, Float, Number, Boolean, Date, ID,
+    Any); empty when undeclared.
+    """
+    is_primary_key: _builtins.bool
+    """True for the primary key."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         indexed: _builtins.bool = ...,
+        type: _builtins.str = ...,
+        is_primary_key: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["indexed", b"indexed", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["indexed", b"indexed", "is_primary_key", b"is_primary_key", "name", b"name", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -217,6 +227,12 @@ class TableInfo(_message.Message):
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
     REPLICATE_FIELD_NUMBER: _builtins.int
     RECORD_COUNT_FIELD_NUMBER: _builtins.int
+    SCHEMA_DEFINED_FIELD_NUMBER: _builtins.int
+    RECORD_TIMESTAMPS_FIELD_NUMBER: _builtins.int
+    TABLE_SIZE_FIELD_NUMBER: _builtins.int
+    DATABASE_SIZE_FIELD_NUMBER: _builtins.int
+    DATABASE_AUDIT_SIZE_FIELD_NUMBER: _builtins.int
+    LAST_UPDATED_FIELD_NUMBER: _builtins.int
     database: _builtins.str
     """Database name."""
     name: _builtins.str
@@ -227,6 +243,20 @@ class TableInfo(_message.Message):
     """False when the table never replicates."""
     record_count: _builtins.int
     """Number of visible records on this node."""
+    schema_defined: _builtins.bool
+    """The table was created with its attributes declared (Harper's `schema_defined`)."""
+    record_timestamps: _builtins.bool
+    """Records get `__createdtime__` and `__updatedtime__` (CreateTableRequest)."""
+    table_size: _builtins.int
+    """Estimated bytes of the table's records and indexes on this node: RocksDB's size of
+    the data and index column families, apportioned by record count.
+    """
+    database_size: _builtins.int
+    """Estimated bytes of the table's database on this node (the same estimate)."""
+    database_audit_size: _builtins.int
+    """Estimated bytes of the database's part of the log (apportioned by record count)."""
+    last_updated: _builtins.int
+    """Hybrid-clock time at which this node last wrote a record of the table (0: never)."""
     @_builtins.property
     def attributes(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttributeInfo]:
         """Attributes in name order."""
@@ -240,10 +270,16 @@ class TableInfo(_message.Message):
         attributes: _abc.Iterable[Global___AttributeInfo] | None = ...,
         replicate: _builtins.bool = ...,
         record_count: _builtins.int = ...,
+        schema_defined: _builtins.bool = ...,
+        record_timestamps: _builtins.bool = ...,
+        table_size: _builtins.int = ...,
+        database_size: _builtins.int = ...,
+        database_audit_size: _builtins.int = ...,
+        last_updated: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "database", b"database", "name", b"name", "primary_key", b"primary_key", "record_count", b"record_count", "replicate", b"replicate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "database", b"database", "database_audit_size", b"database_audit_size", "database_size", b"database_size", "last_updated", b"last_updated", "name", b"name", "primary_key", b"primary_key", "record_count", b"record_count", "record_timestamps", b"record_timestamps", "replicate", b"replicate", "schema_defined", b"schema_defined", "table_size", b"table_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -396,6 +432,9 @@ class CreateTableRequest(_message.Message):
     PRIMARY_KEY_FIELD_NUMBER: _builtins.int
     INDEXED_ATTRIBUTES_FIELD_NUMBER: _builtins.int
     REPLICATE_FIELD_NUMBER: _builtins.int
+    ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    RECORD_TIMESTAMPS_FIELD_NUMBER: _builtins.int
+    SCHEMA_DEFINED_FIELD_NUMBER: _builtins.int
     database: _builtins.str
     """Database (created when missing)."""
     table: _builtins.str
@@ -404,9 +443,24 @@ class CreateTableRequest(_message.Message):
     """Primary key attribute; empty means "id"."""
     replicate: _builtins.bool
     """Whether the table replicates; unset means true."""
+    record_timestamps: _builtins.bool
+    """Records get `__createdtime__` and `__updatedtime__` (see Insert). Harper's dynamic
+    tables have them; the operations API's create_table asks for them.
+    """
+    schema_defined: _builtins.bool
+    """The table's attributes are declared (Harper's `schema_defined`); shown by the
+    describe RPCs.
+    """
     @_builtins.property
     def indexed_attributes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Attributes to index from the start."""
+
+    @_builtins.property
+    def attributes(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttributeDefinition]:
+        """Declared attributes with their types (Harper's `attributes: [{name, type}]`). Their
+        values are checked on every write this node accepts (see Insert). An attribute with
+        `indexed` is indexed as `indexed_attributes` are.
+        """
 
     def __init__(
         self,
@@ -416,16 +470,51 @@ class CreateTableRequest(_message.Message):
         primary_key: _builtins.str = ...,
         indexed_attributes: _abc.Iterable[_builtins.str] | None = ...,
         replicate: _builtins.bool | None = ...,
+        attributes: _abc.Iterable[Global___AttributeDefinition] | None = ...,
+        record_timestamps: _builtins.bool = ...,
+        schema_defined: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_replicate", b"_replicate", "replicate", b"replicate"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_replicate", b"_replicate", "database", b"database", "indexed_attributes", b"indexed_attributes", "primary_key", b"primary_key", "replicate", b"replicate", "table", b"table"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_replicate", b"_replicate", "attributes", b"attributes", "database", b"database", "indexed_attributes", b"indexed_attributes", "primary_key", b"primary_key", "record_timestamps", b"record_timestamps", "replicate", b"replicate", "schema_defined", b"schema_defined", "table", b"table"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__replicate: _TypeAlias = _typing.Literal["replicate"]  # noqa: Y015
     _WhichOneofArgType__replicate: _TypeAlias = _typing.Literal["_replicate", b"_replicate"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__replicate) -> _WhichOneofReturnType__replicate | None: ...
 
 Global___CreateTableRequest: _TypeAlias = CreateTableRequest  # noqa: Y015
+
+@_typing.final
+class AttributeDefinition(_message.Message):
+    """A declared attribute of CreateTableRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    INDEXED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Attribute name."""
+    type: _builtins.str
+    """Harper's type name (case-insensitive): String, Int, Long, BigInt, Float, Number,
+    Boolean, Date, ID or Any; empty means Any. Another is INVALID_ARGUMENT.
+    """
+    indexed: _builtins.bool
+    """Index the attribute."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        type: _builtins.str = ...,
+        indexed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["indexed", b"indexed", "name", b"name", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttributeDefinition: _TypeAlias = AttributeDefinition  # noqa: Y015
 
 @_typing.final
 class CreateTableResponse(_message.Message):
@@ -726,7 +815,9 @@ class InsertRequest(_message.Message):
     """
     @_builtins.property
     def records(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
-        """Records as JSON objects; each must carry the primary key."""
+        """Records as JSON objects; one without the primary key gets a generated one (see
+        Insert).
+        """
 
     @_builtins.property
     def replicate_to(self) -> _types_pb2.ReplicateTo:
@@ -897,7 +988,9 @@ class UpsertRequest(_message.Message):
     """
     @_builtins.property
     def records(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
-        """Records as JSON objects; each must carry the primary key."""
+        """Records as JSON objects; one without the primary key is inserted with a generated
+        one (see Insert).
+        """
 
     @_builtins.property
     def replicate_to(self) -> _types_pb2.ReplicateTo:

@@ -292,7 +292,20 @@ class StorageServiceServicer:
 
     def Insert(self, request, context):
         """Inserts records in one transaction. A record whose key already exists is skipped and
-        reported in `skipped_ids`; the others commit together with one version.
+        reported in `skipped_ids`; the others commit together with one version. A record
+        without its primary key gets a generated one (a random UUID string, as Harper's), which
+        is written into the record and returned in `inserted_ids`.
+
+        Typed attributes (CreateTableRequest.attributes): a value of the wrong type refuses
+        the whole request with INVALID_ARGUMENT, reason ATTRIBUTE_TYPE, and Harper's message
+        (`Value "high" in property score must be a number`); nothing is written. Checked on
+        the node that accepts the write (Insert, Update, Upsert, Transact, LoadCsv), never
+        on writes replicated from peers. Null is accepted for every type.
+
+        Record timestamps (CreateTableRequest.record_timestamps): a record written for the
+        first time gets `__createdtime__` and `__updatedtime__`, a record changed gets
+        `__updatedtime__` (Unix milliseconds of the writing node's clock), whatever the
+        request gave them.
 
         Write confirmation (Insert, Update, Upsert, Delete and Transact): with
         `replicated_confirmation: N` the call answers only once the write is whole on N + 1
@@ -318,7 +331,8 @@ class StorageServiceServicer:
         committed locally and will still replicate; the message says how many confirmations
         are missing, and from which residents).
         Errors: INVALID_ARGUMENT (no records, a record that is not a JSON object or is beyond
-        the JSON limits, a missing or invalid primary key, the same key twice in the request),
+        the JSON limits, an invalid primary key (missing: Update only), the same key twice in
+        the request, a value of the wrong type),
         NOT_FOUND (database or table), RESOURCE_EXHAUSTED (request larger than the configured
         limits).
         """
@@ -414,8 +428,11 @@ class StorageServiceServicer:
         number and does not stop the load. Not all-or-nothing: batches before a failure stay.
         A row whose JSON cells are beyond the JSON limits fails like any bad row; a field
         longer than 131,072 characters stops the load (its row's end cannot be found).
+        Rows of an INSERT or UPSERT without the primary key get a generated one (see Insert);
+        a row with a value of the wrong type for a typed attribute fails like any bad row.
         Errors: INVALID_ARGUMENT (no header first, header twice, empty or malformed CSV header
-        row, no primary key column, a field longer than 131,072 characters, naming its line),
+        row, no primary key column in an UPDATE, a field longer than 131,072 characters,
+        naming its line),
         NOT_FOUND (database or table).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -124,7 +124,20 @@ class StorageServiceStub:
     """
     Insert: _grpc.UnaryUnaryMultiCallable[_storage_pb2.InsertRequest, _storage_pb2.InsertResponse]
     """Inserts records in one transaction. A record whose key already exists is skipped and
-    reported in `skipped_ids`; the others commit together with one version.
+    reported in `skipped_ids`; the others commit together with one version. A record
+    without its primary key gets a generated one (a random UUID string, as Harper's), which
+    is written into the record and returned in `inserted_ids`.
+
+    Typed attributes (CreateTableRequest.attributes): a value of the wrong type refuses
+    the whole request with INVALID_ARGUMENT, reason ATTRIBUTE_TYPE, and Harper's message
+    (`Value "high" in property score must be a number`); nothing is written. Checked on
+    the node that accepts the write (Insert, Update, Upsert, Transact, LoadCsv), never
+    on writes replicated from peers. Null is accepted for every type.
+
+    Record timestamps (CreateTableRequest.record_timestamps): a record written for the
+    first time gets `__createdtime__` and `__updatedtime__`, a record changed gets
+    `__updatedtime__` (Unix milliseconds of the writing node's clock), whatever the
+    request gave them.
 
     Write confirmation (Insert, Update, Upsert, Delete and Transact): with
     `replicated_confirmation: N` the call answers only once the write is whole on N + 1
@@ -150,7 +163,8 @@ class StorageServiceStub:
     committed locally and will still replicate; the message says how many confirmations
     are missing, and from which residents).
     Errors: INVALID_ARGUMENT (no records, a record that is not a JSON object or is beyond
-    the JSON limits, a missing or invalid primary key, the same key twice in the request),
+    the JSON limits, an invalid primary key (missing: Update only), the same key twice in
+    the request, a value of the wrong type),
     NOT_FOUND (database or table), RESOURCE_EXHAUSTED (request larger than the configured
     limits).
     """
@@ -214,8 +228,11 @@ class StorageServiceStub:
     number and does not stop the load. Not all-or-nothing: batches before a failure stay.
     A row whose JSON cells are beyond the JSON limits fails like any bad row; a field
     longer than 131,072 characters stops the load (its row's end cannot be found).
+    Rows of an INSERT or UPSERT without the primary key get a generated one (see Insert);
+    a row with a value of the wrong type for a typed attribute fails like any bad row.
     Errors: INVALID_ARGUMENT (no header first, header twice, empty or malformed CSV header
-    row, no primary key column, a field longer than 131,072 characters, naming its line),
+    row, no primary key column in an UPDATE, a field longer than 131,072 characters,
+    naming its line),
     NOT_FOUND (database or table).
     """
     ReadTransactionLog: _grpc.UnaryStreamMultiCallable[_storage_pb2.ReadTransactionLogRequest, _storage_pb2.ReadTransactionLogResponse]
@@ -396,7 +413,20 @@ class StorageServiceAsyncStub(StorageServiceStub):
     """
     Insert: _aio.UnaryUnaryMultiCallable[_storage_pb2.InsertRequest, _storage_pb2.InsertResponse]  # type: ignore[assignment]
     """Inserts records in one transaction. A record whose key already exists is skipped and
-    reported in `skipped_ids`; the others commit together with one version.
+    reported in `skipped_ids`; the others commit together with one version. A record
+    without its primary key gets a generated one (a random UUID string, as Harper's), which
+    is written into the record and returned in `inserted_ids`.
+
+    Typed attributes (CreateTableRequest.attributes): a value of the wrong type refuses
+    the whole request with INVALID_ARGUMENT, reason ATTRIBUTE_TYPE, and Harper's message
+    (`Value "high" in property score must be a number`); nothing is written. Checked on
+    the node that accepts the write (Insert, Update, Upsert, Transact, LoadCsv), never
+    on writes replicated from peers. Null is accepted for every type.
+
+    Record timestamps (CreateTableRequest.record_timestamps): a record written for the
+    first time gets `__createdtime__` and `__updatedtime__`, a record changed gets
+    `__updatedtime__` (Unix milliseconds of the writing node's clock), whatever the
+    request gave them.
 
     Write confirmation (Insert, Update, Upsert, Delete and Transact): with
     `replicated_confirmation: N` the call answers only once the write is whole on N + 1
@@ -422,7 +452,8 @@ class StorageServiceAsyncStub(StorageServiceStub):
     committed locally and will still replicate; the message says how many confirmations
     are missing, and from which residents).
     Errors: INVALID_ARGUMENT (no records, a record that is not a JSON object or is beyond
-    the JSON limits, a missing or invalid primary key, the same key twice in the request),
+    the JSON limits, an invalid primary key (missing: Update only), the same key twice in
+    the request, a value of the wrong type),
     NOT_FOUND (database or table), RESOURCE_EXHAUSTED (request larger than the configured
     limits).
     """
@@ -486,8 +517,11 @@ class StorageServiceAsyncStub(StorageServiceStub):
     number and does not stop the load. Not all-or-nothing: batches before a failure stay.
     A row whose JSON cells are beyond the JSON limits fails like any bad row; a field
     longer than 131,072 characters stops the load (its row's end cannot be found).
+    Rows of an INSERT or UPSERT without the primary key get a generated one (see Insert);
+    a row with a value of the wrong type for a typed attribute fails like any bad row.
     Errors: INVALID_ARGUMENT (no header first, header twice, empty or malformed CSV header
-    row, no primary key column, a field longer than 131,072 characters, naming its line),
+    row, no primary key column in an UPDATE, a field longer than 131,072 characters,
+    naming its line),
     NOT_FOUND (database or table).
     """
     ReadTransactionLog: _aio.UnaryStreamMultiCallable[_storage_pb2.ReadTransactionLogRequest, _storage_pb2.ReadTransactionLogResponse]  # type: ignore[assignment]
@@ -725,7 +759,20 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_storage_pb2.InsertResponse, _abc.Awaitable[_storage_pb2.InsertResponse]]:
         """Inserts records in one transaction. A record whose key already exists is skipped and
-        reported in `skipped_ids`; the others commit together with one version.
+        reported in `skipped_ids`; the others commit together with one version. A record
+        without its primary key gets a generated one (a random UUID string, as Harper's), which
+        is written into the record and returned in `inserted_ids`.
+
+        Typed attributes (CreateTableRequest.attributes): a value of the wrong type refuses
+        the whole request with INVALID_ARGUMENT, reason ATTRIBUTE_TYPE, and Harper's message
+        (`Value "high" in property score must be a number`); nothing is written. Checked on
+        the node that accepts the write (Insert, Update, Upsert, Transact, LoadCsv), never
+        on writes replicated from peers. Null is accepted for every type.
+
+        Record timestamps (CreateTableRequest.record_timestamps): a record written for the
+        first time gets `__createdtime__` and `__updatedtime__`, a record changed gets
+        `__updatedtime__` (Unix milliseconds of the writing node's clock), whatever the
+        request gave them.
 
         Write confirmation (Insert, Update, Upsert, Delete and Transact): with
         `replicated_confirmation: N` the call answers only once the write is whole on N + 1
@@ -751,7 +798,8 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         committed locally and will still replicate; the message says how many confirmations
         are missing, and from which residents).
         Errors: INVALID_ARGUMENT (no records, a record that is not a JSON object or is beyond
-        the JSON limits, a missing or invalid primary key, the same key twice in the request),
+        the JSON limits, an invalid primary key (missing: Update only), the same key twice in
+        the request, a value of the wrong type),
         NOT_FOUND (database or table), RESOURCE_EXHAUSTED (request larger than the configured
         limits).
         """
@@ -863,8 +911,11 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         number and does not stop the load. Not all-or-nothing: batches before a failure stay.
         A row whose JSON cells are beyond the JSON limits fails like any bad row; a field
         longer than 131,072 characters stops the load (its row's end cannot be found).
+        Rows of an INSERT or UPSERT without the primary key get a generated one (see Insert);
+        a row with a value of the wrong type for a typed attribute fails like any bad row.
         Errors: INVALID_ARGUMENT (no header first, header twice, empty or malformed CSV header
-        row, no primary key column, a field longer than 131,072 characters, naming its line),
+        row, no primary key column in an UPDATE, a field longer than 131,072 characters,
+        naming its line),
         NOT_FOUND (database or table).
         """
 

@@ -24,33 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cshoal/storage/v1/types.proto\x12\x10shoal.storage.v1\"\x80\x02\n\x05Write\x12\r\n\x05table\x18\x01 \x01(\t\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.shoal.storage.v1.WriteKind\x12.\n\toperation\x18\x03 \x01(\x0e\x32\x1b.shoal.storage.v1.Operation\x12\n\n\x02id\x18\x04 \x01(\x0c\x12\r\n\x05value\x18\x05 \x01(\x0c\x12\r\n\x05prior\x18\x06 \x01(\x0c\x12\x11\n\tresidents\x18\x07 \x03(\t\x12\x0c\n\x04stub\x18\x08 \x01(\x08\x12\r\n\x05whole\x18\t \x01(\x08\x12\x19\n\x11residents_version\x18\n \x01(\x04\x12\x18\n\x10residents_origin\x18\x0b \x01(\t\"+\n\x0bReplicateTo\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\r\n\x05nodes\x18\x02 \x03(\t\"s\n\x0bTableSchema\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bprimary_key\x18\x02 \x01(\t\x12\x1a\n\x12indexed_attributes\x18\x03 \x03(\t\x12\x11\n\treplicate\x18\x04 \x01(\x08\x12\x12\n\nattributes\x18\x05 \x03(\t\"\xed\x01\n\x0bTransaction\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x12\n\nlocal_time\x18\x03 \x01(\x04\x12\x0c\n\x04user\x18\x04 \x01(\t\x12\x10\n\x08\x64\x61tabase\x18\x05 \x01(\t\x12\'\n\x06writes\x18\x06 \x03(\x0b\x32\x17.shoal.storage.v1.Write\x12-\n\x06tables\x18\x07 \x03(\x0b\x32\x1d.shoal.storage.v1.TableSchema\x12\x31\n\x07reverts\x18\x08 \x01(\x0b\x32 .shoal.storage.v1.TransactionRef\"1\n\x0eTransactionRef\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"=\n\x08Position\x12\x10\n\x08\x64\x61tabase\x18\x01 \x01(\t\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\"+\n\x08TableRef\x12\x10\n\x08\x64\x61tabase\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\"(\n\x0bSnapshotKey\x12\r\n\x05table\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\x0c\"7\n\x0bSnapshotRow\x12\r\n\x05table\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\x0c\x12\r\n\x05state\x18\x03 \x01(\x0c*h\n\tWriteKind\x12\x1a\n\x16WRITE_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eWRITE_KIND_PUT\x10\x01\x12\x14\n\x10WRITE_KIND_PATCH\x10\x02\x12\x15\n\x11WRITE_KIND_DELETE\x10\x03*~\n\tOperation\x12\x19\n\x15OPERATION_UNSPECIFIED\x10\x00\x12\x14\n\x10OPERATION_INSERT\x10\x01\x12\x14\n\x10OPERATION_UPDATE\x10\x02\x12\x14\n\x10OPERATION_UPSERT\x10\x03\x12\x14\n\x10OPERATION_DELETE\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cshoal/storage/v1/types.proto\x12\x10shoal.storage.v1\"\x80\x02\n\x05Write\x12\r\n\x05table\x18\x01 \x01(\t\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.shoal.storage.v1.WriteKind\x12.\n\toperation\x18\x03 \x01(\x0e\x32\x1b.shoal.storage.v1.Operation\x12\n\n\x02id\x18\x04 \x01(\x0c\x12\r\n\x05value\x18\x05 \x01(\x0c\x12\r\n\x05prior\x18\x06 \x01(\x0c\x12\x11\n\tresidents\x18\x07 \x03(\t\x12\x0c\n\x04stub\x18\x08 \x01(\x08\x12\r\n\x05whole\x18\t \x01(\x08\x12\x19\n\x11residents_version\x18\n \x01(\x04\x12\x18\n\x10residents_origin\x18\x0b \x01(\t\"+\n\x0bReplicateTo\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\r\n\x05nodes\x18\x02 \x03(\t\"\xa9\x02\n\x0bTableSchema\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bprimary_key\x18\x02 \x01(\t\x12\x1a\n\x12indexed_attributes\x18\x03 \x03(\t\x12\x11\n\treplicate\x18\x04 \x01(\x08\x12\x12\n\nattributes\x18\x05 \x03(\t\x12J\n\x0f\x61ttribute_types\x18\x06 \x03(\x0b\x32\x31.shoal.storage.v1.TableSchema.AttributeTypesEntry\x12\x16\n\x0eschema_defined\x18\x07 \x01(\x08\x12\x19\n\x11record_timestamps\x18\x08 \x01(\x08\x1a\x35\n\x13\x41ttributeTypesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xed\x01\n\x0bTransaction\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x12\n\nlocal_time\x18\x03 \x01(\x04\x12\x0c\n\x04user\x18\x04 \x01(\t\x12\x10\n\x08\x64\x61tabase\x18\x05 \x01(\t\x12\'\n\x06writes\x18\x06 \x03(\x0b\x32\x17.shoal.storage.v1.Write\x12-\n\x06tables\x18\x07 \x03(\x0b\x32\x1d.shoal.storage.v1.TableSchema\x12\x31\n\x07reverts\x18\x08 \x01(\x0b\x32 .shoal.storage.v1.TransactionRef\"1\n\x0eTransactionRef\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"=\n\x08Position\x12\x10\n\x08\x64\x61tabase\x18\x01 \x01(\t\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\"+\n\x08TableRef\x12\x10\n\x08\x64\x61tabase\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\"(\n\x0bSnapshotKey\x12\r\n\x05table\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\x0c\"7\n\x0bSnapshotRow\x12\r\n\x05table\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\x0c\x12\r\n\x05state\x18\x03 \x01(\x0c*h\n\tWriteKind\x12\x1a\n\x16WRITE_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eWRITE_KIND_PUT\x10\x01\x12\x14\n\x10WRITE_KIND_PATCH\x10\x02\x12\x15\n\x11WRITE_KIND_DELETE\x10\x03*~\n\tOperation\x12\x19\n\x15OPERATION_UNSPECIFIED\x10\x00\x12\x14\n\x10OPERATION_INSERT\x10\x01\x12\x14\n\x10OPERATION_UPDATE\x10\x02\x12\x14\n\x10OPERATION_UPSERT\x10\x03\x12\x14\n\x10OPERATION_DELETE\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shoal.storage.v1.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WRITEKIND']._serialized_start=969
-  _globals['_WRITEKIND']._serialized_end=1073
-  _globals['_OPERATION']._serialized_start=1075
-  _globals['_OPERATION']._serialized_end=1201
+  _globals['_TABLESCHEMA_ATTRIBUTETYPESENTRY']._loaded_options = None
+  _globals['_TABLESCHEMA_ATTRIBUTETYPESENTRY']._serialized_options = b'8\001'
+  _globals['_WRITEKIND']._serialized_start=1152
+  _globals['_WRITEKIND']._serialized_end=1256
+  _globals['_OPERATION']._serialized_start=1258
+  _globals['_OPERATION']._serialized_end=1384
   _globals['_WRITE']._serialized_start=51
   _globals['_WRITE']._serialized_end=307
   _globals['_REPLICATETO']._serialized_start=309
   _globals['_REPLICATETO']._serialized_end=352
-  _globals['_TABLESCHEMA']._serialized_start=354
-  _globals['_TABLESCHEMA']._serialized_end=469
-  _globals['_TRANSACTION']._serialized_start=472
-  _globals['_TRANSACTION']._serialized_end=709
-  _globals['_TRANSACTIONREF']._serialized_start=711
-  _globals['_TRANSACTIONREF']._serialized_end=760
-  _globals['_POSITION']._serialized_start=762
-  _globals['_POSITION']._serialized_end=823
-  _globals['_TABLEREF']._serialized_start=825
-  _globals['_TABLEREF']._serialized_end=868
-  _globals['_SNAPSHOTKEY']._serialized_start=870
-  _globals['_SNAPSHOTKEY']._serialized_end=910
-  _globals['_SNAPSHOTROW']._serialized_start=912
-  _globals['_SNAPSHOTROW']._serialized_end=967
+  _globals['_TABLESCHEMA']._serialized_start=355
+  _globals['_TABLESCHEMA']._serialized_end=652
+  _globals['_TABLESCHEMA_ATTRIBUTETYPESENTRY']._serialized_start=599
+  _globals['_TABLESCHEMA_ATTRIBUTETYPESENTRY']._serialized_end=652
+  _globals['_TRANSACTION']._serialized_start=655
+  _globals['_TRANSACTION']._serialized_end=892
+  _globals['_TRANSACTIONREF']._serialized_start=894
+  _globals['_TRANSACTIONREF']._serialized_end=943
+  _globals['_POSITION']._serialized_start=945
+  _globals['_POSITION']._serialized_end=1006
+  _globals['_TABLEREF']._serialized_start=1008
+  _globals['_TABLEREF']._serialized_end=1051
+  _globals['_SNAPSHOTKEY']._serialized_start=1053
+  _globals['_SNAPSHOTKEY']._serialized_end=1093
+  _globals['_SNAPSHOTROW']._serialized_start=1095
+  _globals['_SNAPSHOTROW']._serialized_end=1150
 # @@protoc_insertion_point(module_scope)

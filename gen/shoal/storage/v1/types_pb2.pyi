@@ -230,17 +230,44 @@ class TableSchema(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class AttributeTypesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     PRIMARY_KEY_FIELD_NUMBER: _builtins.int
     INDEXED_ATTRIBUTES_FIELD_NUMBER: _builtins.int
     REPLICATE_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    ATTRIBUTE_TYPES_FIELD_NUMBER: _builtins.int
+    SCHEMA_DEFINED_FIELD_NUMBER: _builtins.int
+    RECORD_TIMESTAMPS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Table name."""
     primary_key: _builtins.str
     """Name of the primary key attribute (Harper's hash attribute), e.g. "id"."""
     replicate: _builtins.bool
     """False for tables whose data never leaves the node (Harper's `replicate: false`)."""
+    schema_defined: _builtins.bool
+    """The table's attributes are declared (Harper's `schema_defined`)."""
+    record_timestamps: _builtins.bool
+    """Records get `__createdtime__` and `__updatedtime__` on the node accepting a write."""
     @_builtins.property
     def indexed_attributes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Attributes with a secondary index."""
@@ -248,6 +275,10 @@ class TableSchema(_message.Message):
     @_builtins.property
     def attributes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Every attribute seen in the table so far (attributes are discovered dynamically)."""
+
+    @_builtins.property
+    def attribute_types(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Declared types of attributes, by attribute name (CreateTableRequest.attributes)."""
 
     def __init__(
         self,
@@ -257,10 +288,13 @@ class TableSchema(_message.Message):
         indexed_attributes: _abc.Iterable[_builtins.str] | None = ...,
         replicate: _builtins.bool = ...,
         attributes: _abc.Iterable[_builtins.str] | None = ...,
+        attribute_types: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        schema_defined: _builtins.bool = ...,
+        record_timestamps: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "indexed_attributes", b"indexed_attributes", "name", b"name", "primary_key", b"primary_key", "replicate", b"replicate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute_types", b"attribute_types", "attributes", b"attributes", "indexed_attributes", b"indexed_attributes", "name", b"name", "primary_key", b"primary_key", "record_timestamps", b"record_timestamps", "replicate", b"replicate", "schema_defined", b"schema_defined"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
