@@ -129,7 +129,7 @@ class CsvParser:
             self._issue(f"has a field that is refused: {exc}")
             return
         # Each value is within the limit; the record, one level more, is checked with
-        # every other record (commit.parse_record).
+        # every other record (transaction.parse_record).
         yield self._line, orjson.dumps(doc)
 
     def _start(self, row: list[str]) -> None:

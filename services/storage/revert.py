@@ -34,13 +34,14 @@ from shoal.storage.v1 import storage_pb2, types_pb2
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.hlc import version_as_ms, version_from_ms
 from services.storage import keys, residency
-from services.storage.commit import DELETE, PATCH, PUT, LocalTransaction
+from services.storage.commit import DELETE, PATCH, PUT
 from services.storage.engine import Engine
 from services.storage.log import logged_origins
 from services.storage.merge import RecordState, Stamp
 from services.storage.permissions import DELETE as DELETE_ACTION
 from services.storage.permissions import INSERT, UPDATE
 from services.storage.schema import Table
+from services.storage.transaction import LocalTransaction
 
 MAX_NAMED = 10  # records named in a refusal
 MAX_TIMESTAMP = float(1 << 48)  # versions hold 48 bits of milliseconds

@@ -20,8 +20,8 @@ from services.common.auth import Identity, identity
 from services.common.errors import InvalidArgument, PermissionDenied, ShoalError
 from services.common.hlc import version_from_ms
 from services.storage import search
-from services.storage.commit import parse_id
 from services.storage.permissions import DELETE, INSERT, UPDATE, UPSERT, require_super_user
+from services.storage.transaction import parse_id
 from services.storage.unreadable import Unreadable
 
 Msg = TypeVar("Msg")

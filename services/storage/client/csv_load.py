@@ -9,10 +9,11 @@ from shoal.storage.v1 import storage_pb2 as pb
 from shoal.storage.v1 import types_pb2
 
 from services.common.errors import InvalidArgument, ShoalError
-from services.storage import commit, csvload
+from services.storage import csvload
 from services.storage.client.base import ClientHandlers
 from services.storage.permissions import require
 from services.storage.rpc import OPERATION_ACTIONS, Ctx, caller
+from services.storage.transaction import parse_record
 
 CSV_DRAIN_BYTES = 64 * 1024 * 1024
 
@@ -80,7 +81,7 @@ class CsvHandlers(ClientHandlers):
         def take(rows: Iterator[tuple[int, bytes]]) -> None:
             for line, record in rows:
                 try:
-                    _, _, encoded, raw = commit.parse_record(record, table, line, depth, generate)
+                    _, _, encoded, raw = parse_record(record, table, line, depth, generate)
                 except InvalidArgument as exc:
                     message = exc.message
                     if exc.reason != "ATTRIBUTE_TYPE":

@@ -12,11 +12,11 @@ from shoal.storage.v1 import types_pb2
 from services.common.errors import InvalidArgument
 from services.storage import rpc
 from services.storage.client.base import ClientHandlers
-from services.storage.commit import LocalTransaction, OperationResult
 from services.storage.confirmation import Need, plan, requested, wait_budget
 from services.storage.permissions import require
 from services.storage.rpc import OPERATION_ACTIONS, Ctx, Msg, caller, numbered
 from services.storage.schema import Table, check_name
+from services.storage.transaction import LocalTransaction, OperationResult
 
 
 def _operate(txn: LocalTransaction, table: Table, op: Any) -> OperationResult:

@@ -27,10 +27,11 @@ from shoal.storage.v1 import storage_pb2, types_pb2
 from services.common.config import parse_config
 from services.common.errors import FailedPrecondition
 from services.storage import keys, log, merge
-from services.storage.commit import LocalTransaction, apply_write
+from services.storage.commit import apply_write
 from services.storage.copy import merge_snapshot
 from services.storage.engine import Engine
 from services.storage.snapshot import plan_snapshot
+from services.storage.transaction import LocalTransaction
 from tests.harness.copying import CopyFeed
 
 DB, TABLE = "db", "t"

@@ -29,9 +29,10 @@ from shoal.storage.v1 import types_pb2
 from services.common import members
 from services.common.config import parse_config
 from services.storage import copy, keys, log, merge, repair, residency
-from services.storage.commit import LocalTransaction, apply_write, table_schema
+from services.storage.commit import apply_write, table_schema
 from services.storage.engine import SYSTEM_DATABASE, Engine
 from services.storage.residency import RepairProgress
+from services.storage.transaction import LocalTransaction
 
 DB, TABLE = "data", "items"
 NODES = ("n1", "n2", "n3", "n4")
