@@ -1,6 +1,6 @@
 """Shoal's exception hierarchy and its one mapping to gRPC statuses.
 
-Domain code raises these; the server edge (``grpcserver``) turns them into a
+Domain code raises these; the server edge (``interceptor``) turns them into a
 ``google.rpc.Status`` carrying an ``ErrorInfo`` (domain ``shoal``, a stable reason and
 string metadata). Callers decide what to do from the type (``retriable``), never from
 the message text.

@@ -2,7 +2,7 @@
 ``client/``) and the node-internal one (``node_server.py``): who is calling and what they
 may do, the parsing of request fields every area uses, numbered errors, and bounded
 response messages. Authentication and the mapping of errors to gRPC statuses happen once,
-at the edge (``common/grpcserver.py``, ``common/errors.py``).
+at the edge (``common/interceptor.py``, ``common/errors.py``).
 """
 
 from __future__ import annotations

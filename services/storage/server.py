@@ -2,7 +2,7 @@
 contract (``client/``) composed into the one servicer that is registered. Each handler
 checks the caller's permission (``permissions``), validates, calls the engine, and builds
 the response; the request handling it shares with the node-internal servicer is in
-``rpc.py``; authentication and error mapping happen once, in ``common.grpcserver``.
+``rpc.py``; authentication and error mapping happen once, in ``common.interceptor``.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from services.common.errors import NotFound
-from services.common.grpcserver import ShoalInterceptor
+from services.common.interceptor import ShoalInterceptor
 from services.common.metrics import MethodStats, RpcMetrics
 from tests.harness.wait import wait_for
 
