@@ -19,13 +19,13 @@ from services.common.grpcserver import (
     NodeSocket,
     RunningServer,
     ServerSpec,
-    ShoalInterceptor,
     attach_metrics,
     serve_until_signalled,
     server_options,
     start_health_port,
 )
 from services.common.hlc import wall_clock_ms
+from services.common.interceptor import ShoalInterceptor
 from services.common.lifecycle import SERVICE_NAME as LIFECYCLE_SERVICE
 from services.common.lifecycle import Lifecycle, LifecycleServicer
 from services.common.node_tls import prepare
@@ -54,15 +54,7 @@ async def run(config: ShoalConfig) -> bool:
     except BaseException:
         await health_port.stop()
         raise
-    try:
-        tls = TlsSource.from_config(
-            config,
-            label="replication TLS",
-            fails="Peers refuse it: no new replication session starts with this node, whoever"
-            " dials (its live sessions go on until they end)",
-        )
-    except TlsError as exc:
-        raise SystemExit(f"replicator: {exc}") from exc
+    tls = _replication_tls(config)
     storage = LocalStorage(config, secret)
     replicator = Replicator(config, storage, tls)
     ports = [f"{config.host}:{p}" for p in (config.replication.port,) if p is not None]
@@ -92,17 +84,7 @@ async def run(config: ShoalConfig) -> bool:
     health_servicer = health_port.servicer
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection([SERVICE_NAME], server)
-    for plain in ports:
-        if server.add_insecure_port(plain) == 0:
-            raise SystemExit(f"replicator: cannot listen on {plain}")
-    if config.replication.secure_port is not None:
-        secure = f"{config.host}:{config.replication.secure_port}"
-        if tls is None:
-            log.warning(
-                "no TLS certificate configured (tls.*): the secure port %s stays closed", secure
-            )
-        elif server.add_secure_port(secure, reloading_server_credentials(tls)) == 0:
-            raise SystemExit(f"replicator: cannot listen on {secure}")
+    _add_ports(server, config, ports, tls)
     spec.lifecycle = Lifecycle("replicator")
     lifecycle = LifecycleServicer(spec.lifecycle, secret)
 
@@ -129,16 +111,51 @@ async def run(config: ShoalConfig) -> bool:
     await running.set_serving(True)
     replicator.start()
     routes = ", ".join(r.hostname for r in config.replication.routes) or "none"
-    listening = ", ".join(
-        [*(f"{p} (plain)" for p in ports)]
-        + ([f"{config.host}:{config.replication.secure_port} (mutual TLS)"] if tls else [])
-    )
+    listening = _listening(config, ports, tls)
     log.info("replicator %s listening on %s (routes: %s)", config.node_name, listening, routes)
     tasks: list[asyncio.Task[None]] = []
     if config.analytics.enabled:
         clock = wall_clock_ms(config.testing.clock_offset_ms)
         tasks.append(asyncio.create_task(sampler.run(replicator, storage, clock), name="analytics"))
     return await serve_until_signalled(running, tasks)
+
+
+def _replication_tls(config: ShoalConfig) -> TlsSource | None:
+    """The replication ports' TLS material (None: the node has none)."""
+    try:
+        return TlsSource.from_config(
+            config,
+            label="replication TLS",
+            fails="Peers refuse it: no new replication session starts with this node, whoever"
+            " dials (its live sessions go on until they end)",
+        )
+    except TlsError as exc:
+        raise SystemExit(f"replicator: {exc}") from exc
+
+
+def _add_ports(
+    server: grpc.aio.Server, config: ShoalConfig, ports: list[str], tls: TlsSource | None
+) -> None:
+    """The plain replication ports, and the secure one when the node has TLS material."""
+    for plain in ports:
+        if server.add_insecure_port(plain) == 0:
+            raise SystemExit(f"replicator: cannot listen on {plain}")
+    if config.replication.secure_port is not None:
+        secure = f"{config.host}:{config.replication.secure_port}"
+        if tls is None:
+            log.warning(
+                "no TLS certificate configured (tls.*): the secure port %s stays closed", secure
+            )
+        elif server.add_secure_port(secure, reloading_server_credentials(tls)) == 0:
+            raise SystemExit(f"replicator: cannot listen on {secure}")
+
+
+def _listening(config: ShoalConfig, ports: list[str], tls: TlsSource | None) -> str:
+    """The addresses the replicator listens on, for its start line."""
+    return ", ".join(
+        [*(f"{p} (plain)" for p in ports)]
+        + ([f"{config.host}:{config.replication.secure_port} (mutual TLS)"] if tls else [])
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -34,6 +32,7 @@ from services.common import members
 from services.common.backoff import Backoff
 from services.common.errors import error_reason
 from services.common.hlc import version_from_ms, version_ms
+from services.replicator.copying import PeerRevoked, run_copy
 from services.replicator.local import StorageUnavailable
 from services.replicator.status import now_ms
 
@@ -67,10 +66,6 @@ class _Refused:
 
 def spb_table(database: str, table: str) -> types_pb2.TableRef:
     return types_pb2.TableRef(database=database, table=table)
-
-
-class PeerRevoked(Exception):
-    """The peer's certificate was revoked: nothing more it sends is applied."""
 
 
 class ProtocolViolation(Exception):
@@ -519,113 +514,16 @@ class Inbound:
             lock.release()
 
     async def _run_copy(self, database: str, progress: spb.CopyProgress | None) -> bool:
-        """One part of a copy: request it, merge every chunk. True when it completed."""
-        session = self.session
+        """One part of a copy: request it, merge every chunk (``copying.py``). True when
+        it completed."""
         self._copy_id += 1
-        copy_id = self._copy_id
-        tables = self.session.received_tables()
-        request = rpb.CopyRequest(
-            copy_id=copy_id,
-            database=database,
-            tables=sorted(t for d, t in tables or () if d == database),
+        return await run_copy(
+            self.session, database, self._copy_id, progress, self._copy_message, self._pause
         )
-        after: types_pb2.SnapshotKey | None = None
-        if progress is not None and progress.last_key.table:
-            after = progress.last_key
-            request.start_after.CopyFrom(after)
-            log.info(
-                "resuming copy of %s from %s after %s id %s (%d rows merged so far)",
-                database,
-                session.peer,
-                after.table,
-                after.id.decode(errors="replace"),
-                progress.rows,
-            )
-        else:
-            log.info("copying %s from %s", database, session.peer)
-        await session.send(rpb.PeerMessage(copy_request=request))
-        started = time.monotonic()
-        rate = session.config.copy_rows_per_second
-        part = secrets.randbits(63) or 1
-        first = True
-        merged = 0
-        status = session.state.database(database)
-        # The peer's state outlives this session: a copy cut off here (the session is
-        # replaced or lost) must not leave its progress shown as if still running; the
-        # next session resumes it from what storage recorded.
-        shown: spb.CopyProgress | None = None
-        try:
-            while True:
-                if self._held is not None:
-                    message, self._held = self._held, None
-                else:
-                    message = await self.queue.get()
-                if (
-                    message.WhichOneof("body") != "copy_chunk"
-                    or message.copy_chunk.copy_id != copy_id
-                ):
-                    continue
-                chunk = message.copy_chunk
-                if chunk.error:
-                    log.warning("%s cannot copy %s: %s", session.peer, database, chunk.error)
-                    status.copy = None
-                    return False
-                if session.revoked:
-                    raise PeerRevoked(f"the certificate of {session.peer} was revoked")
-                merge = spb.MergeSnapshotRequest(
-                    source=session.peer,
-                    database=database,
-                    positions=chunk.positions,
-                    tables=chunk.tables,
-                    rows=chunk.rows,
-                    estimated_rows=chunk.estimated_rows,
-                    complete=chunk.done,
-                    part=part,
-                    begins_part=first,
-                    partial=first and (chunk.partial or bool(request.tables)),
-                    copied_tables=request.tables,
-                )
-                if after is not None:
-                    merge.after.CopyFrom(after)
-                try:
-                    reply = await session.storage.merge_snapshot(merge)
-                except grpc.aio.AioRpcError as exc:
-                    reason = error_reason(exc)
-                    if reason == "DATABASE_FENCED":
-                        # This node is handing the database over: try again later.
-                        log.info("not copying %s now: %s", database, exc.details())
-                        await asyncio.sleep(self._pause.next())
-                        return False
-                    if reason not in ("COPY_OUT_OF_ORDER", "RESTORING"):
-                        raise
-                    log.warning(
-                        "the copy of %s from %s cannot go on: %s",
-                        database,
-                        session.peer,
-                        exc.details(),
-                    )
-                    return False
-                first = False
-                if chunk.rows:
-                    last = chunk.rows[-1]
-                    after = types_pb2.SnapshotKey(table=last.table, id=last.id)
-                status.copy = shown = reply.progress
-                merged += len(chunk.rows)
-                if rate:
-                    # Pace the copy (replication.copyRowsPerSecond) so it cannot starve a live node.
-                    ahead = merged / rate - (time.monotonic() - started)
-                    if ahead > 0:
-                        await asyncio.sleep(ahead)
-                if chunk.done:
-                    log.info(
-                        "copied %s from %s: %d rows in %.1fs",
-                        database,
-                        session.peer,
-                        reply.progress.rows,
-                        time.monotonic() - started,
-                    )
-                    status.copy = None
-                    return True
-        finally:
-            if shown is not None and status.copy is shown:
-                status.copy = None
+
+    async def _copy_message(self) -> rpb.PeerMessage:
+        """The next message during a copy: one held back, else the next in the queue."""
+        if self._held is not None:
+            message, self._held = self._held, None
+            return message
+        return await self.queue.get()

@@ -132,25 +132,10 @@ class Outbound:
 
     async def _run_feed(self, message: rpb.Subscribe) -> None:
         session = self.session
-        config = session.config
         tables = self._tables(list(message.tables))
         if session.published_tables() is not None and not tables:
             return  # nothing this node publishes was asked for (empty would mean "all")
-        request = spb.SubscribeRequest(
-            databases=self._databases(list(message.databases)),
-            tables=tables,
-            positions=message.positions,
-            exclude_origins=sorted({*message.exclude_origins, session.peer}),
-            # Sharded databases of another shard never leave, whatever the peer asks and
-            # whoever wrote them (relayed transactions included).
-            exclude_databases=sorted(session.flows.withheld),
-            default_version=message.default_version,
-            max_batch_transactions=config.batch_transactions,
-            max_batch_bytes=config.batch_bytes,
-            heartbeat_interval_ms=int(config.heartbeat_interval_s * 1000),
-            linger_ms=int(config.batch_linger_s * 1000),
-            subscriber=session.peer,
-        )
+        request = self._subscribe_request(message, tables)
         generation = message.generation
         sequence = 0
         was_caught_up = False
@@ -215,6 +200,28 @@ class Outbound:
             raise StorageUnavailable(f"storage Subscribe failed: {exc.details()}") from exc
         finally:
             stream.cancel()
+
+    def _subscribe_request(
+        self, message: rpb.Subscribe, tables: list[types_pb2.TableRef]
+    ) -> spb.SubscribeRequest:
+        """The storage Subscribe that feeds the peer's subscription ``message``."""
+        session = self.session
+        config = session.config
+        return spb.SubscribeRequest(
+            databases=self._databases(list(message.databases)),
+            tables=tables,
+            positions=message.positions,
+            exclude_origins=sorted({*message.exclude_origins, session.peer}),
+            # Sharded databases of another shard never leave, whatever the peer asks and
+            # whoever wrote them (relayed transactions included).
+            exclude_databases=sorted(session.flows.withheld),
+            default_version=message.default_version,
+            max_batch_transactions=config.batch_transactions,
+            max_batch_bytes=config.batch_bytes,
+            heartbeat_interval_ms=int(config.heartbeat_interval_s * 1000),
+            linger_ms=int(config.batch_linger_s * 1000),
+            subscriber=session.peer,
+        )
 
     def _withheld(self, positions: list[types_pb2.Position]) -> None:
         """Storage stopped relaying some origins to this peer (residency): say so in the

@@ -1,8 +1,9 @@
 """The replicator of one node: its peers, the connections to them, and what flows where.
 
-* For every configured route a dial loop keeps one connection up, reconnecting with
-  jittered exponential backoff (``replication.reconnectDelay`` .. ``reconnectMaxDelay``).
-  It does not dial a peer that already has a live connection (in either direction).
+* For every configured route a dial loop (dialing.py) keeps one connection up,
+  reconnecting with jittered exponential backoff (``replication.reconnectDelay`` ..
+  ``reconnectMaxDelay``). It does not dial a peer that already has a live connection (in
+  either direction).
 * Peers that dial in are accepted after the same handshake checks.
 * Between two nodes there is at most one connection: when both dial, the connection
   dialed by the node with the smaller name is kept and the other is closed with
@@ -31,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -40,10 +40,7 @@ from shoal.replicator.v1 import replicator_pb2 as rpb
 from shoal.storage.v1 import types_pb2
 
 from services.common import members
-from services.common.backoff import Backoff
 from services.common.config import (
-    DEFAULT_REPLICATION_PORT,
-    DEFAULT_REPLICATION_SECURE_PORT,
     Route,
     ShoalConfig,
 )
@@ -52,6 +49,7 @@ from services.common.tls_source import TlsSource
 from services.replicator.admission import Admission, joined_row
 from services.replicator.confirmation import Confirmations
 from services.replicator.copies import CopyGate
+from services.replicator.dialing import HANDSHAKE_TIMEOUT_S, dial_loop
 from services.replicator.fetch import Fetches
 from services.replicator.handover import PositionQueries
 from services.replicator.handshake import (
@@ -66,21 +64,17 @@ from services.replicator.handshake import (
 )
 from services.replicator.local import LocalStorage, StorageUnavailable
 from services.replicator.membership import MembershipWatcher
-from services.replicator.peer import ConnectionLost, Peer
+from services.replicator.peer import Peer
 from services.replicator.peercheck import (
-    CertificateRefused,
     PeerCertificate,
     PeerCheck,
     revoked_serials,
 )
 from services.replicator.session import Session, published_tables
 from services.replicator.status import PeerState
-from services.replicator.transport import dial
 
 log = logging.getLogger("shoal.replicator")
 
-HANDSHAKE_TIMEOUT_S = 10.0
-STABLE_SESSION_S = 10.0
 RECORD_TIMEOUT_S = 10.0  # writing a joined node's row in system.hdb_nodes
 MAX_STRANGERS = 32  # refused peers that are neither routes nor members, kept in status
 
@@ -156,7 +150,7 @@ class Replicator:
 
     def _start_dialing(self, route: Route) -> None:
         self._dialers[route.hostname] = asyncio.create_task(
-            self._dial_loop(route), name=f"dial:{route.hostname}"
+            dial_loop(self, route), name=f"dial:{route.hostname}"
         )
 
     @property
@@ -297,82 +291,6 @@ class Replicator:
 
     # -- dialing ------------------------------------------------------------------------------
 
-    def route_address(self, route: Route) -> tuple[str, bool]:
-        """(host:port, secure) to dial for a route."""
-        secure = route.secure if route.secure is not None else self.tls is not None
-        if secure and self.tls is None:
-            secure = False
-        default = DEFAULT_REPLICATION_SECURE_PORT if secure else DEFAULT_REPLICATION_PORT
-        host = f"[{route.hostname}]" if ":" in route.hostname else route.hostname
-        return f"{host}:{route.port or default}", secure
-
-    async def _dial_loop(self, route: Route) -> None:
-        config = self.config.replication
-        backoff = Backoff(config.reconnect_delay_s, config.reconnect_max_delay_s)
-        state = self.peer_state(route.hostname)
-        preferred = min(self.name, route.hostname) == self.name
-        while not self._closing:
-            existing = self.sessions.get(route.hostname)
-            upgrade = existing is not None and preferred and existing.dialer != self.name
-            if existing is not None and not upgrade:
-                await existing.finished.wait()
-                continue
-            # With no connection, dial. With one the peer dialed, the node with the smaller
-            # name still dials: its connection wins the tie-break, so the result does not
-            # depend on who dialed first. A failed upgrade is not an error: we are connected.
-            address, secure = self.route_address(route)
-            started = time.monotonic()
-            try:
-                certificate = None
-                if secure:
-                    certificate = await self.peercheck.server_certificate(
-                        address, HANDSHAKE_TIMEOUT_S
-                    )
-                    self.check_certificate(route.hostname, certificate)
-                stream = await dial(
-                    address,
-                    self.tls.current() if secure and self.tls is not None else None,
-                    HANDSHAKE_TIMEOUT_S,
-                    self.config.storage.max_message_bytes,
-                )
-                await self.run_dialed(stream, route, certificate)
-            except CertificateRefused as exc:
-                state.last_error = exc.reason
-                log.warning(
-                    "not connecting to %s at %s%s: %s",
-                    route.hostname,
-                    address,
-                    f" ({certificate.describe()})" if certificate is not None else "",
-                    exc.reason,
-                )
-            except Refused as exc:
-                if exc.code == rpb.GOODBYE_CODE_REMOVED:
-                    self.told_removed(route.hostname)
-                if exc.code != rpb.GOODBYE_CODE_DUPLICATE and not upgrade:
-                    state.last_error = exc.reason
-                    log.warning("%s refused the connection: %s", route.hostname, exc.reason)
-            except (ConnectionLost, StorageUnavailable, OSError) as exc:
-                if not upgrade:
-                    state.last_error = f"{type(exc).__name__}: {exc}"
-                log.debug("dial %s failed: %s", address, exc)
-            if time.monotonic() - started > STABLE_SESSION_S:
-                backoff.reset()
-            if upgrade:
-                await asyncio.sleep(backoff.next())
-            else:
-                await self._sleep_or_session(route.hostname, backoff.next())
-
-    async def _sleep_or_session(self, peer: str, delay: float) -> None:
-        """Sleep before redialing, but stop early if the peer connects to us meanwhile."""
-        deadline = time.monotonic() + delay
-        while not self._closing and peer not in self.sessions:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            self._session_changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._session_changed.wait(), timeout=remaining)
-
     async def run_dialed(
         self, stream: Peer, route: Route, certificate: PeerCertificate | None = None
     ) -> None:
@@ -429,27 +347,8 @@ class Replicator:
         except Refused as exc:  # the dialer said Goodbye first: nothing to answer
             log.info("%s said goodbye before its Hello: %s", address, exc.reason)
             return
-        secure = transport_names is not None
         try:
-            if not secure:
-                await self.admission.check_address(
-                    address,
-                    theirs.node_name,
-                    self.known(),
-                    self.config.replication.allowed_sources,
-                )
-            version = choose_version(theirs)
-            check_dialer(self.name, theirs, transport_names)
-            if certificate is not None:
-                self.check_certificate(theirs.node_name, certificate)
-            if theirs.node_name in self.membership.removed:
-                raise Refused(
-                    rpb.GOODBYE_CODE_REMOVED,
-                    f"{theirs.node_name} was removed from the cluster (system.hdb_nodes);"
-                    " a member's add_node adds it back",
-                )
-            if self.admission.check_identity(theirs, self.known(), secure):
-                self._record_joined(theirs)
+            version = await self._admit(theirs, address, transport_names, certificate)
             route = self.routes.get(theirs.node_name)
             mine = await self.hello(route)
             mine.protocol_version = version
@@ -491,6 +390,37 @@ class Replicator:
                 del self.sessions[session.peer]
             raise
         await self._run_session(session)
+
+    async def _admit(
+        self,
+        theirs: rpb.Hello,
+        address: str,
+        transport_names: set[str] | None,
+        certificate: PeerCertificate | None,
+    ) -> int:
+        """The handshake checks of a dialer's Hello; the protocol version chosen, or
+        Refused."""
+        secure = transport_names is not None
+        if not secure:
+            await self.admission.check_address(
+                address,
+                theirs.node_name,
+                self.known(),
+                self.config.replication.allowed_sources,
+            )
+        version = choose_version(theirs)
+        check_dialer(self.name, theirs, transport_names)
+        if certificate is not None:
+            self.check_certificate(theirs.node_name, certificate)
+        if theirs.node_name in self.membership.removed:
+            raise Refused(
+                rpb.GOODBYE_CODE_REMOVED,
+                f"{theirs.node_name} was removed from the cluster (system.hdb_nodes);"
+                " a member's add_node adds it back",
+            )
+        if self.admission.check_identity(theirs, self.known(), secure):
+            self._record_joined(theirs)
+        return version
 
     def known(self) -> set[str]:
         """Names admitted without a join: configured routes and live members."""
