@@ -51,7 +51,7 @@ run: $(STAMP) ## start a local cluster on 127.0.0.1..3 (data in ./data); Ctrl-C 
 	$(BIN)/shoal local up --nodes $(NODES) --data $(DATA)
 
 test: setup lint ## lint, then the whole test suite
-	$(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=20 $(PYTEST_ARGS)
 
 lint: setup proto-check buf-lint buf-breaking deploy-lint ## ruff, mypy, buf (lint, breaking), generated-code drift, deploy/
 	$(BIN)/ruff check .

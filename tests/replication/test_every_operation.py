@@ -133,14 +133,19 @@ def test_every_operation_keeps_the_cluster_convergent(make_cluster: MakeCluster)
         admin_b.ok(
             {"operation": "create_table", "database": "dev", "table": "dog", "primary_key": "id"}
         )
-        admin_c.ok(
-            {
-                "operation": "create_attribute",
-                "database": "dev",
-                "table": "dog",
-                "attribute": "breed",
-                "indexed": True,
-            }
+        # On c once b's table has reached it (NOT_FOUND until then changes nothing).
+        wait_for(
+            lambda: admin_c.ok(
+                {
+                    "operation": "create_attribute",
+                    "database": "dev",
+                    "table": "dog",
+                    "attribute": "breed",
+                    "indexed": True,
+                }
+            ),
+            30,
+            "create_attribute on c",
         )
         check("create_database, create_table, create_attribute")
 
