@@ -5,26 +5,14 @@ sender's log was truncated."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import cast
 
-import pytest
 from shoal.replicator.v1 import replicator_pb2 as rpb
 from shoal.storage.v1 import storage_pb2 as spb
 from shoal.storage.v1 import types_pb2
 
 from services.replicator.peerstream import PeerStream
 from tests.unit.replicator.nodes import Node, Remote, connect, settle, until
-
-
-@pytest.fixture
-async def nodes() -> AsyncIterator[list[Node]]:
-    made: list[Node] = []
-    try:
-        yield made
-    finally:
-        for node in made:
-            await node.stop()
 
 
 def merged_ids(node: Node) -> list[bytes]:

@@ -3,26 +3,14 @@ origins a receiver asks each peer to leave out (those it receives directly elsew
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
 from shoal.replicator.v1 import replicator_pb2 as rpb
 
 from tests.unit.replicator.fakes import txn
 from tests.unit.replicator.nodes import Node, Remote, origins, until
 
 SHARDED: dict[str, Any] = {"shard": 1, "databases": ["*", {"name": "metrics", "sharded": True}]}
-
-
-@pytest.fixture
-async def nodes() -> AsyncIterator[list[Node]]:
-    made: list[Node] = []
-    try:
-        yield made
-    finally:
-        for node in made:
-            await node.stop()
 
 
 def caught_up(remote: Remote) -> bool:

@@ -3,21 +3,7 @@ receive that origin directly, and never back to where it came from."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import pytest
-
 from tests.unit.replicator.nodes import Link, Node, batches, connect, origins, until
-
-
-@pytest.fixture
-async def nodes() -> AsyncIterator[list[Node]]:
-    made: list[Node] = []
-    try:
-        yield made
-    finally:
-        for node in made:
-            await node.stop()
 
 
 def three(nodes: list[Node], mesh: bool = False) -> tuple[Node, Node, Node]:
