@@ -26,7 +26,7 @@ DATA ?= data
 NODES ?= 3
 PYTEST_ARGS ?=
 
-.PHONY: help setup run test lint fmt proto proto-check buf-lint buf-breaking release-contract deploy-lint bench clean
+.PHONY: help setup tools run test lint fmt proto proto-check buf-lint buf-breaking release-contract deploy-lint bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -45,7 +45,10 @@ $(NODE_CLIENT_STAMP): $(NODE_CLIENT)/package.json $(NODE_CLIENT)/package-lock.js
 	cd $(NODE_CLIENT) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
 	touch $@
 
-setup: $(STAMP) $(NODE_STAMP) $(NODE_CLIENT_STAMP) ## create .venv and install everything (pinned)
+setup: $(STAMP) $(NODE_STAMP) $(NODE_CLIENT_STAMP) tools ## create .venv and install everything (pinned)
+
+tools: ## system tools the tests run (curl: Harper's curl examples), from Debian packages
+	command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl; }
 
 run: $(STAMP) ## start a local cluster on 127.0.0.1..3 (data in ./data); Ctrl-C stops it
 	$(BIN)/shoal local up --nodes $(NODES) --data $(DATA)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import http.client
 import os
-import shutil
 import ssl
 import subprocess
 from pathlib import Path
@@ -330,7 +329,6 @@ def test_tokens_over_grpc_and_their_end(node: Node, http_client: Http) -> None:
     storage.close()
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_harpers_curl_examples_run_but_for_the_port(node: Node) -> None:
     """Harper's documented curl form, byte for byte but for the port."""
 
