@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import jwt
 
+from services.common.config.model import AuthenticationConfig
 from services.common.errors import Unauthenticated
 
 ALGORITHM = "HS256"
@@ -32,10 +33,15 @@ EXPIRED = "token expired"
 
 @dataclass(frozen=True)
 class TokenLifetimes:
-    """``authentication.operationTokenTimeout`` / ``refreshTokenTimeout``, in seconds."""
+    """``authentication.operationTokenTimeout`` / ``refreshTokenTimeout``, in seconds
+    (their defaults are the config's)."""
 
-    operation_s: float = 86400.0
-    refresh_s: float = 30 * 86400.0
+    operation_s: float
+    refresh_s: float
+
+    @classmethod
+    def of(cls, authentication: AuthenticationConfig) -> TokenLifetimes:
+        return cls(authentication.operation_token_timeout_s, authentication.refresh_token_timeout_s)
 
 
 @dataclass(frozen=True)

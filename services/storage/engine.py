@@ -131,9 +131,7 @@ class Engine:
                 capacity=authentication.tracked_failures,
             ),
             authentication.max_concurrent_verifications,
-            TokenLifetimes(
-                authentication.operation_token_timeout_s, authentication.refresh_token_timeout_s
-            ),
+            TokenLifetimes.of(authentication),
         )
 
     # -- life cycle ------------------------------------------------------------------

@@ -59,6 +59,7 @@ from services.common.auth import (
     parse_authorization,
     write_private_file,
 )
+from services.common.config.model import AuthenticationConfig
 from services.common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -183,7 +184,9 @@ class UserStore:
         token_lifetimes: TokenLifetimes | None = None,
     ) -> None:
         self._store = store
-        self.tokens = TokenSigner(node_secret, node_name, token_lifetimes or TokenLifetimes())
+        self.tokens = TokenSigner(
+            node_secret, node_name, token_lifetimes or TokenLifetimes.of(AuthenticationConfig())
+        )
         self._node_identity = Identity(
             name=INTERNAL_USER_PREFIX + node_name, super_user=True, internal=True
         )

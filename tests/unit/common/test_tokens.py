@@ -58,7 +58,7 @@ def test_what_is_not_this_nodes_operation_token_is_invalid(token_of: Any) -> Non
 
 
 def test_an_expired_token_says_so() -> None:
-    old = TokenSigner(SECRET, "server-one", TokenLifetimes(operation_s=-10))
+    old = TokenSigner(SECRET, "server-one", TokenLifetimes(operation_s=-10, refresh_s=600))
     with pytest.raises(Unauthenticated, match=f"^{EXPIRED}$"):
         signer().verify(old.issue(OPERATION, "ann", "h"), OPERATION)
 
