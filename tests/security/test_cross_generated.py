@@ -79,9 +79,8 @@ def _replicates_both_ways(target: Node, joiner: Node) -> None:
         30,
         "the two nodes to connect over mutual TLS",
     )
-    for node in (target, joiner):
-        connection = node.connection(target.name if node is joiner else joiner.name)
-        assert connection.connected
+    # The records below cross whatever session is up by then: a join's own record of its
+    # target may change the route once more, and the session is dialed again.
     target.client().create_table("dev", "dog")
     target.client().insert("dev", "dog", [{"id": 1, "name": "Penny"}])
 
